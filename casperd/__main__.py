@@ -1,0 +1,5 @@
+import sys
+
+from casperd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,565 @@
+"""The policeman's broker: peer registry, dispatch, heartbeats, and the durable task lifecycle.
+
+Theory of operation. The broker owns every non-terminal task in memory (``self.tasks``), mirrored
+in Postgres through :class:`~casperd.store.Store`. Every change goes the same way:
+
+    record.move(new)  ->  store.stage(record, event)  ->  store.after_commit(action)
+
+so the action (ACCEPTED to a submitter, TASK to a worker, DONE to a waiter, CANCEL to a holder)
+leaves only once the change is committed. Dispatch runs after every batch of incoming frames:
+the pure :class:`~casperd.dispatch.Dispatcher` picks (task, peer) pairs within each peer's credit,
+and the TASK frames for one peer go out as one message after the commit.
+
+Peers are registered by READY. Their routing id must be ``node_id/epoch`` (a frame claiming
+another peer's identity is refused). Any frame from a peer is a heartbeat; the broker heartbeats
+every peer it has not sent to for an interval; a peer silent for ``misses`` intervals is dead and
+its tasks go back to pending (the attempt counted). A frame from an unknown peer is answered
+with ERROR ``unknown-peer``, on which the peer sends READY again with the tasks it holds (MDP
+style), and the broker reconciles them against the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import zmq.asyncio
+
+from casperd import codec, handlers
+from casperd.breaker import CircuitBreaker
+from casperd.dispatch import Dispatcher, PeerSlot
+from casperd.errors import CasperError, IdentityError, InvalidBodyError, ProtocolError, TaskNotFoundError
+from casperd.lifecycle import ACTIVE, Status
+from casperd.liveness import Liveness, PeerClock
+from casperd.messages import (
+    Accepted, Assignment, Cancel, Disconnect, Done, ErrorBody,
+    Error as ErrorMsg, FailedBatch, Heartbeat, Progress, Ready,
+    ResultBatch, Submit, TaskBatch, TaskSpec, new_task_id,
+)
+from casperd.metrics import Metrics
+from casperd.retry import RetryPolicy
+from casperd.settings import Settings
+from casperd.store import Store, record_from_row
+from casperd.taskrecord import TaskEvent, TaskRecord, utcnow
+from casperd.transport import send_now
+
+log = logging.getLogger("casperd.broker")
+
+
+@dataclass(slots=True)
+class Peer:
+    node_id: str
+    epoch: str
+    route: bytes
+    role: str
+    endpoint: str
+    host: str
+    pid: int
+    version: str
+    slot: PeerSlot
+    clock: PeerClock
+    held: set[uuid.UUID] = field(default_factory=set)
+    registered_at: float = field(default_factory=time.time)
+
+    def view(self, now: float) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id, "role": self.role, "endpoint": self.endpoint, "host": self.host,
+            "pid": self.pid, "epoch": self.epoch, "version": self.version,
+            "capabilities": sorted(self.slot.capabilities), "capacity": self.slot.capacity,
+            "inflight": self.slot.inflight, "draining": self.slot.draining,
+            "liveness": self.clock.state(now).value, "breaker": self.slot.breaker.state.value,
+            "last_seen_s": round(now - self.clock.last_seen, 3),
+        }
+
+
+class Broker:
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics) -> None:
+        self.s = settings
+        self.store = store
+        self.metrics = metrics
+        self.mesh: zmq.asyncio.Socket | None = None
+        self.control: zmq.asyncio.Socket | None = None
+        self.tasks: dict[uuid.UUID, TaskRecord] = {}
+        self.dispatcher = Dispatcher()
+        self.peers: dict[str, Peer] = {}
+        self.by_route: dict[bytes, Peer] = {}
+        self.retry_heap: list[tuple[float, uuid.UUID]] = []
+        self.keys: OrderedDict[str, uuid.UUID] = OrderedDict()
+        self.policy = RetryPolicy(settings.max_attempts, settings.backoff_base_s, settings.backoff_factor,
+                                  settings.backoff_cap_s)
+        self.started = time.monotonic()
+        self.accepting = True
+        self._logged_errors: set[tuple[bytes, str]] = set()
+        self._dirty_dispatch = False
+
+    # --- startup: rebuild from Postgres -------------------------------------------------------
+    async def recover(self) -> int:
+        """Load every non-terminal task; queue pending ones; active ones wait for their holder."""
+        rows = await self.store.load_open()
+        for row in rows:
+            rec = record_from_row(row)
+            self.tasks[rec.id] = rec
+            if rec.status is Status.PENDING:
+                self._queue(rec)
+            elif rec.status is Status.RETRY:
+                due = rec.not_before.timestamp() if rec.not_before else time.time()
+                heapq.heappush(self.retry_heap, (time.monotonic() + max(0.0, due - time.time()), rec.id))
+            elif rec.status is Status.ERROR:
+                self._after_error(rec, utcnow(), None)
+        if rows:
+            log.info("recovered %d open tasks from Postgres", len(rows))
+        return len(rows)
+
+    # --- mesh traffic ---------------------------------------------------------------------------
+    def on_mesh(self, route: bytes, frames: list[bytes]) -> None:
+        now = time.monotonic()
+        peer = self.by_route.get(route)
+        if peer is not None:
+            peer.clock.seen(now)
+        try:
+            decoded = codec.decode(frames, max_bytes=self.s.max_message_bytes)
+        except ProtocolError as exc:
+            self._reject(route, exc, frames[1][0] if len(frames) > 1 and len(frames[1]) == 1 else None)
+            return
+        msg = decoded.message
+        self.metrics.messages.labels(msg.COMMAND.name, "in").inc()
+        if isinstance(msg, Ready):
+            self._on_ready(route, msg, now)
+            return
+        if peer is None:
+            self._reject(route, ProtocolError("unknown peer: send READY first", hint="re-register"), None,
+                         code="unknown-peer")
+            return
+        try:
+            if isinstance(msg, Heartbeat):
+                if msg.draining != peer.slot.draining:
+                    peer.slot.draining = msg.draining
+                    log.info("peer %s is %s", peer.node_id, "draining" if msg.draining else "serving again")
+            elif isinstance(msg, Progress):
+                self._on_progress(peer, msg)
+            elif isinstance(msg, ResultBatch):
+                self._on_results(peer, msg)
+            elif isinstance(msg, FailedBatch):
+                self._on_failures(peer, msg)
+            elif isinstance(msg, Disconnect):
+                log.info("peer %s disconnects: %s", peer.node_id, msg.reason)
+                self._drop_peer(peer, f"disconnected: {msg.reason}")
+            elif isinstance(msg, Submit):
+                self._on_submit_from_peer(route, peer, msg)
+            else:
+                self._reject(route, InvalidBodyError(f"{msg.COMMAND.name} is not accepted on the mesh socket"),
+                             msg.COMMAND.value)
+        except CasperError as exc:
+            self._reject(route, exc, msg.COMMAND.value)
+
+    def _reject(self, route: bytes, exc: CasperError, ref: int | None, *, code: str | None = None) -> None:
+        code = code or exc.code
+        self.metrics.rejected.labels(code).inc()
+        key = (route[:64], code)
+        if key not in self._logged_errors:  # log once per peer and cause; count every time
+            if len(self._logged_errors) > 10_000:
+                self._logged_errors.clear()
+            self._logged_errors.add(key)
+            log.warning("rejected a frame from %r: [%s] %s", route[:64], code, exc.message)
+        body = ErrorMsg(code=code, message=exc.message[:4000], hint=exc.hint, ref=ref)
+        self._send_mesh(route, codec.encode(body))
+
+    def _send_mesh(self, route: bytes, frames: list[bytes]) -> bool:
+        assert self.mesh is not None
+        why = send_now(self.mesh, [route, *frames])
+        if why is None:
+            peer = self.by_route.get(route)
+            if peer is not None:
+                peer.clock.sent(time.monotonic())
+            return True
+        self.metrics.send_failures.labels(why).inc()
+        peer = self.by_route.get(route)
+        if peer is not None:
+            log.warning("could not send to %s (%s)", peer.node_id, why)
+        return False
+
+    # --- registration -------------------------------------------------------------------------
+    def _on_ready(self, route: bytes, msg: Ready, now: float) -> None:
+        expected = f"{msg.node_id}/{msg.epoch}".encode()
+        if route != expected:
+            self._reject(route, IdentityError(
+                f"READY claims node {msg.node_id!r} but arrives from routing id {route[:64]!r}",
+                hint="a node's routing id must be NODE_ID/EPOCH"), msg.COMMAND.value)
+            return
+        old = self.peers.get(msg.node_id)
+        if old is not None and old.epoch != msg.epoch:
+            log.info("peer %s restarted (epoch %s -> %s)", msg.node_id, old.epoch, msg.epoch)
+            self._drop_peer(old, "restarted")
+            old = None
+        clock = PeerClock(interval_s=self.s.heartbeat_s, misses=self.s.heartbeat_misses, last_seen=now)
+        breaker = old.slot.breaker if old else CircuitBreaker()
+        slot = PeerSlot(msg.node_id, frozenset(msg.capabilities), msg.capacity, breaker=breaker)
+        peer = Peer(msg.node_id, msg.epoch, route, msg.role.value, msg.endpoint, msg.host, msg.pid, msg.version,
+                    slot, clock)
+        self.peers[msg.node_id] = peer
+        self.by_route[route] = peer
+        # reconcile: what the peer says it holds against what the store says it holds
+        claimed = set(msg.tasks)
+        unknown: list[uuid.UUID] = []
+        for tid in claimed:
+            rec = self.tasks.get(tid)
+            if rec is not None and rec.status in ACTIVE and rec.assigned_to == msg.node_id:
+                peer.held.add(tid)
+            else:
+                unknown.append(tid)
+        slot.inflight = len(peer.held)
+        stamp = utcnow()
+        for rec in list(self.tasks.values()):
+            if rec.status in ACTIVE and rec.assigned_to == msg.node_id and rec.id not in peer.held:
+                self._requeue(rec, stamp, "holder re-registered without it")
+        if unknown:
+            self._send_mesh(route, codec.encode(Cancel(task_ids=tuple(unknown[:10_000]),
+                                                       reason="not assigned to you")))
+        log.info("peer %s registered: role=%s endpoint=%s capacity=%d capabilities=%s holding=%d",
+                 msg.node_id, msg.role.value, msg.endpoint, msg.capacity, ",".join(msg.capabilities),
+                 len(peer.held))
+        self.metrics.peers.set(len(self.peers))
+        self._send_mesh(route, codec.encode(Heartbeat()))
+        self._dirty_dispatch = True
+
+    def _drop_peer(self, peer: Peer, reason: str) -> None:
+        if self.peers.get(peer.node_id) is peer:
+            del self.peers[peer.node_id]
+        self.by_route.pop(peer.route, None)
+        self.dispatcher.forget_peer(peer.node_id)
+        stamp = utcnow()
+        for tid in list(peer.held):
+            rec = self.tasks.get(tid)
+            if rec is not None and rec.status in ACTIVE and rec.assigned_to == peer.node_id:
+                self._requeue(rec, stamp, f"peer {peer.node_id} {reason}")
+        peer.held.clear()
+        self.metrics.peers.set(len(self.peers))
+        self._dirty_dispatch = True
+
+    # --- task progress from workers -----------------------------------------------------------
+    def _held(self, peer: Peer, tid: uuid.UUID, attempt: int | None) -> TaskRecord | None:
+        rec = self.tasks.get(tid)
+        if (rec is None or rec.assigned_to != peer.node_id or rec.status not in ACTIVE
+                or (attempt is not None and attempt != rec.attempts)):
+            self.metrics.duplicates.inc()
+            log.debug("ignoring stale report for %s from %s", tid, peer.node_id)
+            return None
+        return rec
+
+    def _on_progress(self, peer: Peer, msg: Progress) -> None:
+        stamp = utcnow()
+        for tid in msg.task_ids:
+            rec = self._held(peer, tid, None)
+            if rec is not None and rec.status is Status.ASSIGNED:
+                self._change(rec, Status.PROCESSING, stamp, peer.node_id)
+                rec.started_at = stamp
+
+    def _on_results(self, peer: Peer, msg: ResultBatch) -> None:
+        stamp = utcnow()
+        for out in msg.results:
+            rec = self._held(peer, out.task_id, out.attempt)
+            if rec is None:
+                continue
+            if rec.status is Status.ASSIGNED:
+                self._change(rec, Status.PROCESSING, stamp, peer.node_id)
+                rec.started_at = stamp - timedelta(milliseconds=out.duration_ms)
+            self._release(peer, rec)
+            peer.slot.breaker.record_success()
+            try:
+                output_json = json.dumps(out.output, separators=(",", ":"))
+            except (TypeError, ValueError):
+                self._fail(rec, stamp, peer.node_id, "invalid-output", "task output is not JSON-compatible", False)
+                continue
+            rec.output_json = output_json
+            ttype = handlers.REGISTRY.get(rec.type)
+            if ttype is not None and ttype.needs_validation(rec.input):
+                self._change(rec, Status.VALIDATING, stamp, peer.node_id)
+                rec.validating_at = stamp
+                assert ttype.validate is not None
+                problem = ttype.validate(rec.input, out.output)
+                if problem is not None:
+                    self._fail(rec, stamp, peer.node_id, "validation", problem, True)
+                    continue
+            self._finish(rec, Status.COMPLETE, stamp, peer.node_id)
+
+    def _on_failures(self, peer: Peer, msg: FailedBatch) -> None:
+        stamp = utcnow()
+        for f in msg.failures:
+            rec = self._held(peer, f.task_id, f.attempt)
+            if rec is None:
+                continue
+            self._release(peer, rec)
+            peer.slot.breaker.record_failure(time.monotonic())
+            self._fail(rec, stamp, peer.node_id, f.error.code, f.error.message, f.retryable)
+
+    def _release(self, peer: Peer, rec: TaskRecord) -> None:
+        if rec.id in peer.held:
+            peer.held.discard(rec.id)
+            peer.slot.inflight -= 1
+            self._dirty_dispatch = True
+
+    # --- state changes --------------------------------------------------------------------------
+    def _change(self, rec: TaskRecord, new: Status, stamp: datetime, peer: str | None,
+                detail: dict[str, Any] | None = None) -> None:
+        old = rec.move(new, stamp)
+        self.store.stage(rec, TaskEvent(stamp, rec.id, old.value, new.value, peer, rec.attempts,
+                                        json.dumps(detail) if detail else None))
+        self.metrics.transitions.labels(new.value).inc()
+
+    def _finish(self, rec: TaskRecord, status: Status, stamp: datetime, peer: str | None,
+                detail: dict[str, Any] | None = None) -> None:
+        self._change(rec, status, stamp, peer, detail)
+        rec.finished_at = stamp
+        self.tasks.pop(rec.id, None)
+        self.dispatcher.remove(rec.id)
+        if rec.waiters:
+            waiters, rec.waiters = rec.waiters, []
+            frames = codec.encode(Done(task_id=rec.id, status=rec.status.value,
+                                       output=json.loads(rec.output_json) if rec.output_json else None,
+                                       error=_last_error(rec)))
+            self.store.after_commit(lambda: [self._send_control(w, frames) for w in waiters])
+
+    def _fail(self, rec: TaskRecord, stamp: datetime, peer: str | None, code: str, message: str,
+              retryable: bool) -> None:
+        history = json.loads(rec.error_json) if rec.error_json else []
+        history.append({"attempt": rec.attempts, "peer": peer, "code": code, "message": message[:2000],
+                        "at": stamp.isoformat()})
+        rec.error_json = json.dumps(history)
+        self._change(rec, Status.ERROR, stamp, peer, {"code": code})
+        self._after_error(rec, stamp, peer, retryable)
+
+    def _after_error(self, rec: TaskRecord, stamp: datetime, peer: str | None, retryable: bool = True) -> None:
+        if retryable and not self.policy.exhausted(rec.attempts, rec.max_attempts):
+            delay = self.policy.backoff(rec.attempts)
+            rec.not_before = stamp + timedelta(seconds=delay)
+            rec.assigned_to = None
+            self._change(rec, Status.RETRY, stamp, peer, {"backoff_s": delay})
+            heapq.heappush(self.retry_heap, (time.monotonic() + delay, rec.id))
+        else:
+            self._finish(rec, Status.DEAD, stamp, peer,
+                         {"reason": "attempts exhausted" if retryable else "not retryable"})
+
+    def _requeue(self, rec: TaskRecord, stamp: datetime, reason: str) -> None:
+        """A holder was lost: back to pending (the attempt stays counted), or dead if none are left."""
+        holder = rec.assigned_to
+        if self.policy.exhausted(rec.attempts, rec.max_attempts):
+            self._fail(rec, stamp, holder, "holder-lost", reason, False)
+            return
+        rec.assigned_to = None
+        rec.lease_deadline = None
+        self._change(rec, Status.PENDING, stamp, holder, {"reason": reason})
+        self._queue(rec)
+
+    def _queue(self, rec: TaskRecord) -> None:
+        ttype = handlers.REGISTRY.get(rec.type)
+        requires = set(rec.requires) | set(ttype.requires if ttype else ())
+        self.dispatcher.push(rec.id, rec.priority, requires, rec.affinity)
+        self._dirty_dispatch = True
+
+    # --- dispatch -------------------------------------------------------------------------------
+    def dispatch(self) -> int:
+        if not self._dirty_dispatch or not self.accepting:
+            return 0
+        self._dirty_dispatch = False
+        now = time.monotonic()
+        slots = {p.node_id: p.slot for p in self.peers.values() if p.clock.state(now) is Liveness.ALIVE}
+        pairs = self.dispatcher.assign(slots, now)
+        if not pairs:
+            return 0
+        stamp = utcnow()
+        lease = stamp + timedelta(seconds=self.s.lease_s)
+        per_peer: dict[str, list[Assignment]] = {}
+        for tid, node in pairs:
+            rec = self.tasks[tid]
+            peer = self.peers[node]
+            rec.attempts += 1
+            rec.assigned_to = node
+            rec.assigned_at = stamp
+            rec.lease_deadline = lease
+            rec.not_before = None
+            self._change(rec, Status.ASSIGNED, stamp, node)
+            peer.held.add(tid)
+            per_peer.setdefault(node, []).append(Assignment(
+                task_id=tid, type=rec.type, input=rec.input, attempt=rec.attempts,
+                lease_ms=int(self.s.lease_s * 1000), timeout_s=rec.timeout_s, cache=rec.cache))
+        for node, assignments in per_peer.items():
+            route = self.peers[node].route
+            for i in range(0, len(assignments), 1000):
+                frames = codec.encode(TaskBatch(tasks=tuple(assignments[i:i + 1000])))
+                self.store.after_commit(lambda r=route, f=frames: self._send_mesh(r, f))
+        self.metrics.dispatched.inc(len(pairs))
+        return len(pairs)
+
+    # --- timers -----------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Heartbeats, liveness, due retries. Called every half heartbeat interval."""
+        now = time.monotonic()
+        hb = codec.encode(Heartbeat())
+        for peer in list(self.peers.values()):
+            state = peer.clock.state(now)
+            if state is Liveness.DEAD:
+                log.warning("peer %s is dead (silent %.1fs); returning its %d tasks", peer.node_id,
+                            now - peer.clock.last_seen, len(peer.held))
+                self._drop_peer(peer, "dead")
+                continue
+            if peer.clock.heartbeat_due(now):
+                self._send_mesh(peer.route, hb)
+        stamp = None
+        while self.retry_heap and self.retry_heap[0][0] <= now:
+            _, tid = heapq.heappop(self.retry_heap)
+            rec = self.tasks.get(tid)
+            if rec is not None and rec.status is Status.RETRY:
+                stamp = stamp or utcnow()
+                self._change(rec, Status.PENDING, stamp, None, {"reason": "backoff elapsed"})
+                self._queue(rec)
+        # tasks whose holder never came back after a broker restart
+        grace = self.s.heartbeat_s * self.s.heartbeat_misses * 2
+        if now - self.started > grace:
+            for rec in list(self.tasks.values()):
+                if rec.status in ACTIVE and rec.assigned_to not in self.peers:
+                    self._requeue(rec, stamp or utcnow(), f"holder {rec.assigned_to} did not re-register")
+        self.metrics.pending.set(len(self.dispatcher))
+        self.metrics.open_tasks.set(len(self.tasks))
+        self._dirty_dispatch = True
+
+    # --- submissions ------------------------------------------------------------------------------
+    async def submit(self, route: bytes, msg: Submit, submitter: str | None) -> None:
+        """Create tasks (or find them by idempotency key); ACCEPTED goes out after the commit."""
+        if not self.accepting:
+            raise CasperError("the policeman is shutting down and accepts no new work",
+                              hint="submit again once it is back")
+        specs = msg.tasks
+        for spec in specs:
+            handlers.get(spec.type)  # unknown type: an error for the whole submit, nothing half-done
+        keys = [s.idempotency_key for s in specs if s.idempotency_key and s.idempotency_key not in self.keys]
+        if keys:
+            for key, tid in (await self.store.idempotency(keys)).items():
+                self._remember_key(key, tid)
+        ids: list[uuid.UUID] = []
+        existing: list[bool] = []
+        terminal_waits: list[uuid.UUID] = []
+        stamp = utcnow()
+        for spec in specs:
+            key = spec.idempotency_key
+            if key and key in self.keys:
+                tid = self.keys[key]
+                ids.append(tid)
+                existing.append(True)
+                rec = self.tasks.get(tid)
+                if msg.wait:
+                    if rec is not None:
+                        rec.waiters.append(route)
+                    else:
+                        terminal_waits.append(tid)
+                continue
+            rec = self._create(spec, submitter, stamp)
+            if msg.wait:
+                rec.waiters.append(route)
+            ids.append(rec.id)
+            existing.append(False)
+        frames = codec.encode(Accepted(req_id=msg.req_id, task_ids=tuple(ids), existing=tuple(existing)))
+        self.store.after_commit(lambda: self._send_control(route, frames))
+        self.metrics.submitted.inc(existing.count(False))
+        for tid in terminal_waits:
+            asyncio.get_running_loop().create_task(self._done_from_store(route, tid))
+
+    def _create(self, spec: TaskSpec, submitter: str | None, stamp: datetime) -> TaskRecord:
+        try:
+            rec = TaskRecord.from_spec(new_task_id(), spec, self.s.max_attempts, submitter)
+        except (TypeError, ValueError):
+            raise InvalidBodyError("task input must be JSON-compatible (no binary values)") from None
+        self.tasks[rec.id] = rec
+        self.store.stage(rec, TaskEvent(stamp, rec.id, None, Status.PENDING.value, submitter, 0))
+        if spec.idempotency_key:
+            self._remember_key(spec.idempotency_key, rec.id)
+            self.store.stage_key(spec.idempotency_key, rec.id, rec.created_at)
+        self._queue(rec)
+        return rec
+
+    def _remember_key(self, key: str, tid: uuid.UUID) -> None:
+        self.keys[key] = tid
+        self.keys.move_to_end(key)
+        while len(self.keys) > 200_000:
+            self.keys.popitem(last=False)
+
+    def _on_submit_from_peer(self, route: bytes, peer: Peer, msg: Submit) -> None:
+        raise InvalidBodyError("peers submit follow-up tasks through the control socket in this version")
+
+    async def _done_from_store(self, route: bytes, tid: uuid.UUID) -> None:
+        # wait for the ACCEPTED of the same submit to go out first
+        await asyncio.sleep(0)
+        row = await self.store.get(tid)
+        if row is None:
+            return
+        rec = record_from_row(row)
+        self._send_control(route, codec.encode(Done(
+            task_id=tid, status=rec.status.value, output=row["output"], error=_last_error(rec))))
+
+    def _send_control(self, route: bytes, frames: list[bytes]) -> None:
+        assert self.control is not None
+        why = send_now(self.control, [route, *frames])
+        if why is not None:
+            self.metrics.send_failures.labels(why).inc()
+
+    # --- admin operations -------------------------------------------------------------------------
+    def cancel(self, tid: uuid.UUID) -> dict[str, Any]:
+        rec = self.tasks.get(tid)
+        if rec is None:
+            raise TaskNotFoundError(f"task {tid} is not open (already finished, or no such task)",
+                                    hint="caspectl get ID shows its state")
+        stamp = utcnow()
+        holder = rec.assigned_to if rec.status in ACTIVE else None
+        if holder is not None and holder in self.peers:
+            peer = self.peers[holder]
+            self._release(peer, rec)
+            frames = codec.encode(Cancel(task_ids=(tid,), reason="cancelled by operator"))
+            self.store.after_commit(lambda: self._send_mesh(peer.route, frames))
+        self._finish(rec, Status.CANCELLED, stamp, holder, {"by": "operator"})
+        return {"id": str(tid), "status": Status.CANCELLED.value, "was_running_on": holder}
+
+    def set_draining(self, node_id: str, draining: bool) -> dict[str, Any]:
+        peer = self.peers.get(node_id)
+        if peer is None:
+            known = ", ".join(sorted(self.peers)) or "none"
+            raise TaskNotFoundError(f"no peer named {node_id!r}", hint=f"registered peers: {known}")
+        peer.slot.draining = draining
+        self._dirty_dispatch = True
+        log.info("peer %s %s by operator", node_id, "drained" if draining else "resumed")
+        return {"peer": node_id, "draining": draining, "inflight": peer.slot.inflight}
+
+    def peers_view(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [p.view(now) for p in sorted(self.peers.values(), key=lambda p: p.node_id)]
+
+    def status_view(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for rec in self.tasks.values():
+            counts[rec.status.value] = counts.get(rec.status.value, 0) + 1
+        return {
+            "node_id": self.s.node_id, "role": "policeman", "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 1), "mesh": self.s.advertise,
+            "peers": len(self.peers), "open_tasks": counts, "queued": len(self.dispatcher),
+            "inflight": sum(p.slot.inflight for p in self.peers.values()),
+            "store": {"healthy": self.store.healthy, "commits": self.store.commits, "staged": self.store.staged,
+                      "commit_failures": self.store.commit_failures, "last_error": self.store.last_error},
+            "breakers": {p.node_id: p.slot.breaker.state.value for p in self.peers.values()},
+        }
+
+
+def _last_error(rec: TaskRecord) -> ErrorBody | None:
+    if not rec.error_json:
+        return None
+    history = json.loads(rec.error_json)
+    if not history:
+        return None
+    last = history[-1]
+    return ErrorBody(code=str(last.get("code") or "task")[:64], message=str(last.get("message", ""))[:4000])

@@ -1,0 +1,140 @@
+"""The shared result cache (Redis, ``redis.asyncio``): results only, never task state.
+
+``get_or_compute(key, compute)`` returns the cached value for ``key`` or computes it once for the
+whole mesh: the first node to take the key's lock (``SET NX PX``) computes and stores the value
+with a TTL; the others poll for it (backing off from 5 ms to 100 ms) until it appears or the lock
+lapses, then compute themselves. Inside one process concurrent callers share one future.
+
+Redis unreachable: the cache is bypassed (counted in ``bypassed``), the value is computed
+locally, and a circuit breaker stops further Redis calls for a while so a dead Redis costs no
+latency. The task never fails because of the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+
+from casperd.breaker import CircuitBreaker
+
+log = logging.getLogger("casperd.cache")
+_PREFIX = "casper:result:"
+_LOCK = "casper:lock:"
+
+
+def cache_key(*parts: Any) -> str:
+    """A key from everything that determines a result (canonical JSON, SHA-256)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+class ResultCache:
+    def __init__(self, url: str, *, ttl_s: float = 3600.0, lock_s: float = 60.0, op_timeout_s: float = 0.5) -> None:
+        self.ttl_ms = int(ttl_s * 1000)
+        self.lock_ms = int(lock_s * 1000)
+        self.redis: aioredis.Redis | None = (
+            aioredis.from_url(url, socket_timeout=op_timeout_s, socket_connect_timeout=op_timeout_s,
+                              retry_on_timeout=False) if url else None
+        )
+        self.breaker = CircuitBreaker(failure_threshold=2, recovery_s=5.0)
+        self._local: dict[str, asyncio.Future[Any]] = {}
+        self.hits = self.misses = self.bypassed = self.computed = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis is not None
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def get_or_compute(self, key: str, compute: Callable[[], Awaitable[Any]]) -> Any:
+        fut = self._local.get(key)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._local[key] = fut
+        try:
+            value = await self._resolve(key, compute)
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        else:
+            fut.set_result(value)
+            return value
+        finally:
+            self._local.pop(key, None)
+
+    async def _resolve(self, key: str, compute: Callable[[], Awaitable[Any]]) -> Any:
+        if self.redis is None or not self.breaker.allow(time.monotonic()):
+            self.bypassed += 1
+            return await self._compute(compute)
+        try:
+            found, value = await self._get(key)
+            if found:
+                self.hits += 1
+                return value
+            token = secrets.token_hex(8)
+            if await self.redis.set(_LOCK + key, token, nx=True, px=self.lock_ms):
+                self.misses += 1
+                try:
+                    value = await self._compute(compute)
+                except BaseException:
+                    await self.redis.delete(_LOCK + key)  # let a waiter compute instead
+                    raise
+                await self.redis.set(_PREFIX + key, msgpack.packb(value, use_bin_type=True), px=self.ttl_ms)
+                await self.redis.delete(_LOCK + key)
+                self.breaker.record_success()
+                return value
+            # another node computes it: wait for its value while its lock lives
+            delay = 0.005
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+                found, value = await self._get(key)
+                if found:
+                    self.hits += 1
+                    self.breaker.record_success()
+                    return value
+                if not await self.redis.exists(_LOCK + key):
+                    self.misses += 1
+                    return await self._compute(compute)
+        except (aioredis.RedisError, OSError) as exc:
+            self.breaker.record_failure(time.monotonic())
+            self.bypassed += 1
+            log.warning("cache: Redis unavailable (%s); computing without the cache", type(exc).__name__)
+            return await self._compute(compute)
+
+    async def _get(self, key: str) -> tuple[bool, Any]:
+        assert self.redis is not None
+        raw = await self.redis.get(_PREFIX + key)
+        if raw is None:
+            return False, None
+        return True, msgpack.unpackb(raw, raw=False)
+
+    async def _compute(self, compute: Callable[[], Awaitable[Any]]) -> Any:
+        self.computed += 1
+        return await compute()
+
+    async def ping(self) -> bool:
+        if self.redis is None:
+            return False
+        try:
+            return bool(await self.redis.ping())
+        except (aioredis.RedisError, OSError):
+            return False
+
+    def stats(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "hits": self.hits, "misses": self.misses, "bypassed": self.bypassed,
+                "computed": self.computed, "breaker": self.breaker.state.value}

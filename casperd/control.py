@@ -1,0 +1,166 @@
+"""The daemon side of caspectl: control operations, looked up by name in a registry.
+
+A REQUEST ``{req_id, op, args}`` on the control socket runs the operation of that name and is
+answered with a REPLY carrying ``data``, or ``ok=false`` and an error naming cause and fix.
+Each operation says which roles serve it; the policeman serves them all.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from casperd.errors import CasperError, CommandError, TaskNotFoundError
+from casperd.lifecycle import Status
+from casperd.messages import ErrorBody, Reply, Request
+
+if TYPE_CHECKING:
+    from casperd.node import Node
+
+Op = Callable[["Node", dict[str, Any]], Awaitable[Any]]
+OPS: dict[str, tuple[Op, bool]] = {}
+"""op name -> (implementation, served by workers too)"""
+
+
+def op(name: str, *, workers: bool = False) -> Callable[[Op], Op]:
+    def deco(fn: Op) -> Op:
+        OPS[name] = (fn, workers)
+        return fn
+    return deco
+
+
+class Control:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def handle(self, req: Request | Any) -> Reply:
+        if not isinstance(req, Request):
+            raise CommandError(f"{req.COMMAND.name} is not accepted on the control socket",
+                               hint="send REQUEST or SUBMIT")
+        entry = OPS.get(req.op)
+        try:
+            if entry is None:
+                raise CommandError(f"unknown operation {req.op!r}", hint=f"known: {', '.join(sorted(OPS))}")
+            fn, workers = entry
+            if not workers and self.node.broker is None:
+                raise CommandError(f"{req.op} is served by the policeman, not by {self.node.s.node_id}",
+                                   hint="point caspectl at the policeman's control socket")
+            data = await fn(self.node, req.args)
+            return Reply(req_id=req.req_id, ok=True, data=data)
+        except CasperError as exc:
+            return Reply(req_id=req.req_id, ok=False, error=ErrorBody(code=exc.code, message=exc.message[:4000],
+                                                                      hint=exc.hint))
+
+
+def _task_id(args: dict[str, Any]) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(args.get("id", "")))
+    except ValueError:
+        raise CommandError(f"{args.get('id')!r} is not a task id", hint="task ids are UUIDs, see caspectl tasks") \
+            from None
+
+
+def _row_view(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in row.items():
+        out[k] = v.isoformat() if hasattr(v, "isoformat") else str(v) if isinstance(v, uuid.UUID) else v
+    return out
+
+
+@op("status", workers=True)
+async def _status(node: Node, args: dict[str, Any]) -> Any:
+    if node.broker is not None:
+        view = node.broker.status_view()
+        if node.cache is not None:
+            view["cache"] = node.cache.stats()
+        return view
+    assert node.worker is not None
+    return node.worker.status_view()
+
+
+@op("peers")
+async def _peers(node: Node, args: dict[str, Any]) -> Any:
+    assert node.broker is not None
+    return {"peers": node.broker.peers_view()}
+
+
+@op("get")
+async def _get(node: Node, args: dict[str, Any]) -> Any:
+    assert node.broker is not None and node.store is not None
+    tid = _task_id(args)
+    rec = node.broker.tasks.get(tid)
+    row = await node.store.get(tid)
+    if row is None and rec is None:
+        raise TaskNotFoundError(f"no task {tid}", hint="caspectl tasks lists recent tasks")
+    view = rec.summary() if rec is not None else _row_view(row or {})
+    view["events"] = [_row_view(e) for e in await node.store.events(tid)]
+    return view
+
+
+@op("tasks")
+async def _tasks(node: Node, args: dict[str, Any]) -> Any:
+    assert node.store is not None
+    status = args.get("status")
+    if status is not None and status not in {s.value for s in Status}:
+        raise CommandError(f"unknown status {status!r}", hint="one of: " + ", ".join(s.value for s in Status))
+    limit = int(args.get("limit", 50))
+    if not 1 <= limit <= 10_000:
+        raise CommandError("limit must be between 1 and 10000")
+    rows = await node.store.list(status, limit)
+    keep = ("id", "type", "status", "priority", "attempts", "assigned_to", "created_at", "finished_at")
+    return {"tasks": [_row_view({k: r[k] for k in keep}) for r in rows], "counts": await node.store.counts()}
+
+
+@op("cancel")
+async def _cancel(node: Node, args: dict[str, Any]) -> Any:
+    assert node.broker is not None
+    return node.broker.cancel(_task_id(args))
+
+
+@op("drain", workers=True)
+async def _drain(node: Node, args: dict[str, Any]) -> Any:
+    if node.broker is None:
+        assert node.worker is not None
+        return node.worker.set_draining(True)
+    return node.broker.set_draining(str(args.get("peer", "")), True)
+
+
+@op("resume", workers=True)
+async def _resume(node: Node, args: dict[str, Any]) -> Any:
+    if node.broker is None:
+        assert node.worker is not None
+        return node.worker.set_draining(False)
+    return node.broker.set_draining(str(args.get("peer", "")), False)
+
+
+@op("health", workers=True)
+async def _health(node: Node, args: dict[str, Any]) -> Any:
+    checks: dict[str, dict[str, Any]] = {}
+    if node.store is not None:
+        try:
+            rtt = await node.store.ping()
+            checks["database"] = {"ok": node.store.healthy, "detail": f"ping {rtt * 1000:.1f} ms"
+                                  + ("" if node.store.healthy else f"; last commit failed: {node.store.last_error}")}
+        except CasperError as exc:
+            checks["database"] = {"ok": False, "detail": exc.message}
+    if node.cache is not None:
+        up = await node.cache.ping()
+        # Redis is a cache: down means degraded (bypassed), never unhealthy
+        checks["redis"] = {"ok": True, "degraded": not up, "detail": "reachable" if up else "unreachable; bypassed"}
+    if node.worker is not None:
+        silent = time.monotonic() - node.worker.clock.last_seen
+        ok = node.worker.registered and silent < node.s.heartbeat_s * node.s.heartbeat_misses
+        checks["broker"] = {"ok": ok, "detail": f"last heard {silent:.1f}s ago"
+                            + ("" if node.worker.registered else "; not registered yet")}
+    disk = shutil.disk_usage(node.s.state_dir)
+    free_pct = disk.free / disk.total * 100
+    checks["disk"] = {"ok": free_pct > 2.0, "detail": f"{free_pct:.1f}% free in {node.s.state_dir}"}
+    mem = psutil.virtual_memory()
+    checks["memory"] = {"ok": mem.percent < 98.0, "detail": f"{mem.percent:.0f}% used"}
+    return {"node_id": node.s.node_id, "role": node.s.role.value,
+            "healthy": all(c["ok"] for c in checks.values()), "checks": checks}

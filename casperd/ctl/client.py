@@ -1,0 +1,128 @@
+"""The client half of the control protocol: a DEALER to a node's control socket.
+
+Used by caspectl, by ``casperd up`` and by the benchmarks. Synchronous (plain ``zmq``): an admin
+command is one process doing one thing, with a deadline on every wait.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from casperd import codec
+from casperd.errors import CasperError, NoDefaultError, NoDaemonError, RequestTimeoutError, from_wire
+from casperd.messages import Accepted, Done, Error, Reply, Request, Submit, TaskSpec
+from casperd.settings import DEFAULT_STATE_DIR
+
+MESH_FILE = "mesh.json"
+
+
+def find_control(explicit: str | None = None, state_dir: Path | None = None) -> str:
+    """Where caspectl talks: --control, else CASPER_CONTROL, else the local mesh's policeman."""
+    if explicit:
+        return explicit
+    if os.environ.get("CASPER_CONTROL"):
+        return os.environ["CASPER_CONTROL"]
+    state = state_dir or Path(os.environ.get("CASPER_STATE_DIR") or DEFAULT_STATE_DIR)
+    mesh = state / MESH_FILE
+    if mesh.exists():
+        try:
+            return str(json.loads(mesh.read_text())["policeman"]["control"])
+        except (ValueError, KeyError, TypeError):
+            raise NoDefaultError(f"{mesh} is not a valid mesh description",
+                                 hint="restart casperd up, or pass --control") from None
+    raise NoDefaultError(
+        f"no running mesh found (no {mesh})",
+        hint="start one with 'casperd up', or pass --control ENDPOINT / set CASPER_CONTROL")
+
+
+class ControlClient:
+    def __init__(self, endpoint: str, timeout_s: float = 10.0) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        if endpoint.startswith("ipc://") and not Path(endpoint[6:]).exists():
+            raise NoDaemonError(f"no daemon at {endpoint} (the socket file does not exist)",
+                                hint="start one with 'casperd up' or check --control / CASPER_CONTROL")
+        self.sock.connect(endpoint)
+        self._ids = itertools.count(1)
+        self.early: list[Done] = []
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _recv(self, deadline: float) -> Any:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000)):
+                raise RequestTimeoutError(
+                    f"no answer from {self.endpoint} within {self.timeout_s:g}s",
+                    hint="is the daemon running? 'casperd up' starts a local mesh; raise --timeout if it is busy")
+            frames = self.sock.recv_multipart()
+            msg = codec.decode(frames, max_bytes=64 * 1024 * 1024).message
+            if isinstance(msg, Error):
+                raise from_wire(msg.model_dump())
+            return msg
+
+    def request(self, op: str, **args: Any) -> Any:
+        req_id = next(self._ids)
+        self.sock.send_multipart(codec.encode(Request(req_id=req_id, op=op, args=args)))
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            msg = self._recv(deadline)
+            if isinstance(msg, Reply) and msg.req_id == req_id:
+                if not msg.ok:
+                    raise from_wire(msg.error.model_dump() if msg.error else {})
+                return msg.data
+            if isinstance(msg, Done):
+                self.early.append(msg)
+
+    def submit(self, specs: Sequence[TaskSpec], *, wait: bool = False) -> Accepted:
+        req_id = next(self._ids)
+        self.sock.send_multipart(codec.encode(Submit(req_id=req_id, tasks=tuple(specs), wait=wait)))
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            msg = self._recv(deadline)
+            if isinstance(msg, Accepted) and msg.req_id == req_id:
+                return msg
+            if isinstance(msg, Done):
+                self.early.append(msg)
+
+    def done_events(self, timeout_s: float) -> Iterator[Done]:
+        """DONE messages for waited-on tasks, until ``timeout_s`` passes with nothing new."""
+        while self.early:
+            yield self.early.pop(0)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                msg = self._recv(deadline)
+            except RequestTimeoutError:
+                return
+            if isinstance(msg, Done):
+                yield msg
+                deadline = time.monotonic() + timeout_s
+
+
+def parse_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise CasperError(f"{text!r} is not a task id", hint="task ids are UUIDs; see caspectl tasks") from None

@@ -1,0 +1,142 @@
+"""Dispatch policy: which pending task goes to which peer (pure; no I/O, no clock of its own).
+
+Rules, in order:
+1. Only capable peers: a task's required capabilities must be a subset of the peer's.
+2. Credit: a peer never holds more tasks than the capacity it advertised.
+3. Priority: higher ``priority`` first; equal priority in submission order (FIFO).
+4. Affinity: tasks sharing an affinity key go to the peer that took the first of them while that
+   peer is registered; if it is busy the task waits for it (it does not block other tasks).
+   If the peer is gone, the key is bound afresh.
+5. Least loaded among equals: lowest in-flight/capacity ratio, then fewest in flight, then id.
+Draining peers, peers whose circuit breaker is open and peers not alive get nothing.
+Tasks whose requirements no peer can meet stay queued and are looked at again on every pass.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from casperd.breaker import CircuitBreaker
+
+
+@dataclass(slots=True)
+class PeerSlot:
+    node_id: str
+    capabilities: frozenset[str]
+    capacity: int
+    inflight: int = 0
+    draining: bool = False
+    alive: bool = True
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+
+    @property
+    def credit(self) -> int:
+        return self.capacity - self.inflight
+
+    def can_take(self, now: float) -> bool:
+        return self.alive and not self.draining and self.credit > 0 and self.breaker.would_allow(now)
+
+    def load_key(self) -> tuple[float, int, str]:
+        return (self.inflight / self.capacity if self.capacity else 1.0, self.inflight, self.node_id)
+
+
+@dataclass(order=True, slots=True)
+class _Entry:
+    sort_key: tuple[int, int]
+    task_id: Any = field(compare=False)
+    affinity: str | None = field(compare=False, default=None)
+
+
+class Dispatcher:
+    """Pending tasks grouped by requirement set, each group a priority heap."""
+
+    def __init__(self) -> None:
+        self._queues: dict[frozenset[str], list[_Entry]] = {}
+        self._where: dict[Any, frozenset[str]] = {}
+        self._affinity: dict[str, str] = {}
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._where
+
+    def push(self, task_id: Any, priority: int, requires: Iterable[str] = (), affinity: str | None = None,
+             seq: int | None = None) -> None:
+        req = frozenset(requires)
+        if task_id in self._where:
+            return
+        order = next(self._seq) if seq is None else seq
+        heapq.heappush(self._queues.setdefault(req, []), _Entry((-priority, order), task_id, affinity))
+        self._where[task_id] = req
+
+    def remove(self, task_id: Any) -> bool:
+        """Forget a queued task (lazily: its heap entry is skipped when reached)."""
+        return self._where.pop(task_id, None) is not None
+
+    def waiting_requirements(self) -> set[frozenset[str]]:
+        return {req for req, heap in self._queues.items() if heap}
+
+    def forget_peer(self, node_id: str) -> None:
+        for key in [k for k, v in self._affinity.items() if v == node_id]:
+            del self._affinity[key]
+
+    def assign(self, peers: dict[str, PeerSlot], now: float, limit: int | None = None) -> list[tuple[Any, str]]:
+        """Take as many tasks as the peers have credit for; returns (task_id, node_id) pairs.
+
+        The chosen peers' ``inflight`` is incremented (and half-open breakers take their probe).
+        """
+        out: list[tuple[Any, str]] = []
+        open_peers = [p for p in peers.values() if p.can_take(now)]
+        if not open_peers or not self._where:
+            return out
+        capable: dict[frozenset[str], list[PeerSlot]] = {}
+        for req, heap in self._queues.items():
+            if heap:
+                capable[req] = [p for p in open_peers if req <= p.capabilities]
+        deferred: list[tuple[frozenset[str], _Entry]] = []
+        while limit is None or len(out) < limit:
+            best_req: frozenset[str] | None = None
+            best: _Entry | None = None
+            for req, cands in capable.items():
+                heap = self._queues[req]
+                while heap and heap[0].task_id not in self._where:
+                    heapq.heappop(heap)  # lazily removed
+                if not heap or not any(p.can_take(now) for p in cands):
+                    continue
+                if best is None or heap[0] < best:
+                    best, best_req = heap[0], req
+            if best is None or best_req is None:
+                break
+            heapq.heappop(self._queues[best_req])
+            peer = self._choose(best, capable[best_req], peers, now)
+            if peer is None:
+                deferred.append((best_req, best))
+                continue
+            del self._where[best.task_id]
+            peer.inflight += 1
+            peer.breaker.allow(now)
+            out.append((best.task_id, peer.node_id))
+        for req, entry in deferred:
+            heapq.heappush(self._queues[req], entry)
+        return out
+
+    def _choose(self, entry: _Entry, cands: list[PeerSlot], peers: dict[str, PeerSlot],
+                now: float) -> PeerSlot | None:
+        if entry.affinity is not None:
+            bound = self._affinity.get(entry.affinity)
+            if bound is not None and bound in peers and peers[bound].alive:
+                slot = peers[bound]
+                return slot if slot.can_take(now) and slot in cands else None
+        ready = [p for p in cands if p.can_take(now)]
+        if not ready:
+            return None
+        chosen = min(ready, key=PeerSlot.load_key)
+        if entry.affinity is not None:
+            self._affinity[entry.affinity] = chosen.node_id
+        return chosen

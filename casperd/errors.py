@@ -1,0 +1,150 @@
+"""The one error hierarchy of CASPER.
+
+Every error a user or a peer can see is a :class:`CasperError`. Each class carries a stable
+``code`` (sent on the wire in ERROR frames and printed by ``caspectl``) and every instance names
+its cause (``message``) and, where one exists, the fix (``hint``). Messages never contain secret
+values: callers pass names of secrets, never their contents.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class CasperError(Exception):
+    """Root of every CASPER error."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, *, hint: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.details = details
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+    def to_wire(self) -> dict[str, Any]:
+        """The body of an ERROR frame or a failed REPLY."""
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.hint:
+            out["hint"] = self.hint
+        return out
+
+
+# --- protocol (wire) errors: the peer sent something we cannot accept --------------------------
+class ProtocolError(CasperError):
+    code = "protocol"
+
+
+class DecodeError(ProtocolError):
+    """Bytes that are not a CASPER message. Carries the size of the raw data, never the data."""
+
+    code = "decode"
+
+
+class VersionError(ProtocolError):
+    code = "version"
+
+
+class UnknownCommandError(ProtocolError):
+    code = "unknown-command"
+
+
+class InvalidBodyError(ProtocolError):
+    code = "invalid-body"
+
+
+class OversizeError(ProtocolError):
+    code = "oversize"
+
+
+class IdentityError(ProtocolError):
+    code = "identity"
+
+
+class UnknownPeerError(ProtocolError):
+    code = "unknown-peer"
+
+
+# --- task / lifecycle errors ------------------------------------------------------------------
+class TaskError(CasperError):
+    code = "task"
+
+
+class IllegalTransitionError(TaskError):
+    code = "illegal-transition"
+
+
+class TaskNotFoundError(TaskError):
+    code = "not-found"
+
+
+class UnknownTaskTypeError(TaskError):
+    code = "unknown-task-type"
+
+
+class TaskTimeoutError(TaskError):
+    code = "timeout"
+
+
+class TaskCancelledError(TaskError):
+    code = "cancelled"
+
+
+# --- adapters ---------------------------------------------------------------------------------
+class StorageError(CasperError):
+    code = "storage"
+
+
+class MigrationError(StorageError):
+    code = "migration"
+
+
+class CacheError(CasperError):
+    code = "cache"
+
+
+class ConfigError(CasperError):
+    code = "config"
+
+
+class EmbeddedServiceError(CasperError):
+    code = "embedded-service"
+
+
+# --- admin client -----------------------------------------------------------------------------
+class CommandError(CasperError):
+    code = "command"
+
+
+class NoDaemonError(CommandError):
+    code = "no-daemon"
+
+
+class NoDefaultError(NoDaemonError):
+    code = "no-mesh"
+
+
+class RequestTimeoutError(CommandError):
+    code = "request-timeout"
+
+
+_BY_CODE: dict[str, type[CasperError]] = {}
+
+
+def _index(cls: type[CasperError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _index(sub)
+
+
+_index(CasperError)
+
+
+def from_wire(body: dict[str, Any]) -> CasperError:
+    """Rebuild an error received in an ERROR frame or a failed REPLY."""
+    cls = _BY_CODE.get(str(body.get("code", "")), CasperError)
+    err = cls(str(body.get("message", "unknown error")), hint=body.get("hint"))
+    return err

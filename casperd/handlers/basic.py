@@ -1,0 +1,38 @@
+"""Task types that need nothing but the mesh: ``noop``, ``echo`` and ``sleep``.
+
+They exist for health checks, benchmarks and tests: ``noop`` returns nothing, ``echo`` returns its
+input, ``sleep`` waits ``seconds`` (cancellable) and returns how long it slept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from casperd.errors import TaskError
+from casperd.handlers import RunContext, TaskType, register
+
+
+async def _noop(ctx: RunContext, data: dict[str, Any]) -> None:
+    return None
+
+
+async def _echo(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
+    return data
+
+
+async def _sleep(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
+    seconds = data.get("seconds", 1.0)
+    if not isinstance(seconds, int | float) or not 0 <= seconds <= 86400:
+        raise TaskError("sleep needs 'seconds' between 0 and 86400", hint='e.g. {"seconds": 2}')
+    t0 = time.monotonic()
+    await asyncio.sleep(float(seconds))
+    if data.get("fail"):
+        raise TaskError(str(data.get("fail")), hint="this sleep task was asked to fail")
+    return {"slept_s": round(time.monotonic() - t0, 4)}
+
+
+register(TaskType("noop", _noop, description="does nothing; for health checks and benchmarks"))
+register(TaskType("echo", _echo, description="returns its input"))
+register(TaskType("sleep", _sleep, description="sleeps input.seconds; input.fail makes it fail afterwards"))

@@ -1,0 +1,231 @@
+"""Message models: one frozen pydantic model per wire command.
+
+These are the bodies carried in the third frame of every CASPER message (see protocol/SPEC.md).
+Field order here is the key order on the wire, so the golden vectors in protocol/vectors/ pin it.
+Every field is validated on decode; nothing a peer sends is trusted.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+import uuid
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+PROTOCOL_VERSION = 1
+SIGNATURE = b"CASP"
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
+Text = Annotated[str, StringConstraints(max_length=4096)]
+Key = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Endpoint = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class Command(enum.IntEnum):
+    READY = 0x01
+    HEARTBEAT = 0x02
+    SUBMIT = 0x03
+    ACCEPTED = 0x04
+    TASK = 0x05
+    PROGRESS = 0x06
+    RESULT = 0x07
+    FAILED = 0x08
+    CANCEL = 0x09
+    DISCONNECT = 0x0A
+    ERROR = 0x0B
+    REQUEST = 0x0C
+    REPLY = 0x0D
+    DONE = 0x0E
+
+
+class Role(enum.StrEnum):
+    POLICEMAN = "policeman"
+    DEVELOPER = "developer"
+    TESTER = "tester"
+    CLIENT = "client"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+    COMMAND: ClassVar[Command]
+
+
+def new_task_id() -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then random bits, so ids sort by time."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | rand & ((1 << 80) - 1)
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    return uuid.UUID(int=value)
+
+
+def task_created_at(task_id: uuid.UUID) -> float:
+    """The creation time (Unix seconds) encoded in a UUIDv7 task id."""
+    return (task_id.int >> 80) / 1000.0
+
+
+# --- shared parts -----------------------------------------------------------------------------
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    code: Name
+    message: Text
+    hint: Text | None = None
+
+
+class TaskSpec(BaseModel):
+    """A task as a submitter describes it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    type: Name
+    input: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(default=5, ge=0, le=9)
+    requires: tuple[Name, ...] = Field(default=(), max_length=32)
+    affinity: Key | None = None
+    idempotency_key: Key | None = None
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+    timeout_s: float | None = Field(default=None, gt=0, le=86400)
+    parent_id: uuid.UUID | None = None
+    cache: bool = False
+
+
+class Assignment(BaseModel):
+    """A task as the broker hands it to a worker."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    task_id: uuid.UUID
+    type: Name
+    input: dict[str, Any] = Field(default_factory=dict)
+    attempt: int = Field(ge=1)
+    lease_ms: int = Field(ge=1)
+    timeout_s: float | None = Field(default=None, gt=0)
+    cache: bool = False
+
+
+class Outcome(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    task_id: uuid.UUID
+    attempt: int = Field(ge=1)
+    output: Any = None
+    duration_ms: float = Field(default=0.0, ge=0)
+
+
+class Failure(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    task_id: uuid.UUID
+    attempt: int = Field(ge=1)
+    error: ErrorBody
+    retryable: bool = True
+
+
+# --- commands ---------------------------------------------------------------------------------
+class Ready(_Body):
+    COMMAND = Command.READY
+    node_id: Name
+    epoch: Name
+    role: Role
+    endpoint: Endpoint
+    pid: int = Field(ge=0)
+    host: Name
+    capabilities: tuple[Name, ...] = Field(default=(), max_length=64)
+    capacity: int = Field(ge=0, le=100_000)
+    tasks: tuple[uuid.UUID, ...] = Field(default=(), max_length=100_000)
+    heartbeat_ms: int = Field(default=1000, ge=10, le=600_000)
+    version: Name = "0"
+
+
+class Heartbeat(_Body):
+    COMMAND = Command.HEARTBEAT
+    load: int = Field(default=0, ge=0)
+    draining: bool = False
+
+
+class Submit(_Body):
+    COMMAND = Command.SUBMIT
+    req_id: int = Field(ge=0)
+    tasks: tuple[TaskSpec, ...] = Field(min_length=1, max_length=10_000)
+    wait: bool = False
+
+
+class Accepted(_Body):
+    COMMAND = Command.ACCEPTED
+    req_id: int = Field(ge=0)
+    task_ids: tuple[uuid.UUID, ...]
+    existing: tuple[bool, ...]
+
+
+class TaskBatch(_Body):
+    COMMAND = Command.TASK
+    tasks: tuple[Assignment, ...] = Field(min_length=1, max_length=10_000)
+
+
+class Progress(_Body):
+    COMMAND = Command.PROGRESS
+    task_ids: tuple[uuid.UUID, ...] = Field(min_length=1, max_length=10_000)
+    note: Text | None = None
+
+
+class ResultBatch(_Body):
+    COMMAND = Command.RESULT
+    results: tuple[Outcome, ...] = Field(min_length=1, max_length=10_000)
+
+
+class FailedBatch(_Body):
+    COMMAND = Command.FAILED
+    failures: tuple[Failure, ...] = Field(min_length=1, max_length=10_000)
+
+
+class Cancel(_Body):
+    COMMAND = Command.CANCEL
+    task_ids: tuple[uuid.UUID, ...] = Field(min_length=1, max_length=10_000)
+    reason: Text = "cancelled"
+
+
+class Disconnect(_Body):
+    COMMAND = Command.DISCONNECT
+    reason: Text
+
+
+class Error(_Body):
+    COMMAND = Command.ERROR
+    code: Name
+    message: Text
+    hint: Text | None = None
+    ref: int | None = Field(default=None, ge=0, le=255)
+
+
+class Request(_Body):
+    COMMAND = Command.REQUEST
+    req_id: int = Field(ge=0)
+    op: Name
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class Reply(_Body):
+    COMMAND = Command.REPLY
+    req_id: int = Field(ge=0)
+    ok: bool
+    data: Any = None
+    error: ErrorBody | None = None
+
+
+class Done(_Body):
+    COMMAND = Command.DONE
+    task_id: uuid.UUID
+    status: Name
+    output: Any = None
+    error: ErrorBody | None = None
+
+
+MODELS: dict[Command, type[_Body]] = {
+    m.COMMAND: m
+    for m in (
+        Ready, Heartbeat, Submit, Accepted, TaskBatch, Progress, ResultBatch, FailedBatch,
+        Cancel, Disconnect, Error, Request, Reply, Done,
+    )
+}
+
+Message = _Body

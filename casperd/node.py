@@ -1,0 +1,245 @@
+"""The node runtime: one asyncio loop per casperd process, a thin shell around the roles.
+
+Every node binds its mesh ROUTER (peers send to it directly) and a control ROUTER (caspectl).
+The policeman also runs the broker over its mesh ROUTER and the Postgres store; developers and
+testers connect a DEALER to the policeman and run a :class:`~casperd.worker.Worker`. One
+long-lived reader task per socket drains every ready message per wake-up, then runs dispatch
+once; a timer drives heartbeats, liveness and retries. SIGINT/SIGTERM start a bounded, clean
+shutdown: workers drain and hand back, the broker flushes its last commits, sockets close with a
+finite linger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from casperd import codec
+from casperd.broker import Broker
+from casperd.cache import ResultCache
+from casperd.control import Control
+from casperd.errors import CasperError, ProtocolError
+from casperd.messages import Error, Heartbeat, Role, Submit
+from casperd.metrics import Metrics
+from casperd.settings import Settings
+from casperd.store import Store
+from casperd.transport import SocketOptions, load_key, recv_batch, router, send_now
+from casperd.worker import Worker
+
+log = logging.getLogger("casperd.node")
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.metrics = Metrics()
+        self.ctx = zmq.asyncio.Context()
+        self.opts = SocketOptions(
+            hwm=settings.hwm, linger_ms=settings.linger_ms, max_message_bytes=settings.max_message_bytes,
+            heartbeat_ms=int(settings.heartbeat_s * 1000),
+            curve_secret=load_key(settings.curve_secret_key_file, "Curve secret key"),
+            curve_public=load_key(settings.curve_public_key_file, "Curve public key"),
+            curve_server_key=load_key(settings.broker_public_key_file, "broker public key"),
+        )
+        self.store: Store | None = None
+        self.broker: Broker | None = None
+        self.worker: Worker | None = None
+        self.cache = ResultCache(settings.redis_url, ttl_s=settings.cache_ttl_s) if settings.redis_url else None
+        self.control = Control(self)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.mesh_sock: zmq.asyncio.Socket | None = None
+        self.control_sock: zmq.asyncio.Socket | None = None
+        self.started = time.monotonic()
+
+    @property
+    def is_policeman(self) -> bool:
+        return self.s.role is Role.POLICEMAN
+
+    # --- run / stop -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Start everything, serve until SIGINT/SIGTERM or stop(), then shut down cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+
+    def stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("%s: stopping", self.s.node_id)
+        self._stop.set()
+
+    async def start(self) -> None:
+        self.s.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_policeman:
+            if not self.s.database_url:
+                raise CasperError("the policeman needs a database",
+                                  hint="set --database-url / CASPER_DATABASE_URL (casperd up starts one for you)")
+            self.store = Store(self.s.database_url, pool_size=self.s.db_pool_size, batch_max=self.s.commit_batch_max)
+            self.store.on_commit = self.metrics.commit_seconds.observe
+            await self.store.open()
+            applied = await self.store.migrate()
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+            self.broker = Broker(self.s, self.store, self.metrics)
+            await self.broker.recover()
+        self.mesh_sock = router(self.ctx, self.s.bind, self.opts, curve=self.s.curve)
+        self.control_sock = router(self.ctx, self.s.control, self.opts, curve=False)
+        if self.broker is not None:
+            self.broker.mesh = self.mesh_sock
+            self.broker.control = self.control_sock
+            self._spawn(self._mesh_loop_broker(), "mesh")
+        else:
+            self.worker = Worker(self.s, self.metrics, self.ctx, self.opts, self.cache)
+            self.worker.connect()
+            self._spawn(self._dealer_loop(), "dealer")
+            self._spawn(self._mesh_loop_peer(), "mesh")
+        self._spawn(self._control_loop(), "control")
+        self._spawn(self._timer_loop(), "timer")
+        self.metrics.serve(self.s.metrics_port, "0.0.0.0" if self.s.metrics_port else "127.0.0.1")
+        log.info("%s up: role=%s mesh=%s control=%s%s", self.s.node_id, self.s.role.value, self.s.bind,
+                 self.s.control, f" broker={self.s.broker}" if not self.is_policeman else "")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._guard(coro, name), name=name)
+        self._tasks.append(task)
+
+    async def _guard(self, coro: Any, name: str) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s loop crashed; stopping the node", name)
+            self.stop()
+
+    async def shutdown(self) -> None:
+        t0 = time.monotonic()
+        if self.broker is not None:
+            self.broker.accepting = False
+        if self.worker is not None and self.worker.sock is not None:
+            with contextlib.suppress(Exception):
+                await self.worker.drain(self.s.drain_timeout_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.worker is not None:
+            await self.worker.close()
+        if self.store is not None:
+            await self.store.close(timeout=self.s.drain_timeout_s)
+        if self.cache is not None:
+            await self.cache.close()
+        for sock in (self.mesh_sock, self.control_sock):
+            if sock is not None:
+                sock.close(linger=self.s.linger_ms)
+        self.ctx.term()
+        log.info("%s stopped cleanly in %.2fs", self.s.node_id, time.monotonic() - t0)
+
+    # --- loops ------------------------------------------------------------------------------------
+    async def _mesh_loop_broker(self) -> None:
+        assert self.broker is not None and self.mesh_sock is not None
+        broker = self.broker
+        while True:
+            for frames in await recv_batch(self.mesh_sock):
+                if len(frames) < 2:
+                    continue
+                broker.on_mesh(frames[0], frames[1:])
+            broker.dispatch()
+
+    async def _mesh_loop_peer(self) -> None:
+        """A worker's own ROUTER: answers pings now; direct peer hand-off arrives here later."""
+        assert self.mesh_sock is not None
+        while True:
+            for frames in await recv_batch(self.mesh_sock):
+                if len(frames) < 2:
+                    continue
+                route, body = frames[0], frames[1:]
+                try:
+                    msg = codec.decode(body, max_bytes=self.s.max_message_bytes).message
+                    reply = (Heartbeat() if isinstance(msg, Heartbeat) else Error(
+                        code="unsupported", message=f"{msg.COMMAND.name} is not served on a worker's mesh socket",
+                        hint="send tasks through the policeman", ref=msg.COMMAND.value))
+                except ProtocolError as exc:
+                    self.metrics.rejected.labels(exc.code).inc()
+                    reply = Error(code=exc.code, message=exc.message[:4000], hint=exc.hint)
+                send_now(self.mesh_sock, [route, *codec.encode(reply)])
+
+    async def _dealer_loop(self) -> None:
+        assert self.worker is not None
+        worker = self.worker
+        me = asyncio.current_task()
+        while True:
+            sock = worker.sock
+            if sock is None:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                batch = await recv_batch(sock)
+            except asyncio.CancelledError:
+                if me is not None and me.cancelling():
+                    raise
+                continue  # the socket was replaced by a reconnect
+            except zmq.ZMQError:
+                await asyncio.sleep(0.01)
+                continue
+            for frames in batch:
+                worker.on_broker(frames)
+
+    async def _control_loop(self) -> None:
+        assert self.control_sock is not None
+        while True:
+            for frames in await recv_batch(self.control_sock, limit=64):
+                if len(frames) < 2:
+                    continue
+                route, body = frames[0], frames[1:]
+                try:
+                    msg = codec.decode(body, max_bytes=self.s.max_message_bytes).message
+                except ProtocolError as exc:
+                    self.metrics.rejected.labels(exc.code).inc()
+                    self._control_error(route, exc, body[1][0] if len(body) > 1 and len(body[1]) == 1 else None)
+                    continue
+                try:
+                    if isinstance(msg, Submit):
+                        if self.broker is None:
+                            raise CasperError("this node does not take submissions",
+                                              hint="submit to the policeman's control socket")
+                        await self.broker.submit(route, msg, "caspectl")
+                    else:
+                        reply = await self.control.handle(msg)
+                        send_now(self.control_sock, [route, *codec.encode(reply)])
+                except CasperError as exc:
+                    self._control_error(route, exc, msg.COMMAND.value)
+            if self.broker is not None:
+                self.broker.dispatch()
+
+    def _control_error(self, route: bytes, exc: CasperError, ref: int | None) -> None:
+        assert self.control_sock is not None
+        err = Error(code=exc.code, message=exc.message[:4000], hint=exc.hint, ref=ref)
+        send_now(self.control_sock, [route, *codec.encode(err)])
+
+    async def _timer_loop(self) -> None:
+        period = max(0.01, self.s.heartbeat_s / 4)
+        last_partitions = time.monotonic()
+        while True:
+            await asyncio.sleep(period)
+            if self.broker is not None:
+                self.broker.tick()
+                self.broker.dispatch()
+                if self.store is not None and time.monotonic() - last_partitions > 6 * 3600:
+                    last_partitions = time.monotonic()
+                    with contextlib.suppress(Exception):
+                        await self.store.ensure_partitions()
+            if self.worker is not None:
+                self.worker.tick()

@@ -1,0 +1,123 @@
+"""One typed settings object for every role.
+
+Precedence, highest first: command-line flags > ``CASPER_*`` environment variables > the config
+file (TOML, ``--config`` or ``CASPER_CONFIG``) > the defaults below. Secrets (Curve keys, API
+keys) are read from files or the environment by :mod:`casperd.secrets`, never kept in here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, TomlConfigSettingsSource
+
+from casperd.errors import ConfigError
+from casperd.messages import Role
+
+DEFAULT_STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "casper"
+ROLE_CAPABILITIES: dict[Role, tuple[str, ...]] = {
+    Role.POLICEMAN: ("plan", "validate"),
+    Role.DEVELOPER: ("code", "shell"),
+    Role.TESTER: ("test", "shell"),
+}
+
+
+class Settings(BaseSettings):
+    """Every option of ``casperd``; each field is also ``--flag`` and ``CASPER_FIELD``."""
+
+    model_config = SettingsConfigDict(env_prefix="CASPER_", extra="forbid", validate_default=True)
+
+    role: Role = Field(default=Role.DEVELOPER, description="policeman, developer or tester")
+    node_id: str = Field(default="", description="stable node name; default ROLE-HOSTNAME")
+    state_dir: Path = Field(default=DEFAULT_STATE_DIR, description="keys, sockets, logs and workspaces")
+    bind: str = Field(default="tcp://127.0.0.1:5555", description="mesh ROUTER endpoint this node binds")
+    advertise: str = Field(default="", description="endpoint peers use to reach this node; default: bind")
+    broker: str = Field(default="tcp://127.0.0.1:5555", description="the policeman's mesh endpoint")
+    control: str = Field(default="", description="control socket; default ipc://STATE_DIR/NODE_ID.ctl")
+    database_url: str = Field(default="", description="Postgres URL (policeman only), e.g. postgresql://u@h/db")
+    redis_url: str = Field(default="", description="Redis URL for the result cache; empty: no cache")
+    capacity: int = Field(default=4, ge=0, le=10_000, description="tasks this node runs at once (credit)")
+    capabilities: Annotated[list[str], NoDecode] = Field(default_factory=list, description="extra capabilities (comma list)")
+    heartbeat_s: float = Field(default=1.0, gt=0, le=600, description="heartbeat interval, seconds")
+    heartbeat_misses: int = Field(default=3, ge=2, le=100, description="missed intervals before dead")
+    lease_s: float = Field(default=30.0, gt=0, description="lease on an assigned task, renewed by heartbeats")
+    max_attempts: int = Field(default=3, ge=1, le=100, description="runs per task before it is dead")
+    backoff_base_s: float = Field(default=1.0, ge=0, description="first retry delay, seconds")
+    backoff_factor: float = Field(default=2.0, ge=1, description="retry delay multiplier")
+    backoff_cap_s: float = Field(default=60.0, ge=0, description="longest retry delay, seconds")
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="largest accepted message")
+    hwm: int = Field(default=10_000, ge=1, description="ZeroMQ send/receive high-water marks")
+    linger_ms: int = Field(default=1000, ge=0, description="how long close() waits for unsent frames")
+    drain_timeout_s: float = Field(default=10.0, ge=0, description="shutdown: wait for in-flight work")
+    curve: bool = Field(default=False, description="CurveZMQ on every mesh socket")
+    curve_secret_key_file: Path | None = Field(default=None, description="this node's Curve secret key (z85)")
+    curve_public_key_file: Path | None = Field(default=None, description="this node's Curve public key (z85)")
+    broker_public_key_file: Path | None = Field(default=None, description="the policeman's public key")
+    cache_ttl_s: float = Field(default=3600.0, gt=0, description="result cache TTL, seconds")
+    commit_batch_max: int = Field(default=2000, ge=1, description="most state changes per group commit")
+    db_pool_size: int = Field(default=4, ge=1, le=100, description="Postgres connections")
+    shell_timeout_s: float = Field(default=60.0, gt=0, description="default timeout of shell tasks")
+    shell_output_cap: int = Field(default=64 * 1024, ge=256, description="bytes of stdout/stderr kept")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port; 0: off")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR")
+    log_format: str = Field(default="auto", pattern="^(auto|text|json)$", description="auto, text or json")
+
+    @field_validator("capabilities", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [c.strip() for c in value.split(",") if c.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        if not self.node_id:
+            self.node_id = f"{self.role.value}-{socket.gethostname()}"
+        if not self.advertise:
+            self.advertise = self.bind
+        if not self.control:
+            self.control = f"ipc://{self.state_dir / (self.node_id + '.ctl')}"
+        return self
+
+    @property
+    def all_capabilities(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*ROLE_CAPABILITIES[self.role], *self.capabilities]))
+
+    @property
+    def workspace(self) -> Path:
+        return self.state_dir / "workspaces" / self.node_id
+
+
+def load_settings(overrides: dict[str, Any] | None = None, config_file: Path | str | None = None) -> Settings:
+    """Build settings from flags (``overrides``), environment, config file and defaults.
+
+    Raises:
+        ConfigError: a value is invalid; the message names the setting, its flag and variable.
+    """
+    config_file = config_file or os.environ.get("CASPER_CONFIG") or None
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConfigError(f"config file {config_file} does not exist", hint="check --config / CASPER_CONFIG")
+    toml = Path(config_file) if config_file else None
+
+    class _Sources(Settings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                       file_secret_settings):  # type: ignore[override]
+            sources = [init_settings, env_settings]
+            if toml is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+            return tuple(sources)
+
+    clean = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        return _Sources(**clean)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_input=False, include_url=False):
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            problems.append(f"{name} (--{name.replace('_', '-')} / CASPER_{name.upper()}): {err['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(problems), hint="see casperd --help") from None

@@ -1,0 +1,323 @@
+"""Durable task state in Postgres (psycopg 3, async pool) with group commit.
+
+Theory of operation: the broker changes a :class:`TaskRecord` in memory, then *stages* it with
+``stage(record, event)`` and registers what may only happen once that change is durable with
+``after_commit(fn)`` (an ACCEPTED to a submitter, a TASK to a worker, a DONE to a waiter). One
+writer coroutine takes everything staged so far — however many changes from however many peers —
+writes it in one transaction (COPY into a staging table, one INSERT for new rows, one UPDATE for
+changed rows, COPY of the events), commits, and only then runs the callbacks. So every state
+change is committed before it is acted on, and a thousand changes cost one fsync.
+
+If a commit fails (Postgres down or restarting), the batch is put back in front of newer changes
+and retried with backoff; nothing waiting on it is released until it commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from casperd.errors import MigrationError, StorageError
+from casperd.lifecycle import TERMINAL, Status
+from casperd.taskrecord import TaskEvent, TaskRecord
+
+log = logging.getLogger("casperd.store")
+
+_COLUMNS = (
+    "id", "created_at", "parent_id", "type", "status", "priority", "requires", "affinity", "idempotency_key",
+    "cache", "attempts", "max_attempts", "timeout_s", "assigned_to", "lease_deadline", "not_before",
+    "submitted_by", "assigned_at", "started_at", "validating_at", "finished_at", "updated_at", "input", "output",
+    "error",
+)
+_MUTABLE = (
+    "status", "attempts", "assigned_to", "lease_deadline", "not_before", "assigned_at", "started_at",
+    "validating_at", "finished_at", "updated_at", "output", "error",
+)
+_STAGE_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS casper_stage (LIKE tasks INCLUDING DEFAULTS, is_new boolean) "
+    "ON COMMIT DELETE ROWS"
+)
+_INSERT_NEW = (
+    f"INSERT INTO tasks ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} FROM casper_stage WHERE is_new "
+    "ON CONFLICT (id, created_at) DO NOTHING"
+)
+_UPDATE_OLD = (
+    "UPDATE tasks t SET " + ", ".join(f"{c} = s.{c}" for c in _MUTABLE)
+    + " FROM casper_stage s WHERE NOT s.is_new AND t.id = s.id AND t.created_at = s.created_at"
+)
+_OPEN_STATUSES = [s.value for s in Status if s not in TERMINAL]
+
+
+def _row(rec: TaskRecord) -> tuple[Any, ...]:
+    new = not rec.persisted
+    return (
+        rec.id, rec.created_at, rec.parent_id, rec.type, rec.status.value, rec.priority, list(rec.requires),
+        rec.affinity, rec.idempotency_key, rec.cache, rec.attempts, rec.max_attempts, rec.timeout_s,
+        rec.assigned_to, rec.lease_deadline, rec.not_before, rec.submitted_by, rec.assigned_at, rec.started_at,
+        rec.validating_at, rec.finished_at, rec.updated_at, rec.input_json if new else "{}", rec.output_json,
+        rec.error_json, new,
+    )
+
+
+@dataclass(slots=True)
+class _Batch:
+    dirty: dict[uuid.UUID, TaskRecord] = field(default_factory=dict)
+    events: list[TaskEvent] = field(default_factory=list)
+    keys: list[tuple[str, uuid.UUID, Any]] = field(default_factory=list)
+    after: list[Callable[[], None]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.dirty or self.events or self.keys or self.after)
+
+
+class Store:
+    """Postgres adapter: migrations, group-committed writes, and the queries caspectl needs."""
+
+    def __init__(self, url: str, *, pool_size: int = 4, batch_max: int = 2000) -> None:
+        self.url = url
+        self.pool = AsyncConnectionPool(url, min_size=1, max_size=max(2, pool_size), open=False,
+                                        kwargs={"autocommit": False}, name="casper")
+        self.batch_max = batch_max
+        self._batch = _Batch()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self.commits = 0
+        self.rows_written = 0
+        self.commit_failures = 0
+        self.healthy = True
+        self.last_error: str | None = None
+        self.on_commit: Callable[[float], None] | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def open(self, timeout: float = 30.0) -> None:
+        try:
+            await self.pool.open(wait=True, timeout=timeout)
+        except Exception as exc:
+            raise StorageError(
+                f"cannot connect to Postgres at {redact_url(self.url)}: {exc}",
+                hint="check --database-url / CASPER_DATABASE_URL and that the server is up",
+            ) from None
+        self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Flush what is staged (bounded by ``timeout``), then close the pool."""
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            try:
+                await asyncio.wait_for(self._writer, timeout)
+            except (TimeoutError, asyncio.CancelledError):
+                self._writer.cancel()
+                log.warning("store: %d staged changes were not written before shutdown", len(self._batch.dirty))
+        await self.pool.close()
+
+    # --- migrations ---------------------------------------------------------------------------
+    async def migrate(self) -> list[str]:
+        """Apply every numbered migration in ``sql/`` not yet recorded; returns those applied."""
+        files = sorted(
+            (p for p in importlib.resources.files("casperd.sql").iterdir() if re.match(r"^\d{3}_.*\.sql$", p.name)),
+            key=lambda p: p.name,
+        )
+        applied: list[str] = []
+        async with self.pool.connection() as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(727379)")
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                cur = await conn.execute("SELECT version FROM schema_migrations")
+                done = {r[0] for r in await cur.fetchall()}
+                for path in files:
+                    version = int(path.name[:3])
+                    if version in done:
+                        continue
+                    try:
+                        await conn.execute(path.read_text())
+                    except psycopg.Error as exc:
+                        raise MigrationError(f"migration {path.name} failed: {exc}",
+                                             hint="fix the database or the migration, then run casperd migrate") from None
+                    await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                                       (version, path.name))
+                    applied.append(path.name)
+            await self.ensure_partitions(conn)
+        return applied
+
+    async def ensure_partitions(self, conn: psycopg.AsyncConnection[Any] | None = None, months: int = 2) -> int:
+        async with contextlib.AsyncExitStack() as stack:
+            if conn is None:
+                conn = await stack.enter_async_context(self.pool.connection())
+            cur = await conn.execute("SELECT casper_ensure_partitions(%s)", (months,))
+            row = await cur.fetchone()
+            await conn.commit()
+            return int(row[0]) if row else 0
+
+    # --- group commit -------------------------------------------------------------------------
+    def stage(self, rec: TaskRecord, event: TaskEvent | None = None) -> None:
+        self._batch.dirty[rec.id] = rec
+        if event is not None:
+            self._batch.events.append(event)
+        self._wake.set()
+
+    def stage_key(self, key: str, task_id: uuid.UUID, created_at: Any) -> None:
+        self._batch.keys.append((key, task_id, created_at))
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        self._batch.after.append(fn)
+        self._wake.set()
+
+    @property
+    def staged(self) -> int:
+        return len(self._batch.dirty)
+
+    async def _write_loop(self) -> None:
+        delay = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._batch:
+                if self._closing:
+                    return
+                continue
+            batch, self._batch = self._batch, _Batch()
+            t0 = time.perf_counter()
+            try:
+                await self._write(batch)
+            except Exception as exc:
+                self.commit_failures += 1
+                self.healthy = False
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.error("store: commit of %d changes failed (%s); retrying in %.2fs",
+                          len(batch.dirty), self.last_error, delay)
+                self._requeue(batch)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                self._wake.set()
+                continue
+            delay = 0.05
+            self.healthy = True
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - t0)
+            for rec in batch.dirty.values():
+                rec.persisted = True
+            for fn in batch.after:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("store: after-commit action failed")
+            if self._closing and not self._batch:
+                return
+
+    def _requeue(self, batch: _Batch) -> None:
+        newer = self._batch
+        batch.dirty.update(newer.dirty)
+        batch.events.extend(newer.events)
+        batch.keys.extend(newer.keys)
+        batch.after.extend(newer.after)
+        self._batch = batch
+
+    async def _write(self, batch: _Batch) -> None:
+        async with self.pool.connection() as conn, conn.transaction():
+            if batch.dirty:
+                await conn.execute(_STAGE_DDL)
+                async with conn.cursor().copy(
+                    f"COPY casper_stage ({', '.join(_COLUMNS)}, is_new) FROM STDIN"
+                ) as copy:
+                    for rec in batch.dirty.values():
+                        await copy.write_row(_row(rec))
+                await conn.execute(_INSERT_NEW)
+                await conn.execute(_UPDATE_OLD)
+            if batch.keys:
+                async with conn.cursor() as cur:
+                    await cur.executemany(
+                        "INSERT INTO task_idempotency (key, task_id, created_at) VALUES (%s, %s, %s)"
+                        " ON CONFLICT (key) DO NOTHING", batch.keys)
+            if batch.events:
+                async with conn.cursor().copy(
+                    "COPY task_events (at, task_id, from_status, to_status, peer, attempt, detail) FROM STDIN"
+                ) as copy:
+                    for ev in batch.events:
+                        await copy.write_row((ev.at, ev.task_id, ev.from_status, ev.to_status, ev.peer,
+                                              ev.attempt, ev.detail_json))
+        self.commits += 1
+        self.rows_written += len(batch.dirty)
+
+    # --- queries ------------------------------------------------------------------------------
+    async def load_open(self) -> list[dict[str, Any]]:
+        """Every task not in a terminal state (the broker's restart query)."""
+        return await self._fetch(
+            "SELECT * FROM tasks WHERE status <> ALL(%s) ORDER BY priority DESC, created_at", (_OPEN_STATUSES,))
+
+    async def get(self, task_id: uuid.UUID) -> dict[str, Any] | None:
+        rows = await self._fetch("SELECT * FROM tasks WHERE id = %s", (task_id,))
+        return rows[0] if rows else None
+
+    async def list(self, status: str | None, limit: int) -> list[dict[str, Any]]:
+        if status:
+            return await self._fetch(
+                "SELECT * FROM tasks WHERE status = %s ORDER BY created_at DESC LIMIT %s", (status, limit))
+        return await self._fetch("SELECT * FROM tasks ORDER BY created_at DESC LIMIT %s", (limit,))
+
+    async def events(self, task_id: uuid.UUID) -> list[dict[str, Any]]:
+        return await self._fetch(
+            "SELECT at, from_status, to_status, peer, attempt, detail FROM task_events WHERE task_id = %s"
+            " ORDER BY id", (task_id,))
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._fetch("SELECT status, count(*) AS n FROM tasks GROUP BY status", ())
+        return {r["status"]: int(r["n"]) for r in rows}
+
+    async def idempotency(self, keys: list[str]) -> dict[str, uuid.UUID]:
+        rows = await self._fetch("SELECT key, task_id FROM task_idempotency WHERE key = ANY(%s)", (keys,))
+        return {r["key"]: r["task_id"] for r in rows}
+
+    async def ping(self) -> float:
+        t0 = time.perf_counter()
+        await self._fetch("SELECT 1 AS one", ())
+        return time.perf_counter() - t0
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        try:
+            async with self.pool.connection() as conn:
+                async with conn.cursor(row_factory=dict_row) as cur:
+                    await cur.execute(sql, params)
+                    rows = await cur.fetchall()
+                await conn.rollback()
+                return rows
+        except psycopg.Error as exc:
+            raise StorageError(f"query failed: {exc}", hint="is Postgres up? see caspectl health") from None
+
+
+def redact_url(url: str) -> str:
+    """A connection URL with any password replaced, fit for logs and errors."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def record_from_row(row: dict[str, Any]) -> TaskRecord:
+    def js(v: Any) -> str | None:
+        return None if v is None else json.dumps(v, separators=(",", ":"))
+
+    return TaskRecord(
+        id=row["id"], created_at=row["created_at"], type=row["type"], input_json=js(row["input"]) or "{}",
+        status=Status(row["status"]), priority=row["priority"], requires=tuple(row["requires"] or ()),
+        affinity=row["affinity"], idempotency_key=row["idempotency_key"], cache=row["cache"],
+        attempts=row["attempts"], max_attempts=row["max_attempts"], timeout_s=row["timeout_s"],
+        parent_id=row["parent_id"], assigned_to=row["assigned_to"], lease_deadline=row["lease_deadline"],
+        not_before=row["not_before"], submitted_by=row["submitted_by"], assigned_at=row["assigned_at"],
+        started_at=row["started_at"], validating_at=row["validating_at"], finished_at=row["finished_at"],
+        updated_at=row["updated_at"], output_json=js(row["output"]), error_json=js(row["error"]), persisted=True,
+    )

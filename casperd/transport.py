@@ -1,0 +1,146 @@
+"""ZeroMQ sockets configured the way CASPER needs them (the thin I/O edge of the protocol).
+
+Lessons applied (see ARCHITECTURE.md, "ZeroMQ lessons from the field"): ROUTER_MANDATORY with
+non-blocking sends so an unroutable peer is an event, not a silent drop; stable routing ids with
+ROUTER_HANDOVER so a reconnecting peer takes over its identity; explicit HWMs, MAXMSGSIZE and a
+finite LINGER; ZMTP heartbeats for dead TCP links; jittered reconnect backoff; CurveZMQ when keys
+are configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from casperd.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class SocketOptions:
+    hwm: int = 10_000
+    linger_ms: int = 1000
+    max_message_bytes: int = 4 * 1024 * 1024
+    heartbeat_ms: int = 1000
+    curve_secret: bytes | None = None
+    curve_public: bytes | None = None
+    curve_server_key: bytes | None = None
+
+
+def _common(sock: zmq.Socket, opts: SocketOptions) -> None:
+    sock.setsockopt(zmq.SNDHWM, opts.hwm)
+    sock.setsockopt(zmq.RCVHWM, opts.hwm)
+    sock.setsockopt(zmq.LINGER, opts.linger_ms)
+    sock.setsockopt(zmq.MAXMSGSIZE, opts.max_message_bytes + 64 * 1024)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, opts.heartbeat_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, opts.heartbeat_ms * 3)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, opts.heartbeat_ms * 3)
+
+
+def router(ctx: zmq.asyncio.Context, endpoint: str, opts: SocketOptions, *, curve: bool) -> zmq.asyncio.Socket:
+    """A bound ROUTER; an ipc endpoint's file is made private to this user (0600)."""
+    sock = ctx.socket(zmq.ROUTER)
+    _common(sock, opts)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    if curve:
+        if not opts.curve_secret:
+            raise ConfigError("CurveZMQ is on but this node has no secret key",
+                              hint="set --curve-secret-key-file (caspectl keygen makes one)")
+        sock.curve_server = True
+        sock.curve_secretkey = opts.curve_secret
+    try:
+        if endpoint.startswith("ipc://"):
+            path = Path(endpoint[len("ipc://"):])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # a stale socket file from a crashed run
+            old = os.umask(0o177)
+            try:
+                sock.bind(endpoint)
+            finally:
+                os.umask(old)
+            path.chmod(0o600)
+        else:
+            sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        raise ConfigError(f"cannot bind {endpoint}: {exc.strerror}",
+                          hint="is another casperd using it? choose another address or port") from None
+    return sock
+
+
+def dealer(ctx: zmq.asyncio.Context, endpoint: str, identity: bytes, opts: SocketOptions,
+           *, curve: bool) -> zmq.asyncio.Socket:
+    """A DEALER with a stable routing id, connected to ``endpoint``."""
+    sock = ctx.socket(zmq.DEALER)
+    _common(sock, opts)
+    sock.setsockopt(zmq.ROUTING_ID, identity)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+    if curve:
+        if not (opts.curve_secret and opts.curve_public and opts.curve_server_key):
+            raise ConfigError("CurveZMQ is on but a key is missing",
+                              hint="set --curve-secret-key-file, --curve-public-key-file and --broker-public-key-file")
+        sock.curve_secretkey = opts.curve_secret
+        sock.curve_publickey = opts.curve_public
+        sock.curve_serverkey = opts.curve_server_key
+    sock.connect(endpoint)
+    return sock
+
+
+def send_now(sock: zmq.asyncio.Socket, frames: Sequence[bytes]) -> str | None:
+    """Send without ever blocking the loop; returns None, or why the frames were not sent
+    (``"unroutable"``: no such peer connected; ``"full"``: high-water mark reached)."""
+    fut = sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=True)
+    exc = fut.exception() if fut.done() else None
+    if exc is None:
+        return None
+    if isinstance(exc, zmq.Again):
+        return "full"
+    if isinstance(exc, zmq.ZMQError) and exc.errno == zmq.EHOSTUNREACH:
+        return "unroutable"
+    return f"error: {exc}"
+
+
+async def recv_batch(sock: zmq.asyncio.Socket, limit: int = 512) -> list[list[bytes]]:
+    """Wait for one message, then take every message already queued (up to ``limit``)."""
+    batch = [await sock.recv_multipart()]
+    while len(batch) < limit:
+        fut = sock.recv_multipart(flags=zmq.DONTWAIT)
+        if fut.exception() is not None:
+            break
+        batch.append(fut.result())
+    return batch
+
+
+def load_key(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} from {path}: {exc.strerror}",
+                          hint="check the path and its permissions (caspectl keygen makes keys)") from None
+    key = text.encode()
+    if len(key) != 40:
+        raise ConfigError(f"{what} in {path} is not a 40-character z85 Curve key",
+                          hint="make keys with caspectl keygen")
+    return key
+
+
+def write_keypair(directory: Path, name: str) -> tuple[Path, Path]:
+    """Make a Curve key pair: NAME.key (secret, 0600) and NAME.pub (public)."""
+    public, secret = zmq.curve_keypair()
+    directory.mkdir(parents=True, exist_ok=True)
+    sec, pub = directory / f"{name}.key", directory / f"{name}.pub"
+    fd = os.open(sec, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret.decode() + "\n")
+    pub.write_text(public.decode() + "\n")
+    return sec, pub

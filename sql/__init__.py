@@ -1,0 +1,1 @@
+"""Numbered SQL migrations (shipped inside the casperd package as casperd.sql)."""
