@@ -118,8 +118,10 @@ async def _tasks(node: Node, args: dict[str, Any]) -> Any:
 
 @op("cancel")
 async def _cancel(node: Node, args: dict[str, Any]) -> Any:
-    assert node.broker is not None
-    return node.broker.cancel(_task_id(args))
+    assert node.broker is not None and node.store is not None
+    result = node.broker.cancel(_task_id(args))
+    await node.store.committed()  # answer only once the cancellation is durable
+    return result
 
 
 @op("drain", workers=True)

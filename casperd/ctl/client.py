@@ -108,10 +108,11 @@ class ControlClient:
 
     def done_events(self, timeout_s: float) -> Iterator[Done]:
         """DONE messages for waited-on tasks, until ``timeout_s`` passes with nothing new."""
-        while self.early:
-            yield self.early.pop(0)
         deadline = time.monotonic() + timeout_s
         while True:
+            while self.early:  # DONEs that arrived while we waited for another reply
+                yield self.early.pop(0)
+                deadline = time.monotonic() + timeout_s
             try:
                 msg = self._recv(deadline)
             except RequestTimeoutError:

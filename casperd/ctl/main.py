@@ -42,8 +42,8 @@ exit codes: 0 ok, 1 failed, 2 bad usage or input, 3 no daemon reachable, 4 not f
             5 a waited-on task ended dead or cancelled, 6 timed out, 7 unhealthy.
 """
 
-out = Console()
-err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def _emit(args: argparse.Namespace, data: Any, human: Callable[[Any], None]) -> None:
