@@ -110,12 +110,18 @@ def _redis_server(work_dir: Path) -> Iterator[tuple[int, str]]:
             proc = subprocess.Popen(
                 [
                     REDIS_SERVER,
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--port", str(port),
-                    "--bind", "127.0.0.1",
-                    "--dir", str(work_dir),
-                    "--daemonize", "no",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(work_dir),
+                    "--daemonize",
+                    "no",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -141,8 +147,7 @@ def _redis_server(work_dir: Path) -> Iterator[tuple[int, str]]:
             log.close()
             log = None
         raise RuntimeError(
-            f"redis-server did not answer PING within {REDIS_START_TIMEOUT_S}s; "
-            f"log tail:\n{_tail(log_path)}"
+            f"redis-server did not answer PING within {REDIS_START_TIMEOUT_S}s; log tail:\n{_tail(log_path)}"
         )
     finally:
         _stop_process(proc, group=False)
@@ -151,18 +156,33 @@ def _redis_server(work_dir: Path) -> Iterator[tuple[int, str]]:
 
 
 @contextlib.contextmanager
-def _celery_worker(env: dict[str, str], slots: int, queue: str, work_dir: Path) -> Iterator[Path]:
-    """Run a prefork Celery worker in its own process group; yield its log path."""
+def _celery_worker(
+    env: dict[str, str], slots: int, queue: str, work_dir: Path, prefetch: int = 1
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """Run a prefork Celery worker in its own process group; yield (process, log path)."""
     log_path = work_dir / "celery-worker.log"
     cmd = [
-        sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker",
-        "--pool", "prefork",
-        "--concurrency", str(slots),
-        "--prefetch-multiplier", "1",
-        "-Q", queue,
-        "-n", f"casper_bench_{os.getpid()}@%h",
-        "--without-heartbeat", "--without-gossip", "--without-mingle",
-        "-l", "warning",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "bench.celery_app",
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(slots),
+        "--prefetch-multiplier",
+        str(prefetch),
+        "-Q",
+        queue,
+        "-n",
+        f"casper_bench_{os.getpid()}@%h",
+        "--without-heartbeat",
+        "--without-gossip",
+        "--without-mingle",
+        "-l",
+        "warning",
     ]
     proc: subprocess.Popen[bytes] | None = None
     with open(log_path, "ab") as log:
@@ -176,59 +196,72 @@ def _celery_worker(env: dict[str, str], slots: int, queue: str, work_dir: Path) 
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-            yield log_path
+            yield proc, log_path
         finally:
             _stop_process(proc, group=True)
 
 
-def _wait_worker_ready(app: celery.Celery, worker_log: Path, slots: int) -> None:
-    """Ready = the worker answers a broadcast ping and round-trips one task."""
+def _wait_worker_ready(app: celery.Celery, proc: subprocess.Popen[bytes], worker_log: Path, slots: int) -> None:
+    """Ready = the worker answers a broadcast ping and round-trips a few warm-up tasks."""
     deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    while True:
-        if app.control.ping(timeout=0.5):
-            break
+    while not app.control.ping(timeout=0.5):
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"celery worker exited with code {proc.returncode} during startup; log tail:\n{_tail(worker_log)}"
+            )
         if time.monotonic() >= deadline:
             raise RuntimeError(
                 f"celery worker not ready (no ping reply) within {WORKER_START_TIMEOUT_S}s; "
                 f"log tail:\n{_tail(worker_log)}"
             )
     noop = app.tasks[NOOP_TASK_NAME]
-    # One task per slot so every prefork child has imported and run the task once.
-    warm = [noop.apply_async(({"i": -1 - k, "pad": "w"},)) for k in range(slots)]
+    warm = [noop.apply_async(({"i": -1 - k, "pad": "w"},)) for k in range(2 * slots)]
     remaining = max(1.0, deadline - time.monotonic())
     try:
         ResultSet(warm, app=app).get(timeout=remaining)
-    except CeleryTimeoutError as exc:
-        raise RuntimeError(
-            f"celery worker did not run warm-up tasks within {WORKER_START_TIMEOUT_S}s; "
-            f"log tail:\n{_tail(worker_log)}"
-        ) from exc
+        ok = True
+    except CeleryTimeoutError:
+        ok = False
     finally:
-        for r in warm:
-            r.forget()
+        warm.clear()
+    if not ok:
+        raise RuntimeError(
+            f"celery worker did not run warm-up tasks within {WORKER_START_TIMEOUT_S}s; log tail:\n{_tail(worker_log)}"
+        )
 
 
 def _throughput(app: celery.Celery, n_tasks: int) -> tuple[float, float]:
-    """Submit n_tasks as fast as possible, wait for every result; return (wall_s, submit_s)."""
+    """Submit n_tasks as fast as possible, wait for every result; return (wall_s, submit_s).
+
+    On failure the AsyncResult references are dropped before raising, so Celery does not try
+    to unsubscribe them later (from ``__del__``) against a Redis that is already gone.
+    """
     noop = app.tasks[NOOP_TASK_NAME]
     pad = "x" * 64
     results: list[AsyncResult] = []
+    error: str | None = None
     t0 = time.perf_counter()
     deadline = time.monotonic() + THROUGHPUT_TIMEOUT_S
-    for i in range(n_tasks):
-        results.append(noop.apply_async(({"i": i, "pad": pad},)))
-    submit_s = time.perf_counter() - t0
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise RuntimeError(f"throughput phase: submitting {n_tasks} tasks took over {THROUGHPUT_TIMEOUT_S}s")
     try:
-        values = ResultSet(results, app=app).get(timeout=remaining, propagate=True)
-    except CeleryTimeoutError as exc:
-        done = sum(1 for r in results if r.ready())
-        raise RuntimeError(
-            f"throughput phase timed out after {THROUGHPUT_TIMEOUT_S}s ({done}/{n_tasks} results in)"
-        ) from exc
-    wall = time.perf_counter() - t0
+        for i in range(n_tasks):
+            results.append(noop.apply_async(({"i": i, "pad": pad},)))
+            if i % 1000 == 999 and time.monotonic() >= deadline:
+                break
+        submit_s = time.perf_counter() - t0
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            error = f"submitted only {len(results)}/{n_tasks} tasks"
+        else:
+            try:
+                values = ResultSet(results, app=app).get(timeout=remaining, propagate=True)
+            except CeleryTimeoutError:
+                done = sum(1 for r in results if r.ready())
+                error = f"{done}/{n_tasks} results in"
+        wall = time.perf_counter() - t0
+    finally:
+        results.clear()
+    if error is not None:
+        raise RuntimeError(f"throughput phase timed out after {THROUGHPUT_TIMEOUT_S}s ({error})")
     if len(values) != n_tasks or values[-1] != {"i": n_tasks - 1, "pad": pad}:
         raise RuntimeError("throughput phase: result set incomplete or corrupted")
     return wall, submit_s
@@ -247,10 +280,14 @@ def _latency(app: celery.Celery, samples: int) -> list[float]:
         r = noop.apply_async(({"i": k, "pad": pad},))
         try:
             r.get(timeout=LATENCY_TASK_TIMEOUT_S)
-        except CeleryTimeoutError as exc:
-            raise RuntimeError(f"latency round trip {k} timed out after {LATENCY_TASK_TIMEOUT_S}s") from exc
+        except CeleryTimeoutError:
+            timed_out = True
+        else:
+            timed_out = False
         dt_ms = (time.perf_counter() - t0) * 1000.0
-        r.forget()
+        del r
+        if timed_out:
+            raise RuntimeError(f"latency round trip {k} timed out after {LATENCY_TASK_TIMEOUT_S}s")
         if k >= LATENCY_WARMUP:
             out.append(dt_ms)
     return out
@@ -269,6 +306,7 @@ def run_celery_benchmark(
     worker_slots: int = 4,
     latency_samples: int = 500,
     work_dir: str | None = None,
+    prefetch_multiplier: int = 1,
 ) -> dict[str, Any]:
     """Run the Celery+Redis benchmark end to end and return its figures (see module docstring)."""
     if n_tasks < 1 or worker_slots < 1 or latency_samples < 1:
@@ -290,8 +328,8 @@ def run_celery_benchmark(
                 PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p),
             )
             app = make_app(broker_url, backend_url, queue)
-            with _celery_worker(env, worker_slots, queue, wd) as worker_log:
-                _wait_worker_ready(app, worker_log, worker_slots)
+            with _celery_worker(env, worker_slots, queue, wd, prefetch_multiplier) as (worker, worker_log):
+                _wait_worker_ready(app, worker, worker_log, worker_slots)
                 wall_s, submit_s = _throughput(app, n_tasks)
                 lat = sorted(_latency(app, latency_samples))
             app.close()
@@ -306,6 +344,7 @@ def run_celery_benchmark(
         "system": "celery+redis",
         "tasks": n_tasks,
         "slots": worker_slots,
+        "prefetch_multiplier": prefetch_multiplier,
         "throughput_tps": n_tasks / wall_s,
         "wall_s": wall_s,
         "submit_s": submit_s,

@@ -37,19 +37,42 @@ import zmq.asyncio
 from casperd import codec, handlers
 from casperd.breaker import CircuitBreaker
 from casperd.dispatch import Dispatcher, PeerSlot
-from casperd.errors import CasperError, IdentityError, InvalidBodyError, ProtocolError, TaskNotFoundError
+from casperd.errors import (
+    CasperError,
+    IdentityError,
+    InvalidBodyError,
+    ProtocolError,
+    TaskNotFoundError,
+    UnknownPeerError,
+    UnsupportedError,
+)
 from casperd.lifecycle import ACTIVE, Status
 from casperd.liveness import Liveness, PeerClock
 from casperd.messages import (
-    Accepted, Assignment, Cancel, Disconnect, Done, ErrorBody,
-    Error as ErrorMsg, FailedBatch, Heartbeat, Progress, Ready,
-    ResultBatch, Submit, TaskBatch, TaskSpec, new_task_id,
+    Accepted,
+    Assignment,
+    Cancel,
+    Disconnect,
+    Done,
+    ErrorBody,
+    FailedBatch,
+    Heartbeat,
+    Progress,
+    Ready,
+    ResultBatch,
+    Submit,
+    TaskBatch,
+    TaskSpec,
+    new_task_id,
+)
+from casperd.messages import (
+    Error as ErrorMsg,
 )
 from casperd.metrics import Metrics
 from casperd.retry import RetryPolicy
 from casperd.settings import Settings
 from casperd.store import Store, record_from_row
-from casperd.taskrecord import TaskEvent, TaskRecord, utcnow
+from casperd.taskrecord import TaskEvent, TaskRecord, to_json, utcnow
 from casperd.transport import send_now
 
 log = logging.getLogger("casperd.broker")
@@ -69,6 +92,11 @@ class Peer:
     clock: PeerClock
     held: set[uuid.UUID] = field(default_factory=set)
     registered_at: float = field(default_factory=time.time)
+    drained_by_operator: bool = False
+    draining_itself: bool = False
+
+    def update_draining(self) -> None:
+        self.slot.draining = self.drained_by_operator or self.draining_itself
 
     def view(self, now: float) -> dict[str, Any]:
         return {
@@ -136,13 +164,13 @@ class Broker:
             self._on_ready(route, msg, now)
             return
         if peer is None:
-            self._reject(route, ProtocolError("unknown peer: send READY first", hint="re-register"), None,
-                         code="unknown-peer")
+            self._reject(route, UnknownPeerError("unknown peer: send READY first", hint="re-register"), None)
             return
         try:
             if isinstance(msg, Heartbeat):
-                if msg.draining != peer.slot.draining:
-                    peer.slot.draining = msg.draining
+                if msg.draining != peer.draining_itself:
+                    peer.draining_itself = msg.draining
+                    peer.update_draining()
                     log.info("peer %s is %s", peer.node_id, "draining" if msg.draining else "serving again")
             elif isinstance(msg, Progress):
                 self._on_progress(peer, msg)
@@ -156,7 +184,8 @@ class Broker:
             elif isinstance(msg, Submit):
                 self._on_submit_from_peer(route, peer, msg)
             else:
-                self._reject(route, InvalidBodyError(f"{msg.COMMAND.name} is not accepted on the mesh socket"),
+                self._reject(route, UnsupportedError(f"{msg.COMMAND.name} is not accepted on the mesh socket",
+                                                     hint="see protocol/SPEC.md for who sends what"),
                              msg.COMMAND.value)
         except CasperError as exc:
             self._reject(route, exc, msg.COMMAND.value)
@@ -205,6 +234,9 @@ class Broker:
         slot = PeerSlot(msg.node_id, frozenset(msg.capabilities), msg.capacity, breaker=breaker)
         peer = Peer(msg.node_id, msg.epoch, route, msg.role.value, msg.endpoint, msg.host, msg.pid, msg.version,
                     slot, clock)
+        if old is not None:
+            peer.drained_by_operator = old.drained_by_operator
+            peer.update_draining()
         self.peers[msg.node_id] = peer
         self.by_route[route] = peer
         # reconcile: what the peer says it holds against what the store says it holds
@@ -275,9 +307,9 @@ class Broker:
             self._release(peer, rec)
             peer.slot.breaker.record_success()
             try:
-                output_json = json.dumps(out.output, separators=(",", ":"))
-            except (TypeError, ValueError):
-                self._fail(rec, stamp, peer.node_id, "invalid-output", "task output is not JSON-compatible", False)
+                output_json = to_json(out.output)
+            except ValueError as exc:
+                self._fail(rec, stamp, peer.node_id, "invalid-output", f"task output {exc}", False)
                 continue
             rec.output_json = output_json
             ttype = handlers.REGISTRY.get(rec.type)
@@ -298,6 +330,11 @@ class Broker:
             if rec is None:
                 continue
             self._release(peer, rec)
+            if f.error.code in _HANDED_BACK:
+                # a clean hand-back (shutdown, draining) is not a failure: it costs no attempt
+                rec.attempts -= 1
+                self._requeue(rec, stamp, f"{f.error.code} by {peer.node_id}")
+                continue
             peer.slot.breaker.record_failure(time.monotonic())
             self._fail(rec, stamp, peer.node_id, f.error.code, f.error.message, f.retryable)
 
@@ -392,16 +429,45 @@ class Broker:
                 task_id=tid, type=rec.type, input=rec.input, attempt=rec.attempts,
                 lease_ms=int(self.s.lease_s * 1000), timeout_s=rec.timeout_s, cache=rec.cache))
         for node, assignments in per_peer.items():
-            route = self.peers[node].route
-            for i in range(0, len(assignments), 1000):
-                frames = codec.encode(TaskBatch(tasks=tuple(assignments[i:i + 1000])))
-                self.store.after_commit(lambda r=route, f=frames: self._send_mesh(r, f))
+            for frames, chunk in self._task_frames(assignments):
+                self.store.after_commit(lambda n=node, f=frames, c=chunk: self._send_tasks(n, f, c))
         self.metrics.dispatched.inc(len(pairs))
         return len(pairs)
 
+    def _task_frames(self, assignments: list[Assignment]) -> list[tuple[list[bytes], list[uuid.UUID]]]:
+        """TASK messages of at most 1000 assignments and within the size limit."""
+        out: list[tuple[list[bytes], list[uuid.UUID]]] = []
+        pending = [assignments[i:i + 1000] for i in range(0, len(assignments), 1000)]
+        while pending:
+            chunk = pending.pop()
+            frames = codec.encode(TaskBatch(tasks=tuple(chunk)))
+            if sum(map(len, frames)) > self.s.max_message_bytes and len(chunk) > 1:
+                half = len(chunk) // 2
+                pending += [chunk[:half], chunk[half:]]
+                continue
+            out.append((frames, [a.task_id for a in chunk]))
+        return out
+
+    def _send_tasks(self, node: str, frames: list[bytes], task_ids: list[uuid.UUID]) -> None:
+        peer = self.peers.get(node)
+        if peer is not None and self._send_mesh(peer.route, frames):
+            return
+        # not delivered (peer gone, unroutable, queue full): the tasks go back at once, no attempt spent
+        peer_now = self.peers.get(node)
+        if peer_now is not None:
+            peer_now.slot.breaker.record_failure(time.monotonic())
+        stamp = utcnow()
+        for tid in task_ids:
+            rec = self.tasks.get(tid)
+            if rec is not None and rec.status is Status.ASSIGNED and rec.assigned_to == node:
+                if peer_now is not None:
+                    self._release(peer_now, rec)
+                rec.attempts -= 1
+                self._requeue(rec, stamp, f"TASK could not be delivered to {node}")
+
     # --- timers -----------------------------------------------------------------------------------
     def tick(self) -> None:
-        """Heartbeats, liveness, due retries. Called every half heartbeat interval."""
+        """Heartbeats, liveness, due retries. Called four times per heartbeat interval."""
         now = time.monotonic()
         hb = codec.encode(Heartbeat())
         for peer in list(self.peers.values()):
@@ -444,6 +510,12 @@ class Broker:
         if keys:
             for key, tid in (await self.store.idempotency(keys)).items():
                 self._remember_key(key, tid)
+        inputs: list[str] = []
+        for n, spec in enumerate(specs):
+            try:
+                inputs.append(to_json(spec.input))  # all checked before anything is created
+            except ValueError as exc:
+                raise InvalidBodyError(f"task {n}: input {exc}", hint="inputs must be plain JSON objects") from None
         ids: list[uuid.UUID] = []
         existing: list[bool] = []
         terminal_waits: list[uuid.UUID] = []
@@ -473,10 +545,7 @@ class Broker:
             asyncio.get_running_loop().create_task(self._done_from_store(route, tid))
 
     def _create(self, spec: TaskSpec, submitter: str | None, stamp: datetime) -> TaskRecord:
-        try:
-            rec = TaskRecord.from_spec(new_task_id(), spec, self.s.max_attempts, submitter)
-        except (TypeError, ValueError):
-            raise InvalidBodyError("task input must be JSON-compatible (no binary values)") from None
+        rec = TaskRecord.from_spec(new_task_id(), spec, self.s.max_attempts, submitter)
         self.tasks[rec.id] = rec
         self.store.stage(rec, TaskEvent(stamp, rec.id, None, Status.PENDING.value, submitter, 0))
         if spec.idempotency_key:
@@ -495,8 +564,7 @@ class Broker:
         raise InvalidBodyError("peers submit follow-up tasks through the control socket in this version")
 
     async def _done_from_store(self, route: bytes, tid: uuid.UUID) -> None:
-        # wait for the ACCEPTED of the same submit to go out first
-        await asyncio.sleep(0)
+        await self.store.committed()  # the ACCEPTED of the same submit goes out first
         row = await self.store.get(tid)
         if row is None:
             return
@@ -531,7 +599,8 @@ class Broker:
         if peer is None:
             known = ", ".join(sorted(self.peers)) or "none"
             raise TaskNotFoundError(f"no peer named {node_id!r}", hint=f"registered peers: {known}")
-        peer.slot.draining = draining
+        peer.drained_by_operator = draining
+        peer.update_draining()
         self._dirty_dispatch = True
         log.info("peer %s %s by operator", node_id, "drained" if draining else "resumed")
         return {"peer": node_id, "draining": draining, "inflight": peer.slot.inflight}
@@ -553,6 +622,9 @@ class Broker:
                       "commit_failures": self.store.commit_failures, "last_error": self.store.last_error},
             "breakers": {p.node_id: p.slot.breaker.state.value for p in self.peers.values()},
         }
+
+
+_HANDED_BACK = frozenset({"handed-back", "draining"})
 
 
 def _last_error(rec: TaskRecord) -> ErrorBody | None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from casperd.errors import CasperError, CommandError, TaskNotFoundError
+from casperd.errors import CasperError, CommandError, TaskNotFoundError, UnsupportedError
 from casperd.lifecycle import Status
 from casperd.messages import ErrorBody, Reply, Request
 
@@ -40,7 +40,7 @@ class Control:
 
     async def handle(self, req: Request | Any) -> Reply:
         if not isinstance(req, Request):
-            raise CommandError(f"{req.COMMAND.name} is not accepted on the control socket",
+            raise UnsupportedError(f"{req.COMMAND.name} is not accepted on the control socket",
                                hint="send REQUEST or SUBMIT")
         entry = OPS.get(req.op)
         try:
@@ -106,10 +106,10 @@ async def _get(node: Node, args: dict[str, Any]) -> Any:
 async def _tasks(node: Node, args: dict[str, Any]) -> Any:
     assert node.store is not None
     status = args.get("status")
-    if status is not None and status not in {s.value for s in Status}:
+    if status is not None and (not isinstance(status, str) or status not in {s.value for s in Status}):
         raise CommandError(f"unknown status {status!r}", hint="one of: " + ", ".join(s.value for s in Status))
-    limit = int(args.get("limit", 50))
-    if not 1 <= limit <= 10_000:
+    limit = args.get("limit", 50)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
         raise CommandError("limit must be between 1 and 10000")
     rows = await node.store.list(status, limit)
     keep = ("id", "type", "status", "priority", "attempts", "assigned_to", "created_at", "finished_at")

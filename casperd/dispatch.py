@@ -49,6 +49,7 @@ class _Entry:
     sort_key: tuple[int, int]
     task_id: Any = field(compare=False)
     affinity: str | None = field(compare=False, default=None)
+    requires: frozenset[str] = field(compare=False, default=frozenset())
 
 
 class Dispatcher:
@@ -56,7 +57,7 @@ class Dispatcher:
 
     def __init__(self) -> None:
         self._queues: dict[frozenset[str], list[_Entry]] = {}
-        self._where: dict[Any, frozenset[str]] = {}
+        self._where: dict[Any, _Entry] = {}  # the live heap entry of each queued task
         self._affinity: dict[str, str] = {}
         self._seq = itertools.count()
 
@@ -72,11 +73,13 @@ class Dispatcher:
         if task_id in self._where:
             return
         order = next(self._seq) if seq is None else seq
-        heapq.heappush(self._queues.setdefault(req, []), _Entry((-priority, order), task_id, affinity))
-        self._where[task_id] = req
+        entry = _Entry((-priority, order), task_id, affinity, req)
+        heapq.heappush(self._queues.setdefault(req, []), entry)
+        self._where[task_id] = entry
 
     def remove(self, task_id: Any) -> bool:
-        """Forget a queued task (lazily: its heap entry is skipped when reached)."""
+        """Forget a queued task (lazily: its heap entry is skipped when reached, because it is no
+        longer the live entry of that id, even if the id is pushed again later)."""
         return self._where.pop(task_id, None) is not None
 
     def waiting_requirements(self) -> set[frozenset[str]]:
@@ -105,7 +108,7 @@ class Dispatcher:
             best: _Entry | None = None
             for req, cands in capable.items():
                 heap = self._queues[req]
-                while heap and heap[0].task_id not in self._where:
+                while heap and self._where.get(heap[0].task_id) is not heap[0]:
                     heapq.heappop(heap)  # lazily removed
                 if not heap or not any(p.can_take(now) for p in cands):
                     continue

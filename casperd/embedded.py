@@ -140,8 +140,9 @@ class EmbeddedPostgres:
                 os.chown(pwfile, user.pw_uid, user.pw_gid)
             try:
                 res = subprocess.run(
-                    [str(bindir / "initdb"), "-D", str(self.data_dir / "pgdata"), "-U", PG_USER, "--pwfile", str(pwfile),
-                     "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-instructions"],
+                    [str(bindir / "initdb"), "-D", str(self.data_dir / "pgdata"), "-U", PG_USER,
+                     "--pwfile", str(pwfile), "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
+                     "-E", "UTF8", "--no-instructions"],
                     capture_output=True, **run_as)
             finally:
                 pwfile.unlink(missing_ok=True)
@@ -163,8 +164,9 @@ class EmbeddedPostgres:
             except ProcessLookupError:
                 pid_file.unlink()
         self.proc = subprocess.Popen(
-            [str(bindir / "postgres"), "-D", str(self.data_dir / "pgdata"), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
-             "-c", "unix_socket_directories=", "-c", "max_connections=200", "-c", "shared_buffers=128MB",
+            [str(bindir / "postgres"), "-D", str(self.data_dir / "pgdata"), "-p", str(self.port),
+             "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "max_connections=200",
+             "-c", "shared_buffers=128MB",
              "-c", "fsync=on", "-c", "synchronous_commit=on", "-c", "logging_collector=off"],
             stdout=logf, stderr=logf, start_new_session=True, **run_as)
         logf.close()
@@ -174,11 +176,16 @@ class EmbeddedPostgres:
         try:
             wait_port(self.port, 60, self.proc, "embedded Postgres")
             env = {**os.environ, "PGPASSWORD": password}
-            res = subprocess.run([str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER, "-d",
-                                  "postgres", "-v", "ON_ERROR_STOP=1", "-c", f"CREATE DATABASE {PG_DB}"],
-                                 capture_output=True, env=env)
-            if res.returncode != 0 and b"already exists" not in res.stderr:
-                raise EmbeddedServiceError(f"creating database failed: {res.stderr.decode(errors='replace')}")
+            deadline = time.monotonic() + 60
+            while True:  # the port opens before the server accepts connections
+                res = subprocess.run([str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER,
+                                      "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", f"CREATE DATABASE {PG_DB}"],
+                                     capture_output=True, env=env)
+                if res.returncode == 0 or b"already exists" in res.stderr:
+                    break
+                if b"starting up" not in res.stderr or time.monotonic() > deadline:
+                    raise EmbeddedServiceError(f"creating database failed: {res.stderr.decode(errors='replace')}")
+                time.sleep(0.1)
         finally:
             self.stop()
 

@@ -64,6 +64,12 @@ class IdentityError(ProtocolError):
     code = "identity"
 
 
+class UnsupportedError(ProtocolError):
+    """A valid message sent to a socket or node that does not serve it."""
+
+    code = "unsupported"
+
+
 class UnknownPeerError(ProtocolError):
     code = "unknown-peer"
 

@@ -13,7 +13,7 @@ import sys
 import time
 
 _SECRETS: set[str] = set()
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^\s]+@")
 
 
 def register_secret(value: str) -> None:
@@ -24,7 +24,7 @@ def register_secret(value: str) -> None:
 
 def redact(text: str) -> str:
     text = _URL_PASSWORD.sub(r"\1***@", text)
-    for secret in _SECRETS:
+    for secret in sorted(_SECRETS, key=len, reverse=True):  # longest first: no partial leaks
         if secret in text:
             text = text.replace(secret, "***")
     return text

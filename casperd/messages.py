@@ -87,7 +87,7 @@ class TaskSpec(BaseModel):
     affinity: Key | None = None
     idempotency_key: Key | None = None
     max_attempts: int | None = Field(default=None, ge=1, le=100)
-    timeout_s: float | None = Field(default=None, gt=0, le=86400)
+    timeout_s: float | None = Field(default=None, gt=0, le=86400, allow_inf_nan=False)
     parent_id: uuid.UUID | None = None
     cache: bool = False
 
@@ -110,7 +110,7 @@ class Outcome(BaseModel):
     task_id: uuid.UUID
     attempt: int = Field(ge=1)
     output: Any = None
-    duration_ms: float = Field(default=0.0, ge=0)
+    duration_ms: float = Field(default=0.0, ge=0, le=1e11, allow_inf_nan=False)
 
 
 class Failure(BaseModel):

@@ -25,7 +25,7 @@ from casperd import codec
 from casperd.broker import Broker
 from casperd.cache import ResultCache
 from casperd.control import Control
-from casperd.errors import CasperError, ProtocolError
+from casperd.errors import CasperError, ProtocolError, UnsupportedError
 from casperd.messages import Error, Heartbeat, Role, Submit
 from casperd.metrics import Metrics
 from casperd.settings import Settings
@@ -155,7 +155,11 @@ class Node:
             for frames in await recv_batch(self.mesh_sock):
                 if len(frames) < 2:
                     continue
-                broker.on_mesh(frames[0], frames[1:])
+                try:
+                    broker.on_mesh(frames[0], frames[1:])
+                except Exception:  # a bug must cost one message, never the broker
+                    self.metrics.rejected.labels("internal").inc()
+                    log.exception("internal error handling a mesh message; message dropped")
             broker.dispatch()
 
     async def _mesh_loop_peer(self) -> None:
@@ -169,8 +173,9 @@ class Node:
                 try:
                     msg = codec.decode(body, max_bytes=self.s.max_message_bytes).message
                     reply = (Heartbeat() if isinstance(msg, Heartbeat) else Error(
-                        code="unsupported", message=f"{msg.COMMAND.name} is not served on a worker's mesh socket",
-                        hint="send tasks through the policeman", ref=msg.COMMAND.value))
+                        code=UnsupportedError.code, ref=msg.COMMAND.value,
+                        message=f"{msg.COMMAND.name} is not served on a worker's mesh socket",
+                        hint="send tasks through the policeman"))
                 except ProtocolError as exc:
                     self.metrics.rejected.labels(exc.code).inc()
                     reply = Error(code=exc.code, message=exc.message[:4000], hint=exc.hint)
@@ -213,14 +218,18 @@ class Node:
                 try:
                     if isinstance(msg, Submit):
                         if self.broker is None:
-                            raise CasperError("this node does not take submissions",
-                                              hint="submit to the policeman's control socket")
+                            raise UnsupportedError("this node does not take submissions",
+                                                   hint="submit to the policeman's control socket")
                         await self.broker.submit(route, msg, "caspectl")
                     else:
                         reply = await self.control.handle(msg)
                         send_now(self.control_sock, [route, *codec.encode(reply)])
                 except CasperError as exc:
                     self._control_error(route, exc, msg.COMMAND.value)
+                except Exception as exc:  # a bug must cost one request, never the node
+                    log.exception("internal error handling a control request")
+                    self._control_error(route, CasperError(f"internal error: {type(exc).__name__}",
+                                                           hint="see the daemon's log"), msg.COMMAND.value)
             if self.broker is not None:
                 self.broker.dispatch()
 

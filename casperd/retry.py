@@ -27,10 +27,12 @@ class RetryPolicy:
     def backoff(self, failed_attempts: int) -> float:
         """Seconds to wait after ``failed_attempts`` (>= 1) failures."""
         n = max(1, failed_attempts)
-        # exponent grows without bound in theory; clamp before computing to avoid overflow
-        if n > 64:
+        if self.base_s == 0 or self.factor == 1.0:
+            return min(self.cap_s, self.base_s)
+        try:
+            return min(self.cap_s, self.base_s * self.factor ** min(n - 1, 1100))
+        except OverflowError:  # the delay outgrew any float long before: it is capped
             return self.cap_s
-        return min(self.cap_s, self.base_s * self.factor ** (n - 1))
 
     def exhausted(self, attempts: int, max_attempts: int | None = None) -> bool:
         return attempts >= (max_attempts or self.max_attempts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,8 +41,11 @@ class Settings(BaseSettings):
     control: str = Field(default="", description="control socket; default ipc://STATE_DIR/NODE_ID.ctl")
     database_url: str = Field(default="", description="Postgres URL (policeman only), e.g. postgresql://u@h/db")
     redis_url: str = Field(default="", description="Redis URL for the result cache; empty: no cache")
-    capacity: int = Field(default=4, ge=0, le=10_000, description="tasks this node runs at once (credit)")
-    capabilities: Annotated[list[str], NoDecode] = Field(default_factory=list, description="extra capabilities (comma list)")
+    capacity: int = Field(default=4, ge=0, le=10_000, description="tasks this node runs at once (slots)")
+    prefetch: int = Field(default=0, ge=0, le=10_000,
+                          description="extra tasks it may hold queued beyond capacity; credit = capacity + prefetch")
+    capabilities: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                         description="extra capabilities (comma list)")
     heartbeat_s: float = Field(default=1.0, gt=0, le=600, description="heartbeat interval, seconds")
     heartbeat_misses: int = Field(default=3, ge=2, le=100, description="missed intervals before dead")
     lease_s: float = Field(default=30.0, gt=0, description="lease on an assigned task, renewed by heartbeats")
@@ -71,6 +75,13 @@ class Settings(BaseSettings):
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [c.strip() for c in value.split(",") if c.strip()]
+        return value
+
+    @field_validator("role")
+    @classmethod
+    def _node_role(cls, value: Role) -> Role:
+        if value not in ROLE_CAPABILITIES:
+            raise ValueError("casperd runs as policeman, developer or tester")
         return value
 
     @model_validator(mode="after")
@@ -115,6 +126,9 @@ def load_settings(overrides: dict[str, Any] | None = None, config_file: Path | s
     clean = {k: v for k, v in (overrides or {}).items() if v is not None}
     try:
         return _Sources(**clean)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {toml} is not valid TOML: {exc}", hint="fix the file or drop --config") \
+            from None
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_input=False, include_url=False):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.resources
 import json
 import logging
@@ -73,8 +74,13 @@ def _s(v: Any) -> str:
     return "null" if v is None else _dumps(v)
 
 
+@functools.lru_cache(maxsize=8192)
+def _iso(v: Any) -> str:
+    return f'"{v.isoformat()}"'  # a batch shares a few timestamps: formatted once each
+
+
 def _t(v: Any) -> str:
-    return "null" if v is None else f'"{v.isoformat()}"'
+    return "null" if v is None else _iso(v)
 
 
 def _u(v: Any) -> str:
@@ -193,7 +199,8 @@ class Store:
                         await conn.execute(path.read_text())
                     except psycopg.Error as exc:
                         raise MigrationError(f"migration {path.name} failed: {exc}",
-                                             hint="fix the database or the migration, then run casperd migrate") from None
+                                             hint="fix the database or the migration, then run casperd migrate") \
+                            from None
                     await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
                                        (version, path.name))
                     applied.append(path.name)
@@ -351,7 +358,8 @@ class Store:
 
 def redact_url(url: str) -> str:
     """A connection URL with any password replaced, fit for logs and errors."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    from casperd.logsetup import redact
+    return redact(url)
 
 
 def record_from_row(row: dict[str, Any]) -> TaskRecord:

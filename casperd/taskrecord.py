@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -11,6 +12,26 @@ from typing import Any
 from casperd import lifecycle
 from casperd.lifecycle import Status
 from casperd.messages import TaskSpec, task_created_at
+
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def to_json(value: Any) -> str:
+    """Compact JSON that Postgres jsonb accepts: no NaN/Infinity, no NUL characters, bounded depth.
+
+    Raises:
+        ValueError: the value cannot be stored (the message says why; it never contains the value).
+    """
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError("not JSON-compatible (binary values, NaN or Infinity)" if "JSON" in str(exc)
+                         or "float" in str(exc) else f"not JSON-compatible: {type(exc).__name__}") from None
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise ValueError("contains a NUL character, which Postgres cannot store")
+    return text
 
 
 def utcnow() -> datetime:
@@ -51,7 +72,7 @@ class TaskRecord:
     def from_spec(cls, task_id: uuid.UUID, spec: TaskSpec, max_attempts: int, submitted_by: str | None) -> TaskRecord:
         created = datetime.fromtimestamp(task_created_at(task_id), UTC)
         return cls(
-            id=task_id, created_at=created, type=spec.type, input_json=json.dumps(spec.input, separators=(",", ":")),
+            id=task_id, created_at=created, type=spec.type, input_json=to_json(spec.input),
             priority=spec.priority, requires=tuple(sorted(set(spec.requires))), affinity=spec.affinity,
             idempotency_key=spec.idempotency_key, cache=spec.cache,
             max_attempts=spec.max_attempts or max_attempts, timeout_s=spec.timeout_s, parent_id=spec.parent_id,

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  casperd up --demo                 # watch a sample workload move through the mesh\n"
                "  casperd up --developers 4\n"
                "  casperd up --database-url postgresql://me@db/casper --redis-url redis://cache:6379/0\n"
-               "then, in another terminal:  caspectl status | caspectl peers | caspectl submit echo --input '{}' --wait")
+               "then, in another terminal:\n  caspectl status | caspectl peers | "
+               "caspectl submit echo --input '{}' --wait")
     p.add_argument("--developers", type=int, default=2, help="developer nodes (default 2)")
     p.add_argument("--testers", type=int, default=1, help="tester nodes (default 1)")
     p.add_argument("--state-dir", type=Path, default=Path(os.environ.get("CASPER_STATE_DIR") or DEFAULT_STATE_DIR),

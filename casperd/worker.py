@@ -34,8 +34,19 @@ from casperd.cache import ResultCache, cache_key
 from casperd.errors import CasperError, ProtocolError, UnknownTaskTypeError
 from casperd.liveness import PeerClock
 from casperd.messages import (
-    Assignment, Cancel, Disconnect, Error, ErrorBody, Failure, FailedBatch, Heartbeat, Outcome, Progress, Ready,
-    ResultBatch, TaskBatch,
+    Assignment,
+    Cancel,
+    Disconnect,
+    Error,
+    ErrorBody,
+    FailedBatch,
+    Failure,
+    Heartbeat,
+    Outcome,
+    Progress,
+    Ready,
+    ResultBatch,
+    TaskBatch,
 )
 from casperd.metrics import Metrics
 from casperd.settings import Settings
@@ -73,6 +84,7 @@ class Worker:
         self._flush_scheduled = False
         self._reconnects = 0
         self._next_reconnect = 0.0
+        self._ready_pending = False
         self._slots = asyncio.Semaphore(max(1, settings.capacity))
         self.completed = 0
         self.failed = 0
@@ -91,8 +103,12 @@ class Worker:
         self._send(codec.encode(Ready(
             node_id=self.s.node_id, epoch=self.epoch, role=self.s.role, endpoint=self.s.advertise, pid=os.getpid(),
             host=_hostname(), capabilities=self.s.all_capabilities,
-            capacity=0 if self.draining else self.s.capacity, tasks=tuple(self.running), heartbeat_ms=int(
-                self.s.heartbeat_s * 1000), version=__version__.replace("+", "."))))
+            capacity=0 if self.draining else self.s.capacity + self.s.prefetch, tasks=tuple(self.running),
+            heartbeat_ms=int(self.s.heartbeat_s * 1000), version=__version__.replace("+", "."))))
+
+    def _ready_again(self) -> None:
+        self._ready_pending = False
+        self.send_ready()
 
     def _send(self, frames: list[bytes]) -> bool:
         if self.sock is None:
@@ -130,8 +146,12 @@ class Worker:
             self.registered = True
         elif isinstance(msg, Error):
             if msg.code == "unknown-peer":
-                log.info("broker does not know this node (restarted?); registering again")
-                self.send_ready()
+                # a restarted broker: register again after a short random pause (no READY storm)
+                if not self._ready_pending:
+                    self._ready_pending = True
+                    delay = random.uniform(0.0, min(0.5, self.s.heartbeat_s / 2))
+                    log.info("broker does not know this node (restarted?); registering again in %.2fs", delay)
+                    asyncio.get_running_loop().call_later(delay, self._ready_again)
             else:
                 log.warning("broker reports [%s] %s", msg.code, msg.message)
         elif isinstance(msg, Disconnect):

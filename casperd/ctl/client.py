@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 
 from casperd import codec
-from casperd.errors import CasperError, NoDefaultError, NoDaemonError, RequestTimeoutError, from_wire
+from casperd.errors import CasperError, NoDaemonError, NoDefaultError, RequestTimeoutError, from_wire
 from casperd.messages import Accepted, Done, Error, Reply, Request, Submit, TaskSpec
 from casperd.settings import DEFAULT_STATE_DIR
 

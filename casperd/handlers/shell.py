@@ -42,6 +42,8 @@ def _resolve_cwd(workspace: Path, cwd: Any) -> Path:
     target = (base / str(cwd)).resolve()
     if target != base and base not in target.parents:
         raise TaskError(f"cwd {cwd!r} leaves the workspace", hint="use a path relative to the workspace")
+    if not target.is_dir():
+        raise TaskError(f"cwd {cwd!r} is not a directory in the workspace", hint="create it first, or fix the path")
     return target
 
 
@@ -54,10 +56,15 @@ async def run_shell(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
     else:
         raise TaskError("shell needs 'cmd': a non-empty string or a list of strings",
                         hint='e.g. {"cmd": "pytest -q"} or {"cmd": ["ls", "-la"]}')
-    timeout = float(data.get("timeout_s") or ctx.timeout_s or ctx.shell_timeout_s)
+    timeout = data.get("timeout_s") or ctx.timeout_s or ctx.shell_timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 86400:
+        raise TaskError("shell 'timeout_s' must be a number of seconds between 0 and 86400", hint='e.g. 30')
+    timeout = float(timeout)
+    stdin = data.get("stdin")
+    if stdin is not None and not isinstance(stdin, str):
+        raise TaskError("shell 'stdin' must be a string", hint="pass the text to feed the command")
     ctx.workspace.mkdir(parents=True, exist_ok=True)
     cwd = _resolve_cwd(ctx.workspace, data.get("cwd"))
-    stdin = data.get("stdin")
     t0 = time.monotonic()
     try:
         proc = await asyncio.create_subprocess_exec(

@@ -1,0 +1,32 @@
+"""Suite-wide hooks only: every test is marked by the directory it lives in.
+
+tests/unit -> ``unit``, tests/integration -> ``integration``, tests/faults -> ``faults``,
+tests/compose -> ``compose`` (the markers are declared in pyproject.toml), so ``-m unit`` and
+friends select by layer. Fixtures belong in the conftest.py of each subdirectory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+LAYERS = ("unit", "integration", "faults", "compose")
+
+
+def layer_of(path: Path) -> str | None:
+    """The layer a test file belongs to: the first directory under tests/, if it is a known layer."""
+    try:
+        rel = Path(path).resolve().relative_to(TESTS_DIR)
+    except ValueError:
+        return None
+    top = rel.parts[0] if len(rel.parts) > 1 else None
+    return top if top in LAYERS else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        layer = layer_of(item.path)
+        if layer is not None:
+            item.add_marker(getattr(pytest.mark, layer))
