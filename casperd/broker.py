@@ -50,8 +50,8 @@ from casperd.lifecycle import ACTIVE, Status
 from casperd.liveness import Liveness, PeerClock
 from casperd.messages import (
     Accepted,
-    Assignment,
     Cancel,
+    Command,
     Disconnect,
     Done,
     ErrorBody,
@@ -61,8 +61,9 @@ from casperd.messages import (
     Ready,
     ResultBatch,
     Submit,
-    TaskBatch,
     TaskSpec,
+    assignment_body,
+    done_body,
     new_task_id,
 )
 from casperd.messages import (
@@ -360,9 +361,10 @@ class Broker:
         self.dispatcher.remove(rec.id)
         if rec.waiters:
             waiters, rec.waiters = rec.waiters, []
-            frames = codec.encode(Done(task_id=rec.id, status=rec.status.value,
-                                       output=json.loads(rec.output_json) if rec.output_json else None,
-                                       error=_last_error(rec)))
+            last = _last_error(rec)
+            frames = codec.encode_raw(Command.DONE, done_body(
+                rec.id, rec.status.value, json.loads(rec.output_json) if rec.output_json else None,
+                last.model_dump() if last else None))
             self.store.after_commit(lambda: [self._send_control(w, frames) for w in waiters])
 
     def _fail(self, rec: TaskRecord, stamp: datetime, peer: str | None, code: str, message: str,
@@ -414,7 +416,8 @@ class Broker:
             return 0
         stamp = utcnow()
         lease = stamp + timedelta(seconds=self.s.lease_s)
-        per_peer: dict[str, list[Assignment]] = {}
+        lease_ms = int(self.s.lease_s * 1000)
+        per_peer: dict[str, list[dict[str, Any]]] = {}
         for tid, node in pairs:
             rec = self.tasks[tid]
             peer = self.peers[node]
@@ -425,27 +428,26 @@ class Broker:
             rec.not_before = None
             self._change(rec, Status.ASSIGNED, stamp, node)
             peer.held.add(tid)
-            per_peer.setdefault(node, []).append(Assignment(
-                task_id=tid, type=rec.type, input=rec.input, attempt=rec.attempts,
-                lease_ms=int(self.s.lease_s * 1000), timeout_s=rec.timeout_s, cache=rec.cache))
+            per_peer.setdefault(node, []).append(assignment_body(
+                tid, rec.type, rec.input, rec.attempts, lease_ms, rec.timeout_s, rec.cache))
         for node, assignments in per_peer.items():
             for frames, chunk in self._task_frames(assignments):
                 self.store.after_commit(lambda n=node, f=frames, c=chunk: self._send_tasks(n, f, c))
         self.metrics.dispatched.inc(len(pairs))
         return len(pairs)
 
-    def _task_frames(self, assignments: list[Assignment]) -> list[tuple[list[bytes], list[uuid.UUID]]]:
+    def _task_frames(self, assignments: list[dict[str, Any]]) -> list[tuple[list[bytes], list[uuid.UUID]]]:
         """TASK messages of at most 1000 assignments and within the size limit."""
         out: list[tuple[list[bytes], list[uuid.UUID]]] = []
         pending = [assignments[i:i + 1000] for i in range(0, len(assignments), 1000)]
         while pending:
             chunk = pending.pop()
-            frames = codec.encode(TaskBatch(tasks=tuple(chunk)))
+            frames = codec.encode_raw(Command.TASK, {"tasks": chunk})
             if sum(map(len, frames)) > self.s.max_message_bytes and len(chunk) > 1:
                 half = len(chunk) // 2
                 pending += [chunk[:half], chunk[half:]]
                 continue
-            out.append((frames, [a.task_id for a in chunk]))
+            out.append((frames, [a["task_id"] for a in chunk]))
         return out
 
     def _send_tasks(self, node: str, frames: list[bytes], task_ids: list[uuid.UUID]) -> None:

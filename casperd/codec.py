@@ -71,6 +71,11 @@ def encode(message: Message, attachments: Sequence[bytes] = ()) -> list[bytes]:
 
 
 
+def encode_raw(command: Command, body: dict[str, Any], attachments: Sequence[bytes] = ()) -> list[bytes]:
+    """Frames for a body built by a trusted fast-path builder (messages.*_body), no model."""
+    return [HEADER, _COMMAND_FRAMES[command], pack_body(body), *attachments]
+
+
 def decode(frames: Sequence[bytes], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Decoded:
     """Validate and decode the frames of one message (envelope already removed).
 

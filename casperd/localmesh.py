@@ -120,11 +120,23 @@ class LocalMesh:
         node = self.nodes[node_id]
         node.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CASPER_")}
-        env.update(node.env)
+        env.update({k: v for k, v in node.env.items() if not k.startswith("CASPER_")})
+        env["CASPER_CONFIG"] = str(self.write_config(node))
         with open(node.log_path, "ab") as logf:
             node.proc = subprocess.Popen([sys.executable, "-m", "casperd"], env=env, stdout=logf, stderr=logf,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         return node
+
+    def write_config(self, node: NodeProc) -> Path:
+        """The node's settings as a TOML file in STATE_DIR/config (what the node reads at start)."""
+        path = self.state_dir / "config" / f"{node.node_id}.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [f"# casperd settings of {node.node_id}, written by casperd up / LocalMesh", ""]
+        for key, value in sorted(node.env.items()):
+            if key.startswith("CASPER_"):
+                lines.append(f"{key[len('CASPER_'):].lower()} = {json.dumps(value)}")
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     def start(self) -> None:
         """Services, then the policeman (ready when it answers health), then the workers."""

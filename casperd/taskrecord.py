@@ -66,6 +66,7 @@ class TaskRecord:
     output_json: str | None = None
     error_json: str | None = None
     persisted: bool = False
+    input_obj: dict[str, Any] | None = None
     waiters: list[bytes] = field(default_factory=list)
 
     @classmethod
@@ -76,7 +77,7 @@ class TaskRecord:
             priority=spec.priority, requires=tuple(sorted(set(spec.requires))), affinity=spec.affinity,
             idempotency_key=spec.idempotency_key, cache=spec.cache,
             max_attempts=spec.max_attempts or max_attempts, timeout_s=spec.timeout_s, parent_id=spec.parent_id,
-            submitted_by=submitted_by, updated_at=created,
+            submitted_by=submitted_by, updated_at=created, input_obj=spec.input,
         )
 
     def move(self, new: Status, now: datetime) -> Status:
@@ -91,7 +92,9 @@ class TaskRecord:
 
     @property
     def input(self) -> dict[str, Any]:
-        return json.loads(self.input_json)
+        if self.input_obj is None:
+            self.input_obj = json.loads(self.input_json)
+        return self.input_obj
 
     def summary(self) -> dict[str, Any]:
         """The public view of a task, as caspectl shows it."""

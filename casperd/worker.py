@@ -36,17 +36,17 @@ from casperd.liveness import PeerClock
 from casperd.messages import (
     Assignment,
     Cancel,
+    Command,
     Disconnect,
     Error,
     ErrorBody,
     FailedBatch,
     Failure,
     Heartbeat,
-    Outcome,
     Progress,
     Ready,
-    ResultBatch,
     TaskBatch,
+    outcome_body,
 )
 from casperd.metrics import Metrics
 from casperd.settings import Settings
@@ -79,7 +79,7 @@ class Worker:
         self.running: dict[uuid.UUID, Running] = {}
         self.draining = False
         self.registered = False
-        self._results: list[Outcome] = []
+        self._results: list[dict[str, Any]] = []
         self._failures: list[Failure] = []
         self._flush_scheduled = False
         self._reconnects = 0
@@ -190,8 +190,7 @@ class Worker:
                     output = await self.cache.get_or_compute(cache_key(a.type, a.input), compute)
                 else:
                     output = await compute()
-            self._results.append(Outcome(task_id=a.task_id, attempt=a.attempt, output=output,
-                                         duration_ms=(time.monotonic() - t0) * 1000))
+            self._results.append(outcome_body(a.task_id, a.attempt, output, (time.monotonic() - t0) * 1000))
             self.completed += 1
         except asyncio.CancelledError:
             outcome = "cancelled"
@@ -234,7 +233,7 @@ class Worker:
         if self._results:
             batch, self._results = self._results, []
             for i in range(0, len(batch), 1000):
-                self._send(codec.encode(ResultBatch(results=tuple(batch[i:i + 1000]))))
+                self._send(codec.encode_raw(Command.RESULT, {"results": batch[i:i + 1000]}))
         if self._failures:
             batch2, self._failures = self._failures, []
             for i in range(0, len(batch2), 1000):

@@ -592,3 +592,26 @@ def test_task_created_at_is_now() -> None:
 def test_task_created_at_of_a_known_id() -> None:
     # 0x01890a5dac96 ms = 1688140000406 ms
     assert task_created_at(U1) == pytest.approx(0x01890A5DAC96 / 1000.0)
+
+
+# --- trusted fast paths give the same bytes as the models -----------------------------------------
+def test_fast_path_bodies_encode_like_their_models() -> None:
+    import uuid as _uuid
+
+    from casperd import codec as _codec
+    from casperd import messages as m
+
+    tid = _uuid.UUID("01890a5d-ac96-774b-bcce-b302099a8057")
+    a = dict(task_id=tid, type="echo", input={"k": [1, "x"]}, attempt=2, lease_ms=30000, timeout_s=None,
+             cache=True)
+    assert _codec.encode_raw(m.Command.TASK, {"tasks": [m.assignment_body(**a)]}) == _codec.encode(
+        m.TaskBatch(tasks=(m.Assignment(**a),)))
+    o = dict(task_id=tid, attempt=1, output={"ok": True}, duration_ms=1.5)
+    assert _codec.encode_raw(m.Command.RESULT, {"results": [m.outcome_body(**o)]}) == _codec.encode(
+        m.ResultBatch(results=(m.Outcome(**o),)))
+    err = {"code": "validation", "message": "exit code 1, expected 0", "hint": None}
+    assert _codec.encode_raw(m.Command.DONE, m.done_body(tid, "dead", None, err)) == _codec.encode(
+        m.Done(task_id=tid, status="dead", output=None, error=m.ErrorBody(**err)))
+    # and they decode back to the validated models
+    assert _codec.decode(_codec.encode_raw(m.Command.RESULT, {"results": [m.outcome_body(**o)]})).message == \
+        m.ResultBatch(results=(m.Outcome(**o),))
