@@ -34,6 +34,7 @@ class NodeProc:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    prefix: list[str] = field(default_factory=list)
 
     @property
     def alive(self) -> bool:
@@ -51,6 +52,7 @@ class LocalMesh:
     curve: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
+    broker_endpoint: str = ""  # default: tcp://127.0.0.1:PORT_BASE
     postgres: EmbeddedPostgres | None = None
     redis: EmbeddedRedis | None = None
     nodes: dict[str, NodeProc] = field(default_factory=dict)
@@ -90,12 +92,15 @@ class LocalMesh:
                 "CASPER_BROKER_PUBLIC_KEY_FILE": str(keys / "policeman.pub")}
 
     def add_node(self, node_id: str, role: str, port: int, *, capabilities: str = "", capacity: int | None = None,
-                 start: bool = True) -> NodeProc:
-        bind = f"tcp://127.0.0.1:{port}"
+                 start: bool = True, host: str = "127.0.0.1", prefix: list[str] | None = None) -> NodeProc:
+        """Add (and start) a node bound at ``host:port``; ``prefix`` wraps its command line
+        (e.g. ``["ip", "netns", "exec", "ns1"]`` to run it in a network namespace)."""
+        bind = f"tcp://{host}:{port}"
         control = f"ipc://{self.state_dir / 'run' / (node_id + '.ctl')}"
         env = {
             "CASPER_ROLE": role, "CASPER_NODE_ID": node_id, "CASPER_STATE_DIR": str(self.state_dir),
-            "CASPER_BIND": bind, "CASPER_BROKER": f"tcp://127.0.0.1:{self.port_base}", "CASPER_CONTROL": control,
+            "CASPER_BIND": bind, "CASPER_BROKER": self.broker_endpoint or f"tcp://127.0.0.1:{self.port_base}",
+            "CASPER_CONTROL": control,
             "CASPER_LOG_FORMAT": "text", "CASPER_LOG_LEVEL": self.log_level,
             **self._keys("policeman" if role == "policeman" else node_id),
         }
@@ -110,7 +115,8 @@ class LocalMesh:
         if self.postgres is not None:
             env.update(self.postgres.env())
         env.update(self.extra_env)
-        node = NodeProc(node_id, role, bind, control, env, self.state_dir / "logs" / f"{node_id}.log")
+        node = NodeProc(node_id, role, bind, control, env, self.state_dir / "logs" / f"{node_id}.log",
+                        prefix=list(prefix or []))
         self.nodes[node_id] = node
         if start:
             self.start_node(node_id)
@@ -123,8 +129,8 @@ class LocalMesh:
         env.update({k: v for k, v in node.env.items() if not k.startswith("CASPER_")})
         env["CASPER_CONFIG"] = str(self.write_config(node))
         with open(node.log_path, "ab") as logf:
-            node.proc = subprocess.Popen([sys.executable, "-m", "casperd"], env=env, stdout=logf, stderr=logf,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            node.proc = subprocess.Popen([*node.prefix, sys.executable, "-m", "casperd"], env=env, stdout=logf,
+                                         stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True)
         return node
 
     def write_config(self, node: NodeProc) -> Path:
