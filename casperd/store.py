@@ -24,6 +24,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from casperd.errors import MigrationError, StorageError
 from casperd.lifecycle import TERMINAL, Status
+from casperd.messages import task_created_at
 from casperd.taskrecord import TaskEvent, TaskRecord
 
 log = logging.getLogger("casperd.store")
@@ -290,6 +292,10 @@ class Store:
         """The writer's own connection (no pool round trips on the hot path); remade after a failure."""
         if self._wconn is None or self._wconn.closed or self._wconn.broken:
             self._wconn = await psycopg.AsyncConnection.connect(self.url, autocommit=False)
+            # the writer runs the same few statements on a partitioned table thousands of times:
+            # plan them once (planning them each time cost more than executing them)
+            await self._wconn.execute("SET plan_cache_mode = force_generic_plan")
+            await self._wconn.commit()
         return self._wconn
 
     async def _write(self, batch: _Batch) -> None:
@@ -317,14 +323,15 @@ class Store:
             "SELECT * FROM tasks WHERE status = ANY(%s) ORDER BY priority DESC, created_at", (_OPEN_STATUSES,))
 
     async def get(self, task_id: uuid.UUID) -> dict[str, Any] | None:
-        rows = await self._fetch("SELECT * FROM tasks WHERE id = %s", (task_id,))
+        created = datetime.fromtimestamp(task_created_at(task_id), UTC)  # prunes to one partition
+        rows = await self._fetch("SELECT * FROM tasks WHERE id = %s AND created_at = %s", (task_id, created))
         return rows[0] if rows else None
 
     async def list(self, status: str | None, limit: int) -> list[dict[str, Any]]:
         if status:
             return await self._fetch(
-                "SELECT * FROM tasks WHERE status = %s ORDER BY created_at DESC LIMIT %s", (status, limit))
-        return await self._fetch("SELECT * FROM tasks ORDER BY created_at DESC LIMIT %s", (limit,))
+                "SELECT * FROM tasks WHERE status = %s ORDER BY id DESC LIMIT %s", (status, limit))
+        return await self._fetch("SELECT * FROM tasks ORDER BY id DESC LIMIT %s", (limit,))
 
     async def events(self, task_id: uuid.UUID) -> list[dict[str, Any]]:
         return await self._fetch(
