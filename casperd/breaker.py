@@ -53,6 +53,11 @@ class CircuitBreaker:
             return now - self.opened_at >= self.recovery_s
         return self.in_flight_probes < self.probes
 
+    def release_probe(self) -> None:
+        """A probe ended with no verdict (handed back, cancelled): let another probe through."""
+        if self.state is BreakerState.HALF_OPEN and self.in_flight_probes > 0:
+            self.in_flight_probes -= 1
+
     def record_success(self) -> None:
         self.failures = 0
         self.in_flight_probes = 0

@@ -332,7 +332,9 @@ class Broker:
                 continue
             self._release(peer, rec)
             if f.error.code in _HANDED_BACK:
-                # a clean hand-back (shutdown, draining) is not a failure: it costs no attempt
+                # a clean hand-back (shutdown, draining) is not a failure: it costs no attempt,
+                # and a half-open breaker's probe slot is free again
+                peer.slot.breaker.release_probe()
                 rec.attempts -= 1
                 self._requeue(rec, stamp, f"{f.error.code} by {peer.node_id}")
                 continue
@@ -438,17 +440,14 @@ class Broker:
 
     def _task_frames(self, assignments: list[dict[str, Any]]) -> list[tuple[list[bytes], list[uuid.UUID]]]:
         """TASK messages of at most 1000 assignments and within the size limit."""
-        out: list[tuple[list[bytes], list[uuid.UUID]]] = []
-        pending = [assignments[i:i + 1000] for i in range(0, len(assignments), 1000)]
-        while pending:
-            chunk = pending.pop()
-            frames = codec.encode_raw(Command.TASK, {"tasks": chunk})
-            if sum(map(len, frames)) > self.s.max_message_bytes and len(chunk) > 1:
-                half = len(chunk) // 2
-                pending += [chunk[:half], chunk[half:]]
-                continue
-            out.append((frames, [a["task_id"] for a in chunk]))
-        return out
+        batches, too_big = codec.encode_batches(Command.TASK, "tasks", assignments, self.s.max_message_bytes)
+        stamp = utcnow()
+        for a in too_big:  # cannot happen for inputs that came in a SUBMIT of the same limit
+            rec = self.tasks.get(a["task_id"])
+            if rec is not None and rec.status is Status.ASSIGNED and rec.assigned_to in self.peers:
+                self._release(self.peers[rec.assigned_to], rec)
+                self._fail(rec, stamp, rec.assigned_to, "too-large", "task message exceeds max_message_bytes", False)
+        return [(frames, [a["task_id"] for a in chunk]) for frames, chunk in batches]
 
     def _send_tasks(self, node: str, frames: list[bytes], task_ids: list[uuid.UUID]) -> None:
         peer = self.peers.get(node)
@@ -563,7 +562,8 @@ class Broker:
             self.keys.popitem(last=False)
 
     def _on_submit_from_peer(self, route: bytes, peer: Peer, msg: Submit) -> None:
-        raise InvalidBodyError("peers submit follow-up tasks through the control socket in this version")
+        raise UnsupportedError("SUBMIT is not accepted on the mesh socket in this version",
+                               hint="submit through the policeman's control socket")
 
     async def _done_from_store(self, route: bytes, tid: uuid.UUID) -> None:
         await self.store.committed()  # the ACCEPTED of the same submit goes out first
@@ -591,6 +591,7 @@ class Broker:
         if holder is not None and holder in self.peers:
             peer = self.peers[holder]
             self._release(peer, rec)
+            peer.slot.breaker.release_probe()
             frames = codec.encode(Cancel(task_ids=(tid,), reason="cancelled by operator"))
             self.store.after_commit(lambda: self._send_mesh(peer.route, frames))
         self._finish(rec, Status.CANCELLED, stamp, holder, {"by": "operator"})

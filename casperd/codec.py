@@ -76,6 +76,27 @@ def encode_raw(command: Command, body: dict[str, Any], attachments: Sequence[byt
     return [HEADER, _COMMAND_FRAMES[command], pack_body(body), *attachments]
 
 
+def encode_batches(command: Command, key: str, items: list[Any], max_bytes: int,
+                   max_items: int = 1000) -> tuple[list[tuple[list[bytes], list[Any]]], list[Any]]:
+    """Split a batch command (TASK, RESULT, ...) into messages of at most ``max_items`` items and
+    ``max_bytes`` bytes each. Returns (messages with the items each carries, items that do not
+    fit in a message even alone)."""
+    out: list[tuple[list[bytes], list[Any]]] = []
+    too_big: list[Any] = []
+    pending = [items[i:i + max_items] for i in range(0, len(items), max_items)]
+    while pending:
+        chunk = pending.pop()
+        frames = encode_raw(command, {key: chunk})
+        if sum(map(len, frames)) <= max_bytes:
+            out.append((frames, chunk))
+        elif len(chunk) > 1:
+            half = len(chunk) // 2
+            pending += [chunk[:half], chunk[half:]]
+        else:
+            too_big.append(chunk[0])
+    return out, too_big
+
+
 def decode(frames: Sequence[bytes], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Decoded:
     """Validate and decode the frames of one message (envelope already removed).
 

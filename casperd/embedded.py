@@ -152,6 +152,20 @@ class EmbeddedPostgres:
             self._create_db(bindir, run_as, password)
         self._spawn(bindir, run_as)
         wait_port(self.port, timeout, self.proc, "embedded Postgres")
+        self._wait_ready(bindir, timeout)
+
+    def _wait_ready(self, bindir: Path, timeout: float) -> None:
+        """The port opens before the server accepts connections: wait for pg_isready."""
+        deadline = time.monotonic() + timeout
+        while True:
+            res = subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"],
+                                 capture_output=True)
+            if res.returncode == 0:
+                return
+            if time.monotonic() > deadline or (self.proc is not None and self.proc.poll() is not None):
+                raise EmbeddedServiceError(f"embedded Postgres not ready within {timeout:.0f}s",
+                                           hint=f"see {self.log_path}")
+            time.sleep(0.05)
 
     def _spawn(self, bindir: Path, run_as: dict[str, int]) -> None:
         logf = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child)

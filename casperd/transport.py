@@ -140,6 +140,7 @@ def write_keypair(directory: Path, name: str) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     sec, pub = directory / f"{name}.key", directory / f"{name}.pub"
     fd = os.open(sec, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its old mode otherwise
     with os.fdopen(fd, "w") as fh:
         fh.write(secret.decode() + "\n")
     pub.write_text(public.decode() + "\n")

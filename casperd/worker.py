@@ -9,8 +9,9 @@ heartbeats are never starved by work.
 
 If the broker is silent for ``misses`` intervals the worker reconnects with jittered exponential
 backoff (1 s doubling to 32 s) and READYs again with the tasks it holds; an ERROR ``unknown-peer``
-(a restarted broker) triggers the same READY at once. On shutdown it announces draining, lets
-running tasks finish for up to ``drain_timeout_s``, hands the rest back, and says DISCONNECT.
+(a restarted broker) triggers the same READY after a short random pause (no READY storm). On
+shutdown it announces draining, lets running tasks finish for up to ``drain_timeout_s``, hands
+the rest back, and says DISCONNECT.
 """
 
 from __future__ import annotations
@@ -232,8 +233,13 @@ class Worker:
         self._flush_scheduled = False
         if self._results:
             batch, self._results = self._results, []
-            for i in range(0, len(batch), 1000):
-                self._send(codec.encode_raw(Command.RESULT, {"results": batch[i:i + 1000]}))
+            messages, too_big = codec.encode_batches(Command.RESULT, "results", batch, self.s.max_message_bytes)
+            for frames, _ in messages:
+                self._send(frames)
+            for out in too_big:
+                self._failures.append(Failure(
+                    task_id=out["task_id"], attempt=out["attempt"], retryable=False, error=ErrorBody(
+                        code="too-large", message=f"the output does not fit in {self.s.max_message_bytes} bytes")))
         if self._failures:
             batch2, self._failures = self._failures, []
             for i in range(0, len(batch2), 1000):

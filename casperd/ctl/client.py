@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 
 from casperd import codec
-from casperd.errors import CasperError, NoDaemonError, NoDefaultError, RequestTimeoutError, from_wire
+from casperd.errors import CommandError, NoDaemonError, NoDefaultError, RequestTimeoutError, from_wire
 from casperd.messages import Accepted, Done, Error, Reply, Request, Submit, TaskSpec
 from casperd.settings import DEFAULT_STATE_DIR
 
@@ -56,7 +56,12 @@ class ControlClient:
         if endpoint.startswith("ipc://") and not Path(endpoint[6:]).exists():
             raise NoDaemonError(f"no daemon at {endpoint} (the socket file does not exist)",
                                 hint="start one with 'casperd up' or check --control / CASPER_CONTROL")
-        self.sock.connect(endpoint)
+        try:
+            self.sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self.sock.close(0)
+            raise CommandError(f"invalid control endpoint {endpoint!r}: {exc.strerror}",
+                               hint="e.g. ipc:///path/to/node.ctl or tcp://127.0.0.1:5556") from None
         self._ids = itertools.count(1)
         self.early: list[Done] = []
 
@@ -97,7 +102,12 @@ class ControlClient:
 
     def submit(self, specs: Sequence[TaskSpec], *, wait: bool = False) -> Accepted:
         req_id = next(self._ids)
-        self.sock.send_multipart(codec.encode(Submit(req_id=req_id, tasks=tuple(specs), wait=wait)))
+        try:
+            frames = codec.encode(Submit(req_id=req_id, tasks=tuple(specs), wait=wait))
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise CommandError(f"the task cannot be encoded: {type(exc).__name__} (integers must fit in 64 bits)",
+                               hint="use strings for very large numbers") from None
+        self.sock.send_multipart(frames)
         deadline = time.monotonic() + self.timeout_s
         while True:
             msg = self._recv(deadline)
@@ -126,4 +136,4 @@ def parse_id(text: str) -> uuid.UUID:
     try:
         return uuid.UUID(text)
     except ValueError:
-        raise CasperError(f"{text!r} is not a task id", hint="task ids are UUIDs; see caspectl tasks") from None
+        raise CommandError(f"{text!r} is not a task id", hint="task ids are UUIDs; see caspectl tasks") from None

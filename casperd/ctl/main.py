@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -85,6 +86,8 @@ def cmd_peers(c: ControlClient, a: argparse.Namespace) -> int:
 def _spec_from_args(a: argparse.Namespace) -> TaskSpec:
     try:
         data = json.loads(a.input) if a.input else {}
+    except RecursionError:
+        raise CommandError("--input is nested too deeply", hint="flatten the input") from None
     except ValueError as exc:
         raise CommandError(f"--input is not valid JSON: {exc}", hint="""e.g. --input '{"cmd": "ls"}'""") from None
     if not isinstance(data, dict):
@@ -139,19 +142,25 @@ def cmd_submit(c: ControlClient, a: argparse.Namespace) -> int:
 def cmd_submit_bulk(c: ControlClient, a: argparse.Namespace) -> int:
     src = sys.stdin if a.file == "-" else None
     try:
-        fh = src or open(a.file)  # noqa: SIM115
+        fh = src or open(a.file, encoding="utf-8")  # noqa: SIM115
     except OSError as exc:
         raise CommandError(f"cannot read {a.file}: {exc.strerror}", hint="give a JSON-lines file, or - for stdin") \
             from None
     specs: list[TaskSpec] = []
     with fh:
-        for n, line in enumerate(fh, 1):
+        try:
+            lines = list(fh)
+        except UnicodeDecodeError as exc:
+            raise CommandError(f"{a.file} is not UTF-8 text (byte {exc.start})", hint="one JSON object per line") \
+                from None
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except ValueError as exc:
-                raise CommandError(f"line {n}: not JSON ({exc})", hint="one JSON object per line") from None
+            except (ValueError, RecursionError) as exc:
+                raise CommandError(f"line {n}: not JSON ({type(exc).__name__})", hint="one JSON object per line") \
+                    from None
             if not isinstance(obj, dict):
                 raise CommandError(f"line {n}: expected a JSON object", hint='e.g. {"type": "echo", "input": {}}')
             specs.append(_spec(obj, f"line {n}"))
@@ -225,13 +234,28 @@ def cmd_health(c: ControlClient, a: argparse.Namespace) -> int:
 
 def cmd_keygen(a: argparse.Namespace) -> int:
     from casperd.transport import write_keypair
-    sec, pub = write_keypair(Path(a.directory), a.name)
+    try:
+        sec, pub = write_keypair(Path(a.directory), a.name)
+    except OSError as exc:
+        raise CommandError(f"cannot write keys to {a.directory}: {exc.strerror}",
+                           hint="give a directory you can write to") from None
     _emit(a, {"secret": str(sec), "public": str(pub)},
           lambda d: out.print(f"wrote {d['secret']} (secret, 0600) and {d['public']}"))
     return ExitCode.OK
 
 
 # --- parser ---------------------------------------------------------------------------------------
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number of seconds")
+    return value
+
+
 def _common(suppress: bool) -> argparse.ArgumentParser:
     """Global options, accepted before or after the command (after: SUPPRESS keeps the earlier value)."""
     def d(value: Any) -> Any:
@@ -242,7 +266,7 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
                         help="control socket endpoint, e.g. ipc:///path/node.ctl [CASPER_CONTROL]")
     common.add_argument("--state-dir", type=Path, default=d(None),
                         help="where 'casperd up' keeps the mesh [CASPER_STATE_DIR]")
-    common.add_argument("--timeout", type=float, default=d(10.0), help="seconds to wait for an answer (default 10)")
+    common.add_argument("--timeout", type=_seconds, default=d(10.0), help="seconds to wait for an answer (default 10)")
     return common
 
 
@@ -270,12 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--affinity", help="tasks with the same key run on the same peer")
             sp.add_argument("--idempotency-key", help="submitting the same key again returns the same task")
             sp.add_argument("--max-attempts", type=int, help="runs before the task is dead (default: mesh setting)")
-            sp.add_argument("--timeout-s", type=float, help="kill the task after this many seconds")
+            sp.add_argument("--timeout-s", type=_seconds, help="kill the task after this many seconds")
         else:
             sp.add_argument("file", help="JSON-lines file, or - for stdin")
             sp.add_argument("--batch", type=int, default=500, help="tasks per SUBMIT message (default 500)")
         sp.add_argument("--wait", action="store_true", help="wait for the result(s); exit 5 if any ends badly")
-        sp.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait with --wait")
+        sp.add_argument("--wait-timeout", type=_seconds, default=300.0, help="seconds to wait with --wait")
     sp = add("get", cmd_get, "one task with its events")
     sp.add_argument("id")
     sp = add("tasks", cmd_tasks, "recent tasks")

@@ -615,3 +615,16 @@ def test_fast_path_bodies_encode_like_their_models() -> None:
     # and they decode back to the validated models
     assert _codec.decode(_codec.encode_raw(m.Command.RESULT, {"results": [m.outcome_body(**o)]})).message == \
         m.ResultBatch(results=(m.Outcome(**o),))
+
+
+def test_encode_batches_splits_by_count_and_size() -> None:
+    from casperd import codec as _codec
+    from casperd.messages import Command
+
+    items = [{"task_id": i, "blob": "x" * 1000} for i in range(50)]
+    msgs, too_big = _codec.encode_batches(Command.RESULT, "results", items, max_bytes=8_000, max_items=20)
+    assert not too_big
+    assert sorted(i["task_id"] for _, chunk in msgs for i in chunk) == list(range(50))
+    assert all(sum(map(len, frames)) <= 8_000 and len(chunk) <= 20 for frames, chunk in msgs)
+    msgs, too_big = _codec.encode_batches(Command.RESULT, "results", [{"blob": "y" * 9000}], max_bytes=8_000)
+    assert msgs == [] and len(too_big) == 1

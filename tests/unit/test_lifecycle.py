@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import inspect
+import itertools
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from casperd import lifecycle
 from casperd.errors import IllegalTransitionError, TaskError
 from casperd.lifecycle import ACTIVE, TERMINAL, TRANSITIONS, Status, can, check
 from casperd.messages import TaskSpec, new_task_id

@@ -248,3 +248,17 @@ def test_heartbeat_due_is_independent_of_receiving() -> None:
     c.seen(5.0)
     assert c.heartbeat_due(5.0)
     assert c.state(5.0) is Liveness.ALIVE
+
+
+def test_release_probe_lets_another_probe_through() -> None:
+    from casperd.breaker import BreakerState, CircuitBreaker
+
+    b = CircuitBreaker(failure_threshold=1, recovery_s=1.0)
+    b.record_failure(0.0)
+    assert b.allow(2.0) and b.state is BreakerState.HALF_OPEN
+    assert not b.allow(2.0)  # the one probe is out
+    b.release_probe()  # it was handed back: no verdict
+    assert b.allow(2.0)
+    b.release_probe()
+    b.release_probe()  # never below zero
+    assert b.in_flight_probes == 0

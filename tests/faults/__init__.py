@@ -1,0 +1,1 @@
+"""Fault tier: a multi-host mesh on network namespaces, with injected faults."""
