@@ -58,6 +58,7 @@ class Node:
         self.mesh_sock: zmq.asyncio.Socket | None = None
         self.control_sock: zmq.asyncio.Socket | None = None
         self.started = time.monotonic()
+        self._logged: set[tuple[str, bytes, str]] = set()
 
     @property
     def is_policeman(self) -> bool:
@@ -177,7 +178,7 @@ class Node:
                         message=f"{msg.COMMAND.name} is not served on a worker's mesh socket",
                         hint="send tasks through the policeman"))
                 except ProtocolError as exc:
-                    self.metrics.rejected.labels(exc.code).inc()
+                    self._count_rejection("mesh", route, exc)
                     reply = Error(code=exc.code, message=exc.message[:4000], hint=exc.hint)
                 send_now(self.mesh_sock, [route, *codec.encode(reply)])
 
@@ -212,7 +213,7 @@ class Node:
                 try:
                     msg = codec.decode(body, max_bytes=self.s.max_message_bytes).message
                 except ProtocolError as exc:
-                    self.metrics.rejected.labels(exc.code).inc()
+                    self._count_rejection("control", route, exc)
                     self._control_error(route, exc, body[1][0] if len(body) > 1 and len(body[1]) == 1 else None)
                     continue
                 try:
@@ -232,6 +233,17 @@ class Node:
                                                            hint="see the daemon's log"), msg.COMMAND.value)
             if self.broker is not None:
                 self.broker.dispatch()
+
+    def _count_rejection(self, socket_name: str, route: bytes, exc: CasperError) -> None:
+        """Count every rejected frame; log once per sender and cause, not once per frame."""
+        self.metrics.rejected.labels(exc.code).inc()
+        key = (socket_name, route[:64], exc.code)
+        if key not in self._logged:
+            if len(self._logged) > 10_000:
+                self._logged.clear()
+            self._logged.add(key)
+            log.warning("rejected a frame on the %s socket from %r: [%s] %s", socket_name, route[:64], exc.code,
+                        exc.message)
 
     def _control_error(self, route: bytes, exc: CasperError, ref: int | None) -> None:
         assert self.control_sock is not None
