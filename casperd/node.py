@@ -30,7 +30,7 @@ from casperd.messages import Error, Heartbeat, Role, Submit
 from casperd.metrics import Metrics
 from casperd.settings import Settings
 from casperd.store import Store
-from casperd.transport import SocketOptions, load_key, recv_batch, router, send_now
+from casperd.transport import SocketOptions, load_key, read_secret_file, recv_batch, router, send_now
 from casperd.worker import Worker
 
 log = logging.getLogger("casperd.node")
@@ -88,7 +88,9 @@ class Node:
             if not self.s.database_url:
                 raise CasperError("the policeman needs a database",
                                   hint="set --database-url / CASPER_DATABASE_URL (casperd up starts one for you)")
-            self.store = Store(self.s.database_url, pool_size=self.s.db_pool_size, batch_max=self.s.commit_batch_max)
+            password = read_secret_file(self.s.database_password_file, "database password")
+            self.store = Store(self.s.database_url, pool_size=self.s.db_pool_size, batch_max=self.s.commit_batch_max,
+                               password=password)
             self.store.on_commit = self.metrics.commit_seconds.observe
             await self.store.open()
             applied = await self.store.migrate()

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     broker: str = Field(default="tcp://127.0.0.1:5555", description="the policeman's mesh endpoint")
     control: str = Field(default="", description="control socket; default ipc://STATE_DIR/NODE_ID.ctl")
     database_url: str = Field(default="", description="Postgres URL (policeman only), e.g. postgresql://u@h/db")
+    database_password_file: Path | None = Field(default=None,
+                                                description="file holding the Postgres password (e.g. a secret)")
     redis_url: str = Field(default="", description="Redis URL for the result cache; empty: no cache")
     capacity: int = Field(default=4, ge=0, le=10_000, description="tasks this node runs at once (slots)")
     prefetch: int = Field(default=0, ge=0, le=10_000,

@@ -134,10 +134,12 @@ class _Batch:
 class Store:
     """Postgres adapter: migrations, group-committed writes, and the queries caspectl needs."""
 
-    def __init__(self, url: str, *, pool_size: int = 4, batch_max: int = 2000) -> None:
+    def __init__(self, url: str, *, pool_size: int = 4, batch_max: int = 2000, password: str | None = None) -> None:
         self.url = url
+        # a password given apart from the URL never appears in it (nor in logs or errors)
+        self._conn_kwargs: dict[str, Any] = {"password": password} if password else {}
         self.pool = AsyncConnectionPool(url, min_size=1, max_size=max(2, pool_size), open=False,
-                                        kwargs={"autocommit": False}, name="casper")
+                                        kwargs={"autocommit": False, **self._conn_kwargs}, name="casper")
         self.batch_max = batch_max
         self._batch = _Batch()
         self._wake = asyncio.Event()
@@ -291,7 +293,7 @@ class Store:
     async def _writer_conn(self) -> psycopg.AsyncConnection[Any]:
         """The writer's own connection (no pool round trips on the hot path); remade after a failure."""
         if self._wconn is None or self._wconn.closed or self._wconn.broken:
-            self._wconn = await psycopg.AsyncConnection.connect(self.url, autocommit=False)
+            self._wconn = await psycopg.AsyncConnection.connect(self.url, autocommit=False, **self._conn_kwargs)
             # the writer runs the same few statements on a partitioned table thousands of times:
             # plan them once (planning them each time cost more than executing them)
             await self._wconn.execute("SET plan_cache_mode = force_generic_plan")

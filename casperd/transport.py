@@ -10,6 +10,7 @@ are configured.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import zmq
 import zmq.asyncio
 
 from casperd.errors import ConfigError
+
+log = logging.getLogger("casperd.secrets")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +131,28 @@ def load_key(path: Path | None, what: str) -> bytes | None:
         raise ConfigError(f"cannot read {what} from {path}: {exc.strerror}",
                           hint="check the path and its permissions (caspectl keygen makes keys)") from None
     key = text.encode()
+    if "secret" in what:
+        from casperd.logsetup import register_secret
+        register_secret(text)
     if len(key) != 40:
         raise ConfigError(f"{what} in {path} is not a 40-character z85 Curve key",
                           hint="make keys with caspectl keygen")
     return key
+
+
+def read_secret_file(path: Path | None, what: str) -> str | None:
+    """A secret kept in a file (e.g. /run/secrets/NAME); registered for redaction from logs."""
+    if path is None:
+        return None
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} from {path}: {exc.strerror}",
+                          hint="check the path and that this user may read it") from None
+    from casperd.logsetup import register_secret
+    register_secret(value)
+    log.info("read the %s from %s", what, path)  # the audit line: which secret, never its value
+    return value
 
 
 def write_keypair(directory: Path, name: str) -> tuple[Path, Path]:
