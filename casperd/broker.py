@@ -42,6 +42,7 @@ from casperd.errors import (
     IdentityError,
     InvalidBodyError,
     ProtocolError,
+    StorageError,
     TaskNotFoundError,
     UnknownPeerError,
     UnsupportedError,
@@ -504,6 +505,10 @@ class Broker:
         if not self.accepting:
             raise CasperError("the policeman is shutting down and accepts no new work",
                               hint="submit again once it is back")
+        if not self.store.healthy:
+            raise StorageError(f"the task store is unavailable ({self.store.last_error}); no new work is accepted",
+                               hint="the policeman keeps running and accepts work again once Postgres is back; "
+                                    "submit again (with an idempotency key it is safe)")
         specs = msg.tasks
         for spec in specs:
             handlers.get(spec.type)  # unknown type: an error for the whole submit, nothing half-done
