@@ -124,20 +124,22 @@ async def _cancel(node: Node, args: dict[str, Any]) -> Any:
     return result
 
 
-@op("drain", workers=True)
-async def _drain(node: Node, args: dict[str, Any]) -> Any:
+def _set_draining(node: Node, args: dict[str, Any], draining: bool) -> Any:
+    """On the policeman: a named peer; on a worker: the worker itself."""
     if node.broker is None:
         assert node.worker is not None
-        return node.worker.set_draining(True)
-    return node.broker.set_draining(str(args.get("peer", "")), True)
+        return node.worker.set_draining(draining)
+    return node.broker.set_draining(str(args.get("peer", "")), draining)
+
+
+@op("drain", workers=True)
+async def _drain(node: Node, args: dict[str, Any]) -> Any:
+    return _set_draining(node, args, True)
 
 
 @op("resume", workers=True)
 async def _resume(node: Node, args: dict[str, Any]) -> Any:
-    if node.broker is None:
-        assert node.worker is not None
-        return node.worker.set_draining(False)
-    return node.broker.set_draining(str(args.get("peer", "")), False)
+    return _set_draining(node, args, False)
 
 
 @op("health", workers=True)
