@@ -50,6 +50,7 @@ from casperd.errors import (
 from casperd.lifecycle import ACTIVE, Status
 from casperd.liveness import Liveness, PeerClock
 from casperd.messages import (
+    RENEW,
     Accepted,
     Cancel,
     Command,
@@ -124,6 +125,8 @@ class Broker:
         self.by_route: dict[bytes, Peer] = {}
         self.retry_heap: list[tuple[float, uuid.UUID]] = []
         self.keys: OrderedDict[str, uuid.UUID] = OrderedDict()
+        self.leases: dict[uuid.UUID, float] = {}
+        """Lease deadline (monotonic) of every task a peer holds, renewed by its PROGRESS."""
         self.policy = RetryPolicy(settings.max_attempts, settings.backoff_base_s, settings.backoff_factor,
                                   settings.backoff_cap_s)
         self.started = time.monotonic()
@@ -248,6 +251,7 @@ class Broker:
             rec = self.tasks.get(tid)
             if rec is not None and rec.status in ACTIVE and rec.assigned_to == msg.node_id:
                 peer.held.add(tid)
+                self.leases[tid] = now + self.s.lease_s
             else:
                 unknown.append(tid)
         slot.inflight = len(peer.held)
@@ -282,8 +286,10 @@ class Broker:
     # --- task progress from workers -----------------------------------------------------------
     def _held(self, peer: Peer, tid: uuid.UUID, attempt: int | None) -> TaskRecord | None:
         rec = self.tasks.get(tid)
+        # an older attempt from the node that holds the task now is the same work (the new TASK may
+        # never have reached it, e.g. lost in a reconnect): its result counts
         if (rec is None or rec.assigned_to != peer.node_id or rec.status not in ACTIVE
-                or (attempt is not None and attempt != rec.attempts)):
+                or (attempt is not None and attempt > rec.attempts)):
             self.metrics.duplicates.inc()
             log.debug("ignoring stale report for %s from %s", tid, peer.node_id)
             return None
@@ -291,9 +297,14 @@ class Broker:
 
     def _on_progress(self, peer: Peer, msg: Progress) -> None:
         stamp = utcnow()
+        renewal = msg.note == RENEW
+        until = time.monotonic() + self.s.lease_s
         for tid in msg.task_ids:
             rec = self._held(peer, tid, None)
-            if rec is not None and rec.status is Status.ASSIGNED:
+            if rec is None:
+                continue
+            self.leases[tid] = until
+            if not renewal and rec.status is Status.ASSIGNED:
                 self._change(rec, Status.PROCESSING, stamp, peer.node_id)
                 rec.started_at = stamp
 
@@ -343,6 +354,7 @@ class Broker:
             self._fail(rec, stamp, peer.node_id, f.error.code, f.error.message, f.retryable)
 
     def _release(self, peer: Peer, rec: TaskRecord) -> None:
+        self.leases.pop(rec.id, None)
         if rec.id in peer.held:
             peer.held.discard(rec.id)
             peer.slot.inflight -= 1
@@ -393,6 +405,7 @@ class Broker:
     def _requeue(self, rec: TaskRecord, stamp: datetime, reason: str) -> None:
         """A holder was lost: back to pending (the attempt stays counted), or dead if none are left."""
         holder = rec.assigned_to
+        self.leases.pop(rec.id, None)
         if self.policy.exhausted(rec.attempts, rec.max_attempts):
             self._fail(rec, stamp, holder, "holder-lost", reason, False)
             return
@@ -420,6 +433,7 @@ class Broker:
         stamp = utcnow()
         lease = stamp + timedelta(seconds=self.s.lease_s)
         lease_ms = int(self.s.lease_s * 1000)
+        lease_until = now + self.s.lease_s
         per_peer: dict[str, list[dict[str, Any]]] = {}
         for tid, node in pairs:
             rec = self.tasks[tid]
@@ -431,6 +445,7 @@ class Broker:
             rec.not_before = None
             self._change(rec, Status.ASSIGNED, stamp, node)
             peer.held.add(tid)
+            self.leases[tid] = lease_until
             per_peer.setdefault(node, []).append(assignment_body(
                 tid, rec.type, rec.input, rec.attempts, lease_ms, rec.timeout_s, rec.cache))
         for node, assignments in per_peer.items():
@@ -482,6 +497,21 @@ class Broker:
             if peer.clock.heartbeat_due(now):
                 self._send_mesh(peer.route, hb)
         stamp = None
+        expired = [tid for tid, until in self.leases.items() if until < now]
+        for tid in expired:
+            rec = self.tasks.get(tid)
+            self.leases.pop(tid, None)
+            if rec is None or rec.status not in ACTIVE:
+                continue
+            holder = self.peers.get(rec.assigned_to or "")
+            log.warning("lease of task %s on %s expired; returning it", tid, rec.assigned_to)
+            if holder is not None:
+                self._release(holder, rec)
+                holder.slot.breaker.record_failure(now)  # a holder that goes quiet on a task is failing
+                frames = codec.encode(Cancel(task_ids=(tid,), reason="lease expired"))
+                self.store.after_commit(lambda r=holder.route, f=frames: self._send_mesh(r, f))
+            stamp = stamp or utcnow()
+            self._requeue(rec, stamp, f"lease expired on {rec.assigned_to}")
         while self.retry_heap and self.retry_heap[0][0] <= now:
             _, tid = heapq.heappop(self.retry_heap)
             rec = self.tasks.get(tid)

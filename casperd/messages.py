@@ -162,6 +162,10 @@ class TaskBatch(_Body):
     tasks: tuple[Assignment, ...] = Field(min_length=1, max_length=10_000)
 
 
+RENEW = "renew"
+"""PROGRESS.note of a lease renewal: it extends the leases of the listed tasks and changes no state."""
+
+
 class Progress(_Body):
     COMMAND = Command.PROGRESS
     task_ids: tuple[uuid.UUID, ...] = Field(min_length=1, max_length=10_000)

@@ -35,6 +35,7 @@ from casperd.cache import ResultCache, cache_key
 from casperd.errors import CasperError, ProtocolError, UnknownTaskTypeError
 from casperd.liveness import PeerClock
 from casperd.messages import (
+    RENEW,
     Assignment,
     Cancel,
     Command,
@@ -61,6 +62,7 @@ class Running:
     task: asyncio.Task[None]
     attempt: int
     started: float
+    in_slot: bool = False  # holds an execution slot (prefetched tasks wait for one)
     reported_start: bool = False
     cancelled_by_broker: bool = False
 
@@ -86,6 +88,8 @@ class Worker:
         self._reconnects = 0
         self._next_reconnect = 0.0
         self._ready_pending = False
+        self._last_renew = 0.0
+        self._renew_every = settings.lease_s / 3
         self._slots = asyncio.Semaphore(max(1, settings.capacity))
         self.completed = 0
         self.failed = 0
@@ -160,8 +164,16 @@ class Worker:
             self.send_ready()
 
     def _start(self, a: Assignment) -> None:
-        if a.task_id in self.running:
-            return  # duplicate delivery
+        self._renew_every = min(self._renew_every, a.lease_ms / 3000)
+        old = self.running.get(a.task_id)
+        if old is not None:
+            if a.attempt <= old.attempt:
+                return  # duplicate delivery
+            if old.cancelled_by_broker:  # a new attempt of a task being cancelled here: run it after
+                old.task.add_done_callback(lambda _t: self._start(a))
+            else:  # the same work, reassigned to us: report it under the new attempt
+                old.attempt = a.attempt
+            return
         if self.draining:
             self._failures.append(Failure(task_id=a.task_id, attempt=a.attempt, retryable=True, error=ErrorBody(
                 code="draining", message=f"{self.s.node_id} is shutting down")))
@@ -177,6 +189,11 @@ class Worker:
         outcome = "ok"
         try:
             async with self._slots:
+                t0 = time.monotonic()  # run time, not time spent waiting for a slot
+                run = self.running.get(a.task_id)
+                if run is not None:
+                    run.in_slot = True
+                    self._schedule_flush()  # PROGRESS: processing means running, not just received
                 ttype = handlers.get(a.type)
                 ctx = handlers.RunContext(self.s.node_id, self.s.workspace, self.s.shell_timeout_s,
                                           self.s.shell_output_cap, a.timeout_s)
@@ -191,7 +208,7 @@ class Worker:
                     output = await self.cache.get_or_compute(cache_key(a.type, a.input), compute)
                 else:
                     output = await compute()
-            self._results.append(outcome_body(a.task_id, a.attempt, output, (time.monotonic() - t0) * 1000))
+            self._results.append(outcome_body(a.task_id, self._attempt(a), output, (time.monotonic() - t0) * 1000))
             self.completed += 1
         except asyncio.CancelledError:
             outcome = "cancelled"
@@ -218,9 +235,13 @@ class Worker:
             self.metrics.task_seconds.labels(a.type).observe(time.monotonic() - t0)
             self._schedule_flush()
 
+    def _attempt(self, a: Assignment) -> int:
+        run = self.running.get(a.task_id)
+        return run.attempt if run is not None else a.attempt
+
     def _fail(self, a: Assignment, exc: CasperError, retryable: bool, code: str | None = None) -> None:
         self.failed += 1
-        self._failures.append(Failure(task_id=a.task_id, attempt=a.attempt, retryable=retryable,
+        self._failures.append(Failure(task_id=a.task_id, attempt=self._attempt(a), retryable=retryable,
                                       error=ErrorBody(code=code or exc.code, message=str(exc)[:4000])))
 
     # --- batched reports ------------------------------------------------------------------------
@@ -244,7 +265,7 @@ class Worker:
             batch2, self._failures = self._failures, []
             for i in range(0, len(batch2), 1000):
                 self._send(codec.encode(FailedBatch(failures=tuple(batch2[i:i + 1000]))))
-        started = [tid for tid, r in self.running.items() if not r.reported_start]
+        started = [tid for tid, r in self.running.items() if r.in_slot and not r.reported_start]
         if started:
             for tid in started:
                 self.running[tid].reported_start = True
@@ -255,6 +276,8 @@ class Worker:
     def tick(self) -> None:
         now = time.monotonic()
         if now - self.clock.last_seen > self.s.heartbeat_s * self.s.heartbeat_misses:
+            if self.sock is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return  # the broker did talk: frames wait to be read (we were stalled); never drop them
             if now >= self._next_reconnect:
                 self._reconnects += 1
                 backoff = min(32.0, 2.0 ** (self._reconnects - 1)) * random.uniform(0.5, 1.0)
@@ -264,6 +287,12 @@ class Worker:
                 self.connect()
                 self.clock.last_seen = now - self.s.heartbeat_s * self.s.heartbeat_misses  # stay "silent"
             return
+        if self.running and now - self._last_renew >= self._renew_every:
+            # renew the leases of everything held: a PROGRESS marked "renew" changes no state
+            self._last_renew = now
+            held = list(self.running)
+            for i in range(0, len(held), 1000):
+                self._send(codec.encode(Progress(task_ids=tuple(held[i:i + 1000]), note=RENEW)))
         if self.clock.heartbeat_due(now):
             self._send(codec.encode(Heartbeat(load=len(self.running), draining=self.draining)))
 

@@ -4,7 +4,8 @@
 (then fails the test's teardown if anything of it is left). ``netns_mesh`` adds Postgres and
 Redis in a ``db`` host and starts CASPER nodes in other hosts (see ``meshlab.py``). It skips, with the reason, on a
 machine that cannot make one: not root, no ``ip``, ``ip netns add`` refused, no bridge or veth.
-At the end of the session every lab made in this process is checked once more for leaks.
+At the end of the session every lab made in this process is checked once more for leaks; at
+its start, labs left by a killed run (owner process gone) are swept.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.faults.meshlab import NetnsMesh, make_root, remove_root
-from tests.faults.netns import CREATED, LabUnavailable, NetnsLab, leftovers_of
+from tests.faults.netns import CREATED, LabUnavailable, NetnsLab, leftovers_of, sweep_stale_labs
 
 
 def make_lab_or_skip() -> NetnsLab:
@@ -50,6 +51,12 @@ def netns_mesh(lab: NetnsLab) -> Iterator[NetnsMesh]:
         finally:
             lab.cleanup()
             remove_root(nm.root)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    swept = sweep_stale_labs()  # labs of runs killed before their cleanup (their owner is dead)
+    if swept:
+        print(f"swept stale network-namespace labs: {swept}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

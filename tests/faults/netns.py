@@ -28,6 +28,7 @@ import atexit
 import contextlib
 import ipaddress
 import os
+import pwd
 import random
 import secrets
 import select
@@ -45,6 +46,8 @@ NS_PREFIX = "casper-"
 NETEM_CHAIN = "CASPER_NETEM"
 #: every lab uid made by this process, for the session-end leak check
 CREATED: list[str] = []
+#: one file per live lab, named by its uid, holding the pid of the process that owns it
+OWNERS_DIR = Path("/run/casper-netns-labs")
 
 
 class LabUnavailable(RuntimeError):
@@ -144,6 +147,9 @@ class NetnsLab:
         self._closed = False
         CREATED.append(self.uid)
         atexit.register(self.cleanup)
+        with contextlib.suppress(OSError):
+            OWNERS_DIR.mkdir(mode=0o700, exist_ok=True)
+            (OWNERS_DIR / self.uid).write_text(f"{os.getpid()}\n")
         try:
             self._make_switch()
         except BaseException:
@@ -212,7 +218,8 @@ class NetnsLab:
             setpriv = shutil.which("setpriv")
             if setpriv is None:
                 raise LabUnavailable("running as another user needs 'setpriv' (util-linux)")
-            prefix += [setpriv, f"--reuid={user}", f"--regid={user}", "--clear-groups", "--"]
+            pw = pwd.getpwnam(user)
+            prefix += [setpriv, f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "--"]
         popen_kw.setdefault("stdin", subprocess.DEVNULL)
         popen_kw.setdefault("start_new_session", True)
         proc = subprocess.Popen([*prefix, *map(str, argv)], **popen_kw)
@@ -369,12 +376,47 @@ class NetnsLab:
             self._ip("netns", "del", ns, check=False)
         self._closed = True
         atexit.unregister(self.cleanup)
+        if not self.leftovers():
+            (OWNERS_DIR / self.uid).unlink(missing_ok=True)
 
     def leftovers(self) -> list[str]:
         return leftovers_of([self.uid])
+
+    @classmethod
+    def _orphan(cls, uid: str) -> NetnsLab:
+        """A handle on a lab some dead process made, good for ``cleanup`` only."""
+        lab = cls.__new__(cls)
+        lab.ip_bin, lab.uid, lab.prefix = shutil.which("ip") or "ip", uid, f"{NS_PREFIX}{uid}"
+        lab.switch, lab.procs, lab._delayers, lab._closed = f"{lab.prefix}-sw", [], {}, False
+        hosts = sorted(n for n in netns_names() if n.startswith(lab.prefix + "-") and n != lab.switch)
+        lab._namespaces = [lab.switch, *hosts]
+        return lab
 
     def __enter__(self) -> NetnsLab:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+def sweep_stale_labs() -> list[str]:
+    """Clean up labs whose owning process is gone (killed before its cleanup could run): their
+    namespaces, the processes still in them, and their owner files. Live labs are left alone."""
+    swept: list[str] = []
+    if os.geteuid() != 0 or not OWNERS_DIR.is_dir():
+        return swept
+    for owner in OWNERS_DIR.iterdir():
+        try:
+            pid = int(owner.read_text().split()[0])
+            os.kill(pid, 0)
+            continue  # the owner still runs (or its pid was reused: then leave it alone, to be safe)
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError, IndexError):
+            continue
+        lab = NetnsLab._orphan(owner.name)
+        lab.cleanup()
+        if not lab.leftovers():
+            owner.unlink(missing_ok=True)
+            swept.append(owner.name)
+    return swept

@@ -156,11 +156,6 @@ def test_partitioned_developer_fails_over_and_rejoins(netns_mesh: NetnsMesh,
     assert duplicates <= len(moved_ids), "only tasks cut off on developer-1 may have run twice"
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "casperd bug: a worker that reconnects while the broker's CANCEL/TASK for a new attempt are still "
-    "unread drops them (socket closed with linger 0), its READY then claims the task by id although it "
-    "runs the old attempt, the old attempt's RESULT is ignored as stale, and no lease expiry ever "
-    "recovers it: the task stays 'assigned' forever (see the report in the fault-tier notes)"))
 def test_stalled_worker_after_a_partition_does_not_strand_its_task(netns_mesh: NetnsMesh) -> None:
     """Partition the only developer mid-task until it is declared dead; on the way back, the
     policeman's replies are slow (150 ms) and the developer stalls for 1.2 s (SIGSTOP: a GC pause,

@@ -117,7 +117,7 @@ def test_hosts_get_fixed_ips_and_talk(two: NetnsLab) -> None:
     assert not [n for n in root_link_names() if lab.uid in n], "the root namespace gets no lab interface"
     res = probe(lab, "b", "a")
     assert res["ok"], res
-    assert res["rtt_s"] < 0.15, res
+    assert res["rtt_s"] < 0.2, res
 
 
 def test_link_down_blocks_and_link_up_restores(two: NetnsLab) -> None:
@@ -137,7 +137,7 @@ def test_link_down_blocks_and_link_up_restores(two: NetnsLab) -> None:
 def test_netem_delay_loss_and_clear(two: NetnsLab) -> None:
     lab = two
     base = probe(lab, "b", "a")
-    assert base["ok"] and base["rtt_s"] < 0.15, base
+    assert base["ok"] and base["rtt_s"] < 0.2, base
 
     lab.netem("a", delay_ms=200)
     delayed = probe(lab, "b", "a", timeout=3.0)
@@ -156,7 +156,7 @@ def test_netem_delay_loss_and_clear(two: NetnsLab) -> None:
 
     lab.clear_netem("a")
     again = probe(lab, "b", "a")
-    assert again["ok"] and again["rtt_s"] < 0.15, (again, lab.netem_backend)
+    assert again["ok"] and again["rtt_s"] < 0.2, (again, lab.netem_backend)
 
 
 def test_pause_resume_kill(two: NetnsLab) -> None:
@@ -221,3 +221,35 @@ def test_signal_based_kill_wakes_a_paused_process(lab: NetnsLab) -> None:
     lab.pause(proc.pid)
     lab.kill(proc.pid, signal.SIGTERM)
     assert proc.poll() == -signal.SIGTERM
+
+
+def test_unavailable_machines_skip_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.faults import netns
+    from tests.faults.conftest import make_lab_or_skip
+
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    with pytest.raises(pytest.skip.Exception, match="need root"):
+        make_lab_or_skip()
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda name: None)
+    with pytest.raises(pytest.skip.Exception, match="no 'ip' binary"):
+        make_lab_or_skip()
+
+
+def test_labs_of_a_killed_run_are_swept(lab: NetnsLab) -> None:
+    from tests.faults.netns import OWNERS_DIR, sweep_stale_labs
+
+    inner = NetnsLab()
+    try:
+        inner.add_host("x")
+        sleeper = inner.run("x", ["sleep", "120"])
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        (OWNERS_DIR / inner.uid).write_text(f"{gone.pid}\n")  # as if the owning run had been killed
+        swept = sweep_stale_labs()
+        assert inner.uid in swept and lab.uid not in swept  # the live lab is left alone
+        assert sleeper.wait(5) == -signal.SIGKILL
+        assert inner.leftovers() == [] and not (OWNERS_DIR / inner.uid).exists()
+        assert lab.leftovers() == [f"netns {lab.switch}"] and (OWNERS_DIR / lab.uid).exists()
+    finally:
+        inner.cleanup()
