@@ -50,7 +50,8 @@ class Settings(BaseSettings):
                                                          description="extra capabilities (comma list)")
     heartbeat_s: float = Field(default=1.0, gt=0, le=600, description="heartbeat interval, seconds")
     heartbeat_misses: int = Field(default=3, ge=2, le=100, description="missed intervals before dead")
-    lease_s: float = Field(default=30.0, gt=0, description="lease on an assigned task, renewed by heartbeats")
+    lease_s: float = Field(default=30.0, gt=0,
+                           description="lease on an assigned task; the holder renews it every third of it")
     max_attempts: int = Field(default=3, ge=1, le=100, description="runs per task before it is dead")
     backoff_base_s: float = Field(default=1.0, ge=0, description="first retry delay, seconds")
     backoff_factor: float = Field(default=2.0, ge=1, description="retry delay multiplier")

@@ -68,6 +68,15 @@ _INSERT_KEYS = (
     "SELECT key, task_id, created_at FROM json_populate_recordset(NULL::task_idempotency, %s::json) "
     "ON CONFLICT (key) DO NOTHING"
 )
+# The whole group commit as ONE statement (data-modifying CTEs run atomically): one round trip per
+# commit in autocommit mode. A record is either new or persisted, never both in one batch, so the
+# CTEs never touch the same row (they all see the same snapshot).
+_COMMIT_ALL = (
+    f"WITH new AS ({_INSERT_NEW} RETURNING 1), upd AS ({_UPDATE_OLD} RETURNING 1), "
+    f"keys AS ({_INSERT_KEYS} RETURNING 1), ev AS ({_INSERT_EVENTS} RETURNING 1) "
+    "SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM upd), (SELECT count(*) FROM keys), "
+    "(SELECT count(*) FROM ev)"
+)
 _OPEN_STATUSES = [s.value for s in Status if s not in TERMINAL]
 _dumps = json.dumps
 
@@ -293,28 +302,21 @@ class Store:
     async def _writer_conn(self) -> psycopg.AsyncConnection[Any]:
         """The writer's own connection (no pool round trips on the hot path); remade after a failure."""
         if self._wconn is None or self._wconn.closed or self._wconn.broken:
-            self._wconn = await psycopg.AsyncConnection.connect(self.url, autocommit=False, **self._conn_kwargs)
+            # autocommit: each group commit is one statement, hence one transaction and one round trip
+            self._wconn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, **self._conn_kwargs)
             # the writer runs the same few statements on a partitioned table thousands of times:
             # plan them once (planning them each time cost more than executing them)
             await self._wconn.execute("SET plan_cache_mode = force_generic_plan")
-            await self._wconn.commit()
         return self._wconn
 
     async def _write(self, batch: _Batch) -> None:
         new = [_new_json(r) for r in batch.dirty.values() if not r.persisted]
         old = [_update_json(r) for r in batch.dirty.values() if r.persisted]
+        keys = ",".join(f'{{"key":{_dumps(k)},"task_id":"{t}","created_at":{_t(c)}}}' for k, t, c in batch.keys)
         conn = await self._writer_conn()
-        async with conn.transaction():
-            if new:
-                await conn.execute(_INSERT_NEW, ("[" + ",".join(new) + "]",), prepare=True)
-            if old:
-                await conn.execute(_UPDATE_OLD, ("[" + ",".join(old) + "]",), prepare=True)
-            if batch.keys:
-                keys = ",".join(f'{{"key":{_dumps(k)},"task_id":"{t}","created_at":{_t(c)}}}' for k, t, c in batch.keys)
-                await conn.execute(_INSERT_KEYS, ("[" + keys + "]",), prepare=True)
-            if batch.events:
-                await conn.execute(_INSERT_EVENTS, ("[" + ",".join(map(_event_json, batch.events)) + "]",),
-                                   prepare=True)
+        await conn.execute(_COMMIT_ALL, (
+            "[" + ",".join(new) + "]", "[" + ",".join(old) + "]", "[" + keys + "]",
+            "[" + ",".join(map(_event_json, batch.events)) + "]"), prepare=True)
         self.commits += 1
         self.rows_written += len(batch.dirty)
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT.parent))
 from casperd import codec  # noqa: E402
 from casperd.messages import (  # noqa: E402
     MODELS,
+    RENEW,
     Accepted,
     Assignment,
     Cancel,
@@ -150,10 +151,13 @@ def _canonical() -> list[tuple[str, str, Message, tuple[bytes, ...], int]]:
              Assignment(task_id=T3, type="echo", input={"n": -17, "ratio": 0.5, "tags": ["a", "b"], "none": None},
                         attempt=2, lease_ms=30000),
          )), (), DEFAULT_MAX),
-        ("06_progress", "A worker reports that two tasks started.",
+        ("06_progress", "A worker reports that two tasks started running (took an execution slot).",
          Progress(task_ids=(T1, T3)), (), DEFAULT_MAX),
         ("06_progress_note", "PROGRESS with a note (UTF-8 text).",
          Progress(task_ids=(T1,), note="compiling \u2026 \u2713 na\u00efve"), (), DEFAULT_MAX),
+        ("06_progress_renew", "A lease renewal: PROGRESS whose note is 'renew' lists every task the worker "
+         "holds; it extends their leases and changes no task's status.",
+         Progress(task_ids=(T1, T2, T3), note=RENEW), (), DEFAULT_MAX),
         ("07_result", "One finished task with a shell handler's output.",
          ResultBatch(results=(Outcome(task_id=T1, attempt=1, output=shell_output, duration_ms=1234.5),)),
          (), DEFAULT_MAX),
