@@ -125,6 +125,7 @@ class Broker:
         self.by_route: dict[bytes, Peer] = {}
         self.retry_heap: list[tuple[float, uuid.UUID]] = []
         self.keys: OrderedDict[str, uuid.UUID] = OrderedDict()
+        self._transition_counter = {s: metrics.transitions.labels(s.value) for s in Status}
         self.leases: dict[uuid.UUID, float] = {}
         """Lease deadline (monotonic) of every task a peer holds, renewed by its PROGRESS."""
         self.policy = RetryPolicy(settings.max_attempts, settings.backoff_base_s, settings.backoff_factor,
@@ -366,7 +367,7 @@ class Broker:
         old = rec.move(new, stamp)
         self.store.stage(rec, TaskEvent(stamp, rec.id, old.value, new.value, peer, rec.attempts,
                                         json.dumps(detail) if detail else None))
-        self.metrics.transitions.labels(new.value).inc()
+        self._transition_counter[new].inc()
 
     def _finish(self, rec: TaskRecord, status: Status, stamp: datetime, peer: str | None,
                 detail: dict[str, Any] | None = None) -> None:

@@ -7,7 +7,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from casperd import lifecycle
 from casperd.lifecycle import Status
@@ -112,8 +112,9 @@ class TaskRecord:
         }
 
 
-@dataclass(slots=True, frozen=True)
-class TaskEvent:
+class TaskEvent(NamedTuple):
+    """One row of the append-only task_events table (a tuple: cheap to make on the hot path)."""
+
     at: datetime
     task_id: uuid.UUID
     from_status: str | None
