@@ -53,6 +53,14 @@ class CircuitBreaker:
             return now - self.opened_at >= self.recovery_s
         return self.in_flight_probes < self.probes
 
+    def trip(self, now: float) -> None:
+        """Open at once (the peer was lost: no need to count failures)."""
+        if self.state is not BreakerState.OPEN:
+            self.trips += 1
+        self.state = BreakerState.OPEN
+        self.opened_at = now
+        self.in_flight_probes = 0
+
     def release_probe(self) -> None:
         """A probe ended with no verdict (handed back, cancelled): let another probe through."""
         if self.state is BreakerState.HALF_OPEN and self.in_flight_probes > 0:

@@ -126,6 +126,7 @@ class Broker:
         self.retry_heap: list[tuple[float, uuid.UUID]] = []
         self.keys: OrderedDict[str, uuid.UUID] = OrderedDict()
         self._transition_counter = {s: metrics.transitions.labels(s.value) for s in Status}
+        self.breakers: dict[str, CircuitBreaker] = {}
         self.leases: dict[uuid.UUID, float] = {}
         """Lease deadline (monotonic) of every task a peer holds, renewed by its PROGRESS."""
         self.policy = RetryPolicy(settings.max_attempts, settings.backoff_base_s, settings.backoff_factor,
@@ -236,7 +237,7 @@ class Broker:
             self._drop_peer(old, "restarted")
             old = None
         clock = PeerClock(interval_s=self.s.heartbeat_s, misses=self.s.heartbeat_misses, last_seen=now)
-        breaker = old.slot.breaker if old else CircuitBreaker()
+        breaker = self.breaker_for(msg.node_id)  # a node's breaker outlives its registrations
         slot = PeerSlot(msg.node_id, frozenset(msg.capabilities), msg.capacity, breaker=breaker)
         peer = Peer(msg.node_id, msg.epoch, route, msg.role.value, msg.endpoint, msg.host, msg.pid, msg.version,
                     slot, clock)
@@ -269,6 +270,12 @@ class Broker:
         self.metrics.peers.set(len(self.peers))
         self._send_mesh(route, codec.encode(Heartbeat()))
         self._dirty_dispatch = True
+
+    def breaker_for(self, node_id: str) -> CircuitBreaker:
+        breaker = self.breakers.get(node_id)
+        if breaker is None:
+            breaker = self.breakers[node_id] = CircuitBreaker(self.s.breaker_failures, self.s.breaker_recovery_s)
+        return breaker
 
     def _drop_peer(self, peer: Peer, reason: str) -> None:
         if self.peers.get(peer.node_id) is peer:
@@ -493,6 +500,7 @@ class Broker:
             if state is Liveness.DEAD:
                 log.warning("peer %s is dead (silent %.1fs); returning its %d tasks", peer.node_id,
                             now - peer.clock.last_seen, len(peer.held))
+                peer.slot.breaker.trip(now)  # back from the dead, it must earn its work again (half-open)
                 self._drop_peer(peer, "dead")
                 continue
             if peer.clock.heartbeat_due(now):

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     heartbeat_misses: int = Field(default=3, ge=2, le=100, description="missed intervals before dead")
     lease_s: float = Field(default=30.0, gt=0,
                            description="lease on an assigned task; the holder renews it every third of it")
+    breaker_failures: int = Field(default=5, ge=1, le=1000,
+                                  description="consecutive failures that open a peer's circuit breaker")
+    breaker_recovery_s: float = Field(default=60.0, gt=0,
+                                      description="how long an open breaker waits before a half-open probe")
     max_attempts: int = Field(default=3, ge=1, le=100, description="runs per task before it is dead")
     backoff_base_s: float = Field(default=1.0, ge=0, description="first retry delay, seconds")
     backoff_factor: float = Field(default=2.0, ge=1, description="retry delay multiplier")

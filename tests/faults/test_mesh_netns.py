@@ -58,7 +58,7 @@ def test_partitioned_developer_fails_over_and_rejoins(netns_mesh: NetnsMesh,
     nm = netns_mesh
     lab = nm.lab
     t_start = time.monotonic()
-    mesh = nm.start_mesh()
+    mesh = nm.start_mesh(extra_env={"CASPER_BREAKER_RECOVERY_S": "1.5"})
     timings: dict[str, float] = {"mesh_up_s": time.monotonic() - t_start}
 
     with mesh.client(timeout_s=30) as c, mesh.client(timeout_s=5) as admin:
@@ -114,11 +114,22 @@ def test_partitioned_developer_fails_over_and_rejoins(netns_mesh: NetnsMesh,
         assert seen["dead"] <= HEARTBEAT_S * MISSES + 1.0, seen
         assert "rejoined" in seen, f"developer-1 did not re-register after link_up: {seen}"
 
-        # 3. the rejoined developer takes work again
+        # 3. the rejoined developer's breaker is open (it died); after the recovery time a probe
+        #    task closes it through half-open, and it takes work again
+        assert peers_by_id(admin)["developer-1"]["breaker"] in ("open", "half-open")
         ids3 = submit(c, [TaskSpec(type="sleep", input={"seconds": 0.02}) for _ in range(40)])
         done3: dict[str, Done] = {}
         gather(c, ids3, done3, timeout=60)
         assert set(done3) == set(ids3) and {ev.status for ev in done3.values()} == {"complete"}
+        deadline = time.monotonic() + 20
+        while peers_by_id(admin)["developer-1"]["breaker"] != "closed":
+            if time.monotonic() > deadline:
+                # keep feeding it probe-able work until the half-open probe has run
+                raise AssertionError(f"developer-1's breaker never closed: {peers_by_id(admin)['developer-1']}")
+            more = submit(c, [TaskSpec(type="sleep", input={"seconds": 0.02}) for _ in range(4)])
+            extra: dict[str, Done] = {}
+            gather(c, more, extra, timeout=30)
+            ids3 += more
 
         executions = {n: ControlClient(mesh.nodes[n].control, 5).request("status")["completed"]
                       for n in ("developer-1", "developer-2")}
@@ -162,7 +173,8 @@ def test_stalled_worker_after_a_partition_does_not_strand_its_task(netns_mesh: N
     CPU starvation) right after it re-registers. The task must still complete."""
     nm = netns_mesh
     lab = nm.lab
-    mesh = nm.start_mesh(developers=1, heartbeat_s=1.0, extra_env={"CASPER_CAPACITY": "1"})
+    mesh = nm.start_mesh(developers=1, heartbeat_s=1.0,
+                         extra_env={"CASPER_CAPACITY": "1", "CASPER_BREAKER_RECOVERY_S": "1.5"})
     dev = mesh.nodes["developer-1"].proc
     assert dev is not None
     with mesh.client(timeout_s=10) as c, mesh.client(timeout_s=5) as admin:
