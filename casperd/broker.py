@@ -589,10 +589,12 @@ class Broker:
         for tid in terminal_waits:
             asyncio.get_running_loop().create_task(self._done_from_store(route, tid))
 
-    def _create(self, spec: TaskSpec, submitter: str | None, stamp: datetime) -> TaskRecord:
+    def _create(self, spec: TaskSpec, submitter: str | None, stamp: datetime,
+                detail: dict[str, Any] | None = None) -> TaskRecord:
         rec = TaskRecord.from_spec(new_task_id(), spec, self.s.max_attempts, submitter)
         self.tasks[rec.id] = rec
-        self.store.stage(rec, TaskEvent(stamp, rec.id, None, Status.PENDING.value, submitter, 0))
+        self.store.stage(rec, TaskEvent(stamp, rec.id, None, Status.PENDING.value, submitter, 0,
+                                        json.dumps(detail) if detail else None))
         if spec.idempotency_key:
             self._remember_key(spec.idempotency_key, rec.id)
             self.store.stage_key(spec.idempotency_key, rec.id, rec.created_at)
@@ -640,6 +642,18 @@ class Broker:
             self.store.after_commit(lambda: self._send_mesh(peer.route, frames))
         self._finish(rec, Status.CANCELLED, stamp, holder, {"by": "operator"})
         return {"id": str(tid), "status": Status.CANCELLED.value, "was_running_on": holder}
+
+    def retry(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Run a dead or cancelled task again, as a new task (the old one keeps its history)."""
+        if row["status"] not in (Status.DEAD.value, Status.CANCELLED.value):
+            raise InvalidBodyError(f"task {row['id']} is {row['status']}; only dead or cancelled tasks are retried",
+                                   hint="caspectl cancel ID first, or wait for it to finish")
+        spec = TaskSpec(type=row["type"], input=row["input"] or {}, priority=row["priority"],
+                        requires=tuple(row["requires"] or ()), affinity=row["affinity"],
+                        max_attempts=row["max_attempts"], timeout_s=row["timeout_s"], parent_id=row["parent_id"],
+                        cache=row["cache"])
+        rec = self._create(spec, "caspectl retry", utcnow(), {"retry_of": str(row["id"])})
+        return {"id": str(rec.id), "retry_of": str(row["id"]), "status": rec.status.value}
 
     def set_draining(self, node_id: str, draining: bool) -> dict[str, Any]:
         peer = self.peers.get(node_id)

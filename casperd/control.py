@@ -132,6 +132,21 @@ def _set_draining(node: Node, args: dict[str, Any], draining: bool) -> Any:
     return node.broker.set_draining(str(args.get("peer", "")), draining)
 
 
+@op("retry")
+async def _retry(node: Node, args: dict[str, Any]) -> Any:
+    assert node.broker is not None and node.store is not None
+    tid = _task_id(args)
+    row = None if tid in node.broker.tasks else await node.store.get(tid)
+    if row is None:
+        if tid in node.broker.tasks:
+            raise CommandError(f"task {tid} is still open ({node.broker.tasks[tid].status.value})",
+                               hint="only dead or cancelled tasks are retried")
+        raise TaskNotFoundError(f"no task {tid}", hint="caspectl tasks --status dead lists retry candidates")
+    result = node.broker.retry(row)
+    await node.store.committed()
+    return result
+
+
 @op("drain", workers=True)
 async def _drain(node: Node, args: dict[str, Any]) -> Any:
     return _set_draining(node, args, True)

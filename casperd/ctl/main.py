@@ -32,7 +32,7 @@ examples:
   caspectl submit shell --input '{"cmd": "pytest -q"}' --wait
   caspectl submit echo --input '{"hello": "mesh"}' --idempotency-key greet-1 -o json
   caspectl submit-bulk tasks.jsonl            # one JSON task per line: {"type": ..., "input": {...}, ...}
-  caspectl tasks --status dead --limit 20
+  caspectl tasks --status dead --limit 20 && caspectl retry ID
   caspectl drain developer-1 && caspectl resume developer-1
   caspectl keygen ./keys node-1
 
@@ -211,6 +211,12 @@ def cmd_cancel(c: ControlClient, a: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_retry(c: ControlClient, a: argparse.Namespace) -> int:
+    data = c.request("retry", id=str(parse_id(a.id)))
+    _emit(a, data, lambda d: out.print(f"task {d['retry_of']} runs again as task {d['id']}"))
+    return ExitCode.OK
+
+
 def cmd_drain(c: ControlClient, a: argparse.Namespace) -> int:
     data = c.request("drain", peer=a.peer)
     _emit(a, data, lambda d: out.print(f"{d['peer']} drained: no new tasks ({d['inflight']} still running)"))
@@ -306,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--status", help="only this status (pending, assigned, ..., dead, cancelled)")
     sp.add_argument("--limit", type=int, default=50)
     sp = add("cancel", cmd_cancel, "cancel a pending or running task")
+    sp.add_argument("id")
+    sp = add("retry", cmd_retry, "run a dead or cancelled task again (as a new task)")
     sp.add_argument("id")
     sp = add("drain", cmd_drain, "stop sending new tasks to a peer")
     sp.add_argument("peer")

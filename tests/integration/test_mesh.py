@@ -266,3 +266,26 @@ def test_policeman_restart_recovers_from_postgres(make_mesh: Any, database_url: 
                  "all tasks complete after the restart")
     assert {r[0] for r in db_rows(database_url, "SELECT status FROM tasks")} == {"complete"}
     assert len(ids) == 20
+
+
+def test_dead_task_keeps_every_error_and_retry_runs_it_again(make_mesh: Any, tmp_path: Any) -> None:
+    mesh = make_mesh(developers=1, testers=0, extra_env={"CASPER_BACKOFF_BASE_S": "0.1"})
+    marker = tmp_path / "second-time"
+    flaky = TaskSpec(type="shell", max_attempts=2, input={
+        "cmd": f"[ -f {marker}.ok ] || {{ echo no >> {marker}; exit 3; }}", "expect_exit": 0})
+    with mesh.client(timeout_s=30) as c:
+        tid = str(c.submit([flaky], wait=True).task_ids[0])
+        ev = next(c.done_events(30))
+        assert ev.status == "dead" and ev.error is not None and ev.error.code == "validation"
+        view = c.request("get", id=tid)
+        assert view["attempts"] == 2
+        assert [e["attempt"] for e in view["error"]] == [1, 2], "every attempt's error is kept"
+        dead = c.request("tasks", status="dead")
+        assert [t["id"] for t in dead["tasks"]] == [tid]
+        (tmp_path / "second-time.ok").touch()
+        again = c.request("retry", id=tid)
+        assert again["retry_of"] == tid and again["id"] != tid
+        new = wait_for(lambda: (v := c.request("get", id=again["id"]))["status"] == "complete" and v, 30,
+                       "the retried task")
+        assert new["events"][0]["detail"] == {"retry_of": tid}
+        assert c.request("get", id=tid)["status"] == "dead", "the old task keeps its history"
