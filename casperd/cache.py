@@ -77,6 +77,8 @@ class ResultCache:
             self._local.pop(key, None)
 
     async def _resolve(self, key: str, compute: Callable[[], Awaitable[Any]]) -> Any:
+        """Redis errors never make a task fail or run twice: the handler runs at most once here,
+        outside every Redis call, and a Redis failure after it ran keeps its value."""
         if self.redis is None or not self.breaker.allow(time.monotonic()):
             self.bypassed += 1
             return await self._compute(compute)
@@ -84,37 +86,58 @@ class ResultCache:
             found, value = await self._get(key)
             if found:
                 self.hits += 1
-                return value
-            token = secrets.token_hex(8)
-            if await self.redis.set(_LOCK + key, token, nx=True, px=self.lock_ms):
-                self.misses += 1
-                try:
-                    value = await self._compute(compute)
-                except BaseException:
-                    await self.redis.delete(_LOCK + key)  # let a waiter compute instead
-                    raise
-                await self.redis.set(_PREFIX + key, msgpack.packb(value, use_bin_type=True), px=self.ttl_ms)
-                await self.redis.delete(_LOCK + key)
                 self.breaker.record_success()
                 return value
-            # another node computes it: wait for its value while its lock lives
-            delay = 0.005
-            while True:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.1)
-                found, value = await self._get(key)
-                if found:
-                    self.hits += 1
-                    self.breaker.record_success()
-                    return value
-                if not await self.redis.exists(_LOCK + key):
-                    self.misses += 1
-                    return await self._compute(compute)
+            owner = await self.redis.set(_LOCK + key, secrets.token_hex(8), nx=True, px=self.lock_ms)
         except (aioredis.RedisError, OSError) as exc:
-            self.breaker.record_failure(time.monotonic())
-            self.bypassed += 1
-            log.warning("cache: Redis unavailable (%s); computing without the cache", type(exc).__name__)
-            return await self._compute(compute)
+            return await self._bypass(exc, compute)
+        if owner:
+            self.misses += 1
+            try:
+                value = await self._compute(compute)
+            except BaseException:
+                await self._quietly(self.redis.delete(_LOCK + key))  # let a waiter compute instead
+                raise
+            if await self._quietly(self.redis.set(_PREFIX + key, msgpack.packb(value, use_bin_type=True),
+                                                  px=self.ttl_ms)):
+                await self._quietly(self.redis.delete(_LOCK + key))
+                self.breaker.record_success()
+            return value
+        # another node computes it: wait for its value while its lock lives
+        delay = 0.005
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+            try:
+                found, value = await self._get(key)
+                lock_alive = found or bool(await self.redis.exists(_LOCK + key))
+            except (aioredis.RedisError, OSError) as exc:
+                return await self._bypass(exc, compute)
+            if found:
+                self.hits += 1
+                self.breaker.record_success()
+                return value
+            if not lock_alive:
+                self.misses += 1
+                return await self._compute(compute)
+
+    async def _bypass(self, exc: BaseException, compute: Callable[[], Awaitable[Any]]) -> Any:
+        self._redis_failed(exc)
+        self.bypassed += 1
+        return await self._compute(compute)
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        self.breaker.record_failure(time.monotonic())
+        log.warning("cache: Redis unavailable (%s); running without the cache", type(exc).__name__)
+
+    async def _quietly(self, call: Awaitable[Any]) -> bool:
+        """A Redis call whose failure is only counted (the result at hand stays valid)."""
+        try:
+            await call
+            return True
+        except (aioredis.RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            return False
 
     async def _get(self, key: str) -> tuple[bool, Any]:
         assert self.redis is not None

@@ -30,7 +30,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from casperd.errors import MigrationError, StorageError
 from casperd.lifecycle import TERMINAL, Status
@@ -160,6 +160,7 @@ class Store:
         self.healthy = True
         self.last_error: str | None = None
         self.on_commit: Callable[[float], None] | None = None
+        self.query_timeout_s = 2.0
         self._wconn: psycopg.AsyncConnection[Any] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -357,7 +358,9 @@ class Store:
 
     async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
         try:
-            async with self.pool.connection() as conn:
+            # a short wait for a connection: with Postgres down, answer "unavailable" in seconds,
+            # not after the pool's 30 s default (the control loop waits for this answer)
+            async with self.pool.connection(timeout=self.query_timeout_s) as conn:
                 async with conn.cursor(row_factory=dict_row) as cur:
                     await cur.execute(sql, params)
                     rows = await cur.fetchall()
@@ -365,6 +368,9 @@ class Store:
                 return rows
         except psycopg.Error as exc:
             raise StorageError(f"query failed: {exc}", hint="is Postgres up? see caspectl health") from None
+        except PoolTimeout:
+            raise StorageError(f"no database connection within {self.query_timeout_s:g}s",
+                               hint="is Postgres up? see caspectl health") from None
 
 
 def redact_url(url: str) -> str:
