@@ -96,6 +96,7 @@ class Peer:
     held: set[uuid.UUID] = field(default_factory=set)
     registered_at: float = field(default_factory=time.time)
     drained_by_operator: bool = False
+    send_failing: bool = False
     draining_itself: bool = False
 
     def update_draining(self) -> None:
@@ -216,11 +217,14 @@ class Broker:
             peer = self.by_route.get(route)
             if peer is not None:
                 peer.clock.sent(time.monotonic())
+                peer.send_failing = False
             return True
         self.metrics.send_failures.labels(why).inc()
         peer = self.by_route.get(route)
-        if peer is not None:
-            log.warning("could not send to %s (%s)", peer.node_id, why)
+        if peer is not None and not peer.send_failing:  # once per outage, not once per frame
+            peer.send_failing = True
+            log.warning("could not send to %s (%s); it is silent for %.1fs", peer.node_id, why,
+                        time.monotonic() - peer.clock.last_seen)
         return False
 
     # --- registration -------------------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""The compose files as docker-compose reads them: valid, variables honoured, no secret values.
+
+Only ``docker-compose config`` runs here (no engine, no containers), so these take seconds.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.compose.composemesh import COMPOSE_FILE, REPO, clean_env, compose_command, unavailable
+
+pytestmark = [pytest.mark.compose, pytest.mark.timeout(120)]
+
+SWARM_FILE = REPO / "compose.swarm.yaml"
+NODES = ("policeman", "developer-1", "developer-2", "tester")
+
+
+def config(*files: Path, env: dict[str, str] | None = None) -> str:
+    cmd = compose_command()
+    if cmd is None:
+        unavailable("neither docker-compose nor the docker compose plugin is installed")
+    base = {**clean_env(), **(env or {})}
+    args = [*cmd, "-p", "casper-config-check"]
+    for f in files:
+        args += ["-f", str(f)]
+    proc = subprocess.run([*args, "config"], capture_output=True, text=True, timeout=60, env=base, cwd=REPO,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{' '.join(args)} config failed:\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_defaults_are_the_seed_plan_and_public_images() -> None:
+    out = config(COMPOSE_FILE)
+    for service, octet in (("policeman", 10), ("developer-1", 11), ("developer-2", 12), ("tester", 13),
+                           ("redis", 20), ("postgres", 21)):
+        assert f"ipv4_address: 172.20.0.{octet}" in out, service
+    assert "subnet: 172.20.0.0/16" in out and "gateway: 172.20.0.1" in out
+    assert "internal: true" in out
+    assert "image: casper:latest" in out
+    assert "image: postgres:16-alpine" in out and "image: redis:7-alpine" in out
+    assert "PYTHON_IMAGE: python:3.11-slim" in out
+    assert out.count("condition: service_healthy") >= 2 + 2 * 3  # policeman: 2, each worker: 2
+    assert "max-size: 10m" in out and "max-file: '3'" in out
+
+
+def test_variables_move_the_mesh_and_its_images() -> None:
+    out = config(COMPOSE_FILE, env={
+        "CASPER_SUBNET": "10.99.1.0/24", "CASPER_NET": "10.99.1", "CASPER_INTERNAL_SUBNET": "10.99.2.0/24",
+        "CASPER_IMAGE": "casper-local/casper", "VERSION": "0.1.0", "POSTGRES_IMAGE": "casper-local/postgres:16",
+        "REDIS_IMAGE": "casper-local/redis:7", "CASPER_SECRETS_DIR": "/somewhere/secrets"})
+    assert "172.20." not in out and "172.21." not in out
+    assert "ipv4_address: 10.99.1.10" in out and "CASPER_BROKER: tcp://10.99.1.10:5555" in out
+    assert "subnet: 10.99.2.0/24" in out
+    assert "image: casper-local/casper:0.1.0" in out
+    assert "file: /somewhere/secrets/policeman.key" in out
+
+
+def test_no_secret_values_in_the_environment() -> None:
+    """Secrets reach the containers as files: every secret-looking variable is a *_FILE path."""
+    out = config(COMPOSE_FILE)
+    names = set(re.findall(r"^\s+([A-Z][A-Z0-9_]*):", out, re.M))
+    secretish = {n for n in names if re.search(r"PASSWORD|SECRET|API_KEY|TOKEN", n)}
+    assert secretish, "expected the *_FILE settings"
+    assert all(n.endswith("_FILE") for n in secretish), sorted(secretish)
+    assert "postgresql://casper@postgres:5432/casper" in out  # no password in the URL
+
+
+def test_swarm_file_is_valid_and_scales_developers() -> None:
+    out = config(SWARM_FILE)
+    assert "replicas:" in out and "update_config:" in out and "constraints:" in out
+    assert "driver: overlay" in out
