@@ -128,6 +128,7 @@ class Broker:
         self.keys: OrderedDict[str, uuid.UUID] = OrderedDict()
         self._transition_counter = {s: metrics.transitions.labels(s.value) for s in Status}
         self.breakers: dict[str, CircuitBreaker] = {}
+        self._policies: dict[str, RetryPolicy] = {}
         self.leases: dict[uuid.UUID, float] = {}
         """Lease deadline (monotonic) of every task a peer holds, renewed by its PROGRESS."""
         self.policy = RetryPolicy(settings.max_attempts, settings.backoff_base_s, settings.backoff_factor,
@@ -275,6 +276,19 @@ class Broker:
         self._send_mesh(route, codec.encode(Heartbeat()))
         self._dirty_dispatch = True
 
+    def policy_for(self, task_type: str) -> RetryPolicy:
+        """The retry policy of a task type: its own settings over the mesh defaults (cached)."""
+        policy = self._policies.get(task_type)
+        if policy is None:
+            own = self.s.task_policies.get(task_type)
+            policy = self.policy if own is None else RetryPolicy(
+                own.max_attempts or self.policy.max_attempts,
+                self.policy.base_s if own.backoff_base_s is None else own.backoff_base_s,
+                own.backoff_factor or self.policy.factor,
+                self.policy.cap_s if own.backoff_cap_s is None else own.backoff_cap_s)
+            self._policies[task_type] = policy
+        return policy
+
     def breaker_for(self, node_id: str) -> CircuitBreaker:
         breaker = self.breakers.get(node_id)
         if breaker is None:
@@ -404,8 +418,9 @@ class Broker:
         self._after_error(rec, stamp, peer, retryable)
 
     def _after_error(self, rec: TaskRecord, stamp: datetime, peer: str | None, retryable: bool = True) -> None:
-        if retryable and not self.policy.exhausted(rec.attempts, rec.max_attempts):
-            delay = self.policy.backoff(rec.attempts)
+        policy = self.policy_for(rec.type)
+        if retryable and not policy.exhausted(rec.attempts, rec.max_attempts):
+            delay = policy.backoff(rec.attempts)
             rec.not_before = stamp + timedelta(seconds=delay)
             rec.assigned_to = None
             self._change(rec, Status.RETRY, stamp, peer, {"backoff_s": delay})
@@ -418,7 +433,7 @@ class Broker:
         """A holder was lost: back to pending (the attempt stays counted), or dead if none are left."""
         holder = rec.assigned_to
         self.leases.pop(rec.id, None)
-        if self.policy.exhausted(rec.attempts, rec.max_attempts):
+        if self.policy_for(rec.type).exhausted(rec.attempts, rec.max_attempts):
             self._fail(rec, stamp, holder, "holder-lost", reason, False)
             return
         rec.assigned_to = None
@@ -595,7 +610,10 @@ class Broker:
 
     def _create(self, spec: TaskSpec, submitter: str | None, stamp: datetime,
                 detail: dict[str, Any] | None = None) -> TaskRecord:
-        rec = TaskRecord.from_spec(new_task_id(), spec, self.s.max_attempts, submitter)
+        rec = TaskRecord.from_spec(new_task_id(), spec, self.policy_for(spec.type).max_attempts, submitter)
+        own = self.s.task_policies.get(spec.type)
+        if rec.timeout_s is None and own is not None and own.timeout_s is not None:
+            rec.timeout_s = own.timeout_s  # the type's default timeout
         self.tasks[rec.id] = rec
         self.store.stage(rec, TaskEvent(stamp, rec.id, None, Status.PENDING.value, submitter, 0,
                                         json.dumps(detail) if detail else None))

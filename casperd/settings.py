@@ -7,13 +7,14 @@ keys) are read from files or the environment by :mod:`casperd.secrets`, never ke
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, TomlConfigSettingsSource
 
 from casperd.errors import ConfigError
@@ -25,6 +26,17 @@ ROLE_CAPABILITIES: dict[Role, tuple[str, ...]] = {
     Role.DEVELOPER: ("code", "shell"),
     Role.TESTER: ("test", "shell"),
 }
+
+
+class TaskPolicy(BaseModel):
+    """Retry and timeout policy of one task type; unset fields fall back to the mesh defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+    backoff_base_s: float | None = Field(default=None, ge=0)
+    backoff_factor: float | None = Field(default=None, ge=1)
+    backoff_cap_s: float | None = Field(default=None, ge=0)
+    timeout_s: float | None = Field(default=None, gt=0, le=86400)
 
 
 class Settings(BaseSettings):
@@ -60,6 +72,10 @@ class Settings(BaseSettings):
     backoff_base_s: float = Field(default=1.0, ge=0, description="first retry delay, seconds")
     backoff_factor: float = Field(default=2.0, ge=1, description="retry delay multiplier")
     backoff_cap_s: float = Field(default=60.0, ge=0, description="longest retry delay, seconds")
+    task_policies: dict[str, TaskPolicy] = Field(
+        default_factory=dict,
+        description="per task type: max_attempts, backoff_base_s, backoff_factor, backoff_cap_s, timeout_s "
+                    "(TOML table [task_policies.shell] or JSON in the variable)")
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="largest accepted message")
     hwm: int = Field(default=10_000, ge=1, description="ZeroMQ send/receive high-water marks")
     linger_ms: int = Field(default=1000, ge=0, description="how long close() waits for unsent frames")
@@ -82,6 +98,16 @@ class Settings(BaseSettings):
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [c.strip() for c in value.split(",") if c.strip()]
+        return value
+
+    @field_validator("task_policies", mode="before")
+    @classmethod
+    def _policies_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except ValueError:
+                raise ValueError('expected JSON like {"shell": {"max_attempts": 5}}') from None
         return value
 
     @field_validator("role")

@@ -18,7 +18,14 @@ from typing import Any
 import zmq
 
 from casperd import codec
-from casperd.errors import CommandError, NoDaemonError, NoDefaultError, RequestTimeoutError, from_wire
+from casperd.errors import (
+    CommandError,
+    NoDaemonError,
+    NoDefaultError,
+    RequestTimeoutError,
+    StorageError,
+    from_wire,
+)
 from casperd.messages import Accepted, Done, Error, Reply, Request, Submit, TaskSpec
 from casperd.settings import DEFAULT_STATE_DIR
 
@@ -49,10 +56,7 @@ class ControlClient:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock = self._socket()
         if endpoint.startswith("ipc://") and not Path(endpoint[6:]).exists():
             raise NoDaemonError(f"no daemon at {endpoint} (the socket file does not exist)",
                                 hint="start one with 'casperd up' or check --control / CASPER_CONTROL")
@@ -115,6 +119,36 @@ class ControlClient:
                 return msg
             if isinstance(msg, Done):
                 self.early.append(msg)
+
+    def submit_until_accepted(self, specs: Sequence[TaskSpec], *, wait: bool = False, tries: int = 3,
+                              pause_s: float = 0.5) -> Accepted:
+        """Submit, and on no answer or a store outage submit again (fresh socket, backoff) until the
+        policeman says ACCEPTED. Safe because every task carries an idempotency key: tasks without
+        one get a fresh key here, so a repeat returns the tasks the first try created."""
+        keyed = tuple(s if s.idempotency_key else s.model_copy(update={"idempotency_key": f"ctl-{uuid.uuid4()}"})
+                      for s in specs)
+        for attempt in range(1, tries + 1):
+            try:
+                return self.submit(keyed, wait=wait)
+            except (RequestTimeoutError, StorageError) as exc:
+                if attempt == tries:
+                    exc.message = f"{exc.message} (tried {tries} times)"
+                    raise
+                time.sleep(pause_s * 2 ** (attempt - 1))
+                self._reconnect()
+        raise AssertionError("unreachable")
+
+    def _reconnect(self) -> None:
+        self.sock.close(0)
+        self.sock = self._socket()
+        self.sock.connect(self.endpoint)
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        return sock
 
     def done_events(self, timeout_s: float) -> Iterator[Done]:
         """DONE messages for waited-on tasks, until ``timeout_s`` passes with nothing new."""

@@ -130,7 +130,7 @@ def _wait(c: ControlClient, a: argparse.Namespace, ids: list[str]) -> int:
 
 def cmd_submit(c: ControlClient, a: argparse.Namespace) -> int:
     spec = _spec_from_args(a)
-    acc = c.submit([spec], wait=a.wait)
+    acc = c.submit_until_accepted([spec], wait=a.wait)
     tid = str(acc.task_ids[0])
     if a.wait:
         return _wait(c, a, [tid])
@@ -169,7 +169,7 @@ def cmd_submit_bulk(c: ControlClient, a: argparse.Namespace) -> int:
     ids: list[str] = []
     fresh = 0
     for i in range(0, len(specs), a.batch):
-        acc = c.submit(specs[i:i + a.batch], wait=a.wait)
+        acc = c.submit_until_accepted(specs[i:i + a.batch], wait=a.wait)
         ids.extend(str(t) for t in acc.task_ids)
         fresh += acc.existing.count(False)
         if a.output != "json" and not a.wait:
