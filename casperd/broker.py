@@ -704,6 +704,7 @@ class Broker:
             "store": {"healthy": self.store.healthy, "commits": self.store.commits, "staged": self.store.staged,
                       "commit_failures": self.store.commit_failures, "last_error": self.store.last_error},
             "breakers": {p.node_id: p.slot.breaker.state.value for p in self.peers.values()},
+            "dependency_breakers": {"postgres": self.store.breaker.state.value},
         }
 
 

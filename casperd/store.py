@@ -32,6 +32,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from casperd.breaker import CircuitBreaker
 from casperd.errors import MigrationError, StorageError
 from casperd.lifecycle import TERMINAL, Status
 from casperd.messages import task_created_at
@@ -161,6 +162,7 @@ class Store:
         self.last_error: str | None = None
         self.on_commit: Callable[[float], None] | None = None
         self.query_timeout_s = 2.0
+        self.breaker = CircuitBreaker(failure_threshold=3, recovery_s=5.0)
         self._wconn: psycopg.AsyncConnection[Any] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -270,6 +272,7 @@ class Store:
             except Exception as exc:
                 self.commit_failures += 1
                 self.healthy = False
+                self.breaker.record_failure(time.monotonic())
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("store: commit of %d changes failed (%s); retrying in %.2fs",
                           len(batch.dirty), self.last_error, delay)
@@ -280,6 +283,7 @@ class Store:
                 continue
             delay = 0.05
             self.healthy = True
+            self.breaker.record_success()
             if self.on_commit is not None:
                 self.on_commit(time.perf_counter() - t0)
             for rec in batch.dirty.values():
@@ -357,6 +361,22 @@ class Store:
         return time.perf_counter() - t0
 
     async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        """A read query, guarded by the store's circuit breaker: while Postgres keeps failing,
+        queries fail at once (no pile-up of waiting requests) until a half-open probe succeeds."""
+        now = time.monotonic()
+        if not self.breaker.allow(now):
+            raise StorageError("the database is unavailable (circuit breaker open after repeated failures)",
+                               hint=f"retry in a few seconds; last error: {self.last_error}")
+        try:
+            rows = await self._query(sql, params)
+        except StorageError as exc:
+            self.breaker.record_failure(time.monotonic())
+            self.last_error = exc.message
+            raise
+        self.breaker.record_success()
+        return rows
+
+    async def _query(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
         try:
             # a short wait for a connection: with Postgres down, answer "unavailable" in seconds,
             # not after the pool's 30 s default (the control loop waits for this answer)
