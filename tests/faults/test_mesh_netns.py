@@ -20,6 +20,7 @@ import pytest
 from casperd.ctl.client import ControlClient
 from casperd.messages import Done, TaskSpec
 from tests.faults.meshlab import NetnsMesh
+from tests.faults.scenarios import gather, submit
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(170)]
 
@@ -27,30 +28,8 @@ HEARTBEAT_S = 0.5
 MISSES = 3  # casperd's default heartbeat_misses
 
 
-def gather(client: ControlClient, ids: list[str], done: dict[str, Done], timeout: float,
-           on_idle: Callable[[], None] | None = None) -> None:
-    """Collect the DONE of every id into ``done`` (a repeat is a test failure), calling ``on_idle``
-    about every 0.2 s; stop when all are in or after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    want = set(ids)
-    while not want <= set(done) and time.monotonic() < deadline:
-        slice_end = time.monotonic() + 0.2
-        for ev in client.done_events(timeout_s=0.2):
-            tid = str(ev.task_id)
-            assert tid not in done, f"task {tid} reported DONE twice"
-            done[tid] = ev
-            if want <= set(done) or time.monotonic() > slice_end:
-                break
-        if on_idle is not None:
-            on_idle()
-
-
 def peers_by_id(admin: ControlClient) -> dict[str, dict[str, Any]]:
     return {p["node_id"]: p for p in admin.request("peers")["peers"]}
-
-
-def submit(client: ControlClient, specs: list[TaskSpec]) -> list[str]:
-    return [str(t) for t in client.submit(specs, wait=True).task_ids]
 
 
 def test_partitioned_developer_fails_over_and_rejoins(netns_mesh: NetnsMesh,
