@@ -30,7 +30,15 @@ from casperd.messages import Error, Heartbeat, Role, Submit
 from casperd.metrics import Metrics
 from casperd.settings import Settings
 from casperd.store import Store
-from casperd.transport import SocketOptions, load_key, read_secret_file, recv_batch, router, send_now
+from casperd.transport import (
+    SocketOptions,
+    advertised,
+    load_key,
+    read_secret_file,
+    recv_batch,
+    router,
+    send_now,
+)
 from casperd.worker import Worker
 
 log = logging.getLogger("casperd.node")
@@ -84,6 +92,7 @@ class Node:
 
     async def start(self) -> None:
         self.s.state_dir.mkdir(parents=True, exist_ok=True)
+        self.s.advertise = advertised(self.s.bind, self.s.advertise, self.s.broker)
         if self.is_policeman:
             if not self.s.database_url:
                 raise CasperError("the policeman needs a database",

@@ -122,7 +122,7 @@ class Settings(BaseSettings):
         if not self.node_id:
             self.node_id = f"{self.role.value}-{socket.gethostname()}"
         if not self.advertise:
-            self.advertise = self.bind
+            self.advertise = self.bind  # a wildcard bind is resolved at start (transport.advertised)
         if not self.control:
             self.control = f"ipc://{self.state_dir / (self.node_id + '.ctl')}"
         return self

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,35 @@ def dealer(ctx: zmq.asyncio.Context, endpoint: str, identity: bytes, opts: Socke
         sock.curve_serverkey = opts.curve_server_key
     sock.connect(endpoint)
     return sock
+
+
+_WILDCARDS = ("0.0.0.0", "*", "[::]", "::")
+
+
+def advertised(bind: str, advertise: str, broker: str) -> str:
+    """The endpoint peers should use to reach this node.
+
+    An explicit ``advertise`` wins. A bind on a wildcard address (``tcp://0.0.0.0:5555``, as in
+    containers and swarm replicas) is not reachable as such: it becomes the local address this
+    host uses towards the broker (a UDP socket's connect() picks the route and sends nothing),
+    or the host name's address for the broker itself."""
+    if advertise and advertise != bind:
+        return advertise
+    if not bind.startswith("tcp://"):
+        return bind
+    host, _, port = bind[len("tcp://"):].rpartition(":")
+    if host not in _WILDCARDS:
+        return bind
+    ip = ""
+    b_host, _, b_port = broker[len("tcp://"):].rpartition(":") if broker.startswith("tcp://") else ("", "", "")
+    if b_host and b_host not in _WILDCARDS:
+        with contextlib.suppress(OSError, ValueError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((b_host.strip("[]"), int(b_port or 5555)))
+            ip = s.getsockname()[0]
+    if not ip or (ip.startswith("127.") and b_host != ip):
+        with contextlib.suppress(OSError):
+            ip = socket.gethostbyname(socket.gethostname())
+    return f"tcp://{ip}:{port}" if ip else bind
 
 
 def send_now(sock: zmq.asyncio.Socket, frames: Sequence[bytes]) -> str | None:

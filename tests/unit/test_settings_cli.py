@@ -384,3 +384,14 @@ def test_bad_submit_input_is_a_command_error() -> None:
         ctl_main._spec_from_args(parse("submit", "echo", "--input", "[1]"))
     with pytest.raises(CommandError, match="priority"):
         ctl_main._spec_from_args(parse("submit", "echo", "--priority", "12"))
+
+
+def test_advertised_endpoint_resolves_a_wildcard_bind() -> None:
+    from casperd.transport import advertised
+
+    assert advertised("tcp://127.0.0.1:5555", "", "tcp://127.0.0.1:5554") == "tcp://127.0.0.1:5555"
+    assert advertised("tcp://0.0.0.0:5555", "tcp://10.1.2.3:5555", "x") == "tcp://10.1.2.3:5555"
+    # towards a loopback broker the route is loopback: a concrete, reachable address, never 0.0.0.0
+    got = advertised("tcp://0.0.0.0:5555", "tcp://0.0.0.0:5555", "tcp://127.0.0.1:6000")
+    assert got.startswith("tcp://") and got.endswith(":5555") and "0.0.0.0" not in got
+    assert advertised("ipc:///tmp/x.ctl", "", "tcp://127.0.0.1:1") == "ipc:///tmp/x.ctl"
