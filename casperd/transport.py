@@ -152,26 +152,9 @@ async def recv_batch(sock: zmq.asyncio.Socket, limit: int = 512) -> list[list[by
     return batch
 
 
-def load_key(path: Path | None, what: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} from {path}: {exc.strerror}",
-                          hint="check the path and its permissions (caspectl keygen makes keys)") from None
-    key = text.encode()
-    if "secret" in what:
-        from casperd.logsetup import register_secret
-        register_secret(text)
-    if len(key) != 40:
-        raise ConfigError(f"{what} in {path} is not a 40-character z85 Curve key",
-                          hint="make keys with caspectl keygen")
-    return key
-
-
-def read_secret_file(path: Path | None, what: str) -> str | None:
-    """A secret kept in a file (e.g. /run/secrets/NAME); registered for redaction from logs."""
+def read_secret_file(path: Path | None, what: str, *, secret: bool = True) -> str | None:
+    """A value kept in a file (e.g. /run/secrets/NAME). A secret is registered for redaction from
+    logs and its read is audited (which secret, from where — never its value)."""
     if path is None:
         return None
     try:
@@ -179,10 +162,22 @@ def read_secret_file(path: Path | None, what: str) -> str | None:
     except OSError as exc:
         raise ConfigError(f"cannot read the {what} from {path}: {exc.strerror}",
                           hint="check the path and that this user may read it") from None
-    from casperd.logsetup import register_secret
-    register_secret(value)
-    log.info("read the %s from %s", what, path)  # the audit line: which secret, never its value
+    if secret:
+        from casperd.logsetup import register_secret
+        register_secret(value)
+        log.info("read the %s from %s", what, path)
     return value
+
+
+def load_key(path: Path | None, what: str) -> bytes | None:
+    """A z85 Curve key from a file (``caspectl keygen`` makes them)."""
+    text = read_secret_file(path, what, secret="secret" in what)
+    if text is None:
+        return None
+    if len(text.encode()) != 40:
+        raise ConfigError(f"{what} in {path} is not a 40-character z85 Curve key",
+                          hint="make keys with caspectl keygen")
+    return text.encode()
 
 
 def write_keypair(directory: Path, name: str) -> tuple[Path, Path]:
