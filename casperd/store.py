@@ -332,7 +332,13 @@ class Store:
             "SELECT * FROM tasks WHERE status = ANY(%s) ORDER BY priority DESC, created_at", (_OPEN_STATUSES,))
 
     async def get(self, task_id: uuid.UUID) -> dict[str, Any] | None:
-        created = datetime.fromtimestamp(task_created_at(task_id), UTC)  # prunes to one partition
+        if task_id.version != 7:  # not one of ours (any UUID may be asked for): no time to prune by
+            rows = await self._fetch("SELECT * FROM tasks WHERE id = %s", (task_id,))
+            return rows[0] if rows else None
+        try:
+            created = datetime.fromtimestamp(task_created_at(task_id), UTC)  # prunes to one partition
+        except (ValueError, OverflowError, OSError):
+            return None  # a "UUIDv7" whose time is out of range was never created here
         rows = await self._fetch("SELECT * FROM tasks WHERE id = %s AND created_at = %s", (task_id, created))
         return rows[0] if rows else None
 

@@ -9,6 +9,8 @@ import time
 from collections import Counter, defaultdict
 from typing import Any
 
+import pytest
+
 from casperd.ctl.client import ControlClient
 from casperd.lifecycle import ACTIVE, TRANSITIONS, Status
 from casperd.localmesh import LocalMesh
@@ -289,3 +291,17 @@ def test_dead_task_keeps_every_error_and_retry_runs_it_again(make_mesh: Any, tmp
                        "the retried task")
         assert new["events"][0]["detail"] == {"retry_of": tid}
         assert c.request("get", id=tid)["status"] == "dead", "the old task keeps its history"
+
+
+def test_get_of_unknown_ids_of_any_uuid_version_is_not_found(make_mesh: Any) -> None:
+    import uuid as _uuid
+
+    from casperd.errors import TaskNotFoundError
+
+    mesh = make_mesh(developers=0, testers=1)
+    far_future_v7 = _uuid.UUID(int=(0xFFFF_FFFF_FFFF << 80) | (0x7 << 76) | (0x2 << 62))
+    with mesh.client() as c:
+        for tid in [*(_uuid.uuid4() for _ in range(20)), far_future_v7, _uuid.UUID(int=0)]:
+            with pytest.raises(TaskNotFoundError):
+                c.request("get", id=str(tid))
+        assert c.request("health")["healthy"]
