@@ -28,6 +28,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -61,6 +62,8 @@ from casperd.messages import (
     Heartbeat,
     Progress,
     Ready,
+    Reply,
+    Request,
     ResultBatch,
     Submit,
     TaskSpec,
@@ -79,6 +82,10 @@ from casperd.taskrecord import TaskEvent, TaskRecord, to_json, utcnow
 from casperd.transport import send_now
 
 log = logging.getLogger("casperd.broker")
+
+MeshOp = Callable[[str, dict[str, Any], tuple[bytes, ...]], Awaitable[tuple[Any, tuple[bytes, ...]]]]
+"""A service the policeman offers peers over the mesh (REQUEST op): (node id, args, attachments) →
+(data, attachments). Registered by the agent service: rate-limit permits, saved turns."""
 
 
 @dataclass(slots=True)
@@ -137,6 +144,14 @@ class Broker:
         self.accepting = True
         self._logged_errors: set[tuple[bytes, str]] = set()
         self._dirty_dispatch = False
+        self.mesh_ops: dict[str, MeshOp] = {}
+        self.local_runner: Callable[[TaskRecord], None] | None = None
+        """Starts a task of a ``local`` type (a job) on the policeman itself."""
+        self.finish_listeners: list[Callable[[TaskRecord], None]] = []
+        """Called (after the commit) with every task that reaches a terminal state."""
+        self.save_attachments: Callable[[uuid.UUID, str, tuple[bytes, ...]], Awaitable[None]] | None = None
+        self.load_attachments: Callable[[list[uuid.UUID]], Awaitable[dict[uuid.UUID, list[bytes]]]] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     # --- startup: rebuild from Postgres -------------------------------------------------------
     async def recover(self) -> int:
@@ -154,6 +169,10 @@ class Broker:
                 self._after_error(rec, utcnow(), None)
         if rows:
             log.info("recovered %d open tasks from Postgres", len(rows))
+        need = [tid for tid, rec in self.tasks.items() if _ttype_flag(rec.type, "input_attachments")]
+        if need and self.load_attachments is not None:
+            for tid, blobs in (await self.load_attachments(need)).items():
+                self.tasks[tid].attachments = tuple(blobs)
         return len(rows)
 
     # --- mesh traffic ---------------------------------------------------------------------------
@@ -184,7 +203,12 @@ class Broker:
             elif isinstance(msg, Progress):
                 self._on_progress(peer, msg)
             elif isinstance(msg, ResultBatch):
-                self._on_results(peer, msg)
+                if decoded.attachments:
+                    self._spawn(self._on_attached_result(peer, msg, decoded.attachments))
+                else:
+                    self._on_results(peer, msg)
+            elif isinstance(msg, Request):
+                self._spawn(self._on_request(route, peer.node_id, msg, decoded.attachments))
             elif isinstance(msg, FailedBatch):
                 self._on_failures(peer, msg)
             elif isinstance(msg, Disconnect):
@@ -334,6 +358,78 @@ class Broker:
                 self._change(rec, Status.PROCESSING, stamp, peer.node_id)
                 rec.started_at = stamp
 
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _on_request(self, route: bytes, node_id: str, msg: Request, attachments: tuple[bytes, ...]) -> None:
+        fn = self.mesh_ops.get(msg.op)
+        try:
+            if fn is None:
+                raise UnsupportedError(f"the policeman offers no mesh service {msg.op!r}",
+                                       hint=f"known: {', '.join(sorted(self.mesh_ops)) or 'none'}")
+            data, extra = await fn(node_id, msg.args, attachments)
+            frames = codec.encode(Reply(req_id=msg.req_id, ok=True, data=data), extra)
+        except CasperError as exc:
+            frames = codec.encode(Reply(req_id=msg.req_id, ok=False, error=ErrorBody(**exc.to_wire())))
+        except Exception as exc:  # a bug in a service: answer, log, keep serving
+            log.exception("mesh service %s failed", msg.op)
+            frames = codec.encode(Reply(req_id=msg.req_id, ok=False, error=ErrorBody(
+                code="internal", message=f"{msg.op} failed: {type(exc).__name__}")))
+        self._send_mesh(route, frames)
+
+    async def _on_attached_result(self, peer: Peer, msg: ResultBatch, attachments: tuple[bytes, ...]) -> None:
+        """A RESULT carrying attachments (a patch): the attachments are committed first, then the
+        result goes the usual way, through the async validator of its type if it has one."""
+        if len(msg.results) != 1:
+            self._reject(peer.route, InvalidBodyError("a RESULT with attachments must carry exactly one outcome",
+                                                      hint="send attached results alone"), Command.RESULT.value)
+            return
+        out = msg.results[0]
+        rec = self._held(peer, out.task_id, out.attempt)
+        if rec is None:
+            return
+        if self.save_attachments is not None:
+            try:
+                await self.save_attachments(out.task_id, "output", attachments)
+            except CasperError as exc:
+                log.warning("could not store the attachments of task %s: %s; it will run again", out.task_id, exc)
+                if self._held(peer, out.task_id, out.attempt) is rec:
+                    self._release(peer, rec)
+                    self._fail(rec, utcnow(), peer.node_id, "storage", exc.message, True)
+                return
+        if self._held(peer, out.task_id, out.attempt) is not rec:
+            return  # lost the lease while we were writing
+        check = handlers.ASYNC_VALIDATORS.get(rec.type)
+        if check is None:
+            self._on_results(peer, msg)
+            return
+        stamp = utcnow()
+        if rec.status is Status.ASSIGNED:
+            self._change(rec, Status.PROCESSING, stamp, peer.node_id)
+            rec.started_at = stamp - timedelta(milliseconds=out.duration_ms)
+        self._release(peer, rec)
+        peer.slot.breaker.record_success()
+        try:
+            rec.output_json = to_json(out.output)
+        except ValueError as exc:
+            self._fail(rec, stamp, peer.node_id, "invalid-output", f"task output {exc}", False)
+            return
+        self._change(rec, Status.VALIDATING, stamp, peer.node_id)
+        rec.validating_at = stamp
+        try:
+            problem = await check(rec.id, rec.input, out.output, attachments)
+        except CasperError as exc:
+            problem = f"the policeman could not validate it: {exc}"
+        if rec.status is not Status.VALIDATING:
+            return  # cancelled meanwhile
+        if problem is not None:
+            self._fail(rec, utcnow(), peer.node_id, "validation", problem, True)
+        else:
+            self._finish(rec, Status.COMPLETE, utcnow(), peer.node_id)
+        self._dirty_dispatch = True
+
     def _on_results(self, peer: Peer, msg: ResultBatch) -> None:
         stamp = utcnow()
         for out in msg.results:
@@ -400,6 +496,8 @@ class Broker:
         rec.finished_at = stamp
         self.tasks.pop(rec.id, None)
         self.dispatcher.remove(rec.id)
+        for listener in self.finish_listeners:
+            self.store.after_commit(lambda fn=listener: fn(rec))
         if rec.waiters:
             waiters, rec.waiters = rec.waiters, []
             last = _last_error(rec)
@@ -443,6 +541,10 @@ class Broker:
 
     def _queue(self, rec: TaskRecord) -> None:
         ttype = handlers.REGISTRY.get(rec.type)
+        if ttype is not None and ttype.local:
+            if self.local_runner is not None:
+                self.store.after_commit(lambda: self.local_runner(rec) if self.local_runner else None)
+            return
         requires = set(rec.requires) | set(ttype.requires if ttype else ())
         self.dispatcher.push(rec.id, rec.priority, requires, rec.affinity)
         self._dirty_dispatch = True
@@ -473,8 +575,12 @@ class Broker:
             self._change(rec, Status.ASSIGNED, stamp, node)
             peer.held.add(tid)
             self.leases[tid] = lease_until
-            per_peer.setdefault(node, []).append(assignment_body(
-                tid, rec.type, rec.input, rec.attempts, lease_ms, rec.timeout_s, rec.cache))
+            body = assignment_body(tid, rec.type, rec.input, rec.attempts, lease_ms, rec.timeout_s, rec.cache)
+            if rec.attachments:  # alone in its TASK message, the attachments as frames after the body
+                frames = codec.encode_raw(Command.TASK, {"tasks": [body]}, rec.attachments)
+                self.store.after_commit(lambda n=node, f=frames, t=tid: self._send_tasks(n, f, [t]))
+                continue
+            per_peer.setdefault(node, []).append(body)
         for node, assignments in per_peer.items():
             for frames, chunk in self._task_frames(assignments):
                 self.store.after_commit(lambda n=node, f=frames, c=chunk: self._send_tasks(n, f, c))
@@ -529,7 +635,7 @@ class Broker:
         for tid in expired:
             rec = self.tasks.get(tid)
             self.leases.pop(tid, None)
-            if rec is None or rec.status not in ACTIVE:
+            if rec is None or rec.status not in ACTIVE or rec.assigned_to == self.s.node_id:
                 continue
             holder = self.peers.get(rec.assigned_to or "")
             log.warning("lease of task %s on %s expired; returning it", tid, rec.assigned_to)
@@ -551,7 +657,7 @@ class Broker:
         grace = self.s.heartbeat_s * self.s.heartbeat_misses * 2
         if now - self.started > grace:
             for rec in list(self.tasks.values()):
-                if rec.status in ACTIVE and rec.assigned_to not in self.peers:
+                if rec.status in ACTIVE and rec.assigned_to not in self.peers and rec.assigned_to != self.s.node_id:
                     self._requeue(rec, stamp or utcnow(), f"holder {rec.assigned_to} did not re-register")
         self.metrics.pending.set(len(self.dispatcher))
         self.metrics.open_tasks.set(len(self.tasks))
@@ -633,6 +739,68 @@ class Broker:
         raise UnsupportedError("SUBMIT is not accepted on the mesh socket in this version",
                                hint="submit through the policeman's control socket")
 
+    # --- work the policeman creates or runs itself (jobs) ----------------------------------------
+    async def submit_local(self, spec: TaskSpec, attachments: tuple[bytes, ...] = (),
+                           submitter: str = "policeman") -> tuple[uuid.UUID, bool]:
+        """Create one task from inside the policeman (a job's subtasks); returns (id, existed).
+        Attachments are committed before the task row, so a TASK never lacks them."""
+        if not self.store.healthy:
+            raise StorageError(f"the task store is unavailable ({self.store.last_error})",
+                               hint="the job continues once Postgres is back")
+        key = spec.idempotency_key
+        if key and key not in self.keys:
+            for k, tid in (await self.store.idempotency([key])).items():
+                self._remember_key(k, tid)
+        if key and key in self.keys:
+            return self.keys[key], True
+        handlers.get(spec.type)
+        rec = TaskRecord.from_spec(new_task_id(), spec, self.policy_for(spec.type).max_attempts, submitter)
+        if attachments:
+            if self.save_attachments is None:
+                raise UnsupportedError("this policeman cannot store attachments", hint="a bug: report it")
+            await self.save_attachments(rec.id, "input", attachments)
+            rec.attachments = attachments
+        if key and key in self.keys:  # created meanwhile by a concurrent caller
+            return self.keys[key], True
+        self.tasks[rec.id] = rec
+        stamp = utcnow()
+        self.store.stage(rec, TaskEvent(stamp, rec.id, None, Status.PENDING.value, submitter, 0, None))
+        if key:
+            self._remember_key(key, rec.id)
+            self.store.stage_key(key, rec.id, rec.created_at)
+        self._queue(rec)
+        self.metrics.submitted.inc()
+        await self.store.committed()
+        return rec.id, False
+
+    def start_local(self, rec: TaskRecord) -> bool:
+        """Mark a local task as running on the policeman; False if it is not pending any more."""
+        if rec.status is not Status.PENDING or self.tasks.get(rec.id) is not rec:
+            return rec.status is Status.PROCESSING and rec.assigned_to == self.s.node_id
+        stamp = utcnow()
+        rec.attempts += 1
+        rec.assigned_to = self.s.node_id
+        rec.assigned_at = stamp
+        self._change(rec, Status.ASSIGNED, stamp, self.s.node_id)
+        self._change(rec, Status.PROCESSING, stamp, self.s.node_id)
+        rec.started_at = stamp
+        return True
+
+    def finish_local(self, rec: TaskRecord, output: Any = None, error: CasperError | None = None) -> None:
+        if self.tasks.get(rec.id) is not rec or rec.terminal:
+            return
+        stamp = utcnow()
+        if error is None:
+            rec.output_json = to_json(output)
+            self._finish(rec, Status.COMPLETE, stamp, self.s.node_id)
+        else:
+            if output is not None:
+                rec.output_json = to_json(output)
+            self._fail(rec, stamp, self.s.node_id, error.code, error.message, False)
+
+    def held_record(self, tid: uuid.UUID) -> TaskRecord | None:
+        return self.tasks.get(tid)
+
     async def _done_from_store(self, route: bytes, tid: uuid.UUID) -> None:
         await self.store.committed()  # the ACCEPTED of the same submit goes out first
         row = await self.store.get(tid)
@@ -709,6 +877,11 @@ class Broker:
 
 
 _HANDED_BACK = frozenset({"handed-back", "draining"})
+
+
+def _ttype_flag(name: str, flag: str) -> bool:
+    ttype = handlers.REGISTRY.get(name)
+    return bool(ttype is not None and getattr(ttype, flag))
 
 
 def _last_error(rec: TaskRecord) -> ErrorBody | None:

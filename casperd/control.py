@@ -183,3 +183,15 @@ async def _health(node: Node, args: dict[str, Any]) -> Any:
     checks["memory"] = {"ok": mem.percent < 98.0, "detail": f"{mem.percent:.0f}% used"}
     return {"node_id": node.s.node_id, "role": node.s.role.value,
             "healthy": all(c["ok"] for c in checks.values()), "checks": checks}
+
+
+@op("job-submit")
+async def _job_submit(node: Node, args: dict[str, Any]) -> Any:
+    """Start a job (caspectl run): goal, repo, test_cmd, budget_usd, max_parallel, allowed."""
+    return await node.police.jobs.submit(args)
+
+
+@op("job")
+async def _job(node: Node, args: dict[str, Any]) -> Any:
+    """A job's report: plan, subtasks, tokens, cost, branch (caspectl job ID)."""
+    return await node.police.jobs.report(_task_id(args))

@@ -15,6 +15,8 @@ class CasperError(Exception):
     """Root of every CASPER error."""
 
     code: ClassVar[str] = "internal"
+    retryable: ClassVar[bool] = True
+    """Whether running the same task again could succeed (workers report it in FAILED)."""
 
     def __init__(self, message: str, *, hint: str | None = None, **details: Any) -> None:
         super().__init__(message)
@@ -97,6 +99,55 @@ class TaskTimeoutError(TaskError):
 
 class TaskCancelledError(TaskError):
     code = "cancelled"
+
+
+# --- agents (Claude-backed work) ---------------------------------------------------------------
+class AgentError(TaskError):
+    code = "agent"
+
+
+class MissingApiKeyError(AgentError):
+    """No Anthropic API key configured: Claude-backed work fails at once, never retried."""
+
+    code = "no-api-key"
+    retryable = False
+
+
+class LlmError(AgentError):
+    """The model API failed after CASPER's retries, or its circuit breaker is open (retryable later)."""
+
+    code = "llm"
+
+
+class LlmRequestError(AgentError):
+    """The API refused the request itself (HTTP 400/401/403/404/413): running it again cannot help."""
+
+    code = "llm-request"
+    retryable = False
+
+
+class BudgetExceededError(AgentError):
+    """A task's or job's limit (turns, tokens, cost, wall time) is spent."""
+
+    code = "budget"
+    retryable = False
+
+
+class SandboxError(AgentError):
+    """A tool call tried to leave its worktree or broke a sandbox rule."""
+
+    code = "sandbox"
+    retryable = False
+
+
+class PatchConflictError(AgentError):
+    """A patch does not apply to the tree it was meant for."""
+
+    code = "conflict"
+
+
+class GitError(AgentError):
+    code = "git"
 
 
 # --- adapters ---------------------------------------------------------------------------------

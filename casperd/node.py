@@ -59,6 +59,7 @@ class Node:
         self.store: Store | None = None
         self.broker: Broker | None = None
         self.worker: Worker | None = None
+        self.police: Any = None  # casperd.agents.police.PoliceService on the policeman
         self.cache = ResultCache(settings.redis_url, ttl_s=settings.cache_ttl_s) if settings.redis_url else None
         self.control = Control(self)
         self._stop = asyncio.Event()
@@ -106,6 +107,8 @@ class Node:
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
             self.broker = Broker(self.s, self.store, self.metrics)
+            from casperd.agents.police import PoliceService
+            self.police = PoliceService(self.s, self.broker, self.cache)
             await self.broker.recover()
         self.mesh_sock = router(self.ctx, self.s.bind, self.opts, curve=self.s.curve)
         self.control_sock = router(self.ctx, self.s.control, self.opts, curve=False)
@@ -115,6 +118,8 @@ class Node:
             self._spawn(self._mesh_loop_broker(), "mesh")
         else:
             self.worker = Worker(self.s, self.metrics, self.ctx, self.opts, self.cache)
+            from casperd.agents.services import WorkerServices
+            self.worker.services = WorkerServices(self.s, self.worker, self.cache)
             self.worker.connect()
             self._spawn(self._dealer_loop(), "dealer")
             self._spawn(self._mesh_loop_peer(), "mesh")
@@ -149,6 +154,12 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.worker is not None:
             await self.worker.close()
+            if self.worker.services is not None:
+                with contextlib.suppress(Exception):
+                    await self.worker.services.close()
+        if self.police is not None:
+            with contextlib.suppress(Exception):
+                await self.police.close()
         if self.store is not None:
             await self.store.close(timeout=self.s.drain_timeout_s)
         if self.cache is not None:

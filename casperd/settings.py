@@ -23,7 +23,7 @@ from casperd.messages import Role
 DEFAULT_STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "casper"
 ROLE_CAPABILITIES: dict[Role, tuple[str, ...]] = {
     Role.POLICEMAN: ("plan", "validate"),
-    Role.DEVELOPER: ("code", "shell"),
+    Role.DEVELOPER: ("code", "llm", "shell"),
     Role.TESTER: ("test", "shell"),
 }
 
@@ -37,6 +37,24 @@ class TaskPolicy(BaseModel):
     backoff_factor: float | None = Field(default=None, ge=1)
     backoff_cap_s: float | None = Field(default=None, ge=0)
     timeout_s: float | None = Field(default=None, gt=0, le=86400)
+
+
+class ModelPrice(BaseModel):
+    """US dollars per million tokens of one model (see anthropic.com/pricing)."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cache_write: float = Field(ge=0)
+    cache_read: float = Field(ge=0)
+
+
+DEFAULT_MODELS = {"policeman": "claude-sonnet-4-5", "developer": "claude-sonnet-4-5", "tester": "claude-haiku-4-5"}
+DEFAULT_PRICES = {
+    "claude-opus-4-1": ModelPrice(input=15.0, output=75.0, cache_write=18.75, cache_read=1.5),
+    "claude-sonnet-4-5": ModelPrice(input=3.0, output=15.0, cache_write=3.75, cache_read=0.3),
+    "claude-haiku-4-5": ModelPrice(input=1.0, output=5.0, cache_write=1.25, cache_read=0.1),
+}
 
 
 class Settings(BaseSettings):
@@ -92,6 +110,41 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port; 0: off")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR")
     log_format: str = Field(default="auto", pattern="^(auto|text|json)$", description="auto, text or json")
+    # --- Claude agents ---
+    anthropic_api_key_file: Path | None = Field(
+        default=None, description="file holding the Anthropic API key; default: the ANTHROPIC_API_KEY variable")
+    anthropic_base_url: str = Field(
+        default="", description="Messages API endpoint; default: ANTHROPIC_BASE_URL, else Anthropic's")
+    models: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_MODELS),
+                                   description="model per role (JSON/TOML table), e.g. developer=claude-sonnet-4-5")
+    model_prices: dict[str, ModelPrice] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICES),
+        description="USD per million tokens per model: input, output, cache_write, cache_read")
+    llm_timeout_s: float = Field(default=120.0, gt=0, le=3600, description="timeout of one model API request")
+    llm_retries: int = Field(default=4, ge=0, le=20,
+                             description="CASPER's retries of a failed model call (429, 529, 5xx, network)")
+    llm_rpm: int = Field(default=50, ge=1, description="model requests per minute, for the whole mesh")
+    llm_tpm: int = Field(default=100_000, ge=100, description="model tokens (in+out) per minute, for the whole mesh")
+    llm_max_tokens: int = Field(default=4096, ge=1, le=128_000, description="max output tokens of one model call")
+    agent_max_turns: int = Field(default=40, ge=1, le=1000, description="most model turns of one code task")
+    agent_max_tokens: int = Field(default=500_000, ge=1000, description="most tokens one code task may use")
+    agent_wall_s: float = Field(default=1800.0, gt=0, description="most wall time of one code task, seconds")
+    agent_command_timeout_s: float = Field(default=120.0, gt=0, le=86400,
+                                           description="timeout of a command an agent runs")
+    agent_output_cap: int = Field(default=16 * 1024, ge=256, description="bytes of command output an agent sees")
+    test_timeout_s: float = Field(default=600.0, gt=0, le=86400, description="timeout of a test run")
+    job_rounds: int = Field(default=3, ge=1, le=20,
+                            description="rounds of test feedback a subtask gets before it is given up")
+
+    @field_validator("models", "model_prices", mode="before")
+    @classmethod
+    def _table_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not JSON: {exc.msg}") from None
+        return value
 
     @field_validator("capabilities", mode="before")
     @classmethod

@@ -382,6 +382,34 @@ class Store:
         self.breaker.record_success()
         return rows
 
+    async def execute(self, sql: str, params: tuple[Any, ...] | list[tuple[Any, ...]], *, many: bool = False) -> None:
+        """A write outside the group commit (agent records), committed before it returns."""
+        now = time.monotonic()
+        if not self.breaker.allow(now):
+            raise StorageError("the database is unavailable (circuit breaker open after repeated failures)",
+                               hint=f"retry in a few seconds; last error: {self.last_error}")
+        try:
+            async with self.pool.connection(timeout=self.query_timeout_s) as conn:
+                async with conn.cursor() as cur:
+                    if many:
+                        await cur.executemany(sql, params)  # type: ignore[arg-type]
+                    else:
+                        await cur.execute(sql, params)  # type: ignore[arg-type]
+                await conn.commit()
+        except psycopg.Error as exc:
+            self.breaker.record_failure(time.monotonic())
+            self.last_error = str(exc)
+            raise StorageError(f"write failed: {exc}", hint="is Postgres up? see caspectl health") from None
+        except PoolTimeout:
+            self.breaker.record_failure(time.monotonic())
+            raise StorageError(f"no database connection within {self.query_timeout_s:g}s",
+                               hint="is Postgres up? see caspectl health") from None
+        self.breaker.record_success()
+
+    async def fetch(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        """A read query for other modules (the agents' records), behind the same breaker."""
+        return await self._fetch(sql, params)
+
     async def _query(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
         try:
             # a short wait for a connection: with Postgres down, answer "unavailable" in seconds,

@@ -68,6 +68,7 @@ class TaskRecord:
     persisted: bool = False
     input_obj: dict[str, Any] | None = None
     waiters: list[bytes] = field(default_factory=list)
+    attachments: tuple[bytes, ...] = ()  # input attachments, sent with the TASK (kept in task_attachments)
 
     @classmethod
     def from_spec(cls, task_id: uuid.UUID, spec: TaskSpec, max_attempts: int, submitted_by: str | None) -> TaskRecord:

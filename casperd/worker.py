@@ -32,7 +32,7 @@ import zmq.asyncio
 
 from casperd import __version__, codec, handlers
 from casperd.cache import ResultCache, cache_key
-from casperd.errors import CasperError, ProtocolError, UnknownTaskTypeError
+from casperd.errors import CasperError, ProtocolError, RequestTimeoutError, UnknownTaskTypeError, from_wire
 from casperd.liveness import PeerClock
 from casperd.messages import (
     RENEW,
@@ -47,6 +47,8 @@ from casperd.messages import (
     Heartbeat,
     Progress,
     Ready,
+    Reply,
+    Request,
     TaskBatch,
     outcome_body,
 )
@@ -91,6 +93,9 @@ class Worker:
         self._last_renew = 0.0
         self._renew_every = settings.lease_s / 3
         self._slots = asyncio.Semaphore(max(1, settings.capacity))
+        self._req_id = 0
+        self._requests: dict[int, asyncio.Future[tuple[Any, tuple[bytes, ...]]]] = {}
+        self.services: Any = None  # casperd.agents.services.WorkerServices, set by the node
         self.completed = 0
         self.failed = 0
 
@@ -130,16 +135,26 @@ class Worker:
         self.clock.seen(time.monotonic())
         self._reconnects = 0
         try:
-            msg = codec.decode(frames, max_bytes=self.s.max_message_bytes).message
+            decoded = codec.decode(frames, max_bytes=self.s.max_message_bytes)
         except ProtocolError as exc:
             self.metrics.rejected.labels(exc.code).inc()
             log.warning("dropped a bad frame from the broker: %s", exc.message)
             return
+        msg = decoded.message
         self.metrics.messages.labels(msg.COMMAND.name, "in").inc()
         if isinstance(msg, TaskBatch):
             self.registered = True
+            # attachments ride only in single-task TASK messages (the broker sends those alone)
+            extra = decoded.attachments if len(msg.tasks) == 1 else ()
             for a in msg.tasks:
-                self._start(a)
+                self._start(a, extra)
+        elif isinstance(msg, Reply):
+            fut = self._requests.pop(msg.req_id, None)
+            if fut is not None and not fut.done():
+                if msg.ok:
+                    fut.set_result((msg.data, decoded.attachments))
+                else:
+                    fut.set_exception(from_wire(msg.error.model_dump() if msg.error else {}))
         elif isinstance(msg, Cancel):
             for tid in msg.task_ids:
                 run = self.running.get(tid)
@@ -163,14 +178,33 @@ class Worker:
             log.warning("broker disconnects us: %s; registering again", msg.reason)
             self.send_ready()
 
-    def _start(self, a: Assignment) -> None:
+    async def request(self, op: str, args: dict[str, Any], attachments: tuple[bytes, ...] = (),
+                      timeout_s: float = 15.0) -> tuple[Any, tuple[bytes, ...]]:
+        """Ask the broker something over the mesh (REQUEST/REPLY on the DEALER): agent services
+        such as rate-limit permits and saved turns. Raises the broker's error, or RequestTimeoutError."""
+        self._req_id = (self._req_id + 1) % (1 << 62)
+        req_id = self._req_id
+        fut: asyncio.Future[tuple[Any, tuple[bytes, ...]]] = asyncio.get_running_loop().create_future()
+        self._requests[req_id] = fut
+        try:
+            if not self._send(codec.encode(Request(req_id=req_id, op=op, args=args), attachments)):
+                raise RequestTimeoutError(f"cannot reach the policeman to {op}", hint="is the policeman up?")
+            async with asyncio.timeout(timeout_s):
+                return await fut
+        except TimeoutError:
+            raise RequestTimeoutError(f"the policeman did not answer {op} within {timeout_s:g}s",
+                                      hint="is the policeman up and reachable?") from None
+        finally:
+            self._requests.pop(req_id, None)
+
+    def _start(self, a: Assignment, attachments: tuple[bytes, ...] = ()) -> None:
         self._renew_every = min(self._renew_every, a.lease_ms / 3000)
         old = self.running.get(a.task_id)
         if old is not None:
             if a.attempt <= old.attempt:
                 return  # duplicate delivery
             if old.cancelled_by_broker:  # a new attempt of a task being cancelled here: run it after
-                old.task.add_done_callback(lambda _t: self._start(a))
+                old.task.add_done_callback(lambda _t: self._start(a, attachments))
             else:  # the same work, reassigned to us: report it under the new attempt
                 old.attempt = a.attempt
             return
@@ -179,12 +213,12 @@ class Worker:
                 code="draining", message=f"{self.s.node_id} is shutting down")))
             self._schedule_flush()
             return
-        task = asyncio.get_running_loop().create_task(self._run(a), name=f"task-{a.task_id}")
+        task = asyncio.get_running_loop().create_task(self._run(a, attachments), name=f"task-{a.task_id}")
         self.running[a.task_id] = Running(task, a.attempt, time.monotonic())
         self.metrics.inflight.set(len(self.running))
         self._schedule_flush()
 
-    async def _run(self, a: Assignment) -> None:
+    async def _run(self, a: Assignment, attachments: tuple[bytes, ...] = ()) -> None:
         t0 = time.monotonic()
         outcome = "ok"
         try:
@@ -196,7 +230,8 @@ class Worker:
                     self._schedule_flush()  # PROGRESS: processing means running, not just received
                 ttype = handlers.get(a.type)
                 ctx = handlers.RunContext(self.s.node_id, self.s.workspace, self.s.shell_timeout_s,
-                                          self.s.shell_output_cap, a.timeout_s)
+                                          self.s.shell_output_cap, a.timeout_s, a.task_id, a.attempt,
+                                          attachments, self.services)
 
                 async def compute() -> Any:
                     if a.timeout_s:
@@ -208,7 +243,13 @@ class Worker:
                     output = await self.cache.get_or_compute(cache_key(a.type, a.input), compute)
                 else:
                     output = await compute()
-            self._results.append(outcome_body(a.task_id, self._attempt(a), output, (time.monotonic() - t0) * 1000))
+            body = outcome_body(a.task_id, self._attempt(a), output, (time.monotonic() - t0) * 1000)
+            if isinstance(output, handlers.Attached):
+                # alone in its RESULT message, with its attachments as frames after the body
+                body["output"] = output.output
+                self._send(codec.encode_raw(Command.RESULT, {"results": [body]}, output.attachments))
+            else:
+                self._results.append(body)
             self.completed += 1
         except asyncio.CancelledError:
             outcome = "cancelled"
@@ -223,7 +264,7 @@ class Worker:
                        "timeout")
         except CasperError as exc:
             outcome = "failed"
-            self._fail(a, exc, not isinstance(exc, UnknownTaskTypeError))
+            self._fail(a, exc, exc.retryable and not isinstance(exc, UnknownTaskTypeError))
         except Exception as exc:
             outcome = "failed"
             log.exception("handler for %s task %s crashed", a.type, a.task_id)

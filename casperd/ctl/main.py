@@ -21,6 +21,7 @@ from rich.table import Table
 
 from casperd import __version__
 from casperd.codec import describe_validation
+from casperd.ctl import jobs
 from casperd.ctl.client import ControlClient, find_control, parse_id
 from casperd.errors import CasperError, CommandError, NoDaemonError, RequestTimeoutError, TaskNotFoundError
 from casperd.exitcodes import ExitCode
@@ -35,12 +36,16 @@ examples:
   caspectl tasks --status dead --limit 20 && caspectl retry ID
   caspectl drain developer-1 && caspectl resume developer-1
   caspectl keygen ./keys node-1
+  caspectl run "fix the flaky parser test" --repo . --budget-usd 2 --max-parallel 4
+  caspectl run "add type hints" --repo ~/src/app --detach && caspectl job JOB_ID --watch
 
 the control socket: --control, else CASPER_CONTROL, else the mesh started by 'casperd up'
 (found through STATE_DIR/mesh.json; --state-dir or CASPER_STATE_DIR).
 
 exit codes: 0 ok, 1 failed, 2 bad usage or input, 3 no daemon reachable, 4 not found,
             5 a waited-on task ended dead or cancelled, 6 timed out, 7 unhealthy.
+            run / job: 0 done with passing tests (or still running, or Ctrl-C), 1 failed,
+            budget exhausted or final tests failing, 5 cancelled.
 """
 
 out = Console(width=None if sys.stdout.isatty() else 200)
@@ -324,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("keygen", cmd_keygen, "make a CurveZMQ key pair (NAME.key secret, NAME.pub public)")
     sp.add_argument("directory")
     sp.add_argument("name")
+    jobs.add_parsers(add, out, err)
     return p
 
 
@@ -333,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.command == "keygen":
             return cmd_keygen(a)
+        if a.command == "run":
+            jobs.check_run(a)  # before any daemon is contacted
         endpoint = find_control(a.control, a.state_dir)
         if a.command == "submit-bulk" and a.batch < 1:
             raise CommandError("--batch must be at least 1")

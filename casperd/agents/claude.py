@@ -1,0 +1,309 @@
+"""The Claude client: ``anthropic.AsyncAnthropic`` with CASPER's limits, retries and caching.
+
+* Every HTTP attempt first takes a grant from the (mesh-wide) :class:`~casperd.agents.ratelimit.Limiter`
+  and reports every response's rate-limit headers back to it, so one node's 429 pauses the mesh.
+* The SDK's own retries are off; CASPER retries 408/409/429/5xx/529, timeouts and connection
+  errors up to ``retries`` times, waiting ``retry-after`` when the API names it, else an
+  exponential backoff with jitter. Other 4xx are :class:`~casperd.errors.LlmRequestError`
+  (not retryable); spent retries are :class:`~casperd.errors.LlmError` (retryable later).
+* A circuit breaker around the API makes calls fail at once while the API keeps failing.
+* The stable prefix (system prompt, tool definitions) is marked for prompt caching.
+* ``deterministic=True`` calls (temperature 0) go through the shared result cache: the mesh
+  pays for one identical call once.
+
+The API key is never logged, put in an exception or shown by ``repr``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anthropic
+
+from casperd.agents.ratelimit import Limiter, estimate_tokens, parse_rate_headers
+from casperd.agents.usage import Usage, cost_of
+from casperd.breaker import BreakerState, CircuitBreaker
+from casperd.cache import ResultCache, cache_key
+from casperd.errors import LlmError, LlmRequestError, MissingApiKeyError
+from casperd.retry import RetryPolicy
+from casperd.settings import ModelPrice, Settings
+
+log = logging.getLogger("casperd.agents.claude")
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+"""Plus every 5xx (500-599, 529 overloaded)."""
+CACHE_CONTROL = {"type": "ephemeral"}
+MAX_RETRY_AFTER_S = 300.0
+"""A longer ``retry-after`` is cut to this (the limiter still pauses the mesh for the full time)."""
+
+
+@dataclass
+class Reply:
+    """One model answer, as plain JSON-able data."""
+
+    content: list[dict[str, Any]]
+    stop_reason: str | None
+    model: str
+    usage: Usage
+    cached: bool = False
+    request_id: str | None = None
+    saved: Usage | None = field(default=None)
+    """On a cache hit: the usage of the original call that this one did not pay for (never summed
+    into budgets; ``usage`` is zero)."""
+
+    @property
+    def text(self) -> str:
+        return "".join(str(b.get("text", "")) for b in self.content if b.get("type") == "text")
+
+    @property
+    def tool_uses(self) -> list[dict[str, Any]]:
+        return [b for b in self.content if b.get("type") == "tool_use"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"content": self.content, "stop_reason": self.stop_reason, "model": self.model,
+                "usage": self.usage.to_dict(), "request_id": self.request_id}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Reply:
+        return cls(content=list(d.get("content") or []), stop_reason=d.get("stop_reason"),
+                   model=str(d.get("model") or ""), usage=Usage.from_dict(d.get("usage")),
+                   request_id=d.get("request_id"))
+
+
+def _is_retryable(status: int) -> bool:
+    return status in RETRYABLE_STATUS or 500 <= status <= 599
+
+
+def _block_dict(block: Any) -> dict[str, Any]:
+    kind = getattr(block, "type", None)
+    if kind == "text":
+        return {"type": "text", "text": block.text}
+    if kind == "tool_use":
+        return {"type": "tool_use", "id": block.id, "name": block.name, "input": block.input}
+    if hasattr(block, "model_dump"):
+        return dict(block.model_dump(mode="json", exclude_none=True))
+    return dict(block) if isinstance(block, Mapping) else {"type": str(kind)}
+
+
+class ClaudeClient:
+    """See the module docstring."""
+
+    def __init__(self, *, api_key: str | None, base_url: str | None, timeout_s: float = 120.0, retries: int = 4,
+                 limiter: Limiter, prices: Mapping[str, ModelPrice], cache: ResultCache | None = None,
+                 breaker: CircuitBreaker | None = None, backoff: RetryPolicy | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self._api_key = api_key or None
+        self.base_url = base_url or None
+        self.timeout_s = timeout_s
+        self.retries = max(0, retries)
+        self.limiter = limiter
+        self.prices = prices
+        self.cache = cache
+        self.breaker = breaker if breaker is not None else CircuitBreaker(failure_threshold=5, recovery_s=60.0)
+        self.backoff = backoff if backoff is not None else RetryPolicy(max_attempts=self.retries + 1, base_s=1.0,
+                                                                         factor=2.0, cap_s=30.0)
+        self._sleep = sleep
+        self._client: anthropic.AsyncAnthropic | None = None
+        self.calls = 0
+        self.cache_hits = 0
+        if self._api_key:
+            from casperd.logsetup import register_secret
+            register_secret(self._api_key)
+
+    @classmethod
+    def from_settings(cls, s: Settings, limiter: Limiter, cache: ResultCache | None) -> ClaudeClient:
+        from casperd.transport import read_secret_file
+
+        key = read_secret_file(s.anthropic_api_key_file, "Anthropic API key") or os.environ.get("ANTHROPIC_API_KEY")
+        base_url = s.anthropic_base_url or os.environ.get("ANTHROPIC_BASE_URL") or None
+        return cls(api_key=key or None, base_url=base_url, timeout_s=s.llm_timeout_s, retries=s.llm_retries,
+                   limiter=limiter, prices=s.model_prices, cache=cache,
+                   breaker=CircuitBreaker(failure_threshold=s.breaker_failures, recovery_s=s.breaker_recovery_s),
+                   backoff=RetryPolicy(max_attempts=s.llm_retries + 1, base_s=1.0, factor=2.0, cap_s=30.0))
+
+    def __repr__(self) -> str:
+        return (f"ClaudeClient(base_url={self.base_url!r}, key={'set' if self._api_key else 'missing'}, "
+                f"retries={self.retries}, breaker={self.breaker.state.value})")
+
+    @property
+    def has_key(self) -> bool:
+        return self._api_key is not None
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    def _sdk(self) -> anthropic.AsyncAnthropic:
+        if self._client is None:
+            self._client = anthropic.AsyncAnthropic(api_key=self._api_key, base_url=self.base_url,
+                                                    timeout=self.timeout_s, max_retries=0)
+        return self._client
+
+    # --- the call
+    async def create(self, *, model: str, system: str, messages: list[dict[str, Any]], max_tokens: int,
+                     tools: list[dict[str, Any]] | None = None, tool_choice: dict[str, Any] | None = None,
+                     temperature: float | None = None, deterministic: bool = False) -> Reply:
+        """One Messages API call. Raises MissingApiKeyError, LlmRequestError or LlmError."""
+        if not self._api_key:
+            raise MissingApiKeyError(
+                "no Anthropic API key: ANTHROPIC_API_KEY is not set and no key file is configured",
+                hint="set the anthropic_api_key_file setting (--anthropic-api-key-file / "
+                     "CASPER_ANTHROPIC_API_KEY_FILE) to a file holding the key, or export ANTHROPIC_API_KEY")
+        if deterministic:
+            temperature = 0.0
+        if not (deterministic and self.cache is not None and self.cache.enabled):
+            return await self._call(model, system, messages, max_tokens, tools, tool_choice, temperature)
+
+        key = cache_key("llm", model, system, messages, tools, tool_choice, max_tokens)
+        computed = False
+
+        async def compute() -> dict[str, Any]:
+            nonlocal computed
+            reply = await self._call(model, system, messages, max_tokens, tools, tool_choice, temperature)
+            computed = True
+            return reply.to_dict()
+
+        value = await self.cache.get_or_compute(key, compute)
+        reply = Reply.from_dict(value)
+        if not computed:  # another call (this process or another node) paid for it
+            self.cache_hits += 1
+            reply.saved, reply.usage, reply.cached = reply.usage, Usage(), True
+            log.debug("claude %s: served from the result cache (%d tokens saved)", model, reply.saved.total_tokens)
+        return reply
+
+    def _params(self, model: str, system: str, messages: list[dict[str, Any]], max_tokens: int,
+                tools: list[dict[str, Any]] | None, tool_choice: dict[str, Any] | None,
+                temperature: float | None) -> dict[str, Any]:
+        params: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "messages": messages}
+        if system:
+            params["system"] = [{"type": "text", "text": system, "cache_control": dict(CACHE_CONTROL)}]
+        if tools:
+            marked = [dict(t) for t in tools]
+            marked[-1] = {**copy.deepcopy(tools[-1]), "cache_control": dict(CACHE_CONTROL)}
+            params["tools"] = marked
+        if tool_choice is not None:
+            params["tool_choice"] = tool_choice
+        if temperature is not None:
+            # newer SDKs dropped the keyword (the API still takes the field): send it as a body field
+            params["extra_body"] = {"temperature": temperature}
+        return params
+
+    async def _call(self, model: str, system: str, messages: list[dict[str, Any]], max_tokens: int,
+                    tools: list[dict[str, Any]] | None, tool_choice: dict[str, Any] | None,
+                    temperature: float | None) -> Reply:
+        if not self.breaker.allow(time.monotonic()):
+            wait = max(0.0, self.breaker.opened_at + self.breaker.recovery_s - time.monotonic())
+            raise LlmError("the model API circuit breaker is open after repeated failures",
+                           hint=f"calls resume in about {wait:.0f}s; check the API status and the logs")
+        try:
+            reply = await self._attempts(model, system, messages, max_tokens, tools, tool_choice, temperature)
+        except LlmRequestError:
+            self.breaker.record_success()  # the API answered: it is up, the request was wrong
+            raise
+        except LlmError:
+            self.breaker.record_failure(time.monotonic())
+            if self.breaker.state is BreakerState.OPEN:
+                log.warning("claude: circuit breaker opened after %d failed calls", self.breaker.failures)
+            raise
+        except BaseException:
+            self.breaker.release_probe()
+            raise
+        self.breaker.record_success()
+        return reply
+
+    async def _attempts(self, model: str, system: str, messages: list[dict[str, Any]], max_tokens: int,
+                        tools: list[dict[str, Any]] | None, tool_choice: dict[str, Any] | None,
+                        temperature: float | None) -> Reply:
+        params = self._params(model, system, messages, max_tokens, tools, tool_choice, temperature)
+        estimate = estimate_tokens(system, messages, tools, max_tokens)
+        sdk = self._sdk()
+        attempt = 0
+        while True:
+            attempt += 1
+            await self.limiter.acquire(estimate)
+            t0 = time.monotonic()
+            retry_after: float | None = None
+            try:
+                raw = await sdk.messages.with_raw_response.create(**params)
+                msg = await raw.parse()
+            except anthropic.APIStatusError as exc:
+                status = exc.status_code
+                obs = parse_rate_headers(exc.response.headers, status, time.time())
+                self.limiter.observe(obs)
+                self.limiter.settle(estimate, 0)
+                kind, detail = _error_info(exc)
+                log.debug("claude %s: HTTP %d %s after %.0f ms (attempt %d)", model, status, kind,
+                          (time.monotonic() - t0) * 1000, attempt)
+                if not _is_retryable(status):
+                    raise LlmRequestError(f"the model API refused the request: HTTP {status} {kind}: {detail}",
+                                          hint=_request_hint(status), status=status,
+                                          request_id=getattr(exc, "request_id", None)) from None
+                reason = f"HTTP {status} {kind}"
+                retry_after = obs.retry_after_s
+            except anthropic.APITimeoutError:
+                reason = f"timeout after {self.timeout_s:g}s"
+            except anthropic.APIConnectionError as exc:
+                reason = f"connection error ({type(exc.__cause__ or exc).__name__})"
+            except anthropic.APIResponseValidationError:
+                reason = "malformed response"
+            else:
+                return self._reply(raw, msg, model, estimate, t0, attempt)
+            if attempt > self.retries:
+                raise LlmError(f"the model API call failed {attempt} times; last: {reason}",
+                               hint="the task can be retried later; check the API status and rate limits",
+                               reason=reason)
+            wait = min(retry_after, MAX_RETRY_AFTER_S) if retry_after is not None else self._jittered(attempt)
+            log.warning("claude %s: %s; retry %d/%d in %.2fs", model, reason, attempt, self.retries, wait)
+            await self._sleep(wait)
+
+    def _jittered(self, failed: int) -> float:
+        base = self.backoff.backoff(failed)
+        return base * (0.5 + random.random() / 2)
+
+    def _reply(self, raw: Any, msg: Any, model: str, estimate: int, t0: float, attempt: int) -> Reply:
+        self.limiter.observe(parse_rate_headers(raw.headers, 200, time.time()))
+        u = msg.usage
+        inp = int(getattr(u, "input_tokens", 0) or 0)
+        out = int(getattr(u, "output_tokens", 0) or 0)
+        cread = int(getattr(u, "cache_read_input_tokens", 0) or 0)
+        cwrite = int(getattr(u, "cache_creation_input_tokens", 0) or 0)
+        answered_model = str(getattr(msg, "model", None) or model)
+        usage = Usage(input_tokens=inp, output_tokens=out, cache_read_tokens=cread, cache_write_tokens=cwrite,
+                      calls=1, cost_usd=cost_of(answered_model, inp, out, cread, cwrite, self.prices))
+        self.limiter.settle(estimate, usage.total_tokens)
+        self.calls += 1
+        request_id = raw.headers.get("request-id")
+        log.debug("claude %s: HTTP 200 %s, %d in + %d out tokens (cache read %d, write %d), %.0f ms, attempt %d",
+                  answered_model, msg.stop_reason, inp, out, cread, cwrite, (time.monotonic() - t0) * 1000, attempt)
+        return Reply(content=[_block_dict(b) for b in msg.content], stop_reason=msg.stop_reason,
+                     model=answered_model, usage=usage, request_id=request_id)
+
+
+def _error_info(exc: anthropic.APIStatusError) -> tuple[str, str]:
+    """The API's error type and message from an error response body (never the request)."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    err = body.get("error") if isinstance(body.get("error"), dict) else body
+    kind = str(err.get("type") or "error")
+    message = str(err.get("message") or f"HTTP {exc.status_code}")
+    return kind, message[:500]
+
+
+def _request_hint(status: int) -> str:
+    if status == 401:
+        return "the API key was rejected: check ANTHROPIC_API_KEY or the anthropic_api_key_file setting"
+    if status == 403:
+        return "the API key may not use this model or feature"
+    if status == 404:
+        return "check the model name (the models setting) and anthropic_base_url"
+    if status == 413:
+        return "the request is too large: shorten the conversation or the tool output"
+    return "the request is invalid; it will fail the same way if repeated"

@@ -1,0 +1,129 @@
+"""The policeman's agent services: what it offers peers over the mesh, and its own Claude client.
+
+Mesh services (REQUEST ops on the broker's ROUTER, answered with REPLY):
+
+* ``llm-permit`` — the mesh-wide rate limit: ``{tokens, settle?, observe?}`` → ``{wait_s}``. One
+  :class:`MeshRateLimit` holds for every agent sharing the API key, and shrinks when any of them
+  sees a 429 or low ``anthropic-ratelimit-*`` headers.
+* ``turns-save`` / ``turns-load`` — a code task's conversation and work in progress (attachment 0).
+  ``turns-load`` adds ``feedback``: why the policeman sent the task's last result back, if it did.
+* ``calls-save`` — per-call usage of one-shot calls (``ask``).
+
+It also plugs into the broker: attachments are stored in ``task_attachments``, ``code`` results are
+validated here (the ``validating`` state), and ``job`` tasks run in the :class:`JobRunner`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from casperd import handlers
+from casperd.agents.claude import ClaudeClient
+from casperd.agents.ratelimit import LocalLimiter, MeshRateLimit, RateObservation
+from casperd.agents.records import AgentRecords
+from casperd.agents.validation import PatchLimits, validate_patch
+from casperd.broker import Broker
+from casperd.cache import ResultCache
+from casperd.errors import InvalidBodyError
+from casperd.settings import Settings
+
+log = logging.getLogger("casperd.agents.police")
+Attachments = tuple[bytes, ...]
+OpResult = tuple[Any, Attachments]
+
+
+def _uuid(args: dict[str, Any], key: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(args.get(key)))
+    except ValueError:
+        raise InvalidBodyError(f"{key} must be a task id", hint="send the task's UUID") from None
+
+
+class PoliceService:
+    def __init__(self, settings: Settings, broker: Broker, cache: ResultCache | None) -> None:
+        from casperd.agents.jobs import JobRunner
+
+        self.s = settings
+        self.broker = broker
+        self.records = AgentRecords(broker.store)
+        self.rate = MeshRateLimit(settings.llm_rpm, settings.llm_tpm)
+        self.claude = ClaudeClient.from_settings(settings, LocalLimiter(state=self.rate), cache)
+        self.jobs = JobRunner(self)
+        broker.mesh_ops.update({"llm-permit": self._permit, "turns-save": self._turns_save,
+                                "turns-load": self._turns_load, "calls-save": self._calls_save})
+        broker.save_attachments = self.records.put_attachments
+        broker.load_attachments = lambda ids: self.records.attachments(ids, "input")
+        broker.local_runner = self.jobs.start
+        broker.finish_listeners.append(self.jobs.on_finish)
+        handlers.ASYNC_VALIDATORS["code"] = self.validate_code
+
+    async def close(self) -> None:
+        await self.jobs.close()
+        await self.claude.close()
+
+    # --- mesh services ------------------------------------------------------------------------------
+    async def _permit(self, node: str, args: dict[str, Any], _att: Attachments) -> OpResult:
+        now = time.monotonic()
+        for pair in args.get("settle") or []:
+            if isinstance(pair, list | tuple) and len(pair) == 2:
+                self.rate.settle(int(pair[0]), int(pair[1]), now)
+        for obs in args.get("observe") or []:
+            if isinstance(obs, dict):
+                try:
+                    self.rate.observe(RateObservation(**obs), now)
+                except TypeError:
+                    raise InvalidBodyError("observe entries must be rate observations",
+                                           hint="see casperd.agents.ratelimit.RateObservation") from None
+        tokens = int(args.get("tokens") or 0)
+        wait = self.rate.reserve(tokens, now) if tokens > 0 else 0.0
+        return {"wait_s": round(wait, 3)}, ()
+
+    async def _turns_save(self, node: str, args: dict[str, Any], att: Attachments) -> OpResult:
+        tid = _uuid(args, "task_id")
+        messages = args.get("messages")
+        if not isinstance(messages, list):
+            raise InvalidBodyError("turns-save needs messages: a list", hint="send the whole conversation")
+        await self.records.save_turns(tid, int(args.get("attempt") or 1), node, messages,
+                                      args.get("usage") or {}, att[0] if att else None)
+        await self._save_calls(node, tid, args)
+        return {"saved": len(messages)}, ()
+
+    async def _calls_save(self, node: str, args: dict[str, Any], _att: Attachments) -> OpResult:
+        await self._save_calls(node, _uuid(args, "task_id"), args)
+        return {}, ()
+
+    async def _save_calls(self, node: str, tid: uuid.UUID, args: dict[str, Any]) -> None:
+        calls = [c for c in args.get("calls") or [] if isinstance(c, dict)]
+        job = args.get("job_id")
+        await self.records.add_calls(calls, task_id=tid, job_id=uuid.UUID(job) if job else None, node=node,
+                                     role="developer")
+
+    async def _turns_load(self, node: str, args: dict[str, Any], _att: Attachments) -> OpResult:
+        tid = _uuid(args, "task_id")
+        saved = await self.records.load_turns(tid)
+        if saved is None:
+            return None, ()
+        wip = saved.pop("wip")
+        rec = self.broker.held_record(tid)
+        if rec is not None and rec.error_json:
+            last = json.loads(rec.error_json)[-1]
+            if last.get("code") == "validation" and last.get("attempt") == saved["attempt"]:
+                saved["feedback"] = f"The policeman rejected your patch: {last.get('message')}"
+        return saved, ((wip,) if wip else ())
+
+    # --- validation of code results -------------------------------------------------------------------
+    async def validate_code(self, tid: uuid.UUID, task_input: dict[str, Any], output: Any,
+                            attachments: tuple[bytes, ...]) -> str | None:
+        patch = attachments[0] if attachments else b""
+        problems = await validate_patch(
+            patch, repo=str(task_input.get("repo")), base=str(task_input.get("base")),
+            allowed=list(task_input.get("allowed") or []), limits=PatchLimits(),
+            scratch=self.s.workspace / "validate", mirror_root=self.s.workspace / "mirrors")
+        if problems:
+            log.info("task %s failed validation: %s", tid, "; ".join(problems)[:500])
+            return "; ".join(problems)[:3500]
+        return None

@@ -1,0 +1,630 @@
+"""The developer agent's tools, confined to one worktree.
+
+A :class:`Sandbox` answers the model's tool calls (read, write, edit, list, search, run a command)
+inside one directory, its root. Paths are relative to the root; a path that is absolute, climbs out
+with ``..``, or resolves (through any symlink, final component included) to a place outside the
+root is refused, and so is anything in a ``.git`` directory or file. Commands run with the root as
+their directory, an environment without secrets, a private HOME, a timeout that kills their whole
+process group, and a cap on the output kept.
+
+:func:`execute` is the tool loop's single entry point: it never raises for a bad call (the model
+gets the message with ``is_error``), only cancellation propagates. The ``finish`` tool is the
+loop's business and is not executed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import json
+import os
+import posixpath
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+from casperd.errors import CasperError, SandboxError, TaskError, TaskTimeoutError
+from casperd.handlers.shell import clean_env
+
+LIST_CAP = 2000
+"""Entries list_files shows at most."""
+SEARCH_CAP = 200
+"""Matches search shows at most."""
+SEARCH_MAX_FILE = 1_000_000
+"""Files larger than this are not searched."""
+SEARCH_TIMEOUT_S = 60.0
+MATCH_LINE_CAP = 300
+"""Characters of a matching line shown by search."""
+BINARY_SNIFF = 8192
+
+
+def _refuse(message: str, hint: str) -> SandboxError:
+    return SandboxError(message, hint=hint)
+
+
+def _is_binary(head: bytes) -> bool:
+    return b"\0" in head[:BINARY_SNIFF]
+
+
+class Sandbox:
+    """Tools over one worktree (``root``). The constructor resolves ``root``, which must exist."""
+
+    def __init__(self, root: Path, *, command_timeout_s: float = 120.0, output_cap: int = 16384,
+                 max_read_bytes: int = 256_000, max_write_bytes: int = 2_000_000) -> None:
+        self.root = Path(os.path.realpath(root))
+        self.command_timeout_s = float(command_timeout_s)
+        self.output_cap = int(output_cap)
+        self.max_read_bytes = int(max_read_bytes)
+        self.max_write_bytes = int(max_write_bytes)
+        self._home: str | None = None
+        self._home_finalizer: weakref.finalize | None = None
+
+    # --- paths ------------------------------------------------------------------------------------
+    def resolve(self, rel: str, *, for_write: bool = False) -> Path:
+        """The real location of ``rel`` inside the root; :class:`SandboxError` when it is not allowed.
+
+        Blocking (it follows symlinks on disk): the async tools call it in a thread."""
+        if not isinstance(rel, str):
+            raise _refuse(f"path must be a string, not {type(rel).__name__}", "give a path relative to the worktree")
+        if "\0" in rel:
+            raise _refuse("path contains a NUL character", "give a plain path relative to the worktree")
+        if rel.strip() == "":
+            rel = "."
+        if os.path.isabs(rel):
+            raise _refuse(f"absolute path {rel!r} refused: tools only see the worktree",
+                          "use a path relative to the worktree root, e.g. 'src/app.py'")
+        norm = posixpath.normpath(rel)
+        parts = norm.split("/")
+        if parts[0] == "..":
+            raise _refuse(f"path {rel!r} leaves the worktree", "use a path inside the worktree, without '..'")
+        if ".git" in parts:
+            raise _refuse(f"path {rel!r} is inside git's own data (.git), which tools may not touch",
+                          "work on the project's files; the git state is managed for you")
+        target = self.root if norm == "." else self.root / norm
+        real = Path(os.path.realpath(target))
+        if real != self.root and self.root not in real.parents:
+            raise _refuse(f"path {rel!r} resolves outside the worktree (through a symlink)",
+                          "use paths whose real location is inside the worktree")
+        inside = real.relative_to(self.root).parts
+        if ".git" in inside:
+            raise _refuse(f"path {rel!r} resolves into git's own data (.git), which tools may not touch",
+                          "work on the project's files; the git state is managed for you")
+        if for_write and real == self.root:
+            raise _refuse("cannot write to the worktree root itself", "name a file inside the worktree")
+        return real
+
+    def _display(self, real: Path) -> str:
+        rel = real.relative_to(self.root).as_posix()
+        return rel or "."
+
+    # --- files ------------------------------------------------------------------------------------
+    async def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None) -> str:
+        """The text of a file (or of lines start_line..end_line, 1-based, inclusive), capped at
+        max_read_bytes with a note; binary files are described, not shown."""
+        for name, value in (("start_line", start_line), ("end_line", end_line)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise TaskError(f"{name} must be a whole number of at least 1", hint="lines are numbered from 1")
+        if start_line is not None and end_line is not None and end_line < start_line:
+            raise TaskError(f"end_line {end_line} is before start_line {start_line}",
+                            hint="give end_line >= start_line")
+        return await asyncio.to_thread(self._read_file, path, start_line, end_line)
+
+    def _read_file(self, path: str, start_line: int | None, end_line: int | None) -> str:
+        real = self.resolve(path)
+        if not real.exists():
+            raise TaskError(f"{path!r} does not exist", hint="use list_files to see what is there")
+        if real.is_dir():
+            raise TaskError(f"{path!r} is a directory", hint="use list_files to see its contents")
+        if not real.is_file():
+            raise TaskError(f"{path!r} is not a regular file", hint="read regular files only")
+        size = real.stat().st_size
+        ranged = start_line is not None or end_line is not None
+        # A whole-file read needs only the first max_read_bytes; a line range needs the whole file
+        # (bounded: beyond 64 MB only the beginning is considered).
+        limit = min(size, 64_000_000) if ranged else self.max_read_bytes + 1
+        with real.open("rb") as f:
+            data = f.read(limit)
+        if _is_binary(data):
+            return f"{path}: binary file ({size} bytes), not shown"
+        text = data.decode("utf-8", "replace")
+        if not ranged:
+            if size == 0:
+                return f"{path}: (empty file)"
+            if size <= self.max_read_bytes:
+                return text
+            cut = data[:self.max_read_bytes].decode("utf-8", "ignore")
+            shown = cut.count("\n")
+            return (f"{cut}\n[truncated: showing the first {self.max_read_bytes} of {size} bytes "
+                    f"(lines 1-{shown}); read the rest with start_line={shown + 1}]")
+        lines = text.splitlines(keepends=True)
+        total = len(lines)
+        first = start_line or 1
+        last = min(end_line or total, total)
+        if first > total:
+            raise TaskError(f"{path!r} has only {total} lines; start_line {first} is past the end",
+                            hint=f"give a start_line between 1 and {max(total, 1)}")
+        chunk = "".join(lines[first - 1:last])
+        encoded = chunk.encode()
+        header = f"[{path}: lines {first}-{last} of {total}]\n"
+        if len(encoded) <= self.max_read_bytes:
+            return header + chunk
+        cut = encoded[:self.max_read_bytes].decode("utf-8", "ignore")
+        upto = first + cut.count("\n") - 1
+        return (f"{header}{cut}\n[truncated: showing {self.max_read_bytes} bytes; "
+                f"continue with start_line={upto + 1}]")
+
+    async def write_file(self, path: str, content: str) -> str:
+        """Create or overwrite a file with ``content`` (parent directories are created)."""
+        if not isinstance(content, str):
+            raise TaskError("content must be a string", hint="pass the whole new text of the file")
+        data = content.encode("utf-8", "surrogateescape")
+        if len(data) > self.max_write_bytes:
+            raise _refuse(f"content is {len(data)} bytes; the limit for one file is {self.max_write_bytes} bytes",
+                          "write smaller files, or generate large data with a command")
+        return await asyncio.to_thread(self._write_file, path, data)
+
+    def _write_file(self, path: str, data: bytes) -> str:
+        real = self.resolve(path, for_write=True)
+        if real.is_dir():
+            raise TaskError(f"{path!r} is a directory", hint="name a file, not a directory")
+        existed = real.exists()
+        # Create the missing parents one by one, re-checking each: none may be (or become) a link.
+        missing: list[Path] = []
+        parent = real.parent
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        for d in reversed(missing):
+            d.mkdir()
+            self.resolve(self._display(d))
+        self._write_bytes(real, data, path)
+        verb = "overwrote" if existed else "created"
+        lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+        return f"{verb} {self._display(real)} ({len(data)} bytes, {lines} lines)"
+
+    def _write_bytes(self, real: Path, data: bytes, path: str) -> None:
+        try:
+            fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise TaskError(f"cannot write {path!r}: {exc.strerror}",
+                            hint="check that the path names a file you may write") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    async def replace_in_file(self, path: str, old: str, new: str, replace_all: bool = False) -> str:
+        """Replace the exact text ``old`` with ``new``; ``old`` must occur exactly once unless
+        ``replace_all``."""
+        if not isinstance(old, str) or not isinstance(new, str):
+            raise TaskError("old and new must be strings", hint="copy old exactly from the file")
+        if old == "":
+            raise TaskError("old must not be empty", hint="copy the exact text to replace from the file; "
+                            "use write_file to create a file")
+        if old == new:
+            raise TaskError("old and new are the same: nothing would change", hint="give the new text")
+        return await asyncio.to_thread(self._replace, path, old, new, bool(replace_all))
+
+    def _replace(self, path: str, old: str, new: str, replace_all: bool) -> str:
+        real = self.resolve(path, for_write=True)
+        if not real.is_file():
+            raise TaskError(f"{path!r} does not exist or is not a file",
+                            hint="use list_files to find it, or write_file to create it")
+        size = real.stat().st_size
+        if size > self.max_write_bytes:
+            raise _refuse(f"{path!r} is {size} bytes, larger than the {self.max_write_bytes}-byte edit limit",
+                          "edit it with a command instead")
+        data = real.read_bytes()
+        if _is_binary(data):
+            raise TaskError(f"{path!r} is a binary file", hint="replace_in_file edits text files only")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TaskError(f"{path!r} is not valid UTF-8 text", hint="edit it with a command instead") from None
+        count = text.count(old)
+        if count == 0:
+            raise TaskError(f"old text not found in {path!r}",
+                            hint="read the file again and copy the text exactly (whitespace and indentation "
+                                 "must match)")
+        if count > 1 and not replace_all:
+            raise TaskError(f"old text occurs {count} times in {path!r}; it must occur exactly once",
+                            hint="include more surrounding lines to make it unique, or set replace_all")
+        result = text.replace(old, new) if replace_all else text.replace(old, new, 1)
+        out = result.encode("utf-8")
+        if len(out) > self.max_write_bytes:
+            raise _refuse(f"the edited file would be {len(out)} bytes; the limit is {self.max_write_bytes} bytes",
+                          "make a smaller change")
+        self._write_bytes(real, out, path)
+        n = count if replace_all else 1
+        return f"replaced {n} occurrence{'s' if n != 1 else ''} in {self._display(real)}"
+
+    async def list_files(self, path: str = ".", pattern: str | None = None) -> str:
+        """Files under ``path``, recursively, sorted, .git skipped; ``pattern`` (a glob) filters by
+        name or by path relative to the root. At most LIST_CAP entries."""
+        if pattern is not None and not isinstance(pattern, str):
+            raise TaskError("pattern must be a string glob", hint="e.g. '*.py'")
+        return await asyncio.to_thread(self._list_files, path, pattern or None)
+
+    def _walk(self, real: Path) -> Any:
+        """(relative path, absolute path) of every file under ``real`` in sorted depth-first order,
+        without following directory symlinks and without .git."""
+        def onerror(_exc: OSError) -> None:
+            return None
+
+        for dirpath, dirnames, filenames in os.walk(real, onerror=onerror):
+            dirnames[:] = sorted(d for d in dirnames if d != ".git")
+            base = Path(dirpath)
+            for name in sorted(filenames):
+                if name == ".git":
+                    continue
+                full = base / name
+                yield full.relative_to(self.root).as_posix(), full
+
+    def _list_files(self, path: str, pattern: str | None) -> str:
+        real = self.resolve(path)
+        if not real.exists():
+            raise TaskError(f"{path!r} does not exist", hint="list '.' to see the worktree")
+        if real.is_file():
+            return self._display(real)
+        out: list[str] = []
+        more = False
+        for rel, _full in self._walk(real):
+            if pattern and not (fnmatch.fnmatchcase(rel, pattern) or fnmatch.fnmatchcase(posixpath.basename(rel),
+                                                                                          pattern)):
+                continue
+            if len(out) >= LIST_CAP:
+                more = True
+                break
+            out.append(rel)
+        if not out:
+            return "no files" + (f" matching {pattern!r}" if pattern else "") + f" under {path!r}"
+        text = "\n".join(out)
+        if more:
+            text += f"\n[listing stopped at {LIST_CAP} entries; list a subdirectory or give a pattern]"
+        return text
+
+    async def search(self, pattern: str, path: str = ".", glob: str | None = None) -> str:
+        """Lines matching the Python regex ``pattern`` in text files under ``path`` (``glob`` filters
+        file names), as ``path:line: text``. Runs in a subprocess so no regex can stall the daemon."""
+        if not isinstance(pattern, str) or not pattern:
+            raise TaskError("pattern must be a non-empty regular expression", hint="e.g. 'def main'")
+        if glob is not None and not isinstance(glob, str):
+            raise TaskError("glob must be a string", hint="e.g. '*.py'")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise TaskError(f"invalid regular expression {pattern!r}: {exc}",
+                            hint="use Python re syntax; escape special characters like ( [ . *") from None
+        real = await asyncio.to_thread(self.resolve, path)
+        request = json.dumps({"root": str(self.root), "start": str(real), "pattern": pattern, "glob": glob or None,
+                              "cap": SEARCH_CAP, "max_file": SEARCH_MAX_FILE, "line_cap": MATCH_LINE_CAP}).encode()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-I", "-S", "-c", _SEARCH_SCRIPT, cwd=self.root, env=clean_env(),
+            start_new_session=True, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(request), SEARCH_TIMEOUT_S)
+        except TimeoutError:
+            _kill_group(proc.pid)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.communicate(), 5)
+            raise TaskTimeoutError(f"search timed out after {SEARCH_TIMEOUT_S:g}s",
+                                   hint="simplify the pattern or search a smaller directory") from None
+        except asyncio.CancelledError:
+            _kill_group(proc.pid)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.wait(), 5)
+            raise
+        if proc.returncode != 0:
+            raise TaskError(f"search failed: {err.decode('utf-8', 'replace').strip()[-500:]}",
+                            hint="check the pattern and path")
+        result = json.loads(out)
+        lines: list[str] = result["matches"]
+        if not lines:
+            return f"no matches for {pattern!r}" + (f" in files matching {glob!r}" if glob else "")
+        text = "\n".join(lines)
+        if result["more"]:
+            text += f"\n[stopped at {SEARCH_CAP} matches; narrow the pattern, path or glob]"
+        return text
+
+    # --- commands ---------------------------------------------------------------------------------
+    async def _home_dir(self) -> str:
+        if self._home is None:
+            home = await asyncio.to_thread(tempfile.mkdtemp, prefix="casper-home-")
+            self._home = home
+            self._home_finalizer = weakref.finalize(self, shutil.rmtree, home, True)
+        return self._home
+
+    async def aclose(self) -> None:
+        """Remove the private HOME of commands (the worktree itself is left alone)."""
+        if self._home is not None:
+            home, self._home = self._home, None
+            if self._home_finalizer is not None:
+                self._home_finalizer.detach()
+            await asyncio.to_thread(shutil.rmtree, home, True)
+
+    async def run_command(self, command: str, timeout_s: float | None = None) -> str:
+        """Run ``/bin/sh -c command`` in the root. Returns the tail of the combined output and the
+        exit code; a timeout kills the whole process group and raises :class:`TaskTimeoutError`.
+        Processes the command left running in its group are killed when it exits."""
+        if not isinstance(command, str) or not command.strip():
+            raise TaskError("command must be a non-empty string", hint="e.g. 'pytest -q tests/'")
+        if "\0" in command:
+            raise TaskError("command contains a NUL character", hint="remove it")
+        timeout = self.command_timeout_s
+        if timeout_s is not None:
+            if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not timeout_s > 0:
+                raise TaskError("timeout_s must be a positive number of seconds",
+                                hint=f"at most {self.command_timeout_s:g}")
+            timeout = min(float(timeout_s), self.command_timeout_s)
+        env = clean_env()
+        env.update(HOME=await self._home_dir(), PYTHONDONTWRITEBYTECODE="1", GIT_TERMINAL_PROMPT="0")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", command, cwd=self.root, env=env, start_new_session=True,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        except OSError as exc:
+            raise TaskError(f"cannot start /bin/sh: {exc.strerror}", hint="the node cannot run commands") from None
+        assert proc.stdout is not None
+        buf = bytearray()
+        total = 0
+
+        async def drain() -> None:
+            nonlocal total
+            assert proc.stdout is not None
+            while chunk := await proc.stdout.read(65536):
+                total += len(chunk)
+                buf.extend(chunk)
+                if len(buf) > 2 * self.output_cap:
+                    del buf[:len(buf) - self.output_cap]
+
+        loop = asyncio.get_running_loop()
+        reader = asyncio.create_task(drain())
+        deadline = loop.time() + timeout
+        timed_out = False
+        try:
+            # proc.wait() would also wait for the pipe to close, which a background child can hold
+            # open: watch the shell's exit and the deadline instead.
+            while proc.returncode is None or not reader.done():
+                if proc.returncode is not None:
+                    # The shell is gone; whatever it left in its group goes too.
+                    _kill_group(proc.pid)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(reader), 2)
+                    break
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    timed_out = True
+                    break
+                if reader.done():
+                    await asyncio.sleep(min(remaining, 0.05))
+                else:
+                    await asyncio.wait({reader}, timeout=min(remaining, 0.05))
+            if timed_out:
+                _kill_group(proc.pid)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(reader), 2)
+        except asyncio.CancelledError:
+            _kill_group(proc.pid)
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(_reap(proc, reader), 5)
+            raise
+        await _reap(proc, reader)
+        tail = bytes(buf[-self.output_cap:]) if len(buf) > self.output_cap else bytes(buf)
+        text = tail.decode("utf-8", "replace")
+        if total > len(tail):
+            text = f"[output truncated: showing the last {len(tail)} of {total} bytes]\n" + text
+        if timed_out:
+            raise TaskTimeoutError(f"command timed out after {timeout:g}s and was killed; output so far:\n{text}",
+                                   hint="run something shorter, or pass a larger timeout_s "
+                                        f"(at most {self.command_timeout_s:g})")
+        code = proc.returncode
+        status = f"exit code {code}" if code is not None and code >= 0 else f"killed by signal {-(code or 0)}"
+        return f"{text}{'' if not text or text.endswith(chr(10)) else chr(10)}[{status}]"
+
+
+async def _reap(proc: asyncio.subprocess.Process, reader: asyncio.Task[None]) -> None:
+    """Finish with a command: stop reading and close the pipe even when an escaped grandchild still
+    holds it, then collect the exit status."""
+    if not reader.done():
+        reader.cancel()
+    await asyncio.wait({reader})
+    if not reader.cancelled():
+        reader.exception()  # retrieved: a read error only means there is no more output
+    # Wait for the exit status to arrive from the child watcher before closing the transport
+    # (closing it earlier would make it poll, and reap, the process itself).
+    for _ in range(100):
+        if proc.returncode is not None:
+            break
+        await asyncio.sleep(0.05)
+    transport = getattr(proc, "_transport", None)
+    if transport is not None:
+        transport.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(proc.wait(), 5)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+_SEARCH_SCRIPT = r"""
+import fnmatch, json, os, re, sys
+req = json.loads(sys.stdin.buffer.read())
+root, start = req["root"], req["start"]
+rx = re.compile(req["pattern"])
+glob, cap, max_file, line_cap = req["glob"], req["cap"], req["max_file"], req["line_cap"]
+matches, more = [], False
+
+def files():
+    if os.path.isfile(start):
+        yield start
+        return
+    for dirpath, dirnames, filenames in os.walk(start):
+        dirnames[:] = sorted(d for d in dirnames if d != ".git")
+        for name in sorted(filenames):
+            if name != ".git":
+                yield os.path.join(dirpath, name)
+
+for full in files():
+    rel = os.path.relpath(full, root).replace(os.sep, "/")
+    if glob and not (fnmatch.fnmatchcase(os.path.basename(rel), glob) or fnmatch.fnmatchcase(rel, glob)):
+        continue
+    try:
+        if os.path.islink(full) or not os.path.isfile(full) or os.path.getsize(full) > max_file:
+            continue
+        with open(full, "rb") as f:
+            data = f.read()
+    except OSError:
+        continue
+    if b"\0" in data[:8192]:
+        continue
+    for no, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        if rx.search(line):
+            if len(matches) >= cap:
+                more = True
+                break
+            text = line.rstrip()
+            if len(text) > line_cap:
+                text = text[:line_cap] + "…"
+            matches.append(f"{rel}:{no}: {text}")
+    if more:
+        break
+json.dump({"matches": matches, "more": more}, sys.stdout)
+"""
+
+
+# --- tool definitions and dispatch --------------------------------------------------------------
+def _schema(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+
+_PATH = {"type": "string", "description": "Path relative to the worktree root, e.g. 'src/app.py'."}
+
+TOOLS: list[dict[str, Any]] = [
+    {
+        "name": "read_file",
+        "description": "Read a text file of the worktree. Optionally only lines start_line..end_line (1-based, "
+                       "inclusive). Long files are truncated with a note saying how to read on; binary files are "
+                       "described, not shown.",
+        "input_schema": _schema({
+            "path": _PATH,
+            "start_line": {"type": "integer", "minimum": 1, "description": "First line to show (1-based)."},
+            "end_line": {"type": "integer", "minimum": 1, "description": "Last line to show (inclusive)."},
+        }, ["path"]),
+    },
+    {
+        "name": "write_file",
+        "description": "Create a file or overwrite it entirely with the given content. Missing parent "
+                       "directories are created. Prefer replace_in_file for small edits of existing files.",
+        "input_schema": _schema({
+            "path": _PATH,
+            "content": {"type": "string", "description": "The complete new content of the file."},
+        }, ["path", "content"]),
+    },
+    {
+        "name": "replace_in_file",
+        "description": "Replace an exact piece of text in a file. 'old' must occur exactly once (include enough "
+                       "surrounding lines to make it unique), unless replace_all is true. Whitespace and "
+                       "indentation must match the file exactly.",
+        "input_schema": _schema({
+            "path": _PATH,
+            "old": {"type": "string", "description": "The exact text to replace, copied from the file."},
+            "new": {"type": "string", "description": "The text to put in its place."},
+            "replace_all": {"type": "boolean", "description": "Replace every occurrence (default false)."},
+        }, ["path", "old", "new"]),
+    },
+    {
+        "name": "list_files",
+        "description": f"List files under a directory of the worktree, recursively and sorted (.git excluded, at "
+                       f"most {LIST_CAP} entries). An optional glob pattern filters by file name or relative path.",
+        "input_schema": _schema({
+            "path": {"type": "string", "description": "Directory relative to the worktree root (default '.')."},
+            "pattern": {"type": "string", "description": "Glob such as '*.py' or 'tests/*'."},
+        }, []),
+    },
+    {
+        "name": "search",
+        "description": f"Search text files for a Python regular expression, line by line. Returns "
+                       f"'path:line: text' for each match (at most {SEARCH_CAP}); binary files, files over 1 MB "
+                       f"and .git are skipped.",
+        "input_schema": _schema({
+            "pattern": {"type": "string", "description": "Python regular expression, e.g. 'def \\w+_handler'."},
+            "path": {"type": "string", "description": "Directory or file to search (default '.')."},
+            "glob": {"type": "string", "description": "Only files whose name or path matches, e.g. '*.py'."},
+        }, ["pattern"]),
+    },
+    {
+        "name": "run_command",
+        "description": "Run a shell command (/bin/sh -c) in the worktree root, e.g. to run tests. No network "
+                       "credentials, no input. Returns the end of the combined stdout/stderr and the exit code. "
+                       "Commands are killed at the timeout; background processes are killed when it exits.",
+        "input_schema": _schema({
+            "command": {"type": "string", "description": "The shell command line."},
+            "timeout_s": {"type": "number", "exclusiveMinimum": 0,
+                          "description": "Timeout in seconds (capped at the node's limit)."},
+        }, ["command"]),
+    },
+    {
+        "name": "finish",
+        "description": "Call when the task is done (or cannot be done): give a short summary of what you changed "
+                       "and why, or of what blocked you. Your changes to the worktree are collected as the result.",
+        "input_schema": _schema({
+            "summary": {"type": "string", "description": "What was done, for the reviewer."},
+        }, ["summary"]),
+    },
+]
+
+_BY_NAME = {t["name"]: t for t in TOOLS}
+_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "number": (int, float),
+                                       "boolean": (bool,)}
+
+
+def _check_input(name: str, tool_input: Any) -> dict[str, Any]:
+    if not isinstance(tool_input, dict):
+        raise TaskError(f"{name}: the input must be an object", hint="pass the arguments as named fields")
+    schema = _BY_NAME[name]["input_schema"]
+    props: dict[str, Any] = schema["properties"]
+    missing = [k for k in schema["required"] if k not in tool_input]
+    if missing:
+        raise TaskError(f"{name}: missing required argument{'s' if len(missing) > 1 else ''} {', '.join(missing)}",
+                        hint=f"{name} takes {', '.join(props)} ({', '.join(schema['required'])} required)")
+    unknown = [k for k in tool_input if k not in props]
+    if unknown:
+        raise TaskError(f"{name}: unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))}",
+                        hint=f"{name} takes {', '.join(props)}")
+    for key, value in tool_input.items():
+        want = props[key]["type"]
+        ok = isinstance(value, _TYPES[want]) and (want == "boolean" or not isinstance(value, bool))
+        if value is None and key not in schema["required"]:
+            continue
+        if not ok:
+            raise TaskError(f"{name}: argument {key} must be a {want}, not {type(value).__name__}",
+                            hint=f"pass {key} as a JSON {want}")
+    return {k: v for k, v in tool_input.items() if v is not None}
+
+
+async def execute(sandbox: Sandbox, name: str, tool_input: dict[str, Any]) -> tuple[str, bool]:
+    """Run one tool call: (text for the tool_result, is_error). Bad input, sandbox refusals and
+    failures come back as (message, True); only cancellation propagates. ``finish`` is the tool
+    loop's to handle: asking for it here raises ValueError."""
+    if name == "finish":
+        raise ValueError("the finish tool is handled by the tool loop, not executed by the sandbox")
+    if name not in _BY_NAME:
+        return (f"unknown tool {name!r}; the tools are {', '.join(_BY_NAME)}", True)
+    try:
+        args = _check_input(name, tool_input)
+        method = getattr(sandbox, name)
+        return (await method(**args), False)
+    except CasperError as exc:
+        return (exc.message + (f"\nhint: {exc.hint}" if exc.hint else ""), True)
+    except OSError as exc:
+        return (f"{name} failed: {exc.strerror or exc}", True)
+    except Exception as exc:
+        return (f"{name} failed: {type(exc).__name__}: {exc}", True)

@@ -1,0 +1,133 @@
+"""What a developer or tester node offers its Claude-backed handlers (``RunContext.services``).
+
+* the Claude client, whose rate limiter asks the policeman for permits (``llm-permit``), so one
+  limit holds for every agent sharing the API key, and reports what the API said (429s, headers);
+* saving and loading a code task's conversation through the policeman (``turns-save`` / ``turns-load``).
+
+Mesh services are REQUESTs on the node's DEALER to the broker (protocol/SPEC.md, section 13.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from casperd.agents.claude import ClaudeClient
+from casperd.agents.ratelimit import LocalLimiter, RateObservation
+from casperd.cache import ResultCache
+from casperd.errors import CasperError, RequestTimeoutError
+from casperd.settings import Settings
+
+log = logging.getLogger("casperd.agents")
+
+
+class MeshLimiter:
+    """The rate limiter of a worker: the policeman holds the mesh-wide buckets and grants permits.
+
+    If the policeman cannot be reached, the node falls back to a local limiter at the configured
+    rate (logged once), so a policeman outage never hangs a running agent."""
+
+    def __init__(self, worker: Any, settings: Settings) -> None:
+        self.worker = worker
+        self._settles: list[list[int]] = []
+        self._observed: list[dict[str, Any]] = []
+        self._fallback = LocalLimiter(settings.llm_rpm, settings.llm_tpm)
+        self._warned = False
+
+    async def acquire(self, tokens: int) -> None:
+        while True:
+            args: dict[str, Any] = {"tokens": int(tokens)}
+            if self._settles:
+                args["settle"], self._settles = self._settles, []
+            if self._observed:
+                args["observe"], self._observed = self._observed, []
+            try:
+                data, _ = await self.worker.request("llm-permit", args, timeout_s=5.0)
+            except (RequestTimeoutError, CasperError) as exc:
+                if not self._warned:
+                    self._warned = True
+                    log.warning("rate-limit permits unavailable from the policeman (%s); limiting locally", exc)
+                await self._fallback.acquire(tokens)
+                return
+            wait = float(data.get("wait_s", 0.0)) if isinstance(data, dict) else 0.0
+            if wait <= 0:
+                return
+            await asyncio.sleep(min(wait, 60.0))
+
+    def settle(self, estimated: int, actual: int) -> None:
+        self._settles.append([int(estimated), int(actual)])
+        self._fallback.settle(estimated, actual)
+
+    def observe(self, obs: RateObservation) -> None:
+        self._observed.append(dataclasses.asdict(obs))
+        self._fallback.observe(obs)
+        if obs.status in (429, 529):  # tell the mesh now, not with the next permit
+            asyncio.get_running_loop().create_task(self._report())
+
+    async def _report(self) -> None:
+        if not self._observed:
+            return
+        observed, self._observed = self._observed, []
+        with contextlib.suppress(CasperError):
+            await self.worker.request("llm-permit", {"tokens": 0, "observe": observed}, timeout_s=5.0)
+
+
+def api_key_configured(settings: Settings) -> bool:
+    """Whether an API key is configured (its value is never looked at beyond being non-empty)."""
+    path = settings.anthropic_api_key_file
+    if path is not None:
+        try:
+            return bool(path.read_text().strip())
+        except OSError:
+            return False
+    return bool(os.environ.get("ANTHROPIC_API_KEY", "").strip())
+
+
+class WorkerServices:
+    def __init__(self, settings: Settings, worker: Any, cache: ResultCache | None) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.limiter = MeshLimiter(worker, settings)
+        self.claude = ClaudeClient.from_settings(settings, self.limiter, cache)
+        self.mirrors = settings.workspace / "mirrors"
+        self.has_api_key = api_key_configured(settings)
+
+    @property
+    def node_id(self) -> str:
+        return self.settings.node_id
+
+    def model_for(self, role: str, explicit: str | None = None) -> str:
+        return explicit or self.settings.models.get(role) or self.settings.models.get("developer") or \
+            "claude-sonnet-4-5"
+
+    def worktree_path(self, task_id: uuid.UUID, attempt: int) -> Path:
+        return self.settings.workspace / "worktrees" / f"{task_id}-{attempt}-{int(time.time() * 1000) % 100000}"
+
+    async def save_turns(self, task_id: uuid.UUID, attempt: int, messages: list[Any], usage: dict[str, Any],
+                         wip: bytes | None, calls: list[dict[str, Any]], job_id: str | None) -> None:
+        await self.worker.request("turns-save", {
+            "task_id": str(task_id), "attempt": attempt, "messages": messages, "usage": usage, "calls": calls,
+            "job_id": job_id}, (wip,) if wip else (), timeout_s=15.0)
+
+    async def record_calls(self, task_id: uuid.UUID, calls: list[dict[str, Any]], job_id: str | None) -> None:
+        if calls:
+            await self.worker.request("calls-save", {"task_id": str(task_id), "calls": calls, "job_id": job_id},
+                                      timeout_s=15.0)
+
+    async def load_turns(self, task_id: uuid.UUID) -> dict[str, Any] | None:
+        data, attachments = await self.worker.request("turns-load", {"task_id": str(task_id)}, timeout_s=15.0)
+        if not data:
+            return None
+        data = dict(data)
+        data["wip"] = attachments[0] if attachments else None
+        return data
+
+    async def close(self) -> None:
+        await self.claude.close()

@@ -1,0 +1,45 @@
+"""The Claude-backed task types, registered like the built-in ones (casperd/handlers).
+
+* ``ask``  — one model call (a prompt in, text out); ``deterministic`` calls go through the result cache.
+* ``code`` — a developer's tool-use loop in a git worktree; returns a patch (attachment 0) and a summary.
+  Validated by the policeman (``validating`` state) before it is complete.
+* ``test`` — a tester applies a patch (attachment 0) to a clean worktree and runs the test command.
+* ``job``  — a whole job (plan, code, test, integrate), run by the policeman itself.
+
+The runners are imported when first used, so a node that never runs them pays nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from casperd.handlers import RunContext, TaskType, register
+
+
+async def _ask(ctx: RunContext, data: dict[str, Any]) -> Any:
+    from casperd.agents.developer import run_ask
+    return await run_ask(ctx, data)
+
+
+async def _code(ctx: RunContext, data: dict[str, Any]) -> Any:
+    from casperd.agents.developer import run_code
+    return await run_code(ctx, data)
+
+
+async def _test(ctx: RunContext, data: dict[str, Any]) -> Any:
+    from casperd.agents.tester import run_test
+    return await run_test(ctx, data)
+
+
+async def _job(ctx: RunContext, data: dict[str, Any]) -> Any:  # never dispatched: the policeman runs jobs
+    raise NotImplementedError("job tasks run on the policeman")
+
+
+register(TaskType("ask", _ask, requires=("llm",),
+                  description="one Claude call: input.prompt (+system, model, max_tokens, deterministic)"))
+register(TaskType("code", _code, requires=("code",),
+                  description="a developer agent's tool loop in a git worktree; returns a patch"))
+register(TaskType("test", _test, requires=("test",), input_attachments=True,
+                  description="applies a patch to a clean worktree and runs the test command"))
+register(TaskType("job", _job, local=True,
+                  description="a whole job: plan, code in parallel, validate, test, integrate (caspectl run)"))

@@ -1,0 +1,157 @@
+"""Jobs end to end: the real SDK against a scripted Anthropic-compatible server on loopback, real
+developers editing real git worktrees, a real tester running pytest, and the policeman planning,
+validating and integrating."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from casperd.ctl.client import ControlClient
+from tests.integration.agentkit import TEST_CMD, agent_env, checkout_and_test, git, make_repo, run_job
+from tests.integration.conftest import wait_for
+from tests.support.brains import ScriptedTeam, fix
+from tests.support.fakeclaude import FakeClaude
+
+pytestmark = pytest.mark.integration
+
+PLAN3 = [
+    {"id": "fix-add", "title": "Fix add", "instructions": "[fix-add] add() subtracts; make it add.",
+     "paths": ["calc/add.py"], "tests": ["tests/test_add.py"]},
+    {"id": "fix-mul", "title": "Fix mul", "instructions": "[fix-mul] mul() adds; make it multiply.",
+     "paths": ["calc/mul.py"], "tests": ["tests/test_mul.py"]},
+    {"id": "fix-neg", "title": "Fix neg", "instructions": "[fix-neg] neg() returns its input; negate it.",
+     "paths": ["calc/neg.py"]},
+]
+
+
+def _sub(report: dict[str, Any], sid: str) -> dict[str, Any]:
+    return next(s for s in report["subtasks"] if s["id"] == sid)
+
+
+def test_job_plans_codes_tests_and_integrates(make_mesh: Any, tmp_path: Path) -> None:
+    team = ScriptedTeam(PLAN3, {
+        "fix-add": [fix("calc/add.py", "a - b", "a + b")],
+        # the first fix is wrong: the tester's failure goes back to the developer, who fixes it
+        "fix-mul": [fix("calc/mul.py", "a + b", "a ** b"), fix("calc/mul.py", "a ** b", "a * b")],
+        "fix-neg": [fix("calc/neg.py", "return a", "return -a")],
+    })
+    repo = make_repo(tmp_path)
+    with FakeClaude(script=team) as fake:
+        mesh = make_mesh(developers=3, testers=1, extra_env=agent_env(fake.url))
+        report = run_job(mesh, goal="make the tests pass", repo=str(repo), test_cmd=TEST_CMD, max_parallel=3)
+    assert report["state"] == "done", [(s["id"], s["state"], s["note"], s["tests"]) for s in report["subtasks"]]
+    assert [s["state"] for s in report["subtasks"]] == ["integrated"] * 3
+    assert _sub(report, "fix-mul")["rounds"] == 2 and _sub(report, "fix-add")["rounds"] == 1
+    assert report["final_tests"]["ok"] and report["final_tests"]["passed"] == 4
+    assert report["tokens"]["input_tokens"] > 0 and report["cost_usd"] > 0
+    assert all(s["cost_usd"] > 0 and s["time_s"] > 0 for s in report["subtasks"])
+    assert report["wall_s"] > 0 and report["sum_task_s"] > 0
+    # the failing test really reached the developer
+    mul_bodies = [r.body for r in fake.calls() if "[fix-mul]" in str(r.body["messages"][0])]
+    assert any("The tests fail" in str(b["messages"][-1]) and "test_mul" in str(b["messages"][-1])
+               for b in mul_bodies)
+    # the branch really passes its tests, and the original branch is untouched
+    result = checkout_and_test(repo, report["branch"], tmp_path / "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 passed" in result.stdout
+    assert git(repo, "rev-parse", "main").strip() == report["base"]
+
+
+def test_validation_rejects_and_the_developer_fixes(make_mesh: Any, tmp_path: Path) -> None:
+    key = "sk-ant-api03-" + "Q" * 20 + "x7Yz" * 10
+    team = ScriptedTeam(PLAN3, {
+        "fix-add": [  # writes outside its allowed paths
+            [("write_file", {"path": "calc/extra.py", "content": "X = 1\n"}),
+             *fix("calc/add.py", "a - b", "a + b")],
+            [("run_command", {"command": "rm calc/extra.py"}), ("finish", {"summary": "removed extra.py"})]],
+        "fix-mul": [  # leaves a key in the code
+            [("write_file", {"path": "calc/mul.py", "content": f'KEY = "{key}"\n\n\ndef mul(a, b):\n'
+                                                              "    return a * b\n"}),
+             ("finish", {"summary": "fixed"})],
+            [("write_file", {"path": "calc/mul.py", "content": "def mul(a, b):\n    return a * b\n"}),
+             ("finish", {"summary": "removed the key"})]],
+        "fix-neg": [  # a syntax error
+            fix("calc/neg.py", "return a", "return -a -"),
+            fix("calc/neg.py", "return -a -", "return -a")],
+    })
+    repo = make_repo(tmp_path)
+    with FakeClaude(script=team) as fake:
+        mesh = make_mesh(developers=3, testers=1, extra_env=agent_env(fake.url))
+        report = run_job(mesh, goal="make the tests pass", repo=str(repo), test_cmd=TEST_CMD, max_parallel=3)
+        bodies = [r.body for r in fake.calls()]
+    assert report["state"] == "done", [(s["id"], s["state"], s["note"], s["tests"]) for s in report["subtasks"]]
+    for sid, needle in (("fix-add", "calc/extra.py"), ("fix-mul", "key"), ("fix-neg", "neg.py")):
+        sub = _sub(report, sid)
+        assert sub["attempts"] >= 2, sub  # the rejected attempt and the fixed one
+        fed = [b for b in bodies if f"[{sid}]" in str(b["messages"][0]) and "rejected your patch" in str(b)]
+        assert fed, f"{sid}: the validation feedback never reached the developer"
+        assert needle.lower() in str(fed[0]["messages"][-1]).lower()
+    check = tmp_path / "check"
+    result = checkout_and_test(repo, report["branch"], check)
+    assert result.returncode == 0, result.stdout
+    assert not (check / "calc" / "extra.py").exists()
+    assert key not in (check / "calc" / "mul.py").read_text()
+
+
+def test_merge_conflict_becomes_a_rebase_task(make_mesh: Any, tmp_path: Path) -> None:
+    plan = [{"id": "name-a", "title": "Rename A", "instructions": "[name-a] suffix the name with -a",
+             "paths": ["calc/names.py"]},
+            {"id": "name-b", "title": "Rename B", "instructions": "[name-b] suffix the name with -b",
+             "paths": ["calc/names.py"]}]
+    merged = [("write_file", {"path": "calc/names.py", "content": 'NAME = "calc-ab"\n'}),
+              ("finish", {"summary": "merged both names"})]
+    team = ScriptedTeam(plan, {
+        "name-a": [fix("calc/names.py", '"calc"', '"calc-a"'), merged],
+        "name-b": [fix("calc/names.py", '"calc"', '"calc-b"'), merged],
+    })
+    repo = make_repo(tmp_path)
+    with FakeClaude(script=team) as fake:
+        mesh = make_mesh(developers=2, testers=1, extra_env=agent_env(fake.url))
+        report = run_job(mesh, goal="rename", repo=str(repo), test_cmd=TEST_CMD, max_parallel=2)
+        bodies = [r.body for r in fake.calls()]
+    assert report["state"] == "done", [(s["id"], s["state"], s["note"], s["tests"]) for s in report["subtasks"]]
+    rounds = sorted(s["rounds"] for s in report["subtasks"])
+    assert rounds == [1, 2], report["subtasks"]  # the second to land was rebased once
+    assert any("no longer applies" in str(b["messages"][-1]) for b in bodies)
+    check = tmp_path / "check"
+    assert checkout_and_test(repo, report["branch"], check).returncode == 0
+    assert (check / "calc" / "names.py").read_text() == 'NAME = "calc-ab"\n'
+
+
+def test_developer_killed_mid_loop_resumes_elsewhere(make_mesh: Any, tmp_path: Path) -> None:
+    plan = [PLAN3[0]]
+    # the second turn takes long: the developer holding it is killed meanwhile
+    team = ScriptedTeam(plan, {"fix-add": [fix("calc/add.py", "a - b", "a + b")]},
+                        delays={("fix-add", 0, 1): 8.0})
+    repo = make_repo(tmp_path)
+    with FakeClaude(script=team) as fake:
+        mesh = make_mesh(developers=2, testers=1, extra_env=agent_env(fake.url))
+        with ControlClient(mesh.policeman.control, timeout_s=20) as c:
+            job = c.request("job-submit", goal="fix add", repo=str(repo), test_cmd=TEST_CMD)
+            wait_for(lambda: 3 in team.seen["fix-add"], 60, "the developer's second turn")
+            report = c.request("job", id=job["job_id"])
+            code_task = report["subtasks"][0]["task_ids"][0]
+            holder = c.request("get", id=code_task)["assigned_to"]
+            assert holder and holder.startswith("developer")
+            mesh.nodes[holder].proc.kill()
+            killed_at = time.monotonic()
+        with ControlClient(mesh.policeman.control, timeout_s=20) as c:
+            final = wait_for(lambda: (r := c.request("job", id=job["job_id"]))["state"] in ("done", "failed") and r,
+                             120, "the job to end")
+        seen = list(team.seen["fix-add"])
+    assert final["state"] == "done", final
+    # one fresh start only: after the kill the conversation continued from the saved turns
+    assert seen.count(1) == 1, seen
+    assert seen[seen.index(3) + 1:], seen
+    assert all(n >= 3 for n in seen[seen.index(3) + 1:]), seen
+    assert time.monotonic() - killed_at < 120
+    get = None
+    with ControlClient(mesh.policeman.control, timeout_s=20) as c:
+        get = c.request("get", id=code_task)
+    assert get["attempts"] == 2 and get["status"] == "complete"
+    assert get["output"]["resumed_at_message"] == 3
+    assert checkout_and_test(repo, final["branch"], tmp_path / "check").returncode == 0

@@ -1,0 +1,291 @@
+"""Pure pieces of the Claude client: usage/cost accounting, rate-limit headers, MeshRateLimit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from email.utils import formatdate
+
+import pytest
+
+from casperd.agents.ratelimit import (
+    LocalLimiter,
+    MeshRateLimit,
+    NoLimiter,
+    RateObservation,
+    estimate_tokens,
+    parse_rate_headers,
+)
+from casperd.agents.usage import Usage, cost_of, price_for
+from casperd.settings import DEFAULT_PRICES, ModelPrice
+
+pytestmark = pytest.mark.unit
+
+NOW_WALL = 1_750_000_000.0  # a whole second: HTTP dates have one-second resolution
+
+
+# --- usage ----------------------------------------------------------------------------------------
+def test_usage_add_and_total() -> None:
+    a = Usage(input_tokens=10, output_tokens=5, cache_read_tokens=100, cache_write_tokens=7, calls=1, cost_usd=0.25)
+    b = Usage(input_tokens=1, output_tokens=2, cache_read_tokens=3, cache_write_tokens=4, calls=2, cost_usd=0.5)
+    a.add(b)
+    assert (a.input_tokens, a.output_tokens, a.cache_read_tokens, a.cache_write_tokens, a.calls) == (11, 7, 103, 11, 3)
+    assert a.cost_usd == pytest.approx(0.75)
+    assert a.total_tokens == 11 + 7 + 103 + 11
+    assert b.total_tokens == 10  # the added one is untouched
+
+
+def test_usage_dict_round_trip_and_tolerance() -> None:
+    u = Usage(input_tokens=3, output_tokens=4, cache_read_tokens=5, cache_write_tokens=6, calls=2,
+              cost_usd=0.123456789)
+    d = u.to_dict()
+    assert d["cost_usd"] == 0.123457
+    back = Usage.from_dict(d)
+    assert back.total_tokens == u.total_tokens and back.calls == 2
+    assert Usage.from_dict(None) == Usage()
+    assert Usage.from_dict({"input_tokens": 9}) == Usage(input_tokens=9)
+    assert Usage.from_dict({"input_tokens": "garbage", "cost_usd": None, "calls": 1}) == Usage(calls=1)
+
+
+def test_cost_of_known_model() -> None:
+    # sonnet 4.5: $3 in, $15 out, $0.30 cache read, $3.75 cache write per million
+    cost = cost_of("claude-sonnet-4-5", 1_000_000, 100_000, 2_000_000, 400_000, DEFAULT_PRICES)
+    assert cost == pytest.approx(3.0 + 1.5 + 0.6 + 1.5)
+
+
+def test_cost_of_date_suffixed_model_uses_the_longest_prefix() -> None:
+    prices = {"claude-sonnet": ModelPrice(input=100, output=100, cache_write=100, cache_read=100),
+              **DEFAULT_PRICES}
+    dated = cost_of("claude-sonnet-4-5-20250929", 1_000_000, 0, 0, 0, prices)
+    assert dated == pytest.approx(3.0)
+    assert price_for("claude-sonnet-4-5-20250929", prices) is prices["claude-sonnet-4-5"]
+    assert price_for("claude-sonnet-3", prices) is prices["claude-sonnet"]
+
+
+def test_cost_of_unknown_model_is_zero_and_warned_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="casperd.agents.usage")
+    model = "claude-mystery-9-unit-test"
+    assert cost_of(model, 1000, 1000, 0, 0, DEFAULT_PRICES) == 0.0
+    assert cost_of(model, 5, 5, 5, 5, DEFAULT_PRICES) == 0.0
+    warnings = [r.getMessage() for r in caplog.records if model in r.getMessage()]
+    assert len(warnings) == 1
+    assert "model_prices" in warnings[0]
+
+
+# --- headers ---------------------------------------------------------------------------------------
+def test_parse_retry_after_seconds() -> None:
+    assert parse_rate_headers({"retry-after": "3"}, 429, NOW_WALL).retry_after_s == 3.0
+    assert parse_rate_headers({"Retry-After": "1.5"}, 429, NOW_WALL).retry_after_s == 1.5
+    assert parse_rate_headers({"retry-after-ms": "250"}, 429, NOW_WALL).retry_after_s == pytest.approx(0.25)
+    obs = parse_rate_headers({}, 200, NOW_WALL)
+    assert obs.status == 200 and obs.retry_after_s is None and obs.requests_limit is None
+
+
+def test_parse_retry_after_http_date() -> None:
+    date = formatdate(NOW_WALL + 30, usegmt=True)
+    assert parse_rate_headers({"retry-after": date}, 429, NOW_WALL).retry_after_s == pytest.approx(30.0)
+    past = formatdate(NOW_WALL - 30, usegmt=True)
+    assert parse_rate_headers({"retry-after": past}, 429, NOW_WALL).retry_after_s == 0.0
+
+
+def test_parse_ratelimit_headers_rfc3339() -> None:
+    from datetime import UTC, datetime
+
+    reset = datetime.fromtimestamp(NOW_WALL + 42, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    reset_frac = datetime.fromtimestamp(NOW_WALL + 7.5, tz=UTC).isoformat()
+    obs = parse_rate_headers({
+        "anthropic-ratelimit-requests-limit": "50",
+        "anthropic-ratelimit-requests-remaining": "49",
+        "anthropic-ratelimit-requests-reset": reset,
+        "Anthropic-RateLimit-Tokens-Limit": "100000",
+        "anthropic-ratelimit-tokens-remaining": "0",
+        "anthropic-ratelimit-tokens-reset": reset_frac,
+    }, 200, NOW_WALL)
+    assert (obs.requests_limit, obs.requests_remaining, obs.tokens_limit, obs.tokens_remaining) == (50, 49, 100000, 0)
+    assert obs.requests_reset_s == pytest.approx(42.0)
+    assert obs.tokens_reset_s == pytest.approx(7.5)
+
+
+@pytest.mark.parametrize("garbage", ["soon", "", "2025-13-45T99:00:00Z", "Mon, 99 Foo 2025", "nan", "-5", "inf"])
+def test_parse_garbage_is_none(garbage: str) -> None:
+    obs = parse_rate_headers({
+        "retry-after": garbage,
+        "anthropic-ratelimit-requests-limit": garbage,
+        "anthropic-ratelimit-requests-reset": garbage if garbage != "-5" else "later",
+        "anthropic-ratelimit-tokens-remaining": garbage if garbage not in ("-5",) else "x",
+    }, 429, NOW_WALL)
+    assert obs.retry_after_s is None
+    assert obs.requests_reset_s is None
+    assert obs.tokens_remaining is None
+    if garbage != "-5":
+        assert obs.requests_limit is None
+
+
+def test_estimate_tokens_counts_input_and_max_tokens() -> None:
+    small = estimate_tokens("sys", [{"role": "user", "content": "hi"}], None, 100)
+    big = estimate_tokens("sys", [{"role": "user", "content": "x" * 4000}], None, 100)
+    assert small > 100
+    assert big - small >= 999
+    assert estimate_tokens("", [], [{"name": "t"}], 0) > 0
+
+
+# --- MeshRateLimit -----------------------------------------------------------------------------------
+def run_greedy(lim: MeshRateLimit, tokens: int, until: float, start: float = 0.0) -> list[float]:
+    """Ask as soon as allowed (event driven) until ``until``; return the grant times."""
+    t, grants = start, []
+    while t < until:
+        wait = lim.reserve(tokens, t)
+        if wait == 0.0:
+            grants.append(t)
+        else:
+            assert wait > 0
+            t += wait
+    return grants
+
+
+def max_in_window(times: list[float], width: float) -> int:
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] <= t - width:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def test_rpm_holds_over_simulated_minutes() -> None:
+    lim = MeshRateLimit(rpm=60, tpm=10**9, burst=5)
+    grants = run_greedy(lim, 1, until=180.0)
+    assert max_in_window(grants, 60.0) <= 60
+    for width in (1.0, 5.0, 10.0, 30.0):
+        assert max_in_window(grants, width) <= 5 + 60 * width / 60 + 1e-9
+    assert len(grants) >= 175  # and it does not starve: about burst + 1 per second
+    assert lim.snapshot()["grants"] == len(grants)
+
+
+def test_default_burst_is_a_tenth_of_rpm() -> None:
+    lim = MeshRateLimit(rpm=50, tpm=10**9)
+    assert lim.burst == 5
+    assert len(run_greedy(lim, 1, until=0.001)) == 5
+    assert MeshRateLimit(rpm=3, tpm=100).burst == 1
+
+
+def test_sliding_window_caps_a_minute_even_with_a_large_burst() -> None:
+    lim = MeshRateLimit(rpm=10, tpm=10**9, burst=10)
+    grants = run_greedy(lim, 1, until=300.0)
+    assert max_in_window(grants, 60.0) <= 10
+
+
+def test_tpm_holds() -> None:
+    lim = MeshRateLimit(rpm=10**6, tpm=1000, burst=10**6)
+    grants = run_greedy(lim, 100, until=120.0)
+    # token bucket of capacity tpm refilled at tpm/60 per second: tpm + tpm * t / 60 in t seconds
+    assert len(grants) * 100 <= 1000 + 1000 * 120 / 60
+    assert len(grants) * 100 >= 2800
+    for width in (10.0, 60.0):
+        assert max_in_window(grants, width) * 100 <= 1000 + 1000 * width / 60 + 1e-6
+
+
+def test_settle_returns_unused_tokens() -> None:
+    lim = MeshRateLimit(rpm=10**6, tpm=1000, burst=10**6)
+    assert lim.reserve(1000, 0.0) == 0.0
+    assert lim.reserve(500, 0.0) > 0
+    lim.settle(1000, 200, 0.0)  # the call used far fewer tokens than estimated
+    assert lim.reserve(500, 0.0) == 0.0
+    lim.settle(500, 2000, 0.0)  # and one used more: the bucket goes into debt
+    wait = lim.reserve(10, 0.0)
+    assert wait > 60.0
+
+
+def test_oversize_request_is_granted_when_the_bucket_is_full() -> None:
+    lim = MeshRateLimit(rpm=1000, tpm=1000, burst=100)
+    assert lim.reserve(100, 0.0) == 0.0
+    wait = lim.reserve(5000, 0.0)
+    assert wait > 0  # not full yet: wait for it to fill
+    assert wait == pytest.approx(100 / (1000 / 60), rel=1e-6)
+    assert lim.reserve(5000, wait) == 0.0  # full: granted, never deadlocked
+    after = lim.reserve(10, wait)
+    assert after > 200  # the debt of 4000 tokens is paid back first
+
+
+def test_429_pauses_everyone_and_halves_then_recovers() -> None:
+    lim = MeshRateLimit(rpm=60, tpm=100_000, burst=60)
+    assert lim.reserve(1, 0.0) == 0.0
+    lim.observe(RateObservation(status=429, retry_after_s=10.0), 1.0)
+    # a second 429 right after the first (the other in-flight calls) does not halve again
+    lim.observe(RateObservation(status=429, retry_after_s=9.0), 1.5)
+    assert lim.reserve(1, 5.0) == pytest.approx(6.0)
+    assert lim.reserve(1, 10.9) > 0
+    assert lim.reserve(1, 11.0) == 0.0
+    snap = lim.snapshot(11.0)
+    assert 30 <= snap["rpm"] < 35  # halved, and only just started growing back
+    assert snap["tpm"] < 60_000
+    mid = lim.snapshot(60.0)["rpm"]
+    assert 30 < mid < 60
+    assert lim.snapshot(300.0)["rpm"] == 60
+    assert lim.snapshot(300.0)["tpm"] == 100_000
+
+
+def test_halving_has_a_floor_of_one_request_per_minute() -> None:
+    lim = MeshRateLimit(rpm=4, tpm=1000, burst=1)
+    for i in range(10):
+        lim.observe(RateObservation(status=429), i * 10.0)
+    snap = lim.snapshot(90.0)
+    assert snap["rpm"] >= 1
+    assert run_greedy(lim, 1, until=200.0, start=100.0)  # still grants
+
+
+def test_529_with_retry_after_pauses_without_halving() -> None:
+    lim = MeshRateLimit(rpm=60, tpm=100_000)
+    lim.observe(RateObservation(status=529, retry_after_s=3.0), 0.0)
+    assert lim.reserve(1, 1.0) == pytest.approx(2.0)
+    assert lim.snapshot(1.0)["rpm"] == 60
+
+
+def test_remaining_zero_pauses_until_reset() -> None:
+    lim = MeshRateLimit(rpm=60, tpm=100_000)
+    lim.observe(RateObservation(status=200, requests_remaining=0, requests_reset_s=7.0), 0.0)
+    assert lim.reserve(1, 1.0) == pytest.approx(6.0)
+    assert lim.reserve(1, 7.0) == 0.0
+    lim.observe(RateObservation(status=200, tokens_remaining=0, tokens_reset_s=4.0), 10.0)
+    assert lim.reserve(1, 12.0) >= 2.0 - 1e-9
+    assert lim.reserve(1, 14.0) == 0.0
+
+
+def test_header_limits_lower_than_configured_shrink_the_limits() -> None:
+    lim = MeshRateLimit(rpm=100, tpm=100_000, burst=5)
+    lim.observe(RateObservation(status=200, requests_limit=10, tokens_limit=500), 0.0)
+    snap = lim.snapshot(0.0)
+    assert (snap["rpm"], snap["tpm"]) == (10, 500)
+    grants = run_greedy(lim, 1, until=240.0)
+    assert max_in_window(grants, 60.0) <= 10
+    assert lim.snapshot(600.0)["rpm"] == 10  # the ceiling stays: no recovery above the API's word
+    lim.observe(RateObservation(status=200, requests_limit=1000, tokens_limit=10**7), 600.0)
+    assert lim.snapshot(2000.0)["rpm"] == 100  # a higher limit never exceeds the configured one
+
+
+def test_snapshot_is_json_able() -> None:
+    import json
+
+    lim = MeshRateLimit(rpm=5, tpm=100)
+    lim.reserve(1, 0.0)
+    lim.reserve(1000, 0.0)
+    snap = lim.snapshot(0.0)
+    json.dumps(snap)
+    assert snap["grants"] >= 1 and snap["waits"] >= 1
+    with pytest.raises(ValueError):
+        MeshRateLimit(rpm=0, tpm=10)
+
+
+async def test_local_limiter_with_an_injected_clock() -> None:
+    now = [0.0]
+    lim = LocalLimiter(rpm=60, tpm=10**6, burst=1, clock=lambda: now[0])
+    await asyncio.wait_for(lim.acquire(10), 1.0)
+    waiter = asyncio.ensure_future(lim.acquire(10))
+    await asyncio.sleep(0.02)
+    assert not waiter.done()  # the bucket is empty until the (fake) clock moves
+    now[0] = 1.0
+    await asyncio.wait_for(waiter, 2.0)
+    lim.settle(10, 5)
+    lim.observe(RateObservation(status=429, retry_after_s=0.05))
+    assert lim.snapshot()["paused_for_s"] > 0
+    await asyncio.wait_for(NoLimiter().acquire(10**9), 1.0)
