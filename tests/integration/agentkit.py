@@ -27,6 +27,8 @@ SAMPLE = {
     "tests/test_neg.py": "from calc.neg import neg\n\n\ndef test_neg():\n    assert neg(4) == -4\n",
     "tests/test_names.py": "from calc.names import NAME\n\n\ndef test_name():\n    assert NAME.startswith('calc')\n",
 }
+FIXED = {**SAMPLE, "calc/add.py": "def add(a, b):\n    return a + b\n",
+         "calc/mul.py": "def mul(a, b):\n    return a * b\n", "calc/neg.py": "def neg(a):\n    return -a\n"}
 TEST_CMD = f"{sys.executable} -m pytest -q tests"
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from casperd.ctl.client import ControlClient
-from tests.integration.agentkit import TEST_CMD, agent_env, checkout_and_test, git, make_repo, run_job
+from tests.integration.agentkit import FIXED, TEST_CMD, agent_env, checkout_and_test, git, make_repo, run_job
 from tests.integration.conftest import wait_for
 from tests.support.brains import ScriptedTeam, fix
 from tests.support.fakeclaude import FakeClaude
@@ -108,7 +108,7 @@ def test_merge_conflict_becomes_a_rebase_task(make_mesh: Any, tmp_path: Path) ->
         "name-a": [fix("calc/names.py", '"calc"', '"calc-a"'), merged],
         "name-b": [fix("calc/names.py", '"calc"', '"calc-b"'), merged],
     })
-    repo = make_repo(tmp_path)
+    repo = make_repo(tmp_path, FIXED)
     with FakeClaude(script=team) as fake:
         mesh = make_mesh(developers=2, testers=1, extra_env=agent_env(fake.url))
         report = run_job(mesh, goal="rename", repo=str(repo), test_cmd=TEST_CMD, max_parallel=2)
@@ -127,7 +127,7 @@ def test_developer_killed_mid_loop_resumes_elsewhere(make_mesh: Any, tmp_path: P
     # the second turn takes long: the developer holding it is killed meanwhile
     team = ScriptedTeam(plan, {"fix-add": [fix("calc/add.py", "a - b", "a + b")]},
                         delays={("fix-add", 0, 1): 8.0})
-    repo = make_repo(tmp_path)
+    repo = make_repo(tmp_path, {**FIXED, "calc/add.py": "def add(a, b):\n    return a - b\n"})
     with FakeClaude(script=team) as fake:
         mesh = make_mesh(developers=2, testers=1, extra_env=agent_env(fake.url))
         with ControlClient(mesh.policeman.control, timeout_s=20) as c:
@@ -143,7 +143,7 @@ def test_developer_killed_mid_loop_resumes_elsewhere(make_mesh: Any, tmp_path: P
             final = wait_for(lambda: (r := c.request("job", id=job["job_id"]))["state"] in ("done", "failed") and r,
                              120, "the job to end")
         seen = list(team.seen["fix-add"])
-    assert final["state"] == "done", final
+    assert final["state"] == "done", (final["subtasks"], final["notes"])
     # one fresh start only: after the kill the conversation continued from the saved turns
     assert seen.count(1) == 1, seen
     assert seen[seen.index(3) + 1:], seen

@@ -1,0 +1,349 @@
+"""Swarm speedup: one developer against fifteen, running the same batch of LLM tasks.
+
+A local, Anthropic-compatible server (``tests/support/fakeclaude.py``) answers every Messages API
+call after a fixed latency (``--latency``, default 1.0 s), so the model's time is known exactly and
+the benchmark measures what the mesh adds around it. Every call goes through the real ``anthropic``
+SDK on a developer node (``ANTHROPIC_BASE_URL`` points at the fake; the key is a dummy string).
+
+For each mesh size (1 developer, then ``--agents`` developers; an "agent" is a developer node of
+capacity 1, no prefetch, no testers), a fresh :class:`~casperd.localmesh.LocalMesh` is started on
+127.0.0.1 (embedded Postgres and Redis, Curve on), warmed up (every developer registered and alive,
+then ``--warmup`` ask tasks per developer, not counted, so process start, imports and the SDK's
+first connection are excluded), and then ``--tasks`` distinct ``ask`` tasks (distinct prompts,
+``deterministic: false``, so the result cache never answers) are submitted in one batch. Measured:
+the wall time from the submit to the last DONE.
+
+    python -m bench.swarm_speedup [--tasks 30] [--agents 15] [--latency 1.0] [--json]
+
+The mesh-wide model rate limiter is opened wide (``CASPER_LLM_RPM=100000``,
+``CASPER_LLM_TPM=100000000``): the permits are still requested from the policeman for every call,
+but never make one wait. With the defaults (50 rpm) the limiter, not the mesh, would set the pace.
+
+Ideal: W = ceil(tasks / agents) waves of ``latency`` each, so the ideal speedup is
+(tasks * latency) / (W * latency) (15 for 30 tasks on 15 agents). The benchmark fails (exit 1)
+unless every task ended ``complete`` and the fake server answered exactly one call per task
+(measured and warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from casperd.localmesh import LocalMesh
+from casperd.messages import TaskSpec
+from tests.support.fakeclaude import FakeClaude, Recorded
+
+console = Console(width=shutil.get_terminal_size((120, 24)).columns, stderr=False)
+TARGET_SPEEDUP = 13.0
+CLAIMED_SPEEDUP = 3.7
+LIMITER_ENV = {"CASPER_LLM_RPM": "100000", "CASPER_LLM_TPM": "100000000"}
+
+
+class BenchFailure(RuntimeError):
+    pass
+
+
+@dataclass
+class Run:
+    agents: int
+    tasks: int
+    latency_s: float
+    wall_s: float = 0.0
+    startup_s: float = 0.0
+    warmup_s: float = 0.0
+    calls: int = 0
+    warmup_calls: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    per_node: dict[str, int] = field(default_factory=dict)
+    first_call_s: float = 0.0
+    """Submit -> the fake server's first request of the measured batch."""
+    last_call_s: float = 0.0
+    """Submit -> the fake server's last request of the measured batch."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Median seconds per task of each lifecycle step (from the task events, broker clock)."""
+
+    @property
+    def waves(self) -> int:
+        return math.ceil(self.tasks / self.agents)
+
+    @property
+    def ideal_wall_s(self) -> float:
+        return self.waves * self.latency_s
+
+    @property
+    def overhead_per_call_s(self) -> float:
+        """Wall time beyond the ideal, spread over the waves (per sequential call)."""
+        return (self.wall_s - self.ideal_wall_s) / self.waves
+
+
+def _free_base() -> int:
+    """A port range (base .. base+agents+1, base+100, base+101) free on 127.0.0.1."""
+    for _ in range(200):
+        base = int.from_bytes(os.urandom(2), "big") % 30000 + 20000
+        try:
+            for port in [*range(base, base + 40), base + 100, base + 101]:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port range")
+
+
+def _prompt(tag: str, i: int) -> str:
+    return f"[{tag} #{i}] Name one prime number greater than {1000 + i}. ({uuid.uuid4().hex[:8]})"
+
+
+def _ask(prompt: str) -> TaskSpec:
+    return TaskSpec(type="ask", input={"prompt": prompt, "max_tokens": 64, "deterministic": False})
+
+
+def _user_text(rec: Recorded) -> str:
+    for msg in reversed(rec.body.get("messages") or []):
+        if isinstance(msg, dict) and msg.get("role") == "user":
+            content = msg.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return "".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
+    return ""
+
+
+def _run_batch(mesh: LocalMesh, specs: list[TaskSpec], timeout_s: float) -> tuple[float, float, list[uuid.UUID],
+                                                                                  dict[uuid.UUID, str]]:
+    """Submit ``specs`` in one batch; (monotonic submit time, wall seconds to the last DONE, ids, statuses)."""
+    statuses: dict[uuid.UUID, str] = {}
+    with mesh.client(timeout_s=30) as c:
+        t0 = time.monotonic()
+        ids = list(c.submit_until_accepted(specs, wait=True).task_ids)
+        want = set(ids)
+        for done in c.done_events(timeout_s=timeout_s):
+            if done.task_id in want:
+                statuses[done.task_id] = done.status
+                if len(statuses) == len(want):
+                    break
+        wall = time.monotonic() - t0
+    if len(statuses) < len(ids):
+        raise BenchFailure(f"only {len(statuses)} of {len(ids)} DONEs arrived (no news for {timeout_s:.0f}s)")
+    return t0, wall, ids, statuses
+
+
+def _at(ev: dict[str, Any]) -> float:
+    at = ev["at"]
+    if isinstance(at, str):
+        return datetime.fromisoformat(at).timestamp()
+    return float(at.timestamp())
+
+
+def _phases(mesh: LocalMesh, ids: list[uuid.UUID], call_at: dict[uuid.UUID, float] | None = None,
+            latency_s: float = 0.0) -> tuple[dict[str, float], dict[str, int], dict[str, str]]:
+    """Median per-task durations between lifecycle events, tasks per developer, final statuses.
+    ``call_at``: the wall time the fake server received each task's model call; it splits
+    ``processing -> complete`` into before the call, the call (``latency_s``) and after it."""
+    steps: dict[str, list[float]] = {}
+    per_node: dict[str, int] = {}
+    final: dict[str, str] = {}
+    with mesh.client(timeout_s=30) as c:
+        for tid in ids:
+            view = c.request("get", id=str(tid))
+            final[str(tid)] = str(view.get("status"))
+            node = view.get("assigned_to") or "?"
+            per_node[str(node)] = per_node.get(str(node), 0) + 1
+            first: dict[str, float] = {}
+            for ev in view.get("events") or []:
+                first.setdefault(str(ev.get("to_status")), _at(ev))
+            if call_at is not None and tid in call_at:
+                first["model call sent"] = call_at[tid]
+                first["model reply (sent + latency)"] = call_at[tid] + latency_s
+            marks = sorted(first.items(), key=lambda st: st[1])
+            for (a, ta), (b, tb) in itertools.pairwise(marks):
+                steps.setdefault(f"{a} -> {b}", []).append(tb - ta)
+    return {k: statistics.median(v) for k, v in steps.items()}, per_node, final
+
+
+def run_mesh(fake: FakeClaude, agents: int, n_tasks: int, warmup_per_dev: int, keep: bool) -> Run:
+    run = Run(agents=agents, tasks=n_tasks, latency_s=fake.latency_s)
+    state = Path(tempfile.mkdtemp(prefix=f"casper-bench-swarm{agents}-"))
+    env = {"CASPER_CAPACITY": "1", "CASPER_PREFETCH": "0", **LIMITER_ENV,
+           "ANTHROPIC_API_KEY": "sk-bench-not-a-real-key", "ANTHROPIC_BASE_URL": fake.url}
+    mesh = LocalMesh(state, developers=agents, testers=0, port_base=_free_base(), log_level="WARNING",
+                     extra_env=env)
+    try:
+        t = time.monotonic()
+        mesh.start()  # waits for every developer registered and alive (the "peers" op)
+        run.startup_s = time.monotonic() - t
+        peers = [p for p in mesh.wait_peers(agents, timeout=60) if p["liveness"] == "alive"]
+        caps = sorted({int(p["capacity"]) for p in peers})
+        if len(peers) != agents or caps != [1]:
+            raise BenchFailure(f"expected {agents} alive developers of capacity 1, got {len(peers)} "
+                               f"with capacities {caps}")
+
+        # warm-up: every developer imports the agents code, creates its SDK client and connects
+        t = time.monotonic()
+        before = len(fake.calls())
+        n_warm = warmup_per_dev * agents
+        if n_warm:
+            _, _, wids, wstat = _run_batch(mesh, [_ask(_prompt(f"warm{agents}", i)) for i in range(n_warm)], 60)
+            bad = {s for s in wstat.values() if s != "complete"}
+            if bad:
+                raise BenchFailure(f"warm-up tasks ended {sorted(bad)} (see {state / 'logs'})")
+            _, per_node, _ = _phases(mesh, wids)
+            if warmup_per_dev and len(per_node) < agents:
+                console.print(f"  [yellow]note: the warm-up reached {len(per_node)} of {agents} developers[/]")
+        run.warmup_calls = len(fake.calls()) - before
+        run.warmup_s = time.monotonic() - t
+        if run.warmup_calls != n_warm:
+            raise BenchFailure(f"warm-up: the fake server answered {run.warmup_calls} calls for {n_warm} tasks")
+
+        # the measured batch
+        tag = f"run{agents}-{uuid.uuid4().hex[:6]}"
+        prompts = [_prompt(tag, i) for i in range(n_tasks)]
+        before = len(fake.calls())
+        t0, run.wall_s, ids, statuses = _run_batch(mesh, [_ask(p) for p in prompts],
+                                                   timeout_s=max(60.0, 4 * n_tasks * fake.latency_s))
+        calls = fake.calls()[before:]
+        run.calls = len(calls)
+        for s in statuses.values():
+            run.statuses[s] = run.statuses.get(s, 0) + 1
+        seen = [_user_text(r) for r in calls]
+        if run.calls != n_tasks or sorted(seen) != sorted(prompts):
+            missing = set(prompts) - set(seen)
+            raise BenchFailure(f"the fake server answered {run.calls} calls for {n_tasks} tasks "
+                               f"({len(missing)} prompts never seen, {len(seen) - len(set(seen))} repeated)")
+        if calls:
+            arrivals = sorted(r.t for r in calls)
+            run.first_call_s, run.last_call_s = arrivals[0] - t0, arrivals[-1] - t0
+        by_prompt = {p: tid for p, tid in zip(prompts, ids, strict=True)}
+        to_wall = time.time() - time.monotonic()  # the fake records arrivals on the monotonic clock
+        call_at = {by_prompt[_user_text(r)]: r.t + to_wall for r in calls}
+        run.phases, run.per_node, final = _phases(mesh, ids, call_at, fake.latency_s)
+        not_complete = {tid: s for tid, s in final.items() if s != "complete"}
+        if run.statuses != {"complete": n_tasks} or not_complete:
+            raise BenchFailure(f"not every task ended complete: DONE statuses {run.statuses}, "
+                               f"stored {sorted(set(not_complete.values()))} (see {state / 'logs'})")
+        return run
+    finally:
+        mesh.stop()
+        if keep:
+            console.print(f"  state kept in {state}")
+        else:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", type=int, default=30, help="measured ask tasks per mesh (default 30)")
+    ap.add_argument("--agents", type=int, default=15, help="developers of the big mesh (default 15)")
+    ap.add_argument("--latency", type=float, default=1.0, help="the fake model's latency per call, s (default 1.0)")
+    ap.add_argument("--warmup", type=int, default=1, help="uncounted warm-up tasks per developer (default 1)")
+    ap.add_argument("--json", action="store_true", help="also print a one-line JSON summary")
+    ap.add_argument("--keep", action="store_true", help="keep the state directories (logs) afterwards")
+    a = ap.parse_args()
+    if a.tasks < 1 or a.agents < 1 or a.latency <= 0 or a.warmup < 0:
+        ap.error("--tasks and --agents must be >= 1, --latency > 0, --warmup >= 0")
+
+    t_start = time.monotonic()
+    fake = FakeClaude(latency_s=a.latency).start()
+    runs: list[Run] = []
+    try:
+        for agents in (1, a.agents):
+            console.print(f"mesh of {agents} developer(s) x capacity 1: {a.tasks} ask tasks, "
+                          f"model latency {a.latency:g}s (fake server {fake.url}) ...")
+            r = run_mesh(fake, agents, a.tasks, a.warmup, a.keep)
+            console.print(f"  started in {r.startup_s:.1f}s, warm-up {r.warmup_calls} calls in {r.warmup_s:.1f}s, "
+                          f"measured wall {r.wall_s:.2f}s")
+            runs.append(r)
+    except BenchFailure as exc:
+        console.print(f"[bold red]FAILED:[/] {exc}")
+        return 1
+    finally:
+        total_calls = len(fake.calls())
+        fake.stop()
+    expected_calls = sum(r.calls + r.warmup_calls for r in runs)
+    if total_calls != expected_calls:
+        console.print(f"[bold red]FAILED:[/] the fake server answered {total_calls} calls, expected {expected_calls}")
+        return 1
+
+    one, many = runs
+    speedup = one.wall_s / many.wall_s
+    ideal = (a.tasks * a.latency) / many.ideal_wall_s
+    ideal_one = one.ideal_wall_s
+    per_call_factor = one.wall_s / (a.tasks * a.latency)
+    total_s = time.monotonic() - t_start
+
+    t = Table(title=f"{a.tasks} ask tasks (one model call each, fake latency {a.latency:g}s), 1 vs {a.agents} "
+                    f"developers of capacity 1; loopback mesh, {total_s:.0f}s in all", title_justify="left")
+    for col in ("developers", "wall s", "ideal s", "waves", "overhead/wave ms", "1st call s", "last call s",
+                "calls", "complete", "devs used"):
+        t.add_column(col, justify="right")
+    for r in runs:
+        t.add_row(str(r.agents), f"{r.wall_s:.2f}", f"{r.ideal_wall_s:.2f}",
+                  str(r.waves), f"{1000 * r.overhead_per_call_s:.0f}", f"{r.first_call_s:.3f}", f"{r.last_call_s:.2f}",
+                  str(r.calls), f"{r.statuses.get('complete', 0)}/{r.tasks}", str(len(r.per_node)))
+    console.print(t)
+    console.print("(1st / last call: seconds from the submit to the fake server receiving the batch's first / last "
+                  "model call)")
+
+    p = Table(title="median per-task lifecycle step, s (task events, broker clock)", title_justify="left")
+    p.add_column("step")
+    for r in runs:
+        p.add_column(f"{r.agents} dev", justify="right")
+    steps = list(dict.fromkeys(k for r in runs for k in r.phases))  # lifecycle order, as first seen
+    for k in steps:
+        p.add_row(k, *(f"{r.phases[k]:.3f}" if k in r.phases else "" for r in runs))
+    console.print(p)
+
+    s = Table(title="speedup", title_justify="left", show_header=False)
+    s.add_column("what")
+    s.add_column("value", justify="right")
+    s.add_row(f"speedup = wall(1) / wall({a.agents})", f"{speedup:.2f}x")
+    s.add_row(f"ideal speedup = ({a.tasks} x {a.latency:g}s) / ({many.waves} waves x {a.latency:g}s)",
+              f"{ideal:.2f}x")
+    s.add_row("speedup / ideal", f"{speedup / ideal:.1%}")
+    s.add_row(f"1 developer: wall / (tasks x latency) = {one.wall_s:.2f} / {ideal_one:.2f}",
+              f"{per_call_factor:.3f}")
+    s.add_row("1 developer: overhead per call (beyond the model's latency)",
+              f"{1000 * one.overhead_per_call_s:.0f} ms")
+    s.add_row(f"{a.agents} developers: overhead per wave", f"{1000 * many.overhead_per_call_s:.0f} ms")
+    s.add_row("original design's claim / target", f"{CLAIMED_SPEEDUP}x / >= {TARGET_SPEEDUP:g}x")
+    s.add_row("target met", "yes" if speedup >= TARGET_SPEEDUP else "NO")
+    console.print(s)
+    console.print(f"rate limiter opened wide for the benchmark: CASPER_LLM_RPM={LIMITER_ENV['CASPER_LLM_RPM']}, "
+                  f"CASPER_LLM_TPM={LIMITER_ENV['CASPER_LLM_TPM']} (permits still requested per call, never waited "
+                  f"on); every task complete, the fake server answered exactly {total_calls} calls "
+                  f"({sum(r.calls for r in runs)} measured + {sum(r.warmup_calls for r in runs)} warm-up).")
+    if a.json:
+        print(json.dumps({
+            "tasks": a.tasks, "agents": a.agents, "latency_s": a.latency,
+            "wall_1_s": round(one.wall_s, 3), f"wall_{a.agents}_s": round(many.wall_s, 3),
+            "speedup": round(speedup, 3), "ideal_speedup": round(ideal, 3),
+            "speedup_over_ideal": round(speedup / ideal, 4), "wall1_per_call_factor": round(per_call_factor, 4),
+            "overhead_per_call_1_ms": round(1000 * one.overhead_per_call_s, 1),
+            "overhead_per_wave_n_ms": round(1000 * many.overhead_per_call_s, 1),
+            "calls": total_calls, "all_complete": True, "target_speedup": TARGET_SPEEDUP,
+            "target_met": speedup >= TARGET_SPEEDUP, "llm_rpm": int(LIMITER_ENV["CASPER_LLM_RPM"]),
+            "llm_tpm": int(LIMITER_ENV["CASPER_LLM_TPM"]), "total_s": round(total_s, 1),
+        }, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
