@@ -67,3 +67,4 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
     except ValueError:
         root.setLevel(logging.INFO)
     logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per model call otherwise

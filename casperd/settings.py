@@ -49,9 +49,11 @@ class ModelPrice(BaseModel):
     cache_read: float = Field(ge=0)
 
 
-DEFAULT_MODELS = {"policeman": "claude-sonnet-4-5", "developer": "claude-sonnet-4-5", "tester": "claude-haiku-4-5"}
+DEFAULT_MODELS = {"policeman": "claude-sonnet-4-6", "developer": "claude-sonnet-4-6", "tester": "claude-haiku-4-5"}
 DEFAULT_PRICES = {
     "claude-opus-4-1": ModelPrice(input=15.0, output=75.0, cache_write=18.75, cache_read=1.5),
+    "claude-opus-4-5": ModelPrice(input=5.0, output=25.0, cache_write=6.25, cache_read=0.5),
+    "claude-sonnet-4-6": ModelPrice(input=3.0, output=15.0, cache_write=3.75, cache_read=0.3),
     "claude-sonnet-4-5": ModelPrice(input=3.0, output=15.0, cache_write=3.75, cache_read=0.3),
     "claude-haiku-4-5": ModelPrice(input=1.0, output=5.0, cache_write=1.25, cache_read=0.1),
 }
@@ -116,7 +118,7 @@ class Settings(BaseSettings):
     anthropic_base_url: str = Field(
         default="", description="Messages API endpoint; default: ANTHROPIC_BASE_URL, else Anthropic's")
     models: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_MODELS),
-                                   description="model per role (JSON/TOML table), e.g. developer=claude-sonnet-4-5")
+                                   description="model per role (JSON/TOML table), e.g. developer=claude-sonnet-4-6")
     model_prices: dict[str, ModelPrice] = Field(
         default_factory=lambda: dict(DEFAULT_PRICES),
         description="USD per million tokens per model: input, output, cache_write, cache_read")

@@ -169,7 +169,7 @@ class JobRunner:
             "utf-8", "replace").splitlines()
         try:
             plan, _usage, calls = await make_plan(
-                self.police.claude, self.s.models.get("policeman", "claude-sonnet-4-5"), spec["goal"], files,
+                self.police.claude, self.s.models.get("policeman", "claude-sonnet-4-6"), spec["goal"], files,
                 spec.get("test_cmd"), int(spec.get("max_parallel") or 4), self.s.llm_max_tokens)
         finally:
             pass

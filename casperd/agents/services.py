@@ -105,7 +105,7 @@ class WorkerServices:
 
     def model_for(self, role: str, explicit: str | None = None) -> str:
         return explicit or self.settings.models.get(role) or self.settings.models.get("developer") or \
-            "claude-sonnet-4-5"
+            "claude-sonnet-4-6"
 
     def worktree_path(self, task_id: uuid.UUID, attempt: int) -> Path:
         return self.settings.workspace / "worktrees" / f"{task_id}-{attempt}-{int(time.time() * 1000) % 100000}"

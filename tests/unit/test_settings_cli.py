@@ -139,7 +139,7 @@ def test_role_default_capabilities(role: Role) -> None:
 
 def test_role_capabilities_table() -> None:
     assert ROLE_CAPABILITIES[Role.POLICEMAN] == ("plan", "validate")
-    assert ROLE_CAPABILITIES[Role.DEVELOPER] == ("code", "shell")
+    assert ROLE_CAPABILITIES[Role.DEVELOPER] == ("code", "llm", "shell")
     assert ROLE_CAPABILITIES[Role.TESTER] == ("test", "shell")
 
 
