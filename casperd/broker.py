@@ -105,6 +105,7 @@ class Peer:
     drained_by_operator: bool = False
     send_failing: bool = False
     draining_itself: bool = False
+    public_key: str | None = None
 
     def update_draining(self) -> None:
         self.slot.draining = self.drained_by_operator or self.draining_itself
@@ -116,7 +117,7 @@ class Peer:
             "capabilities": sorted(self.slot.capabilities), "capacity": self.slot.capacity,
             "inflight": self.slot.inflight, "draining": self.slot.draining,
             "liveness": self.clock.state(now).value, "breaker": self.slot.breaker.state.value,
-            "last_seen_s": round(now - self.clock.last_seen, 3),
+            "last_seen_s": round(now - self.clock.last_seen, 3), "public_key": self.public_key,
         }
 
 
@@ -269,7 +270,7 @@ class Broker:
         breaker = self.breaker_for(msg.node_id)  # a node's breaker outlives its registrations
         slot = PeerSlot(msg.node_id, frozenset(msg.capabilities), msg.capacity, breaker=breaker)
         peer = Peer(msg.node_id, msg.epoch, route, msg.role.value, msg.endpoint, msg.host, msg.pid, msg.version,
-                    slot, clock)
+                    slot, clock, public_key=msg.public_key)
         if old is not None:
             peer.drained_by_operator = old.drained_by_operator
             peer.update_draining()
@@ -741,9 +742,11 @@ class Broker:
 
     # --- work the policeman creates or runs itself (jobs) ----------------------------------------
     async def submit_local(self, spec: TaskSpec, attachments: tuple[bytes, ...] = (),
-                           submitter: str = "policeman") -> tuple[uuid.UUID, bool]:
-        """Create one task from inside the policeman (a job's subtasks); returns (id, existed).
-        Attachments are committed before the task row, so a TASK never lacks them."""
+                           submitter: str = "policeman", holder: str | None = None) -> tuple[uuid.UUID, bool]:
+        """Create one task from inside the policeman (a job's subtasks, a peer's hand-off); returns
+        (id, existed). Attachments are committed before the task row, so a TASK never lacks them.
+        With ``holder`` (a direct hand-off) the task is assigned to that peer at once if it can take
+        it — registered, alive, capable, with credit, breaker closed — else queued as usual."""
         if not self.store.healthy:
             raise StorageError(f"the task store is unavailable ({self.store.last_error})",
                                hint="the job continues once Postgres is back")
@@ -768,10 +771,41 @@ class Broker:
         if key:
             self._remember_key(key, rec.id)
             self.store.stage_key(key, rec.id, rec.created_at)
-        self._queue(rec)
+        if not (holder and self._assign_to_holder(rec, holder, stamp)):
+            self._queue(rec)
         self.metrics.submitted.inc()
         await self.store.committed()
         return rec.id, False
+
+    def _assign_to_holder(self, rec: TaskRecord, holder: str, stamp: datetime) -> bool:
+        peer = self.peers.get(holder)
+        now = time.monotonic()
+        ttype = handlers.REGISTRY.get(rec.type)
+        needs = set(rec.requires) | set(ttype.requires if ttype else ())
+        if peer is None or peer.clock.state(now) is not Liveness.ALIVE or not peer.slot.can_take(now) \
+                or not needs <= peer.slot.capabilities:
+            return False
+        rec.attempts = 1
+        rec.assigned_to = holder
+        rec.assigned_at = stamp
+        rec.lease_deadline = stamp + timedelta(seconds=self.s.lease_s)
+        self._change(rec, Status.ASSIGNED, stamp, holder, {"handoff": True})
+        peer.held.add(rec.id)
+        peer.slot.inflight += 1
+        self.leases[rec.id] = now + self.s.lease_s
+        self.metrics.dispatched.inc()
+        return True
+
+    def directory(self, capability: str | None = None) -> list[dict[str, Any]]:
+        """Live peers as other peers should reach them (for direct hand-off), least loaded first."""
+        now = time.monotonic()
+        out = [{"node_id": p.node_id, "role": p.role, "endpoint": p.endpoint, "public_key": p.public_key,
+                "capabilities": sorted(p.slot.capabilities), "capacity": p.slot.capacity,
+                "inflight": p.slot.inflight}
+               for p in self.peers.values()
+               if p.clock.state(now) is Liveness.ALIVE and p.slot.can_take(now)
+               and (capability is None or capability in p.slot.capabilities)]
+        return sorted(out, key=lambda d: (d["inflight"] / max(1, d["capacity"]), d["node_id"]))
 
     def start_local(self, rec: TaskRecord) -> bool:
         """Mark a local task as running on the policeman; False if it is not pending any more."""

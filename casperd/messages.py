@@ -22,6 +22,8 @@ Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^
 Text = Annotated[str, StringConstraints(max_length=4096)]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Endpoint = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+CurveKey = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")]
+"""A CurveZMQ public key in Z85 (40 characters)."""
 
 
 class Command(enum.IntEnum):
@@ -135,6 +137,7 @@ class Ready(_Body):
     tasks: tuple[uuid.UUID, ...] = Field(default=(), max_length=100_000)
     heartbeat_ms: int = Field(default=1000, ge=10, le=600_000)
     version: Name = "0"
+    public_key: CurveKey | None = None
 
 
 class Heartbeat(_Body):

@@ -25,8 +25,8 @@ from casperd import codec
 from casperd.broker import Broker
 from casperd.cache import ResultCache
 from casperd.control import Control
-from casperd.errors import CasperError, ProtocolError, UnsupportedError
-from casperd.messages import Error, Heartbeat, Role, Submit
+from casperd.errors import CasperError, InvalidBodyError, ProtocolError, UnsupportedError
+from casperd.messages import Error, ErrorBody, Heartbeat, Reply, Request, Role, Submit
 from casperd.metrics import Metrics
 from casperd.settings import Settings
 from casperd.store import Store
@@ -68,6 +68,7 @@ class Node:
         self.control_sock: zmq.asyncio.Socket | None = None
         self.started = time.monotonic()
         self._logged: set[tuple[str, bytes, str]] = set()
+        self._oneshots: set[asyncio.Task[None]] = set()
 
     @property
     def is_policeman(self) -> bool:
@@ -194,15 +195,39 @@ class Node:
                     continue
                 route, body = frames[0], frames[1:]
                 try:
-                    msg = codec.decode(body, max_bytes=self.s.max_message_bytes).message
+                    decoded = codec.decode(body, max_bytes=self.s.max_message_bytes)
+                    msg = decoded.message
+                    if isinstance(msg, Request) and msg.op == "handoff" and self.worker is not None:
+                        self._spawn_once(self._handoff(route, msg, decoded.attachments))
+                        continue
                     reply = (Heartbeat() if isinstance(msg, Heartbeat) else Error(
                         code=UnsupportedError.code, ref=msg.COMMAND.value,
                         message=f"{msg.COMMAND.name} is not served on a worker's mesh socket",
-                        hint="send tasks through the policeman"))
+                        hint="send tasks through the policeman (or REQUEST handoff, SPEC section 15)"))
                 except ProtocolError as exc:
                     self._count_rejection("mesh", route, exc)
                     reply = Error(code=exc.code, message=exc.message[:4000], hint=exc.hint)
                 send_now(self.mesh_sock, [route, *codec.encode(reply)])
+
+    def _spawn_once(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._oneshots.add(task)
+        task.add_done_callback(self._oneshots.discard)
+
+    async def _handoff(self, route: bytes, msg: Request, attachments: tuple[bytes, ...]) -> None:
+        """Direct hand-off: a peer's REQUEST ``handoff`` on this worker's own ROUTER."""
+        assert self.worker is not None and self.mesh_sock is not None
+        try:
+            spec = msg.args.get("spec")
+            if not isinstance(spec, dict):
+                raise InvalidBodyError("handoff needs 'spec': a task", hint="send a TaskSpec as 'spec'")
+            sender = route.split(b"/", 1)[0].decode("utf-8", "replace")[:64]
+            reply = Reply(req_id=msg.req_id, ok=True,
+                          data=await self.worker.accept_handoff(spec, attachments, sender))
+        except CasperError as exc:
+            reply = Reply(req_id=msg.req_id, ok=False, error=ErrorBody(code=exc.code, message=exc.message[:4000],
+                                                                       hint=exc.hint))
+        send_now(self.mesh_sock, [route, *codec.encode(reply)])
 
     async def _dealer_loop(self) -> None:
         assert self.worker is not None

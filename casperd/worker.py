@@ -114,7 +114,8 @@ class Worker:
             node_id=self.s.node_id, epoch=self.epoch, role=self.s.role, endpoint=self.s.advertise, pid=os.getpid(),
             host=_hostname(), capabilities=self.s.all_capabilities,
             capacity=0 if self.draining else self.s.capacity + self.s.prefetch, tasks=tuple(self.running),
-            heartbeat_ms=int(self.s.heartbeat_s * 1000), version=__version__.replace("+", "."))))
+            heartbeat_ms=int(self.s.heartbeat_s * 1000), version=__version__.replace("+", "."),
+            public_key=self.opts.curve_public.decode() if self.s.curve and self.opts.curve_public else None)))
 
     def _ready_again(self) -> None:
         self._ready_pending = False
@@ -196,6 +197,21 @@ class Worker:
                                       hint="is the policeman up and reachable?") from None
         finally:
             self._requests.pop(req_id, None)
+
+    async def accept_handoff(self, spec: dict[str, Any], attachments: tuple[bytes, ...],
+                             sender: str) -> dict[str, Any]:
+        """A peer hands us a task directly (section 15 of the spec): the policeman records it with us
+        as the holder (committed), then it runs here. If we cannot take it now, the policeman queues
+        it for whoever can."""
+        hold = not self.draining and len(self.running) < self.s.capacity + self.s.prefetch
+        data, _ = await self.request("handoff-record", {"spec": spec, "hold": hold, "from": sender}, attachments)
+        if data.get("assigned"):
+            self._start(Assignment(task_id=uuid.UUID(data["task_id"]), type=data["type"], input=data["input"],
+                                   attempt=data["attempt"], lease_ms=data["lease_ms"], timeout_s=data["timeout_s"]),
+                        attachments)
+            log.info("task %s handed to us directly", data["task_id"])
+        return {"task_id": data["task_id"], "holder": self.s.node_id if data.get("assigned") else None,
+                "existing": data.get("existing", False)}
 
     def _start(self, a: Assignment, attachments: tuple[bytes, ...] = ()) -> None:
         self._renew_every = min(self._renew_every, a.lease_ms / 3000)

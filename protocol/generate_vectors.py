@@ -125,10 +125,12 @@ def _canonical() -> list[tuple[str, str, Message, tuple[bytes, ...], int]]:
     shell_output = {"exit_code": 0, "stdout": "42 passed\n", "stderr": "", "stdout_truncated": False,
                     "stderr_truncated": False, "duration_s": 1.2345}
     v: list[tuple[str, str, Message, tuple[bytes, ...], int]] = [
-        ("01_ready", "A developer registers with the policeman (routing id developer-1/" + EPOCH_DEV + ").",
+        ("01_ready", "A developer registers with the policeman (routing id developer-1/" + EPOCH_DEV + "), "
+         "with the Curve public key of its own mesh ROUTER (the CurveZMQ RFC's example client key).",
          Ready(node_id="developer-1", epoch=EPOCH_DEV, role="developer", endpoint="tcp://172.20.0.11:5555",
-               pid=4242, host="developer-1", capabilities=("code", "shell"), capacity=4, tasks=(),
-               heartbeat_ms=1000, version="0.1.0"), (), DEFAULT_MAX),
+               pid=4242, host="developer-1", capabilities=("code", "llm", "shell"), capacity=4, tasks=(),
+               heartbeat_ms=1000, version="0.1.0", public_key="Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID"),
+         (), DEFAULT_MAX),
         ("01_ready_holding", "A tester registers again (after ERROR unknown-peer) while holding two tasks; "
          "draining, so it advertises capacity 0.",
          Ready(node_id="tester-1", epoch=EPOCH_TESTER, role="tester", endpoint="tcp://172.20.0.13:5555",

@@ -31,7 +31,7 @@ from casperd.agents import gitwork
 from casperd.agents.gitwork import changed_paths
 from casperd.agents.sandbox import TOOLS, Sandbox, execute
 from casperd.agents.usage import Usage
-from casperd.errors import BudgetExceededError, MissingApiKeyError, TaskError
+from casperd.errors import BudgetExceededError, CasperError, MissingApiKeyError, TaskError
 from casperd.handlers import Attached, RunContext
 
 log = logging.getLogger("casperd.agents.developer")
@@ -125,11 +125,20 @@ async def run_code(ctx: RunContext, data: dict[str, Any]) -> Attached:
         with contextlib.suppress(Exception):
             await gitwork.remove_worktree(wt)
     turns = sum(1 for m in messages if m["role"] == "assistant")
-    return Attached({
+    out: dict[str, Any] = {
         "summary": summary, "usage": usage.to_dict(), "turns": turns, "resumed_at_message": resumed_at,
         "patch": {"attachment": 0, "bytes": len(patch), "files": changed_paths(patch)},
         "duration_s": round(time.monotonic() - t0, 3), "node": ctx.node_id,
-    }, (patch,))
+    }
+    follow = data.get("handoff")
+    if patch and isinstance(follow, dict):  # the test task goes straight to a tester
+        spec = {"type": "test", "input": follow.get("input") or {}, "parent_id": job_id,
+                "idempotency_key": f"{follow.get('key')}:a{ctx.attempt}"}
+        try:
+            out["handoff"] = await svc.hand_off(spec, (patch,), "test")
+        except CasperError as exc:  # the policeman creates it when it sees the result
+            log.warning("could not hand the test of task %s off: %s", ctx.task_id, exc)
+    return Attached(out, (patch,))
 
 
 async def _loop(ctx: RunContext, svc: Any, sandbox: Sandbox, messages: list[dict[str, Any]], usage: Usage,

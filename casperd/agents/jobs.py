@@ -167,12 +167,9 @@ class JobRunner:
     async def _plan(self, job_id: uuid.UUID, spec: dict[str, Any]) -> Plan:
         files = (await gitwork.git("ls-tree", "-r", "--name-only", spec["base"], cwd=Path(spec["repo"]))).decode(
             "utf-8", "replace").splitlines()
-        try:
-            plan, _usage, calls = await make_plan(
-                self.police.claude, self.s.models.get("policeman", "claude-sonnet-4-6"), spec["goal"], files,
-                spec.get("test_cmd"), int(spec.get("max_parallel") or 4), self.s.llm_max_tokens)
-        finally:
-            pass
+        plan, _usage, calls = await make_plan(
+            self.police.claude, self.s.models.get("policeman", "claude-sonnet-4-6"), spec["goal"], files,
+            spec.get("test_cmd"), int(spec.get("max_parallel") or 4), self.s.llm_max_tokens)
         await self.records.add_calls(calls, task_id=job_id, job_id=job_id, node=self.s.node_id, role="policeman")
         log.info("job %s planned %d subtasks", job_id, len(plan.subtasks))
         return plan
@@ -241,12 +238,14 @@ class JobRunner:
                 return True
             sub["state"] = "testing" if spec.get("test_cmd") else "tested"
             if spec.get("test_cmd"):
-                cmd = spec["test_cmd"]
-                tid, _ = await self.broker.submit_local(TaskSpec(
-                    type="test", parent_id=job_id, idempotency_key=_key(job_id, sub, "test"),
-                    input={"job_id": str(job_id), "subtask": sub["id"], "repo": spec["repo"], "base": sub["base"],
-                           "test_cmd": cmd, "patch": {"attachment": 0}}), (patch,))
+                # the developer normally handed this test straight to a tester (same idempotency key):
+                # then this finds it; otherwise it is created here
+                tid, handed = await self.broker.submit_local(TaskSpec(
+                    type="test", parent_id=job_id,
+                    idempotency_key=f"{_test_key(job_id, sub)}:a{int(row['attempts'] or 1)}",
+                    input=_test_input(job_id, spec, sub)), (patch,))
                 sub["test_task"] = str(tid)
+                sub["handed_off"] = handed
                 sub["task_ids"].append(str(tid))
             return True
         if sub["state"] == "testing":
@@ -287,6 +286,9 @@ class JobRunner:
             "test_cmd": spec.get("test_cmd"), "round": sub["rounds"]}
         if sub.get("code_task"):
             inp.update(resume_from=sub["code_task"], feedback=feedback, restore=not rebase)
+        if spec.get("test_cmd"):
+            sub["base"] = base
+            inp["handoff"] = {"key": _test_key(job_id, sub), "input": _test_input(job_id, spec, sub)}
         budget = spec.get("budget_usd")
         if budget is not None:
             spent = (await self.records.usage_by_job(job_id))["cost_usd"]
@@ -406,7 +408,7 @@ class JobRunner:
                 for k, v in usage.get(uuid.UUID(t), {}).items():
                     u[k] = round(u.get(k, 0) + v, 6)
             out_subs.append({**{k: s.get(k) for k in ("id", "title", "state", "rounds", "attempts", "task_ids",
-                                                      "tests", "note")},
+                                                      "tests", "note", "handed_off")},
                              "time_s": round(float(s.get("time_s") or 0.0), 3), "tokens": u,
                              "cost_usd": u.get("cost_usd", 0.0)})
         total = await self.records.usage_by_job(job_id)
@@ -431,6 +433,15 @@ def _spec_view(spec: dict[str, Any]) -> dict[str, Any]:
 def _key(job_id: uuid.UUID, sub: dict[str, Any], kind: str) -> str:
     return f"job:{job_id}:{sub['id']}:r{sub['rounds']}:{kind}:" + hashlib.sha1(
         str(sub.get("code_task")).encode()).hexdigest()[:8]
+
+
+def _test_key(job_id: uuid.UUID, sub: dict[str, Any]) -> str:
+    return f"job:{job_id}:{sub['id']}:r{sub['rounds']}:test"
+
+
+def _test_input(job_id: uuid.UUID, spec: dict[str, Any], sub: dict[str, Any]) -> dict[str, Any]:
+    return {"job_id": str(job_id), "subtask": sub["id"], "repo": spec["repo"], "base": sub["base"],
+            "test_cmd": spec["test_cmd"], "patch": {"attachment": 0}}
 
 
 def _row_of(rec: TaskRecord) -> dict[str, Any]:

@@ -21,6 +21,8 @@ import time
 import uuid
 from typing import Any
 
+from pydantic import ValidationError
+
 from casperd import handlers
 from casperd.agents.claude import ClaudeClient
 from casperd.agents.ratelimit import LocalLimiter, MeshRateLimit, RateObservation
@@ -28,7 +30,10 @@ from casperd.agents.records import AgentRecords
 from casperd.agents.validation import PatchLimits, validate_patch
 from casperd.broker import Broker
 from casperd.cache import ResultCache
+from casperd.codec import describe_validation
 from casperd.errors import InvalidBodyError
+from casperd.lifecycle import ACTIVE
+from casperd.messages import TaskSpec
 from casperd.settings import Settings
 
 log = logging.getLogger("casperd.agents.police")
@@ -54,7 +59,8 @@ class PoliceService:
         self.claude = ClaudeClient.from_settings(settings, LocalLimiter(state=self.rate), cache)
         self.jobs = JobRunner(self)
         broker.mesh_ops.update({"llm-permit": self._permit, "turns-save": self._turns_save,
-                                "turns-load": self._turns_load, "calls-save": self._calls_save})
+                                "turns-load": self._turns_load, "calls-save": self._calls_save,
+                                "directory": self._directory, "handoff-record": self._handoff_record})
         broker.save_attachments = self.records.put_attachments
         broker.load_attachments = lambda ids: self.records.attachments(ids, "input")
         broker.local_runner = self.jobs.start
@@ -114,6 +120,31 @@ class PoliceService:
             if last.get("code") == "validation" and last.get("attempt") == saved["attempt"]:
                 saved["feedback"] = f"The policeman rejected your patch: {last.get('message')}"
         return saved, ((wip,) if wip else ())
+
+    async def _directory(self, node: str, args: dict[str, Any], _att: Attachments) -> OpResult:
+        cap = args.get("capability")
+        return {"peers": self.broker.directory(str(cap) if cap else None)}, ()
+
+    async def _handoff_record(self, node: str, args: dict[str, Any], att: Attachments) -> OpResult:
+        """Record a task one peer hands straight to another. Sent by the receiver (``hold: true``:
+        it runs the task itself, so it becomes the holder at once) or, when the direct send failed,
+        by the sender (queued and dispatched as usual)."""
+        try:
+            spec = TaskSpec.model_validate(args.get("spec"))
+        except ValidationError as exc:
+            raise InvalidBodyError(f"handoff-record: bad task: {describe_validation(exc)}",
+                                   hint="send a TaskSpec as 'spec'") from None
+        holder = node if args.get("hold") else None
+        sender = str(args.get("from") or node)[:64]
+        submitter = f"{sender} (handed to {node})" if holder and sender != node else sender
+        tid, existing = await self.broker.submit_local(spec, att, submitter=submitter, holder=holder)
+        rec = self.broker.held_record(tid)
+        assigned = rec is not None and holder is not None and rec.assigned_to == holder and rec.status in ACTIVE
+        out: dict[str, Any] = {"task_id": str(tid), "existing": existing, "assigned": assigned}
+        if assigned and rec is not None:
+            out.update(attempt=rec.attempts, lease_ms=int(self.s.lease_s * 1000), timeout_s=rec.timeout_s,
+                       type=rec.type, input=rec.input)
+        return out, ()
 
     # --- validation of code results -------------------------------------------------------------------
     async def validate_code(self, tid: uuid.UUID, task_input: dict[str, Any], output: Any,

@@ -19,11 +19,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from casperd import codec
 from casperd.agents.claude import ClaudeClient
 from casperd.agents.ratelimit import LocalLimiter, RateObservation
 from casperd.cache import ResultCache
-from casperd.errors import CasperError, RequestTimeoutError
+from casperd.errors import CasperError, RequestTimeoutError, from_wire
+from casperd.messages import Reply, Request
 from casperd.settings import Settings
+from casperd.transport import dealer
 
 log = logging.getLogger("casperd.agents")
 
@@ -40,6 +43,7 @@ class MeshLimiter:
         self._observed: list[dict[str, Any]] = []
         self._fallback = LocalLimiter(settings.llm_rpm, settings.llm_tpm)
         self._warned = False
+        self._reports: set[asyncio.Task[None]] = set()
 
     async def acquire(self, tokens: int) -> None:
         while True:
@@ -69,7 +73,9 @@ class MeshLimiter:
         self._observed.append(dataclasses.asdict(obs))
         self._fallback.observe(obs)
         if obs.status in (429, 529):  # tell the mesh now, not with the next permit
-            asyncio.get_running_loop().create_task(self._report())
+            task = asyncio.get_running_loop().create_task(self._report())
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
 
     async def _report(self) -> None:
         if not self._observed:
@@ -128,6 +134,44 @@ class WorkerServices:
         data = dict(data)
         data["wip"] = attachments[0] if attachments else None
         return data
+
+    async def hand_off(self, spec: dict[str, Any], attachments: tuple[bytes, ...], capability: str) -> dict[str, Any]:
+        """Hand a follow-up task straight to a capable peer (developer → tester): it is found in the
+        policeman's directory and sent to the peer's own ROUTER, which has the policeman record it
+        with itself as holder. If no peer takes it directly, the policeman records and queues it."""
+        data, _ = await self.worker.request("directory", {"capability": capability}, timeout_s=10.0)
+        for peer in (data or {}).get("peers", [])[:2]:
+            if peer.get("node_id") == self.node_id or (self.settings.curve and not peer.get("public_key")):
+                continue
+            try:
+                out = await self._send_direct(peer, spec, attachments)
+                return {**out, "direct": True, "to": peer["node_id"]}
+            except CasperError as exc:
+                log.warning("direct hand-off to %s failed (%s); trying the next way", peer.get("node_id"), exc)
+        data, _ = await self.worker.request("handoff-record", {"spec": spec}, attachments, timeout_s=15.0)
+        return {"task_id": data["task_id"], "holder": None, "direct": False}
+
+    async def _send_direct(self, peer: dict[str, Any], spec: dict[str, Any],
+                           attachments: tuple[bytes, ...]) -> dict[str, Any]:
+        opts = dataclasses.replace(self.worker.opts, curve_server_key=(peer.get("public_key") or "").encode() or None)
+        identity = f"{self.node_id}/handoff.{os.urandom(4).hex()}".encode()
+        sock = dealer(self.worker.ctx, str(peer["endpoint"]), identity, opts, curve=self.settings.curve)
+        try:
+            async with asyncio.timeout(5.0):  # covers a peer that never connects, too
+                await sock.send_multipart(codec.encode(Request(req_id=1, op="handoff", args={"spec": spec}),
+                                                       attachments))
+                while True:
+                    msg = codec.decode(await sock.recv_multipart(), max_bytes=self.settings.max_message_bytes).message
+                    if isinstance(msg, Reply) and msg.req_id == 1:
+                        break
+        except TimeoutError:
+            raise RequestTimeoutError(f"{peer['node_id']} did not answer the hand-off within 5s",
+                                      hint="the policeman records the task instead") from None
+        finally:
+            sock.close(linger=0)
+        if not msg.ok:
+            raise from_wire(msg.error.model_dump() if msg.error else {})
+        return dict(msg.data or {})
 
     async def close(self) -> None:
         await self.claude.close()

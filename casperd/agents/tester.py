@@ -18,7 +18,7 @@ from typing import Any
 
 from casperd.agents import gitwork
 from casperd.agents.junit import TestReport, parse_junit, parse_pytest_summary
-from casperd.errors import PatchConflictError, TaskError
+from casperd.errors import PatchConflictError, TaskError, TaskTimeoutError
 from casperd.handlers import RunContext
 from casperd.handlers.shell import run_shell
 
@@ -52,7 +52,13 @@ async def run_test(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="casper-junit-") as tmp:
             xml = Path(tmp) / "junit.xml"
             shell_ctx = RunContext(ctx.node_id, wt, timeout, ctx.output_cap)
-            run = await run_shell(shell_ctx, {"cmd": _with_junit(cmd, xml), "timeout_s": timeout})
+            try:
+                run = await run_shell(shell_ctx, {"cmd": _with_junit(cmd, xml), "timeout_s": timeout})
+            except TaskTimeoutError:  # a hanging test suite is a test result, not a tester failure
+                return {"ok": False, "passed": 0, "failed": 0, "errors": 1, "skipped": 0, "exit_code": None,
+                        "failures": [{"name": "(test command)", "kind": "error",
+                                      "message": f"the test command timed out after {timeout:g}s"}],
+                        "output_tail": "", "duration_s": round(time.monotonic() - t0, 3), "node": ctx.node_id}
             report: TestReport | None = None
             if xml.exists():
                 with contextlib.suppress(ValueError):

@@ -4,6 +4,10 @@ validating and integrating."""
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,13 @@ def test_job_plans_codes_tests_and_integrates(make_mesh: Any, tmp_path: Path) ->
     assert report["tokens"]["input_tokens"] > 0 and report["cost_usd"] > 0
     assert all(s["cost_usd"] > 0 and s["time_s"] > 0 for s in report["subtasks"])
     assert report["wall_s"] > 0 and report["sum_task_s"] > 0
+    # every test task went straight from its developer to the tester, and the policeman recorded it
+    assert all(s["handed_off"] for s in report["subtasks"]), report["subtasks"]
+    with ControlClient(mesh.policeman.control, timeout_s=20) as c:
+        test_task = c.request("get", id=_sub(report, "fix-add")["task_ids"][-1])
+    assert test_task["type"] == "test" and test_task["submitted_by"].startswith("developer-")
+    first = test_task["events"][1]
+    assert (first["from_status"], first["to_status"], first["peer"]) == ("pending", "assigned", "tester")
     # the failing test really reached the developer
     mul_bodies = [r.body for r in fake.calls() if "[fix-mul]" in str(r.body["messages"][0])]
     assert any("The tests fail" in str(b["messages"][-1]) and "test_mul" in str(b["messages"][-1])
@@ -111,7 +122,15 @@ def test_merge_conflict_becomes_a_rebase_task(make_mesh: Any, tmp_path: Path) ->
     repo = make_repo(tmp_path, FIXED)
     with FakeClaude(script=team) as fake:
         mesh = make_mesh(developers=2, testers=1, extra_env=agent_env(fake.url))
-        report = run_job(mesh, goal="rename", repo=str(repo), test_cmd=TEST_CMD, max_parallel=2)
+        # through the real caspectl: progress lines while it runs (no TTY), then the report
+        ctl = [sys.executable, "-m", "casperd.ctl.main", "--control", mesh.policeman.control]
+        run = subprocess.run([*ctl, "run", "rename the package", "--repo", str(repo), "--test-cmd", TEST_CMD,
+                              "--max-parallel", "2", "--poll", "0.5"], capture_output=True, text=True, timeout=180)
+        assert run.returncode == 0, run.stdout + run.stderr
+        job_id = re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", run.stdout).group(0)
+        assert "integrated" in run.stdout and "casper/job-" in run.stdout
+        later = subprocess.run([*ctl, "job", job_id, "-o", "json"], capture_output=True, text=True, timeout=60)
+        report = json.loads(later.stdout)
         bodies = [r.body for r in fake.calls()]
     assert report["state"] == "done", [(s["id"], s["state"], s["note"], s["tests"]) for s in report["subtasks"]]
     rounds = sorted(s["rounds"] for s in report["subtasks"])
@@ -155,3 +174,22 @@ def test_developer_killed_mid_loop_resumes_elsewhere(make_mesh: Any, tmp_path: P
     assert get["attempts"] == 2 and get["status"] == "complete"
     assert get["output"]["resumed_at_message"] == 3
     assert checkout_and_test(repo, final["branch"], tmp_path / "check").returncode == 0
+
+
+def test_handoff_falls_back_to_the_policeman_when_the_tester_is_unreachable(make_mesh: Any, tmp_path: Path) -> None:
+    team = ScriptedTeam([PLAN3[0]], {"fix-add": [fix("calc/add.py", "a - b", "a + b")]})
+    repo = make_repo(tmp_path, {**FIXED, "calc/add.py": "def add(a, b):\n    return a - b\n"})
+    with FakeClaude(script=team) as fake:
+        mesh = make_mesh(developers=1, testers=0, extra_env=agent_env(fake.url))
+        node = mesh.add_node("tester", "tester", mesh.port_base + 9, start=False)
+        node.env["CASPER_ADVERTISE"] = f"tcp://127.0.0.1:{mesh.port_base + 10}"  # nobody listens there
+        mesh.start_node("tester")
+        mesh.wait_peers(2, timeout=60)
+        report = run_job(mesh, goal="fix add", repo=str(repo), test_cmd=TEST_CMD)
+        with ControlClient(mesh.policeman.control, timeout_s=20) as c:
+            code = c.request("get", id=report["subtasks"][0]["task_ids"][0])
+            test = c.request("get", id=report["subtasks"][0]["task_ids"][-1])
+    assert report["state"] == "done", report["subtasks"]
+    assert code["output"]["handoff"]["direct"] is False  # the direct send failed ...
+    assert test["submitted_by"] == "developer-1" and test["status"] == "complete"  # ... the policeman took it
+    assert test["assigned_to"] == "tester"
