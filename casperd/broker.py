@@ -170,6 +170,11 @@ class Broker:
                 self._after_error(rec, utcnow(), None)
         if rows:
             log.info("recovered %d open tasks from Postgres", len(rows))
+        # jobs the policeman was running when it stopped: run them again (they resume from the jobs table)
+        for rec in self.tasks.values():
+            if rec.status in ACTIVE and rec.assigned_to == self.s.node_id and _ttype_flag(rec.type, "local") \
+                    and self.local_runner is not None:
+                asyncio.get_running_loop().call_later(0.5, self.local_runner, rec)
         need = [tid for tid, rec in self.tasks.items() if _ttype_flag(rec.type, "input_attachments")]
         if need and self.load_attachments is not None:
             for tid, blobs in (await self.load_attachments(need)).items():

@@ -118,8 +118,12 @@ async def run_code(ctx: RunContext, data: dict[str, Any]) -> Attached:
             _with_feedback(messages, feedback)
         sandbox = Sandbox(wt, command_timeout_s=svc.settings.agent_command_timeout_s,
                           output_cap=svc.settings.agent_output_cap)
-        summary = await _loop(ctx, svc, sandbox, messages, usage, model, job_id, base,
-                              (max_turns, max_tokens, max_cost, t0 + wall_s))
+        done = _finished_summary(messages) if saved is not None and not feedback else None
+        if done is not None:  # it had finished; only its result was lost (e.g. the policeman restarted)
+            summary = done
+        else:
+            summary = await _loop(ctx, svc, sandbox, messages, usage, model, job_id, base,
+                                  (max_turns, max_tokens, max_cost, t0 + wall_s))
         patch = await gitwork.diff(wt, base)
     finally:
         with contextlib.suppress(Exception):
@@ -139,6 +143,17 @@ async def run_code(ctx: RunContext, data: dict[str, Any]) -> Attached:
         except CasperError as exc:  # the policeman creates it when it sees the result
             log.warning("could not hand the test of task %s off: %s", ctx.task_id, exc)
     return Attached(out, (patch,))
+
+
+def _finished_summary(messages: list[dict[str, Any]]) -> str | None:
+    """The summary of a conversation whose last model turn called finish, else None."""
+    last = next((m for m in reversed(messages) if m["role"] == "assistant"), None)
+    if last is None or messages[-1]["role"] != "user" or not isinstance(last["content"], list):
+        return None
+    for block in last["content"]:
+        if block.get("type") == "tool_use" and block.get("name") == "finish":
+            return str((block.get("input") or {}).get("summary") or "done")[:4000]
+    return None
 
 
 async def _loop(ctx: RunContext, svc: Any, sandbox: Sandbox, messages: list[dict[str, Any]], usage: Usage,

@@ -101,7 +101,7 @@ def test_non_root_and_secrets_are_private_files(healthy_mesh: ComposeMesh) -> No
         listing = m.exec(node, ["sh", "-c", "stat -c '%n %a %u' /run/secrets/*"]).stdout.split("\n")
         files = {line.split()[0]: line.split()[1:] for line in listing if line.strip()}
         expected = {"curve.key", "curve.pub"} | (
-            {"database_password"} if node == "policeman" else {"broker.pub", "anthropic_api_key"})
+            {"database_password", "anthropic_api_key"} if node == "policeman" else {"broker.pub", "anthropic_api_key"})
         assert set(files) == {f"/run/secrets/{name}" for name in expected}, files
         for name, (mode, uid) in files.items():
             assert (mode, uid) == ("400", str(CASPER_UID)), (node, name, mode, uid)

@@ -193,3 +193,29 @@ def test_handoff_falls_back_to_the_policeman_when_the_tester_is_unreachable(make
     assert code["output"]["handoff"]["direct"] is False  # the direct send failed ...
     assert test["submitted_by"] == "developer-1" and test["status"] == "complete"  # ... the policeman took it
     assert test["assigned_to"] == "tester"
+
+
+def test_job_survives_a_policeman_restart(make_mesh: Any, tmp_path: Path) -> None:
+    plan = [PLAN3[0], PLAN3[2]]
+    team = ScriptedTeam(plan, {"fix-add": [fix("calc/add.py", "a - b", "a + b")],
+                               "fix-neg": [fix("calc/neg.py", "return a", "return -a")]},
+                        delays={("fix-add", 0, 1): 4.0, ("fix-neg", 0, 1): 4.0})
+    repo = make_repo(tmp_path, {**FIXED, "calc/add.py": "def add(a, b):\n    return a - b\n",
+                                "calc/neg.py": "def neg(a):\n    return a\n"})
+    with FakeClaude(script=team) as fake:
+        mesh = make_mesh(developers=2, testers=1, extra_env=agent_env(fake.url))
+        with ControlClient(mesh.policeman.control, timeout_s=20) as c:
+            job = c.request("job-submit", goal="fix add and neg", repo=str(repo), test_cmd=TEST_CMD)
+        wait_for(lambda: 3 in team.seen["fix-add"] and 3 in team.seen["fix-neg"], 60, "both developers mid-loop")
+        mesh.nodes["policeman"].proc.kill()  # SIGKILL: no clean shutdown
+        mesh.nodes["policeman"].proc.wait(10)
+        mesh.start_node("policeman")
+        mesh.wait_healthy("policeman", timeout=60)
+        with ControlClient(mesh.policeman.control, timeout_s=20) as c:
+            final = wait_for(lambda: (r := c.request("job", id=job["job_id"]))["state"] in
+                             ("done", "failed", "budget-exhausted") and r, 120, "the job to end")
+        del fake
+    assert final["state"] == "done", (final["subtasks"], final["notes"])
+    assert team.planned == 1  # the plan was kept, not made again
+    assert team.seen["fix-add"].count(1) == 1 and team.seen["fix-neg"].count(1) == 1  # no developer restarted
+    assert checkout_and_test(repo, final["branch"], tmp_path / "check").returncode == 0
