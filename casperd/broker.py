@@ -412,15 +412,7 @@ class Broker:
             self._on_results(peer, msg)
             return
         stamp = utcnow()
-        if rec.status is Status.ASSIGNED:
-            self._change(rec, Status.PROCESSING, stamp, peer.node_id)
-            rec.started_at = stamp - timedelta(milliseconds=out.duration_ms)
-        self._release(peer, rec)
-        peer.slot.breaker.record_success()
-        try:
-            rec.output_json = to_json(out.output)
-        except ValueError as exc:
-            self._fail(rec, stamp, peer.node_id, "invalid-output", f"task output {exc}", False)
+        if not self._take_output(peer, rec, out, stamp):
             return
         self._change(rec, Status.VALIDATING, stamp, peer.node_id)
         rec.validating_at = stamp
@@ -436,23 +428,26 @@ class Broker:
             self._finish(rec, Status.COMPLETE, utcnow(), peer.node_id)
         self._dirty_dispatch = True
 
+    def _take_output(self, peer: Peer, rec: TaskRecord, out: Any, stamp: datetime) -> bool:
+        """A holder's result arrived: release the task and keep its output (False: not storable)."""
+        if rec.status is Status.ASSIGNED:
+            self._change(rec, Status.PROCESSING, stamp, peer.node_id)
+            rec.started_at = stamp - timedelta(milliseconds=out.duration_ms)
+        self._release(peer, rec)
+        peer.slot.breaker.record_success()
+        try:
+            rec.output_json = to_json(out.output)
+        except ValueError as exc:
+            self._fail(rec, stamp, peer.node_id, "invalid-output", f"task output {exc}", False)
+            return False
+        return True
+
     def _on_results(self, peer: Peer, msg: ResultBatch) -> None:
         stamp = utcnow()
         for out in msg.results:
             rec = self._held(peer, out.task_id, out.attempt)
-            if rec is None:
+            if rec is None or not self._take_output(peer, rec, out, stamp):
                 continue
-            if rec.status is Status.ASSIGNED:
-                self._change(rec, Status.PROCESSING, stamp, peer.node_id)
-                rec.started_at = stamp - timedelta(milliseconds=out.duration_ms)
-            self._release(peer, rec)
-            peer.slot.breaker.record_success()
-            try:
-                output_json = to_json(out.output)
-            except ValueError as exc:
-                self._fail(rec, stamp, peer.node_id, "invalid-output", f"task output {exc}", False)
-                continue
-            rec.output_json = output_json
             ttype = handlers.REGISTRY.get(rec.type)
             if ttype is not None and ttype.needs_validation(rec.input):
                 self._change(rec, Status.VALIDATING, stamp, peer.node_id)

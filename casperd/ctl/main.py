@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -256,15 +255,7 @@ def cmd_keygen(a: argparse.Namespace) -> int:
 
 
 # --- parser ---------------------------------------------------------------------------------------
-def _seconds(text: str) -> float:
-    """A positive, finite number of seconds (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number of seconds")
-    return value
+_seconds = jobs.poll_seconds  # a positive, finite number of seconds (argparse type)
 
 
 def _common(suppress: bool) -> argparse.ArgumentParser:
