@@ -78,6 +78,9 @@ async def _status(node: Node, args: dict[str, Any]) -> Any:
         view = node.broker.status_view()
         if node.cache is not None:
             view["cache"] = node.cache.stats()
+        if node.police is not None:
+            view["llm"] = {"rate_limit": node.police.rate.snapshot(time.monotonic()),
+                           "jobs_running": len(node.police.jobs.running)}
         return view
     assert node.worker is not None
     return node.worker.status_view()

@@ -66,7 +66,8 @@ def statuses(fake: FakeClaude) -> list[int]:
 
 
 # --- 1. no API key ----------------------------------------------------------------------------------
-def test_ask_without_api_key_is_dead_at_once(make_mesh: MeshFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ask_without_api_key_is_dead_at_once(make_mesh: MeshFactory, monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
     # LocalMesh passes this process's environment to the nodes: a key here would leak into them
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
@@ -76,7 +77,10 @@ def test_ask_without_api_key_is_dead_at_once(make_mesh: MeshFactory, monkeypatch
         t0 = time.monotonic()
         [view] = run_asks(mesh, [ask("Name three primes")], timeout=30)
         elapsed = time.monotonic() - t0
+        # a job needs the policeman's planner: it fails at once too, saying what is missing
+        job = run_job(mesh, timeout=30, goal="anything", repo=str(make_repo(tmp_path)))
         assert fake.recorded() == []
+    assert job["state"] == "failed" and any("ANTHROPIC_API_KEY" in n for n in job["notes"]), job
     assert view["status"] == "dead", view
     assert view["attempts"] == 1, view  # not retryable: no second attempt, no backoff
     assert elapsed < 15, elapsed
