@@ -63,6 +63,10 @@ class JobRunner:
         task.add_done_callback(lambda _t: self.running.pop(rec.id, None))
 
     def on_finish(self, rec: TaskRecord) -> None:
+        if rec.type == "job" and rec.status.value == "cancelled" and rec.id in self.running:
+            runner = self.running[rec.id]
+            runner.cancel()  # caspectl cancel JOB: stop it and the work it started
+            asyncio.get_running_loop().create_task(self._cancelled(rec, runner))
         for fut in self._waiters.pop(rec.id, []):
             if not fut.done():
                 fut.set_result(_row_of(rec))
@@ -124,6 +128,19 @@ class JobRunner:
             log.exception("job %s crashed", rec.id)
             await self._fail_job(rec.id, rec.input, f"internal error: {type(exc).__name__}")
             self.broker.finish_local(rec, error=AgentError(f"the job crashed: {type(exc).__name__}: {exc}"[:2000]))
+
+    async def _cancelled(self, rec: TaskRecord, runner: asyncio.Task[None]) -> None:
+        await asyncio.gather(runner, return_exceptions=True)  # it writes nothing more after this
+        for child in [t for t in self.broker.tasks.values() if t.parent_id == rec.id and not t.terminal]:
+            with contextlib.suppress(CasperError):
+                self.broker.cancel(child.id)
+        row = await self.records.load_job(rec.id)
+        prog = row["progress"] if row else {"subtasks": {}, "notes": []}
+        prog.setdefault("notes", []).append("cancelled by the operator; its open tasks were cancelled")
+        prog["finished_at"] = _now()
+        with contextlib.suppress(CasperError):
+            await self.records.save_job(rec.id, "cancelled", rec.input, prog)
+        log.info("job %s cancelled", rec.id)
 
     async def _fail_job(self, job_id: uuid.UUID, spec: dict[str, Any], why: str) -> None:
         row = await self.records.load_job(job_id)

@@ -219,3 +219,22 @@ def test_job_survives_a_policeman_restart(make_mesh: Any, tmp_path: Path) -> Non
     assert team.planned == 1  # the plan was kept, not made again
     assert team.seen["fix-add"].count(1) == 1 and team.seen["fix-neg"].count(1) == 1  # no developer restarted
     assert checkout_and_test(repo, final["branch"], tmp_path / "check").returncode == 0
+
+
+def test_cancelling_a_job_stops_it_and_its_tasks(make_mesh: Any, tmp_path: Path) -> None:
+    team = ScriptedTeam([PLAN3[0]], {"fix-add": [fix("calc/add.py", "a - b", "a + b")]},
+                        delays={("fix-add", 0, 1): 6.0})
+    repo = make_repo(tmp_path)
+    with FakeClaude(script=team) as fake:
+        mesh = make_mesh(developers=1, testers=1, extra_env=agent_env(fake.url))
+        with ControlClient(mesh.policeman.control, timeout_s=20) as c:
+            job = c.request("job-submit", goal="fix add", repo=str(repo), test_cmd=TEST_CMD)
+            wait_for(lambda: 3 in team.seen["fix-add"], 60, "the developer mid-loop")
+            code_task = c.request("job", id=job["job_id"])["subtasks"][0]["task_ids"][0]
+            c.request("cancel", id=job["job_id"])
+            report = wait_for(lambda: (r := c.request("job", id=job["job_id"]))["state"] == "cancelled" and r,
+                              30, "the job to be cancelled")
+            code = wait_for(lambda: (t := c.request("get", id=code_task))["status"] == "cancelled" and t,
+                            30, "its code task to be cancelled")
+    assert any("cancelled" in n for n in report["notes"]), report
+    assert code["status"] == "cancelled"
