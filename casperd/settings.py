@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     llm_max_tokens: int = Field(default=4096, ge=1, le=128_000, description="max output tokens of one model call")
     agent_max_turns: int = Field(default=40, ge=1, le=1000, description="most model turns of one code task")
     agent_max_tokens: int = Field(default=500_000, ge=1000, description="most tokens one code task may use")
+    agent_context_tokens: int = Field(default=120_000, ge=1000,
+                                      description="conversation size (est. tokens) above which old tool output is "
+                                                  "elided before a model call")
     agent_wall_s: float = Field(default=1800.0, gt=0, description="most wall time of one code task, seconds")
     agent_command_timeout_s: float = Field(default=120.0, gt=0, le=86400,
                                            description="timeout of a command an agent runs")

@@ -27,7 +27,7 @@ import time
 import uuid
 from typing import Any
 
-from casperd.agents import gitwork
+from casperd.agents import context, gitwork
 from casperd.agents.gitwork import changed_paths
 from casperd.agents.sandbox import TOOLS, Sandbox, execute
 from casperd.agents.usage import Usage
@@ -173,7 +173,10 @@ async def _loop(ctx: RunContext, svc: Any, sandbox: Sandbox, messages: list[dict
                                       hint="raise the job's budget")
         if time.monotonic() >= deadline:
             raise BudgetExceededError("the agent ran out of wall time", hint="raise agent_wall_s")
-        reply = await svc.claude.create(model=model, system=SYSTEM, messages=messages, tools=TOOLS,
+        window, elided = context.fit(messages, svc.settings.agent_context_tokens)
+        if elided:
+            log.info("task %s: %d old tool results elided to fit the context budget", ctx.task_id, elided)
+        reply = await svc.claude.create(model=model, system=SYSTEM, messages=window, tools=TOOLS,
                                         max_tokens=svc.settings.llm_max_tokens)
         usage.add(reply.usage)
         call = {"model": reply.model, **reply.usage.to_dict(), "cached": reply.cached}
