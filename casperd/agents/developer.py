@@ -29,7 +29,8 @@ from typing import Any
 
 from casperd.agents import context, gitwork
 from casperd.agents.gitwork import changed_paths
-from casperd.agents.sandbox import TOOLS, Sandbox, execute
+from casperd.agents.sandbox import Sandbox
+from casperd.agents.tools import TOOLS, execute
 from casperd.agents.usage import Usage
 from casperd.errors import BudgetExceededError, CasperError, MissingApiKeyError, TaskError
 from casperd.handlers import Attached, RunContext

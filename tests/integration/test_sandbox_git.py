@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from casperd.agents import gitwork
-from casperd.agents.sandbox import Sandbox, execute
+from casperd.agents.sandbox import Sandbox
+from casperd.agents.tools import execute
 from casperd.agents.validation import PatchLimits, validate_patch
 from casperd.errors import GitError, PatchConflictError, SandboxError, TaskError, TaskTimeoutError
 

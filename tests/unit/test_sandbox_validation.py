@@ -7,7 +7,7 @@ import pytest
 
 from casperd.agents.gitwork import changed_paths
 from casperd.agents.junit import TestReport, parse_junit, parse_pytest_summary
-from casperd.agents.sandbox import TOOLS
+from casperd.agents.tools import TOOLS
 from casperd.agents.validation import PatchLimits, check_paths, check_size, find_secrets, path_allowed
 
 pytestmark = pytest.mark.unit
