@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from casperd.agents import gitwork
+from casperd.agents.jobreport import build_report, last_error, spec_view, test_feedback
 from casperd.agents.planner import Plan, make_plan
 from casperd.errors import AgentError, CasperError, InvalidBodyError, PatchConflictError, TaskNotFoundError
 from casperd.messages import TaskSpec
@@ -108,9 +109,9 @@ class JobRunner:
             if task is None or task["type"] != "job":
                 raise TaskNotFoundError(f"no job {job_id}", hint="caspectl tasks lists tasks; jobs have type job")
             spec = task["input"] or {}
-            return {"job_id": str(job_id), "state": "planning", **_spec_view(spec), "subtasks": [], "plan": [],
+            return {"job_id": str(job_id), "state": "planning", **spec_view(spec), "subtasks": [], "plan": [],
                     "notes": [], "tokens": {}, "cost_usd": 0.0}
-        return await self._report(job_id, row["spec"], row["progress"], row["state"])
+        return await build_report(self.records, job_id, row["spec"], row["progress"], row["state"])
 
     # --- the job ------------------------------------------------------------------------------------------
     async def _run(self, rec: TaskRecord) -> None:
@@ -155,7 +156,7 @@ class JobRunner:
         prog: dict[str, Any] = row["progress"] if row else {}
         state = row["state"] if row else "planning"
         if state in TERMINAL_JOB:
-            return await self._report(job_id, spec, prog, state)
+            return await build_report(self.records, job_id, spec, prog, state)
         prog.setdefault("started_at", _now())
         prog.setdefault("t0", time.time())
         prog.setdefault("notes", [])
@@ -177,7 +178,7 @@ class JobRunner:
                 await self.records.save_job(job_id, "running", spec, prog)
             plan = Plan.model_validate(prog["plan"])
             state = await self._drive(job_id, spec, prog, plan)
-            return await self._report(job_id, spec, prog, state)
+            return await build_report(self.records, job_id, spec, prog, state)
         finally:
             self._wake.pop(job_id, None)
 
@@ -246,7 +247,7 @@ class JobRunner:
             sub["attempts"] = sub.get("attempts", 0) + int(row["attempts"] or 0)
             sub["time_s"] = sub.get("time_s", 0.0) + float((row["output"] or {}).get("duration_s") or 0.0)
             if row["status"] != "complete":
-                sub["state"], sub["note"] = "failed", _last_error(row)
+                sub["state"], sub["note"] = "failed", last_error(row)
                 return True
             patch = (await self.records.attachments([uuid.UUID(sub["code_task"])], "output")).get(
                 uuid.UUID(sub["code_task"]), [b""])[0]
@@ -287,7 +288,7 @@ class JobRunner:
             elif sub["rounds"] >= self.s.job_rounds:
                 sub["state"], sub["note"] = "failed", f"tests still fail after {sub['rounds']} rounds"
             else:
-                await self._code_round(job_id, spec, prog, st, sub, feedback=_test_feedback(row))
+                await self._code_round(job_id, spec, prog, st, sub, feedback=test_feedback(row))
             return True
         if sub["state"] == "tested":
             return await self._integrate(job_id, spec, prog, st, sub)
@@ -412,41 +413,6 @@ class JobRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(fut, 2.0)
 
-    # --- the report ---------------------------------------------------------------------------------------
-    async def _report(self, job_id: uuid.UUID, spec: dict[str, Any], prog: dict[str, Any],
-                      state: str) -> dict[str, Any]:
-        subs = list((prog.get("subtasks") or {}).values())
-        ids = [uuid.UUID(t) for s in subs for t in s.get("task_ids", [])]
-        usage = await self.records.usage_by_task(ids)
-        out_subs = []
-        for s in subs:
-            u: dict[str, Any] = {}
-            for t in s.get("task_ids", []):
-                for k, v in usage.get(uuid.UUID(t), {}).items():
-                    u[k] = round(u.get(k, 0) + v, 6)
-            out_subs.append({**{k: s.get(k) for k in ("id", "title", "state", "rounds", "attempts", "task_ids",
-                                                      "tests", "note", "handed_off")},
-                             "time_s": round(float(s.get("time_s") or 0.0), 3), "tokens": u,
-                             "cost_usd": u.get("cost_usd", 0.0)})
-        total = await self.records.usage_by_job(job_id)
-        t0 = prog.get("t0")
-        wall = prog.get("wall_s") or (round(time.time() - float(t0), 3) if t0 else 0.0)
-        return {
-            "job_id": str(job_id), **_spec_view(spec), "state": state, "branch": prog.get("branch"),
-            "summary": prog.get("summary", ""), "cost_usd": total["cost_usd"], "tokens": total,
-            "wall_s": wall, "sum_task_s": round(sum(s["time_s"] for s in out_subs) + float(
-                prog.get("final_time_s") or 0.0), 3),
-            "started_at": prog.get("started_at"), "finished_at": prog.get("finished_at"),
-            "plan": [{"id": s["id"], "title": s["title"], "depends_on": s.get("depends_on", [])}
-                     for s in (prog.get("plan") or {}).get("subtasks", [])],
-            "subtasks": out_subs, "final_tests": prog.get("final_tests"), "notes": prog.get("notes", []),
-        }
-
-
-def _spec_view(spec: dict[str, Any]) -> dict[str, Any]:
-    return {k: spec.get(k) for k in ("goal", "repo", "base", "test_cmd", "budget_usd", "max_parallel")}
-
-
 def _key(job_id: uuid.UUID, sub: dict[str, Any], kind: str) -> str:
     return f"job:{job_id}:{sub['id']}:r{sub['rounds']}:{kind}:" + hashlib.sha1(
         str(sub.get("code_task")).encode()).hexdigest()[:8]
@@ -466,25 +432,3 @@ def _row_of(rec: TaskRecord) -> dict[str, Any]:
     return {"status": rec.status.value, "attempts": rec.attempts,
             "output": json.loads(rec.output_json) if rec.output_json else None,
             "error": json.loads(rec.error_json) if rec.error_json else None}
-
-
-def _last_error(row: dict[str, Any]) -> str:
-    errs = row.get("error") or []
-    if errs:
-        e = errs[-1]
-        return f"{row['status']}: [{e.get('code')}] {e.get('message')}"[:1000]
-    return str(row["status"])
-
-
-def _test_feedback(row: dict[str, Any]) -> str:
-    out = row.get("output") or {}
-    if row["status"] != "complete":
-        return f"The tests could not run: {_last_error(row)}"
-    lines = [f"The tests fail: {out.get('passed', 0)} passed, {out.get('failed', 0)} failed, "
-             f"{out.get('errors', 0)} errors."]
-    for f in (out.get("failures") or [])[:10]:
-        lines.append(f"- {f.get('name')}: {str(f.get('message') or '')[:800]}")
-    tail = str(out.get("output_tail") or "")[-2000:]
-    if tail:
-        lines.append(f"Output (tail):\n{tail}")
-    return "\n".join(lines)
