@@ -29,7 +29,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import statistics
 import tempfile
 import time
@@ -44,7 +43,7 @@ from rich.table import Table
 
 from casperd.ctl.client import ControlClient
 from casperd.errors import CasperError
-from casperd.localmesh import LocalMesh
+from casperd.localmesh import LocalMesh, free_port_base
 from casperd.messages import TaskSpec
 
 console = Console(width=shutil.get_terminal_size((120, 24)).columns)
@@ -176,19 +175,6 @@ class Bench:
         return {"healthy_s": t_health, "peers_s": t_peers, "serving_s": t_task, "backlog_done_s": t_all}
 
 
-def _free_base(span: int = 102) -> int:
-    for _ in range(200):
-        base = int.from_bytes(os.urandom(2), "big") % 30000 + 20000
-        try:
-            for port in [*range(base, base + 12), base + 100, base + 101]:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port range")
-
-
 def _stats(values: list[float]) -> tuple[str, str]:
     return f"{statistics.median(values):.2f}", f"{max(values):.2f}"
 
@@ -202,7 +188,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the state directory (logs) afterwards")
     a = ap.parse_args()
     state = Path(tempfile.mkdtemp(prefix="casper-bench-failover-"))
-    mesh = LocalMesh(state, developers=a.developers, testers=0, port_base=a.port_base or _free_base(),
+    mesh = LocalMesh(state, developers=a.developers, testers=0, port_base=a.port_base or free_port_base(12),
                      extra_env={"CASPER_BREAKER_RECOVERY_S": "1"})
     kills: list[dict[str, Any]] = []
     restarts: list[dict[str, Any]] = []

@@ -31,9 +31,7 @@ import argparse
 import itertools
 import json
 import math
-import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -47,7 +45,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from casperd.localmesh import LocalMesh
+from casperd.localmesh import LocalMesh, free_port_base
 from casperd.messages import TaskSpec
 from tests.support.fakeclaude import FakeClaude, Recorded
 
@@ -92,20 +90,6 @@ class Run:
     def overhead_per_call_s(self) -> float:
         """Wall time beyond the ideal, spread over the waves (per sequential call)."""
         return (self.wall_s - self.ideal_wall_s) / self.waves
-
-
-def _free_base() -> int:
-    """A port range (base .. base+agents+1, base+100, base+101) free on 127.0.0.1."""
-    for _ in range(200):
-        base = int.from_bytes(os.urandom(2), "big") % 30000 + 20000
-        try:
-            for port in [*range(base, base + 40), base + 100, base + 101]:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port range")
 
 
 def _prompt(tag: str, i: int) -> str:
@@ -184,7 +168,7 @@ def run_mesh(fake: FakeClaude, agents: int, n_tasks: int, warmup_per_dev: int, k
     state = Path(tempfile.mkdtemp(prefix=f"casper-bench-swarm{agents}-"))
     env = {"CASPER_CAPACITY": "1", "CASPER_PREFETCH": "0", **LIMITER_ENV,
            "ANTHROPIC_API_KEY": "sk-bench-not-a-real-key", "ANTHROPIC_BASE_URL": fake.url}
-    mesh = LocalMesh(state, developers=agents, testers=0, port_base=_free_base(), log_level="WARNING",
+    mesh = LocalMesh(state, developers=agents, testers=0, port_base=free_port_base(40), log_level="WARNING",
                      extra_env=env)
     try:
         t = time.monotonic()

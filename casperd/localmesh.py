@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -239,3 +240,18 @@ class LocalMesh:
         path = self.state_dir / MESH_FILE
         path.write_text(json.dumps(self.describe(), indent=2))
         return path
+
+
+def free_port_base(nodes: int = 12) -> int:
+    """A base port such that the nodes' ports (base .. base+nodes-1) and the embedded Postgres and
+    Redis ports (base+100, base+101) are all free on 127.0.0.1 (for benchmarks and tests)."""
+    for _ in range(200):
+        base = int.from_bytes(os.urandom(2), "big") % 30000 + 20000
+        try:
+            for port in [*range(base, base + nodes), base + 100, base + 101]:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port range on 127.0.0.1")
