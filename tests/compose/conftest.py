@@ -101,7 +101,8 @@ def compose_images(docker_client, tmp_path_factory: pytest.TempPathFactory) -> d
 @pytest.fixture(scope="session")
 def secrets_dir(compose_images: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("secrets") / "secrets"
-    env = {**os.environ, **compose_images}
+    # no API key in the test meshes, whatever this shell has: they must never call a real API
+    env = {**{k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}, **compose_images}
     proc = subprocess.run([str(REPO / "containers" / "make-secrets.sh"), str(path), *EXTRA_NODES], env=env,
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"make-secrets.sh failed ({proc.returncode}):\n{proc.stderr}"

@@ -127,6 +127,27 @@ def test_non_root_and_secrets_are_private_files(healthy_mesh: ComposeMesh) -> No
                 assert name.endswith("_FILE"), f"{c.name}: {name} is a secret-looking variable with a value"
 
 
+def test_jobs_see_one_repository_everywhere_and_name_the_missing_key(healthy_mesh: ComposeMesh) -> None:
+    """/repos is one volume on every casperd node; with the (empty) API key secret of the test
+    secrets, `caspectl run` is refused at once and says which key is missing (no API is called)."""
+    m = healthy_mesh
+    make = ("set -e; rm -rf /repos/sample; mkdir -p /repos/sample; cd /repos/sample; git init -q; "
+            "printf 'def add(a, b):\\n    return a - b\\n' > calc.py; git add calc.py; "
+            "git -c user.name=t -c user.email=t@localhost commit -qm sample")
+    made = m.exec("policeman", ["sh", "-c", make])
+    assert made.returncode == 0, made.stderr
+    for node in ("developer-1", "developer-2", "tester"):
+        log = m.exec(node, ["git", "-C", "/repos/sample", "log", "--oneline"])
+        assert log.returncode == 0 and "sample" in log.stdout, (node, log.stderr)
+    t0 = time.monotonic()
+    run = m.exec("policeman", ["caspectl", "run", "make add add", "--repo", "/repos/sample", "-o", "json"],
+                 timeout=120)
+    assert run.returncode == 1, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
+    report = json.loads(run.stdout)
+    assert report["state"] == "failed" and any("ANTHROPIC_API_KEY" in n for n in report["notes"]), report
+    assert time.monotonic() - t0 < 60
+
+
 def test_added_developer_receives_work(healthy_mesh: ComposeMesh) -> None:
     """`--scale` cannot add a developer with a fixed address: an override file can (and must
     stay in the project's file list, so that the module's `down -v` removes its volume)."""
