@@ -58,7 +58,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
             continue
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=True)
-        shown = "" if default in ("", None, []) else f" (default: {default})"
+        structured = isinstance(default, dict) and any(hasattr(v, "model_dump") for v in default.values())
+        shown = "" if default in ("", None, []) or structured else f" (default: {default})"
         help_text = f"{field.description}{shown} [CASPER_{name.upper()}]"
         if field.annotation is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)

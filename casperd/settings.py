@@ -118,10 +118,13 @@ class Settings(BaseSettings):
     anthropic_base_url: str = Field(
         default="", description="Messages API endpoint; default: ANTHROPIC_BASE_URL, else Anthropic's")
     models: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_MODELS),
-                                   description="model per role (JSON/TOML table), e.g. developer=claude-sonnet-4-6")
+                                   description='model per role, merged over the defaults: JSON (or a TOML table), '
+                                               'e.g. {"developer": "claude-opus-4-5"}')
     model_prices: dict[str, ModelPrice] = Field(
         default_factory=lambda: dict(DEFAULT_PRICES),
-        description="USD per million tokens per model: input, output, cache_write, cache_read")
+        description='USD per million tokens per model, merged over the defaults (sonnet 3/15, haiku 1/5, '
+                    'opus-4-5 5/25, opus-4-1 15/75): JSON, e.g. {"m": {"input": 3, "output": 15, '
+                    '"cache_write": 3.75, "cache_read": 0.3}}')
     llm_timeout_s: float = Field(default=120.0, gt=0, le=3600, description="timeout of one model API request")
     llm_retries: int = Field(default=4, ge=0, le=20,
                              description="CASPER's retries of a failed model call (429, 529, 5xx, network)")
@@ -143,12 +146,16 @@ class Settings(BaseSettings):
 
     @field_validator("models", "model_prices", mode="before")
     @classmethod
-    def _table_json(cls, value: Any) -> Any:
+    def _table_json(cls, value: Any, info: Any) -> Any:
+        """A JSON object (flag, variable) or table (TOML), merged over the defaults."""
         if isinstance(value, str):
             try:
-                return json.loads(value)
+                value = json.loads(value)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"not JSON: {exc.msg}") from None
+        if isinstance(value, dict):
+            defaults: dict[str, Any] = dict(DEFAULT_MODELS if info.field_name == "models" else DEFAULT_PRICES)
+            return {**defaults, **value}
         return value
 
     @field_validator("capabilities", mode="before")

@@ -395,3 +395,13 @@ def test_advertised_endpoint_resolves_a_wildcard_bind() -> None:
     got = advertised("tcp://0.0.0.0:5555", "tcp://0.0.0.0:5555", "tcp://127.0.0.1:6000")
     assert got.startswith("tcp://") and got.endswith(":5555") and "0.0.0.0" not in got
     assert advertised("ipc:///tmp/x.ctl", "", "tcp://127.0.0.1:1") == "ipc:///tmp/x.ctl"
+
+
+def test_models_and_prices_merge_over_the_defaults() -> None:
+    s = load_settings({"models": '{"developer": "claude-opus-4-5"}',
+                       "model_prices": '{"my-model": {"input": 1, "output": 2, "cache_write": 1.25, '
+                                       '"cache_read": 0.1}}'})
+    assert s.models["developer"] == "claude-opus-4-5" and s.models["policeman"] == "claude-sonnet-4-6"
+    assert s.model_prices["my-model"].output == 2 and "claude-haiku-4-5" in s.model_prices
+    with pytest.raises(ConfigError, match="models"):
+        load_settings({"models": "developer=x"})
