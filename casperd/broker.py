@@ -387,7 +387,7 @@ class Broker:
 
     async def _on_attached_result(self, peer: Peer, msg: ResultBatch, attachments: tuple[bytes, ...]) -> None:
         """A RESULT carrying attachments (a patch): the attachments are committed first, then the
-        result goes the usual way, through the async validator of its type if it has one."""
+        result goes the usual way."""
         if len(msg.results) != 1:
             self._reject(peer.route, InvalidBodyError("a RESULT with attachments must carry exactly one outcome",
                                                       hint="send attached results alone"), Command.RESULT.value)
@@ -405,27 +405,21 @@ class Broker:
                     self._release(peer, rec)
                     self._fail(rec, utcnow(), peer.node_id, "storage", exc.message, True)
                 return
-        if self._held(peer, out.task_id, out.attempt) is not rec:
-            return  # lost the lease while we were writing
-        check = handlers.ASYNC_VALIDATORS.get(rec.type)
-        if check is None:
-            self._on_results(peer, msg)
-            return
-        stamp = utcnow()
-        if not self._take_output(peer, rec, out, stamp):
-            return
-        self._change(rec, Status.VALIDATING, stamp, peer.node_id)
-        rec.validating_at = stamp
+        self._on_results(peer, msg, attachments)  # still ours unless the lease was lost meanwhile
+
+    async def _validate(self, rec: TaskRecord, peer: str, check: handlers.AsyncValidator, output: Any,
+                        attachments: tuple[bytes, ...]) -> None:
+        """The ``validating`` state of a type whose check needs I/O (a patch applied and compiled)."""
         try:
-            problem = await check(rec.id, rec.input, out.output, attachments)
+            problem = await check(rec.id, rec.input, output, attachments)
         except CasperError as exc:
             problem = f"the policeman could not validate it: {exc}"
         if rec.status is not Status.VALIDATING:
             return  # cancelled meanwhile
         if problem is not None:
-            self._fail(rec, utcnow(), peer.node_id, "validation", problem, True)
+            self._fail(rec, utcnow(), peer, "validation", problem, True)
         else:
-            self._finish(rec, Status.COMPLETE, utcnow(), peer.node_id)
+            self._finish(rec, Status.COMPLETE, utcnow(), peer)
         self._dirty_dispatch = True
 
     def _take_output(self, peer: Peer, rec: TaskRecord, out: Any, stamp: datetime) -> bool:
@@ -442,13 +436,19 @@ class Broker:
             return False
         return True
 
-    def _on_results(self, peer: Peer, msg: ResultBatch) -> None:
+    def _on_results(self, peer: Peer, msg: ResultBatch, attachments: tuple[bytes, ...] = ()) -> None:
         stamp = utcnow()
         for out in msg.results:
             rec = self._held(peer, out.task_id, out.attempt)
             if rec is None or not self._take_output(peer, rec, out, stamp):
                 continue
             ttype = handlers.REGISTRY.get(rec.type)
+            check = handlers.ASYNC_VALIDATORS.get(rec.type)
+            if check is not None:
+                self._change(rec, Status.VALIDATING, stamp, peer.node_id)
+                rec.validating_at = stamp
+                self._spawn(self._validate(rec, peer.node_id, check, out.output, attachments))
+                continue
             if ttype is not None and ttype.needs_validation(rec.input):
                 self._change(rec, Status.VALIDATING, stamp, peer.node_id)
                 rec.validating_at = stamp
@@ -497,8 +497,8 @@ class Broker:
         rec.finished_at = stamp
         self.tasks.pop(rec.id, None)
         self.dispatcher.remove(rec.id)
-        for listener in self.finish_listeners:
-            self.store.after_commit(lambda fn=listener: fn(rec))
+        if self.finish_listeners:
+            self.store.after_commit(lambda: [fn(rec) for fn in self.finish_listeners])
         if rec.waiters:
             waiters, rec.waiters = rec.waiters, []
             last = _last_error(rec)
@@ -543,8 +543,9 @@ class Broker:
     def _queue(self, rec: TaskRecord) -> None:
         ttype = handlers.REGISTRY.get(rec.type)
         if ttype is not None and ttype.local:
-            if self.local_runner is not None:
-                self.store.after_commit(lambda: self.local_runner(rec) if self.local_runner else None)
+            runner = self.local_runner
+            if runner is not None:
+                self.store.after_commit(lambda: runner(rec))
             return
         requires = set(rec.requires) | set(ttype.requires if ttype else ())
         self.dispatcher.push(rec.id, rec.priority, requires, rec.affinity)
@@ -636,7 +637,7 @@ class Broker:
         for tid in expired:
             rec = self.tasks.get(tid)
             self.leases.pop(tid, None)
-            if rec is None or rec.status not in ACTIVE or rec.assigned_to == self.s.node_id:
+            if rec is None or rec.status not in ACTIVE:
                 continue
             holder = self.peers.get(rec.assigned_to or "")
             log.warning("lease of task %s on %s expired; returning it", tid, rec.assigned_to)
@@ -831,9 +832,6 @@ class Broker:
             if output is not None:
                 rec.output_json = to_json(output)
             self._fail(rec, stamp, self.s.node_id, error.code, error.message, False)
-
-    def held_record(self, tid: uuid.UUID) -> TaskRecord | None:
-        return self.tasks.get(tid)
 
     async def _done_from_store(self, route: bytes, tid: uuid.UUID) -> None:
         await self.store.committed()  # the ACCEPTED of the same submit goes out first

@@ -263,7 +263,15 @@ class Worker:
             if isinstance(output, handlers.Attached):
                 # alone in its RESULT message, with its attachments as frames after the body
                 body["output"] = output.output
-                self._send(codec.encode_raw(Command.RESULT, {"results": [body]}, output.attachments))
+                frames = codec.encode_raw(Command.RESULT, {"results": [body]}, output.attachments)
+                if sum(map(len, frames)) > self.s.max_message_bytes:
+                    self._fail(a, CasperError(f"the result with its attachments does not fit in "
+                                              f"{self.s.max_message_bytes} bytes",
+                                              hint="raise max_message_bytes or make the change smaller"),
+                               False, "too-large")
+                    outcome = "failed"
+                    return
+                self._send(frames)
             else:
                 self._results.append(body)
             self.completed += 1

@@ -13,14 +13,13 @@ failures as feedback (``job_rounds`` at most); a patch that conflicts on integra
 rebase round from the current integration head. Subtasks start once all their dependencies are
 integrated, at most ``max_parallel`` at once. When the budget is spent no new Claude work starts;
 the job integrates what it has and says so. Finally the tester runs the test command on the
-integrated branch, which is pushed to the repository as ``casper/job-XXXXXXXX``.
+integrated branch, which is pushed to the repository as ``casper/job-<first 8 hex digits of the job id>``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
@@ -52,7 +51,6 @@ class JobRunner:
         self.records = police.records
         self.s = police.s
         self.running: dict[uuid.UUID, asyncio.Task[None]] = {}
-        self._waiters: dict[uuid.UUID, list[asyncio.Future[dict[str, Any]]]] = {}
         self._wake: dict[uuid.UUID, asyncio.Event] = {}
 
     # --- hooks from the broker ----------------------------------------------------------------------
@@ -68,10 +66,7 @@ class JobRunner:
             runner = self.running[rec.id]
             runner.cancel()  # caspectl cancel JOB: stop it and the work it started
             asyncio.get_running_loop().create_task(self._cancelled(rec, runner))
-        for fut in self._waiters.pop(rec.id, []):
-            if not fut.done():
-                fut.set_result(_row_of(rec))
-        if rec.parent_id in self._wake:
+        if rec.parent_id in self._wake:  # one of a running job's tasks finished: the job looks again
             self._wake[rec.parent_id].set()
 
     async def close(self) -> None:
@@ -249,8 +244,7 @@ class JobRunner:
             if row["status"] != "complete":
                 sub["state"], sub["note"] = "failed", last_error(row)
                 return True
-            patch = (await self.records.attachments([uuid.UUID(sub["code_task"])], "output")).get(
-                uuid.UUID(sub["code_task"]), [b""])[0]
+            patch = await self._patch(sub)
             if not patch:
                 sub["state"], sub["note"] = "failed", "the developer changed nothing"
                 return True
@@ -260,7 +254,7 @@ class JobRunner:
                 # then this finds it; otherwise it is created here
                 tid, handed = await self.broker.submit_local(TaskSpec(
                     type="test", parent_id=job_id,
-                    idempotency_key=f"{_test_key(job_id, sub)}:a{int(row['attempts'] or 1)}",
+                    idempotency_key=_key(job_id, sub, "test") + f":a{int(row['attempts'] or 1)}",
                     input=_test_input(job_id, spec, sub)), (patch,))
                 sub["test_task"] = str(tid)
                 sub["handed_off"] = handed
@@ -306,7 +300,7 @@ class JobRunner:
             inp.update(resume_from=sub["code_task"], feedback=feedback, restore=not rebase)
         if spec.get("test_cmd"):
             sub["base"] = base
-            inp["handoff"] = {"key": _test_key(job_id, sub), "input": _test_input(job_id, spec, sub)}
+            inp["handoff"] = {"key": _key(job_id, sub, "test"), "input": _test_input(job_id, spec, sub)}
         budget = spec.get("budget_usd")
         if budget is not None:
             spent = (await self.records.usage_by_job(job_id))["cost_usd"]
@@ -319,8 +313,7 @@ class JobRunner:
 
     async def _integrate(self, job_id: uuid.UUID, spec: dict[str, Any], prog: dict[str, Any], st: Any,
                          sub: dict[str, Any]) -> bool:
-        patch = (await self.records.attachments([uuid.UUID(sub["code_task"])], "output")).get(
-            uuid.UUID(sub["code_task"]), [b""])[0]
+        patch = await self._patch(sub)
         integ = prog["integration"]
         wt = self.s.workspace / "jobs" / str(job_id) / f"int-{len(integ['applied'])}"
         await gitwork.make_worktree(spec["repo"], integ["head"], wt, self.s.workspace / "mirrors")
@@ -360,7 +353,7 @@ class JobRunner:
                     input={"job_id": str(job_id), "repo": spec["repo"], "base": integ["head"],
                            "test_cmd": spec["test_cmd"]}))
                 prog["final_task"] = str(tid)
-                row = await self._wait(tid)
+                row = await self._wait(job_id, tid)
                 out = row["output"] or {}
                 prog["final_tests"] = {k: out.get(k) for k in ("passed", "failed", "errors", "skipped", "ok",
                                                                 "failures")} if out else {"ok": False}
@@ -393,42 +386,37 @@ class JobRunner:
         log.info("job %s %s: %s", job_id, state, prog["summary"])
         return state
 
+    async def _patch(self, sub: dict[str, Any]) -> bytes:
+        """The patch of the subtask's latest code task (its RESULT's attachment 0), or b""."""
+        tid = uuid.UUID(sub["code_task"])
+        return (await self.records.attachments([tid], "output")).get(tid, [b""])[0]
+
     # --- waiting for tasks ----------------------------------------------------------------------------
     async def _finished(self, tid: uuid.UUID) -> dict[str, Any] | None:
         """The task's final row if it has finished, else None (without waiting)."""
-        if self.broker.held_record(tid) is not None:
+        if self.broker.tasks.get(tid) is not None:
             return None
         row = await self.broker.store.get(tid)
         if row is None or row["status"] not in ("complete", "dead", "cancelled"):
             return None
         return row
 
-    async def _wait(self, tid: uuid.UUID) -> dict[str, Any]:
+    async def _wait(self, job_id: uuid.UUID, tid: uuid.UUID) -> dict[str, Any]:
+        """The final row of one of the job's own tasks, once it has finished."""
+        wake = self._wake[job_id]
         while True:
+            wake.clear()  # before looking: a finish while we look still wakes us
             row = await self._finished(tid)
             if row is not None:
                 return row
-            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(tid, []).append(fut)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(fut, 2.0)
+                await asyncio.wait_for(wake.wait(), 2.0)
 
 def _key(job_id: uuid.UUID, sub: dict[str, Any], kind: str) -> str:
-    return f"job:{job_id}:{sub['id']}:r{sub['rounds']}:{kind}:" + hashlib.sha1(
-        str(sub.get("code_task")).encode()).hexdigest()[:8]
-
-
-def _test_key(job_id: uuid.UUID, sub: dict[str, Any]) -> str:
-    return f"job:{job_id}:{sub['id']}:r{sub['rounds']}:test"
+    """Idempotency key of a subtask's task: rounds count up, so each round's key is new."""
+    return f"job:{job_id}:{sub['id']}:r{sub['rounds']}:{kind}"
 
 
 def _test_input(job_id: uuid.UUID, spec: dict[str, Any], sub: dict[str, Any]) -> dict[str, Any]:
     return {"job_id": str(job_id), "subtask": sub["id"], "repo": spec["repo"], "base": sub["base"],
             "test_cmd": spec["test_cmd"], "patch": {"attachment": 0}}
-
-
-def _row_of(rec: TaskRecord) -> dict[str, Any]:
-    import json
-    return {"status": rec.status.value, "attempts": rec.attempts,
-            "output": json.loads(rec.output_json) if rec.output_json else None,
-            "error": json.loads(rec.error_json) if rec.error_json else None}

@@ -114,7 +114,7 @@ class PoliceService:
         if saved is None:
             return None, ()
         wip = saved.pop("wip")
-        rec = self.broker.held_record(tid)
+        rec = self.broker.tasks.get(tid)
         if rec is not None and rec.error_json:
             last = json.loads(rec.error_json)[-1]
             if last.get("code") == "validation" and last.get("attempt") == saved["attempt"]:
@@ -138,7 +138,7 @@ class PoliceService:
         sender = str(args.get("from") or node)[:64]
         submitter = f"{sender} (handed to {node})" if holder and sender != node else sender
         tid, existing = await self.broker.submit_local(spec, att, submitter=submitter, holder=holder)
-        rec = self.broker.held_record(tid)
+        rec = self.broker.tasks.get(tid)
         assigned = rec is not None and holder is not None and rec.assigned_to == holder and rec.status in ACTIVE
         out: dict[str, Any] = {"task_id": str(tid), "existing": existing, "assigned": assigned}
         if assigned and rec is not None:

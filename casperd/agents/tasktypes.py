@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from casperd.errors import TaskError
 from casperd.handlers import RunContext, TaskType, register
 
 
@@ -31,8 +32,9 @@ async def _test(ctx: RunContext, data: dict[str, Any]) -> Any:
     return await run_test(ctx, data)
 
 
-async def _job(ctx: RunContext, data: dict[str, Any]) -> Any:  # never dispatched: the policeman runs jobs
-    raise NotImplementedError("job tasks run on the policeman")
+async def _job(ctx: RunContext, data: dict[str, Any]) -> Any:
+    """Never called: a ``local`` type is run by the policeman's job coordinator, not dispatched."""
+    raise TaskError("job tasks are run by the policeman, not by a worker", hint="submit jobs with caspectl run")
 
 
 register(TaskType("ask", _ask, requires=("llm",),
