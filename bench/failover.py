@@ -90,8 +90,10 @@ class Bench:
         with self.client(30) as c:
             while True:
                 peers = self.peers()
-                if all(d in peers and peers[d]["liveness"] == "alive" and peers[d]["breaker"] == "closed"
-                       for d in self.devs):
+                if all(
+                    d in peers and peers[d]["liveness"] == "alive" and peers[d]["breaker"] == "closed"
+                    for d in self.devs
+                ):
                     return
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the mesh did not settle: {peers}")
@@ -116,8 +118,14 @@ class Bench:
         self.settle()
         n = len(self.devs)
         ids = self.submit([TaskSpec(type="sleep", input={"seconds": 60, "round": victim}) for _ in range(2 * n)])
-        self.wait(lambda: self.sql("SELECT count(*) FROM tasks WHERE id = ANY(%s) AND status = 'processing'",
-                                   (ids,))[0][0] == len(ids), 30, "every task running")
+        self.wait(
+            lambda: (
+                self.sql("SELECT count(*) FROM tasks WHERE id = ANY(%s) AND status = 'processing'", (ids,))[0][0]
+                == len(ids)
+            ),
+            30,
+            "every task running",
+        )
         held = [r[0] for r in self.sql("SELECT id FROM tasks WHERE id = ANY(%s) AND assigned_to = %s", (ids, victim))]
         node = self.mesh.nodes[victim]
         assert node.proc is not None and held
@@ -126,19 +134,28 @@ class Bench:
         node.proc.wait(10)
 
         def reassigned() -> list[tuple[Any, ...]]:
-            rows = self.sql("SELECT task_id, min(at), min(peer) FROM task_events WHERE task_id = ANY(%s) "
-                            "AND to_status = 'assigned' AND peer <> %s AND at >= %s GROUP BY task_id",
-                            (held, victim, t_kill))
+            rows = self.sql(
+                "SELECT task_id, min(at), min(peer) FROM task_events WHERE task_id = ANY(%s) "
+                "AND to_status = 'assigned' AND peer <> %s AND at >= %s GROUP BY task_id",
+                (held, victim, t_kill),
+            )
             return rows if len(rows) == len(held) else []
 
         rows = self.wait(reassigned, 60, f"{victim}'s tasks assigned elsewhere")
-        dead = self.sql("SELECT min(at) FROM task_events WHERE task_id = ANY(%s) AND to_status = 'pending' "
-                        "AND detail->>'reason' = %s", (held, f"peer {victim} dead"))[0][0]
+        dead = self.sql(
+            "SELECT min(at) FROM task_events WHERE task_id = ANY(%s) AND to_status = 'pending' "
+            "AND detail->>'reason' = %s",
+            (held, f"peer {victim} dead"),
+        )[0][0]
         self.cancel_open(ids)
         self.mesh.start_node(victim)
-        return {"victim": victim, "held": len(held), "to": sorted({r[2] for r in rows}),
-                "detect_s": (dead - t_kill).total_seconds() if dead else float("nan"),
-                "reassign_s": max((r[1] - t_kill).total_seconds() for r in rows)}
+        return {
+            "victim": victim,
+            "held": len(held),
+            "to": sorted({r[2] for r in rows}),
+            "detect_s": (dead - t_kill).total_seconds() if dead else float("nan"),
+            "reassign_s": max((r[1] - t_kill).total_seconds() for r in rows),
+        }
 
     # --- (b) ------------------------------------------------------------------------------------
     def policeman_restart(self) -> dict[str, Any]:
@@ -146,8 +163,13 @@ class Bench:
         n = len(self.devs)
         # half the slots busy: the probe below measures service, not waiting for a slot
         ids = self.submit([TaskSpec(type="sleep", input={"seconds": 1.0}) for _ in range(2 * n)])
-        self.wait(lambda: self.sql("SELECT count(*) FROM tasks WHERE id = ANY(%s) AND status = 'processing'",
-                                   (ids,))[0][0] >= n, 30, "tasks running")
+        self.wait(
+            lambda: (
+                self.sql("SELECT count(*) FROM tasks WHERE id = ANY(%s) AND status = 'processing'", (ids,))[0][0] >= n
+            ),
+            30,
+            "tasks running",
+        )
         pm = self.mesh.policeman
         assert pm.proc is not None
         os.kill(pm.proc.pid, signal.SIGKILL)
@@ -161,16 +183,27 @@ class Bench:
 
         self.wait(healthy, 60, "policeman healthy", interval=0.02)
         t_health = time.monotonic() - t0
-        self.wait(lambda: sum(p["liveness"] == "alive" for p in self.peers().values()) >= n, 60,
-                  "every developer re-registered", interval=0.02)
+        self.wait(
+            lambda: sum(p["liveness"] == "alive" for p in self.peers().values()) >= n,
+            60,
+            "every developer re-registered",
+            interval=0.02,
+        )
         t_peers = time.monotonic() - t0
         with self.client(30) as c:
             c.submit([TaskSpec(type="echo", input={"probe": True}, priority=9)], wait=True)
             if next(iter(c.done_events(timeout_s=30)), None) is None:
                 raise RuntimeError("the probe task never completed")
         t_task = time.monotonic() - t0
-        self.wait(lambda: self.sql("SELECT count(*) FROM tasks WHERE id = ANY(%s) AND status = 'complete'",
-                                   (ids,))[0][0] == len(ids), 60, "the in-flight tasks complete", interval=0.1)
+        self.wait(
+            lambda: (
+                self.sql("SELECT count(*) FROM tasks WHERE id = ANY(%s) AND status = 'complete'", (ids,))[0][0]
+                == len(ids)
+            ),
+            60,
+            "the in-flight tasks complete",
+            interval=0.1,
+        )
         t_all = time.monotonic() - t0
         return {"healthy_s": t_health, "peers_s": t_peers, "serving_s": t_task, "backlog_done_s": t_all}
 
@@ -188,8 +221,13 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the state directory (logs) afterwards")
     a = ap.parse_args()
     state = Path(tempfile.mkdtemp(prefix="casper-bench-failover-"))
-    mesh = LocalMesh(state, developers=a.developers, testers=0, port_base=a.port_base or free_port_base(12),
-                     extra_env={"CASPER_BREAKER_RECOVERY_S": "1"})
+    mesh = LocalMesh(
+        state,
+        developers=a.developers,
+        testers=0,
+        port_base=a.port_base or free_port_base(12),
+        extra_env={"CASPER_BREAKER_RECOVERY_S": "1"},
+    )
     kills: list[dict[str, Any]] = []
     restarts: list[dict[str, Any]] = []
     t_start = time.monotonic()
@@ -201,13 +239,17 @@ def main() -> None:
             for k in range(a.kills):
                 r = bench.developer_kill(bench.devs[k % len(bench.devs)])
                 kills.append(r)
-                console.print(f"  kill {k + 1}/{a.kills}: {r['victim']} held {r['held']}, dead after "
-                              f"{r['detect_s']:.2f}s, reassigned to {','.join(r['to'])} after {r['reassign_s']:.2f}s")
+                console.print(
+                    f"  kill {k + 1}/{a.kills}: {r['victim']} held {r['held']}, dead after "
+                    f"{r['detect_s']:.2f}s, reassigned to {','.join(r['to'])} after {r['reassign_s']:.2f}s"
+                )
             for k in range(a.restarts):
                 r = bench.policeman_restart()
                 restarts.append(r)
-                console.print(f"  policeman restart {k + 1}/{a.restarts}: healthy {r['healthy_s']:.2f}s, peers "
-                              f"{r['peers_s']:.2f}s, serving {r['serving_s']:.2f}s")
+                console.print(
+                    f"  policeman restart {k + 1}/{a.restarts}: healthy {r['healthy_s']:.2f}s, peers "
+                    f"{r['peers_s']:.2f}s, serving {r['serving_s']:.2f}s"
+                )
         finally:
             bench.close()
     finally:
@@ -217,15 +259,21 @@ def main() -> None:
         else:
             shutil.rmtree(state, ignore_errors=True)
 
-    t = Table(title=f"Failover, default liveness (heartbeat 1 s x 3 misses), {a.developers} developers, "
-                    f"loopback mesh; {time.monotonic() - t_start:.0f}s in all", title_justify="left")
+    t = Table(
+        title=f"Failover, default liveness (heartbeat 1 s x 3 misses), {a.developers} developers, "
+        f"loopback mesh; {time.monotonic() - t_start:.0f}s in all",
+        title_justify="left",
+    )
     for col in ("measure", "n", "p50 s", "max s", "target", "met"):
         t.add_column(col, justify="left" if col == "measure" else "right")
 
     def row(name: str, values: list[float], target: float | None) -> None:
         p50, mx = _stats(values)
-        met = "" if target is None else ("yes" if max(values) <= target else
-                                         "p50 only" if statistics.median(values) <= target else "NO")
+        met = (
+            ""
+            if target is None
+            else ("yes" if max(values) <= target else "p50 only" if statistics.median(values) <= target else "NO")
+        )
         t.add_row(name, str(len(values)), p50, mx, f"<= {target:g} s" if target else "", met)
 
     if kills:
@@ -234,8 +282,7 @@ def main() -> None:
     if restarts:
         row("policeman restart -> health ok", [r["healthy_s"] for r in restarts], None)
         row("policeman restart -> all developers re-registered", [r["peers_s"] for r in restarts], None)
-        row("policeman restart -> new task done (fully serving)", [r["serving_s"] for r in restarts],
-            TARGET_SERVING_S)
+        row("policeman restart -> new task done (fully serving)", [r["serving_s"] for r in restarts], TARGET_SERVING_S)
         row("policeman restart -> in-flight backlog complete", [r["backlog_done_s"] for r in restarts], None)
     console.print(t)
 

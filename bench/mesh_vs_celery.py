@@ -42,8 +42,14 @@ def _pct(values: list[float], q: int) -> float:
 def run_casper(n_tasks: int, slots: int, nodes: int, prefetch: int, samples: int, port_base: int) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="casper-bench-mesh-"))
     per_node = max(1, slots // nodes)
-    mesh = LocalMesh(state, developers=nodes, testers=0, port_base=port_base, log_level="WARNING",
-                     extra_env={"CASPER_CAPACITY": str(per_node), "CASPER_PREFETCH": str(prefetch)})
+    mesh = LocalMesh(
+        state,
+        developers=nodes,
+        testers=0,
+        port_base=port_base,
+        log_level="WARNING",
+        extra_env={"CASPER_CAPACITY": str(per_node), "CASPER_PREFETCH": str(prefetch)},
+    )
     try:
         mesh.start()
         with mesh.client(timeout_s=120) as c:
@@ -53,7 +59,7 @@ def run_casper(n_tasks: int, slots: int, nodes: int, prefetch: int, samples: int
             _drain(c, 200)
             t0 = time.perf_counter()
             for i in range(0, n_tasks, 500):
-                c.submit(specs[i:i + 500], wait=True)
+                c.submit(specs[i : i + 500], wait=True)
             _drain(c, n_tasks)
             wall = time.perf_counter() - t0
             lat: list[float] = []
@@ -65,9 +71,16 @@ def run_casper(n_tasks: int, slots: int, nodes: int, prefetch: int, samples: int
                 if i >= 50:
                     lat.append((time.perf_counter() - s) * 1000)
             store = c.request("status")["store"]
-        return {"system": f"casper mesh ({nodes} nodes, credit {per_node}+{prefetch} each)", "tasks": n_tasks,
-                "slots": per_node * nodes, "throughput_tps": n_tasks / wall, "wall_s": wall,
-                "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99), "commits": store["commits"]}
+        return {
+            "system": f"casper mesh ({nodes} nodes, credit {per_node}+{prefetch} each)",
+            "tasks": n_tasks,
+            "slots": per_node * nodes,
+            "throughput_tps": n_tasks / wall,
+            "wall_s": wall,
+            "p50_ms": _pct(lat, 50),
+            "p99_ms": _pct(lat, 99),
+            "commits": store["commits"],
+        }
     finally:
         mesh.stop()
 
@@ -104,14 +117,21 @@ def main() -> None:
             r = run_celery_benchmark(a.tasks, a.slots, a.samples, prefetch_multiplier=mult)
             r["system"] = f"celery+redis (acks_late, prefetch x{mult})"
             rows.append(r)
-    t = Table(title=f"{a.tasks} no-op tasks, {a.slots} worker slots, latency over {a.samples} round trips",
-              title_justify="left")
+    t = Table(
+        title=f"{a.tasks} no-op tasks, {a.slots} worker slots, latency over {a.samples} round trips",
+        title_justify="left",
+    )
     for col in ("system", "tasks/s", "p50 ms", "p99 ms", "throughput vs casper", "p50 vs casper"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["system"], f"{r['throughput_tps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                  f"{casper['throughput_tps'] / r['throughput_tps']:.2f}x",
-                  f"{r['p50_ms'] / casper['p50_ms']:.2f}x")
+        t.add_row(
+            r["system"],
+            f"{r['throughput_tps']:.0f}",
+            f"{r['p50_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+            f"{casper['throughput_tps'] / r['throughput_tps']:.2f}x",
+            f"{r['p50_ms'] / casper['p50_ms']:.2f}x",
+        )
     console.print(t)
     console.print(f"casper group commits: {casper['commits']} for {a.tasks + 200 + a.samples + 50} tasks")
 

@@ -111,8 +111,9 @@ def _user_text(rec: Recorded) -> str:
     return ""
 
 
-def _run_batch(mesh: LocalMesh, specs: list[TaskSpec], timeout_s: float) -> tuple[float, float, list[uuid.UUID],
-                                                                                  dict[uuid.UUID, str]]:
+def _run_batch(
+    mesh: LocalMesh, specs: list[TaskSpec], timeout_s: float
+) -> tuple[float, float, list[uuid.UUID], dict[uuid.UUID, str]]:
     """Submit ``specs`` in one batch; (monotonic submit time, wall seconds to the last DONE, ids, statuses)."""
     statuses: dict[uuid.UUID, str] = {}
     with mesh.client(timeout_s=30) as c:
@@ -137,8 +138,9 @@ def _at(ev: dict[str, Any]) -> float:
     return float(at.timestamp())
 
 
-def _phases(mesh: LocalMesh, ids: list[uuid.UUID], call_at: dict[uuid.UUID, float] | None = None,
-            latency_s: float = 0.0) -> tuple[dict[str, float], dict[str, int], dict[str, str]]:
+def _phases(
+    mesh: LocalMesh, ids: list[uuid.UUID], call_at: dict[uuid.UUID, float] | None = None, latency_s: float = 0.0
+) -> tuple[dict[str, float], dict[str, int], dict[str, str]]:
     """Median per-task durations between lifecycle events, tasks per developer, final statuses.
     ``call_at``: the wall time the fake server received each task's model call; it splits
     ``processing -> complete`` into before the call, the call (``latency_s``) and after it."""
@@ -166,10 +168,16 @@ def _phases(mesh: LocalMesh, ids: list[uuid.UUID], call_at: dict[uuid.UUID, floa
 def run_mesh(fake: FakeClaude, agents: int, n_tasks: int, warmup_per_dev: int, keep: bool) -> Run:
     run = Run(agents=agents, tasks=n_tasks, latency_s=fake.latency_s)
     state = Path(tempfile.mkdtemp(prefix=f"casper-bench-swarm{agents}-"))
-    env = {"CASPER_CAPACITY": "1", "CASPER_PREFETCH": "0", **LIMITER_ENV,
-           "ANTHROPIC_API_KEY": "sk-bench-not-a-real-key", "ANTHROPIC_BASE_URL": fake.url}
-    mesh = LocalMesh(state, developers=agents, testers=0, port_base=free_port_base(40), log_level="WARNING",
-                     extra_env=env)
+    env = {
+        "CASPER_CAPACITY": "1",
+        "CASPER_PREFETCH": "0",
+        **LIMITER_ENV,
+        "ANTHROPIC_API_KEY": "sk-bench-not-a-real-key",
+        "ANTHROPIC_BASE_URL": fake.url,
+    }
+    mesh = LocalMesh(
+        state, developers=agents, testers=0, port_base=free_port_base(40), log_level="WARNING", extra_env=env
+    )
     try:
         t = time.monotonic()
         mesh.start()  # waits for every developer registered and alive (the "peers" op)
@@ -177,8 +185,9 @@ def run_mesh(fake: FakeClaude, agents: int, n_tasks: int, warmup_per_dev: int, k
         peers = [p for p in mesh.wait_peers(agents, timeout=60) if p["liveness"] == "alive"]
         caps = sorted({int(p["capacity"]) for p in peers})
         if len(peers) != agents or caps != [1]:
-            raise BenchFailure(f"expected {agents} alive developers of capacity 1, got {len(peers)} "
-                               f"with capacities {caps}")
+            raise BenchFailure(
+                f"expected {agents} alive developers of capacity 1, got {len(peers)} with capacities {caps}"
+            )
 
         # warm-up: every developer imports the agents code, creates its SDK client and connects
         t = time.monotonic()
@@ -201,8 +210,9 @@ def run_mesh(fake: FakeClaude, agents: int, n_tasks: int, warmup_per_dev: int, k
         tag = f"run{agents}-{uuid.uuid4().hex[:6]}"
         prompts = [_prompt(tag, i) for i in range(n_tasks)]
         before = len(fake.calls())
-        t0, run.wall_s, ids, statuses = _run_batch(mesh, [_ask(p) for p in prompts],
-                                                   timeout_s=max(60.0, 4 * n_tasks * fake.latency_s))
+        t0, run.wall_s, ids, statuses = _run_batch(
+            mesh, [_ask(p) for p in prompts], timeout_s=max(60.0, 4 * n_tasks * fake.latency_s)
+        )
         calls = fake.calls()[before:]
         run.calls = len(calls)
         for s in statuses.values():
@@ -210,8 +220,10 @@ def run_mesh(fake: FakeClaude, agents: int, n_tasks: int, warmup_per_dev: int, k
         seen = [_user_text(r) for r in calls]
         if run.calls != n_tasks or sorted(seen) != sorted(prompts):
             missing = set(prompts) - set(seen)
-            raise BenchFailure(f"the fake server answered {run.calls} calls for {n_tasks} tasks "
-                               f"({len(missing)} prompts never seen, {len(seen) - len(set(seen))} repeated)")
+            raise BenchFailure(
+                f"the fake server answered {run.calls} calls for {n_tasks} tasks "
+                f"({len(missing)} prompts never seen, {len(seen) - len(set(seen))} repeated)"
+            )
         if calls:
             arrivals = sorted(r.t for r in calls)
             run.first_call_s, run.last_call_s = arrivals[0] - t0, arrivals[-1] - t0
@@ -221,8 +233,10 @@ def run_mesh(fake: FakeClaude, agents: int, n_tasks: int, warmup_per_dev: int, k
         run.phases, run.per_node, final = _phases(mesh, ids, call_at, fake.latency_s)
         not_complete = {tid: s for tid, s in final.items() if s != "complete"}
         if run.statuses != {"complete": n_tasks} or not_complete:
-            raise BenchFailure(f"not every task ended complete: DONE statuses {run.statuses}, "
-                               f"stored {sorted(set(not_complete.values()))} (see {state / 'logs'})")
+            raise BenchFailure(
+                f"not every task ended complete: DONE statuses {run.statuses}, "
+                f"stored {sorted(set(not_complete.values()))} (see {state / 'logs'})"
+            )
         return run
     finally:
         mesh.stop()
@@ -249,11 +263,15 @@ def main() -> int:
     runs: list[Run] = []
     try:
         for agents in (1, a.agents):
-            console.print(f"mesh of {agents} developer(s) x capacity 1: {a.tasks} ask tasks, "
-                          f"model latency {a.latency:g}s (fake server {fake.url}) ...")
+            console.print(
+                f"mesh of {agents} developer(s) x capacity 1: {a.tasks} ask tasks, "
+                f"model latency {a.latency:g}s (fake server {fake.url}) ..."
+            )
             r = run_mesh(fake, agents, a.tasks, a.warmup, a.keep)
-            console.print(f"  started in {r.startup_s:.1f}s, warm-up {r.warmup_calls} calls in {r.warmup_s:.1f}s, "
-                          f"measured wall {r.wall_s:.2f}s")
+            console.print(
+                f"  started in {r.startup_s:.1f}s, warm-up {r.warmup_calls} calls in {r.warmup_s:.1f}s, "
+                f"measured wall {r.wall_s:.2f}s"
+            )
             runs.append(r)
     except BenchFailure as exc:
         console.print(f"[bold red]FAILED:[/] {exc}")
@@ -273,18 +291,41 @@ def main() -> int:
     per_call_factor = one.wall_s / (a.tasks * a.latency)
     total_s = time.monotonic() - t_start
 
-    t = Table(title=f"{a.tasks} ask tasks (one model call each, fake latency {a.latency:g}s), 1 vs {a.agents} "
-                    f"developers of capacity 1; loopback mesh, {total_s:.0f}s in all", title_justify="left")
-    for col in ("developers", "wall s", "ideal s", "waves", "overhead/wave ms", "1st call s", "last call s",
-                "calls", "complete", "devs used"):
+    t = Table(
+        title=f"{a.tasks} ask tasks (one model call each, fake latency {a.latency:g}s), 1 vs {a.agents} "
+        f"developers of capacity 1; loopback mesh, {total_s:.0f}s in all",
+        title_justify="left",
+    )
+    for col in (
+        "developers",
+        "wall s",
+        "ideal s",
+        "waves",
+        "overhead/wave ms",
+        "1st call s",
+        "last call s",
+        "calls",
+        "complete",
+        "devs used",
+    ):
         t.add_column(col, justify="right")
     for r in runs:
-        t.add_row(str(r.agents), f"{r.wall_s:.2f}", f"{r.ideal_wall_s:.2f}",
-                  str(r.waves), f"{1000 * r.overhead_per_call_s:.0f}", f"{r.first_call_s:.3f}", f"{r.last_call_s:.2f}",
-                  str(r.calls), f"{r.statuses.get('complete', 0)}/{r.tasks}", str(len(r.per_node)))
+        t.add_row(
+            str(r.agents),
+            f"{r.wall_s:.2f}",
+            f"{r.ideal_wall_s:.2f}",
+            str(r.waves),
+            f"{1000 * r.overhead_per_call_s:.0f}",
+            f"{r.first_call_s:.3f}",
+            f"{r.last_call_s:.2f}",
+            str(r.calls),
+            f"{r.statuses.get('complete', 0)}/{r.tasks}",
+            str(len(r.per_node)),
+        )
     console.print(t)
-    console.print("(1st / last call: seconds from the submit to the fake server receiving the batch's first / last "
-                  "model call)")
+    console.print(
+        "(1st / last call: seconds from the submit to the fake server receiving the batch's first / last model call)"
+    )
 
     p = Table(title="median per-task lifecycle step, s (task events, broker clock)", title_justify="left")
     p.add_column("step")
@@ -299,33 +340,46 @@ def main() -> int:
     s.add_column("what")
     s.add_column("value", justify="right")
     s.add_row(f"speedup = wall(1) / wall({a.agents})", f"{speedup:.2f}x")
-    s.add_row(f"ideal speedup = ({a.tasks} x {a.latency:g}s) / ({many.waves} waves x {a.latency:g}s)",
-              f"{ideal:.2f}x")
+    s.add_row(f"ideal speedup = ({a.tasks} x {a.latency:g}s) / ({many.waves} waves x {a.latency:g}s)", f"{ideal:.2f}x")
     s.add_row("speedup / ideal", f"{speedup / ideal:.1%}")
-    s.add_row(f"1 developer: wall / (tasks x latency) = {one.wall_s:.2f} / {ideal_one:.2f}",
-              f"{per_call_factor:.3f}")
-    s.add_row("1 developer: overhead per call (beyond the model's latency)",
-              f"{1000 * one.overhead_per_call_s:.0f} ms")
+    s.add_row(f"1 developer: wall / (tasks x latency) = {one.wall_s:.2f} / {ideal_one:.2f}", f"{per_call_factor:.3f}")
+    s.add_row("1 developer: overhead per call (beyond the model's latency)", f"{1000 * one.overhead_per_call_s:.0f} ms")
     s.add_row(f"{a.agents} developers: overhead per wave", f"{1000 * many.overhead_per_call_s:.0f} ms")
     s.add_row("original design's claim / target", f"{CLAIMED_SPEEDUP}x / >= {TARGET_SPEEDUP:g}x")
     s.add_row("target met", "yes" if speedup >= TARGET_SPEEDUP else "NO")
     console.print(s)
-    console.print(f"rate limiter opened wide for the benchmark: CASPER_LLM_RPM={LIMITER_ENV['CASPER_LLM_RPM']}, "
-                  f"CASPER_LLM_TPM={LIMITER_ENV['CASPER_LLM_TPM']} (permits still requested per call, never waited "
-                  f"on); every task complete, the fake server answered exactly {total_calls} calls "
-                  f"({sum(r.calls for r in runs)} measured + {sum(r.warmup_calls for r in runs)} warm-up).")
+    console.print(
+        f"rate limiter opened wide for the benchmark: CASPER_LLM_RPM={LIMITER_ENV['CASPER_LLM_RPM']}, "
+        f"CASPER_LLM_TPM={LIMITER_ENV['CASPER_LLM_TPM']} (permits still requested per call, never waited "
+        f"on); every task complete, the fake server answered exactly {total_calls} calls "
+        f"({sum(r.calls for r in runs)} measured + {sum(r.warmup_calls for r in runs)} warm-up)."
+    )
     if a.json:
-        print(json.dumps({
-            "tasks": a.tasks, "agents": a.agents, "latency_s": a.latency,
-            "wall_1_s": round(one.wall_s, 3), f"wall_{a.agents}_s": round(many.wall_s, 3),
-            "speedup": round(speedup, 3), "ideal_speedup": round(ideal, 3),
-            "speedup_over_ideal": round(speedup / ideal, 4), "wall1_per_call_factor": round(per_call_factor, 4),
-            "overhead_per_call_1_ms": round(1000 * one.overhead_per_call_s, 1),
-            "overhead_per_wave_n_ms": round(1000 * many.overhead_per_call_s, 1),
-            "calls": total_calls, "all_complete": True, "target_speedup": TARGET_SPEEDUP,
-            "target_met": speedup >= TARGET_SPEEDUP, "llm_rpm": int(LIMITER_ENV["CASPER_LLM_RPM"]),
-            "llm_tpm": int(LIMITER_ENV["CASPER_LLM_TPM"]), "total_s": round(total_s, 1),
-        }, separators=(",", ":")))
+        print(
+            json.dumps(
+                {
+                    "tasks": a.tasks,
+                    "agents": a.agents,
+                    "latency_s": a.latency,
+                    "wall_1_s": round(one.wall_s, 3),
+                    f"wall_{a.agents}_s": round(many.wall_s, 3),
+                    "speedup": round(speedup, 3),
+                    "ideal_speedup": round(ideal, 3),
+                    "speedup_over_ideal": round(speedup / ideal, 4),
+                    "wall1_per_call_factor": round(per_call_factor, 4),
+                    "overhead_per_call_1_ms": round(1000 * one.overhead_per_call_s, 1),
+                    "overhead_per_wave_n_ms": round(1000 * many.overhead_per_call_s, 1),
+                    "calls": total_calls,
+                    "all_complete": True,
+                    "target_speedup": TARGET_SPEEDUP,
+                    "target_met": speedup >= TARGET_SPEEDUP,
+                    "llm_rpm": int(LIMITER_ENV["CASPER_LLM_RPM"]),
+                    "llm_tpm": int(LIMITER_ENV["CASPER_LLM_TPM"]),
+                    "total_s": round(total_s, 1),
+                },
+                separators=(",", ":"),
+            )
+        )
     return 0
 
 

@@ -112,12 +112,21 @@ class Peer:
 
     def view(self, now: float) -> dict[str, Any]:
         return {
-            "node_id": self.node_id, "role": self.role, "endpoint": self.endpoint, "host": self.host,
-            "pid": self.pid, "epoch": self.epoch, "version": self.version,
-            "capabilities": sorted(self.slot.capabilities), "capacity": self.slot.capacity,
-            "inflight": self.slot.inflight, "draining": self.slot.draining,
-            "liveness": self.clock.state(now).value, "breaker": self.slot.breaker.state.value,
-            "last_seen_s": round(now - self.clock.last_seen, 3), "public_key": self.public_key,
+            "node_id": self.node_id,
+            "role": self.role,
+            "endpoint": self.endpoint,
+            "host": self.host,
+            "pid": self.pid,
+            "epoch": self.epoch,
+            "version": self.version,
+            "capabilities": sorted(self.slot.capabilities),
+            "capacity": self.slot.capacity,
+            "inflight": self.slot.inflight,
+            "draining": self.slot.draining,
+            "liveness": self.clock.state(now).value,
+            "breaker": self.slot.breaker.state.value,
+            "last_seen_s": round(now - self.clock.last_seen, 3),
+            "public_key": self.public_key,
         }
 
 
@@ -139,8 +148,9 @@ class Broker:
         self._policies: dict[str, RetryPolicy] = {}
         self.leases: dict[uuid.UUID, float] = {}
         """Lease deadline (monotonic) of every task a peer holds, renewed by its PROGRESS."""
-        self.policy = RetryPolicy(settings.max_attempts, settings.backoff_base_s, settings.backoff_factor,
-                                  settings.backoff_cap_s)
+        self.policy = RetryPolicy(
+            settings.max_attempts, settings.backoff_base_s, settings.backoff_factor, settings.backoff_cap_s
+        )
         self.started = time.monotonic()
         self.accepting = True
         self._logged_errors: set[tuple[bytes, str]] = set()
@@ -172,8 +182,12 @@ class Broker:
             log.info("recovered %d open tasks from Postgres", len(rows))
         # jobs the policeman was running when it stopped: run them again (they resume from the jobs table)
         for rec in self.tasks.values():
-            if rec.status in ACTIVE and rec.assigned_to == self.s.node_id and _ttype_flag(rec.type, "local") \
-                    and self.local_runner is not None:
+            if (
+                rec.status in ACTIVE
+                and rec.assigned_to == self.s.node_id
+                and _ttype_flag(rec.type, "local")
+                and self.local_runner is not None
+            ):
                 asyncio.get_running_loop().call_later(0.5, self.local_runner, rec)
         need = [tid for tid, rec in self.tasks.items() if _ttype_flag(rec.type, "input_attachments")]
         if need and self.load_attachments is not None:
@@ -223,9 +237,14 @@ class Broker:
             elif isinstance(msg, Submit):
                 self._on_submit_from_peer(route, peer, msg)
             else:
-                self._reject(route, UnsupportedError(f"{msg.COMMAND.name} is not accepted on the mesh socket",
-                                                     hint="see protocol/SPEC.md for who sends what"),
-                             msg.COMMAND.value)
+                self._reject(
+                    route,
+                    UnsupportedError(
+                        f"{msg.COMMAND.name} is not accepted on the mesh socket",
+                        hint="see protocol/SPEC.md for who sends what",
+                    ),
+                    msg.COMMAND.value,
+                )
         except CasperError as exc:
             self._reject(route, exc, msg.COMMAND.value)
 
@@ -254,17 +273,26 @@ class Broker:
         peer = self.by_route.get(route)
         if peer is not None and not peer.send_failing:  # once per outage, not once per frame
             peer.send_failing = True
-            log.warning("could not send to %s (%s); it is silent for %.1fs", peer.node_id, why,
-                        time.monotonic() - peer.clock.last_seen)
+            log.warning(
+                "could not send to %s (%s); it is silent for %.1fs",
+                peer.node_id,
+                why,
+                time.monotonic() - peer.clock.last_seen,
+            )
         return False
 
     # --- registration -------------------------------------------------------------------------
     def _on_ready(self, route: bytes, msg: Ready, now: float) -> None:
         expected = f"{msg.node_id}/{msg.epoch}".encode()
         if route != expected:
-            self._reject(route, IdentityError(
-                f"READY claims node {msg.node_id!r} but arrives from routing id {route[:64]!r}",
-                hint="a node's routing id must be NODE_ID/EPOCH"), msg.COMMAND.value)
+            self._reject(
+                route,
+                IdentityError(
+                    f"READY claims node {msg.node_id!r} but arrives from routing id {route[:64]!r}",
+                    hint="a node's routing id must be NODE_ID/EPOCH",
+                ),
+                msg.COMMAND.value,
+            )
             return
         old = self.peers.get(msg.node_id)
         if old is not None and old.epoch != msg.epoch:
@@ -274,8 +302,19 @@ class Broker:
         clock = PeerClock(interval_s=self.s.heartbeat_s, misses=self.s.heartbeat_misses, last_seen=now)
         breaker = self.breaker_for(msg.node_id)  # a node's breaker outlives its registrations
         slot = PeerSlot(msg.node_id, frozenset(msg.capabilities), msg.capacity, breaker=breaker)
-        peer = Peer(msg.node_id, msg.epoch, route, msg.role.value, msg.endpoint, msg.host, msg.pid, msg.version,
-                    slot, clock, public_key=msg.public_key)
+        peer = Peer(
+            msg.node_id,
+            msg.epoch,
+            route,
+            msg.role.value,
+            msg.endpoint,
+            msg.host,
+            msg.pid,
+            msg.version,
+            slot,
+            clock,
+            public_key=msg.public_key,
+        )
         if old is not None:
             peer.drained_by_operator = old.drained_by_operator
             peer.update_draining()
@@ -297,11 +336,16 @@ class Broker:
             if rec.status in ACTIVE and rec.assigned_to == msg.node_id and rec.id not in peer.held:
                 self._requeue(rec, stamp, "holder re-registered without it")
         if unknown:
-            self._send_mesh(route, codec.encode(Cancel(task_ids=tuple(unknown[:10_000]),
-                                                       reason="not assigned to you")))
-        log.info("peer %s registered: role=%s endpoint=%s capacity=%d capabilities=%s holding=%d",
-                 msg.node_id, msg.role.value, msg.endpoint, msg.capacity, ",".join(msg.capabilities),
-                 len(peer.held))
+            self._send_mesh(route, codec.encode(Cancel(task_ids=tuple(unknown[:10_000]), reason="not assigned to you")))
+        log.info(
+            "peer %s registered: role=%s endpoint=%s capacity=%d capabilities=%s holding=%d",
+            msg.node_id,
+            msg.role.value,
+            msg.endpoint,
+            msg.capacity,
+            ",".join(msg.capabilities),
+            len(peer.held),
+        )
         self.metrics.peers.set(len(self.peers))
         self._send_mesh(route, codec.encode(Heartbeat()))
         self._dirty_dispatch = True
@@ -311,11 +355,16 @@ class Broker:
         policy = self._policies.get(task_type)
         if policy is None:
             own = self.s.task_policies.get(task_type)
-            policy = self.policy if own is None else RetryPolicy(
-                own.max_attempts or self.policy.max_attempts,
-                self.policy.base_s if own.backoff_base_s is None else own.backoff_base_s,
-                own.backoff_factor or self.policy.factor,
-                self.policy.cap_s if own.backoff_cap_s is None else own.backoff_cap_s)
+            policy = (
+                self.policy
+                if own is None
+                else RetryPolicy(
+                    own.max_attempts or self.policy.max_attempts,
+                    self.policy.base_s if own.backoff_base_s is None else own.backoff_base_s,
+                    own.backoff_factor or self.policy.factor,
+                    self.policy.cap_s if own.backoff_cap_s is None else own.backoff_cap_s,
+                )
+            )
             self._policies[task_type] = policy
         return policy
 
@@ -344,8 +393,12 @@ class Broker:
         rec = self.tasks.get(tid)
         # an older attempt from the node that holds the task now is the same work (the new TASK may
         # never have reached it, e.g. lost in a reconnect): its result counts
-        if (rec is None or rec.assigned_to != peer.node_id or rec.status not in ACTIVE
-                or (attempt is not None and attempt > rec.attempts)):
+        if (
+            rec is None
+            or rec.assigned_to != peer.node_id
+            or rec.status not in ACTIVE
+            or (attempt is not None and attempt > rec.attempts)
+        ):
             self.metrics.duplicates.inc()
             log.debug("ignoring stale report for %s from %s", tid, peer.node_id)
             return None
@@ -373,24 +426,36 @@ class Broker:
         fn = self.mesh_ops.get(msg.op)
         try:
             if fn is None:
-                raise UnsupportedError(f"the policeman offers no mesh service {msg.op!r}",
-                                       hint=f"known: {', '.join(sorted(self.mesh_ops)) or 'none'}")
+                raise UnsupportedError(
+                    f"the policeman offers no mesh service {msg.op!r}",
+                    hint=f"known: {', '.join(sorted(self.mesh_ops)) or 'none'}",
+                )
             data, extra = await fn(node_id, msg.args, attachments)
             frames = codec.encode(Reply(req_id=msg.req_id, ok=True, data=data), extra)
         except CasperError as exc:
             frames = codec.encode(Reply(req_id=msg.req_id, ok=False, error=ErrorBody(**exc.to_wire())))
         except Exception as exc:  # a bug in a service: answer, log, keep serving
             log.exception("mesh service %s failed", msg.op)
-            frames = codec.encode(Reply(req_id=msg.req_id, ok=False, error=ErrorBody(
-                code="internal", message=f"{msg.op} failed: {type(exc).__name__}")))
+            frames = codec.encode(
+                Reply(
+                    req_id=msg.req_id,
+                    ok=False,
+                    error=ErrorBody(code="internal", message=f"{msg.op} failed: {type(exc).__name__}"),
+                )
+            )
         self._send_mesh(route, frames)
 
     async def _on_attached_result(self, peer: Peer, msg: ResultBatch, attachments: tuple[bytes, ...]) -> None:
         """A RESULT carrying attachments (a patch): the attachments are committed first, then the
         result goes the usual way."""
         if len(msg.results) != 1:
-            self._reject(peer.route, InvalidBodyError("a RESULT with attachments must carry exactly one outcome",
-                                                      hint="send attached results alone"), Command.RESULT.value)
+            self._reject(
+                peer.route,
+                InvalidBodyError(
+                    "a RESULT with attachments must carry exactly one outcome", hint="send attached results alone"
+                ),
+                Command.RESULT.value,
+            )
             return
         out = msg.results[0]
         rec = self._held(peer, out.task_id, out.attempt)
@@ -407,8 +472,9 @@ class Broker:
                 return
         self._on_results(peer, msg, attachments)  # still ours unless the lease was lost meanwhile
 
-    async def _validate(self, rec: TaskRecord, peer: str, check: handlers.AsyncValidator, output: Any,
-                        attachments: tuple[bytes, ...]) -> None:
+    async def _validate(
+        self, rec: TaskRecord, peer: str, check: handlers.AsyncValidator, output: Any, attachments: tuple[bytes, ...]
+    ) -> None:
         """The ``validating`` state of a type whose check needs I/O (a patch applied and compiled)."""
         try:
             problem = await check(rec.id, rec.input, output, attachments)
@@ -484,15 +550,19 @@ class Broker:
             self._dirty_dispatch = True
 
     # --- state changes --------------------------------------------------------------------------
-    def _change(self, rec: TaskRecord, new: Status, stamp: datetime, peer: str | None,
-                detail: dict[str, Any] | None = None) -> None:
+    def _change(
+        self, rec: TaskRecord, new: Status, stamp: datetime, peer: str | None, detail: dict[str, Any] | None = None
+    ) -> None:
         old = rec.move(new, stamp)
-        self.store.stage(rec, TaskEvent(stamp, rec.id, old.value, new.value, peer, rec.attempts,
-                                        json.dumps(detail) if detail else None))
+        self.store.stage(
+            rec,
+            TaskEvent(stamp, rec.id, old.value, new.value, peer, rec.attempts, json.dumps(detail) if detail else None),
+        )
         self._transition_counter[new].inc()
 
-    def _finish(self, rec: TaskRecord, status: Status, stamp: datetime, peer: str | None,
-                detail: dict[str, Any] | None = None) -> None:
+    def _finish(
+        self, rec: TaskRecord, status: Status, stamp: datetime, peer: str | None, detail: dict[str, Any] | None = None
+    ) -> None:
         self._change(rec, status, stamp, peer, detail)
         rec.finished_at = stamp
         self.tasks.pop(rec.id, None)
@@ -502,16 +572,24 @@ class Broker:
         if rec.waiters:
             waiters, rec.waiters = rec.waiters, []
             last = _last_error(rec)
-            frames = codec.encode_raw(Command.DONE, done_body(
-                rec.id, rec.status.value, json.loads(rec.output_json) if rec.output_json else None,
-                last.model_dump() if last else None))
+            frames = codec.encode_raw(
+                Command.DONE,
+                done_body(
+                    rec.id,
+                    rec.status.value,
+                    json.loads(rec.output_json) if rec.output_json else None,
+                    last.model_dump() if last else None,
+                ),
+            )
             self.store.after_commit(lambda: [self._send_control(w, frames) for w in waiters])
 
-    def _fail(self, rec: TaskRecord, stamp: datetime, peer: str | None, code: str, message: str,
-              retryable: bool) -> None:
+    def _fail(
+        self, rec: TaskRecord, stamp: datetime, peer: str | None, code: str, message: str, retryable: bool
+    ) -> None:
         history = json.loads(rec.error_json) if rec.error_json else []
-        history.append({"attempt": rec.attempts, "peer": peer, "code": code, "message": message[:2000],
-                        "at": stamp.isoformat()})
+        history.append(
+            {"attempt": rec.attempts, "peer": peer, "code": code, "message": message[:2000], "at": stamp.isoformat()}
+        )
         rec.error_json = json.dumps(history)
         self._change(rec, Status.ERROR, stamp, peer, {"code": code})
         self._after_error(rec, stamp, peer, retryable)
@@ -525,8 +603,9 @@ class Broker:
             self._change(rec, Status.RETRY, stamp, peer, {"backoff_s": delay})
             heapq.heappush(self.retry_heap, (time.monotonic() + delay, rec.id))
         else:
-            self._finish(rec, Status.DEAD, stamp, peer,
-                         {"reason": "attempts exhausted" if retryable else "not retryable"})
+            self._finish(
+                rec, Status.DEAD, stamp, peer, {"reason": "attempts exhausted" if retryable else "not retryable"}
+            )
 
     def _requeue(self, rec: TaskRecord, stamp: datetime, reason: str) -> None:
         """A holder was lost: back to pending (the attempt stays counted), or dead if none are left."""
@@ -625,8 +704,12 @@ class Broker:
         for peer in list(self.peers.values()):
             state = peer.clock.state(now)
             if state is Liveness.DEAD:
-                log.warning("peer %s is dead (silent %.1fs); returning its %d tasks", peer.node_id,
-                            now - peer.clock.last_seen, len(peer.held))
+                log.warning(
+                    "peer %s is dead (silent %.1fs); returning its %d tasks",
+                    peer.node_id,
+                    now - peer.clock.last_seen,
+                    len(peer.held),
+                )
                 peer.slot.breaker.trip(now)  # back from the dead, it must earn its work again (half-open)
                 self._drop_peer(peer, "dead")
                 continue
@@ -669,12 +752,15 @@ class Broker:
     async def submit(self, route: bytes, msg: Submit, submitter: str | None) -> None:
         """Create tasks (or find them by idempotency key); ACCEPTED goes out after the commit."""
         if not self.accepting:
-            raise CasperError("the policeman is shutting down and accepts no new work",
-                              hint="submit again once it is back")
+            raise CasperError(
+                "the policeman is shutting down and accepts no new work", hint="submit again once it is back"
+            )
         if not self.store.healthy:
-            raise StorageError(f"the task store is unavailable ({self.store.last_error}); no new work is accepted",
-                               hint="the policeman keeps running and accepts work again once Postgres is back; "
-                                    "submit again (with an idempotency key it is safe)")
+            raise StorageError(
+                f"the task store is unavailable ({self.store.last_error}); no new work is accepted",
+                hint="the policeman keeps running and accepts work again once Postgres is back; "
+                "submit again (with an idempotency key it is safe)",
+            )
         specs = msg.tasks
         for spec in specs:
             handlers.get(spec.type)  # unknown type: an error for the whole submit, nothing half-done
@@ -716,15 +802,18 @@ class Broker:
         for tid in terminal_waits:
             asyncio.get_running_loop().create_task(self._done_from_store(route, tid))
 
-    def _create(self, spec: TaskSpec, submitter: str | None, stamp: datetime,
-                detail: dict[str, Any] | None = None) -> TaskRecord:
+    def _create(
+        self, spec: TaskSpec, submitter: str | None, stamp: datetime, detail: dict[str, Any] | None = None
+    ) -> TaskRecord:
         rec = TaskRecord.from_spec(new_task_id(), spec, self.policy_for(spec.type).max_attempts, submitter)
         own = self.s.task_policies.get(spec.type)
         if rec.timeout_s is None and own is not None and own.timeout_s is not None:
             rec.timeout_s = own.timeout_s  # the type's default timeout
         self.tasks[rec.id] = rec
-        self.store.stage(rec, TaskEvent(stamp, rec.id, None, Status.PENDING.value, submitter, 0,
-                                        json.dumps(detail) if detail else None))
+        self.store.stage(
+            rec,
+            TaskEvent(stamp, rec.id, None, Status.PENDING.value, submitter, 0, json.dumps(detail) if detail else None),
+        )
         if spec.idempotency_key:
             self._remember_key(spec.idempotency_key, rec.id)
             self.store.stage_key(spec.idempotency_key, rec.id, rec.created_at)
@@ -738,19 +827,28 @@ class Broker:
             self.keys.popitem(last=False)
 
     def _on_submit_from_peer(self, route: bytes, peer: Peer, msg: Submit) -> None:
-        raise UnsupportedError("SUBMIT is not accepted on the mesh socket in this version",
-                               hint="submit through the policeman's control socket")
+        raise UnsupportedError(
+            "SUBMIT is not accepted on the mesh socket in this version",
+            hint="submit through the policeman's control socket",
+        )
 
     # --- work the policeman creates or runs itself (jobs) ----------------------------------------
-    async def submit_local(self, spec: TaskSpec, attachments: tuple[bytes, ...] = (),
-                           submitter: str = "policeman", holder: str | None = None) -> tuple[uuid.UUID, bool]:
+    async def submit_local(
+        self,
+        spec: TaskSpec,
+        attachments: tuple[bytes, ...] = (),
+        submitter: str = "policeman",
+        holder: str | None = None,
+    ) -> tuple[uuid.UUID, bool]:
         """Create one task from inside the policeman (a job's subtasks, a peer's hand-off); returns
         (id, existed). Attachments are committed before the task row, so a TASK never lacks them.
         With ``holder`` (a direct hand-off) the task is assigned to that peer at once if it can take
         it — registered, alive, capable, with credit, breaker closed — else queued as usual."""
         if not self.store.healthy:
-            raise StorageError(f"the task store is unavailable ({self.store.last_error})",
-                               hint="the job continues once Postgres is back")
+            raise StorageError(
+                f"the task store is unavailable ({self.store.last_error})",
+                hint="the job continues once Postgres is back",
+            )
         key = spec.idempotency_key
         if key and key not in self.keys:
             for k, tid in (await self.store.idempotency([key])).items():
@@ -783,8 +881,12 @@ class Broker:
         now = time.monotonic()
         ttype = handlers.REGISTRY.get(rec.type)
         needs = set(rec.requires) | set(ttype.requires if ttype else ())
-        if peer is None or peer.clock.state(now) is not Liveness.ALIVE or not peer.slot.can_take(now) \
-                or not needs <= peer.slot.capabilities:
+        if (
+            peer is None
+            or peer.clock.state(now) is not Liveness.ALIVE
+            or not peer.slot.can_take(now)
+            or not needs <= peer.slot.capabilities
+        ):
             return False
         rec.attempts = 1
         rec.assigned_to = holder
@@ -800,12 +902,21 @@ class Broker:
     def directory(self, capability: str | None = None) -> list[dict[str, Any]]:
         """Live peers as other peers should reach them (for direct hand-off), least loaded first."""
         now = time.monotonic()
-        out = [{"node_id": p.node_id, "role": p.role, "endpoint": p.endpoint, "public_key": p.public_key,
-                "capabilities": sorted(p.slot.capabilities), "capacity": p.slot.capacity,
-                "inflight": p.slot.inflight}
-               for p in self.peers.values()
-               if p.clock.state(now) is Liveness.ALIVE and p.slot.can_take(now)
-               and (capability is None or capability in p.slot.capabilities)]
+        out = [
+            {
+                "node_id": p.node_id,
+                "role": p.role,
+                "endpoint": p.endpoint,
+                "public_key": p.public_key,
+                "capabilities": sorted(p.slot.capabilities),
+                "capacity": p.slot.capacity,
+                "inflight": p.slot.inflight,
+            }
+            for p in self.peers.values()
+            if p.clock.state(now) is Liveness.ALIVE
+            and p.slot.can_take(now)
+            and (capability is None or capability in p.slot.capabilities)
+        ]
         return sorted(out, key=lambda d: (d["inflight"] / max(1, d["capacity"]), d["node_id"]))
 
     def start_local(self, rec: TaskRecord) -> bool:
@@ -839,8 +950,10 @@ class Broker:
         if row is None:
             return
         rec = record_from_row(row)
-        self._send_control(route, codec.encode(Done(
-            task_id=tid, status=rec.status.value, output=row["output"], error=_last_error(rec))))
+        self._send_control(
+            route,
+            codec.encode(Done(task_id=tid, status=rec.status.value, output=row["output"], error=_last_error(rec))),
+        )
 
     def _send_control(self, route: bytes, frames: list[bytes]) -> None:
         assert self.control is not None
@@ -852,8 +965,9 @@ class Broker:
     def cancel(self, tid: uuid.UUID) -> dict[str, Any]:
         rec = self.tasks.get(tid)
         if rec is None:
-            raise TaskNotFoundError(f"task {tid} is not open (already finished, or no such task)",
-                                    hint="caspectl get ID shows its state")
+            raise TaskNotFoundError(
+                f"task {tid} is not open (already finished, or no such task)", hint="caspectl get ID shows its state"
+            )
         stamp = utcnow()
         holder = rec.assigned_to if rec.status in ACTIVE else None
         if holder is not None and holder in self.peers:
@@ -868,12 +982,21 @@ class Broker:
     def retry(self, row: dict[str, Any]) -> dict[str, Any]:
         """Run a dead or cancelled task again, as a new task (the old one keeps its history)."""
         if row["status"] not in (Status.DEAD.value, Status.CANCELLED.value):
-            raise InvalidBodyError(f"task {row['id']} is {row['status']}; only dead or cancelled tasks are retried",
-                                   hint="caspectl cancel ID first, or wait for it to finish")
-        spec = TaskSpec(type=row["type"], input=row["input"] or {}, priority=row["priority"],
-                        requires=tuple(row["requires"] or ()), affinity=row["affinity"],
-                        max_attempts=row["max_attempts"], timeout_s=row["timeout_s"], parent_id=row["parent_id"],
-                        cache=row["cache"])
+            raise InvalidBodyError(
+                f"task {row['id']} is {row['status']}; only dead or cancelled tasks are retried",
+                hint="caspectl cancel ID first, or wait for it to finish",
+            )
+        spec = TaskSpec(
+            type=row["type"],
+            input=row["input"] or {},
+            priority=row["priority"],
+            requires=tuple(row["requires"] or ()),
+            affinity=row["affinity"],
+            max_attempts=row["max_attempts"],
+            timeout_s=row["timeout_s"],
+            parent_id=row["parent_id"],
+            cache=row["cache"],
+        )
         rec = self._create(spec, "caspectl retry", utcnow(), {"retry_of": str(row["id"])})
         return {"id": str(rec.id), "retry_of": str(row["id"]), "status": rec.status.value}
 
@@ -897,12 +1020,22 @@ class Broker:
         for rec in self.tasks.values():
             counts[rec.status.value] = counts.get(rec.status.value, 0) + 1
         return {
-            "node_id": self.s.node_id, "role": "policeman", "pid": os.getpid(),
-            "uptime_s": round(time.monotonic() - self.started, 1), "mesh": self.s.advertise,
-            "peers": len(self.peers), "open_tasks": counts, "queued": len(self.dispatcher),
+            "node_id": self.s.node_id,
+            "role": "policeman",
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "mesh": self.s.advertise,
+            "peers": len(self.peers),
+            "open_tasks": counts,
+            "queued": len(self.dispatcher),
             "inflight": sum(p.slot.inflight for p in self.peers.values()),
-            "store": {"healthy": self.store.healthy, "commits": self.store.commits, "staged": self.store.staged,
-                      "commit_failures": self.store.commit_failures, "last_error": self.store.last_error},
+            "store": {
+                "healthy": self.store.healthy,
+                "commits": self.store.commits,
+                "staged": self.store.staged,
+                "commit_failures": self.store.commit_failures,
+                "last_error": self.store.last_error,
+            },
             "breakers": {p.node_id: p.slot.breaker.state.value for p in self.peers.values()},
             "dependency_breakers": {"postgres": self.store.breaker.state.value},
         }

@@ -42,8 +42,11 @@ class ResultCache:
         self.ttl_ms = int(ttl_s * 1000)
         self.lock_ms = int(lock_s * 1000)
         self.redis: aioredis.Redis | None = (
-            aioredis.from_url(url, socket_timeout=op_timeout_s, socket_connect_timeout=op_timeout_s,
-                              retry_on_timeout=False) if url else None
+            aioredis.from_url(
+                url, socket_timeout=op_timeout_s, socket_connect_timeout=op_timeout_s, retry_on_timeout=False
+            )
+            if url
+            else None
         )
         self.breaker = CircuitBreaker(failure_threshold=2, recovery_s=5.0)
         self._local: dict[str, asyncio.Future[Any]] = {}
@@ -98,8 +101,9 @@ class ResultCache:
             except BaseException:
                 await self._quietly(self.redis.delete(_LOCK + key))  # let a waiter compute instead
                 raise
-            if await self._quietly(self.redis.set(_PREFIX + key, msgpack.packb(value, use_bin_type=True),
-                                                  px=self.ttl_ms)):
+            if await self._quietly(
+                self.redis.set(_PREFIX + key, msgpack.packb(value, use_bin_type=True), px=self.ttl_ms)
+            ):
                 await self._quietly(self.redis.delete(_LOCK + key))
                 self.breaker.record_success()
             return value
@@ -159,5 +163,11 @@ class ResultCache:
             return False
 
     def stats(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "hits": self.hits, "misses": self.misses, "bypassed": self.bypassed,
-                "computed": self.computed, "breaker": self.breaker.state.value}
+        return {
+            "enabled": self.enabled,
+            "hits": self.hits,
+            "misses": self.misses,
+            "bypassed": self.bypassed,
+            "computed": self.computed,
+            "breaker": self.breaker.state.value,
+        }

@@ -1,8 +1,8 @@
 """``casperd``: the daemon's entry point (thin: parse, configure, run).
 
-    casperd [--role ROLE] [options]     run one node (the default command)
-    casperd up [--developers N] ...     run a whole local mesh on embedded Postgres and Redis
-    casperd migrate [--database-url U]  apply the SQL migrations and exit
+casperd [--role ROLE] [options]     run one node (the default command)
+casperd up [--developers N] ...     run a whole local mesh on embedded Postgres and Redis
+casperd migrate [--database-url U]  apply the SQL migrations and exit
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ def add_settings_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
         if field.annotation is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            group.add_argument(flag, dest=name, type=_flag_type(field.annotation), default=None, help=help_text,
-                               metavar=name.upper())
+            group.add_argument(
+                flag, dest=name, type=_flag_type(field.annotation), default=None, help=help_text, metavar=name.upper()
+            )
 
 
 def settings_from_args(ns: argparse.Namespace) -> Settings:
@@ -75,8 +76,11 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="casperd", description="CASPER mesh daemon: one node of a swarm of Claude agents "
-        "(policeman = broker, developer, tester).", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="casperd",
+        description="CASPER mesh daemon: one node of a swarm of Claude agents (policeman = broker, developer, tester).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"casperd {__version__}")
     p.add_argument("--config", type=Path, help="TOML file with settings (keys as the flag names, underscores)")
     add_settings_flags(p)
@@ -85,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup_logging(level: str, fmt: str) -> None:
     from casperd.logsetup import configure
+
     configure(level, fmt)
 
 
@@ -92,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "up":
         from casperd.up import main as up_main
+
         return up_main(argv[1:])
     if argv and argv[0] == "migrate":
         return _migrate(argv[1:])
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.USAGE
     setup_logging(settings.log_level, settings.log_format)
     from casperd.node import Node
+
     try:
         asyncio.run(Node(settings).run())
     except CasperError as exc:
@@ -116,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _migrate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="casperd migrate", description="Apply CASPER's SQL migrations (sql/NNN_*.sql) "
-                                "to a Postgres database and exit; already applied ones are skipped.")
+    p = argparse.ArgumentParser(
+        prog="casperd migrate",
+        description="Apply CASPER's SQL migrations (sql/NNN_*.sql) "
+        "to a Postgres database and exit; already applied ones are skipped.",
+    )
     p.add_argument("--database-url", help="Postgres URL [CASPER_DATABASE_URL]")
     p.add_argument("--config", type=Path)
     ns = p.parse_args(argv)

@@ -69,21 +69,20 @@ def encode(message: Message, attachments: Sequence[bytes] = ()) -> list[bytes]:
     return [HEADER, _COMMAND_FRAMES[message.COMMAND], body, *attachments]
 
 
-
-
 def encode_raw(command: Command, body: dict[str, Any], attachments: Sequence[bytes] = ()) -> list[bytes]:
     """Frames for a body built by a trusted fast-path builder (messages.*_body), no model."""
     return [HEADER, _COMMAND_FRAMES[command], pack_body(body), *attachments]
 
 
-def encode_batches(command: Command, key: str, items: list[Any], max_bytes: int,
-                   max_items: int = 1000) -> tuple[list[tuple[list[bytes], list[Any]]], list[Any]]:
+def encode_batches(
+    command: Command, key: str, items: list[Any], max_bytes: int, max_items: int = 1000
+) -> tuple[list[tuple[list[bytes], list[Any]]], list[Any]]:
     """Split a batch command (TASK, RESULT, ...) into messages of at most ``max_items`` items and
     ``max_bytes`` bytes each. Returns (messages with the items each carries, items that do not
     fit in a message even alone)."""
     out: list[tuple[list[bytes], list[Any]]] = []
     too_big: list[Any] = []
-    pending = [items[i:i + max_items] for i in range(0, len(items), max_items)]
+    pending = [items[i : i + max_items] for i in range(0, len(items), max_items)]
     while pending:
         chunk = pending.pop()
         frames = encode_raw(command, {key: chunk})

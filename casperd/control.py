@@ -31,6 +31,7 @@ def op(name: str, *, workers: bool = False) -> Callable[[Op], Op]:
     def deco(fn: Op) -> Op:
         OPS[name] = (fn, workers)
         return fn
+
     return deco
 
 
@@ -40,29 +41,34 @@ class Control:
 
     async def handle(self, req: Request | Any) -> Reply:
         if not isinstance(req, Request):
-            raise UnsupportedError(f"{req.COMMAND.name} is not accepted on the control socket",
-                               hint="send REQUEST or SUBMIT")
+            raise UnsupportedError(
+                f"{req.COMMAND.name} is not accepted on the control socket", hint="send REQUEST or SUBMIT"
+            )
         entry = OPS.get(req.op)
         try:
             if entry is None:
                 raise CommandError(f"unknown operation {req.op!r}", hint=f"known: {', '.join(sorted(OPS))}")
             fn, workers = entry
             if not workers and self.node.broker is None:
-                raise CommandError(f"{req.op} is served by the policeman, not by {self.node.s.node_id}",
-                                   hint="point caspectl at the policeman's control socket")
+                raise CommandError(
+                    f"{req.op} is served by the policeman, not by {self.node.s.node_id}",
+                    hint="point caspectl at the policeman's control socket",
+                )
             data = await fn(self.node, req.args)
             return Reply(req_id=req.req_id, ok=True, data=data)
         except CasperError as exc:
-            return Reply(req_id=req.req_id, ok=False, error=ErrorBody(code=exc.code, message=exc.message[:4000],
-                                                                      hint=exc.hint))
+            return Reply(
+                req_id=req.req_id, ok=False, error=ErrorBody(code=exc.code, message=exc.message[:4000], hint=exc.hint)
+            )
 
 
 def _task_id(args: dict[str, Any]) -> uuid.UUID:
     try:
         return uuid.UUID(str(args.get("id", "")))
     except ValueError:
-        raise CommandError(f"{args.get('id')!r} is not a task id", hint="task ids are UUIDs, see caspectl tasks") \
-            from None
+        raise CommandError(
+            f"{args.get('id')!r} is not a task id", hint="task ids are UUIDs, see caspectl tasks"
+        ) from None
 
 
 def _row_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -79,8 +85,10 @@ async def _status(node: Node, args: dict[str, Any]) -> Any:
         if node.cache is not None:
             view["cache"] = node.cache.stats()
         if node.police is not None:
-            view["llm"] = {"rate_limit": node.police.rate.snapshot(time.monotonic()),
-                           "jobs_running": len(node.police.jobs.running)}
+            view["llm"] = {
+                "rate_limit": node.police.rate.snapshot(time.monotonic()),
+                "jobs_running": len(node.police.jobs.running),
+            }
         return view
     assert node.worker is not None
     return node.worker.status_view()
@@ -142,8 +150,10 @@ async def _retry(node: Node, args: dict[str, Any]) -> Any:
     row = None if tid in node.broker.tasks else await node.store.get(tid)
     if row is None:
         if tid in node.broker.tasks:
-            raise CommandError(f"task {tid} is still open ({node.broker.tasks[tid].status.value})",
-                               hint="only dead or cancelled tasks are retried")
+            raise CommandError(
+                f"task {tid} is still open ({node.broker.tasks[tid].status.value})",
+                hint="only dead or cancelled tasks are retried",
+            )
         raise TaskNotFoundError(f"no task {tid}", hint="caspectl tasks --status dead lists retry candidates")
     result = node.broker.retry(row)
     await node.store.committed()
@@ -166,8 +176,11 @@ async def _health(node: Node, args: dict[str, Any]) -> Any:
     if node.store is not None:
         try:
             rtt = await node.store.ping()
-            checks["database"] = {"ok": node.store.healthy, "detail": f"ping {rtt * 1000:.1f} ms"
-                                  + ("" if node.store.healthy else f"; last commit failed: {node.store.last_error}")}
+            checks["database"] = {
+                "ok": node.store.healthy,
+                "detail": f"ping {rtt * 1000:.1f} ms"
+                + ("" if node.store.healthy else f"; last commit failed: {node.store.last_error}"),
+            }
         except CasperError as exc:
             checks["database"] = {"ok": False, "detail": exc.message}
     if node.cache is not None:
@@ -177,15 +190,21 @@ async def _health(node: Node, args: dict[str, Any]) -> Any:
     if node.worker is not None:
         silent = time.monotonic() - node.worker.clock.last_seen
         ok = node.worker.registered and silent < node.s.heartbeat_s * node.s.heartbeat_misses
-        checks["broker"] = {"ok": ok, "detail": f"last heard {silent:.1f}s ago"
-                            + ("" if node.worker.registered else "; not registered yet")}
+        checks["broker"] = {
+            "ok": ok,
+            "detail": f"last heard {silent:.1f}s ago" + ("" if node.worker.registered else "; not registered yet"),
+        }
     disk = shutil.disk_usage(node.s.state_dir)
     free_pct = disk.free / disk.total * 100
     checks["disk"] = {"ok": free_pct > 2.0, "detail": f"{free_pct:.1f}% free in {node.s.state_dir}"}
     mem = psutil.virtual_memory()
     checks["memory"] = {"ok": mem.percent < 98.0, "detail": f"{mem.percent:.0f}% used"}
-    return {"node_id": node.s.node_id, "role": node.s.role.value,
-            "healthy": all(c["ok"] for c in checks.values()), "checks": checks}
+    return {
+        "node_id": node.s.node_id,
+        "role": node.s.role.value,
+        "healthy": all(c["ok"] for c in checks.values()),
+        "checks": checks,
+    }
 
 
 @op("job-submit")

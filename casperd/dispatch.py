@@ -67,8 +67,14 @@ class Dispatcher:
     def __contains__(self, task_id: object) -> bool:
         return task_id in self._where
 
-    def push(self, task_id: Any, priority: int, requires: Iterable[str] = (), affinity: str | None = None,
-             seq: int | None = None) -> None:
+    def push(
+        self,
+        task_id: Any,
+        priority: int,
+        requires: Iterable[str] = (),
+        affinity: str | None = None,
+        seq: int | None = None,
+    ) -> None:
         req = frozenset(requires)
         if task_id in self._where:
             return
@@ -129,8 +135,7 @@ class Dispatcher:
             heapq.heappush(self._queues[req], entry)
         return out
 
-    def _choose(self, entry: _Entry, cands: list[PeerSlot], peers: dict[str, PeerSlot],
-                now: float) -> PeerSlot | None:
+    def _choose(self, entry: _Entry, cands: list[PeerSlot], peers: dict[str, PeerSlot], now: float) -> PeerSlot | None:
         if entry.affinity is not None:
             bound = self._affinity.get(entry.affinity)
             if bound is not None and bound in peers and peers[bound].alive:

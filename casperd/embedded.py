@@ -36,9 +36,10 @@ PG_SYSTEM_USER = "casper-pg"
 def _need(module: str, extra: str = "embedded") -> Path:
     spec = importlib.util.find_spec(module)  # locate the wheel without running its __init__
     if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedServiceError(f"the embedded default needs the {module!r} package",
-                                   hint=f"pip install 'casper-mesh[{extra}]' (or point --database-url/--redis-url "
-                                        "at your own servers)")
+        raise EmbeddedServiceError(
+            f"the embedded default needs the {module!r} package",
+            hint=f"pip install 'casper-mesh[{extra}]' (or point --database-url/--redis-url at your own servers)",
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -54,13 +55,16 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise EmbeddedServiceError(f"{what} exited with code {proc.returncode} while starting",
-                                       hint="see its log in the state directory")
+            raise EmbeddedServiceError(
+                f"{what} exited with code {proc.returncode} while starting", hint="see its log in the state directory"
+            )
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return
         time.sleep(0.05)
-    raise EmbeddedServiceError(f"{what} did not open port {port} within {timeout:.0f}s",
-                               hint="is the port taken? see its log in the state directory")
+    raise EmbeddedServiceError(
+        f"{what} did not open port {port} within {timeout:.0f}s",
+        hint="is the port taken? see its log in the state directory",
+    )
 
 
 def free_port() -> int:
@@ -85,8 +89,11 @@ def _system_user() -> pwd.struct_passwd | None:
         return pwd.getpwnam(PG_SYSTEM_USER)
     except KeyError:
         useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-        subprocess.run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_SYSTEM_USER],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_SYSTEM_USER],
+            check=True,
+            capture_output=True,
+        )
         return pwd.getpwnam(PG_SYSTEM_USER)
 
 
@@ -140,15 +147,30 @@ class EmbeddedPostgres:
                 os.chown(pwfile, user.pw_uid, user.pw_gid)
             try:
                 res = subprocess.run(
-                    [str(bindir / "initdb"), "-D", str(self.data_dir / "pgdata"), "-U", PG_USER,
-                     "--pwfile", str(pwfile), "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
-                     "-E", "UTF8", "--no-instructions"],
-                    capture_output=True, **run_as)
+                    [
+                        str(bindir / "initdb"),
+                        "-D",
+                        str(self.data_dir / "pgdata"),
+                        "-U",
+                        PG_USER,
+                        "--pwfile",
+                        str(pwfile),
+                        "--auth-local=scram-sha-256",
+                        "--auth-host=scram-sha-256",
+                        "-E",
+                        "UTF8",
+                        "--no-instructions",
+                    ],
+                    capture_output=True,
+                    **run_as,
+                )
             finally:
                 pwfile.unlink(missing_ok=True)
             if res.returncode != 0:
-                raise EmbeddedServiceError(f"initdb failed: {res.stderr.decode(errors='replace')[-2000:]}",
-                                           hint=f"remove {self.data_dir} if it is a broken half-made cluster")
+                raise EmbeddedServiceError(
+                    f"initdb failed: {res.stderr.decode(errors='replace')[-2000:]}",
+                    hint=f"remove {self.data_dir} if it is a broken half-made cluster",
+                )
             self._create_db(bindir, run_as, password)
         self._spawn(bindir, run_as)
         wait_port(self.port, timeout, self.proc, "embedded Postgres")
@@ -158,13 +180,15 @@ class EmbeddedPostgres:
         """The port opens before the server accepts connections: wait for pg_isready."""
         deadline = time.monotonic() + timeout
         while True:
-            res = subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"],
-                                 capture_output=True)
+            res = subprocess.run(
+                [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"], capture_output=True
+            )
             if res.returncode == 0:
                 return
             if time.monotonic() > deadline or (self.proc is not None and self.proc.poll() is not None):
-                raise EmbeddedServiceError(f"embedded Postgres not ready within {timeout:.0f}s",
-                                           hint=f"see {self.log_path}")
+                raise EmbeddedServiceError(
+                    f"embedded Postgres not ready within {timeout:.0f}s", hint=f"see {self.log_path}"
+                )
             time.sleep(0.05)
 
     def _spawn(self, bindir: Path, run_as: dict[str, int]) -> None:
@@ -178,11 +202,32 @@ class EmbeddedPostgres:
             except ProcessLookupError:
                 pid_file.unlink()
         self.proc = subprocess.Popen(
-            [str(bindir / "postgres"), "-D", str(self.data_dir / "pgdata"), "-p", str(self.port),
-             "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "max_connections=200",
-             "-c", "shared_buffers=128MB",
-             "-c", "fsync=on", "-c", "synchronous_commit=on", "-c", "logging_collector=off"],
-            stdout=logf, stderr=logf, start_new_session=True, **run_as)
+            [
+                str(bindir / "postgres"),
+                "-D",
+                str(self.data_dir / "pgdata"),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=128MB",
+                "-c",
+                "fsync=on",
+                "-c",
+                "synchronous_commit=on",
+                "-c",
+                "logging_collector=off",
+            ],
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+            **run_as,
+        )
         logf.close()
 
     def _create_db(self, bindir: Path, run_as: dict[str, int], password: str) -> None:
@@ -192,9 +237,25 @@ class EmbeddedPostgres:
             env = {**os.environ, "PGPASSWORD": password}
             deadline = time.monotonic() + 60
             while True:  # the port opens before the server accepts connections
-                res = subprocess.run([str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER,
-                                      "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", f"CREATE DATABASE {PG_DB}"],
-                                     capture_output=True, env=env)
+                res = subprocess.run(
+                    [
+                        str(bindir / "psql"),
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        str(self.port),
+                        "-U",
+                        PG_USER,
+                        "-d",
+                        "postgres",
+                        "-v",
+                        "ON_ERROR_STOP=1",
+                        "-c",
+                        f"CREATE DATABASE {PG_DB}",
+                    ],
+                    capture_output=True,
+                    env=env,
+                )
                 if res.returncode == 0 or b"already exists" in res.stderr:
                     break
                 if b"starting up" not in res.stderr or time.monotonic() > deadline:
@@ -226,9 +287,27 @@ class EmbeddedRedis:
         logf = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child)
         # a cache: no persistence; bound to loopback with protected mode on
         self.proc = subprocess.Popen(
-            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.data_dir), "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"],
-            stdout=logf, stderr=logf, start_new_session=True)
+            [
+                str(binary),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.data_dir),
+                "--maxmemory",
+                "256mb",
+                "--maxmemory-policy",
+                "allkeys-lru",
+            ],
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+        )
         logf.close()
         wait_port(self.port, timeout, self.proc, "embedded Redis")
 

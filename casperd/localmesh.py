@@ -88,21 +88,38 @@ class LocalMesh:
         sec, pub = keys / f"{name}.key", keys / f"{name}.pub"
         if not sec.exists():
             write_keypair(keys, name)
-        return {"CASPER_CURVE": "true", "CASPER_CURVE_SECRET_KEY_FILE": str(sec),
-                "CASPER_CURVE_PUBLIC_KEY_FILE": str(pub),
-                "CASPER_BROKER_PUBLIC_KEY_FILE": str(keys / "policeman.pub")}
+        return {
+            "CASPER_CURVE": "true",
+            "CASPER_CURVE_SECRET_KEY_FILE": str(sec),
+            "CASPER_CURVE_PUBLIC_KEY_FILE": str(pub),
+            "CASPER_BROKER_PUBLIC_KEY_FILE": str(keys / "policeman.pub"),
+        }
 
-    def add_node(self, node_id: str, role: str, port: int, *, capabilities: str = "", capacity: int | None = None,
-                 start: bool = True, host: str = "127.0.0.1", prefix: list[str] | None = None) -> NodeProc:
+    def add_node(
+        self,
+        node_id: str,
+        role: str,
+        port: int,
+        *,
+        capabilities: str = "",
+        capacity: int | None = None,
+        start: bool = True,
+        host: str = "127.0.0.1",
+        prefix: list[str] | None = None,
+    ) -> NodeProc:
         """Add (and start) a node bound at ``host:port``; ``prefix`` wraps its command line
         (e.g. ``["ip", "netns", "exec", "ns1"]`` to run it in a network namespace)."""
         bind = f"tcp://{host}:{port}"
         control = f"ipc://{self.state_dir / 'run' / (node_id + '.ctl')}"
         env = {
-            "CASPER_ROLE": role, "CASPER_NODE_ID": node_id, "CASPER_STATE_DIR": str(self.state_dir),
-            "CASPER_BIND": bind, "CASPER_BROKER": self.broker_endpoint or f"tcp://127.0.0.1:{self.port_base}",
+            "CASPER_ROLE": role,
+            "CASPER_NODE_ID": node_id,
+            "CASPER_STATE_DIR": str(self.state_dir),
+            "CASPER_BIND": bind,
+            "CASPER_BROKER": self.broker_endpoint or f"tcp://127.0.0.1:{self.port_base}",
             "CASPER_CONTROL": control,
-            "CASPER_LOG_FORMAT": "text", "CASPER_LOG_LEVEL": self.log_level,
+            "CASPER_LOG_FORMAT": "text",
+            "CASPER_LOG_LEVEL": self.log_level,
             **self._keys("policeman" if role == "policeman" else node_id),
         }
         if role == "policeman":
@@ -116,8 +133,9 @@ class LocalMesh:
         if self.postgres is not None:
             env.update(self.postgres.env())
         env.update(self.extra_env)
-        node = NodeProc(node_id, role, bind, control, env, self.state_dir / "logs" / f"{node_id}.log",
-                        prefix=list(prefix or []))
+        node = NodeProc(
+            node_id, role, bind, control, env, self.state_dir / "logs" / f"{node_id}.log", prefix=list(prefix or [])
+        )
         self.nodes[node_id] = node
         if start:
             self.start_node(node_id)
@@ -130,8 +148,14 @@ class LocalMesh:
         env.update({k: v for k, v in node.env.items() if not k.startswith("CASPER_")})
         env["CASPER_CONFIG"] = str(self.write_config(node))
         with open(node.log_path, "ab") as logf:
-            node.proc = subprocess.Popen([*node.prefix, sys.executable, "-m", "casperd"], env=env, stdout=logf,
-                                         stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True)
+            node.proc = subprocess.Popen(
+                [*node.prefix, sys.executable, "-m", "casperd"],
+                env=env,
+                stdout=logf,
+                stderr=logf,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         return node
 
     def write_config(self, node: NodeProc) -> Path:
@@ -141,7 +165,7 @@ class LocalMesh:
         lines = [f"# casperd settings of {node.node_id}, written by casperd up / LocalMesh", ""]
         for key, value in sorted(node.env.items()):
             if key.startswith("CASPER_"):
-                lines.append(f"{key[len('CASPER_'):].lower()} = {json.dumps(value)}")
+                lines.append(f"{key[len('CASPER_') :].lower()} = {json.dumps(value)}")
         path.write_text("\n".join(lines) + "\n")
         return path
 
@@ -168,8 +192,9 @@ class LocalMesh:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if not node.alive:
-                raise EmbeddedServiceError(f"{node_id} exited with code {node.proc.poll() if node.proc else '?'}",
-                                           hint=f"see {node.log_path}")
+                raise EmbeddedServiceError(
+                    f"{node_id} exited with code {node.proc.poll() if node.proc else '?'}", hint=f"see {node.log_path}"
+                )
             try:
                 with ControlClient(node.control, 1.0) as c:
                     if c.request("health")["healthy"]:
@@ -185,15 +210,18 @@ class LocalMesh:
         while time.monotonic() < deadline:
             for node in self.nodes.values():
                 if node.role != "policeman" and node.proc is not None and not node.alive:
-                    raise EmbeddedServiceError(f"{node.node_id} exited with code {node.proc.poll()}",
-                                               hint=f"see {node.log_path}")
+                    raise EmbeddedServiceError(
+                        f"{node.node_id} exited with code {node.proc.poll()}", hint=f"see {node.log_path}"
+                    )
             with contextlib.suppress(CasperError), self.client(2.0) as c:
                 peers = c.request("peers")["peers"]
                 if len([p for p in peers if p["liveness"] == "alive"]) >= count:
                     return peers
             time.sleep(0.1)
-        raise EmbeddedServiceError(f"only {len(peers)} of {count} peers registered within {timeout:.0f}s",
-                                   hint=f"see the logs in {self.state_dir / 'logs'}")
+        raise EmbeddedServiceError(
+            f"only {len(peers)} of {count} peers registered within {timeout:.0f}s",
+            hint=f"see the logs in {self.state_dir / 'logs'}",
+        )
 
     def signal_node(self, node_id: str, sig: int) -> None:
         node = self.nodes[node_id]
@@ -229,11 +257,22 @@ class LocalMesh:
 
     def describe(self) -> dict[str, object]:
         return {
-            "supervisor_pid": os.getpid(), "state_dir": str(self.state_dir),
+            "supervisor_pid": os.getpid(),
+            "state_dir": str(self.state_dir),
             "policeman": {"control": self.policeman.control, "mesh": self.policeman.bind},
-            "nodes": [{"node_id": n.node_id, "role": n.role, "mesh": n.bind, "control": n.control,
-                       "pid": n.proc.pid if n.proc else None, "log": str(n.log_path)} for n in self.nodes.values()],
-            "postgres": self.database_url, "redis": self.redis_url or None,
+            "nodes": [
+                {
+                    "node_id": n.node_id,
+                    "role": n.role,
+                    "mesh": n.bind,
+                    "control": n.control,
+                    "pid": n.proc.pid if n.proc else None,
+                    "log": str(n.log_path),
+                }
+                for n in self.nodes.values()
+            ],
+            "postgres": self.database_url,
+            "redis": self.redis_url or None,
         }
 
     def write_description(self) -> Path:

@@ -231,10 +231,24 @@ class Done(_Body):
 # The broker and workers build the bodies of their busiest messages (TASK, RESULT, DONE) as plain
 # dicts from values they already validated, skipping model construction. Keys are in model field
 # order, so codec.encode_raw gives the same bytes as codec.encode of the model (unit-tested).
-def assignment_body(task_id: uuid.UUID, type: str, input: dict[str, Any], attempt: int, lease_ms: int,
-                    timeout_s: float | None, cache: bool) -> dict[str, Any]:
-    return {"task_id": task_id, "type": type, "input": input, "attempt": attempt, "lease_ms": lease_ms,
-            "timeout_s": timeout_s, "cache": cache}
+def assignment_body(
+    task_id: uuid.UUID,
+    type: str,
+    input: dict[str, Any],
+    attempt: int,
+    lease_ms: int,
+    timeout_s: float | None,
+    cache: bool,
+) -> dict[str, Any]:
+    return {
+        "task_id": task_id,
+        "type": type,
+        "input": input,
+        "attempt": attempt,
+        "lease_ms": lease_ms,
+        "timeout_s": timeout_s,
+        "cache": cache,
+    }
 
 
 def outcome_body(task_id: uuid.UUID, attempt: int, output: Any, duration_ms: float) -> dict[str, Any]:
@@ -248,8 +262,20 @@ def done_body(task_id: uuid.UUID, status: str, output: Any, error: dict[str, Any
 MODELS: dict[Command, type[_Body]] = {
     m.COMMAND: m
     for m in (
-        Ready, Heartbeat, Submit, Accepted, TaskBatch, Progress, ResultBatch, FailedBatch,
-        Cancel, Disconnect, Error, Request, Reply, Done,
+        Ready,
+        Heartbeat,
+        Submit,
+        Accepted,
+        TaskBatch,
+        Progress,
+        ResultBatch,
+        FailedBatch,
+        Cancel,
+        Disconnect,
+        Error,
+        Request,
+        Reply,
+        Done,
     )
 }
 

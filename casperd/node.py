@@ -50,7 +50,9 @@ class Node:
         self.metrics = Metrics()
         self.ctx = zmq.asyncio.Context()
         self.opts = SocketOptions(
-            hwm=settings.hwm, linger_ms=settings.linger_ms, max_message_bytes=settings.max_message_bytes,
+            hwm=settings.hwm,
+            linger_ms=settings.linger_ms,
+            max_message_bytes=settings.max_message_bytes,
             heartbeat_ms=int(settings.heartbeat_s * 1000),
             curve_secret=load_key(settings.curve_secret_key_file, "Curve secret key"),
             curve_public=load_key(settings.curve_public_key_file, "Curve public key"),
@@ -97,11 +99,14 @@ class Node:
         self.s.advertise = advertised(self.s.bind, self.s.advertise, self.s.broker)
         if self.is_policeman:
             if not self.s.database_url:
-                raise CasperError("the policeman needs a database",
-                                  hint="set --database-url / CASPER_DATABASE_URL (casperd up starts one for you)")
+                raise CasperError(
+                    "the policeman needs a database",
+                    hint="set --database-url / CASPER_DATABASE_URL (casperd up starts one for you)",
+                )
             password = read_secret_file(self.s.database_password_file, "database password")
-            self.store = Store(self.s.database_url, pool_size=self.s.db_pool_size, batch_max=self.s.commit_batch_max,
-                               password=password)
+            self.store = Store(
+                self.s.database_url, pool_size=self.s.db_pool_size, batch_max=self.s.commit_batch_max, password=password
+            )
             self.store.on_commit = self.metrics.commit_seconds.observe
             await self.store.open()
             applied = await self.store.migrate()
@@ -109,6 +114,7 @@ class Node:
                 log.info("applied migrations: %s", ", ".join(applied))
             self.broker = Broker(self.s, self.store, self.metrics)
             from casperd.agents.police import PoliceService
+
             self.police = PoliceService(self.s, self.broker, self.cache)
             await self.broker.recover()
         self.mesh_sock = router(self.ctx, self.s.bind, self.opts, curve=self.s.curve)
@@ -120,6 +126,7 @@ class Node:
         else:
             self.worker = Worker(self.s, self.metrics, self.ctx, self.opts, self.cache)
             from casperd.agents.services import WorkerServices
+
             self.worker.services = WorkerServices(self.s, self.worker, self.cache)
             self.worker.connect()
             self._spawn(self._dealer_loop(), "dealer")
@@ -127,8 +134,14 @@ class Node:
         self._spawn(self._control_loop(), "control")
         self._spawn(self._timer_loop(), "timer")
         self.metrics.serve(self.s.metrics_port, "0.0.0.0" if self.s.metrics_port else "127.0.0.1")
-        log.info("%s up: role=%s mesh=%s control=%s%s", self.s.node_id, self.s.role.value, self.s.bind,
-                 self.s.control, f" broker={self.s.broker}" if not self.is_policeman else "")
+        log.info(
+            "%s up: role=%s mesh=%s control=%s%s",
+            self.s.node_id,
+            self.s.role.value,
+            self.s.bind,
+            self.s.control,
+            f" broker={self.s.broker}" if not self.is_policeman else "",
+        )
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(self._guard(coro, name), name=name)
@@ -200,10 +213,16 @@ class Node:
                     if isinstance(msg, Request) and msg.op == "handoff" and self.worker is not None:
                         self._spawn_once(self._handoff(route, msg, decoded.attachments))
                         continue
-                    reply = (Heartbeat() if isinstance(msg, Heartbeat) else Error(
-                        code=UnsupportedError.code, ref=msg.COMMAND.value,
-                        message=f"{msg.COMMAND.name} is not served on a worker's mesh socket",
-                        hint="send tasks through the policeman (or REQUEST handoff, SPEC section 15)"))
+                    reply = (
+                        Heartbeat()
+                        if isinstance(msg, Heartbeat)
+                        else Error(
+                            code=UnsupportedError.code,
+                            ref=msg.COMMAND.value,
+                            message=f"{msg.COMMAND.name} is not served on a worker's mesh socket",
+                            hint="send tasks through the policeman (or REQUEST handoff, SPEC section 15)",
+                        )
+                    )
                 except ProtocolError as exc:
                     self._count_rejection("mesh", route, exc)
                     reply = Error(code=exc.code, message=exc.message[:4000], hint=exc.hint)
@@ -222,11 +241,11 @@ class Node:
             if not isinstance(spec, dict):
                 raise InvalidBodyError("handoff needs 'spec': a task", hint="send a TaskSpec as 'spec'")
             sender = route.split(b"/", 1)[0].decode("utf-8", "replace")[:64]
-            reply = Reply(req_id=msg.req_id, ok=True,
-                          data=await self.worker.accept_handoff(spec, attachments, sender))
+            reply = Reply(req_id=msg.req_id, ok=True, data=await self.worker.accept_handoff(spec, attachments, sender))
         except CasperError as exc:
-            reply = Reply(req_id=msg.req_id, ok=False, error=ErrorBody(code=exc.code, message=exc.message[:4000],
-                                                                       hint=exc.hint))
+            reply = Reply(
+                req_id=msg.req_id, ok=False, error=ErrorBody(code=exc.code, message=exc.message[:4000], hint=exc.hint)
+            )
         send_now(self.mesh_sock, [route, *codec.encode(reply)])
 
     async def _dealer_loop(self) -> None:
@@ -266,8 +285,9 @@ class Node:
                 try:
                     if isinstance(msg, Submit):
                         if self.broker is None:
-                            raise UnsupportedError("this node does not take submissions",
-                                                   hint="submit to the policeman's control socket")
+                            raise UnsupportedError(
+                                "this node does not take submissions", hint="submit to the policeman's control socket"
+                            )
                         await self.broker.submit(route, msg, "caspectl")
                     else:
                         reply = await self.control.handle(msg)
@@ -276,8 +296,11 @@ class Node:
                     self._control_error(route, exc, msg.COMMAND.value)
                 except Exception as exc:  # a bug must cost one request, never the node
                     log.exception("internal error handling a control request")
-                    self._control_error(route, CasperError(f"internal error: {type(exc).__name__}",
-                                                           hint="see the daemon's log"), msg.COMMAND.value)
+                    self._control_error(
+                        route,
+                        CasperError(f"internal error: {type(exc).__name__}", hint="see the daemon's log"),
+                        msg.COMMAND.value,
+                    )
             if self.broker is not None:
                 self.broker.dispatch()
 
@@ -289,8 +312,9 @@ class Node:
             if len(self._logged) > 10_000:
                 self._logged.clear()
             self._logged.add(key)
-            log.warning("rejected a frame on the %s socket from %r: [%s] %s", socket_name, route[:64], exc.code,
-                        exc.message)
+            log.warning(
+                "rejected a frame on the %s socket from %r: [%s] %s", socket_name, route[:64], exc.code, exc.message
+            )
 
     def _control_error(self, route: bytes, exc: CasperError, ref: int | None) -> None:
         assert self.control_sock is not None

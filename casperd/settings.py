@@ -72,22 +72,31 @@ class Settings(BaseSettings):
     broker: str = Field(default="tcp://127.0.0.1:5555", description="the policeman's mesh endpoint")
     control: str = Field(default="", description="control socket; default ipc://STATE_DIR/NODE_ID.ctl")
     database_url: str = Field(default="", description="Postgres URL (policeman only), e.g. postgresql://u@h/db")
-    database_password_file: Path | None = Field(default=None,
-                                                description="file holding the Postgres password (e.g. a secret)")
+    database_password_file: Path | None = Field(
+        default=None, description="file holding the Postgres password (e.g. a secret)"
+    )
     redis_url: str = Field(default="", description="Redis URL for the result cache; empty: no cache")
     capacity: int = Field(default=4, ge=0, le=10_000, description="tasks this node runs at once (slots)")
-    prefetch: int = Field(default=0, ge=0, le=10_000,
-                          description="extra tasks it may hold queued beyond capacity; credit = capacity + prefetch")
-    capabilities: Annotated[list[str], NoDecode] = Field(default_factory=list,
-                                                         description="extra capabilities (comma list)")
+    prefetch: int = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description="extra tasks it may hold queued beyond capacity; credit = capacity + prefetch",
+    )
+    capabilities: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="extra capabilities (comma list)"
+    )
     heartbeat_s: float = Field(default=1.0, gt=0, le=600, description="heartbeat interval, seconds")
     heartbeat_misses: int = Field(default=3, ge=2, le=100, description="missed intervals before dead")
-    lease_s: float = Field(default=30.0, gt=0,
-                           description="lease on an assigned task; the holder renews it every third of it")
-    breaker_failures: int = Field(default=5, ge=1, le=1000,
-                                  description="consecutive failures that open a peer's circuit breaker")
-    breaker_recovery_s: float = Field(default=60.0, gt=0,
-                                      description="how long an open breaker waits before a half-open probe")
+    lease_s: float = Field(
+        default=30.0, gt=0, description="lease on an assigned task; the holder renews it every third of it"
+    )
+    breaker_failures: int = Field(
+        default=5, ge=1, le=1000, description="consecutive failures that open a peer's circuit breaker"
+    )
+    breaker_recovery_s: float = Field(
+        default=60.0, gt=0, description="how long an open breaker waits before a half-open probe"
+    )
     max_attempts: int = Field(default=3, ge=1, le=100, description="runs per task before it is dead")
     backoff_base_s: float = Field(default=1.0, ge=0, description="first retry delay, seconds")
     backoff_factor: float = Field(default=2.0, ge=1, description="retry delay multiplier")
@@ -95,7 +104,8 @@ class Settings(BaseSettings):
     task_policies: dict[str, TaskPolicy] = Field(
         default_factory=dict,
         description="per task type: max_attempts, backoff_base_s, backoff_factor, backoff_cap_s, timeout_s "
-                    "(TOML table [task_policies.shell] or JSON in the variable)")
+        "(TOML table [task_policies.shell] or JSON in the variable)",
+    )
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="largest accepted message")
     hwm: int = Field(default=10_000, ge=1, description="ZeroMQ send/receive high-water marks")
     linger_ms: int = Field(default=1000, ge=0, description="how long close() waits for unsent frames")
@@ -114,35 +124,45 @@ class Settings(BaseSettings):
     log_format: str = Field(default="auto", pattern="^(auto|text|json)$", description="auto, text or json")
     # --- Claude agents ---
     anthropic_api_key_file: Path | None = Field(
-        default=None, description="file holding the Anthropic API key; default: the ANTHROPIC_API_KEY variable")
+        default=None, description="file holding the Anthropic API key; default: the ANTHROPIC_API_KEY variable"
+    )
     anthropic_base_url: str = Field(
-        default="", description="Messages API endpoint; default: ANTHROPIC_BASE_URL, else Anthropic's")
-    models: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_MODELS),
-                                   description='model per role, merged over the defaults: JSON (or a TOML table), '
-                                               'e.g. {"developer": "claude-opus-4-5"}')
+        default="", description="Messages API endpoint; default: ANTHROPIC_BASE_URL, else Anthropic's"
+    )
+    models: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_MODELS),
+        description="model per role, merged over the defaults: JSON (or a TOML table), "
+        'e.g. {"developer": "claude-opus-4-5"}',
+    )
     model_prices: dict[str, ModelPrice] = Field(
         default_factory=lambda: dict(DEFAULT_PRICES),
-        description='USD per million tokens per model, merged over the defaults (sonnet 3/15, haiku 1/5, '
-                    'opus-4-5 5/25, opus-4-1 15/75): JSON, e.g. {"m": {"input": 3, "output": 15, '
-                    '"cache_write": 3.75, "cache_read": 0.3}}')
+        description="USD per million tokens per model, merged over the defaults (sonnet 3/15, haiku 1/5, "
+        'opus-4-5 5/25, opus-4-1 15/75): JSON, e.g. {"m": {"input": 3, "output": 15, '
+        '"cache_write": 3.75, "cache_read": 0.3}}',
+    )
     llm_timeout_s: float = Field(default=120.0, gt=0, le=3600, description="timeout of one model API request")
-    llm_retries: int = Field(default=4, ge=0, le=20,
-                             description="CASPER's retries of a failed model call (429, 529, 5xx, network)")
+    llm_retries: int = Field(
+        default=4, ge=0, le=20, description="CASPER's retries of a failed model call (429, 529, 5xx, network)"
+    )
     llm_rpm: int = Field(default=50, ge=1, description="model requests per minute, for the whole mesh")
     llm_tpm: int = Field(default=100_000, ge=100, description="model tokens (in+out) per minute, for the whole mesh")
     llm_max_tokens: int = Field(default=4096, ge=1, le=128_000, description="max output tokens of one model call")
     agent_max_turns: int = Field(default=40, ge=1, le=1000, description="most model turns of one code task")
     agent_max_tokens: int = Field(default=500_000, ge=1000, description="most tokens one code task may use")
-    agent_context_tokens: int = Field(default=120_000, ge=1000,
-                                      description="conversation size (est. tokens) above which old tool output is "
-                                                  "elided before a model call")
+    agent_context_tokens: int = Field(
+        default=120_000,
+        ge=1000,
+        description="conversation size (est. tokens) above which old tool output is elided before a model call",
+    )
     agent_wall_s: float = Field(default=1800.0, gt=0, description="most wall time of one code task, seconds")
-    agent_command_timeout_s: float = Field(default=120.0, gt=0, le=86400,
-                                           description="timeout of a command an agent runs")
+    agent_command_timeout_s: float = Field(
+        default=120.0, gt=0, le=86400, description="timeout of a command an agent runs"
+    )
     agent_output_cap: int = Field(default=16 * 1024, ge=256, description="bytes of command output an agent sees")
     test_timeout_s: float = Field(default=600.0, gt=0, le=86400, description="timeout of a test run")
-    job_rounds: int = Field(default=3, ge=1, le=20,
-                            description="rounds of test feedback a subtask gets before it is given up")
+    job_rounds: int = Field(
+        default=3, ge=1, le=20, description="rounds of test feedback a subtask gets before it is given up"
+    )
 
     @field_validator("models", "model_prices", mode="before")
     @classmethod
@@ -214,8 +234,9 @@ def load_settings(overrides: dict[str, Any] | None = None, config_file: Path | s
 
     class _Sources(Settings):
         @classmethod
-        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                       file_secret_settings):  # type: ignore[override]
+        def settings_customise_sources(
+            cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+        ):  # type: ignore[override]
             sources = [init_settings, env_settings]
             if toml is not None:
                 sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
@@ -225,8 +246,9 @@ def load_settings(overrides: dict[str, Any] | None = None, config_file: Path | s
     try:
         return _Sources(**clean)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {toml} is not valid TOML: {exc}", hint="fix the file or drop --config") \
-            from None
+        raise ConfigError(
+            f"config file {toml} is not valid TOML: {exc}", hint="fix the file or drop --config"
+        ) from None
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_input=False, include_url=False):

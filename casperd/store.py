@@ -44,19 +44,53 @@ log = logging.getLogger("casperd.store")
 # json_populate_recordset: a single round trip per statement whatever the batch size, and the
 # rows are serialised by hand-built JSON text (C-speed joins) instead of per-value adapters.
 _TASK_COLS = (
-    "id", "created_at", "parent_id", "type", "status", "priority", "requires", "affinity", "idempotency_key",
-    "cache", "attempts", "max_attempts", "timeout_s", "assigned_to", "lease_deadline", "not_before",
-    "submitted_by", "assigned_at", "started_at", "validating_at", "finished_at", "updated_at", "input", "output",
+    "id",
+    "created_at",
+    "parent_id",
+    "type",
+    "status",
+    "priority",
+    "requires",
+    "affinity",
+    "idempotency_key",
+    "cache",
+    "attempts",
+    "max_attempts",
+    "timeout_s",
+    "assigned_to",
+    "lease_deadline",
+    "not_before",
+    "submitted_by",
+    "assigned_at",
+    "started_at",
+    "validating_at",
+    "finished_at",
+    "updated_at",
+    "input",
+    "output",
     "error",
 )
-_MUTABLE = ("status", "attempts", "assigned_to", "lease_deadline", "not_before", "assigned_at", "started_at",
-            "validating_at", "finished_at", "updated_at", "output", "error")
+_MUTABLE = (
+    "status",
+    "attempts",
+    "assigned_to",
+    "lease_deadline",
+    "not_before",
+    "assigned_at",
+    "started_at",
+    "validating_at",
+    "finished_at",
+    "updated_at",
+    "output",
+    "error",
+)
 _INSERT_NEW = (
     f"INSERT INTO tasks ({', '.join(_TASK_COLS)}) SELECT {', '.join(_TASK_COLS)} "
     "FROM json_populate_recordset(NULL::tasks, %s::json) ON CONFLICT (id, created_at) DO NOTHING"
 )
 _UPDATE_OLD = (
-    "UPDATE tasks t SET " + ", ".join(f"{c} = u.{c}" for c in _MUTABLE)
+    "UPDATE tasks t SET "
+    + ", ".join(f"{c} = u.{c}" for c in _MUTABLE)
     + " FROM json_populate_recordset(NULL::tasks, %s::json) u WHERE t.id = u.id AND t.created_at = u.created_at"
 )
 _INSERT_EVENTS = (
@@ -106,7 +140,8 @@ def _new_json(r: TaskRecord) -> str:
         f'"affinity":{_s(r.affinity)},"idempotency_key":{_s(r.idempotency_key)},'
         f'"cache":{"true" if r.cache else "false"},"attempts":{r.attempts},"max_attempts":{r.max_attempts},'
         f'"timeout_s":{_s(r.timeout_s)},"submitted_by":{_s(r.submitted_by)},"input":{r.input_json},'
-        + _mutable_json(r) + "}"
+        + _mutable_json(r)
+        + "}"
     )
 
 
@@ -120,14 +155,18 @@ def _mutable_json(r: TaskRecord) -> str:
 
 
 def _update_json(r: TaskRecord) -> str:
-    return (f'{{"id":"{r.id}","created_at":{_t(r.created_at)},"status":"{r.status.value}",'
-            f'"attempts":{r.attempts},' + _mutable_json(r) + "}")
+    return (
+        f'{{"id":"{r.id}","created_at":{_t(r.created_at)},"status":"{r.status.value}",'
+        f'"attempts":{r.attempts},' + _mutable_json(r) + "}"
+    )
 
 
 def _event_json(e: TaskEvent) -> str:
-    return (f'{{"at":{_t(e.at)},"task_id":"{e.task_id}","from_status":{_s(e.from_status)},'
-            f'"to_status":"{e.to_status}","peer":{_s(e.peer)},"attempt":{e.attempt},'
-            f'"detail":{e.detail_json or "null"}}}')
+    return (
+        f'{{"at":{_t(e.at)},"task_id":"{e.task_id}","from_status":{_s(e.from_status)},'
+        f'"to_status":"{e.to_status}","peer":{_s(e.peer)},"attempt":{e.attempt},'
+        f'"detail":{e.detail_json or "null"}}}'
+    )
 
 
 @dataclass(slots=True)
@@ -148,8 +187,14 @@ class Store:
         self.url = url
         # a password given apart from the URL never appears in it (nor in logs or errors)
         self._conn_kwargs: dict[str, Any] = {"password": password} if password else {}
-        self.pool = AsyncConnectionPool(url, min_size=1, max_size=max(2, pool_size), open=False,
-                                        kwargs={"autocommit": False, **self._conn_kwargs}, name="casper")
+        self.pool = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=max(2, pool_size),
+            open=False,
+            kwargs={"autocommit": False, **self._conn_kwargs},
+            name="casper",
+        )
         self.batch_max = batch_max
         self._batch = _Batch()
         self._wake = asyncio.Event()
@@ -214,11 +259,13 @@ class Store:
                     try:
                         await conn.execute(path.read_text())
                     except psycopg.Error as exc:
-                        raise MigrationError(f"migration {path.name} failed: {exc}",
-                                             hint="fix the database or the migration, then run casperd migrate") \
-                            from None
-                    await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                                       (version, path.name))
+                        raise MigrationError(
+                            f"migration {path.name} failed: {exc}",
+                            hint="fix the database or the migration, then run casperd migrate",
+                        ) from None
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, path.name)
+                    )
                     applied.append(path.name)
             await self.ensure_partitions(conn)
         return applied
@@ -274,8 +321,12 @@ class Store:
                 self.healthy = False
                 self.breaker.record_failure(time.monotonic())
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.error("store: commit of %d changes failed (%s); retrying in %.2fs",
-                          len(batch.dirty), self.last_error, delay)
+                log.error(
+                    "store: commit of %d changes failed (%s); retrying in %.2fs",
+                    len(batch.dirty),
+                    self.last_error,
+                    delay,
+                )
                 self._requeue(batch)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -319,9 +370,16 @@ class Store:
         old = [_update_json(r) for r in batch.dirty.values() if r.persisted]
         keys = ",".join(f'{{"key":{_dumps(k)},"task_id":"{t}","created_at":{_t(c)}}}' for k, t, c in batch.keys)
         conn = await self._writer_conn()
-        await conn.execute(_COMMIT_ALL, (
-            "[" + ",".join(new) + "]", "[" + ",".join(old) + "]", "[" + keys + "]",
-            "[" + ",".join(map(_event_json, batch.events)) + "]"), prepare=True)
+        await conn.execute(
+            _COMMIT_ALL,
+            (
+                "[" + ",".join(new) + "]",
+                "[" + ",".join(old) + "]",
+                "[" + keys + "]",
+                "[" + ",".join(map(_event_json, batch.events)) + "]",
+            ),
+            prepare=True,
+        )
         self.commits += 1
         self.rows_written += len(batch.dirty)
 
@@ -329,7 +387,8 @@ class Store:
     async def load_open(self) -> list[dict[str, Any]]:
         """Every task not in a terminal state (the broker's restart query)."""
         return await self._fetch(
-            "SELECT * FROM tasks WHERE status = ANY(%s) ORDER BY priority DESC, created_at", (_OPEN_STATUSES,))
+            "SELECT * FROM tasks WHERE status = ANY(%s) ORDER BY priority DESC, created_at", (_OPEN_STATUSES,)
+        )
 
     async def get(self, task_id: uuid.UUID) -> dict[str, Any] | None:
         if task_id.version != 7:  # not one of ours (any UUID may be asked for): no time to prune by
@@ -344,14 +403,14 @@ class Store:
 
     async def list(self, status: str | None, limit: int) -> list[dict[str, Any]]:
         if status:
-            return await self._fetch(
-                "SELECT * FROM tasks WHERE status = %s ORDER BY id DESC LIMIT %s", (status, limit))
+            return await self._fetch("SELECT * FROM tasks WHERE status = %s ORDER BY id DESC LIMIT %s", (status, limit))
         return await self._fetch("SELECT * FROM tasks ORDER BY id DESC LIMIT %s", (limit,))
 
     async def events(self, task_id: uuid.UUID) -> list[dict[str, Any]]:
         return await self._fetch(
-            "SELECT at, from_status, to_status, peer, attempt, detail FROM task_events WHERE task_id = %s"
-            " ORDER BY id", (task_id,))
+            "SELECT at, from_status, to_status, peer, attempt, detail FROM task_events WHERE task_id = %s ORDER BY id",
+            (task_id,),
+        )
 
     async def counts(self) -> dict[str, int]:
         rows = await self._fetch("SELECT status, count(*) AS n FROM tasks GROUP BY status", ())
@@ -371,8 +430,10 @@ class Store:
         queries fail at once (no pile-up of waiting requests) until a half-open probe succeeds."""
         now = time.monotonic()
         if not self.breaker.allow(now):
-            raise StorageError("the database is unavailable (circuit breaker open after repeated failures)",
-                               hint=f"retry in a few seconds; last error: {self.last_error}")
+            raise StorageError(
+                "the database is unavailable (circuit breaker open after repeated failures)",
+                hint=f"retry in a few seconds; last error: {self.last_error}",
+            )
         try:
             rows = await self._query(sql, params)
         except StorageError as exc:
@@ -386,8 +447,10 @@ class Store:
         """A write outside the group commit (agent records), committed before it returns."""
         now = time.monotonic()
         if not self.breaker.allow(now):
-            raise StorageError("the database is unavailable (circuit breaker open after repeated failures)",
-                               hint=f"retry in a few seconds; last error: {self.last_error}")
+            raise StorageError(
+                "the database is unavailable (circuit breaker open after repeated failures)",
+                hint=f"retry in a few seconds; last error: {self.last_error}",
+            )
         try:
             async with self.pool.connection(timeout=self.query_timeout_s) as conn:
                 async with conn.cursor() as cur:
@@ -402,8 +465,9 @@ class Store:
             raise StorageError(f"write failed: {exc}", hint="is Postgres up? see caspectl health") from None
         except PoolTimeout:
             self.breaker.record_failure(time.monotonic())
-            raise StorageError(f"no database connection within {self.query_timeout_s:g}s",
-                               hint="is Postgres up? see caspectl health") from None
+            raise StorageError(
+                f"no database connection within {self.query_timeout_s:g}s", hint="is Postgres up? see caspectl health"
+            ) from None
         self.breaker.record_success()
 
     async def fetch(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
@@ -423,13 +487,15 @@ class Store:
         except psycopg.Error as exc:
             raise StorageError(f"query failed: {exc}", hint="is Postgres up? see caspectl health") from None
         except PoolTimeout:
-            raise StorageError(f"no database connection within {self.query_timeout_s:g}s",
-                               hint="is Postgres up? see caspectl health") from None
+            raise StorageError(
+                f"no database connection within {self.query_timeout_s:g}s", hint="is Postgres up? see caspectl health"
+            ) from None
 
 
 def redact_url(url: str) -> str:
     """A connection URL with any password replaced, fit for logs and errors."""
     from casperd.logsetup import redact
+
     return redact(url)
 
 
@@ -438,12 +504,30 @@ def record_from_row(row: dict[str, Any]) -> TaskRecord:
         return None if v is None else json.dumps(v, separators=(",", ":"))
 
     return TaskRecord(
-        id=row["id"], created_at=row["created_at"], type=row["type"], input_json=js(row["input"]) or "{}",
-        status=Status(row["status"]), priority=row["priority"], requires=tuple(row["requires"] or ()),
-        affinity=row["affinity"], idempotency_key=row["idempotency_key"], cache=row["cache"],
-        attempts=row["attempts"], max_attempts=row["max_attempts"], timeout_s=row["timeout_s"],
-        parent_id=row["parent_id"], assigned_to=row["assigned_to"], lease_deadline=row["lease_deadline"],
-        not_before=row["not_before"], submitted_by=row["submitted_by"], assigned_at=row["assigned_at"],
-        started_at=row["started_at"], validating_at=row["validating_at"], finished_at=row["finished_at"],
-        updated_at=row["updated_at"], output_json=js(row["output"]), error_json=js(row["error"]), persisted=True,
+        id=row["id"],
+        created_at=row["created_at"],
+        type=row["type"],
+        input_json=js(row["input"]) or "{}",
+        status=Status(row["status"]),
+        priority=row["priority"],
+        requires=tuple(row["requires"] or ()),
+        affinity=row["affinity"],
+        idempotency_key=row["idempotency_key"],
+        cache=row["cache"],
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        timeout_s=row["timeout_s"],
+        parent_id=row["parent_id"],
+        assigned_to=row["assigned_to"],
+        lease_deadline=row["lease_deadline"],
+        not_before=row["not_before"],
+        submitted_by=row["submitted_by"],
+        assigned_at=row["assigned_at"],
+        started_at=row["started_at"],
+        validating_at=row["validating_at"],
+        finished_at=row["finished_at"],
+        updated_at=row["updated_at"],
+        output_json=js(row["output"]),
+        error_json=js(row["error"]),
+        persisted=True,
     )

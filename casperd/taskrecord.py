@@ -27,8 +27,11 @@ def to_json(value: Any) -> str:
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except (TypeError, ValueError) as exc:
-        raise ValueError("not JSON-compatible (binary values, NaN or Infinity)" if "JSON" in str(exc)
-                         or "float" in str(exc) else f"not JSON-compatible: {type(exc).__name__}") from None
+        raise ValueError(
+            "not JSON-compatible (binary values, NaN or Infinity)"
+            if "JSON" in str(exc) or "float" in str(exc)
+            else f"not JSON-compatible: {type(exc).__name__}"
+        ) from None
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise ValueError("contains a NUL character, which Postgres cannot store")
     return text
@@ -74,11 +77,21 @@ class TaskRecord:
     def from_spec(cls, task_id: uuid.UUID, spec: TaskSpec, max_attempts: int, submitted_by: str | None) -> TaskRecord:
         created = datetime.fromtimestamp(task_created_at(task_id), UTC)
         return cls(
-            id=task_id, created_at=created, type=spec.type, input_json=to_json(spec.input),
-            priority=spec.priority, requires=tuple(sorted(set(spec.requires))), affinity=spec.affinity,
-            idempotency_key=spec.idempotency_key, cache=spec.cache,
-            max_attempts=spec.max_attempts or max_attempts, timeout_s=spec.timeout_s, parent_id=spec.parent_id,
-            submitted_by=submitted_by, updated_at=created, input_obj=spec.input,
+            id=task_id,
+            created_at=created,
+            type=spec.type,
+            input_json=to_json(spec.input),
+            priority=spec.priority,
+            requires=tuple(sorted(set(spec.requires))),
+            affinity=spec.affinity,
+            idempotency_key=spec.idempotency_key,
+            cache=spec.cache,
+            max_attempts=spec.max_attempts or max_attempts,
+            timeout_s=spec.timeout_s,
+            parent_id=spec.parent_id,
+            submitted_by=submitted_by,
+            updated_at=created,
+            input_obj=spec.input,
         )
 
     def move(self, new: Status, now: datetime) -> Status:
@@ -100,9 +113,16 @@ class TaskRecord:
     def summary(self) -> dict[str, Any]:
         """The public view of a task, as caspectl shows it."""
         return {
-            "id": str(self.id), "type": self.type, "status": self.status.value, "priority": self.priority,
-            "attempts": self.attempts, "max_attempts": self.max_attempts, "assigned_to": self.assigned_to,
-            "requires": list(self.requires), "affinity": self.affinity, "idempotency_key": self.idempotency_key,
+            "id": str(self.id),
+            "type": self.type,
+            "status": self.status.value,
+            "priority": self.priority,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "assigned_to": self.assigned_to,
+            "requires": list(self.requires),
+            "affinity": self.affinity,
+            "idempotency_key": self.idempotency_key,
             "parent_id": str(self.parent_id) if self.parent_id else None,
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),

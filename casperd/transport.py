@@ -54,13 +54,15 @@ def router(ctx: zmq.asyncio.Context, endpoint: str, opts: SocketOptions, *, curv
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     if curve:
         if not opts.curve_secret:
-            raise ConfigError("CurveZMQ is on but this node has no secret key",
-                              hint="set --curve-secret-key-file (caspectl keygen makes one)")
+            raise ConfigError(
+                "CurveZMQ is on but this node has no secret key",
+                hint="set --curve-secret-key-file (caspectl keygen makes one)",
+            )
         sock.curve_server = True
         sock.curve_secretkey = opts.curve_secret
     try:
         if endpoint.startswith("ipc://"):
-            path = Path(endpoint[len("ipc://"):])
+            path = Path(endpoint[len("ipc://") :])
             path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # a stale socket file from a crashed run
@@ -74,13 +76,16 @@ def router(ctx: zmq.asyncio.Context, endpoint: str, opts: SocketOptions, *, curv
             sock.bind(endpoint)
     except zmq.ZMQError as exc:
         sock.close(0)
-        raise ConfigError(f"cannot bind {endpoint}: {exc.strerror}",
-                          hint="is another casperd using it? choose another address or port") from None
+        raise ConfigError(
+            f"cannot bind {endpoint}: {exc.strerror}",
+            hint="is another casperd using it? choose another address or port",
+        ) from None
     return sock
 
 
-def dealer(ctx: zmq.asyncio.Context, endpoint: str, identity: bytes, opts: SocketOptions,
-           *, curve: bool) -> zmq.asyncio.Socket:
+def dealer(
+    ctx: zmq.asyncio.Context, endpoint: str, identity: bytes, opts: SocketOptions, *, curve: bool
+) -> zmq.asyncio.Socket:
     """A DEALER with a stable routing id, connected to ``endpoint``."""
     sock = ctx.socket(zmq.DEALER)
     _common(sock, opts)
@@ -89,8 +94,10 @@ def dealer(ctx: zmq.asyncio.Context, endpoint: str, identity: bytes, opts: Socke
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
     if curve:
         if not (opts.curve_secret and opts.curve_public and opts.curve_server_key):
-            raise ConfigError("CurveZMQ is on but a key is missing",
-                              hint="set --curve-secret-key-file, --curve-public-key-file and --broker-public-key-file")
+            raise ConfigError(
+                "CurveZMQ is on but a key is missing",
+                hint="set --curve-secret-key-file, --curve-public-key-file and --broker-public-key-file",
+            )
         sock.curve_secretkey = opts.curve_secret
         sock.curve_publickey = opts.curve_public
         sock.curve_serverkey = opts.curve_server_key
@@ -112,11 +119,11 @@ def advertised(bind: str, advertise: str, broker: str) -> str:
         return advertise
     if not bind.startswith("tcp://"):
         return bind
-    host, _, port = bind[len("tcp://"):].rpartition(":")
+    host, _, port = bind[len("tcp://") :].rpartition(":")
     if host not in _WILDCARDS:
         return bind
     ip = ""
-    b_host, _, b_port = broker[len("tcp://"):].rpartition(":") if broker.startswith("tcp://") else ("", "", "")
+    b_host, _, b_port = broker[len("tcp://") :].rpartition(":") if broker.startswith("tcp://") else ("", "", "")
     if b_host and b_host not in _WILDCARDS:
         with contextlib.suppress(OSError, ValueError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect((b_host.strip("[]"), int(b_port or 5555)))
@@ -160,10 +167,12 @@ def read_secret_file(path: Path | None, what: str, *, secret: bool = True) -> st
     try:
         value = path.read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read the {what} from {path}: {exc.strerror}",
-                          hint="check the path and that this user may read it") from None
+        raise ConfigError(
+            f"cannot read the {what} from {path}: {exc.strerror}", hint="check the path and that this user may read it"
+        ) from None
     if secret:
         from casperd.logsetup import register_secret
+
         register_secret(value)
         log.info("read the %s from %s", what, path)
     return value
@@ -175,8 +184,9 @@ def load_key(path: Path | None, what: str) -> bytes | None:
     if text is None:
         return None
     if len(text.encode()) != 40:
-        raise ConfigError(f"{what} in {path} is not a 40-character z85 Curve key",
-                          hint="make keys with caspectl keygen")
+        raise ConfigError(
+            f"{what} in {path} is not a 40-character z85 Curve key", hint="make keys with caspectl keygen"
+        )
     return text.encode()
 
 

@@ -33,20 +33,30 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="casperd up", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="casperd up",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a local CASPER mesh: embedded Postgres + Redis, a policeman, developers and a tester, "
-                    "each its own process on 127.0.0.1. Ctrl-C stops everything; data survives a restart.",
+        "each its own process on 127.0.0.1. Ctrl-C stops everything; data survives a restart.",
         epilog="examples:\n  casperd up --demo                 # watch a sample workload move through the mesh\n"
-               "  casperd up --developers 4\n"
-               "  casperd up --database-url postgresql://me@db/casper --redis-url redis://cache:6379/0\n"
-               "then, in another terminal:\n  caspectl status | caspectl peers | "
-               "caspectl submit echo --input '{}' --wait")
+        "  casperd up --developers 4\n"
+        "  casperd up --database-url postgresql://me@db/casper --redis-url redis://cache:6379/0\n"
+        "then, in another terminal:\n  caspectl status | caspectl peers | "
+        "caspectl submit echo --input '{}' --wait",
+    )
     p.add_argument("--developers", type=int, default=2, help="developer nodes (default 2)")
     p.add_argument("--testers", type=int, default=1, help="tester nodes (default 1)")
-    p.add_argument("--state-dir", type=Path, default=Path(os.environ.get("CASPER_STATE_DIR") or DEFAULT_STATE_DIR),
-                   help=f"keys, data, logs, sockets (default {DEFAULT_STATE_DIR}) [CASPER_STATE_DIR]")
-    p.add_argument("--port-base", type=int, default=5555,
-                   help="policeman port; nodes take the next ones; Postgres +100, Redis +101 (default 5555)")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("CASPER_STATE_DIR") or DEFAULT_STATE_DIR),
+        help=f"keys, data, logs, sockets (default {DEFAULT_STATE_DIR}) [CASPER_STATE_DIR]",
+    )
+    p.add_argument(
+        "--port-base",
+        type=int,
+        default=5555,
+        help="policeman port; nodes take the next ones; Postgres +100, Redis +101 (default 5555)",
+    )
     p.add_argument("--database-url", default="", help="use this Postgres instead of the embedded one")
     p.add_argument("--redis-url", default="", help="use this Redis instead of the embedded one")
     p.add_argument("--no-redis", action="store_true", help="run without the result cache")
@@ -80,10 +90,14 @@ def show_mesh(mesh: LocalMesh) -> None:
     for n in mesh.nodes.values():
         t.add_row(n.node_id, n.role, n.bind, n.control, str(n.proc.pid if n.proc else "-"), str(n.log_path))
     console.print(t)
-    console.print(f"postgres: {mesh.database_url}   redis: {mesh.redis_url or 'off'}   "
-                  f"state: {mesh.state_dir}   curve: {'on' if mesh.curve else 'off'}")
-    console.print("caspectl finds this mesh by itself: try [bold]caspectl status[/], [bold]caspectl peers[/], "
-                  "[bold]caspectl tasks[/]. Ctrl-C stops the mesh.")
+    console.print(
+        f"postgres: {mesh.database_url}   redis: {mesh.redis_url or 'off'}   "
+        f"state: {mesh.state_dir}   curve: {'on' if mesh.curve else 'off'}"
+    )
+    console.print(
+        "caspectl finds this mesh by itself: try [bold]caspectl status[/], [bold]caspectl peers[/], "
+        "[bold]caspectl tasks[/]. Ctrl-C stops the mesh."
+    )
 
 
 def demo_specs(n: int) -> list[TaskSpec]:
@@ -92,8 +106,13 @@ def demo_specs(n: int) -> list[TaskSpec]:
     for i in range(n):
         kind = i % 5
         if kind == 0:
-            specs.append(TaskSpec(type="shell", input={"cmd": f"python3 -c 'print(sum(range({i * 1000})))'",
-                                                       "expect_exit": 0}, priority=6))
+            specs.append(
+                TaskSpec(
+                    type="shell",
+                    input={"cmd": f"python3 -c 'print(sum(range({i * 1000})))'", "expect_exit": 0},
+                    priority=6,
+                )
+            )
         elif kind == 1:
             specs.append(TaskSpec(type="echo", input={"n": i % 10}, cache=True))
         elif kind == 2:
@@ -108,14 +127,21 @@ def demo_specs(n: int) -> list[TaskSpec]:
 def run_demo(mesh: LocalMesh, n: int) -> dict[str, int]:
     specs = demo_specs(n)
     statuses: dict[str, int] = {}
-    with mesh.client(timeout_s=30) as c, Progress(
-        TextColumn("[bold]demo workload"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(), console=console,
-    ) as progress:
+    with (
+        mesh.client(timeout_s=30) as c,
+        Progress(
+            TextColumn("[bold]demo workload"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress,
+    ):
         bar = progress.add_task("demo", total=len(specs), detail="submitting")
         ids: set[str] = set()
         for i in range(0, len(specs), 100):
-            acc = c.submit(specs[i:i + 100], wait=True)
+            acc = c.submit(specs[i : i + 100], wait=True)
             ids.update(str(t) for t in acc.task_ids)
         done = 0
         for ev in c.done_events(timeout_s=60):
@@ -136,12 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     state_dir = a.state_dir.expanduser().resolve()
     other = _already_running(state_dir)
     if other is not None:
-        console.print(f"[red]casperd up:[/] a mesh is already running from {state_dir} (supervisor pid {other})\n"
-                      "  hint: stop it (Ctrl-C in its terminal, or kill the pid), or use another --state-dir")
+        console.print(
+            f"[red]casperd up:[/] a mesh is already running from {state_dir} (supervisor pid {other})\n"
+            "  hint: stop it (Ctrl-C in its terminal, or kill the pid), or use another --state-dir"
+        )
         return ExitCode.USAGE
-    mesh = LocalMesh(state_dir, developers=a.developers, testers=a.testers, port_base=a.port_base,
-                     database_url=a.database_url, redis_url=None if a.no_redis else a.redis_url,
-                     curve=not a.no_curve, log_level=a.log_level)
+    mesh = LocalMesh(
+        state_dir,
+        developers=a.developers,
+        testers=a.testers,
+        port_base=a.port_base,
+        database_url=a.database_url,
+        redis_url=None if a.no_redis else a.redis_url,
+        curve=not a.no_curve,
+        log_level=a.log_level,
+    )
     stop = {"now": False}
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -181,8 +216,10 @@ def supervise(mesh: LocalMesh) -> None:
             node.restarts += 1
             if node.restarts > 5:
                 continue
-            console.print(f"[yellow]{node.node_id} exited with code {code}; restarting "
-                          f"(restart {node.restarts}/5, log: {node.log_path})")
+            console.print(
+                f"[yellow]{node.node_id} exited with code {code}; restarting "
+                f"(restart {node.restarts}/5, log: {node.log_path})"
+            )
             time.sleep(min(5.0, 0.5 * node.restarts))
             mesh.start_node(node.node_id)
 

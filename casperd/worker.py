@@ -70,8 +70,14 @@ class Running:
 
 
 class Worker:
-    def __init__(self, settings: Settings, metrics: Metrics, ctx: zmq.asyncio.Context, opts: SocketOptions,
-                 cache: ResultCache | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        ctx: zmq.asyncio.Context,
+        opts: SocketOptions,
+        cache: ResultCache | None,
+    ) -> None:
         self.s = settings
         self.metrics = metrics
         self.ctx = ctx
@@ -110,12 +116,24 @@ class Worker:
         return self.sock
 
     def send_ready(self) -> None:
-        self._send(codec.encode(Ready(
-            node_id=self.s.node_id, epoch=self.epoch, role=self.s.role, endpoint=self.s.advertise, pid=os.getpid(),
-            host=_hostname(), capabilities=self.s.all_capabilities,
-            capacity=0 if self.draining else self.s.capacity + self.s.prefetch, tasks=tuple(self.running),
-            heartbeat_ms=int(self.s.heartbeat_s * 1000), version=__version__.replace("+", "."),
-            public_key=self.opts.curve_public.decode() if self.s.curve and self.opts.curve_public else None)))
+        self._send(
+            codec.encode(
+                Ready(
+                    node_id=self.s.node_id,
+                    epoch=self.epoch,
+                    role=self.s.role,
+                    endpoint=self.s.advertise,
+                    pid=os.getpid(),
+                    host=_hostname(),
+                    capabilities=self.s.all_capabilities,
+                    capacity=0 if self.draining else self.s.capacity + self.s.prefetch,
+                    tasks=tuple(self.running),
+                    heartbeat_ms=int(self.s.heartbeat_s * 1000),
+                    version=__version__.replace("+", "."),
+                    public_key=self.opts.curve_public.decode() if self.s.curve and self.opts.curve_public else None,
+                )
+            )
+        )
 
     def _ready_again(self) -> None:
         self._ready_pending = False
@@ -179,8 +197,9 @@ class Worker:
             log.warning("broker disconnects us: %s; registering again", msg.reason)
             self.send_ready()
 
-    async def request(self, op: str, args: dict[str, Any], attachments: tuple[bytes, ...] = (),
-                      timeout_s: float = 15.0) -> tuple[Any, tuple[bytes, ...]]:
+    async def request(
+        self, op: str, args: dict[str, Any], attachments: tuple[bytes, ...] = (), timeout_s: float = 15.0
+    ) -> tuple[Any, tuple[bytes, ...]]:
         """Ask the broker something over the mesh (REQUEST/REPLY on the DEALER): agent services
         such as rate-limit permits and saved turns. Raises the broker's error, or RequestTimeoutError."""
         self._req_id = (self._req_id + 1) % (1 << 62)
@@ -193,25 +212,36 @@ class Worker:
             async with asyncio.timeout(timeout_s):
                 return await fut
         except TimeoutError:
-            raise RequestTimeoutError(f"the policeman did not answer {op} within {timeout_s:g}s",
-                                      hint="is the policeman up and reachable?") from None
+            raise RequestTimeoutError(
+                f"the policeman did not answer {op} within {timeout_s:g}s", hint="is the policeman up and reachable?"
+            ) from None
         finally:
             self._requests.pop(req_id, None)
 
-    async def accept_handoff(self, spec: dict[str, Any], attachments: tuple[bytes, ...],
-                             sender: str) -> dict[str, Any]:
+    async def accept_handoff(self, spec: dict[str, Any], attachments: tuple[bytes, ...], sender: str) -> dict[str, Any]:
         """A peer hands us a task directly (section 15 of the spec): the policeman records it with us
         as the holder (committed), then it runs here. If we cannot take it now, the policeman queues
         it for whoever can."""
         hold = not self.draining and len(self.running) < self.s.capacity + self.s.prefetch
         data, _ = await self.request("handoff-record", {"spec": spec, "hold": hold, "from": sender}, attachments)
         if data.get("assigned"):
-            self._start(Assignment(task_id=uuid.UUID(data["task_id"]), type=data["type"], input=data["input"],
-                                   attempt=data["attempt"], lease_ms=data["lease_ms"], timeout_s=data["timeout_s"]),
-                        attachments)
+            self._start(
+                Assignment(
+                    task_id=uuid.UUID(data["task_id"]),
+                    type=data["type"],
+                    input=data["input"],
+                    attempt=data["attempt"],
+                    lease_ms=data["lease_ms"],
+                    timeout_s=data["timeout_s"],
+                ),
+                attachments,
+            )
             log.info("task %s handed to us directly", data["task_id"])
-        return {"task_id": data["task_id"], "holder": self.s.node_id if data.get("assigned") else None,
-                "existing": data.get("existing", False)}
+        return {
+            "task_id": data["task_id"],
+            "holder": self.s.node_id if data.get("assigned") else None,
+            "existing": data.get("existing", False),
+        }
 
     def _start(self, a: Assignment, attachments: tuple[bytes, ...] = ()) -> None:
         self._renew_every = min(self._renew_every, a.lease_ms / 3000)
@@ -225,8 +255,14 @@ class Worker:
                 old.attempt = a.attempt
             return
         if self.draining:
-            self._failures.append(Failure(task_id=a.task_id, attempt=a.attempt, retryable=True, error=ErrorBody(
-                code="draining", message=f"{self.s.node_id} is shutting down")))
+            self._failures.append(
+                Failure(
+                    task_id=a.task_id,
+                    attempt=a.attempt,
+                    retryable=True,
+                    error=ErrorBody(code="draining", message=f"{self.s.node_id} is shutting down"),
+                )
+            )
             self._schedule_flush()
             return
         task = asyncio.get_running_loop().create_task(self._run(a, attachments), name=f"task-{a.task_id}")
@@ -245,9 +281,17 @@ class Worker:
                     run.in_slot = True
                     self._schedule_flush()  # PROGRESS: processing means running, not just received
                 ttype = handlers.get(a.type)
-                ctx = handlers.RunContext(self.s.node_id, self.s.workspace, self.s.shell_timeout_s,
-                                          self.s.shell_output_cap, a.timeout_s, a.task_id, a.attempt,
-                                          attachments, self.services)
+                ctx = handlers.RunContext(
+                    self.s.node_id,
+                    self.s.workspace,
+                    self.s.shell_timeout_s,
+                    self.s.shell_output_cap,
+                    a.timeout_s,
+                    a.task_id,
+                    a.attempt,
+                    attachments,
+                    self.services,
+                )
 
                 async def compute() -> Any:
                     if a.timeout_s:
@@ -265,10 +309,15 @@ class Worker:
                 body["output"] = output.output
                 frames = codec.encode_raw(Command.RESULT, {"results": [body]}, output.attachments)
                 if sum(map(len, frames)) > self.s.max_message_bytes:
-                    self._fail(a, CasperError(f"the result with its attachments does not fit in "
-                                              f"{self.s.max_message_bytes} bytes",
-                                              hint="raise max_message_bytes or make the change smaller"),
-                               False, "too-large")
+                    self._fail(
+                        a,
+                        CasperError(
+                            f"the result with its attachments does not fit in {self.s.max_message_bytes} bytes",
+                            hint="raise max_message_bytes or make the change smaller",
+                        ),
+                        False,
+                        "too-large",
+                    )
                     outcome = "failed"
                     return
                 self._send(frames)
@@ -280,12 +329,19 @@ class Worker:
             run = self.running.get(a.task_id)
             if run is None or not run.cancelled_by_broker:
                 # shutdown, not the broker: hand the task back so it runs elsewhere
-                self._failures.append(Failure(task_id=a.task_id, attempt=a.attempt, retryable=True, error=ErrorBody(
-                    code="handed-back", message=f"{self.s.node_id} stopped before finishing")))
+                self._failures.append(
+                    Failure(
+                        task_id=a.task_id,
+                        attempt=a.attempt,
+                        retryable=True,
+                        error=ErrorBody(code="handed-back", message=f"{self.s.node_id} stopped before finishing"),
+                    )
+                )
         except TimeoutError:
             outcome = "failed"
-            self._fail(a, CasperError(f"task timed out after {a.timeout_s:g}s", hint="raise timeout_s"), True,
-                       "timeout")
+            self._fail(
+                a, CasperError(f"task timed out after {a.timeout_s:g}s", hint="raise timeout_s"), True, "timeout"
+            )
         except CasperError as exc:
             outcome = "failed"
             self._fail(a, exc, exc.retryable and not isinstance(exc, UnknownTaskTypeError))
@@ -306,8 +362,14 @@ class Worker:
 
     def _fail(self, a: Assignment, exc: CasperError, retryable: bool, code: str | None = None) -> None:
         self.failed += 1
-        self._failures.append(Failure(task_id=a.task_id, attempt=self._attempt(a), retryable=retryable,
-                                      error=ErrorBody(code=code or exc.code, message=str(exc)[:4000])))
+        self._failures.append(
+            Failure(
+                task_id=a.task_id,
+                attempt=self._attempt(a),
+                retryable=retryable,
+                error=ErrorBody(code=code or exc.code, message=str(exc)[:4000]),
+            )
+        )
 
     # --- batched reports ------------------------------------------------------------------------
     def _schedule_flush(self) -> None:
@@ -323,19 +385,26 @@ class Worker:
             for frames, _ in messages:
                 self._send(frames)
             for out in too_big:
-                self._failures.append(Failure(
-                    task_id=out["task_id"], attempt=out["attempt"], retryable=False, error=ErrorBody(
-                        code="too-large", message=f"the output does not fit in {self.s.max_message_bytes} bytes")))
+                self._failures.append(
+                    Failure(
+                        task_id=out["task_id"],
+                        attempt=out["attempt"],
+                        retryable=False,
+                        error=ErrorBody(
+                            code="too-large", message=f"the output does not fit in {self.s.max_message_bytes} bytes"
+                        ),
+                    )
+                )
         if self._failures:
             batch2, self._failures = self._failures, []
             for i in range(0, len(batch2), 1000):
-                self._send(codec.encode(FailedBatch(failures=tuple(batch2[i:i + 1000]))))
+                self._send(codec.encode(FailedBatch(failures=tuple(batch2[i : i + 1000]))))
         started = [tid for tid, r in self.running.items() if r.in_slot and not r.reported_start]
         if started:
             for tid in started:
                 self.running[tid].reported_start = True
             for i in range(0, len(started), 1000):
-                self._send(codec.encode(Progress(task_ids=tuple(started[i:i + 1000]))))
+                self._send(codec.encode(Progress(task_ids=tuple(started[i : i + 1000]))))
 
     # --- timers -----------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -347,8 +416,9 @@ class Worker:
                 self._reconnects += 1
                 backoff = min(32.0, 2.0 ** (self._reconnects - 1)) * random.uniform(0.5, 1.0)
                 self._next_reconnect = now + backoff
-                log.warning("broker silent for %.1fs; reconnecting (next try in %.1fs)",
-                            now - self.clock.last_seen, backoff)
+                log.warning(
+                    "broker silent for %.1fs; reconnecting (next try in %.1fs)", now - self.clock.last_seen, backoff
+                )
                 self.connect()
                 self.clock.last_seen = now - self.s.heartbeat_s * self.s.heartbeat_misses  # stay "silent"
             return
@@ -357,7 +427,7 @@ class Worker:
             self._last_renew = now
             held = list(self.running)
             for i in range(0, len(held), 1000):
-                self._send(codec.encode(Progress(task_ids=tuple(held[i:i + 1000]), note=RENEW)))
+                self._send(codec.encode(Progress(task_ids=tuple(held[i : i + 1000]), note=RENEW)))
         if self.clock.heartbeat_due(now):
             self._send(codec.encode(Heartbeat(load=len(self.running), draining=self.draining)))
 
@@ -386,11 +456,20 @@ class Worker:
 
     def status_view(self) -> dict[str, Any]:
         return {
-            "node_id": self.s.node_id, "role": self.s.role.value, "pid": os.getpid(), "epoch": self.epoch,
-            "broker": self.s.broker, "mesh": self.s.advertise, "registered": self.registered,
-            "broker_silent_s": round(time.monotonic() - self.clock.last_seen, 3), "capacity": self.s.capacity,
-            "running": len(self.running), "completed": self.completed, "failed": self.failed,
-            "draining": self.draining, "capabilities": list(self.s.all_capabilities),
+            "node_id": self.s.node_id,
+            "role": self.s.role.value,
+            "pid": os.getpid(),
+            "epoch": self.epoch,
+            "broker": self.s.broker,
+            "mesh": self.s.advertise,
+            "registered": self.registered,
+            "broker_silent_s": round(time.monotonic() - self.clock.last_seen, 3),
+            "capacity": self.s.capacity,
+            "running": len(self.running),
+            "completed": self.completed,
+            "failed": self.failed,
+            "draining": self.draining,
+            "capabilities": list(self.s.all_capabilities),
             "cache": self.cache.stats() if self.cache else None,
         }
 

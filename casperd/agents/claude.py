@@ -68,14 +68,23 @@ class Reply:
         return [b for b in self.content if b.get("type") == "tool_use"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"content": self.content, "stop_reason": self.stop_reason, "model": self.model,
-                "usage": self.usage.to_dict(), "request_id": self.request_id}
+        return {
+            "content": self.content,
+            "stop_reason": self.stop_reason,
+            "model": self.model,
+            "usage": self.usage.to_dict(),
+            "request_id": self.request_id,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Reply:
-        return cls(content=list(d.get("content") or []), stop_reason=d.get("stop_reason"),
-                   model=str(d.get("model") or ""), usage=Usage.from_dict(d.get("usage")),
-                   request_id=d.get("request_id"))
+        return cls(
+            content=list(d.get("content") or []),
+            stop_reason=d.get("stop_reason"),
+            model=str(d.get("model") or ""),
+            usage=Usage.from_dict(d.get("usage")),
+            request_id=d.get("request_id"),
+        )
 
 
 def _is_retryable(status: int) -> bool:
@@ -96,10 +105,20 @@ def _block_dict(block: Any) -> dict[str, Any]:
 class ClaudeClient:
     """See the module docstring."""
 
-    def __init__(self, *, api_key: str | None, base_url: str | None, timeout_s: float = 120.0, retries: int = 4,
-                 limiter: Limiter, prices: Mapping[str, ModelPrice], cache: ResultCache | None = None,
-                 breaker: CircuitBreaker | None = None, backoff: RetryPolicy | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        base_url: str | None,
+        timeout_s: float = 120.0,
+        retries: int = 4,
+        limiter: Limiter,
+        prices: Mapping[str, ModelPrice],
+        cache: ResultCache | None = None,
+        breaker: CircuitBreaker | None = None,
+        backoff: RetryPolicy | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._api_key = api_key or None
         self.base_url = base_url or None
         self.timeout_s = timeout_s
@@ -108,14 +127,18 @@ class ClaudeClient:
         self.prices = prices
         self.cache = cache
         self.breaker = breaker if breaker is not None else CircuitBreaker(failure_threshold=5, recovery_s=60.0)
-        self.backoff = backoff if backoff is not None else RetryPolicy(max_attempts=self.retries + 1, base_s=1.0,
-                                                                         factor=2.0, cap_s=30.0)
+        self.backoff = (
+            backoff
+            if backoff is not None
+            else RetryPolicy(max_attempts=self.retries + 1, base_s=1.0, factor=2.0, cap_s=30.0)
+        )
         self._sleep = sleep
         self._client: anthropic.AsyncAnthropic | None = None
         self.calls = 0
         self.cache_hits = 0
         if self._api_key:
             from casperd.logsetup import register_secret
+
             register_secret(self._api_key)
 
     @classmethod
@@ -124,14 +147,23 @@ class ClaudeClient:
 
         key = read_secret_file(s.anthropic_api_key_file, "Anthropic API key") or os.environ.get("ANTHROPIC_API_KEY")
         base_url = s.anthropic_base_url or os.environ.get("ANTHROPIC_BASE_URL") or None
-        return cls(api_key=key or None, base_url=base_url, timeout_s=s.llm_timeout_s, retries=s.llm_retries,
-                   limiter=limiter, prices=s.model_prices, cache=cache,
-                   breaker=CircuitBreaker(failure_threshold=s.breaker_failures, recovery_s=s.breaker_recovery_s),
-                   backoff=RetryPolicy(max_attempts=s.llm_retries + 1, base_s=1.0, factor=2.0, cap_s=30.0))
+        return cls(
+            api_key=key or None,
+            base_url=base_url,
+            timeout_s=s.llm_timeout_s,
+            retries=s.llm_retries,
+            limiter=limiter,
+            prices=s.model_prices,
+            cache=cache,
+            breaker=CircuitBreaker(failure_threshold=s.breaker_failures, recovery_s=s.breaker_recovery_s),
+            backoff=RetryPolicy(max_attempts=s.llm_retries + 1, base_s=1.0, factor=2.0, cap_s=30.0),
+        )
 
     def __repr__(self) -> str:
-        return (f"ClaudeClient(base_url={self.base_url!r}, key={'set' if self._api_key else 'missing'}, "
-                f"retries={self.retries}, breaker={self.breaker.state.value})")
+        return (
+            f"ClaudeClient(base_url={self.base_url!r}, key={'set' if self._api_key else 'missing'}, "
+            f"retries={self.retries}, breaker={self.breaker.state.value})"
+        )
 
     @property
     def has_key(self) -> bool:
@@ -144,20 +176,31 @@ class ClaudeClient:
 
     def _sdk(self) -> anthropic.AsyncAnthropic:
         if self._client is None:
-            self._client = anthropic.AsyncAnthropic(api_key=self._api_key, base_url=self.base_url,
-                                                    timeout=self.timeout_s, max_retries=0)
+            self._client = anthropic.AsyncAnthropic(
+                api_key=self._api_key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0
+            )
         return self._client
 
     # --- the call
-    async def create(self, *, model: str, system: str, messages: list[dict[str, Any]], max_tokens: int,
-                     tools: list[dict[str, Any]] | None = None, tool_choice: dict[str, Any] | None = None,
-                     temperature: float | None = None, deterministic: bool = False) -> Reply:
+    async def create(
+        self,
+        *,
+        model: str,
+        system: str,
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: dict[str, Any] | None = None,
+        temperature: float | None = None,
+        deterministic: bool = False,
+    ) -> Reply:
         """One Messages API call. Raises MissingApiKeyError, LlmRequestError or LlmError."""
         if not self._api_key:
             raise MissingApiKeyError(
                 "no Anthropic API key: ANTHROPIC_API_KEY is not set and no key file is configured",
                 hint="set the anthropic_api_key_file setting (--anthropic-api-key-file / "
-                     "CASPER_ANTHROPIC_API_KEY_FILE) to a file holding the key, or export ANTHROPIC_API_KEY")
+                "CASPER_ANTHROPIC_API_KEY_FILE) to a file holding the key, or export ANTHROPIC_API_KEY",
+            )
         if deterministic:
             temperature = 0.0
         if not (deterministic and self.cache is not None and self.cache.enabled):
@@ -180,9 +223,16 @@ class ClaudeClient:
             log.debug("claude %s: served from the result cache (%d tokens saved)", model, reply.saved.total_tokens)
         return reply
 
-    def _params(self, model: str, system: str, messages: list[dict[str, Any]], max_tokens: int,
-                tools: list[dict[str, Any]] | None, tool_choice: dict[str, Any] | None,
-                temperature: float | None) -> dict[str, Any]:
+    def _params(
+        self,
+        model: str,
+        system: str,
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        tools: list[dict[str, Any]] | None,
+        tool_choice: dict[str, Any] | None,
+        temperature: float | None,
+    ) -> dict[str, Any]:
         params: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "messages": messages}
         if system:
             params["system"] = [{"type": "text", "text": system, "cache_control": dict(CACHE_CONTROL)}]
@@ -197,13 +247,22 @@ class ClaudeClient:
             params["extra_body"] = {"temperature": temperature}
         return params
 
-    async def _call(self, model: str, system: str, messages: list[dict[str, Any]], max_tokens: int,
-                    tools: list[dict[str, Any]] | None, tool_choice: dict[str, Any] | None,
-                    temperature: float | None) -> Reply:
+    async def _call(
+        self,
+        model: str,
+        system: str,
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        tools: list[dict[str, Any]] | None,
+        tool_choice: dict[str, Any] | None,
+        temperature: float | None,
+    ) -> Reply:
         if not self.breaker.allow(time.monotonic()):
             wait = max(0.0, self.breaker.opened_at + self.breaker.recovery_s - time.monotonic())
-            raise LlmError("the model API circuit breaker is open after repeated failures",
-                           hint=f"calls resume in about {wait:.0f}s; check the API status and the logs")
+            raise LlmError(
+                "the model API circuit breaker is open after repeated failures",
+                hint=f"calls resume in about {wait:.0f}s; check the API status and the logs",
+            )
         try:
             reply = await self._attempts(model, system, messages, max_tokens, tools, tool_choice, temperature)
         except LlmRequestError:
@@ -220,9 +279,16 @@ class ClaudeClient:
         self.breaker.record_success()
         return reply
 
-    async def _attempts(self, model: str, system: str, messages: list[dict[str, Any]], max_tokens: int,
-                        tools: list[dict[str, Any]] | None, tool_choice: dict[str, Any] | None,
-                        temperature: float | None) -> Reply:
+    async def _attempts(
+        self,
+        model: str,
+        system: str,
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        tools: list[dict[str, Any]] | None,
+        tool_choice: dict[str, Any] | None,
+        temperature: float | None,
+    ) -> Reply:
         params = self._params(model, system, messages, max_tokens, tools, tool_choice, temperature)
         estimate = estimate_tokens(system, messages, tools, max_tokens)
         sdk = self._sdk()
@@ -241,12 +307,21 @@ class ClaudeClient:
                 self.limiter.observe(obs)
                 self.limiter.settle(estimate, 0)
                 kind, detail = _error_info(exc)
-                log.debug("claude %s: HTTP %d %s after %.0f ms (attempt %d)", model, status, kind,
-                          (time.monotonic() - t0) * 1000, attempt)
+                log.debug(
+                    "claude %s: HTTP %d %s after %.0f ms (attempt %d)",
+                    model,
+                    status,
+                    kind,
+                    (time.monotonic() - t0) * 1000,
+                    attempt,
+                )
                 if not _is_retryable(status):
-                    raise LlmRequestError(f"the model API refused the request: HTTP {status} {kind}: {detail}",
-                                          hint=_request_hint(status), status=status,
-                                          request_id=getattr(exc, "request_id", None)) from None
+                    raise LlmRequestError(
+                        f"the model API refused the request: HTTP {status} {kind}: {detail}",
+                        hint=_request_hint(status),
+                        status=status,
+                        request_id=getattr(exc, "request_id", None),
+                    ) from None
                 reason = f"HTTP {status} {kind}"
                 retry_after = obs.retry_after_s
             except anthropic.APITimeoutError:
@@ -258,9 +333,11 @@ class ClaudeClient:
             else:
                 return self._reply(raw, msg, model, estimate, t0, attempt)
             if attempt > self.retries:
-                raise LlmError(f"the model API call failed {attempt} times; last: {reason}",
-                               hint="the task can be retried later; check the API status and rate limits",
-                               reason=reason)
+                raise LlmError(
+                    f"the model API call failed {attempt} times; last: {reason}",
+                    hint="the task can be retried later; check the API status and rate limits",
+                    reason=reason,
+                )
             wait = min(retry_after, MAX_RETRY_AFTER_S) if retry_after is not None else self._jittered(attempt)
             log.warning("claude %s: %s; retry %d/%d in %.2fs", model, reason, attempt, self.retries, wait)
             await self._sleep(wait)
@@ -277,15 +354,35 @@ class ClaudeClient:
         cread = int(getattr(u, "cache_read_input_tokens", 0) or 0)
         cwrite = int(getattr(u, "cache_creation_input_tokens", 0) or 0)
         answered_model = str(getattr(msg, "model", None) or model)
-        usage = Usage(input_tokens=inp, output_tokens=out, cache_read_tokens=cread, cache_write_tokens=cwrite,
-                      calls=1, cost_usd=cost_of(answered_model, inp, out, cread, cwrite, self.prices))
+        usage = Usage(
+            input_tokens=inp,
+            output_tokens=out,
+            cache_read_tokens=cread,
+            cache_write_tokens=cwrite,
+            calls=1,
+            cost_usd=cost_of(answered_model, inp, out, cread, cwrite, self.prices),
+        )
         self.limiter.settle(estimate, usage.total_tokens)
         self.calls += 1
         request_id = raw.headers.get("request-id")
-        log.debug("claude %s: HTTP 200 %s, %d in + %d out tokens (cache read %d, write %d), %.0f ms, attempt %d",
-                  answered_model, msg.stop_reason, inp, out, cread, cwrite, (time.monotonic() - t0) * 1000, attempt)
-        return Reply(content=[_block_dict(b) for b in msg.content], stop_reason=msg.stop_reason,
-                     model=answered_model, usage=usage, request_id=request_id)
+        log.debug(
+            "claude %s: HTTP 200 %s, %d in + %d out tokens (cache read %d, write %d), %.0f ms, attempt %d",
+            answered_model,
+            msg.stop_reason,
+            inp,
+            out,
+            cread,
+            cwrite,
+            (time.monotonic() - t0) * 1000,
+            attempt,
+        )
+        return Reply(
+            content=[_block_dict(b) for b in msg.content],
+            stop_reason=msg.stop_reason,
+            model=answered_model,
+            usage=usage,
+            request_id=request_id,
+        )
 
 
 def _error_info(exc: anthropic.APIStatusError) -> tuple[str, str]:

@@ -46,8 +46,10 @@ def fit(messages: list[dict[str, Any]], budget_tokens: int) -> tuple[list[dict[s
             size = _text_len(block.get("content"))
             if size <= 200:
                 continue
-            block["content"] = (f"[elided to fit the context window: {size} characters of earlier tool output; "
-                                "run the tool again if you still need it]")
+            block["content"] = (
+                f"[elided to fit the context window: {size} characters of earlier tool output; "
+                "run the tool again if you still need it]"
+            )
             block["elided"] = True
             elided += 1
             if estimate(out) <= budget_tokens:

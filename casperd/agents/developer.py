@@ -72,16 +72,22 @@ def _with_feedback(messages: list[dict[str, Any]], feedback: str) -> None:
 def _limits(ctx: RunContext, data: dict[str, Any]) -> tuple[int, int, float, float]:
     s = ctx.services.settings
     lim = data.get("limits") or {}
-    return (int(lim.get("max_turns") or s.agent_max_turns), int(lim.get("max_tokens") or s.agent_max_tokens),
-            float(lim.get("max_cost_usd") or 0.0), float(lim.get("wall_s") or s.agent_wall_s))
+    return (
+        int(lim.get("max_turns") or s.agent_max_turns),
+        int(lim.get("max_tokens") or s.agent_max_tokens),
+        float(lim.get("max_cost_usd") or 0.0),
+        float(lim.get("wall_s") or s.agent_wall_s),
+    )
 
 
 def _need_services(ctx: RunContext) -> Any:
     if ctx.services is None:
         raise TaskError("this node offers no agent services", hint="run code tasks on a developer node")
     if not ctx.services.has_api_key:
-        raise MissingApiKeyError("no Anthropic API key: set ANTHROPIC_API_KEY on the developer nodes",
-                                 hint="or point the anthropic_api_key_file setting at a file holding the key")
+        raise MissingApiKeyError(
+            "no Anthropic API key: set ANTHROPIC_API_KEY on the developer nodes",
+            hint="or point the anthropic_api_key_file setting at a file holding the key",
+        )
     return ctx.services
 
 
@@ -117,28 +123,38 @@ async def run_code(ctx: RunContext, data: dict[str, Any]) -> Attached:
             await gitwork.apply(wt, wip)
         if feedback:
             _with_feedback(messages, feedback)
-        sandbox = Sandbox(wt, command_timeout_s=svc.settings.agent_command_timeout_s,
-                          output_cap=svc.settings.agent_output_cap)
+        sandbox = Sandbox(
+            wt, command_timeout_s=svc.settings.agent_command_timeout_s, output_cap=svc.settings.agent_output_cap
+        )
         done = _finished_summary(messages) if saved is not None and not feedback else None
         if done is not None:  # it had finished; only its result was lost (e.g. the policeman restarted)
             summary = done
         else:
-            summary = await _loop(ctx, svc, sandbox, messages, usage, model, job_id, base,
-                                  (max_turns, max_tokens, max_cost, t0 + wall_s))
+            summary = await _loop(
+                ctx, svc, sandbox, messages, usage, model, job_id, base, (max_turns, max_tokens, max_cost, t0 + wall_s)
+            )
         patch = await gitwork.diff(wt, base)
     finally:
         with contextlib.suppress(Exception):
             await gitwork.remove_worktree(wt)
     turns = sum(1 for m in messages if m["role"] == "assistant")
     out: dict[str, Any] = {
-        "summary": summary, "usage": usage.to_dict(), "turns": turns, "resumed_at_message": resumed_at,
+        "summary": summary,
+        "usage": usage.to_dict(),
+        "turns": turns,
+        "resumed_at_message": resumed_at,
         "patch": {"attachment": 0, "bytes": len(patch), "files": changed_paths(patch)},
-        "duration_s": round(time.monotonic() - t0, 3), "node": ctx.node_id,
+        "duration_s": round(time.monotonic() - t0, 3),
+        "node": ctx.node_id,
     }
     follow = data.get("handoff")
     if patch and isinstance(follow, dict):  # the test task goes straight to a tester
-        spec = {"type": "test", "input": follow.get("input") or {}, "parent_id": job_id,
-                "idempotency_key": f"{follow.get('key')}:a{ctx.attempt}"}
+        spec = {
+            "type": "test",
+            "input": follow.get("input") or {},
+            "parent_id": job_id,
+            "idempotency_key": f"{follow.get('key')}:a{ctx.attempt}",
+        }
         try:
             out["handoff"] = await svc.hand_off(spec, (patch,), "test")
         except CasperError as exc:  # the policeman creates it when it sees the result
@@ -157,28 +173,43 @@ def _finished_summary(messages: list[dict[str, Any]]) -> str | None:
     return None
 
 
-async def _loop(ctx: RunContext, svc: Any, sandbox: Sandbox, messages: list[dict[str, Any]], usage: Usage,
-                model: str, job_id: str | None, base: str, limits: tuple[int, int, float, float]) -> str:
+async def _loop(
+    ctx: RunContext,
+    svc: Any,
+    sandbox: Sandbox,
+    messages: list[dict[str, Any]],
+    usage: Usage,
+    model: str,
+    job_id: str | None,
+    base: str,
+    limits: tuple[int, int, float, float],
+) -> str:
     max_turns, max_tokens, max_cost, deadline = limits
     assert ctx.task_id is not None
     while True:
         turns = sum(1 for m in messages if m["role"] == "assistant")
         if turns >= max_turns:
-            raise BudgetExceededError(f"the agent used its {max_turns} turns without finishing",
-                                      hint="raise agent_max_turns or split the task")
+            raise BudgetExceededError(
+                f"the agent used its {max_turns} turns without finishing",
+                hint="raise agent_max_turns or split the task",
+            )
         if usage.total_tokens >= max_tokens:
-            raise BudgetExceededError(f"the agent used {usage.total_tokens} tokens (limit {max_tokens})",
-                                      hint="raise agent_max_tokens or split the task")
+            raise BudgetExceededError(
+                f"the agent used {usage.total_tokens} tokens (limit {max_tokens})",
+                hint="raise agent_max_tokens or split the task",
+            )
         if max_cost and usage.cost_usd >= max_cost:
-            raise BudgetExceededError(f"the agent spent ${usage.cost_usd:.4f} (limit ${max_cost:.4f})",
-                                      hint="raise the job's budget")
+            raise BudgetExceededError(
+                f"the agent spent ${usage.cost_usd:.4f} (limit ${max_cost:.4f})", hint="raise the job's budget"
+            )
         if time.monotonic() >= deadline:
             raise BudgetExceededError("the agent ran out of wall time", hint="raise agent_wall_s")
         window, elided = context.fit(messages, svc.settings.agent_context_tokens)
         if elided:
             log.info("task %s: %d old tool results elided to fit the context budget", ctx.task_id, elided)
-        reply = await svc.claude.create(model=model, system=SYSTEM, messages=window, tools=TOOLS,
-                                        max_tokens=svc.settings.llm_max_tokens)
+        reply = await svc.claude.create(
+            model=model, system=SYSTEM, messages=window, tools=TOOLS, max_tokens=svc.settings.llm_max_tokens
+        )
         usage.add(reply.usage)
         call = {"model": reply.model, **reply.usage.to_dict(), "cached": reply.cached}
         messages.append({"role": "assistant", "content": reply.content})
@@ -213,12 +244,21 @@ async def run_ask(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(max_tokens, int) or not 0 < max_tokens <= 128_000:
         raise TaskError("ask 'max_tokens' must be an integer between 1 and 128000", hint="e.g. 512")
     reply = await svc.claude.create(
-        model=svc.model_for("developer", data.get("model")), system=str(data.get("system") or ""),
-        messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-        deterministic=bool(data.get("deterministic")))
+        model=svc.model_for("developer", data.get("model")),
+        system=str(data.get("system") or ""),
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        deterministic=bool(data.get("deterministic")),
+    )
     assert ctx.task_id is not None
-    await svc.record_calls(ctx.task_id, [{"model": reply.model, **reply.usage.to_dict(), "cached": reply.cached}],
-                           data.get("job_id"))
+    await svc.record_calls(
+        ctx.task_id, [{"model": reply.model, **reply.usage.to_dict(), "cached": reply.cached}], data.get("job_id")
+    )
     text = "".join(b.get("text", "") for b in reply.content if b.get("type") == "text")
-    return {"text": text, "model": reply.model, "usage": reply.usage.to_dict(), "cached": reply.cached,
-            "stop_reason": reply.stop_reason}
+    return {
+        "text": text,
+        "model": reply.model,
+        "usage": reply.usage.to_dict(),
+        "cached": reply.cached,
+        "stop_reason": reply.stop_reason,
+    }

@@ -32,13 +32,20 @@ STDERR_TAIL = 2000
 """How much of git's stderr an error message carries (the end, where git says what went wrong)."""
 
 _CONFIG = (
-    "-c", "core.hooksPath=/dev/null",
-    "-c", "core.fsmonitor=false",
-    "-c", "commit.gpgsign=false",
-    "-c", "tag.gpgsign=false",
-    "-c", "core.quotePath=true",
-    "-c", "advice.detachedHead=false",
-    "-c", "gc.auto=0",
+    "-c",
+    "core.hooksPath=/dev/null",
+    "-c",
+    "core.fsmonitor=false",
+    "-c",
+    "commit.gpgsign=false",
+    "-c",
+    "tag.gpgsign=false",
+    "-c",
+    "core.quotePath=true",
+    "-c",
+    "advice.detachedHead=false",
+    "-c",
+    "gc.auto=0",
 )
 
 # One lock per mirror and event loop: asyncio locks must not be shared between loops.
@@ -51,9 +58,13 @@ def git_env() -> dict[str, str]:
     env = {k: v for k, v in clean_env().items() if not k.startswith("GIT_")}
     env.update(
         GIT_TERMINAL_PROMPT="0",
-        GIT_AUTHOR_NAME=IDENTITY_NAME, GIT_AUTHOR_EMAIL=IDENTITY_EMAIL,
-        GIT_COMMITTER_NAME=IDENTITY_NAME, GIT_COMMITTER_EMAIL=IDENTITY_EMAIL,
-        GIT_CONFIG_NOSYSTEM="1", LC_ALL="C", LANGUAGE="C",
+        GIT_AUTHOR_NAME=IDENTITY_NAME,
+        GIT_AUTHOR_EMAIL=IDENTITY_EMAIL,
+        GIT_COMMITTER_NAME=IDENTITY_NAME,
+        GIT_COMMITTER_EMAIL=IDENTITY_EMAIL,
+        GIT_CONFIG_NOSYSTEM="1",
+        LC_ALL="C",
+        LANGUAGE="C",
     )
     return env
 
@@ -72,15 +83,20 @@ async def _run(args: tuple[str, ...], cwd: Path, stdin: bytes | None, timeout_s:
     argv = ("git", *_CONFIG, *args)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=cwd, env=git_env(), start_new_session=True,
+            *argv,
+            cwd=cwd,
+            env=git_env(),
+            start_new_session=True,
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
     except FileNotFoundError as exc:
         if exc.filename in (None, "git"):
             raise GitError("git is not installed on this node", hint="install git (it must be on PATH)") from None
-        raise GitError(f"the directory {str(cwd)!r} for git does not exist",
-                       hint="check the repository or worktree path") from None
+        raise GitError(
+            f"the directory {str(cwd)!r} for git does not exist", hint="check the repository or worktree path"
+        ) from None
     except NotADirectoryError:
         raise GitError(f"{str(cwd)!r} is not a directory", hint="check the repository or worktree path") from None
     except OSError as exc:
@@ -91,8 +107,10 @@ async def _run(args: tuple[str, ...], cwd: Path, stdin: bytes | None, timeout_s:
         _kill_group(proc)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(proc.communicate(), 5)
-        raise GitError(f"git {args[0]} timed out after {timeout_s:g}s",
-                       hint="the repository may be very large or locked by another git process") from None
+        raise GitError(
+            f"git {args[0]} timed out after {timeout_s:g}s",
+            hint="the repository may be very large or locked by another git process",
+        ) from None
     except asyncio.CancelledError:
         _kill_group(proc)
         with contextlib.suppress(Exception):
@@ -108,16 +126,21 @@ async def git(*args: str, cwd: Path, stdin: bytes | None = None, check: bool = T
     code, out, err = await _run(args, Path(cwd), stdin, timeout_s)
     if check and code != 0:
         tail = _tail(err)
-        raise GitError(f"git {args[0]} failed (exit {code}): {tail or 'no message'}",
-                       hint="see git's message above; check the repository, revision and worktree",
-                       returncode=code, stderr=tail)
+        raise GitError(
+            f"git {args[0]} failed (exit {code}): {tail or 'no message'}",
+            hint="see git's message above; check the repository, revision and worktree",
+            returncode=code,
+            stderr=tail,
+        )
     return out
 
 
 def _check_rev(rev: str) -> None:
     if not rev or rev.startswith("-") or any(c in rev for c in "\0\n\r"):
-        raise GitError(f"{rev!r} is not a valid git revision",
-                       hint="name a commit sha, a branch or a tag (it must not start with '-')")
+        raise GitError(
+            f"{rev!r} is not a valid git revision",
+            hint="name a commit sha, a branch or a tag (it must not start with '-')",
+        )
 
 
 async def _is_dir(path: Path) -> bool:
@@ -129,18 +152,25 @@ async def resolve_commit(repo: Path | str, rev: str = "HEAD") -> str:
     _check_rev(rev)
     path = Path(repo)
     if not await _is_dir(path):
-        raise GitError(f"repository {str(repo)!r} does not exist or is not a directory",
-                       hint="give the absolute path of a git repository on this node")
-    code, out, _err = await _run(("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"),
-                                 path, None, 60)
+        raise GitError(
+            f"repository {str(repo)!r} does not exist or is not a directory",
+            hint="give the absolute path of a git repository on this node",
+        )
+    code, out, _err = await _run(
+        ("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"), path, None, 60
+    )
     if code == 0:
         return out.decode().strip()
     code2, _o, _e = await _run(("rev-parse", "--git-dir"), path, None, 60)
     if code2 != 0:
-        raise GitError(f"{str(repo)!r} is not a git repository",
-                       hint="give the path of a git repository (run 'git init' and commit first)")
-    raise GitError(f"revision {rev!r} is not a commit in {str(repo)!r}",
-                   hint="check the branch, tag or sha (has it been committed, or fetched?)")
+        raise GitError(
+            f"{str(repo)!r} is not a git repository",
+            hint="give the path of a git repository (run 'git init' and commit first)",
+        )
+    raise GitError(
+        f"revision {rev!r} is not a commit in {str(repo)!r}",
+        hint="check the branch, tag or sha (has it been committed, or fetched?)",
+    )
 
 
 def mirror_path(repo: Path, mirror_root: Path) -> Path:
@@ -174,11 +204,23 @@ async def _ensure_mirror(repo: Path, mirror: Path, sha: str) -> None:
     if await _has_commit(mirror, sha):
         return
     # A commit no ref points at: ask the local upload-pack (it inherits our -c) for it by sha.
-    await git("-c", "uploadpack.allowAnySHA1InWant=true", "fetch", "--quiet", "--no-tags", "--", str(repo), sha,
-              cwd=mirror, timeout_s=1800)
+    await git(
+        "-c",
+        "uploadpack.allowAnySHA1InWant=true",
+        "fetch",
+        "--quiet",
+        "--no-tags",
+        "--",
+        str(repo),
+        sha,
+        cwd=mirror,
+        timeout_s=1800,
+    )
     if not await _has_commit(mirror, sha):
-        raise GitError(f"commit {sha} could not be fetched from {str(repo)!r}",
-                       hint="make sure the commit exists in the repository")
+        raise GitError(
+            f"commit {sha} could not be fetched from {str(repo)!r}",
+            hint="make sure the commit exists in the repository",
+        )
 
 
 async def make_worktree(repo: Path | str, base: str, dest: Path, mirror_root: Path) -> Path:
@@ -190,8 +232,10 @@ async def make_worktree(repo: Path | str, base: str, dest: Path, mirror_root: Pa
     mirror = mirror_path(repo_abs, root)
     dest_abs = await asyncio.to_thread(lambda: Path(dest).resolve())
     if await asyncio.to_thread(lambda: dest_abs.exists() and (not dest_abs.is_dir() or any(dest_abs.iterdir()))):
-        raise GitError(f"worktree destination {str(dest_abs)!r} already exists and is not empty",
-                       hint="remove it, or choose a new directory for the worktree")
+        raise GitError(
+            f"worktree destination {str(dest_abs)!r} already exists and is not empty",
+            hint="remove it, or choose a new directory for the worktree",
+        )
     async with _lock(mirror):
         await _ensure_mirror(repo_abs, mirror, sha)
         await asyncio.to_thread(dest_abs.parent.mkdir, parents=True, exist_ok=True)
@@ -201,6 +245,7 @@ async def make_worktree(repo: Path | str, base: str, dest: Path, mirror_root: Pa
 
 async def _common_dir(dest: Path) -> Path | None:
     """The bare mirror a worktree belongs to, from its ``.git`` file (None when not a worktree)."""
+
     def read() -> Path | None:
         gitfile = dest / ".git"
         if not gitfile.is_file():
@@ -212,6 +257,7 @@ async def _common_dir(dest: Path) -> Path | None:
         if not gitdir.is_absolute():
             gitdir = dest / gitdir
         return gitdir.resolve().parent.parent
+
     return await asyncio.to_thread(read)
 
 
@@ -241,8 +287,18 @@ async def diff(worktree: Path, base: str) -> bytes:
     files included (ignored files are not); ``b""`` when nothing changed. Stages everything."""
     _check_rev(base)
     await git("add", "-A", cwd=worktree)
-    return await git("diff", "--cached", "--binary", "--no-color", "--no-ext-diff", "--no-textconv",
-                     base, "--", cwd=worktree, timeout_s=300)
+    return await git(
+        "diff",
+        "--cached",
+        "--binary",
+        "--no-color",
+        "--no-ext-diff",
+        "--no-textconv",
+        base,
+        "--",
+        cwd=worktree,
+        timeout_s=300,
+    )
 
 
 async def apply(worktree: Path, patch: bytes) -> None:
@@ -263,9 +319,11 @@ async def apply(worktree: Path, patch: bytes) -> None:
     with contextlib.suppress(GitError):
         await git("read-tree", "--reset", "-u", before, cwd=worktree)
     tail = _tail(err3 or err)
-    raise PatchConflictError(f"the patch does not apply to the current code: {tail or 'git apply failed'}",
-                             hint="the code it was made for has changed: redo the change on the current code",
-                             stderr=tail)
+    raise PatchConflictError(
+        f"the patch does not apply to the current code: {tail or 'git apply failed'}",
+        hint="the code it was made for has changed: redo the change on the current code",
+        stderr=tail,
+    )
 
 
 async def commit_all(worktree: Path, message: str) -> str:
@@ -291,9 +349,11 @@ async def push_ref(worktree: Path, repo: Path | str, ref: str) -> None:
     try:
         await git("push", "--force", "--quiet", "--", target, f"HEAD:{full}", cwd=worktree, timeout_s=600)
     except GitError as exc:
-        raise GitError(f"cannot push to {full} in {target!r}: {exc.details.get('stderr') or exc.message}",
-                       hint="a non-bare repository refuses a push to its checked-out branch: use another ref",
-                       **exc.details) from None
+        raise GitError(
+            f"cannot push to {full} in {target!r}: {exc.details.get('stderr') or exc.message}",
+            hint="a non-bare repository refuses a push to its checked-out branch: use another ref",
+            **exc.details,
+        ) from None
 
 
 # --- parsing patches (pure) -----------------------------------------------------------------------
@@ -308,11 +368,11 @@ def _unquote(text: str) -> tuple[str, str]:
     while i < len(text):
         c = text[i]
         if c == '"':
-            return out.decode("utf-8", "replace"), text[i + 1:]
+            return out.decode("utf-8", "replace"), text[i + 1 :]
         if c == "\\" and i + 1 < len(text):
             n = text[i + 1]
-            if n in "0123" and i + 3 < len(text) and all(ch in "01234567" for ch in text[i + 1:i + 4]):
-                out.append(int(text[i + 1:i + 4], 8))
+            if n in "0123" and i + 3 < len(text) and all(ch in "01234567" for ch in text[i + 1 : i + 4]):
+                out.append(int(text[i + 1 : i + 4], 8))
                 i += 4
                 continue
             out.append(_ESCAPES.get(n, ord(n) if ord(n) < 128 else 63))
@@ -347,16 +407,16 @@ def _header_paths(rest: str) -> list[str]:
         paths.append(_unquote(rest)[0] if rest.startswith('"') else rest)
     elif rest.endswith('"') and ' "' in rest:
         idx = rest.index(' "')
-        paths += [rest[:idx], _unquote(rest[idx + 1:])[0]]
+        paths += [rest[:idx], _unquote(rest[idx + 1 :])[0]]
     else:
         # "a/X b/X": both names are the same for everything but renames and copies (which name
         # their paths on rename/copy lines), so split in the middle.
         half = (len(rest) - 1) // 2
-        if len(rest) % 2 == 1 and rest[half] == " " and rest[:half][2:] == rest[half + 1:][2:]:
-            paths += [rest[:half], rest[half + 1:]]
+        if len(rest) % 2 == 1 and rest[half] == " " and rest[:half][2:] == rest[half + 1 :][2:]:
+            paths += [rest[:half], rest[half + 1 :]]
         else:
             idx = rest.find(" b/")
-            paths += [rest[:idx], rest[idx + 1:]] if idx > 0 else [rest]
+            paths += [rest[:idx], rest[idx + 1 :]] if idx > 0 else [rest]
     return [p for p in (_strip_prefix(x) for x in paths) if p]
 
 
@@ -386,17 +446,23 @@ def changed_paths(patch: bytes) -> list[str]:
             continue
         if raw.startswith("diff --git "):
             close()
-            section, header_paths = [], _header_paths(raw[len("diff --git "):])
+            section, header_paths = [], _header_paths(raw[len("diff --git ") :])
             continue
         m = _HUNK.match(raw)
         if m:
             old_left = int(m.group(1)) if m.group(1) is not None else 1
             new_left = int(m.group(2)) if m.group(2) is not None else 1
             continue
-        for prefix, strip in (("--- ", True), ("+++ ", True), ("rename from ", False), ("rename to ", False),
-                              ("copy from ", False), ("copy to ", False)):
+        for prefix, strip in (
+            ("--- ", True),
+            ("+++ ", True),
+            ("rename from ", False),
+            ("rename to ", False),
+            ("copy from ", False),
+            ("copy to ", False),
+        ):
             if raw.startswith(prefix):
-                path = _one_path(raw[len(prefix):])
+                path = _one_path(raw[len(prefix) :])
                 p = _strip_prefix(path) if strip else path
                 if p:
                     section.append(p)

@@ -7,8 +7,9 @@ import uuid
 from typing import Any
 
 
-async def build_report(records: Any, job_id: uuid.UUID, spec: dict[str, Any], prog: dict[str, Any],
-                       state: str) -> dict[str, Any]:
+async def build_report(
+    records: Any, job_id: uuid.UUID, spec: dict[str, Any], prog: dict[str, Any], state: str
+) -> dict[str, Any]:
     """The job's report (caspectl job): plan, subtasks with tokens, cost and time, totals, final tests."""
     subs = list((prog.get("subtasks") or {}).values())
     ids = [uuid.UUID(t) for s in subs for t in s.get("task_ids", [])]
@@ -19,22 +20,39 @@ async def build_report(records: Any, job_id: uuid.UUID, spec: dict[str, Any], pr
         for t in s.get("task_ids", []):
             for k, v in usage.get(uuid.UUID(t), {}).items():
                 u[k] = round(u.get(k, 0) + v, 6)
-        out_subs.append({**{k: s.get(k) for k in ("id", "title", "state", "rounds", "attempts", "task_ids",
-                                                  "tests", "note", "handed_off")},
-                         "time_s": round(float(s.get("time_s") or 0.0), 3), "tokens": u,
-                         "cost_usd": u.get("cost_usd", 0.0)})
+        out_subs.append(
+            {
+                **{
+                    k: s.get(k)
+                    for k in ("id", "title", "state", "rounds", "attempts", "task_ids", "tests", "note", "handed_off")
+                },
+                "time_s": round(float(s.get("time_s") or 0.0), 3),
+                "tokens": u,
+                "cost_usd": u.get("cost_usd", 0.0),
+            }
+        )
     total = await records.usage_by_job(job_id)
     t0 = prog.get("t0")
     wall = prog.get("wall_s") or (round(time.time() - float(t0), 3) if t0 else 0.0)
     return {
-        "job_id": str(job_id), **spec_view(spec), "state": state, "branch": prog.get("branch"),
-        "summary": prog.get("summary", ""), "cost_usd": total["cost_usd"], "tokens": total,
-        "wall_s": wall, "sum_task_s": round(sum(s["time_s"] for s in out_subs) + float(
-            prog.get("final_time_s") or 0.0), 3),
-        "started_at": prog.get("started_at"), "finished_at": prog.get("finished_at"),
-        "plan": [{"id": s["id"], "title": s["title"], "depends_on": s.get("depends_on", [])}
-                 for s in (prog.get("plan") or {}).get("subtasks", [])],
-        "subtasks": out_subs, "final_tests": prog.get("final_tests"), "notes": prog.get("notes", []),
+        "job_id": str(job_id),
+        **spec_view(spec),
+        "state": state,
+        "branch": prog.get("branch"),
+        "summary": prog.get("summary", ""),
+        "cost_usd": total["cost_usd"],
+        "tokens": total,
+        "wall_s": wall,
+        "sum_task_s": round(sum(s["time_s"] for s in out_subs) + float(prog.get("final_time_s") or 0.0), 3),
+        "started_at": prog.get("started_at"),
+        "finished_at": prog.get("finished_at"),
+        "plan": [
+            {"id": s["id"], "title": s["title"], "depends_on": s.get("depends_on", [])}
+            for s in (prog.get("plan") or {}).get("subtasks", [])
+        ],
+        "subtasks": out_subs,
+        "final_tests": prog.get("final_tests"),
+        "notes": prog.get("notes", []),
     }
 
 
@@ -54,8 +72,9 @@ def test_feedback(row: dict[str, Any]) -> str:
     out = row.get("output") or {}
     if row["status"] != "complete":
         return f"The tests could not run: {last_error(row)}"
-    lines = [f"The tests fail: {out.get('passed', 0)} passed, {out.get('failed', 0)} failed, "
-             f"{out.get('errors', 0)} errors."]
+    lines = [
+        f"The tests fail: {out.get('passed', 0)} passed, {out.get('failed', 0)} failed, {out.get('errors', 0)} errors."
+    ]
     for f in (out.get("failures") or [])[:10]:
         lines.append(f"- {f.get('name')}: {str(f.get('message') or '')[:800]}")
     tail = str(out.get("output_tail") or "")[-2000:]

@@ -81,8 +81,10 @@ class JobRunner:
         if not isinstance(goal, str) or not goal.strip():
             raise InvalidBodyError("a job needs a goal", hint='caspectl run "fix the failing tests" --repo PATH')
         if not isinstance(repo, str) or not Path(repo).is_absolute():
-            raise InvalidBodyError("a job needs --repo: an absolute path to a git repository",
-                                   hint="the repository must be readable by every node at that path")
+            raise InvalidBodyError(
+                "a job needs --repo: an absolute path to a git repository",
+                hint="the repository must be readable by every node at that path",
+            )
         base = await gitwork.resolve_commit(repo, str(args.get("rev") or "HEAD"))
         budget = args.get("budget_usd")
         if budget is not None and (not isinstance(budget, int | float) or budget <= 0):
@@ -90,11 +92,19 @@ class JobRunner:
         par = args.get("max_parallel") or 4
         if not isinstance(par, int) or not 1 <= par <= 64:
             raise InvalidBodyError("max_parallel must be between 1 and 64", hint="e.g. --max-parallel 4")
-        spec_input = {"goal": goal.strip(), "repo": repo, "base": base, "test_cmd": args.get("test_cmd") or None,
-                      "budget_usd": budget, "max_parallel": par, "allowed": list(args.get("allowed") or [])}
+        spec_input = {
+            "goal": goal.strip(),
+            "repo": repo,
+            "base": base,
+            "test_cmd": args.get("test_cmd") or None,
+            "budget_usd": budget,
+            "max_parallel": par,
+            "allowed": list(args.get("allowed") or []),
+        }
         key = args.get("idempotency_key")
         tid, existing = await self.broker.submit_local(
-            TaskSpec(type="job", input=spec_input, idempotency_key=key, max_attempts=1), submitter="caspectl run")
+            TaskSpec(type="job", input=spec_input, idempotency_key=key, max_attempts=1), submitter="caspectl run"
+        )
         return {"job_id": str(tid), "existing": existing}
 
     async def report(self, job_id: uuid.UUID) -> dict[str, Any]:
@@ -104,16 +114,29 @@ class JobRunner:
             if task is None or task["type"] != "job":
                 raise TaskNotFoundError(f"no job {job_id}", hint="caspectl tasks lists tasks; jobs have type job")
             spec = task["input"] or {}
-            return {"job_id": str(job_id), "state": "planning", **spec_view(spec), "subtasks": [], "plan": [],
-                    "notes": [], "tokens": {}, "cost_usd": 0.0}
+            return {
+                "job_id": str(job_id),
+                "state": "planning",
+                **spec_view(spec),
+                "subtasks": [],
+                "plan": [],
+                "notes": [],
+                "tokens": {},
+                "cost_usd": 0.0,
+            }
         return await build_report(self.records, job_id, row["spec"], row["progress"], row["state"])
 
     # --- the job ------------------------------------------------------------------------------------------
     async def _run(self, rec: TaskRecord) -> None:
         try:
             report = await self._job(rec.id, rec.input)
-            self.broker.finish_local(rec, {k: report.get(k) for k in (
-                "state", "branch", "summary", "cost_usd", "wall_s", "sum_task_s", "final_tests", "notes")})
+            self.broker.finish_local(
+                rec,
+                {
+                    k: report.get(k)
+                    for k in ("state", "branch", "summary", "cost_usd", "wall_s", "sum_task_s", "final_tests", "notes")
+                },
+            )
         except asyncio.CancelledError:
             raise
         except CasperError as exc:
@@ -162,13 +185,24 @@ class JobRunner:
                 await self.records.save_job(job_id, "planning", spec, prog)
                 plan = await self._plan(job_id, spec)
                 prog["plan"] = plan.model_dump()
-                prog["subtasks"] = {s.id: {"id": s.id, "title": s.title, "state": "pending", "rounds": 0,
-                                           "task_ids": []} for s in plan.subtasks}
+                prog["subtasks"] = {
+                    s.id: {"id": s.id, "title": s.title, "state": "pending", "rounds": 0, "task_ids": []}
+                    for s in plan.subtasks
+                }
                 if spec.get("test_cmd"):
-                    tid, _ = await self.broker.submit_local(TaskSpec(  # what already fails before any change
-                        type="test", parent_id=job_id, idempotency_key=f"job:{job_id}:baseline",
-                        input={"job_id": str(job_id), "repo": spec["repo"], "base": spec["base"],
-                               "test_cmd": spec["test_cmd"]}))
+                    tid, _ = await self.broker.submit_local(
+                        TaskSpec(  # what already fails before any change
+                            type="test",
+                            parent_id=job_id,
+                            idempotency_key=f"job:{job_id}:baseline",
+                            input={
+                                "job_id": str(job_id),
+                                "repo": spec["repo"],
+                                "base": spec["base"],
+                                "test_cmd": spec["test_cmd"],
+                            },
+                        )
+                    )
                     prog["baseline_task"] = str(tid)
                 await self.records.save_job(job_id, "running", spec, prog)
             plan = Plan.model_validate(prog["plan"])
@@ -178,11 +212,20 @@ class JobRunner:
             self._wake.pop(job_id, None)
 
     async def _plan(self, job_id: uuid.UUID, spec: dict[str, Any]) -> Plan:
-        files = (await gitwork.git("ls-tree", "-r", "--name-only", spec["base"], cwd=Path(spec["repo"]))).decode(
-            "utf-8", "replace").splitlines()
+        files = (
+            (await gitwork.git("ls-tree", "-r", "--name-only", spec["base"], cwd=Path(spec["repo"])))
+            .decode("utf-8", "replace")
+            .splitlines()
+        )
         plan, _usage, calls = await make_plan(
-            self.police.claude, self.s.models.get("policeman", "claude-sonnet-4-6"), spec["goal"], files,
-            spec.get("test_cmd"), int(spec.get("max_parallel") or 4), self.s.llm_max_tokens)
+            self.police.claude,
+            self.s.models.get("policeman", "claude-sonnet-4-6"),
+            spec["goal"],
+            files,
+            spec.get("test_cmd"),
+            int(spec.get("max_parallel") or 4),
+            self.s.llm_max_tokens,
+        )
         await self.records.add_calls(calls, task_id=job_id, job_id=job_id, node=self.s.node_id, role="policeman")
         log.info("job %s planned %d subtasks", job_id, len(plan.subtasks))
         return plan
@@ -202,8 +245,9 @@ class JobRunner:
             broke = budget is not None and spent >= float(budget)
             if broke and not prog.get("budget_note"):
                 prog["budget_note"] = True
-                prog["notes"].append(f"budget spent (${spent:.4f} of ${float(budget):.2f}): "
-                                     "no new Claude work was dispatched")
+                prog["notes"].append(
+                    f"budget spent (${spent:.4f} of ${float(budget):.2f}): no new Claude work was dispatched"
+                )
                 changed = True
             for sid, sub in subs.items():  # dependents of failed work, and everything once the budget is spent
                 if sub["state"] == "pending":
@@ -218,8 +262,7 @@ class JobRunner:
             for sid, sub in subs.items():
                 if active >= par or broke:
                     break
-                if sub["state"] == "pending" and all(subs[d]["state"] == "integrated"
-                                                     for d in by_id[sid].depends_on):
+                if sub["state"] == "pending" and all(subs[d]["state"] == "integrated" for d in by_id[sid].depends_on):
                     await self._code_round(job_id, spec, prog, by_id[sid], sub, feedback=None)
                     active += 1
                     changed = True
@@ -232,8 +275,9 @@ class JobRunner:
                 await asyncio.wait_for(wake.wait(), 1.0)
         return await self._finish(job_id, spec, prog, broke)
 
-    async def _advance(self, job_id: uuid.UUID, spec: dict[str, Any], prog: dict[str, Any], st: Any,
-                       sub: dict[str, Any]) -> bool:
+    async def _advance(
+        self, job_id: uuid.UUID, spec: dict[str, Any], prog: dict[str, Any], st: Any, sub: dict[str, Any]
+    ) -> bool:
         """Move one subtask on if its current task finished; True if anything changed."""
         if sub["state"] == "coding":
             row = await self._finished(uuid.UUID(sub["code_task"]))
@@ -252,10 +296,15 @@ class JobRunner:
             if spec.get("test_cmd"):
                 # the developer normally handed this test straight to a tester (same idempotency key):
                 # then this finds it; otherwise it is created here
-                tid, handed = await self.broker.submit_local(TaskSpec(
-                    type="test", parent_id=job_id,
-                    idempotency_key=_key(job_id, sub, "test") + f":a{int(row['attempts'] or 1)}",
-                    input=_test_input(job_id, spec, sub)), (patch,))
+                tid, handed = await self.broker.submit_local(
+                    TaskSpec(
+                        type="test",
+                        parent_id=job_id,
+                        idempotency_key=_key(job_id, sub, "test") + f":a{int(row['attempts'] or 1)}",
+                        input=_test_input(job_id, spec, sub),
+                    ),
+                    (patch,),
+                )
                 sub["test_task"] = str(tid)
                 sub["handed_off"] = handed
                 sub["task_ids"].append(str(tid))
@@ -274,8 +323,11 @@ class JobRunner:
             sub["time_s"] = sub.get("time_s", 0.0) + float(out.get("duration_s") or 0.0)
             sub["tests"] = {k: out.get(k) for k in ("passed", "failed", "errors", "skipped")} if out else None
             failing = {str(f.get("name")) for f in out.get("failures") or []}
-            own = {f for f in failing if any(f == t or f.startswith(t.rstrip("/") + "::") or f.startswith(t)
-                                             for t in st.tests)}
+            own = {
+                f
+                for f in failing
+                if any(f == t or f.startswith(t.rstrip("/") + "::") or f.startswith(t) for t in st.tests)
+            }
             ok = row["status"] == "complete" and failing <= baseline and not own
             if ok:
                 sub["state"] = "tested"
@@ -288,14 +340,30 @@ class JobRunner:
             return await self._integrate(job_id, spec, prog, st, sub)
         return False
 
-    async def _code_round(self, job_id: uuid.UUID, spec: dict[str, Any], prog: dict[str, Any], st: Any,
-                          sub: dict[str, Any], *, feedback: str | None, rebase: bool = False) -> None:
+    async def _code_round(
+        self,
+        job_id: uuid.UUID,
+        spec: dict[str, Any],
+        prog: dict[str, Any],
+        st: Any,
+        sub: dict[str, Any],
+        *,
+        feedback: str | None,
+        rebase: bool = False,
+    ) -> None:
         sub["rounds"] += 1
         base = prog["integration"]["head"]
         inp: dict[str, Any] = {
-            "job_id": str(job_id), "subtask": st.id, "repo": spec["repo"], "base": base,
-            "instructions": st.instructions, "goal": spec["goal"], "allowed": st.paths or spec.get("allowed") or [],
-            "test_cmd": spec.get("test_cmd"), "round": sub["rounds"]}
+            "job_id": str(job_id),
+            "subtask": st.id,
+            "repo": spec["repo"],
+            "base": base,
+            "instructions": st.instructions,
+            "goal": spec["goal"],
+            "allowed": st.paths or spec.get("allowed") or [],
+            "test_cmd": spec.get("test_cmd"),
+            "round": sub["rounds"],
+        }
         if sub.get("code_task"):
             inp.update(resume_from=sub["code_task"], feedback=feedback, restore=not rebase)
         if spec.get("test_cmd"):
@@ -305,14 +373,20 @@ class JobRunner:
         if budget is not None:
             spent = (await self.records.usage_by_job(job_id))["cost_usd"]
             inp["limits"] = {"max_cost_usd": max(0.0001, float(budget) - spent)}
-        tid, _ = await self.broker.submit_local(TaskSpec(
-            type="code", parent_id=job_id, idempotency_key=_key(job_id, sub, "rebase" if rebase else "code"),
-            input=inp))
+        tid, _ = await self.broker.submit_local(
+            TaskSpec(
+                type="code",
+                parent_id=job_id,
+                idempotency_key=_key(job_id, sub, "rebase" if rebase else "code"),
+                input=inp,
+            )
+        )
         sub.update(state="coding", code_task=str(tid), base=base)
         sub["task_ids"].append(str(tid))
 
-    async def _integrate(self, job_id: uuid.UUID, spec: dict[str, Any], prog: dict[str, Any], st: Any,
-                         sub: dict[str, Any]) -> bool:
+    async def _integrate(
+        self, job_id: uuid.UUID, spec: dict[str, Any], prog: dict[str, Any], st: Any, sub: dict[str, Any]
+    ) -> bool:
         patch = await self._patch(sub)
         integ = prog["integration"]
         wt = self.s.workspace / "jobs" / str(job_id) / f"int-{len(integ['applied'])}"
@@ -326,10 +400,19 @@ class JobRunner:
                     return True
                 log.info("job %s: %s conflicts on integration; a developer rebases it", job_id, sub["id"])
                 text = patch.decode("utf-8", "replace")[:6000]
-                await self._code_round(job_id, spec, prog, st, sub, rebase=True, feedback=(
-                    "Your patch no longer applies: other agents' work was integrated first and changed the same "
-                    f"code. Redo your change on the current code in this fresh worktree.\n{exc.message[:1500]}\n"
-                    f"Your previous patch was:\n{text}"))
+                await self._code_round(
+                    job_id,
+                    spec,
+                    prog,
+                    st,
+                    sub,
+                    rebase=True,
+                    feedback=(
+                        "Your patch no longer applies: other agents' work was integrated first and changed the same "
+                        f"code. Redo your change on the current code in this fresh worktree.\n{exc.message[:1500]}\n"
+                        f"Your previous patch was:\n{text}"
+                    ),
+                )
                 return True
             head = await gitwork.commit_all(wt, f"{st.id}: {st.title}\n\nCASPER job {job_id}")
             await gitwork.push_ref(wt, spec["repo"], f"refs/casper/jobs/{job_id}/integration")
@@ -348,15 +431,27 @@ class JobRunner:
         if integ["applied"]:
             if spec.get("test_cmd") and "final_tests" not in prog:
                 await self.records.save_job(job_id, "testing", spec, prog)
-                tid, _ = await self.broker.submit_local(TaskSpec(
-                    type="test", parent_id=job_id, idempotency_key=f"job:{job_id}:final:{integ['head'][:12]}",
-                    input={"job_id": str(job_id), "repo": spec["repo"], "base": integ["head"],
-                           "test_cmd": spec["test_cmd"]}))
+                tid, _ = await self.broker.submit_local(
+                    TaskSpec(
+                        type="test",
+                        parent_id=job_id,
+                        idempotency_key=f"job:{job_id}:final:{integ['head'][:12]}",
+                        input={
+                            "job_id": str(job_id),
+                            "repo": spec["repo"],
+                            "base": integ["head"],
+                            "test_cmd": spec["test_cmd"],
+                        },
+                    )
+                )
                 prog["final_task"] = str(tid)
                 row = await self._wait(job_id, tid)
                 out = row["output"] or {}
-                prog["final_tests"] = {k: out.get(k) for k in ("passed", "failed", "errors", "skipped", "ok",
-                                                                "failures")} if out else {"ok": False}
+                prog["final_tests"] = (
+                    {k: out.get(k) for k in ("passed", "failed", "errors", "skipped", "ok", "failures")}
+                    if out
+                    else {"ok": False}
+                )
                 prog["final_time_s"] = float(out.get("duration_s") or 0.0)
             branch = f"casper/job-{str(job_id)[:8]}"
             wt = self.s.workspace / "jobs" / str(job_id) / "branch"
@@ -376,10 +471,11 @@ class JobRunner:
         else:
             state = "failed"
         n = len(integ["applied"])
-        prog["summary"] = (f"{n} of {len(subs)} subtasks integrated on {prog.get('branch') or 'no branch'}"
-                           + (f"; not integrated: {', '.join(failed)}" if failed else "")
-                           + ("" if not spec.get("test_cmd") else
-                              f"; final tests {'pass' if tests_ok else 'FAIL'}"))
+        prog["summary"] = (
+            f"{n} of {len(subs)} subtasks integrated on {prog.get('branch') or 'no branch'}"
+            + (f"; not integrated: {', '.join(failed)}" if failed else "")
+            + ("" if not spec.get("test_cmd") else f"; final tests {'pass' if tests_ok else 'FAIL'}")
+        )
         prog["finished_at"] = _now()
         prog["wall_s"] = round(time.time() - float(prog["t0"]), 3)
         await self.records.save_job(job_id, state, spec, prog)
@@ -412,11 +508,18 @@ class JobRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), 2.0)
 
+
 def _key(job_id: uuid.UUID, sub: dict[str, Any], kind: str) -> str:
     """Idempotency key of a subtask's task: rounds count up, so each round's key is new."""
     return f"job:{job_id}:{sub['id']}:r{sub['rounds']}:{kind}"
 
 
 def _test_input(job_id: uuid.UUID, spec: dict[str, Any], sub: dict[str, Any]) -> dict[str, Any]:
-    return {"job_id": str(job_id), "subtask": sub["id"], "repo": spec["repo"], "base": sub["base"],
-            "test_cmd": spec["test_cmd"], "patch": {"attachment": 0}}
+    return {
+        "job_id": str(job_id),
+        "subtask": sub["id"],
+        "repo": spec["repo"],
+        "base": sub["base"],
+        "test_cmd": spec["test_cmd"],
+        "patch": {"attachment": 0},
+    }

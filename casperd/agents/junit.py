@@ -122,11 +122,14 @@ def parse_junit(xml: bytes) -> TestReport:
                 report.failed += 1
             else:
                 report.errors += 1
-            report.failures.append({
-                "name": _test_name(case), "kind": kind,
-                "message": _cap(el.get("message", "") or el.get("type", ""), 1000),
-                "output": _output_of(case, el),
-            })
+            report.failures.append(
+                {
+                    "name": _test_name(case),
+                    "kind": kind,
+                    "message": _cap(el.get("message", "") or el.get("type", ""), 1000),
+                    "output": _output_of(case, el),
+                }
+            )
         if not problems:
             if case.find("skipped") is not None:
                 report.skipped += 1
@@ -151,8 +154,7 @@ def parse_junit(xml: bytes) -> TestReport:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_SUMMARY = re.compile(
-    r"^=*\s*((?:\d+ \w+(?:, )?)+|no tests ran)(?:, \d+ \w+)* in [\d.]+s(?: \([\d:.]+\))?\s*=*\s*$")
+_SUMMARY = re.compile(r"^=*\s*((?:\d+ \w+(?:, )?)+|no tests ran)(?:, \d+ \w+)* in [\d.]+s(?: \([\d:.]+\))?\s*=*\s*$")
 _COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|warnings?|deselected|rerun)\b")
 
 

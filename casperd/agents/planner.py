@@ -21,14 +21,19 @@ class Subtask(BaseModel):
     model_config = ConfigDict(extra="ignore")
     id: SubtaskId = Field(description="short unique id, lowercase, e.g. fix-parser")
     title: str = Field(min_length=1, max_length=200)
-    instructions: str = Field(min_length=1, max_length=8000,
-                              description="everything a developer needs to do this subtask alone")
-    paths: list[str] = Field(default_factory=list, max_length=50,
-                             description="glob patterns of the files this subtask may change")
+    instructions: str = Field(
+        min_length=1, max_length=8000, description="everything a developer needs to do this subtask alone"
+    )
+    paths: list[str] = Field(
+        default_factory=list, max_length=50, description="glob patterns of the files this subtask may change"
+    )
     depends_on: list[SubtaskId] = Field(default_factory=list, description="ids of subtasks that must land first")
-    tests: list[str] = Field(default_factory=list, max_length=50,
-                             description="tests that must pass once this subtask is done (files or test ids, "
-                                         "appended to the test command); empty: the whole suite must not regress")
+    tests: list[str] = Field(
+        default_factory=list,
+        max_length=50,
+        description="tests that must pass once this subtask is done (files or test ids, "
+        "appended to the test command); empty: the whole suite must not regress",
+    )
 
 
 class Plan(BaseModel):
@@ -78,19 +83,28 @@ touching as few files as possible; say which subtasks depend on others. Answer o
 the submit_plan tool."""
 
 
-async def make_plan(client: Any, model: str, goal: str, files: list[str], test_cmd: str | None,
-                    max_parallel: int, max_tokens: int) -> tuple[Plan, Usage, list[dict[str, Any]]]:
+async def make_plan(
+    client: Any, model: str, goal: str, files: list[str], test_cmd: str | None, max_parallel: int, max_tokens: int
+) -> tuple[Plan, Usage, list[dict[str, Any]]]:
     """Ask for a plan until it validates (3 tries). Returns the plan, the usage and one record per call."""
     listing = "\n".join(files[:500]) + ("\n..." if len(files) > 500 else "")
-    prompt = (f"Goal:\n{goal}\n\nFiles in the repository:\n{listing}\n\n"
-              f"Test command: {test_cmd or '(none)'}\nAt most {max_parallel} developers work at once.")
+    prompt = (
+        f"Goal:\n{goal}\n\nFiles in the repository:\n{listing}\n\n"
+        f"Test command: {test_cmd or '(none)'}\nAt most {max_parallel} developers work at once."
+    )
     messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
     usage = Usage()
     calls: list[dict[str, Any]] = []
     problem = "no answer"
     for _ in range(3):
-        reply = await client.create(model=model, system=SYSTEM, messages=messages, tools=[PLAN_TOOL],
-                                    tool_choice={"type": "tool", "name": "submit_plan"}, max_tokens=max_tokens)
+        reply = await client.create(
+            model=model,
+            system=SYSTEM,
+            messages=messages,
+            tools=[PLAN_TOOL],
+            tool_choice={"type": "tool", "name": "submit_plan"},
+            max_tokens=max_tokens,
+        )
         usage.add(reply.usage)
         calls.append({"model": reply.model, **reply.usage.to_dict(), "cached": reply.cached})
         use = next((b for b in reply.content if b.get("type") == "tool_use" and b.get("name") == "submit_plan"), None)
@@ -103,7 +117,20 @@ async def make_plan(client: Any, model: str, goal: str, files: list[str], test_c
             return Plan.model_validate(use.get("input") or {}), usage, calls
         except ValidationError as exc:
             problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-            messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": use["id"],
-                                                          "content": f"invalid plan: {problem}", "is_error": True}]})
-    raise AgentError(f"the planner gave no valid plan after 3 tries: {problem}",
-                     hint="rephrase the goal, or check the policeman's model in the models setting")
+            messages.append(
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": use["id"],
+                            "content": f"invalid plan: {problem}",
+                            "is_error": True,
+                        }
+                    ],
+                }
+            )
+    raise AgentError(
+        f"the planner gave no valid plan after 3 tries: {problem}",
+        hint="rephrase the goal, or check the policeman's model in the models setting",
+    )

@@ -58,9 +58,16 @@ class PoliceService:
         self.rate = MeshRateLimit(settings.llm_rpm, settings.llm_tpm)
         self.claude = ClaudeClient.from_settings(settings, LocalLimiter(state=self.rate), cache)
         self.jobs = JobRunner(self)
-        broker.mesh_ops.update({"llm-permit": self._permit, "turns-save": self._turns_save,
-                                "turns-load": self._turns_load, "calls-save": self._calls_save,
-                                "directory": self._directory, "handoff-record": self._handoff_record})
+        broker.mesh_ops.update(
+            {
+                "llm-permit": self._permit,
+                "turns-save": self._turns_save,
+                "turns-load": self._turns_load,
+                "calls-save": self._calls_save,
+                "directory": self._directory,
+                "handoff-record": self._handoff_record,
+            }
+        )
         broker.save_attachments = self.records.put_attachments
         broker.load_attachments = lambda ids: self.records.attachments(ids, "input")
         broker.local_runner = self.jobs.start
@@ -82,8 +89,9 @@ class PoliceService:
                 try:
                     self.rate.observe(RateObservation(**obs), now)
                 except TypeError:
-                    raise InvalidBodyError("observe entries must be rate observations",
-                                           hint="see casperd.agents.ratelimit.RateObservation") from None
+                    raise InvalidBodyError(
+                        "observe entries must be rate observations", hint="see casperd.agents.ratelimit.RateObservation"
+                    ) from None
         tokens = int(args.get("tokens") or 0)
         wait = self.rate.reserve(tokens, now) if tokens > 0 else 0.0
         return {"wait_s": round(wait, 3)}, ()
@@ -93,8 +101,9 @@ class PoliceService:
         messages = args.get("messages")
         if not isinstance(messages, list):
             raise InvalidBodyError("turns-save needs messages: a list", hint="send the whole conversation")
-        await self.records.save_turns(tid, int(args.get("attempt") or 1), node, messages,
-                                      args.get("usage") or {}, att[0] if att else None)
+        await self.records.save_turns(
+            tid, int(args.get("attempt") or 1), node, messages, args.get("usage") or {}, att[0] if att else None
+        )
         await self._save_calls(node, tid, args)
         return {"saved": len(messages)}, ()
 
@@ -105,8 +114,9 @@ class PoliceService:
     async def _save_calls(self, node: str, tid: uuid.UUID, args: dict[str, Any]) -> None:
         calls = [c for c in args.get("calls") or [] if isinstance(c, dict)]
         job = args.get("job_id")
-        await self.records.add_calls(calls, task_id=tid, job_id=uuid.UUID(job) if job else None, node=node,
-                                     role="developer")
+        await self.records.add_calls(
+            calls, task_id=tid, job_id=uuid.UUID(job) if job else None, node=node, role="developer"
+        )
 
     async def _turns_load(self, node: str, args: dict[str, Any], _att: Attachments) -> OpResult:
         tid = _uuid(args, "task_id")
@@ -132,8 +142,9 @@ class PoliceService:
         try:
             spec = TaskSpec.model_validate(args.get("spec"))
         except ValidationError as exc:
-            raise InvalidBodyError(f"handoff-record: bad task: {describe_validation(exc)}",
-                                   hint="send a TaskSpec as 'spec'") from None
+            raise InvalidBodyError(
+                f"handoff-record: bad task: {describe_validation(exc)}", hint="send a TaskSpec as 'spec'"
+            ) from None
         holder = node if args.get("hold") else None
         sender = str(args.get("from") or node)[:64]
         submitter = f"{sender} (handed to {node})" if holder and sender != node else sender
@@ -142,18 +153,29 @@ class PoliceService:
         assigned = rec is not None and holder is not None and rec.assigned_to == holder and rec.status in ACTIVE
         out: dict[str, Any] = {"task_id": str(tid), "existing": existing, "assigned": assigned}
         if assigned and rec is not None:
-            out.update(attempt=rec.attempts, lease_ms=int(self.s.lease_s * 1000), timeout_s=rec.timeout_s,
-                       type=rec.type, input=rec.input)
+            out.update(
+                attempt=rec.attempts,
+                lease_ms=int(self.s.lease_s * 1000),
+                timeout_s=rec.timeout_s,
+                type=rec.type,
+                input=rec.input,
+            )
         return out, ()
 
     # --- validation of code results -------------------------------------------------------------------
-    async def validate_code(self, tid: uuid.UUID, task_input: dict[str, Any], output: Any,
-                            attachments: tuple[bytes, ...]) -> str | None:
+    async def validate_code(
+        self, tid: uuid.UUID, task_input: dict[str, Any], output: Any, attachments: tuple[bytes, ...]
+    ) -> str | None:
         patch = attachments[0] if attachments else b""
         problems = await validate_patch(
-            patch, repo=str(task_input.get("repo")), base=str(task_input.get("base")),
-            allowed=list(task_input.get("allowed") or []), limits=PatchLimits(),
-            scratch=self.s.workspace / "validate", mirror_root=self.s.workspace / "mirrors")
+            patch,
+            repo=str(task_input.get("repo")),
+            base=str(task_input.get("base")),
+            allowed=list(task_input.get("allowed") or []),
+            limits=PatchLimits(),
+            scratch=self.s.workspace / "validate",
+            mirror_root=self.s.workspace / "mirrors",
+        )
         if problems:
             log.info("task %s failed validation: %s", tid, "; ".join(problems)[:500])
             return "; ".join(problems)[:3500]

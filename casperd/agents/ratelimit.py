@@ -269,9 +269,16 @@ class Limiter(Protocol):
 class LocalLimiter:
     """A :class:`Limiter` over a local :class:`MeshRateLimit` (the policeman's own, or a test's)."""
 
-    def __init__(self, rpm: int = 50, tpm: int = 100_000, *, burst: int | None = None,
-                 state: MeshRateLimit | None = None, clock: Callable[[], float] = time.monotonic,
-                 max_sleep_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        rpm: int = 50,
+        tpm: int = 100_000,
+        *,
+        burst: int | None = None,
+        state: MeshRateLimit | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_sleep_s: float = 5.0,
+    ) -> None:
         self.state = state if state is not None else MeshRateLimit(rpm, tpm, burst=burst)
         self.clock = clock
         self.max_sleep_s = max_sleep_s

@@ -53,8 +53,15 @@ def _is_binary(head: bytes) -> bool:
 class Sandbox:
     """Tools over one worktree (``root``). The constructor resolves ``root``, which must exist."""
 
-    def __init__(self, root: Path, *, command_timeout_s: float = 120.0, output_cap: int = 16384,
-                 max_read_bytes: int = 256_000, max_write_bytes: int = 2_000_000) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        command_timeout_s: float = 120.0,
+        output_cap: int = 16384,
+        max_read_bytes: int = 256_000,
+        max_write_bytes: int = 2_000_000,
+    ) -> None:
         self.root = Path(os.path.realpath(root))
         self.command_timeout_s = float(command_timeout_s)
         self.output_cap = int(output_cap)
@@ -75,24 +82,32 @@ class Sandbox:
         if rel.strip() == "":
             rel = "."
         if os.path.isabs(rel):
-            raise _refuse(f"absolute path {rel!r} refused: tools only see the worktree",
-                          "use a path relative to the worktree root, e.g. 'src/app.py'")
+            raise _refuse(
+                f"absolute path {rel!r} refused: tools only see the worktree",
+                "use a path relative to the worktree root, e.g. 'src/app.py'",
+            )
         norm = posixpath.normpath(rel)
         parts = norm.split("/")
         if parts[0] == "..":
             raise _refuse(f"path {rel!r} leaves the worktree", "use a path inside the worktree, without '..'")
         if ".git" in parts:
-            raise _refuse(f"path {rel!r} is inside git's own data (.git), which tools may not touch",
-                          "work on the project's files; the git state is managed for you")
+            raise _refuse(
+                f"path {rel!r} is inside git's own data (.git), which tools may not touch",
+                "work on the project's files; the git state is managed for you",
+            )
         target = self.root if norm == "." else self.root / norm
         real = Path(os.path.realpath(target))
         if real != self.root and self.root not in real.parents:
-            raise _refuse(f"path {rel!r} resolves outside the worktree (through a symlink)",
-                          "use paths whose real location is inside the worktree")
+            raise _refuse(
+                f"path {rel!r} resolves outside the worktree (through a symlink)",
+                "use paths whose real location is inside the worktree",
+            )
         inside = real.relative_to(self.root).parts
         if ".git" in inside:
-            raise _refuse(f"path {rel!r} resolves into git's own data (.git), which tools may not touch",
-                          "work on the project's files; the git state is managed for you")
+            raise _refuse(
+                f"path {rel!r} resolves into git's own data (.git), which tools may not touch",
+                "work on the project's files; the git state is managed for you",
+            )
         if for_write and real == self.root:
             raise _refuse("cannot write to the worktree root itself", "name a file inside the worktree")
         return real
@@ -109,8 +124,9 @@ class Sandbox:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise TaskError(f"{name} must be a whole number of at least 1", hint="lines are numbered from 1")
         if start_line is not None and end_line is not None and end_line < start_line:
-            raise TaskError(f"end_line {end_line} is before start_line {start_line}",
-                            hint="give end_line >= start_line")
+            raise TaskError(
+                f"end_line {end_line} is before start_line {start_line}", hint="give end_line >= start_line"
+            )
         return await asyncio.to_thread(self._read_file, path, start_line, end_line)
 
     def _read_file(self, path: str, start_line: int | None, end_line: int | None) -> str:
@@ -136,26 +152,29 @@ class Sandbox:
                 return f"{path}: (empty file)"
             if size <= self.max_read_bytes:
                 return text
-            cut = data[:self.max_read_bytes].decode("utf-8", "ignore")
+            cut = data[: self.max_read_bytes].decode("utf-8", "ignore")
             shown = cut.count("\n")
-            return (f"{cut}\n[truncated: showing the first {self.max_read_bytes} of {size} bytes "
-                    f"(lines 1-{shown}); read the rest with start_line={shown + 1}]")
+            return (
+                f"{cut}\n[truncated: showing the first {self.max_read_bytes} of {size} bytes "
+                f"(lines 1-{shown}); read the rest with start_line={shown + 1}]"
+            )
         lines = text.splitlines(keepends=True)
         total = len(lines)
         first = start_line or 1
         last = min(end_line or total, total)
         if first > total:
-            raise TaskError(f"{path!r} has only {total} lines; start_line {first} is past the end",
-                            hint=f"give a start_line between 1 and {max(total, 1)}")
-        chunk = "".join(lines[first - 1:last])
+            raise TaskError(
+                f"{path!r} has only {total} lines; start_line {first} is past the end",
+                hint=f"give a start_line between 1 and {max(total, 1)}",
+            )
+        chunk = "".join(lines[first - 1 : last])
         encoded = chunk.encode()
         header = f"[{path}: lines {first}-{last} of {total}]\n"
         if len(encoded) <= self.max_read_bytes:
             return header + chunk
-        cut = encoded[:self.max_read_bytes].decode("utf-8", "ignore")
+        cut = encoded[: self.max_read_bytes].decode("utf-8", "ignore")
         upto = first + cut.count("\n") - 1
-        return (f"{header}{cut}\n[truncated: showing {self.max_read_bytes} bytes; "
-                f"continue with start_line={upto + 1}]")
+        return f"{header}{cut}\n[truncated: showing {self.max_read_bytes} bytes; continue with start_line={upto + 1}]"
 
     async def write_file(self, path: str, content: str) -> str:
         """Create or overwrite a file with ``content`` (parent directories are created)."""
@@ -163,8 +182,10 @@ class Sandbox:
             raise TaskError("content must be a string", hint="pass the whole new text of the file")
         data = content.encode("utf-8", "surrogateescape")
         if len(data) > self.max_write_bytes:
-            raise _refuse(f"content is {len(data)} bytes; the limit for one file is {self.max_write_bytes} bytes",
-                          "write smaller files, or generate large data with a command")
+            raise _refuse(
+                f"content is {len(data)} bytes; the limit for one file is {self.max_write_bytes} bytes",
+                "write smaller files, or generate large data with a command",
+            )
         return await asyncio.to_thread(self._write_file, path, data)
 
     def _write_file(self, path: str, data: bytes) -> str:
@@ -190,8 +211,9 @@ class Sandbox:
         try:
             fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise TaskError(f"cannot write {path!r}: {exc.strerror}",
-                            hint="check that the path names a file you may write") from None
+            raise TaskError(
+                f"cannot write {path!r}: {exc.strerror}", hint="check that the path names a file you may write"
+            ) from None
         with os.fdopen(fd, "wb") as f:
             f.write(data)
 
@@ -201,8 +223,10 @@ class Sandbox:
         if not isinstance(old, str) or not isinstance(new, str):
             raise TaskError("old and new must be strings", hint="copy old exactly from the file")
         if old == "":
-            raise TaskError("old must not be empty", hint="copy the exact text to replace from the file; "
-                            "use write_file to create a file")
+            raise TaskError(
+                "old must not be empty",
+                hint="copy the exact text to replace from the file; use write_file to create a file",
+            )
         if old == new:
             raise TaskError("old and new are the same: nothing would change", hint="give the new text")
         return await asyncio.to_thread(self._replace, path, old, new, bool(replace_all))
@@ -210,12 +234,16 @@ class Sandbox:
     def _replace(self, path: str, old: str, new: str, replace_all: bool) -> str:
         real = self.resolve(path, for_write=True)
         if not real.is_file():
-            raise TaskError(f"{path!r} does not exist or is not a file",
-                            hint="use list_files to find it, or write_file to create it")
+            raise TaskError(
+                f"{path!r} does not exist or is not a file",
+                hint="use list_files to find it, or write_file to create it",
+            )
         size = real.stat().st_size
         if size > self.max_write_bytes:
-            raise _refuse(f"{path!r} is {size} bytes, larger than the {self.max_write_bytes}-byte edit limit",
-                          "edit it with a command instead")
+            raise _refuse(
+                f"{path!r} is {size} bytes, larger than the {self.max_write_bytes}-byte edit limit",
+                "edit it with a command instead",
+            )
         data = real.read_bytes()
         if _is_binary(data):
             raise TaskError(f"{path!r} is a binary file", hint="replace_in_file edits text files only")
@@ -225,17 +253,22 @@ class Sandbox:
             raise TaskError(f"{path!r} is not valid UTF-8 text", hint="edit it with a command instead") from None
         count = text.count(old)
         if count == 0:
-            raise TaskError(f"old text not found in {path!r}",
-                            hint="read the file again and copy the text exactly (whitespace and indentation "
-                                 "must match)")
+            raise TaskError(
+                f"old text not found in {path!r}",
+                hint="read the file again and copy the text exactly (whitespace and indentation must match)",
+            )
         if count > 1 and not replace_all:
-            raise TaskError(f"old text occurs {count} times in {path!r}; it must occur exactly once",
-                            hint="include more surrounding lines to make it unique, or set replace_all")
+            raise TaskError(
+                f"old text occurs {count} times in {path!r}; it must occur exactly once",
+                hint="include more surrounding lines to make it unique, or set replace_all",
+            )
         result = text.replace(old, new) if replace_all else text.replace(old, new, 1)
         out = result.encode("utf-8")
         if len(out) > self.max_write_bytes:
-            raise _refuse(f"the edited file would be {len(out)} bytes; the limit is {self.max_write_bytes} bytes",
-                          "make a smaller change")
+            raise _refuse(
+                f"the edited file would be {len(out)} bytes; the limit is {self.max_write_bytes} bytes",
+                "make a smaller change",
+            )
         self._write_bytes(real, out, path)
         n = count if replace_all else 1
         return f"replaced {n} occurrence{'s' if n != 1 else ''} in {self._display(real)}"
@@ -250,6 +283,7 @@ class Sandbox:
     def _walk(self, real: Path) -> Any:
         """(relative path, absolute path) of every file under ``real`` in sorted depth-first order,
         without following directory symlinks and without .git."""
+
         def onerror(_exc: OSError) -> None:
             return None
 
@@ -271,8 +305,9 @@ class Sandbox:
         out: list[str] = []
         more = False
         for rel, _full in self._walk(real):
-            if pattern and not (fnmatch.fnmatchcase(rel, pattern) or fnmatch.fnmatchcase(posixpath.basename(rel),
-                                                                                          pattern)):
+            if pattern and not (
+                fnmatch.fnmatchcase(rel, pattern) or fnmatch.fnmatchcase(posixpath.basename(rel), pattern)
+            ):
                 continue
             if len(out) >= LIST_CAP:
                 more = True
@@ -295,31 +330,54 @@ class Sandbox:
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise TaskError(f"invalid regular expression {pattern!r}: {exc}",
-                            hint="use Python re syntax; escape special characters like ( [ . *") from None
+            raise TaskError(
+                f"invalid regular expression {pattern!r}: {exc}",
+                hint="use Python re syntax; escape special characters like ( [ . *",
+            ) from None
         real = await asyncio.to_thread(self.resolve, path)
-        request = json.dumps({"root": str(self.root), "start": str(real), "pattern": pattern, "glob": glob or None,
-                              "cap": SEARCH_CAP, "max_file": SEARCH_MAX_FILE, "line_cap": MATCH_LINE_CAP}).encode()
+        request = json.dumps(
+            {
+                "root": str(self.root),
+                "start": str(real),
+                "pattern": pattern,
+                "glob": glob or None,
+                "cap": SEARCH_CAP,
+                "max_file": SEARCH_MAX_FILE,
+                "line_cap": MATCH_LINE_CAP,
+            }
+        ).encode()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-S", "-c", _SEARCH_SCRIPT, cwd=self.root, env=clean_env(),
-            start_new_session=True, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            _SEARCH_SCRIPT,
+            cwd=self.root,
+            env=clean_env(),
+            start_new_session=True,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         try:
             out, err = await asyncio.wait_for(proc.communicate(request), SEARCH_TIMEOUT_S)
         except TimeoutError:
             _kill_group(proc.pid)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(proc.communicate(), 5)
-            raise TaskTimeoutError(f"search timed out after {SEARCH_TIMEOUT_S:g}s",
-                                   hint="simplify the pattern or search a smaller directory") from None
+            raise TaskTimeoutError(
+                f"search timed out after {SEARCH_TIMEOUT_S:g}s",
+                hint="simplify the pattern or search a smaller directory",
+            ) from None
         except asyncio.CancelledError:
             _kill_group(proc.pid)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(proc.wait(), 5)
             raise
         if proc.returncode != 0:
-            raise TaskError(f"search failed: {err.decode('utf-8', 'replace').strip()[-500:]}",
-                            hint="check the pattern and path")
+            raise TaskError(
+                f"search failed: {err.decode('utf-8', 'replace').strip()[-500:]}", hint="check the pattern and path"
+            )
         result = json.loads(out)
         lines: list[str] = result["matches"]
         if not lines:
@@ -356,15 +414,24 @@ class Sandbox:
         timeout = self.command_timeout_s
         if timeout_s is not None:
             if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not timeout_s > 0:
-                raise TaskError("timeout_s must be a positive number of seconds",
-                                hint=f"at most {self.command_timeout_s:g}")
+                raise TaskError(
+                    "timeout_s must be a positive number of seconds", hint=f"at most {self.command_timeout_s:g}"
+                )
             timeout = min(float(timeout_s), self.command_timeout_s)
         env = clean_env()
         env.update(HOME=await self._home_dir(), PYTHONDONTWRITEBYTECODE="1", GIT_TERMINAL_PROMPT="0")
         try:
             proc = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", command, cwd=self.root, env=env, start_new_session=True,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                "/bin/sh",
+                "-c",
+                command,
+                cwd=self.root,
+                env=env,
+                start_new_session=True,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
         except OSError as exc:
             raise TaskError(f"cannot start /bin/sh: {exc.strerror}", hint="the node cannot run commands") from None
         assert proc.stdout is not None
@@ -378,7 +445,7 @@ class Sandbox:
                 total += len(chunk)
                 buf.extend(chunk)
                 if len(buf) > 2 * self.output_cap:
-                    del buf[:len(buf) - self.output_cap]
+                    del buf[: len(buf) - self.output_cap]
 
         loop = asyncio.get_running_loop()
         reader = asyncio.create_task(drain())
@@ -413,14 +480,15 @@ class Sandbox:
                 await asyncio.wait_for(_reap(proc, reader), 5)
             raise
         await _reap(proc, reader)
-        tail = bytes(buf[-self.output_cap:]) if len(buf) > self.output_cap else bytes(buf)
+        tail = bytes(buf[-self.output_cap :]) if len(buf) > self.output_cap else bytes(buf)
         text = tail.decode("utf-8", "replace")
         if total > len(tail):
             text = f"[output truncated: showing the last {len(tail)} of {total} bytes]\n" + text
         if timed_out:
-            raise TaskTimeoutError(f"command timed out after {timeout:g}s and was killed; output so far:\n{text}",
-                                   hint="run something shorter, or pass a larger timeout_s "
-                                        f"(at most {self.command_timeout_s:g})")
+            raise TaskTimeoutError(
+                f"command timed out after {timeout:g}s and was killed; output so far:\n{text}",
+                hint=f"run something shorter, or pass a larger timeout_s (at most {self.command_timeout_s:g})",
+            )
         code = proc.returncode
         status = f"exit code {code}" if code is not None and code >= 0 else f"killed by signal {-(code or 0)}"
         return f"{text}{'' if not text or text.endswith(chr(10)) else chr(10)}[{status}]"

@@ -110,22 +110,42 @@ class WorkerServices:
         return self.settings.node_id
 
     def model_for(self, role: str, explicit: str | None = None) -> str:
-        return explicit or self.settings.models.get(role) or self.settings.models.get("developer") or \
-            "claude-sonnet-4-6"
+        return (
+            explicit or self.settings.models.get(role) or self.settings.models.get("developer") or "claude-sonnet-4-6"
+        )
 
     def worktree_path(self, task_id: uuid.UUID, attempt: int) -> Path:
         return self.settings.workspace / "worktrees" / f"{task_id}-{attempt}-{int(time.time() * 1000) % 100000}"
 
-    async def save_turns(self, task_id: uuid.UUID, attempt: int, messages: list[Any], usage: dict[str, Any],
-                         wip: bytes | None, calls: list[dict[str, Any]], job_id: str | None) -> None:
-        await self.worker.request("turns-save", {
-            "task_id": str(task_id), "attempt": attempt, "messages": messages, "usage": usage, "calls": calls,
-            "job_id": job_id}, (wip,) if wip else (), timeout_s=15.0)
+    async def save_turns(
+        self,
+        task_id: uuid.UUID,
+        attempt: int,
+        messages: list[Any],
+        usage: dict[str, Any],
+        wip: bytes | None,
+        calls: list[dict[str, Any]],
+        job_id: str | None,
+    ) -> None:
+        await self.worker.request(
+            "turns-save",
+            {
+                "task_id": str(task_id),
+                "attempt": attempt,
+                "messages": messages,
+                "usage": usage,
+                "calls": calls,
+                "job_id": job_id,
+            },
+            (wip,) if wip else (),
+            timeout_s=15.0,
+        )
 
     async def record_calls(self, task_id: uuid.UUID, calls: list[dict[str, Any]], job_id: str | None) -> None:
         if calls:
-            await self.worker.request("calls-save", {"task_id": str(task_id), "calls": calls, "job_id": job_id},
-                                      timeout_s=15.0)
+            await self.worker.request(
+                "calls-save", {"task_id": str(task_id), "calls": calls, "job_id": job_id}, timeout_s=15.0
+            )
 
     async def load_turns(self, task_id: uuid.UUID) -> dict[str, Any] | None:
         data, attachments = await self.worker.request("turns-load", {"task_id": str(task_id)}, timeout_s=15.0)
@@ -151,22 +171,26 @@ class WorkerServices:
         data, _ = await self.worker.request("handoff-record", {"spec": spec}, attachments, timeout_s=15.0)
         return {"task_id": data["task_id"], "holder": None, "direct": False}
 
-    async def _send_direct(self, peer: dict[str, Any], spec: dict[str, Any],
-                           attachments: tuple[bytes, ...]) -> dict[str, Any]:
+    async def _send_direct(
+        self, peer: dict[str, Any], spec: dict[str, Any], attachments: tuple[bytes, ...]
+    ) -> dict[str, Any]:
         opts = dataclasses.replace(self.worker.opts, curve_server_key=(peer.get("public_key") or "").encode() or None)
         identity = f"{self.node_id}/handoff.{os.urandom(4).hex()}".encode()
         sock = dealer(self.worker.ctx, str(peer["endpoint"]), identity, opts, curve=self.settings.curve)
         try:
             async with asyncio.timeout(5.0):  # covers a peer that never connects, too
-                await sock.send_multipart(codec.encode(Request(req_id=1, op="handoff", args={"spec": spec}),
-                                                       attachments))
+                await sock.send_multipart(
+                    codec.encode(Request(req_id=1, op="handoff", args={"spec": spec}), attachments)
+                )
                 while True:
                     msg = codec.decode(await sock.recv_multipart(), max_bytes=self.settings.max_message_bytes).message
                     if isinstance(msg, Reply) and msg.req_id == 1:
                         break
         except TimeoutError:
-            raise RequestTimeoutError(f"{peer['node_id']} did not answer the hand-off within 5s",
-                                      hint="the policeman records the task instead") from None
+            raise RequestTimeoutError(
+                f"{peer['node_id']} did not answer the hand-off within 5s",
+                hint="the policeman records the task instead",
+            ) from None
         finally:
             sock.close(linger=0)
         if not msg.ok:

@@ -19,16 +19,19 @@ from casperd.handlers import RunContext, TaskType, register
 
 async def _ask(ctx: RunContext, data: dict[str, Any]) -> Any:
     from casperd.agents.developer import run_ask
+
     return await run_ask(ctx, data)
 
 
 async def _code(ctx: RunContext, data: dict[str, Any]) -> Any:
     from casperd.agents.developer import run_code
+
     return await run_code(ctx, data)
 
 
 async def _test(ctx: RunContext, data: dict[str, Any]) -> Any:
     from casperd.agents.tester import run_test
+
     return await run_test(ctx, data)
 
 
@@ -37,11 +40,36 @@ async def _job(ctx: RunContext, data: dict[str, Any]) -> Any:
     raise TaskError("job tasks are run by the policeman, not by a worker", hint="submit jobs with caspectl run")
 
 
-register(TaskType("ask", _ask, requires=("llm",),
-                  description="one Claude call: input.prompt (+system, model, max_tokens, deterministic)"))
-register(TaskType("code", _code, requires=("code",),
-                  description="a developer agent's tool loop in a git worktree; returns a patch"))
-register(TaskType("test", _test, requires=("test",), input_attachments=True,
-                  description="applies a patch to a clean worktree and runs the test command"))
-register(TaskType("job", _job, local=True,
-                  description="a whole job: plan, code in parallel, validate, test, integrate (caspectl run)"))
+register(
+    TaskType(
+        "ask",
+        _ask,
+        requires=("llm",),
+        description="one Claude call: input.prompt (+system, model, max_tokens, deterministic)",
+    )
+)
+register(
+    TaskType(
+        "code",
+        _code,
+        requires=("code",),
+        description="a developer agent's tool loop in a git worktree; returns a patch",
+    )
+)
+register(
+    TaskType(
+        "test",
+        _test,
+        requires=("test",),
+        input_attachments=True,
+        description="applies a patch to a clean worktree and runs the test command",
+    )
+)
+register(
+    TaskType(
+        "job",
+        _job,
+        local=True,
+        description="a whole job: plan, code in parallel, validate, test, integrate (caspectl run)",
+    )
+)

@@ -46,19 +46,41 @@ async def run_test(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
             try:
                 await gitwork.apply(wt, patch)
             except PatchConflictError as exc:
-                return {"ok": False, "passed": 0, "failed": 0, "errors": 1, "skipped": 0, "exit_code": None,
-                        "failures": [{"name": "(patch)", "kind": "error", "message": exc.message[:2000]}],
-                        "output_tail": "", "duration_s": round(time.monotonic() - t0, 3)}
+                return {
+                    "ok": False,
+                    "passed": 0,
+                    "failed": 0,
+                    "errors": 1,
+                    "skipped": 0,
+                    "exit_code": None,
+                    "failures": [{"name": "(patch)", "kind": "error", "message": exc.message[:2000]}],
+                    "output_tail": "",
+                    "duration_s": round(time.monotonic() - t0, 3),
+                }
         with tempfile.TemporaryDirectory(prefix="casper-junit-") as tmp:
             xml = Path(tmp) / "junit.xml"
             shell_ctx = RunContext(ctx.node_id, wt, timeout, ctx.output_cap)
             try:
                 run = await run_shell(shell_ctx, {"cmd": _with_junit(cmd, xml), "timeout_s": timeout})
             except TaskTimeoutError:  # a hanging test suite is a test result, not a tester failure
-                return {"ok": False, "passed": 0, "failed": 0, "errors": 1, "skipped": 0, "exit_code": None,
-                        "failures": [{"name": "(test command)", "kind": "error",
-                                      "message": f"the test command timed out after {timeout:g}s"}],
-                        "output_tail": "", "duration_s": round(time.monotonic() - t0, 3), "node": ctx.node_id}
+                return {
+                    "ok": False,
+                    "passed": 0,
+                    "failed": 0,
+                    "errors": 1,
+                    "skipped": 0,
+                    "exit_code": None,
+                    "failures": [
+                        {
+                            "name": "(test command)",
+                            "kind": "error",
+                            "message": f"the test command timed out after {timeout:g}s",
+                        }
+                    ],
+                    "output_tail": "",
+                    "duration_s": round(time.monotonic() - t0, 3),
+                    "node": ctx.node_id,
+                }
             report: TestReport | None = None
             if xml.exists():
                 with contextlib.suppress(ValueError):
@@ -72,8 +94,9 @@ async def run_test(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
     out = report.to_dict()
     if run["exit_code"] != 0 and report.failed == 0 and report.errors == 0:
         out["errors"] = out.get("errors", 0) + 1  # the command failed without naming a test: still a failure
-        out.setdefault("failures", []).append({"name": "(test command)", "kind": "error",
-                                               "message": f"exit code {run['exit_code']}"})
+        out.setdefault("failures", []).append(
+            {"name": "(test command)", "kind": "error", "message": f"exit code {run['exit_code']}"}
+        )
     out["ok"] = run["exit_code"] == 0 and report.failed == 0 and report.errors == 0
     out["exit_code"] = run["exit_code"]
     out["output_tail"] = output[-4000:]

@@ -66,9 +66,14 @@ class Usage:
             cost = float(d.get("cost_usd") or 0.0)
         except (TypeError, ValueError):
             cost = 0.0
-        return cls(input_tokens=num("input_tokens"), output_tokens=num("output_tokens"),
-                   cache_read_tokens=num("cache_read_tokens"), cache_write_tokens=num("cache_write_tokens"),
-                   calls=num("calls"), cost_usd=cost)
+        return cls(
+            input_tokens=num("input_tokens"),
+            output_tokens=num("output_tokens"),
+            cache_read_tokens=num("cache_read_tokens"),
+            cache_write_tokens=num("cache_write_tokens"),
+            calls=num("calls"),
+            cost_usd=cost,
+        )
 
 
 def price_for(model: str, prices: Mapping[str, ModelPrice]) -> ModelPrice | None:
@@ -79,8 +84,14 @@ def price_for(model: str, prices: Mapping[str, ModelPrice]) -> ModelPrice | None
     return prices[best] if best is not None else None
 
 
-def cost_of(model: str, input_tokens: int, output_tokens: int, cache_read_tokens: int, cache_write_tokens: int,
-            prices: Mapping[str, ModelPrice]) -> float:
+def cost_of(
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    cache_read_tokens: int,
+    cache_write_tokens: int,
+    prices: Mapping[str, ModelPrice],
+) -> float:
     """US dollars of one call (0.0 for a model without a configured price)."""
     price = price_for(model, prices)
     if price is None:
@@ -88,9 +99,16 @@ def cost_of(model: str, input_tokens: int, output_tokens: int, cache_read_tokens
             first = model not in _warned
             _warned.add(model)
         if first:
-            log.warning("no price configured for model %r: its cost counts as 0; add it to the model_prices "
-                        "setting (CASPER_MODEL_PRICES, USD per million tokens: input, output, cache_write, "
-                        "cache_read)", model)
+            log.warning(
+                "no price configured for model %r: its cost counts as 0; add it to the model_prices "
+                "setting (CASPER_MODEL_PRICES, USD per million tokens: input, output, cache_write, "
+                "cache_read)",
+                model,
+            )
         return 0.0
-    return (input_tokens * price.input + output_tokens * price.output + cache_read_tokens * price.cache_read
-            + cache_write_tokens * price.cache_write) / 1_000_000
+    return (
+        input_tokens * price.input
+        + output_tokens * price.output
+        + cache_read_tokens * price.cache_read
+        + cache_write_tokens * price.cache_write
+    ) / 1_000_000

@@ -91,8 +91,7 @@ _SECRET_KINDS: list[tuple[str, re.Pattern[str]]] = [
     ("a GitHub token", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,})")),
     ("a Slack token", re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}")),
 ]
-_GENERIC = re.compile(
-    r"""(?i)(api[_-]?key|secret|token|passw(?:or)?d)[\w.-]*['"]?\s*[:=]\s*['"]([^'"\s]{16,})['"]""")
+_GENERIC = re.compile(r"""(?i)(api[_-]?key|secret|token|passw(?:or)?d)[\w.-]*['"]?\s*[:=]\s*['"]([^'"\s]{16,})['"]""")
 _GENERIC_KIND = "a hard-coded credential"
 
 
@@ -104,8 +103,12 @@ def _entropy(text: str) -> float:
 
 def _looks_random(value: str) -> bool:
     """High entropy and a mix of letters and digits: a generated secret, not 'changeme-changeme'."""
-    return (_entropy(value) >= 3.3 and any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
-            and not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)+", value))  # a dotted name, e.g. settings.path
+    return (
+        _entropy(value) >= 3.3
+        and any(c.isdigit() for c in value)
+        and any(c.isalpha() for c in value)
+        and not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)+", value)
+    )  # a dotted name, e.g. settings.path
 
 
 def _added_lines(patch: bytes) -> list[tuple[str, int, str]]:
@@ -153,8 +156,10 @@ def find_secrets(patch: bytes) -> list[str]:
                     kinds.append(f"{_GENERIC_KIND} ({m.group(1).lower()})")
                     break
         for kind in kinds:
-            problems.append(f"{path}:{lineno}: adds what looks like {kind} (value not shown); "
-                            f"secrets must not be committed: read them from the environment or a secret store")
+            problems.append(
+                f"{path}:{lineno}: adds what looks like {kind} (value not shown); "
+                f"secrets must not be committed: read them from the environment or a secret store"
+            )
     return problems
 
 
@@ -162,12 +167,16 @@ def find_secrets(patch: bytes) -> list[str]:
 def check_size(patch: bytes, paths: list[str], limits: PatchLimits) -> list[str]:
     problems: list[str] = []
     if len(patch) > limits.max_bytes:
-        problems.append(f"the patch is {len(patch)} bytes; the limit is {limits.max_bytes} bytes "
-                        f"(split the change into smaller tasks)")
+        problems.append(
+            f"the patch is {len(patch)} bytes; the limit is {limits.max_bytes} bytes "
+            f"(split the change into smaller tasks)"
+        )
     files = len(set(paths))
     if files > limits.max_files:
-        problems.append(f"the patch touches {files} files; the limit is {limits.max_files} files "
-                        f"(split the change into smaller tasks)")
+        problems.append(
+            f"the patch touches {files} files; the limit is {limits.max_files} files "
+            f"(split the change into smaller tasks)"
+        )
     return problems
 
 
@@ -212,8 +221,18 @@ async def check_python_syntax(root: Path, paths: list[str]) -> list[str]:
     env = clean_env()
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-I", "-S", "-c", _COMPILE_SCRIPT, cwd=root, env=env, start_new_session=True,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _COMPILE_SCRIPT,
+        cwd=root,
+        env=env,
+        start_new_session=True,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         out, err = await asyncio.wait_for(proc.communicate(json.dumps(files).encode()), SYNTAX_TIMEOUT_S)
     except (TimeoutError, asyncio.CancelledError) as exc:
@@ -230,8 +249,16 @@ async def check_python_syntax(root: Path, paths: list[str]) -> list[str]:
 
 
 # --- everything ---------------------------------------------------------------------------------
-async def validate_patch(patch: bytes, *, repo: Path | str, base: str, allowed: list[str], limits: PatchLimits,
-                         scratch: Path, mirror_root: Path) -> list[str]:
+async def validate_patch(
+    patch: bytes,
+    *,
+    repo: Path | str,
+    base: str,
+    allowed: list[str],
+    limits: PatchLimits,
+    scratch: Path,
+    mirror_root: Path,
+) -> list[str]:
     """Every problem with ``patch`` (made against ``base`` of ``repo``); [] when it is acceptable.
 
     Runs the pure checks, then applies the patch to a scratch worktree at ``base`` (a conflict is a

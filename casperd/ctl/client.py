@@ -44,11 +44,13 @@ def find_control(explicit: str | None = None, state_dir: Path | None = None) -> 
         try:
             return str(json.loads(mesh.read_text())["policeman"]["control"])
         except (ValueError, KeyError, TypeError):
-            raise NoDefaultError(f"{mesh} is not a valid mesh description",
-                                 hint="restart casperd up, or pass --control") from None
+            raise NoDefaultError(
+                f"{mesh} is not a valid mesh description", hint="restart casperd up, or pass --control"
+            ) from None
     raise NoDefaultError(
         f"no running mesh found (no {mesh})",
-        hint="start one with 'casperd up', or pass --control ENDPOINT / set CASPER_CONTROL")
+        hint="start one with 'casperd up', or pass --control ENDPOINT / set CASPER_CONTROL",
+    )
 
 
 class ControlClient:
@@ -58,14 +60,18 @@ class ControlClient:
         self.ctx = zmq.Context.instance()
         self.sock = self._socket()
         if endpoint.startswith("ipc://") and not Path(endpoint[6:]).exists():
-            raise NoDaemonError(f"no daemon at {endpoint} (the socket file does not exist)",
-                                hint="start one with 'casperd up' or check --control / CASPER_CONTROL")
+            raise NoDaemonError(
+                f"no daemon at {endpoint} (the socket file does not exist)",
+                hint="start one with 'casperd up' or check --control / CASPER_CONTROL",
+            )
         try:
             self.sock.connect(endpoint)
         except zmq.ZMQError as exc:
             self.sock.close(0)
-            raise CommandError(f"invalid control endpoint {endpoint!r}: {exc.strerror}",
-                               hint="e.g. ipc:///path/to/node.ctl or tcp://127.0.0.1:5556") from None
+            raise CommandError(
+                f"invalid control endpoint {endpoint!r}: {exc.strerror}",
+                hint="e.g. ipc:///path/to/node.ctl or tcp://127.0.0.1:5556",
+            ) from None
         self._ids = itertools.count(1)
         self.early: list[Done] = []
 
@@ -84,7 +90,8 @@ class ControlClient:
             if left <= 0 or not self.sock.poll(int(left * 1000)):
                 raise RequestTimeoutError(
                     f"no answer from {self.endpoint} within {self.timeout_s:g}s",
-                    hint="is the daemon running? 'casperd up' starts a local mesh; raise --timeout if it is busy")
+                    hint="is the daemon running? 'casperd up' starts a local mesh; raise --timeout if it is busy",
+                )
             frames = self.sock.recv_multipart()
             msg = codec.decode(frames, max_bytes=64 * 1024 * 1024).message
             if isinstance(msg, Error):
@@ -109,8 +116,10 @@ class ControlClient:
         try:
             frames = codec.encode(Submit(req_id=req_id, tasks=tuple(specs), wait=wait))
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-            raise CommandError(f"the task cannot be encoded: {type(exc).__name__} (integers must fit in 64 bits)",
-                               hint="use strings for very large numbers") from None
+            raise CommandError(
+                f"the task cannot be encoded: {type(exc).__name__} (integers must fit in 64 bits)",
+                hint="use strings for very large numbers",
+            ) from None
         self.sock.send_multipart(frames)
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -120,13 +129,15 @@ class ControlClient:
             if isinstance(msg, Done):
                 self.early.append(msg)
 
-    def submit_until_accepted(self, specs: Sequence[TaskSpec], *, wait: bool = False, tries: int = 3,
-                              pause_s: float = 0.5) -> Accepted:
+    def submit_until_accepted(
+        self, specs: Sequence[TaskSpec], *, wait: bool = False, tries: int = 3, pause_s: float = 0.5
+    ) -> Accepted:
         """Submit, and on no answer or a store outage submit again (fresh socket, backoff) until the
         policeman says ACCEPTED. Safe because every task carries an idempotency key: tasks without
         one get a fresh key here, so a repeat returns the tasks the first try created."""
-        keyed = tuple(s if s.idempotency_key else s.model_copy(update={"idempotency_key": f"ctl-{uuid.uuid4()}"})
-                      for s in specs)
+        keyed = tuple(
+            s if s.idempotency_key else s.model_copy(update={"idempotency_key": f"ctl-{uuid.uuid4()}"}) for s in specs
+        )
         for attempt in range(1, tries + 1):
             try:
                 return self.submit(keyed, wait=wait)

@@ -39,18 +39,38 @@ from casperd.exitcodes import ExitCode
 TERMINAL_STATES = frozenset({"done", "failed", "budget-exhausted", "cancelled"})
 JOB_STATES = ("planning", "running", "integrating", "testing", *sorted(TERMINAL_STATES))
 SUBTASK_STATES = ("pending", "coding", "validating", "testing", "tested", "integrated", "failed", "skipped")
-TOKEN_KINDS = (("input_tokens", "input"), ("output_tokens", "output"), ("cache_read_tokens", "cache read"),
-               ("cache_write_tokens", "cache write"))
+TOKEN_KINDS = (
+    ("input_tokens", "input"),
+    ("output_tokens", "output"),
+    ("cache_read_tokens", "cache read"),
+    ("cache_write_tokens", "cache write"),
+)
 MAX_PARALLEL = 64
 HEARTBEAT_S = 60.0
 """Without a TTY, a progress line is printed at least this often, even when nothing changed."""
 MAX_MISSES = 3
 """Polls in a row that may go unanswered before watching gives up."""
 
-JOB_COLORS = {"planning": "cyan", "running": "cyan", "integrating": "cyan", "testing": "cyan", "done": "bold green",
-              "failed": "bold red", "budget-exhausted": "bold magenta", "cancelled": "yellow"}
-SUBTASK_COLORS = {"pending": "dim", "coding": "cyan", "validating": "cyan", "testing": "cyan", "tested": "green",
-                  "integrated": "bold green", "failed": "red", "skipped": "dim yellow"}
+JOB_COLORS = {
+    "planning": "cyan",
+    "running": "cyan",
+    "integrating": "cyan",
+    "testing": "cyan",
+    "done": "bold green",
+    "failed": "bold red",
+    "budget-exhausted": "bold magenta",
+    "cancelled": "yellow",
+}
+SUBTASK_COLORS = {
+    "pending": "dim",
+    "coding": "cyan",
+    "validating": "cyan",
+    "testing": "cyan",
+    "tested": "green",
+    "integrated": "bold green",
+    "failed": "red",
+    "skipped": "dim yellow",
+}
 
 RUN_EPILOG = """\
 examples:
@@ -116,8 +136,13 @@ def git_work_tree(path: Path) -> bool:
     if (path / ".git").exists():
         return True
     try:
-        res = subprocess.run(["git", "-C", str(path), "rev-parse", "--is-inside-work-tree"],
-                             capture_output=True, text=True, timeout=30, check=False)
+        res = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "--is-inside-work-tree"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return res.returncode == 0 and res.stdout.strip() == "true"
@@ -131,14 +156,16 @@ def check_run(a: argparse.Namespace) -> None:
     try:
         repo = repo.resolve(strict=True)
     except OSError:
-        raise CommandError(f"--repo {a.repo}: no such directory",
-                           hint="give the path of a git work tree (a clone of the repository)") from None
+        raise CommandError(
+            f"--repo {a.repo}: no such directory", hint="give the path of a git work tree (a clone of the repository)"
+        ) from None
     if not repo.is_dir():
         raise CommandError(f"--repo {repo} is not a directory", hint="give the path of a git work tree")
     if not git_work_tree(repo):
-        raise CommandError(f"--repo {repo} is not a git work tree",
-                           hint=f"jobs work on git repositories: 'git -C {repo} init' and commit first, "
-                                "or point --repo at a clone")
+        raise CommandError(
+            f"--repo {repo} is not a git work tree",
+            hint=f"jobs work on git repositories: 'git -C {repo} init' and commit first, or point --repo at a clone",
+        )
     a.repo = str(repo)
     if a.budget_usd is not None and not (math.isfinite(a.budget_usd) and a.budget_usd > 0):
         raise CommandError(f"--budget-usd {a.budget_usd} must be a positive amount of dollars", hint="e.g. 2.50")
@@ -150,8 +177,7 @@ def job_id_arg(text: str) -> str:
     try:
         return str(uuid.UUID(text))
     except ValueError:
-        raise CommandError(f"{text!r} is not a job id", hint="job ids are UUIDs, as printed by caspectl run") \
-            from None
+        raise CommandError(f"{text!r} is not a job id", hint="job ids are UUIDs, as printed by caspectl run") from None
 
 
 # --- reading a report (tolerant of missing keys, None and wrong types) ---------------------------
@@ -336,8 +362,11 @@ def _subtask_table(report: dict[str, Any], *, full: bool) -> Table | None:
             cells += [_str(r.get("rounds")), _str(r.get("attempts"))]
         else:
             cells.append(f"{_int(r.get('attempts'))}/{_int(r.get('rounds'))}")
-        cells += [_tokens_cell(r.get("tokens")), fmt_usd(r.get("cost_usd")) if "cost_usd" in r else "-",
-                  fmt_secs(r.get("time_s"))]
+        cells += [
+            _tokens_cell(r.get("tokens")),
+            fmt_usd(r.get("cost_usd")) if "cost_usd" in r else "-",
+            fmt_secs(r.get("time_s")),
+        ]
         if full:
             cells.append(_tests_cell(r.get("tests")))
         t.add_row(*cells)
@@ -345,8 +374,12 @@ def _subtask_table(report: dict[str, Any], *, full: bool) -> Table | None:
 
 
 def _header(report: dict[str, Any], elapsed: float | None = None) -> Text:
-    head = Text.assemble(("job ", "bold"), (_str(report.get("job_id")) or "?", "bold"), "  ",
-                         _state_text(report.get("state"), JOB_COLORS))
+    head = Text.assemble(
+        ("job ", "bold"),
+        (_str(report.get("job_id")) or "?", "bold"),
+        "  ",
+        _state_text(report.get("state"), JOB_COLORS),
+    )
     if elapsed is not None:
         head.append(f"  {fmt_secs(elapsed)}", style="dim")
     lines = [head]
@@ -385,8 +418,11 @@ def _final_tests(report: dict[str, Any]) -> Text:
         return Text.assemble(("final tests: ", "bold"), ("not run", "dim"))
     ok = tests_ok(final)
     counts = ", ".join(f"{_int(final.get(k))} {k}" for k in ("passed", "failed", "errors", "skipped") if k in final)
-    text = Text.assemble(("final tests: ", "bold"), ("pass" if ok else "FAIL", "bold green" if ok else "bold red"),
-                         f" ({counts})" if counts else "")
+    text = Text.assemble(
+        ("final tests: ", "bold"),
+        ("pass" if ok else "FAIL", "bold green" if ok else "bold red"),
+        f" ({counts})" if counts else "",
+    )
     for f in _items(final.get("failures")):
         message = _str(f.get("message")).strip().splitlines()
         text.append(f"\n  {_str(f.get('name')) or '?'}", style="red")
@@ -417,14 +453,18 @@ def render_report(report: dict[str, Any]) -> RenderableType:
     totals = Text()
     totals.append("tokens: ", style="bold").append(_token_kinds(report.get("tokens")) + "\n")
     totals.append("cost:   ", style="bold").append(_cost_vs_budget(report) + "\n")
-    totals.append("time:   ", style="bold").append(f"{fmt_secs(report.get('wall_s'))} wall, "
-                                                    f"{fmt_secs(report.get('sum_task_s'))} summed over subtasks")
+    totals.append("time:   ", style="bold").append(
+        f"{fmt_secs(report.get('wall_s'))} wall, {fmt_secs(report.get('sum_task_s'))} summed over subtasks"
+    )
     gain = speedup(report)
     if gain is not None:
         totals.append(f" = {gain:.2f}x parallel speedup")
     if report.get("started_at") or report.get("finished_at"):
-        totals.append(f"\n        started {_str(report.get('started_at')) or '-'}, "
-                      f"finished {_str(report.get('finished_at')) or '-'}", style="dim")
+        totals.append(
+            f"\n        started {_str(report.get('started_at')) or '-'}, "
+            f"finished {_str(report.get('finished_at')) or '-'}",
+            style="dim",
+        )
     parts += [totals, _final_tests(report)]
     notes = report.get("notes")
     if isinstance(notes, list) and notes:
@@ -454,8 +494,12 @@ def progress_line(report: dict[str, Any]) -> str:
     """One plain line for logs and CI (no TTY): job, state, subtask counts, tokens, cost."""
     report = _d(report)
     jid = _str(report.get("job_id"))[:8] or "?"
-    parts = [f"job {jid} {_str(report.get('state')) or '?'}", _counts_text(report),
-             f"tokens {total_tokens(report.get('tokens')):,}", f"cost {_cost_vs_budget(report)}"]
+    parts = [
+        f"job {jid} {_str(report.get('state')) or '?'}",
+        _counts_text(report),
+        f"tokens {total_tokens(report.get('tokens')):,}",
+        f"cost {_cost_vs_budget(report)}",
+    ]
     if _num(report.get("wall_s")) is not None:
         parts.append(f"wall {fmt_secs(report.get('wall_s'))}")
     return " | ".join(parts)
@@ -488,9 +532,17 @@ def job_elapsed(report: dict[str, Any], fallback: float) -> float:
 
 
 # --- the loop --------------------------------------------------------------------------------------
-def watch(client: Requester, job_id: str, console: Console, poll_s: float = 1.0, json_mode: bool = False, *,
-          sleep: Callable[[float], None] | None = None, clock: Callable[[], float] | None = None,
-          live: bool | None = None) -> dict[str, Any]:
+def watch(
+    client: Requester,
+    job_id: str,
+    console: Console,
+    poll_s: float = 1.0,
+    json_mode: bool = False,
+    *,
+    sleep: Callable[[float], None] | None = None,
+    clock: Callable[[], float] | None = None,
+    live: bool | None = None,
+) -> dict[str, Any]:
     """Poll ``job`` every ``poll_s`` seconds until the job ends, showing progress on ``console``:
     a ``rich`` live view on a terminal (or ``live=True``), one plain line per change otherwise,
     nothing with ``json_mode``. Returns the last report: terminal, unless watching was stopped
@@ -520,8 +572,10 @@ def watch(client: Requester, job_id: str, console: Console, poll_s: float = 1.0,
     use_live = (console.is_terminal if live is None else live) and not json_mode
     try:
         if use_live:
+
             def view() -> RenderableType:
                 return render_live(last, job_elapsed(last, clock() - start))
+
             with Live(console=console, get_renderable=view, refresh_per_second=4, transient=True):
                 while not is_terminal(poll().get("state")):
                     sleep(poll_s)
@@ -543,8 +597,10 @@ def watch(client: Requester, job_id: str, console: Console, poll_s: float = 1.0,
 
 # --- the commands ----------------------------------------------------------------------------------
 def _consoles(out: Console | None, err: Console | None) -> tuple[Console, Console]:
-    return (out or Console(width=None if sys.stdout.isatty() else 200),
-            err or Console(stderr=True, width=None if sys.stderr.isatty() else 200))
+    return (
+        out or Console(width=None if sys.stdout.isatty() else 200),
+        err or Console(stderr=True, width=None if sys.stderr.isatty() else 200),
+    )
 
 
 def _print_json(data: Any) -> None:
@@ -574,26 +630,43 @@ def follow(client: Requester, a: argparse.Namespace, job_id: str, out: Console, 
 def cmd_run(client: Requester, a: argparse.Namespace, out: Console | None = None, err: Console | None = None) -> int:
     """``caspectl run``: submit a job (``check_run`` has vetted the arguments), then follow it or detach."""
     out, err = _consoles(out, err)
-    data = client.request("job-submit", goal=a.goal, repo=a.repo, test_cmd=a.test_cmd or None,
-                          budget_usd=a.budget_usd, max_parallel=a.max_parallel, allowed=a.allow or None)
+    data = client.request(
+        "job-submit",
+        goal=a.goal,
+        repo=a.repo,
+        test_cmd=a.test_cmd or None,
+        budget_usd=a.budget_usd,
+        max_parallel=a.max_parallel,
+        allowed=a.allow or None,
+    )
     data = _d(data)
     job_id = _str(data.get("job_id"))
     if not job_id:
-        raise CommandError("the policeman accepted the job but returned no job id",
-                           hint="is the policeman the same version as caspectl? see caspectl status")
+        raise CommandError(
+            "the policeman accepted the job but returned no job id",
+            hint="is the policeman the same version as caspectl? see caspectl status",
+        )
     existing = bool(data.get("existing"))
     if a.detach:
         if a.output == "json":
             _print_json({"job_id": job_id, "existing": existing})
         else:
             print(job_id)
-            err.print(f"{'existing' if existing else 'submitted'} job {job_id}; "
-                      f"follow it with: caspectl job {job_id} --watch", highlight=False, markup=False)
+            err.print(
+                f"{'existing' if existing else 'submitted'} job {job_id}; "
+                f"follow it with: caspectl job {job_id} --watch",
+                highlight=False,
+                markup=False,
+            )
         return int(ExitCode.OK)
     if a.output != "json":
-        out.print(f"{'existing job' if existing else 'job'} {job_id} "
-                  f"{'(the same goal on the same repository)' if existing else 'submitted'}; Ctrl-C stops watching, "
-                  "not the job", highlight=False, markup=False)
+        out.print(
+            f"{'existing job' if existing else 'job'} {job_id} "
+            f"{'(the same goal on the same repository)' if existing else 'submitted'}; Ctrl-C stops watching, "
+            "not the job",
+            highlight=False,
+            markup=False,
+        )
     return follow(client, a, job_id, out, err)
 
 
@@ -617,14 +690,24 @@ def add_parsers(add: Callable[[str, Any, str], argparse.ArgumentParser], out: Co
     sp.epilog, sp.formatter_class = RUN_EPILOG, argparse.RawDescriptionHelpFormatter
     sp.add_argument("goal", help="what to do, in words")
     sp.add_argument("--repo", required=True, metavar="PATH", help="the git work tree to work on")
-    sp.add_argument("--test-cmd", metavar="CMD",
-                    help="the command that runs the tests (default: decided by the policeman)")
-    sp.add_argument("--budget-usd", type=usd, metavar="X",
-                    help="US dollars; no new Claude work is dispatched once spent (default: none)")
-    sp.add_argument("--max-parallel", type=parallelism, metavar="N",
-                    help=f"subtasks running at once, 1-{MAX_PARALLEL} (default: mesh setting)")
-    sp.add_argument("--allow", action="append", metavar="GLOB",
-                    help="a path glob the agents may change (repeat for more)")
+    sp.add_argument(
+        "--test-cmd", metavar="CMD", help="the command that runs the tests (default: decided by the policeman)"
+    )
+    sp.add_argument(
+        "--budget-usd",
+        type=usd,
+        metavar="X",
+        help="US dollars; no new Claude work is dispatched once spent (default: none)",
+    )
+    sp.add_argument(
+        "--max-parallel",
+        type=parallelism,
+        metavar="N",
+        help=f"subtasks running at once, 1-{MAX_PARALLEL} (default: mesh setting)",
+    )
+    sp.add_argument(
+        "--allow", action="append", metavar="GLOB", help="a path glob the agents may change (repeat for more)"
+    )
     sp.add_argument("--detach", action="store_true", help="print the job id and return at once")
     sp.add_argument("--poll", type=poll_seconds, default=1.0, metavar="S", help="seconds between updates (default 1)")
     sp = add("job", lambda c, a: cmd_job(c, a, out, err), "a job's report: plan, subtasks, spend, tests")

@@ -82,8 +82,17 @@ def cmd_status(c: ControlClient, a: argparse.Namespace) -> int:
 def cmd_peers(c: ControlClient, a: argparse.Namespace) -> int:
     data = c.request("peers")
     cols = ("node_id", "role", "endpoint", "liveness", "breaker", "inflight", "capacity", "draining", "capabilities")
-    _emit(a, data, lambda d: out.print(_table(f"{len(d['peers'])} peers", cols, (
-        [p[k] if k != "capabilities" else ",".join(p[k]) for k in cols] for p in d["peers"]))))
+    _emit(
+        a,
+        data,
+        lambda d: out.print(
+            _table(
+                f"{len(d['peers'])} peers",
+                cols,
+                ([p[k] if k != "capabilities" else ",".join(p[k]) for k in cols] for p in d["peers"]),
+            )
+        ),
+    )
     return ExitCode.OK
 
 
@@ -96,10 +105,16 @@ def _spec_from_args(a: argparse.Namespace) -> TaskSpec:
         raise CommandError(f"--input is not valid JSON: {exc}", hint="""e.g. --input '{"cmd": "ls"}'""") from None
     if not isinstance(data, dict):
         raise CommandError("--input must be a JSON object", hint="""e.g. --input '{"cmd": "ls"}'""")
-    fields: dict[str, Any] = {"type": a.type, "input": data, "priority": a.priority,
-                              "requires": tuple(a.requires or ()), "affinity": a.affinity,
-                              "idempotency_key": a.idempotency_key, "max_attempts": a.max_attempts,
-                              "timeout_s": a.timeout_s}
+    fields: dict[str, Any] = {
+        "type": a.type,
+        "input": data,
+        "priority": a.priority,
+        "requires": tuple(a.requires or ()),
+        "affinity": a.affinity,
+        "idempotency_key": a.idempotency_key,
+        "max_attempts": a.max_attempts,
+        "timeout_s": a.timeout_s,
+    }
     return _spec(fields, "the command line")
 
 
@@ -107,8 +122,9 @@ def _spec(fields: dict[str, Any], where: str) -> TaskSpec:
     try:
         return TaskSpec.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
-        raise CommandError(f"bad task in {where}: {describe_validation(exc)}", hint="see caspectl submit --help") \
-            from None
+        raise CommandError(
+            f"bad task in {where}: {describe_validation(exc)}", hint="see caspectl submit --help"
+        ) from None
 
 
 def _wait(c: ControlClient, a: argparse.Namespace, ids: list[str]) -> int:
@@ -119,13 +135,19 @@ def _wait(c: ControlClient, a: argparse.Namespace, ids: list[str]) -> int:
         tid = str(done.task_id)
         if tid in left:
             left.discard(tid)
-            results[tid] = {"id": tid, "status": done.status, "output": done.output,
-                            "error": done.error.model_dump() if done.error else None}
+            results[tid] = {
+                "id": tid,
+                "status": done.status,
+                "output": done.output,
+                "error": done.error.model_dump() if done.error else None,
+            }
         if not left or time.monotonic() > deadline:
             break
     if left:
-        raise RequestTimeoutError(f"{len(left)} task(s) not finished within {a.wait_timeout:g}s",
-                                  hint="they keep running; see caspectl get ID, or raise --wait-timeout")
+        raise RequestTimeoutError(
+            f"{len(left)} task(s) not finished within {a.wait_timeout:g}s",
+            hint="they keep running; see caspectl get ID, or raise --wait-timeout",
+        )
     values = [results[i] for i in ids]
     _emit(a, values if len(values) > 1 else values[0], lambda d: [_kv(f"task {v['id']}", v) for v in values])
     bad = [v for v in values if v["status"] != "complete"]
@@ -148,23 +170,26 @@ def cmd_submit_bulk(c: ControlClient, a: argparse.Namespace) -> int:
     try:
         fh = src or open(a.file, encoding="utf-8")  # noqa: SIM115
     except OSError as exc:
-        raise CommandError(f"cannot read {a.file}: {exc.strerror}", hint="give a JSON-lines file, or - for stdin") \
-            from None
+        raise CommandError(
+            f"cannot read {a.file}: {exc.strerror}", hint="give a JSON-lines file, or - for stdin"
+        ) from None
     specs: list[TaskSpec] = []
     with fh:
         try:
             lines = list(fh)
         except UnicodeDecodeError as exc:
-            raise CommandError(f"{a.file} is not UTF-8 text (byte {exc.start})", hint="one JSON object per line") \
-                from None
+            raise CommandError(
+                f"{a.file} is not UTF-8 text (byte {exc.start})", hint="one JSON object per line"
+            ) from None
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except (ValueError, RecursionError) as exc:
-                raise CommandError(f"line {n}: not JSON ({type(exc).__name__})", hint="one JSON object per line") \
-                    from None
+                raise CommandError(
+                    f"line {n}: not JSON ({type(exc).__name__})", hint="one JSON object per line"
+                ) from None
             if not isinstance(obj, dict):
                 raise CommandError(f"line {n}: expected a JSON object", hint='e.g. {"type": "echo", "input": {}}')
             specs.append(_spec(obj, f"line {n}"))
@@ -173,15 +198,18 @@ def cmd_submit_bulk(c: ControlClient, a: argparse.Namespace) -> int:
     ids: list[str] = []
     fresh = 0
     for i in range(0, len(specs), a.batch):
-        acc = c.submit_until_accepted(specs[i:i + a.batch], wait=a.wait)
+        acc = c.submit_until_accepted(specs[i : i + a.batch], wait=a.wait)
         ids.extend(str(t) for t in acc.task_ids)
         fresh += acc.existing.count(False)
         if a.output != "json" and not a.wait:
             err.print(f"submitted {len(ids)}/{len(specs)}", end="\r")
     if a.wait:
         return _wait(c, a, ids)
-    _emit(a, {"submitted": len(ids), "new": fresh, "ids": ids},
-          lambda d: out.print(f"submitted {d['submitted']} tasks ({d['new']} new)"))
+    _emit(
+        a,
+        {"submitted": len(ids), "new": fresh, "ids": ids},
+        lambda d: out.print(f"submitted {d['submitted']} tasks ({d['new']} new)"),
+    )
     return ExitCode.OK
 
 
@@ -191,8 +219,14 @@ def cmd_get(c: ControlClient, a: argparse.Namespace) -> int:
     def human(d: dict[str, Any]) -> None:
         events = d.pop("events", [])
         _kv(f"task {d['id']}", d)
-        out.print(_table("events", ("at", "from", "to", "peer", "attempt"), (
-            (e["at"], e["from_status"], e["to_status"], e["peer"], e["attempt"]) for e in events)))
+        out.print(
+            _table(
+                "events",
+                ("at", "from", "to", "peer", "attempt"),
+                ((e["at"], e["from_status"], e["to_status"], e["peer"], e["attempt"]) for e in events),
+            )
+        )
+
     _emit(a, data, human)
     return ExitCode.OK
 
@@ -204,14 +238,21 @@ def cmd_tasks(c: ControlClient, a: argparse.Namespace) -> int:
     def human(d: dict[str, Any]) -> None:
         out.print(_table(f"{len(d['tasks'])} tasks", cols, ([t[k] for k in cols] for t in d["tasks"])))
         out.print("totals: " + ", ".join(f"{k}={v}" for k, v in sorted(d["counts"].items())))
+
     _emit(a, data, human)
     return ExitCode.OK
 
 
 def cmd_cancel(c: ControlClient, a: argparse.Namespace) -> int:
     data = c.request("cancel", id=str(parse_id(a.id)))
-    _emit(a, data, lambda d: out.print(f"task {d['id']} cancelled" + (
-        f" (it was running on {d['was_running_on']})" if d.get("was_running_on") else "")))
+    _emit(
+        a,
+        data,
+        lambda d: out.print(
+            f"task {d['id']} cancelled"
+            + (f" (it was running on {d['was_running_on']})" if d.get("was_running_on") else "")
+        ),
+    )
     return ExitCode.OK
 
 
@@ -236,21 +277,34 @@ def cmd_resume(c: ControlClient, a: argparse.Namespace) -> int:
 def cmd_health(c: ControlClient, a: argparse.Namespace) -> int:
     data = c.request("health")
     if not a.quiet:
-        _emit(a, data, lambda d: out.print(_table(
-            f"{d['node_id']}: {'healthy' if d['healthy'] else 'UNHEALTHY'}", ("check", "ok", "detail"),
-            ((k, "yes" if v["ok"] else "NO", v["detail"]) for k, v in d["checks"].items()))))
+        _emit(
+            a,
+            data,
+            lambda d: out.print(
+                _table(
+                    f"{d['node_id']}: {'healthy' if d['healthy'] else 'UNHEALTHY'}",
+                    ("check", "ok", "detail"),
+                    ((k, "yes" if v["ok"] else "NO", v["detail"]) for k, v in d["checks"].items()),
+                )
+            ),
+        )
     return ExitCode.OK if data["healthy"] else ExitCode.UNHEALTHY
 
 
 def cmd_keygen(a: argparse.Namespace) -> int:
     from casperd.transport import write_keypair
+
     try:
         sec, pub = write_keypair(Path(a.directory), a.name)
     except OSError as exc:
-        raise CommandError(f"cannot write keys to {a.directory}: {exc.strerror}",
-                           hint="give a directory you can write to") from None
-    _emit(a, {"secret": str(sec), "public": str(pub)},
-          lambda d: out.print(f"wrote {d['secret']} (secret, 0600) and {d['public']}"))
+        raise CommandError(
+            f"cannot write keys to {a.directory}: {exc.strerror}", hint="give a directory you can write to"
+        ) from None
+    _emit(
+        a,
+        {"secret": str(sec), "public": str(pub)},
+        lambda d: out.print(f"wrote {d['secret']} (secret, 0600) and {d['public']}"),
+    )
     return ExitCode.OK
 
 
@@ -260,22 +314,31 @@ _seconds = jobs.poll_seconds  # a positive, finite number of seconds (argparse t
 
 def _common(suppress: bool) -> argparse.ArgumentParser:
     """Global options, accepted before or after the command (after: SUPPRESS keeps the earlier value)."""
+
     def d(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-o", "--output", choices=("table", "json"), default=d("table"), help="output format")
-    common.add_argument("--control", default=d(None),
-                        help="control socket endpoint, e.g. ipc:///path/node.ctl [CASPER_CONTROL]")
-    common.add_argument("--state-dir", type=Path, default=d(None),
-                        help="where 'casperd up' keeps the mesh [CASPER_STATE_DIR]")
+    common.add_argument(
+        "--control", default=d(None), help="control socket endpoint, e.g. ipc:///path/node.ctl [CASPER_CONTROL]"
+    )
+    common.add_argument(
+        "--state-dir", type=Path, default=d(None), help="where 'casperd up' keeps the mesh [CASPER_STATE_DIR]"
+    )
     common.add_argument("--timeout", type=_seconds, default=d(10.0), help="seconds to wait for an answer (default 10)")
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common(suppress=True)
-    p = argparse.ArgumentParser(prog="caspectl", description="Admin client of a CASPER mesh.", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, parents=[_common(False)])
+    p = argparse.ArgumentParser(
+        prog="caspectl",
+        description="Admin client of a CASPER mesh.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_common(False)],
+    )
     p.add_argument("--version", action="version", version=f"caspectl {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -355,8 +418,9 @@ def _fail(a: argparse.Namespace, exc: CasperError, code: int) -> int:
     if getattr(a, "output", "table") == "json":
         print(json.dumps({"error": exc.to_wire(), "exit_code": int(code)}))
     else:
-        err.print(f"[bold red]caspectl:[/] {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""),
-                  highlight=False)
+        err.print(
+            f"[bold red]caspectl:[/] {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), highlight=False
+        )
     return int(code)
 
 

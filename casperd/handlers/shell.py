@@ -54,11 +54,13 @@ async def run_shell(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
     elif isinstance(cmd, list) and cmd and all(isinstance(a, str) for a in cmd):
         argv = list(cmd)
     else:
-        raise TaskError("shell needs 'cmd': a non-empty string or a list of strings",
-                        hint='e.g. {"cmd": "pytest -q"} or {"cmd": ["ls", "-la"]}')
+        raise TaskError(
+            "shell needs 'cmd': a non-empty string or a list of strings",
+            hint='e.g. {"cmd": "pytest -q"} or {"cmd": ["ls", "-la"]}',
+        )
     timeout = data.get("timeout_s") or ctx.timeout_s or ctx.shell_timeout_s
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 86400:
-        raise TaskError("shell 'timeout_s' must be a number of seconds between 0 and 86400", hint='e.g. 30')
+        raise TaskError("shell 'timeout_s' must be a number of seconds between 0 and 86400", hint="e.g. 30")
     timeout = float(timeout)
     stdin = data.get("stdin")
     if stdin is not None and not isinstance(stdin, str):
@@ -68,17 +70,21 @@ async def run_shell(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=cwd, env=clean_env(), start_new_session=True,
+            *argv,
+            cwd=cwd,
+            env=clean_env(),
+            start_new_session=True,
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
     except OSError as exc:
-        raise TaskError(f"cannot start {argv[0]!r}: {exc.strerror}", hint="is the program installed on this node?") \
-            from None
+        raise TaskError(
+            f"cannot start {argv[0]!r}: {exc.strerror}", hint="is the program installed on this node?"
+        ) from None
     timed_out = False
     try:
-        out, err = await asyncio.wait_for(
-            proc.communicate(stdin.encode() if isinstance(stdin, str) else None), timeout)
+        out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if isinstance(stdin, str) else None), timeout)
     except TimeoutError:
         timed_out = True
         _kill_group(proc)
@@ -94,8 +100,12 @@ async def run_shell(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
     stdout, out_cut = _tail(out, ctx.output_cap)
     stderr, err_cut = _tail(err, ctx.output_cap)
     return {
-        "exit_code": proc.returncode, "stdout": stdout, "stderr": stderr,
-        "stdout_truncated": out_cut, "stderr_truncated": err_cut, "duration_s": round(duration, 4),
+        "exit_code": proc.returncode,
+        "stdout": stdout,
+        "stderr": stderr,
+        "stdout_truncated": out_cut,
+        "stderr_truncated": err_cut,
+        "duration_s": round(duration, 4),
     }
 
 
@@ -112,7 +122,12 @@ def validate_shell(data: dict[str, Any], output: Any) -> str | None:
     return None if got == expected else f"exit code {got}, expected {expected}"
 
 
-
-
-register(TaskType("shell", run_shell, requires=("shell",), validate=validate_shell,
-                  description="runs input.cmd in the workspace; input.expect_exit is validated"))
+register(
+    TaskType(
+        "shell",
+        run_shell,
+        requires=("shell",),
+        validate=validate_shell,
+        description="runs input.cmd in the workspace; input.expect_exit is validated",
+    )
+)

@@ -54,8 +54,15 @@ SERVICES = ("postgres", "redis", "policeman", "developer-1", "developer-2", "tes
 NODES = ("policeman", "developer-1", "developer-2", "tester")
 WORKERS = ("developer-1", "developer-2", "tester")
 #: last octet of each service's fixed address on claude-net (compose.yaml's plan)
-ADDRESS = {"policeman": 10, "developer-1": 11, "developer-2": 12, "tester": 13, "developer-3": 14,
-           "redis": 20, "postgres": 21}
+ADDRESS = {
+    "policeman": 10,
+    "developer-1": 11,
+    "developer-2": 12,
+    "tester": 13,
+    "developer-3": 14,
+    "redis": 20,
+    "postgres": 21,
+}
 CASPER_UID = 10001
 
 #: every project made by this process, for the session-end leak check
@@ -161,29 +168,47 @@ class ComposeMesh:
     def env(self) -> dict[str, str]:
         env = clean_env()
         env.update(self.images)
-        env.update({
-            "CASPER_SUBNET": f"{self.net}.0/24", "CASPER_NET": self.net,
-            "CASPER_INTERNAL_SUBNET": f"10.233.{2 * self.k + 1}.0/24",
-            "CASPER_SECRETS_DIR": str(self.secrets_dir),
-            "CASPER_HEALTHCHECK_INTERVAL": self.health_interval,
-        })
+        env.update(
+            {
+                "CASPER_SUBNET": f"{self.net}.0/24",
+                "CASPER_NET": self.net,
+                "CASPER_INTERNAL_SUBNET": f"10.233.{2 * self.k + 1}.0/24",
+                "CASPER_SECRETS_DIR": str(self.secrets_dir),
+                "CASPER_HEALTHCHECK_INTERVAL": self.health_interval,
+            }
+        )
         return env
 
     # --- docker-compose -----------------------------------------------------------------------
-    def run(self, *args: str, stdin: str | None = None, timeout: float = 120, check: bool = True,
-            files: Sequence[Path] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        *args: str,
+        stdin: str | None = None,
+        timeout: float = 120,
+        check: bool = True,
+        files: Sequence[Path] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [*self.compose, "-p", self.project]
         for f in files if files is not None else self.files:
             cmd += ["-f", str(f)]
         cmd += list(args)
         try:
-            proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, env=self.env,
-                                  cwd=REPO, stdin=None if stdin is not None else subprocess.DEVNULL)
+            proc = subprocess.run(
+                cmd,
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=self.env,
+                cwd=REPO,
+                stdin=None if stdin is not None else subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired as exc:
             raise ComposeError(f"{' '.join(cmd[:8])} ... did not finish within {timeout:.0f}s") from exc
         if check and proc.returncode != 0:
-            raise ComposeError(f"{' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n"
-                               f"{proc.stdout[-2000:]}")
+            raise ComposeError(
+                f"{' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}"
+            )
         return proc
 
     def up(self, timeout: float = 300) -> float:
@@ -210,14 +235,18 @@ class ComposeMesh:
 
     def check_images(self) -> None:
         """Every image must be here already: the tests never pull (no traffic leaves the host)."""
-        wanted = [f"{self.images['CASPER_IMAGE']}:{self.images['VERSION']}", self.images["POSTGRES_IMAGE"],
-                  self.images["REDIS_IMAGE"]]
+        wanted = [
+            f"{self.images['CASPER_IMAGE']}:{self.images['VERSION']}",
+            self.images["POSTGRES_IMAGE"],
+            self.images["REDIS_IMAGE"],
+        ]
         for ref in wanted:
             try:
                 self.client.images.get(ref)
             except docker.errors.ImageNotFound:
-                raise ComposeError(f"image {ref} is not on this engine; build it first "
-                                   "(containers/build-local-images.sh --app)") from None
+                raise ComposeError(
+                    f"image {ref} is not on this engine; build it first (containers/build-local-images.sh --app)"
+                ) from None
 
     def down(self) -> None:
         """Remove everything of the project (containers, networks, volumes), whatever state it is in."""
@@ -230,8 +259,9 @@ class ComposeMesh:
         return self.client.containers.list(all=True, filters={"label": f"{LABEL_PROJECT}={self.project}"})
 
     def container(self, service: str) -> Container:
-        found = self.client.containers.list(all=True, filters={"label": [f"{LABEL_PROJECT}={self.project}",
-                                                                         f"{LABEL_SERVICE}={service}"]})
+        found = self.client.containers.list(
+            all=True, filters={"label": [f"{LABEL_PROJECT}={self.project}", f"{LABEL_SERVICE}={service}"]}
+        )
         if len(found) != 1:
             raise ComposeError(f"expected one container of {service} in {self.project}, found {len(found)}")
         return found[0]
@@ -264,8 +294,15 @@ class ComposeMesh:
                 out.append(f"--- {s} (last {tail} lines)\n{text}")
         return "\n".join(out)
 
-    def exec(self, service: str, cmd: Sequence[str], *, user: str | None = None, stdin: str | None = None,
-             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self,
+        service: str,
+        cmd: Sequence[str],
+        *,
+        user: str | None = None,
+        stdin: str | None = None,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
         """``docker exec`` into the service's container (its environment: CASPER_CONTROL etc.)."""
         args = ["docker", "exec"]
         if stdin is not None:
@@ -274,8 +311,14 @@ class ComposeMesh:
             args += ["-u", user]
         args += [self.container(service).id, *cmd]
         try:
-            return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=timeout,
-                                  stdin=None if stdin is not None else subprocess.DEVNULL)
+            return subprocess.run(
+                args,
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=None if stdin is not None else subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired as exc:
             raise ComposeError(f"docker exec {service} {' '.join(cmd)[:80]} took over {timeout:.0f}s") from exc
 
@@ -283,8 +326,10 @@ class ComposeMesh:
     def caspectl(self, *args: str, service: str = "policeman", timeout: float = 30) -> Any:
         proc = self.exec(service, ["caspectl", *args, "-o", "json", "--timeout", "10"], timeout=timeout)
         if proc.returncode != 0:
-            raise ComposeError(f"caspectl {' '.join(args)} on {service}: exit {proc.returncode}: "
-                               f"{proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+            raise ComposeError(
+                f"caspectl {' '.join(args)} on {service}: exit {proc.returncode}: "
+                f"{proc.stdout[-2000:]} {proc.stderr[-2000:]}"
+            )
         return json.loads(proc.stdout)
 
     def peers(self) -> dict[str, dict[str, Any]]:
@@ -302,14 +347,17 @@ class ComposeMesh:
                 if alive <= live and not (absent & set(peers)):
                     return peers
             time.sleep(0.5)
-        raise ComposeError(f"peers not {sorted(alive)} alive (and {sorted(absent)} gone) within {timeout:.0f}s: "
-                           f"{ {n: (p['liveness'], p['breaker']) for n, p in peers.items()} }")
+        raise ComposeError(
+            f"peers not {sorted(alive)} alive (and {sorted(absent)} gone) within {timeout:.0f}s: "
+            f"{ {n: (p['liveness'], p['breaker']) for n, p in peers.items()} }"
+        )
 
     def submit(self, tasks: list[dict[str, Any]], timeout: float = 60) -> list[str]:
         """Submit without waiting (``caspectl submit-bulk -``); returns the task ids."""
         lines = "".join(json.dumps(t) + "\n" for t in tasks)
-        proc = self.exec("policeman", ["caspectl", "submit-bulk", "-", "-o", "json", "--timeout", "30"],
-                         stdin=lines, timeout=timeout)
+        proc = self.exec(
+            "policeman", ["caspectl", "submit-bulk", "-", "-o", "json", "--timeout", "30"], stdin=lines, timeout=timeout
+        )
         if proc.returncode != 0:
             raise ComposeError(f"submit-bulk: exit {proc.returncode}: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
         ids = json.loads(proc.stdout)["ids"]
@@ -318,8 +366,9 @@ class ComposeMesh:
 
     def psql(self, sql: str, timeout: float = 30) -> list[list[str]]:
         """Rows of ``psql -tA`` inside the postgres container (local socket, user casper)."""
-        proc = self.exec("postgres", ["psql", "-U", "casper", "-d", "casper", "-v", "ON_ERROR_STOP=1", "-tAc", sql],
-                         timeout=timeout)
+        proc = self.exec(
+            "postgres", ["psql", "-U", "casper", "-d", "casper", "-v", "ON_ERROR_STOP=1", "-tAc", sql], timeout=timeout
+        )
         if proc.returncode != 0:
             raise ComposeError(f"psql failed ({proc.returncode}): {proc.stderr[-2000:]}")
         return [line.split("|") for line in proc.stdout.splitlines() if line]
@@ -342,8 +391,10 @@ class ComposeMesh:
 
     def ran_on(self, tag: str) -> dict[str, int]:
         """Completed tasks with input.tag = ``tag``, by the node that completed them."""
-        rows = self.psql(f"select assigned_to, count(*) from tasks where input->>'tag' = '{_sql_str(tag)}' "
-                         "and status = 'complete' group by 1")
+        rows = self.psql(
+            f"select assigned_to, count(*) from tasks where input->>'tag' = '{_sql_str(tag)}' "
+            "and status = 'complete' group by 1"
+        )
         return {node: int(n) for node, n in rows}
 
 
@@ -391,9 +442,11 @@ def remove_project(client: docker.DockerClient, project: str) -> None:
 
 def leftovers(client: docker.DockerClient, project: str) -> list[str]:
     label = {"label": f"{LABEL_PROJECT}={project}"}
-    return ([f"container {c.name}" for c in client.containers.list(all=True, filters=label)]
-            + [f"network {n.name}" for n in client.networks.list(filters=label)]
-            + [f"volume {v.name}" for v in client.volumes.list(filters=label)])
+    return (
+        [f"container {c.name}" for c in client.containers.list(all=True, filters=label)]
+        + [f"network {n.name}" for n in client.networks.list(filters=label)]
+        + [f"volume {v.name}" for v in client.volumes.list(filters=label)]
+    )
 
 
 def sweep_stale_projects(client: docker.DockerClient) -> list[str]:
@@ -408,7 +461,7 @@ def sweep_stale_projects(client: docker.DockerClient) -> list[str]:
     swept = []
     for project in sorted(p for p in projects if p.startswith(PROJECT_PREFIX)):
         try:
-            pid = int(project[len(PROJECT_PREFIX):].split("-")[0])
+            pid = int(project[len(PROJECT_PREFIX) :].split("-")[0])
             os.kill(pid, 0)
             continue  # its owner still runs: leave it alone
         except ProcessLookupError:

@@ -43,8 +43,12 @@ from tests.compose.composemesh import (
 TESTS_DIR = Path(__file__).resolve().parent
 BUILD_TIMEOUT = float(os.environ.get("CASPER_COMPOSE_BUILD_TIMEOUT", "2400"))
 TEST_TIMEOUT = 600
-LOCAL_IMAGES = {"CASPER_IMAGE": "casper-local/casper", "VERSION": "latest",
-                "POSTGRES_IMAGE": "casper-local/postgres:16", "REDIS_IMAGE": "casper-local/redis:7"}
+LOCAL_IMAGES = {
+    "CASPER_IMAGE": "casper-local/casper",
+    "VERSION": "latest",
+    "POSTGRES_IMAGE": "casper-local/postgres:16",
+    "REDIS_IMAGE": "casper-local/redis:7",
+}
 EXTRA_NODES = ("developer-3",)  # keys for the developer test_mesh.py adds
 
 
@@ -61,6 +65,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def docker_client():  # -> docker.DockerClient
     from tests.compose.composemesh import docker
+
     if docker is None:
         unavailable("the docker Python package is not installed (pip install -e '.[test]')")
     try:
@@ -86,9 +91,14 @@ def compose_images(docker_client, tmp_path_factory: pytest.TempPathFactory) -> d
     t0 = time.monotonic()
     with open(log, "wb") as fh:
         try:
-            proc = subprocess.run([str(REPO / "containers" / "build-local-images.sh"), "--app"], stdout=fh,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-                                  timeout=BUILD_TIMEOUT)
+            proc = subprocess.run(
+                [str(REPO / "containers" / "build-local-images.sh"), "--app"],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO,
+                timeout=BUILD_TIMEOUT,
+            )
         except subprocess.TimeoutExpired:
             pytest.fail(f"build-local-images.sh --app took over {BUILD_TIMEOUT:.0f}s; log: {log}", pytrace=False)
     TIMINGS.append(("build-local-images.sh --app", time.monotonic() - t0))
@@ -103,8 +113,14 @@ def secrets_dir(compose_images: dict[str, str], tmp_path_factory: pytest.TempPat
     path = tmp_path_factory.mktemp("secrets") / "secrets"
     # no API key in the test meshes, whatever this shell has: they must never call a real API
     env = {**{k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}, **compose_images}
-    proc = subprocess.run([str(REPO / "containers" / "make-secrets.sh"), str(path), *EXTRA_NODES], env=env,
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [str(REPO / "containers" / "make-secrets.sh"), str(path), *EXTRA_NODES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, f"make-secrets.sh failed ({proc.returncode}):\n{proc.stderr}"
     return path
 
@@ -149,9 +165,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(f"{seconds:7.1f} s  {what}")
     with contextlib.suppress(Exception):
         import docker
+
         client = docker.from_env(timeout=30)
-        for ref in ("casper-local/casper:latest", "casper-local/python:3.11-slim", "casper-local/postgres:16",
-                    "casper-local/redis:7"):
+        for ref in (
+            "casper-local/casper:latest",
+            "casper-local/python:3.11-slim",
+            "casper-local/postgres:16",
+            "casper-local/redis:7",
+        ):
             with contextlib.suppress(docker.errors.ImageNotFound):
                 size = client.images.get(ref).attrs["Size"]
                 terminalreporter.write_line(f"{size / 1e6:7.0f} MB {ref}")
@@ -161,6 +182,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not CREATED:
         return
     import docker
+
     client = docker.from_env(timeout=60)
     left = {p: leftovers(client, p) for p in CREATED}
     left = {p: v for p, v in left.items() if v}

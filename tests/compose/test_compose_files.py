@@ -27,16 +27,23 @@ def config(*files: Path, env: dict[str, str] | None = None) -> str:
     args = [*cmd, "-p", "casper-config-check"]
     for f in files:
         args += ["-f", str(f)]
-    proc = subprocess.run([*args, "config"], capture_output=True, text=True, timeout=60, env=base, cwd=REPO,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [*args, "config"], capture_output=True, text=True, timeout=60, env=base, cwd=REPO, stdin=subprocess.DEVNULL
+    )
     assert proc.returncode == 0, f"{' '.join(args)} config failed:\n{proc.stderr}"
     return proc.stdout
 
 
 def test_defaults_are_the_seed_plan_and_public_images() -> None:
     out = config(COMPOSE_FILE)
-    for service, octet in (("policeman", 10), ("developer-1", 11), ("developer-2", 12), ("tester", 13),
-                           ("redis", 20), ("postgres", 21)):
+    for service, octet in (
+        ("policeman", 10),
+        ("developer-1", 11),
+        ("developer-2", 12),
+        ("tester", 13),
+        ("redis", 20),
+        ("postgres", 21),
+    ):
         assert f"ipv4_address: 172.20.0.{octet}" in out, service
     assert "subnet: 172.20.0.0/16" in out and "gateway: 172.20.0.1" in out
     assert "internal: true" in out
@@ -48,10 +55,19 @@ def test_defaults_are_the_seed_plan_and_public_images() -> None:
 
 
 def test_variables_move_the_mesh_and_its_images() -> None:
-    out = config(COMPOSE_FILE, env={
-        "CASPER_SUBNET": "10.99.1.0/24", "CASPER_NET": "10.99.1", "CASPER_INTERNAL_SUBNET": "10.99.2.0/24",
-        "CASPER_IMAGE": "casper-local/casper", "VERSION": "0.1.0", "POSTGRES_IMAGE": "casper-local/postgres:16",
-        "REDIS_IMAGE": "casper-local/redis:7", "CASPER_SECRETS_DIR": "/somewhere/secrets"})
+    out = config(
+        COMPOSE_FILE,
+        env={
+            "CASPER_SUBNET": "10.99.1.0/24",
+            "CASPER_NET": "10.99.1",
+            "CASPER_INTERNAL_SUBNET": "10.99.2.0/24",
+            "CASPER_IMAGE": "casper-local/casper",
+            "VERSION": "0.1.0",
+            "POSTGRES_IMAGE": "casper-local/postgres:16",
+            "REDIS_IMAGE": "casper-local/redis:7",
+            "CASPER_SECRETS_DIR": "/somewhere/secrets",
+        },
+    )
     assert "172.20." not in out and "172.21." not in out
     assert "ipv4_address: 10.99.1.10" in out and "CASPER_BROKER: tcp://10.99.1.10:5555" in out
     assert "subnet: 10.99.2.0/24" in out

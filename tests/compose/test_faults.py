@@ -23,7 +23,8 @@ def moved_away(m: ComposeMesh, tag: str, node: str) -> int:
     rows = m.psql(
         "select count(distinct t.id) from tasks t join task_events e on e.task_id = t.id "
         f"where t.input->>'tag' = '{tag}' and e.to_status = 'assigned' and e.peer = '{node}' "
-        f"and t.status = 'complete' and t.assigned_to <> '{node}'")
+        f"and t.status = 'complete' and t.assigned_to <> '{node}'"
+    )
     return int(rows[0][0])
 
 
@@ -41,8 +42,7 @@ def earns_work_back(m: ComposeMesh, node: str, timeout: float = 90) -> dict[str,
         ran_on = m.ran_on(tag)
         if ran_on.get(node, 0) > 0 and m.peers()[node]["breaker"] == "closed":
             return ran_on
-    raise AssertionError(f"{node} got no work back within {timeout:.0f}s: {m.ran_on(tag)}, "
-                         f"peers {m.peers()}")
+    raise AssertionError(f"{node} got no work back within {timeout:.0f}s: {m.ran_on(tag)}, peers {m.peers()}")
 
 
 def test_killed_developer_work_completes_elsewhere_and_it_rejoins(healthy_mesh: ComposeMesh) -> None:
@@ -68,8 +68,9 @@ def test_killed_developer_work_completes_elsewhere_and_it_rejoins(healthy_mesh: 
     m.wait_healthy(["developer-1"], timeout=120)
     peers = m.wait_peers(set(WORKERS), timeout=60)
     breaker = peers["developer-1"]["breaker"]
-    TIMINGS.append((f"docker start developer -> healthy and registered (breaker then: {breaker})",
-                    time.monotonic() - t0))
+    TIMINGS.append(
+        (f"docker start developer -> healthy and registered (breaker then: {breaker})", time.monotonic() - t0)
+    )
     assert peers["developer-1"]["liveness"] == "alive"
     # declared dead, its breaker was tripped: with no work queued since, it is still open (or
     # half-open), and it closes once the node has completed a probe task

@@ -44,16 +44,40 @@ def test_mesh_is_healthy_and_runs_500_tasks_into_postgres(healthy_mesh: ComposeM
 
     tag = new_tag("bulk")
     lines = "".join(json.dumps({"type": "echo", "input": {"tag": tag, "i": i}}) + "\n" for i in range(500))
-    proc = m.run("exec", "-T", "policeman", "caspectl", "submit-bulk", "-", "--wait", "--wait-timeout", "180",
-                 "-o", "json", stdin=lines, timeout=240)
+    proc = m.run(
+        "exec",
+        "-T",
+        "policeman",
+        "caspectl",
+        "submit-bulk",
+        "-",
+        "--wait",
+        "--wait-timeout",
+        "180",
+        "-o",
+        "json",
+        stdin=lines,
+        timeout=240,
+    )
     results = json.loads(proc.stdout)
     assert len(results) == 500
     assert {r["status"] for r in results} == {"complete"}
     assert sorted(r["output"]["i"] for r in results) == list(range(500))
 
     # every row is in Postgres, asked inside its container
-    out = m.run("exec", "-T", "postgres", "psql", "-U", "casper", "-d", "casper", "-tAc",
-                "select status, count(*) from tasks group by 1", timeout=60).stdout
+    out = m.run(
+        "exec",
+        "-T",
+        "postgres",
+        "psql",
+        "-U",
+        "casper",
+        "-d",
+        "casper",
+        "-tAc",
+        "select status, count(*) from tasks group by 1",
+        timeout=60,
+    ).stdout
     by_status = {s: int(n) for s, n in (line.split("|") for line in out.split())}
     assert set(by_status) == {"complete"} and by_status["complete"] >= 500, by_status
     assert m.counts(tag) == {"complete": 500}
@@ -101,15 +125,18 @@ def test_non_root_and_secrets_are_private_files(healthy_mesh: ComposeMesh) -> No
         listing = m.exec(node, ["sh", "-c", "stat -c '%n %a %u' /run/secrets/*"]).stdout.split("\n")
         files = {line.split()[0]: line.split()[1:] for line in listing if line.strip()}
         expected = {"curve.key", "curve.pub"} | (
-            {"database_password", "anthropic_api_key"} if node == "policeman" else {"broker.pub", "anthropic_api_key"})
+            {"database_password", "anthropic_api_key"} if node == "policeman" else {"broker.pub", "anthropic_api_key"}
+        )
         assert set(files) == {f"/run/secrets/{name}" for name in expected}, files
         for name, (mode, uid) in files.items():
             assert (mode, uid) == ("400", str(CASPER_UID)), (node, name, mode, uid)
         other = m.exec(node, ["cat", "/run/secrets/curve.key"], user="65534:65534")
         assert other.returncode != 0 and "Permission denied" in other.stderr, (node, other.returncode)
     pg_uid = m.exec("postgres", ["id", "-u", "postgres"]).stdout.strip()
-    assert m.exec("postgres", ["stat", "-c", "%a %u", "/run/secrets/postgres_password"]).stdout.split() == \
-        ["400", pg_uid]
+    assert m.exec("postgres", ["stat", "-c", "%a %u", "/run/secrets/postgres_password"]).stdout.split() == [
+        "400",
+        pg_uid,
+    ]
     other = m.exec("postgres", ["cat", "/run/secrets/postgres_password"], user="65534:65534")
     assert other.returncode != 0 and "Permission denied" in other.stderr
 
@@ -131,17 +158,18 @@ def test_jobs_see_one_repository_everywhere_and_name_the_missing_key(healthy_mes
     """/repos is one volume on every casperd node; with the (empty) API key secret of the test
     secrets, `caspectl run` is refused at once and says which key is missing (no API is called)."""
     m = healthy_mesh
-    make = ("set -e; rm -rf /repos/sample; mkdir -p /repos/sample; cd /repos/sample; git init -q; "
-            "printf 'def add(a, b):\\n    return a - b\\n' > calc.py; git add calc.py; "
-            "git -c user.name=t -c user.email=t@localhost commit -qm sample")
+    make = (
+        "set -e; rm -rf /repos/sample; mkdir -p /repos/sample; cd /repos/sample; git init -q; "
+        "printf 'def add(a, b):\\n    return a - b\\n' > calc.py; git add calc.py; "
+        "git -c user.name=t -c user.email=t@localhost commit -qm sample"
+    )
     made = m.exec("policeman", ["sh", "-c", make])
     assert made.returncode == 0, made.stderr
     for node in ("developer-1", "developer-2", "tester"):
         log = m.exec(node, ["git", "-C", "/repos/sample", "log", "--oneline"])
         assert log.returncode == 0 and "sample" in log.stdout, (node, log.stderr)
     t0 = time.monotonic()
-    run = m.exec("policeman", ["caspectl", "run", "make add add", "--repo", "/repos/sample", "-o", "json"],
-                 timeout=120)
+    run = m.exec("policeman", ["caspectl", "run", "make add add", "--repo", "/repos/sample", "-o", "json"], timeout=120)
     assert run.returncode == 1, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
     report = json.loads(run.stdout)
     assert report["state"] == "failed" and any("ANTHROPIC_API_KEY" in n for n in report["notes"]), report

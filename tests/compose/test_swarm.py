@@ -29,10 +29,19 @@ STACK = f"casperswarm{os.getpid()}{secrets.token_hex(2)}"
 CASPER_UID = 10001
 
 
-def sh(*cmd: str, env: dict[str, str] | None = None, timeout: float = 120, check: bool = True,
-       stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
-                          input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+def sh(
+    *cmd: str, env: dict[str, str] | None = None, timeout: float = 120, check: bool = True, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        list(cmd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd[:5])} failed ({proc.returncode}): {proc.stderr[-3000:]}")
     return proc
@@ -51,10 +60,23 @@ def _free_pool(client: Any) -> str:
 def swarm(docker_client: Any) -> Iterator[str]:
     state = docker_client.info().get("Swarm", {}).get("LocalNodeState", "")
     if state != "inactive":
-        pytest.skip(f"this Docker engine is already in a swarm (state {state!r}); the test only uses a swarm it "
-                    "creates and removes itself")
-    sh("docker", "swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2377",
-       "--default-addr-pool", _free_pool(docker_client), "--default-addr-pool-mask-length", "24")
+        pytest.skip(
+            f"this Docker engine is already in a swarm (state {state!r}); the test only uses a swarm it "
+            "creates and removes itself"
+        )
+    sh(
+        "docker",
+        "swarm",
+        "init",
+        "--advertise-addr",
+        "127.0.0.1",
+        "--listen-addr",
+        "127.0.0.1:2377",
+        "--default-addr-pool",
+        _free_pool(docker_client),
+        "--default-addr-pool-mask-length",
+        "24",
+    )
     try:
         node = docker_client.info()["Swarm"]["NodeID"]
         sh("docker", "node", "update", "--label-add", "type=worker", "--label-add", "casper.data=true", node)
@@ -64,27 +86,38 @@ def swarm(docker_client: Any) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def stack(swarm: str, docker_client: Any, compose_images: dict[str, str],
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def stack(
+    swarm: str, docker_client: Any, compose_images: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
     secrets_dir = tmp_path_factory.mktemp("swarm") / "secrets"
     # Swarm refuses empty secrets: the API key file gets a placeholder (no Claude work runs here)
-    sh(str(REPO / "containers" / "make-secrets.sh"), str(secrets_dir), "developer",
-       env={**os.environ, **compose_images, "ANTHROPIC_API_KEY": "placeholder-no-claude-work-in-this-test"},
-       timeout=300)
+    sh(
+        str(REPO / "containers" / "make-secrets.sh"),
+        str(secrets_dir),
+        "developer",
+        env={**os.environ, **compose_images, "ANTHROPIC_API_KEY": "placeholder-no-claude-work-in-this-test"},
+        timeout=300,
+    )
     pg = compose_images["POSTGRES_IMAGE"]
     uid = sh("docker", "run", "--rm", "--network", "none", "--entrypoint", "id", pg, "-u", "postgres").stdout.strip()
     gid = sh("docker", "run", "--rm", "--network", "none", "--entrypoint", "id", pg, "-g", "postgres").stdout.strip()
     k = free_subnet_pair(docker_client)
-    env = {**clean_env(), **compose_images, "CASPER_SUBNET": f"10.233.{2 * k}.0/24",
-           "CASPER_INTERNAL_SUBNET": f"10.233.{2 * k + 1}.0/24", "CASPER_SECRETS_DIR": str(secrets_dir),
-           "POSTGRES_UID": uid, "POSTGRES_GID": gid, "CASPER_DEVELOPERS": "2",
-           "CASPER_WORKER_CPUS_RESERVED": "0.1", "CASPER_POLICEMAN_CPUS_RESERVED": "0.1",
-           "CASPER_DB_CPUS_RESERVED": "0.1"}
+    env = {
+        **clean_env(),
+        **compose_images,
+        "CASPER_SUBNET": f"10.233.{2 * k}.0/24",
+        "CASPER_INTERNAL_SUBNET": f"10.233.{2 * k + 1}.0/24",
+        "CASPER_SECRETS_DIR": str(secrets_dir),
+        "POSTGRES_UID": uid,
+        "POSTGRES_GID": gid,
+        "CASPER_DEVELOPERS": "2",
+        "CASPER_WORKER_CPUS_RESERVED": "0.1",
+        "CASPER_POLICEMAN_CPUS_RESERVED": "0.1",
+        "CASPER_DB_CPUS_RESERVED": "0.1",
+    }
     t0 = time.monotonic()
-    sh("docker", "stack", "deploy", "--resolve-image", "never", "-c", "compose.swarm.yaml", STACK, env=env,
-       timeout=300)
-    info = {"subnets": [ipaddress.ip_network(env[v]) for v in ("CASPER_SUBNET", "CASPER_INTERNAL_SUBNET")],
-            "t0": t0}
+    sh("docker", "stack", "deploy", "--resolve-image", "never", "-c", "compose.swarm.yaml", STACK, env=env, timeout=300)
+    info = {"subnets": [ipaddress.ip_network(env[v]) for v in ("CASPER_SUBNET", "CASPER_INTERNAL_SUBNET")], "t0": t0}
     try:
         yield info
     finally:
@@ -92,8 +125,9 @@ def stack(swarm: str, docker_client: Any, compose_images: dict[str, str],
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # the stack's containers and networks go away asynchronously
             label = f"com.docker.stack.namespace={STACK}"
-            if not docker_client.containers.list(all=True, filters={"label": label}) and \
-                    not docker_client.networks.list(filters={"label": label}):
+            if not docker_client.containers.list(
+                all=True, filters={"label": label}
+            ) and not docker_client.networks.list(filters={"label": label}):
                 break
             time.sleep(1)
         with contextlib.suppress(Exception):
@@ -102,8 +136,9 @@ def stack(swarm: str, docker_client: Any, compose_images: dict[str, str],
 
 
 def _policeman(client: Any) -> Any:
-    found = client.containers.list(filters={"label": f"com.docker.swarm.service.name={STACK}_policeman",
-                                            "status": "running"})
+    found = client.containers.list(
+        filters={"label": f"com.docker.swarm.service.name={STACK}_policeman", "status": "running"}
+    )
     return found[0] if found else None
 
 
@@ -140,7 +175,7 @@ def test_stack_deploys_and_scaled_developers_receive_work(docker_client: Any, st
     for name in ("developer-1", "developer-2", "tester-1"):
         host = peers[name]["endpoint"].removeprefix("tcp://").rsplit(":", 1)[0]
         assert any(ipaddress.ip_address(host) in net for net in stack["subnets"]), (name, peers[name]["endpoint"])
-    gen = "for i in $(seq 1 60); do echo \"{\\\"type\\\": \\\"echo\\\", \\\"input\\\": {\\\"i\\\": $i}}\"; done"
+    gen = 'for i in $(seq 1 60); do echo "{\\"type\\": \\"echo\\", \\"input\\": {\\"i\\": $i}}"; done'
     caspectl(docker_client, "submit-bulk", "-", "--wait", stdin_cmd=gen, timeout=180)
     tasks = caspectl(docker_client, "tasks", "--limit", "100")
     assert tasks["counts"].get("complete", 0) >= 60, tasks["counts"]
@@ -149,7 +184,7 @@ def test_stack_deploys_and_scaled_developers_receive_work(docker_client: Any, st
     wait_peers(docker_client, {"developer-1", "developer-2", "developer-3", "tester-1"}, timeout=180)
     for old in ("developer-1", "developer-2", "tester-1"):  # only the new replica may take work now
         caspectl(docker_client, "drain", old)
-    gen = "for i in $(seq 1 20); do echo \"{\\\"type\\\": \\\"echo\\\", \\\"input\\\": {\\\"n\\\": $i}}\"; done"
+    gen = 'for i in $(seq 1 20); do echo "{\\"type\\": \\"echo\\", \\"input\\": {\\"n\\": $i}}"; done'
     caspectl(docker_client, "submit-bulk", "-", "--wait", stdin_cmd=gen, timeout=180)
     recent = caspectl(docker_client, "tasks", "--limit", "20")["tasks"]
     assert {t["assigned_to"] for t in recent} == {"developer-3"}, recent

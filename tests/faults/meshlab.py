@@ -88,21 +88,66 @@ class NetnsMesh:
         os.chown(self.pg_socket_dir, user.pw_uid, user.pw_gid)
         self.log_dir.mkdir(exist_ok=True)
         with open(self.log_dir / "postgres-db-host.log", "ab") as logf:
-            self.pg_proc = self.lab.run("db", [
-                postgres_bin() / "postgres", "-D", pgdata, "-p", PG_PORT, "-c", f"listen_addresses={db_ip}",
-                "-c", f"unix_socket_directories={self.pg_socket_dir}", "-c", "max_connections=60",
-                "-c", "shared_buffers=32MB", "-c", "fsync=off", "-c", "logging_collector=off"],
-                user=PG_SYSTEM_USER, stdout=logf, stderr=logf)
+            self.pg_proc = self.lab.run(
+                "db",
+                [
+                    postgres_bin() / "postgres",
+                    "-D",
+                    pgdata,
+                    "-p",
+                    PG_PORT,
+                    "-c",
+                    f"listen_addresses={db_ip}",
+                    "-c",
+                    f"unix_socket_directories={self.pg_socket_dir}",
+                    "-c",
+                    "max_connections=60",
+                    "-c",
+                    "shared_buffers=32MB",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "logging_collector=off",
+                ],
+                user=PG_SYSTEM_USER,
+                stdout=logf,
+                stderr=logf,
+            )
         redis_dir = self.root / "redis"
         redis_dir.mkdir()
         with open(self.log_dir / "redis-db-host.log", "ab") as logf:
-            self.redis_proc = self.lab.run("db", [
-                redis_server_bin(), "--port", REDIS_PORT, "--bind", db_ip, "--protected-mode", "no",
-                "--unixsocket", redis_dir / "redis.sock", "--unixsocketperm", "700", "--save", "",
-                "--appendonly", "no", "--dir", redis_dir, "--maxmemory", "64mb"], stdout=logf, stderr=logf)
+            self.redis_proc = self.lab.run(
+                "db",
+                [
+                    redis_server_bin(),
+                    "--port",
+                    REDIS_PORT,
+                    "--bind",
+                    db_ip,
+                    "--protected-mode",
+                    "no",
+                    "--unixsocket",
+                    redis_dir / "redis.sock",
+                    "--unixsocketperm",
+                    "700",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    redis_dir,
+                    "--maxmemory",
+                    "64mb",
+                ],
+                stdout=logf,
+                stderr=logf,
+            )
         self._wait(lambda: self.ledger("SELECT 1"), "Postgres in the db host", self.pg_proc)
-        self._wait(lambda: redis.Redis(unix_socket_path=str(redis_dir / "redis.sock")).ping(), "Redis in the db host",
-                   self.redis_proc)
+        self._wait(
+            lambda: redis.Redis(unix_socket_path=str(redis_dir / "redis.sock")).ping(),
+            "Redis in the db host",
+            self.redis_proc,
+        )
 
     def _wait(self, probe: Any, what: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -120,13 +165,20 @@ class NetnsMesh:
 
     def ledger(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Query the policeman's Postgres through its unix socket (no network from the root namespace)."""
-        with psycopg.connect(host=str(self.pg_socket_dir), port=PG_PORT, dbname=PG_DB, user=PG_USER,
-                             password=self.password, connect_timeout=5) as conn:
+        with psycopg.connect(
+            host=str(self.pg_socket_dir),
+            port=PG_PORT,
+            dbname=PG_DB,
+            user=PG_USER,
+            password=self.password,
+            connect_timeout=5,
+        ) as conn:
             return conn.execute(sql, params).fetchall()
 
     # --- the mesh -----------------------------------------------------------------------------
-    def start_mesh(self, developers: int | None = None, heartbeat_s: float | None = None,
-                   extra_env: dict[str, str] | None = None) -> LocalMesh:
+    def start_mesh(
+        self, developers: int | None = None, heartbeat_s: float | None = None, extra_env: dict[str, str] | None = None
+    ) -> LocalMesh:
         """The policeman and ``developers`` developers, each in a host of its own; returns once
         every developer is registered."""
         lab = self.lab
@@ -136,15 +188,27 @@ class NetnsMesh:
         lab.add_host("policeman")
         for i in range(1, self.developers + 1):
             lab.add_host(f"developer-{i}")
-        env = {"CASPER_HEARTBEAT_S": str(self.heartbeat_s), "CASPER_DRAIN_TIMEOUT_S": "2",
-               "PGPASSFILE": str(self.passfile), **self.extra_env}
-        mesh = LocalMesh(self.root / "mesh", developers=self.developers, testers=0, port_base=MESH_PORT,
-                         database_url=f"postgresql://{PG_USER}@{lab.ip('db')}:{PG_PORT}/{PG_DB}",
-                         redis_url=f"redis://{lab.ip('db')}:{REDIS_PORT}/0", curve=True, extra_env=env,
-                         broker_endpoint=f"tcp://{lab.ip('policeman')}:{MESH_PORT}")
+        env = {
+            "CASPER_HEARTBEAT_S": str(self.heartbeat_s),
+            "CASPER_DRAIN_TIMEOUT_S": "2",
+            "PGPASSFILE": str(self.passfile),
+            **self.extra_env,
+        }
+        mesh = LocalMesh(
+            self.root / "mesh",
+            developers=self.developers,
+            testers=0,
+            port_base=MESH_PORT,
+            database_url=f"postgresql://{PG_USER}@{lab.ip('db')}:{PG_PORT}/{PG_DB}",
+            redis_url=f"redis://{lab.ip('db')}:{REDIS_PORT}/0",
+            curve=True,
+            extra_env=env,
+            broker_endpoint=f"tcp://{lab.ip('policeman')}:{MESH_PORT}",
+        )
         self.mesh = mesh
-        mesh.add_node("policeman", "policeman", MESH_PORT, host=lab.ip("policeman"),
-                      prefix=lab.exec_prefix("policeman"))
+        mesh.add_node(
+            "policeman", "policeman", MESH_PORT, host=lab.ip("policeman"), prefix=lab.exec_prefix("policeman")
+        )
         mesh.wait_healthy("policeman", timeout=60)
         for i in range(1, self.developers + 1):
             name = f"developer-{i}"

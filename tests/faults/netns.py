@@ -64,10 +64,21 @@ class Host:
     ifname: str = "eth0"
 
 
-def _run(argv: list[str], *, check: bool = True, timeout: float = 20.0, input: str | None = None,
-         ) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input,
-                         stdin=None if input is not None else subprocess.DEVNULL)
+def _run(
+    argv: list[str],
+    *,
+    check: bool = True,
+    timeout: float = 20.0,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
     if check and res.returncode != 0:
         raise subprocess.CalledProcessError(res.returncode, argv, res.stdout, res.stderr)
     return res
@@ -169,8 +180,9 @@ class NetnsLab:
         if res.returncode != 0:
             raise LabUnavailable(f"cannot create a bridge (no bridge support?): {res.stderr.strip()}")
         probe = f"cvp{self.uid}"
-        res = self._ip("-n", self.switch, "link", "add", probe, "type", "veth", "peer", "name", probe + "x",
-                       check=False)
+        res = self._ip(
+            "-n", self.switch, "link", "add", probe, "type", "veth", "peer", "name", probe + "x", check=False
+        )
         if res.returncode != 0:
             raise LabUnavailable(f"cannot create a veth pair (no veth support?): {res.stderr.strip()}")
         self._ip("-n", self.switch, "link", "del", probe)
@@ -193,8 +205,20 @@ class NetnsLab:
         ns, cable = f"{self.prefix}-{index}", f"cvh{self.uid}{index}"
         self._namespaces.append(ns)
         self._ip("netns", "add", ns)
-        self._ip("-n", self.switch, "link", "add", cable, "type", "veth", "peer", "name", f"cvn{self.uid}{index}",
-                 "netns", ns)
+        self._ip(
+            "-n",
+            self.switch,
+            "link",
+            "add",
+            cable,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"cvn{self.uid}{index}",
+            "netns",
+            ns,
+        )
         self._ip("-n", self.switch, "link", "set", cable, "master", self.bridge, "up")
         self._ip("-n", ns, "link", "set", f"cvn{self.uid}{index}", "name", "eth0")
         self._ip("-n", ns, "addr", "add", f"{addr}/{self.subnet.prefixlen}", "dev", "eth0")
@@ -265,8 +289,11 @@ class NetnsLab:
                 args += ["delay", f"{delay_ms}ms"] + ([f"{jitter_ms}ms"] if jitter_ms else [])
             if loss_pct:
                 args += ["loss", f"{loss_pct}%"]
-            res = _run(["tc", "-n", host.ns, "qdisc", "replace", "dev", host.ifname, "root", *args], check=False) \
-                if shutil.which("tc") else None
+            res = (
+                _run(["tc", "-n", host.ns, "qdisc", "replace", "dev", host.ifname, "root", *args], check=False)
+                if shutil.which("tc")
+                else None
+            )
             if res is not None and res.returncode == 0:
                 self.netem_backend = "tc-netem"
                 return
@@ -283,12 +310,39 @@ class NetnsLab:
         if loss_pct >= 100:
             rules.append(["-o", host.ifname, "-j", "DROP"])
         elif loss_pct > 0:
-            rules.append(["-o", host.ifname, "-m", "statistic", "--mode", "random", "--probability",
-                          f"{loss_pct / 100:.6f}", "-j", "DROP"])
+            rules.append(
+                [
+                    "-o",
+                    host.ifname,
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    f"{loss_pct / 100:.6f}",
+                    "-j",
+                    "DROP",
+                ]
+            )
         if delay_ms or jitter_ms:
-            proc = self.run(host.name, [sys.executable, str(NFQ_DELAY), "--queue", "0", "--delay-ms", str(delay_ms),
-                                        "--jitter-ms", str(jitter_ms), "--max-s", "900"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            proc = self.run(
+                host.name,
+                [
+                    sys.executable,
+                    str(NFQ_DELAY),
+                    "--queue",
+                    "0",
+                    "--delay-ms",
+                    str(delay_ms),
+                    "--jitter-ms",
+                    str(jitter_ms),
+                    "--max-s",
+                    "900",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             self._delayers[host.name] = proc
             assert proc.stdout is not None
             ready, _, _ = select.select([proc.stdout], [], [], 15)

@@ -58,8 +58,9 @@ class Queue:
     def _send(self, msg_type: int, attrs: bytes, flags: int = NLM_F_REQUEST) -> None:
         self.seq += 1
         body = struct.pack("=BB", socket.AF_UNSPEC, 0) + struct.pack("!H", self.num) + attrs
-        self.sock.send(NLMSG_HDR.pack(NLMSG_HDR.size + len(body), (NFNL_SUBSYS_QUEUE << 8) | msg_type,
-                                      flags, self.seq, 0) + body)
+        self.sock.send(
+            NLMSG_HDR.pack(NLMSG_HDR.size + len(body), (NFNL_SUBSYS_QUEUE << 8) | msg_type, flags, self.seq, 0) + body
+        )
 
     def _config(self, attrs: bytes) -> None:
         self._send(NFQNL_MSG_CONFIG, attrs, NLM_F_REQUEST | NLM_F_ACK)
@@ -72,10 +73,12 @@ class Queue:
 
     def bind(self) -> None:
         self._config(_attr(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, socket.AF_INET)))
-        self._config(_attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0, NFQNL_COPY_META))
-                     + _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", 20000))
-                     + _attr(NFQA_CFG_MASK, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN))
-                     + _attr(NFQA_CFG_FLAGS, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN)))
+        self._config(
+            _attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0, NFQNL_COPY_META))
+            + _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", 20000))
+            + _attr(NFQA_CFG_MASK, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN))
+            + _attr(NFQA_CFG_FLAGS, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN))
+        )
 
     def packets(self) -> list[int]:
         """Packet ids of every queued-packet message waiting on the socket (non-blocking)."""

@@ -37,8 +37,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: reasons (task_events.detail->>'reason' of an active -> pending move) meaning "the holder was lost":
 #: the attempt stays counted and the task may have run (partly or wholly) where it was
-HOLDER_LOST = re.compile(r"^(peer \S+ (dead|restarted|disconnected: .*)|holder re-registered without it"
-                         r"|holder \S+ did not re-register|lease expired on \S+)$")
+HOLDER_LOST = re.compile(
+    r"^(peer \S+ (dead|restarted|disconnected: .*)|holder re-registered without it"
+    r"|holder \S+ did not re-register|lease expired on \S+)$"
+)
 #: reasons of a refunded move back to pending (the run never counted)
 REFUNDED = re.compile(r"^(handed-back by \S+|draining by \S+|TASK could not be delivered to \S+)$")
 ACTIVE = ("assigned", "processing", "validating")
@@ -53,8 +55,13 @@ def submit(client: ControlClient, specs: Sequence[TaskSpec], *, wait: bool = Tru
     return [str(t) for t in client.submit(list(specs), wait=wait).task_ids]
 
 
-def gather(client: ControlClient, ids: Sequence[str], done: dict[str, Done], timeout: float,
-           on_idle: Callable[[], None] | None = None) -> None:
+def gather(
+    client: ControlClient,
+    ids: Sequence[str],
+    done: dict[str, Done],
+    timeout: float,
+    on_idle: Callable[[], None] | None = None,
+) -> None:
     """Collect the DONE of every id into ``done`` (a repeat is a test failure), calling ``on_idle``
     about every 0.2 s; stop when all are in or after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -142,12 +149,16 @@ class Ledger:
         return Counter(r[2] for r in self.requeues if not HOLDER_LOST.match(r[2]) and not REFUNDED.match(r[2]))
 
     def summary(self) -> dict[str, Any]:
-        return {"tasks": len(self.ids), "statuses": dict(Counter(self.status.values())),
-                "attempts": dict(sorted(Counter(self.attempts.values()).items())),
-                "finishers": dict(Counter(self.finisher.values())), "assignments": len(self.assignments),
-                "requeue_reasons": dict(self.requeue_reasons()),
-                "error_codes": dict(Counter(e[2] for e in self.errors)),
-                "extra_runs": self.extra_runs}
+        return {
+            "tasks": len(self.ids),
+            "statuses": dict(Counter(self.status.values())),
+            "attempts": dict(sorted(Counter(self.attempts.values()).items())),
+            "finishers": dict(Counter(self.finisher.values())),
+            "assignments": len(self.assignments),
+            "requeue_reasons": dict(self.requeue_reasons()),
+            "error_codes": dict(Counter(e[2] for e in self.errors)),
+            "extra_runs": self.extra_runs,
+        }
 
 
 def read_ledger(nm: Any, ids: Sequence[str]) -> Ledger:
@@ -156,10 +167,21 @@ def read_ledger(nm: Any, ids: Sequence[str]) -> Ledger:
     rows = nm.ledger("SELECT id::text, status, attempts FROM tasks WHERE id = ANY(%s)", (uuids,))
     events = nm.ledger(
         "SELECT task_id::text, from_status, to_status, peer, attempt, detail, at FROM task_events "
-        "WHERE task_id = ANY(%s) ORDER BY id", (uuids,))
-    led = Ledger(ids=set(ids), status={r[0]: r[1] for r in rows}, attempts={r[0]: r[2] for r in rows},
-                 completes=Counter(), finisher={}, complete_at={}, assignments=[], requeues=[], errors=[],
-                 all_task_ids={r[0] for r in nm.ledger("SELECT id::text FROM tasks")})
+        "WHERE task_id = ANY(%s) ORDER BY id",
+        (uuids,),
+    )
+    led = Ledger(
+        ids=set(ids),
+        status={r[0]: r[1] for r in rows},
+        attempts={r[0]: r[2] for r in rows},
+        completes=Counter(),
+        finisher={},
+        complete_at={},
+        assignments=[],
+        requeues=[],
+        errors=[],
+        all_task_ids={r[0] for r in nm.ledger("SELECT id::text FROM tasks")},
+    )
     for tid, frm, to, peer, attempt, detail, at in events:
         detail = detail or {}
         if to == "complete":
@@ -177,12 +199,15 @@ def read_ledger(nm: Any, ids: Sequence[str]) -> Ledger:
 
 def ledger_counts(nm: Any, ids: Sequence[str]) -> Counter[str]:
     uuids = [uuid.UUID(t) for t in ids]
-    return Counter(dict(nm.ledger("SELECT status, count(*) FROM tasks WHERE id = ANY(%s) GROUP BY status",
-                                  (uuids,))))
+    return Counter(dict(nm.ledger("SELECT status, count(*) FROM tasks WHERE id = ANY(%s) GROUP BY status", (uuids,))))
 
 
-def wait_all_terminal(nm: Any, ids: Sequence[str], timeout: float, on_idle: Callable[[], None] | None = None,
-                      ) -> Counter[str]:
+def wait_all_terminal(
+    nm: Any,
+    ids: Sequence[str],
+    timeout: float,
+    on_idle: Callable[[], None] | None = None,
+) -> Counter[str]:
     """Poll the ledger until every id is terminal (for runs whose DONEs cannot be waited for)."""
     deadline = time.monotonic() + timeout
     counts: Counter[str] = Counter()
@@ -200,6 +225,7 @@ def wait_all_terminal(nm: Any, ids: Sequence[str], timeout: float, on_idle: Call
 # --- reporting --------------------------------------------------------------------------------
 def report(record_property: Callable[[str, Any], None], name: str, data: dict[str, Any]) -> None:
     """Print the scenario's figures (shown with -s or on failure) and attach them to the junit XML."""
+
     def clean(v: Any) -> Any:
         if isinstance(v, float):
             return round(v, 3)
@@ -208,6 +234,7 @@ def report(record_property: Callable[[str, Any], None], name: str, data: dict[st
         if isinstance(v, list | tuple):
             return [clean(x) for x in v]
         return v
+
     data = clean(data)
     print(f"\n[fault-suite] {name}: {json.dumps(data, default=str, sort_keys=True)}")
     record_property(name, json.dumps(data, default=str, sort_keys=True))
@@ -224,8 +251,12 @@ def netem_counters(lab: Any, host: str) -> dict[str, int]:
     iptables = shutil.which("iptables")
     if lab.netem_backend != "iptables-nfqueue" or iptables is None:
         return {}
-    res = subprocess.run([*lab.exec_prefix(host), iptables, "-w", "5", "-L", NETEM_CHAIN, "-v", "-n", "-x"],
-                         capture_output=True, text=True, timeout=20)
+    res = subprocess.run(
+        [*lab.exec_prefix(host), iptables, "-w", "5", "-L", NETEM_CHAIN, "-v", "-n", "-x"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     out: dict[str, int] = {}
     for line in res.stdout.splitlines():
         parts = line.split()
@@ -252,22 +283,57 @@ def start_postgres(nm: Any, timeout: float = 60.0) -> None:
     old = nm.pg_proc
     assert old is not None and old.poll() is not None, "Postgres is still running"
     args = [str(a) for a in old.args]
-    argv = args[args.index("--") + 1:]
+    argv = args[args.index("--") + 1 :]
     with open(nm.log_dir / "postgres-db-host.log", "ab") as logf:
         nm.pg_proc = nm.lab.run("db", argv, user=PG_SYSTEM_USER, stdout=logf, stderr=logf)
     nm._wait(lambda: nm.ledger("SELECT 1"), "Postgres in the db host (restarted)", nm.pg_proc, timeout)
 
 
 # --- the fake peer that fails every task ------------------------------------------------------
-def start_bad_peer(lab: Any, host: str, broker: str, server_key_file: Path, *, node_id: str = "bad-peer",
-                   capacity: int = 2, max_s: float = 120.0, heartbeat_s: float = 0.25) -> subprocess.Popen[str]:
+def start_bad_peer(
+    lab: Any,
+    host: str,
+    broker: str,
+    server_key_file: Path,
+    *,
+    node_id: str = "bad-peer",
+    capacity: int = 2,
+    max_s: float = 120.0,
+    heartbeat_s: float = 0.25,
+) -> subprocess.Popen[str]:
     """Run :func:`bad_peer_main` in lab host ``host`` (it must reach ``broker`` over the lab)."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CASPER_")},
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return lab.run(host, [sys.executable, "-m", "tests.faults.scenarios", "bad-peer", "--broker", broker,
-                          "--server-key-file", server_key_file, "--node-id", node_id, "--capacity", capacity,
-                          "--endpoint", f"tcp://{lab.ip(host)}:1", "--max-s", max_s, "--heartbeat-s", heartbeat_s],
-                   cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CASPER_")},
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    return lab.run(
+        host,
+        [
+            sys.executable,
+            "-m",
+            "tests.faults.scenarios",
+            "bad-peer",
+            "--broker",
+            broker,
+            "--server-key-file",
+            server_key_file,
+            "--node-id",
+            node_id,
+            "--capacity",
+            capacity,
+            "--endpoint",
+            f"tcp://{lab.ip(host)}:1",
+            "--max-s",
+            max_s,
+            "--heartbeat-s",
+            heartbeat_s,
+        ],
+        cwd=str(REPO),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def stop_bad_peer(lab: Any, proc: subprocess.Popen[str]) -> dict[str, Any]:
@@ -318,9 +384,18 @@ def bad_peer_main(argv: list[str]) -> int:
     sock.curve_publickey, sock.curve_secretkey = public, secret
     sock.curve_serverkey = Path(args.server_key_file).read_text().strip().encode()
     sock.connect(args.broker)
-    ready = codec.encode(Ready(node_id=args.node_id, epoch=epoch, role="developer", endpoint=args.endpoint,
-                               pid=os.getpid(), host="bad-peer-host", capacity=args.capacity,
-                               heartbeat_ms=int(args.heartbeat_s * 4000)))
+    ready = codec.encode(
+        Ready(
+            node_id=args.node_id,
+            epoch=epoch,
+            role="developer",
+            endpoint=args.endpoint,
+            pid=os.getpid(),
+            host="bad-peer-host",
+            capacity=args.capacity,
+            heartbeat_ms=int(args.heartbeat_s * 4000),
+        )
+    )
     sock.send_multipart(ready)
     stats = {"tasks": 0, "failed": 0, "readies": 1, "errors": 0}
     deadline = time.monotonic() + args.max_s
@@ -330,9 +405,15 @@ def bad_peer_main(argv: list[str]) -> int:
             msg = codec.decode(sock.recv_multipart(), max_bytes=64 * 1024 * 1024).message
             if isinstance(msg, TaskBatch):
                 stats["tasks"] += len(msg.tasks)
-                fails = tuple(Failure(task_id=a.task_id, attempt=a.attempt, retryable=True,
-                                      error=ErrorBody(code="boom", message=f"{args.node_id} fails every task"))
-                              for a in msg.tasks)
+                fails = tuple(
+                    Failure(
+                        task_id=a.task_id,
+                        attempt=a.attempt,
+                        retryable=True,
+                        error=ErrorBody(code="boom", message=f"{args.node_id} fails every task"),
+                    )
+                    for a in msg.tasks
+                )
                 sock.send_multipart(codec.encode(FailedBatch(failures=fails)))
                 stats["failed"] += len(fails)
             elif isinstance(msg, Error):

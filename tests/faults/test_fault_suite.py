@@ -77,8 +77,11 @@ def test_sigkill_developers_mid_task_repeatedly(netns_mesh: NetnsMesh, record_pr
     nm = netns_mesh
     # breaker recovery 1 s: a developer declared dead before its restart registered earns work back
     # quickly; 10 attempts: a task may be caught by several kills without going dead
-    mesh = nm.start_mesh(developers=3, heartbeat_s=0.5, extra_env={
-        "CASPER_CAPACITY": "2", "CASPER_BREAKER_RECOVERY_S": "1", "CASPER_MAX_ATTEMPTS": "10"})
+    mesh = nm.start_mesh(
+        developers=3,
+        heartbeat_s=0.5,
+        extra_env={"CASPER_CAPACITY": "2", "CASPER_BREAKER_RECOVERY_S": "1", "CASPER_MAX_ATTEMPTS": "10"},
+    )
     devs = developers(mesh)
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -122,10 +125,19 @@ def test_sigkill_developers_mid_task_repeatedly(netns_mesh: NetnsMesh, record_pr
     assert {holder for _, holder, _, _ in lost} <= victims, "only killed developers lose tasks"
     # every run beyond the first of a task follows a task taken back from a killed holder
     assert led.extra_runs == len(lost), (led.extra_runs, len(lost))
-    report(record_property, "sigkill_developers", {
-        "seed": seed, "kills": kills, "elapsed_s": elapsed, "ledger": led.summary(),
-        "duplicate_executions_upper_bound": led.extra_runs, "taken_back_from_killed": len(lost),
-        "completed_by_current_processes": survivors})
+    report(
+        record_property,
+        "sigkill_developers",
+        {
+            "seed": seed,
+            "kills": kills,
+            "elapsed_s": elapsed,
+            "ledger": led.summary(),
+            "duplicate_executions_upper_bound": led.extra_runs,
+            "taken_back_from_killed": len(lost),
+            "completed_by_current_processes": survivors,
+        },
+    )
     assert len(kills) >= 6, f"only {len(kills)} kills happened before the work ran out: {kills}"
 
 
@@ -146,9 +158,15 @@ def test_sigstop_holder_past_its_lease(netns_mesh: NetnsMesh, record_property: R
     # stopped at least stop_s, and on until its tasks are assigned elsewhere (so it cannot get them
     # back on SIGCONT), but never until death in the lease variant (death after 12 x 0.5 s)
     stop_s, stop_max = (3.5, 5.0) if lease else (4.5, 10.0)
-    mesh = nm.start_mesh(developers=3, heartbeat_s=0.5, extra_env={
-        "CASPER_CAPACITY": "2", "CASPER_LEASE_S": "2" if lease else "3",
-        "CASPER_HEARTBEAT_MISSES": "12" if lease else "3"})
+    mesh = nm.start_mesh(
+        developers=3,
+        heartbeat_s=0.5,
+        extra_env={
+            "CASPER_CAPACITY": "2",
+            "CASPER_LEASE_S": "2" if lease else "3",
+            "CASPER_HEARTBEAT_MISSES": "12" if lease else "3",
+        },
+    )
     dev1 = mesh.nodes["developer-1"]
     assert dev1.proc is not None
     with mesh.client(timeout_s=30) as c, mesh.client(timeout_s=5) as admin:
@@ -165,8 +183,11 @@ def test_sigstop_holder_past_its_lease(netns_mesh: NetnsMesh, record_property: R
         seen: Counter[str] = Counter()
 
         def moved_on() -> bool:
-            rows = nm.ledger("SELECT count(*) FROM tasks WHERE id = ANY(%s::uuid[]) AND assigned_to IS NOT NULL "
-                             "AND assigned_to <> 'developer-1'", (sorted(held),))
+            rows = nm.ledger(
+                "SELECT count(*) FROM tasks WHERE id = ANY(%s::uuid[]) AND assigned_to IS NOT NULL "
+                "AND assigned_to <> 'developer-1'",
+                (sorted(held),),
+            )
             return bool(rows[0][0] == len(held))
 
         try:
@@ -183,8 +204,11 @@ def test_sigstop_holder_past_its_lease(netns_mesh: NetnsMesh, record_property: R
         done: dict[str, Done] = {}
         gather(c, ids, done, timeout=60)
         _complete_all(done, ids)
-        after = wait_until(lambda: (p := peers_by_id(admin).get("developer-1")) and p["liveness"] == "alive" and p,
-                           30, "developer-1 registered and alive after SIGCONT")
+        after = wait_until(
+            lambda: (p := peers_by_id(admin).get("developer-1")) and p["liveness"] == "alive" and p,
+            30,
+            "developer-1 registered and alive after SIGCONT",
+        )
         wait_until(lambda: node_status(dev1.control)["running"] == 0, 20, "developer-1 idle")
         runs = executions(mesh, developers(mesh))
 
@@ -207,13 +231,27 @@ def test_sigstop_holder_past_its_lease(netns_mesh: NetnsMesh, record_property: R
     duplicates = sum(runs.values()) - len(ids)
     log = mesh.nodes["policeman"].log_path.read_text(errors="replace")
     wlog = dev1.log_path.read_text(errors="replace")
-    report(record_property, f"sigstop_{variant}", {
-        "held": len(held), "stopped_s": stopped, "liveness_seen_while_stopped": dict(seen), "ledger": led.summary(),
-        "executions": runs, "duplicate_executions": duplicates,
-        "policeman_log": {"lease_expired": log.count("expired; returning it"),
-                          "unknown_peer_rejected": log.count("[unknown-peer]")},
-        "developer_1_log": {"cancels_taken": wlog.count("cancelled: "), "reconnects": wlog.count("reconnecting"),
-                            "re_registrations": wlog.count("registering again")}})
+    report(
+        record_property,
+        f"sigstop_{variant}",
+        {
+            "held": len(held),
+            "stopped_s": stopped,
+            "liveness_seen_while_stopped": dict(seen),
+            "ledger": led.summary(),
+            "executions": runs,
+            "duplicate_executions": duplicates,
+            "policeman_log": {
+                "lease_expired": log.count("expired; returning it"),
+                "unknown_peer_rejected": log.count("[unknown-peer]"),
+            },
+            "developer_1_log": {
+                "cancels_taken": wlog.count("cancelled: "),
+                "reconnects": wlog.count("reconnecting"),
+                "re_registrations": wlog.count("registering again"),
+            },
+        },
+    )
     # the stopped worker may have finished its 2 tasks after SIGCONT (results ignored) or taken the
     # CANCEL first: at most those 2 ran twice
     assert 0 <= duplicates <= len(held)
@@ -221,8 +259,9 @@ def test_sigstop_holder_past_its_lease(netns_mesh: NetnsMesh, record_property: R
 
 # --- 3 ----------------------------------------------------------------------------------------
 @pytest.mark.timeout(200)
-def test_link_cut_breaker_opens_and_closes_through_half_open(netns_mesh: NetnsMesh,
-                                                             record_property: RecordProperty) -> None:
+def test_link_cut_breaker_opens_and_closes_through_half_open(
+    netns_mesh: NetnsMesh, record_property: RecordProperty
+) -> None:
     """developer-1's cable is unplugged for ~7 s while it holds tasks (breaker recovery 2 s): it is
     declared dead and its tasks finish on developer-2; it rejoins with its breaker open; one probe
     task half-opens it while the rest of the work goes to developer-2; the probe's success closes
@@ -313,14 +352,25 @@ def test_link_cut_breaker_opens_and_closes_through_half_open(netns_mesh: NetnsMe
     probe_done = led.complete_at[probe[0]]
     assert led.finisher[probe[0]] == "developer-1"
     assert second[3] >= probe_done, "a second task reached developer-1 before its probe succeeded"
-    assert all(a[1] == "developer-2" for a in later if a[3] < probe_done and a is not probe), \
+    assert all(a[1] == "developer-2" for a in later if a[3] < probe_done and a is not probe), (
         "while developer-1 was open/half-open everything else went to developer-2"
+    )
     assert Counter(led.finisher[t] for t in ids_c)["developer-1"] > 0, "the closed developer-1 takes work again"
     duplicates = sum(runs.values()) - len(all_ids)
-    report(record_property, "link_cut_breaker", {
-        "timeline_s": {k: v for k, v in seen.items() if isinstance(v, float)}, "breaker_states": states,
-        "breaker_closed_after_link_down_s": t_closed, "taken_back": len(moved), "ledger": led.summary(),
-        "executions": runs, "duplicate_executions": duplicates, "netem_backend": nm.lab.netem_backend})
+    report(
+        record_property,
+        "link_cut_breaker",
+        {
+            "timeline_s": {k: v for k, v in seen.items() if isinstance(v, float)},
+            "breaker_states": states,
+            "breaker_closed_after_link_down_s": t_closed,
+            "taken_back": len(moved),
+            "ledger": led.summary(),
+            "executions": runs,
+            "duplicate_executions": duplicates,
+            "netem_backend": nm.lab.netem_backend,
+        },
+    )
     assert 0 <= duplicates <= len(moved), "only tasks cut off on developer-1 may have run twice"
 
 
@@ -334,8 +384,12 @@ def test_policeman_sigkill_and_restart(netns_mesh: NetnsMesh, record_property: R
     devs = developers(mesh)
     with mesh.client(timeout_s=30) as c:
         ids = submit(c, sleeps(200, 0.1, tag="pm"), wait=False)
-    wait_until(lambda: nm.ledger("SELECT count(*) FROM tasks WHERE status = 'complete'")[0][0] >= 40, 60,
-               "40 tasks complete before the kill", interval=0.05)
+    wait_until(
+        lambda: nm.ledger("SELECT count(*) FROM tasks WHERE status = 'complete'")[0][0] >= 40,
+        60,
+        "40 tasks complete before the kill",
+        interval=0.05,
+    )
     pm = mesh.nodes["policeman"]
     assert pm.proc is not None
     os.kill(pm.proc.pid, signal.SIGKILL)
@@ -366,20 +420,31 @@ def test_policeman_sigkill_and_restart(netns_mesh: NetnsMesh, record_property: R
     assert not led.unexpected_requeues(), led.unexpected_requeues()
     duplicates = sum(runs.values()) - len(all_ids)
     log = pm.log_path.read_text(errors="replace")
-    report(record_property, "policeman_restart", {
-        "at_kill": at_kill, "restart_to_healthy_s": t_healthy, "restart_to_peers_registered_s": t_peers,
-        "restart_to_new_task_done_s": t_served, "restart_to_all_complete_s": t_all,
-        "recovered_log": [ln.split("] ", 1)[-1] for ln in log.splitlines() if "recovered" in ln],
-        "ledger": led.summary(), "executions": runs, "duplicate_executions": duplicates,
-        "taken_back_from_lost_holders": len(led.holder_lost())})
+    report(
+        record_property,
+        "policeman_restart",
+        {
+            "at_kill": at_kill,
+            "restart_to_healthy_s": t_healthy,
+            "restart_to_peers_registered_s": t_peers,
+            "restart_to_new_task_done_s": t_served,
+            "restart_to_all_complete_s": t_all,
+            "recovered_log": [ln.split("] ", 1)[-1] for ln in log.splitlines() if "recovered" in ln],
+            "ledger": led.summary(),
+            "executions": runs,
+            "duplicate_executions": duplicates,
+            "taken_back_from_lost_holders": len(led.holder_lost()),
+        },
+    )
     # results in flight when the policeman died are lost with it; those tasks run again
     assert 0 <= duplicates <= len(led.holder_lost())
 
 
 # --- 5 ----------------------------------------------------------------------------------------
 @pytest.mark.timeout(200)
-def test_postgres_restart_refuses_new_work_and_loses_nothing(netns_mesh: NetnsMesh,
-                                                             record_property: RecordProperty) -> None:
+def test_postgres_restart_refuses_new_work_and_loses_nothing(
+    netns_mesh: NetnsMesh, record_property: RecordProperty
+) -> None:
     """Postgres is stopped while 200 sleep(0.1) tasks run and started again ~4 s later: meanwhile
     the policeman keeps running and refuses SUBMIT with ``storage``; every task accepted before
     completes once Postgres is back, and new work is accepted again."""
@@ -399,8 +464,12 @@ def test_postgres_restart_refuses_new_work_and_loses_nothing(netns_mesh: NetnsMe
         assert len(done) >= 30
         stop_postgres(nm)
         t_stop = time.monotonic()
-        wait_until(lambda: not admin.request("status")["store"]["healthy"], 30,
-                   "the policeman notices Postgres is gone (a commit fails)", interval=0.05)
+        wait_until(
+            lambda: not admin.request("status")["store"]["healthy"],
+            30,
+            "the policeman notices Postgres is gone (a commit fails)",
+            interval=0.05,
+        )
         t_unhealthy = time.monotonic() - t_stop
         refused = 0
         with mesh.client(timeout_s=10) as probe_client:
@@ -428,11 +497,21 @@ def test_postgres_restart_refuses_new_work_and_loses_nothing(netns_mesh: NetnsMe
     led.assert_all_complete()
     assert not led.requeues, f"no holder was lost: {led.requeue_reasons()}"
     duplicates = sum(runs.values()) - len(all_ids)
-    report(record_property, "postgres_restart", {
-        "down_s": down_for, "stop_to_unhealthy_s": t_unhealthy, "submits_refused": refused,
-        "store_while_down": status_down["store"], "start_to_store_healthy_s": t_healthy,
-        "start_to_all_complete_s": t_all, "ledger": led.summary(), "executions": runs,
-        "duplicate_executions": duplicates})
+    report(
+        record_property,
+        "postgres_restart",
+        {
+            "down_s": down_for,
+            "stop_to_unhealthy_s": t_unhealthy,
+            "submits_refused": refused,
+            "store_while_down": status_down["store"],
+            "start_to_store_healthy_s": t_healthy,
+            "start_to_all_complete_s": t_all,
+            "ledger": led.summary(),
+            "executions": runs,
+            "duplicate_executions": duplicates,
+        },
+    )
     assert refused >= 1 and duplicates == 0
 
 
@@ -444,8 +523,12 @@ def test_postgres_down_control_requests_answer_promptly(netns_mesh: NetnsMesh) -
     mesh = nm.start_mesh(developers=1, heartbeat_s=0.5)
     with mesh.client(timeout_s=10) as admin:
         ids = submit(admin, sleeps(20, 0.05, tag="pg-health"), wait=False)
-        wait_until(lambda: nm.ledger("SELECT count(*) FROM tasks WHERE status = 'complete'")[0][0] >= 2, 30,
-                   "work under way", interval=0.05)
+        wait_until(
+            lambda: nm.ledger("SELECT count(*) FROM tasks WHERE status = 'complete'")[0][0] >= 2,
+            30,
+            "work under way",
+            interval=0.05,
+        )
         stop_postgres(nm)
         try:
             wait_until(lambda: not admin.request("status")["store"]["healthy"], 30, "store unhealthy", interval=0.05)
@@ -510,18 +593,28 @@ def test_redis_stopped_mid_run_cache_is_bypassed(netns_mesh: NetnsMesh, record_p
     assert not led.requeues and not led.errors, led.summary()
     bypassed = sum(s["bypassed"] for s in after.values())
     duplicates = sum(runs.values()) - len(all_ids)
-    report(record_property, "redis_stopped", {
-        "wave2_done_before_stop": done_at_stop, "cache_before_stop": before, "cache_after": after,
-        "ledger": led.summary(), "executions": runs, "duplicate_executions": duplicates,
-        # handler runs beyond one per completed task on the same worker: the cache.py rerun bug (see below)
-        "handler_reruns": sum(s["computed"] for s in after.values()) - sum(runs.values())})
+    report(
+        record_property,
+        "redis_stopped",
+        {
+            "wave2_done_before_stop": done_at_stop,
+            "cache_before_stop": before,
+            "cache_after": after,
+            "ledger": led.summary(),
+            "executions": runs,
+            "duplicate_executions": duplicates,
+            # handler runs beyond one per completed task on the same worker: the cache.py rerun bug (see below)
+            "handler_reruns": sum(s["computed"] for s in after.values()) - sum(runs.values()),
+        },
+    )
     assert bypassed > 0, after
     assert duplicates == 0
 
 
 @pytest.mark.timeout(150)
-def test_redis_lost_while_a_cached_task_runs_does_not_run_it_again(netns_mesh: NetnsMesh,
-                                                                  record_property: RecordProperty) -> None:
+def test_redis_lost_while_a_cached_task_runs_does_not_run_it_again(
+    netns_mesh: NetnsMesh, record_property: RecordProperty
+) -> None:
     """4 cached sleep(1.5) tasks on one developer; Redis stops while they are inside their run.
     Each must run once (the cache may only be bypassed, never cause a rerun)."""
     nm = netns_mesh
@@ -529,8 +622,12 @@ def test_redis_lost_while_a_cached_task_runs_does_not_run_it_again(netns_mesh: N
     assert nm.redis_proc is not None
     with mesh.client(timeout_s=30) as c:
         ids = submit(c, [TaskSpec(type="sleep", input={"seconds": 1.5, "i": i}, cache=True) for i in range(4)])
-        wait_until(lambda: nm.ledger("SELECT count(*) FROM tasks WHERE status = 'processing'")[0][0] == 4, 30,
-                   "4 tasks processing", interval=0.05)
+        wait_until(
+            lambda: nm.ledger("SELECT count(*) FROM tasks WHERE status = 'processing'")[0][0] == 4,
+            30,
+            "4 tasks processing",
+            interval=0.05,
+        )
         time.sleep(0.4)  # past the cache lookup and lock: inside the handler
         nm.redis_proc.send_signal(signal.SIGTERM)
         nm.redis_proc.wait(15)
@@ -584,10 +681,20 @@ def test_slow_lossy_link_causes_no_false_death(netns_mesh: NetnsMesh, record_pro
     led = read_ledger(nm, ids)
     led.assert_all_complete()
     duplicates = sum(runs.values()) - len(ids)
-    report(record_property, "netem_delay_loss", {
-        "netem_backend": lab.netem_backend, "netem_packets": packets, "tasks_done_s": t_done,
-        "liveness_polls": dict(seen), "max_last_seen_s": worst["last_seen_s"], "ledger": led.summary(),
-        "executions": runs, "duplicate_executions": duplicates})
+    report(
+        record_property,
+        "netem_delay_loss",
+        {
+            "netem_backend": lab.netem_backend,
+            "netem_packets": packets,
+            "tasks_done_s": t_done,
+            "liveness_polls": dict(seen),
+            "max_last_seen_s": worst["last_seen_s"],
+            "ledger": led.summary(),
+            "executions": runs,
+            "duplicate_executions": duplicates,
+        },
+    )
     assert seen["absent"] == 0 and seen["dead"] == 0, f"developer-1 falsely declared dead: {dict(seen)}"
     assert epochs == {epoch}, f"developer-1 re-registered (epochs {epochs}, was {epoch})"
     assert not led.requeues, f"no task may be taken back: {led.requeue_reasons()}"
@@ -597,23 +704,33 @@ def test_slow_lossy_link_causes_no_false_death(netns_mesh: NetnsMesh, record_pro
 
 # --- 8 ----------------------------------------------------------------------------------------
 @pytest.mark.timeout(180)
-def test_peer_failing_every_task_is_cut_off_by_its_breaker(netns_mesh: NetnsMesh,
-                                                           record_property: RecordProperty) -> None:
+def test_peer_failing_every_task_is_cut_off_by_its_breaker(
+    netns_mesh: NetnsMesh, record_property: RecordProperty
+) -> None:
     """A fake peer (raw Curve DEALER in a lab host of its own) registers as ``bad-peer`` with
     capacity 2 and fails every TASK (retryable ``boom``). With breaker_failures 3 its breaker opens
     and the real developer completes every task, some on a later attempt."""
     nm = netns_mesh
     lab = nm.lab
     failures, capacity = 3, 2
-    mesh = nm.start_mesh(developers=1, heartbeat_s=0.5,
-                         extra_env={"CASPER_BREAKER_FAILURES": str(failures)})
+    mesh = nm.start_mesh(developers=1, heartbeat_s=0.5, extra_env={"CASPER_BREAKER_FAILURES": str(failures)})
     lab.add_host("bad-peer")
-    proc = start_bad_peer(lab, "bad-peer", f"tcp://{lab.ip('policeman')}:{MESH_PORT}",
-                          mesh.state_dir / "keys" / "policeman.pub", capacity=capacity, heartbeat_s=0.1, max_s=150)
+    proc = start_bad_peer(
+        lab,
+        "bad-peer",
+        f"tcp://{lab.ip('policeman')}:{MESH_PORT}",
+        mesh.state_dir / "keys" / "policeman.pub",
+        capacity=capacity,
+        heartbeat_s=0.1,
+        max_s=150,
+    )
     try:
         with mesh.client(timeout_s=30) as c, mesh.client(timeout_s=5) as admin:
-            wait_until(lambda: (p := peers_by_id(admin).get("bad-peer")) and p["liveness"] == "alive", 30,
-                       "bad-peer registered")
+            wait_until(
+                lambda: (p := peers_by_id(admin).get("bad-peer")) and p["liveness"] == "alive",
+                30,
+                "bad-peer registered",
+            )
             ids = submit(c, sleeps(40, 0.05, tag="bad"))
             states = ["closed"]
 
@@ -644,9 +761,17 @@ def test_peer_failing_every_task_is_cut_off_by_its_breaker(netns_mesh: NetnsMesh
     assert len(to_bad) <= failures + capacity, "no work after the breaker opened (beyond what it held then)"
     assert {t for t, n in led.attempts.items() if n > 1} == {e[0] for e in booms}
     duplicates = sum(runs.values()) - len(ids)
-    report(record_property, "bad_peer_breaker", {
-        "breaker_states": states, "bad_peer_view": {k: bad[k] for k in ("breaker", "inflight", "liveness")},
-        "fake_peer": fake, "failed_on_bad_peer": len(booms), "ledger": led.summary(), "executions": runs,
-        "duplicate_executions": duplicates})
+    report(
+        record_property,
+        "bad_peer_breaker",
+        {
+            "breaker_states": states,
+            "bad_peer_view": {k: bad[k] for k in ("breaker", "inflight", "liveness")},
+            "fake_peer": fake,
+            "failed_on_bad_peer": len(booms),
+            "ledger": led.summary(),
+            "executions": runs,
+            "duplicate_executions": duplicates,
+        },
+    )
     assert duplicates == 0
-

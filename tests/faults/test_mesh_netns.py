@@ -32,8 +32,9 @@ def peers_by_id(admin: ControlClient) -> dict[str, dict[str, Any]]:
     return {p["node_id"]: p for p in admin.request("peers")["peers"]}
 
 
-def test_partitioned_developer_fails_over_and_rejoins(netns_mesh: NetnsMesh,
-                                                      record_property: Callable[[str, Any], None]) -> None:
+def test_partitioned_developer_fails_over_and_rejoins(
+    netns_mesh: NetnsMesh, record_property: Callable[[str, Any], None]
+) -> None:
     nm = netns_mesh
     lab = nm.lab
     t_start = time.monotonic()
@@ -43,7 +44,9 @@ def test_partitioned_developer_fails_over_and_rejoins(netns_mesh: NetnsMesh,
     with mesh.client(timeout_s=30) as c, mesh.client(timeout_s=5) as admin:
         peers = peers_by_id(admin)
         assert {p["endpoint"] for p in peers.values()} == {
-            f"tcp://{lab.ip('developer-1')}:5556", f"tcp://{lab.ip('developer-2')}:5557"}
+            f"tcp://{lab.ip('developer-1')}:5556",
+            f"tcp://{lab.ip('developer-2')}:5557",
+        }
         assert {p["liveness"] for p in peers.values()} == {"alive"}
 
         # 1. a healthy mesh across hosts
@@ -52,8 +55,7 @@ def test_partitioned_developer_fails_over_and_rejoins(netns_mesh: NetnsMesh,
         done1: dict[str, Done] = {}
         gather(c, ids1, done1, timeout=60)
         assert set(done1) == set(ids1), f"{len(set(ids1) - set(done1))} echo tasks never finished"
-        assert all(ev.status == "complete" and ev.output == {"i": i} for i, ev in
-                   enumerate(done1[t] for t in ids1))
+        assert all(ev.status == "complete" and ev.output == {"i": i} for i, ev in enumerate(done1[t] for t in ids1))
         timings["echo_100_s"] = time.monotonic() - t0
 
         # 2. developer-1 unplugged while 100 short tasks run
@@ -110,21 +112,28 @@ def test_partitioned_developer_fails_over_and_rejoins(netns_mesh: NetnsMesh,
             gather(c, more, extra, timeout=30)
             ids3 += more
 
-        executions = {n: ControlClient(mesh.nodes[n].control, 5).request("status")["completed"]
-                      for n in ("developer-1", "developer-2")}
+        executions = {
+            n: ControlClient(mesh.nodes[n].control, 5).request("status")["completed"]
+            for n in ("developer-1", "developer-2")
+        }
 
     # --- the ledger ---------------------------------------------------------------------------
     all_ids = ids1 + ids2 + ids3
-    completes = dict(nm.ledger("SELECT task_id::text, count(*) FILTER (WHERE to_status = 'complete') "
-                               "FROM task_events GROUP BY task_id"))
+    completes = dict(
+        nm.ledger(
+            "SELECT task_id::text, count(*) FILTER (WHERE to_status = 'complete') FROM task_events GROUP BY task_id"
+        )
+    )
     assert set(completes) == set(all_ids)
     not_once = {t: n for t, n in completes.items() if n != 1}
     assert not not_once, f"tasks without exactly one 'complete' event: {not_once}"
     statuses = Counter(s for (s,) in nm.ledger("SELECT status FROM tasks"))
     assert statuses == {"complete": len(all_ids)}, statuses
 
-    moved = nm.ledger("SELECT DISTINCT task_id::text FROM task_events WHERE to_status = 'pending' "
-                      "AND detail->>'reason' = 'peer developer-1 dead'")
+    moved = nm.ledger(
+        "SELECT DISTINCT task_id::text FROM task_events WHERE to_status = 'pending' "
+        "AND detail->>'reason' = 'peer developer-1 dead'"
+    )
     moved_ids = {t for (t,) in moved}
     assert moved_ids, "developer-1 held tasks when unplugged; they must have been returned"
     assert moved_ids <= set(ids2)
@@ -137,9 +146,15 @@ def test_partitioned_developer_fails_over_and_rejoins(netns_mesh: NetnsMesh,
     # the ledger (above) still holds exactly one completion per task
     attempts = Counter(a for (a,) in nm.ledger("SELECT attempts FROM tasks"))
     duplicates = sum(executions.values()) - len(all_ids)
-    report = {"timings": {k: round(v, 2) for k, v in timings.items()}, "moved_tasks": len(moved_ids),
-              "attempts": dict(attempts), "executions": executions, "duplicate_executions": duplicates,
-              "netem_backend": lab.netem_backend, "subnet": str(lab.subnet)}
+    report = {
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "moved_tasks": len(moved_ids),
+        "attempts": dict(attempts),
+        "executions": executions,
+        "duplicate_executions": duplicates,
+        "netem_backend": lab.netem_backend,
+        "subnet": str(lab.subnet),
+    }
     print("netns mesh smoke:", report)
     record_property("netns_mesh_smoke", report)
     assert duplicates >= 0
@@ -152,8 +167,9 @@ def test_stalled_worker_after_a_partition_does_not_strand_its_task(netns_mesh: N
     CPU starvation) right after it re-registers. The task must still complete."""
     nm = netns_mesh
     lab = nm.lab
-    mesh = nm.start_mesh(developers=1, heartbeat_s=1.0,
-                         extra_env={"CASPER_CAPACITY": "1", "CASPER_BREAKER_RECOVERY_S": "1.5"})
+    mesh = nm.start_mesh(
+        developers=1, heartbeat_s=1.0, extra_env={"CASPER_CAPACITY": "1", "CASPER_BREAKER_RECOVERY_S": "1.5"}
+    )
     dev = mesh.nodes["developer-1"].proc
     assert dev is not None
     with mesh.client(timeout_s=10) as c, mesh.client(timeout_s=5) as admin:
@@ -189,4 +205,5 @@ def test_stalled_worker_after_a_partition_does_not_strand_its_task(netns_mesh: N
             worker = wc.request("status")
         assert view["status"] == "complete", (
             f"task stuck: status={view['status']} attempts={view['attempts']} assigned_to={view['assigned_to']}; "
-            f"broker inflight={peers_by_id(admin)['developer-1']['inflight']}, worker running={worker['running']}")
+            f"broker inflight={peers_by_id(admin)['developer-1']['inflight']}, worker running={worker['running']}"
+        )

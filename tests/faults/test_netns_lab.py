@@ -73,8 +73,9 @@ print(json.dumps(out), flush=True)
 
 
 def start_echo_server(lab: NetnsLab, host: str, max_s: float = 60) -> subprocess.Popen[str]:
-    proc = lab.run(host, [sys.executable, "-c", ECHO_SERVER, lab.ip(host), PORT, max_s],
-                   stdout=subprocess.PIPE, text=True)
+    proc = lab.run(
+        host, [sys.executable, "-c", ECHO_SERVER, lab.ip(host), PORT, max_s], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "listening"
     return proc
@@ -82,8 +83,13 @@ def start_echo_server(lab: NetnsLab, host: str, max_s: float = 60) -> subprocess
 
 def probe(lab: NetnsLab, src: str, dst: str, timeout: float = 1.0) -> dict[str, Any]:
     """One echo round trip from host ``src`` to host ``dst``'s fixed IP (a fresh process)."""
-    proc = lab.run(src, [sys.executable, "-c", ECHO_CLIENT, lab.ip(dst), PORT, timeout],
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = lab.run(
+        src,
+        [sys.executable, "-c", ECHO_CLIENT, lab.ip(dst), PORT, timeout],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = proc.communicate(timeout=timeout * 2 + 15)
     assert proc.returncode == 0, err
     return json.loads(out)
@@ -111,8 +117,9 @@ def test_hosts_get_fixed_ips_and_talk(two: NetnsLab) -> None:
     assert lab.ip("a") == str(lab.subnet.network_address + 10)
     assert lab.ip("b") == str(lab.subnet.network_address + 11)
     for name in ("a", "b"):
-        addrs = subprocess.run([*lab.exec_prefix(name), "ip", "-4", "-o", "addr", "show"], capture_output=True,
-                               text=True, check=True).stdout
+        addrs = subprocess.run(
+            [*lab.exec_prefix(name), "ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True
+        ).stdout
         assert f"{lab.ip(name)}/24" in addrs and "127.0.0.1/8" in addrs
     assert not [n for n in root_link_names() if lab.uid in n], "the root namespace gets no lab interface"
     res = probe(lab, "b", "a")

@@ -13,8 +13,14 @@ from typing import Any
 from casperd.ctl.client import ControlClient
 from casperd.localmesh import LocalMesh
 
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@localhost", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@localhost",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@localhost",
+    "GIT_CONFIG_GLOBAL": "/dev/null",
+    "GIT_CONFIG_NOSYSTEM": "1",
+}
 
 SAMPLE = {
     "calc/__init__.py": "",
@@ -27,14 +33,19 @@ SAMPLE = {
     "tests/test_neg.py": "from calc.neg import neg\n\n\ndef test_neg():\n    assert neg(4) == -4\n",
     "tests/test_names.py": "from calc.names import NAME\n\n\ndef test_name():\n    assert NAME.startswith('calc')\n",
 }
-FIXED = {**SAMPLE, "calc/add.py": "def add(a, b):\n    return a + b\n",
-         "calc/mul.py": "def mul(a, b):\n    return a * b\n", "calc/neg.py": "def neg(a):\n    return -a\n"}
+FIXED = {
+    **SAMPLE,
+    "calc/add.py": "def add(a, b):\n    return a + b\n",
+    "calc/mul.py": "def mul(a, b):\n    return a * b\n",
+    "calc/neg.py": "def neg(a):\n    return -a\n",
+}
 TEST_CMD = f"{sys.executable} -m pytest -q tests"
 
 
 def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True,
-                          env={**os.environ, **GIT_ENV}).stdout
+    return subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True, env={**os.environ, **GIT_ENV}
+    ).stdout
 
 
 def make_repo(root: Path, files: dict[str, str] | None = None) -> Path:
@@ -51,8 +62,14 @@ def make_repo(root: Path, files: dict[str, str] | None = None) -> Path:
 
 
 def agent_env(url: str, **extra: str) -> dict[str, str]:
-    return {"ANTHROPIC_API_KEY": "sk-test-not-a-real-key", "ANTHROPIC_BASE_URL": url,
-            "CASPER_BACKOFF_BASE_S": "0.2", "CASPER_LLM_RETRIES": "6", "CASPER_LLM_RPM": "6000", **extra}
+    return {
+        "ANTHROPIC_API_KEY": "sk-test-not-a-real-key",
+        "ANTHROPIC_BASE_URL": url,
+        "CASPER_BACKOFF_BASE_S": "0.2",
+        "CASPER_LLM_RETRIES": "6",
+        "CASPER_LLM_RPM": "6000",
+        **extra,
+    }
 
 
 def run_job(mesh: LocalMesh, timeout: float = 120.0, **args: Any) -> dict[str, Any]:
@@ -70,7 +87,13 @@ def run_job(mesh: LocalMesh, timeout: float = 120.0, **args: Any) -> dict[str, A
 
 def checkout_and_test(repo: Path, branch: str, into: Path) -> subprocess.CompletedProcess[str]:
     """Clone the job's branch and run its tests for real."""
-    subprocess.run(["git", "clone", "-q", "-b", branch, str(repo), str(into)], check=True,
-                   env={**os.environ, **GIT_ENV})
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=into,
-                          capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        ["git", "clone", "-q", "-b", branch, str(repo), str(into)], check=True, env={**os.environ, **GIT_ENV}
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=into,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -99,8 +99,15 @@ def make_mesh(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Local
         kw.setdefault("curve", True)
         kw.setdefault("redis_url", "")
         env = {"CASPER_HEARTBEAT_S": "0.5", **kw.pop("extra_env", {})}
-        mesh = LocalMesh(tmp_path / f"mesh{len(meshes)}", developers=developers, testers=testers,
-                         port_base=free_port_base(), database_url=database_url, extra_env=env, **kw)
+        mesh = LocalMesh(
+            tmp_path / f"mesh{len(meshes)}",
+            developers=developers,
+            testers=testers,
+            port_base=free_port_base(),
+            database_url=database_url,
+            extra_env=env,
+            **kw,
+        )
         meshes.append(mesh)
         if start:
             mesh.start()

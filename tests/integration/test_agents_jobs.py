@@ -23,12 +23,26 @@ from tests.support.fakeclaude import FakeClaude
 pytestmark = pytest.mark.integration
 
 PLAN3 = [
-    {"id": "fix-add", "title": "Fix add", "instructions": "[fix-add] add() subtracts; make it add.",
-     "paths": ["calc/add.py"], "tests": ["tests/test_add.py"]},
-    {"id": "fix-mul", "title": "Fix mul", "instructions": "[fix-mul] mul() adds; make it multiply.",
-     "paths": ["calc/mul.py"], "tests": ["tests/test_mul.py"]},
-    {"id": "fix-neg", "title": "Fix neg", "instructions": "[fix-neg] neg() returns its input; negate it.",
-     "paths": ["calc/neg.py"]},
+    {
+        "id": "fix-add",
+        "title": "Fix add",
+        "instructions": "[fix-add] add() subtracts; make it add.",
+        "paths": ["calc/add.py"],
+        "tests": ["tests/test_add.py"],
+    },
+    {
+        "id": "fix-mul",
+        "title": "Fix mul",
+        "instructions": "[fix-mul] mul() adds; make it multiply.",
+        "paths": ["calc/mul.py"],
+        "tests": ["tests/test_mul.py"],
+    },
+    {
+        "id": "fix-neg",
+        "title": "Fix neg",
+        "instructions": "[fix-neg] neg() returns its input; negate it.",
+        "paths": ["calc/neg.py"],
+    },
 ]
 
 
@@ -37,12 +51,15 @@ def _sub(report: dict[str, Any], sid: str) -> dict[str, Any]:
 
 
 def test_job_plans_codes_tests_and_integrates(make_mesh: Any, tmp_path: Path) -> None:
-    team = ScriptedTeam(PLAN3, {
-        "fix-add": [fix("calc/add.py", "a - b", "a + b")],
-        # the first fix is wrong: the tester's failure goes back to the developer, who fixes it
-        "fix-mul": [fix("calc/mul.py", "a + b", "a ** b"), fix("calc/mul.py", "a ** b", "a * b")],
-        "fix-neg": [fix("calc/neg.py", "return a", "return -a")],
-    })
+    team = ScriptedTeam(
+        PLAN3,
+        {
+            "fix-add": [fix("calc/add.py", "a - b", "a + b")],
+            # the first fix is wrong: the tester's failure goes back to the developer, who fixes it
+            "fix-mul": [fix("calc/mul.py", "a + b", "a ** b"), fix("calc/mul.py", "a ** b", "a * b")],
+            "fix-neg": [fix("calc/neg.py", "return a", "return -a")],
+        },
+    )
     repo = make_repo(tmp_path)
     with FakeClaude(script=team) as fake:
         mesh = make_mesh(developers=3, testers=1, extra_env=agent_env(fake.url))
@@ -63,8 +80,7 @@ def test_job_plans_codes_tests_and_integrates(make_mesh: Any, tmp_path: Path) ->
     assert (first["from_status"], first["to_status"], first["peer"]) == ("pending", "assigned", "tester")
     # the failing test really reached the developer
     mul_bodies = [r.body for r in fake.calls() if "[fix-mul]" in str(r.body["messages"][0])]
-    assert any("The tests fail" in str(b["messages"][-1]) and "test_mul" in str(b["messages"][-1])
-               for b in mul_bodies)
+    assert any("The tests fail" in str(b["messages"][-1]) and "test_mul" in str(b["messages"][-1]) for b in mul_bodies)
     # the branch really passes its tests, and the original branch is untouched
     result = checkout_and_test(repo, report["branch"], tmp_path / "check")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -74,21 +90,35 @@ def test_job_plans_codes_tests_and_integrates(make_mesh: Any, tmp_path: Path) ->
 
 def test_validation_rejects_and_the_developer_fixes(make_mesh: Any, tmp_path: Path) -> None:
     key = "sk-ant-api03-" + "Q" * 20 + "x7Yz" * 10
-    team = ScriptedTeam(PLAN3, {
-        "fix-add": [  # writes outside its allowed paths
-            [("write_file", {"path": "calc/extra.py", "content": "X = 1\n"}),
-             *fix("calc/add.py", "a - b", "a + b")],
-            [("run_command", {"command": "rm calc/extra.py"}), ("finish", {"summary": "removed extra.py"})]],
-        "fix-mul": [  # leaves a key in the code
-            [("write_file", {"path": "calc/mul.py", "content": f'KEY = "{key}"\n\n\ndef mul(a, b):\n'
-                                                              "    return a * b\n"}),
-             ("finish", {"summary": "fixed"})],
-            [("write_file", {"path": "calc/mul.py", "content": "def mul(a, b):\n    return a * b\n"}),
-             ("finish", {"summary": "removed the key"})]],
-        "fix-neg": [  # a syntax error
-            fix("calc/neg.py", "return a", "return -a -"),
-            fix("calc/neg.py", "return -a -", "return -a")],
-    })
+    team = ScriptedTeam(
+        PLAN3,
+        {
+            "fix-add": [  # writes outside its allowed paths
+                [
+                    ("write_file", {"path": "calc/extra.py", "content": "X = 1\n"}),
+                    *fix("calc/add.py", "a - b", "a + b"),
+                ],
+                [("run_command", {"command": "rm calc/extra.py"}), ("finish", {"summary": "removed extra.py"})],
+            ],
+            "fix-mul": [  # leaves a key in the code
+                [
+                    (
+                        "write_file",
+                        {"path": "calc/mul.py", "content": f'KEY = "{key}"\n\n\ndef mul(a, b):\n    return a * b\n'},
+                    ),
+                    ("finish", {"summary": "fixed"}),
+                ],
+                [
+                    ("write_file", {"path": "calc/mul.py", "content": "def mul(a, b):\n    return a * b\n"}),
+                    ("finish", {"summary": "removed the key"}),
+                ],
+            ],
+            "fix-neg": [  # a syntax error
+                fix("calc/neg.py", "return a", "return -a -"),
+                fix("calc/neg.py", "return -a -", "return -a"),
+            ],
+        },
+    )
     repo = make_repo(tmp_path)
     with FakeClaude(script=team) as fake:
         mesh = make_mesh(developers=3, testers=1, extra_env=agent_env(fake.url))
@@ -109,23 +139,54 @@ def test_validation_rejects_and_the_developer_fixes(make_mesh: Any, tmp_path: Pa
 
 
 def test_merge_conflict_becomes_a_rebase_task(make_mesh: Any, tmp_path: Path) -> None:
-    plan = [{"id": "name-a", "title": "Rename A", "instructions": "[name-a] suffix the name with -a",
-             "paths": ["calc/names.py"]},
-            {"id": "name-b", "title": "Rename B", "instructions": "[name-b] suffix the name with -b",
-             "paths": ["calc/names.py"]}]
-    merged = [("write_file", {"path": "calc/names.py", "content": 'NAME = "calc-ab"\n'}),
-              ("finish", {"summary": "merged both names"})]
-    team = ScriptedTeam(plan, {
-        "name-a": [fix("calc/names.py", '"calc"', '"calc-a"'), merged],
-        "name-b": [fix("calc/names.py", '"calc"', '"calc-b"'), merged],
-    })
+    plan = [
+        {
+            "id": "name-a",
+            "title": "Rename A",
+            "instructions": "[name-a] suffix the name with -a",
+            "paths": ["calc/names.py"],
+        },
+        {
+            "id": "name-b",
+            "title": "Rename B",
+            "instructions": "[name-b] suffix the name with -b",
+            "paths": ["calc/names.py"],
+        },
+    ]
+    merged = [
+        ("write_file", {"path": "calc/names.py", "content": 'NAME = "calc-ab"\n'}),
+        ("finish", {"summary": "merged both names"}),
+    ]
+    team = ScriptedTeam(
+        plan,
+        {
+            "name-a": [fix("calc/names.py", '"calc"', '"calc-a"'), merged],
+            "name-b": [fix("calc/names.py", '"calc"', '"calc-b"'), merged],
+        },
+    )
     repo = make_repo(tmp_path, FIXED)
     with FakeClaude(script=team) as fake:
         mesh = make_mesh(developers=2, testers=1, extra_env=agent_env(fake.url))
         # through the real caspectl: progress lines while it runs (no TTY), then the report
         ctl = [sys.executable, "-m", "casperd.ctl.main", "--control", mesh.policeman.control]
-        run = subprocess.run([*ctl, "run", "rename the package", "--repo", str(repo), "--test-cmd", TEST_CMD,
-                              "--max-parallel", "2", "--poll", "0.5"], capture_output=True, text=True, timeout=180)
+        run = subprocess.run(
+            [
+                *ctl,
+                "run",
+                "rename the package",
+                "--repo",
+                str(repo),
+                "--test-cmd",
+                TEST_CMD,
+                "--max-parallel",
+                "2",
+                "--poll",
+                "0.5",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert run.returncode == 0, run.stdout + run.stderr
         job_id = re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", run.stdout).group(0)
         assert "integrated" in run.stdout and "casper/job-" in run.stdout
@@ -144,8 +205,7 @@ def test_merge_conflict_becomes_a_rebase_task(make_mesh: Any, tmp_path: Path) ->
 def test_developer_killed_mid_loop_resumes_elsewhere(make_mesh: Any, tmp_path: Path) -> None:
     plan = [PLAN3[0]]
     # the second turn takes long: the developer holding it is killed meanwhile
-    team = ScriptedTeam(plan, {"fix-add": [fix("calc/add.py", "a - b", "a + b")]},
-                        delays={("fix-add", 0, 1): 8.0})
+    team = ScriptedTeam(plan, {"fix-add": [fix("calc/add.py", "a - b", "a + b")]}, delays={("fix-add", 0, 1): 8.0})
     repo = make_repo(tmp_path, {**FIXED, "calc/add.py": "def add(a, b):\n    return a - b\n"})
     with FakeClaude(script=team) as fake:
         mesh = make_mesh(developers=2, testers=1, extra_env=agent_env(fake.url))
@@ -159,14 +219,17 @@ def test_developer_killed_mid_loop_resumes_elsewhere(make_mesh: Any, tmp_path: P
             mesh.nodes[holder].proc.kill()
             killed_at = time.monotonic()
         with ControlClient(mesh.policeman.control, timeout_s=20) as c:
-            final = wait_for(lambda: (r := c.request("job", id=job["job_id"]))["state"] in ("done", "failed") and r,
-                             120, "the job to end")
+            final = wait_for(
+                lambda: (r := c.request("job", id=job["job_id"]))["state"] in ("done", "failed") and r,
+                120,
+                "the job to end",
+            )
         seen = list(team.seen["fix-add"])
     assert final["state"] == "done", (final["subtasks"], final["notes"])
     # one fresh start only: after the kill the conversation continued from the saved turns
     assert seen.count(1) == 1, seen
-    assert seen[seen.index(3) + 1:], seen
-    assert all(n >= 3 for n in seen[seen.index(3) + 1:]), seen
+    assert seen[seen.index(3) + 1 :], seen
+    assert all(n >= 3 for n in seen[seen.index(3) + 1 :]), seen
     assert time.monotonic() - killed_at < 120
     get = None
     with ControlClient(mesh.policeman.control, timeout_s=20) as c:
@@ -197,11 +260,15 @@ def test_handoff_falls_back_to_the_policeman_when_the_tester_is_unreachable(make
 
 def test_job_survives_a_policeman_restart(make_mesh: Any, tmp_path: Path) -> None:
     plan = [PLAN3[0], PLAN3[2]]
-    team = ScriptedTeam(plan, {"fix-add": [fix("calc/add.py", "a - b", "a + b")],
-                               "fix-neg": [fix("calc/neg.py", "return a", "return -a")]},
-                        delays={("fix-add", 0, 1): 4.0, ("fix-neg", 0, 1): 4.0})
-    repo = make_repo(tmp_path, {**FIXED, "calc/add.py": "def add(a, b):\n    return a - b\n",
-                                "calc/neg.py": "def neg(a):\n    return a\n"})
+    team = ScriptedTeam(
+        plan,
+        {"fix-add": [fix("calc/add.py", "a - b", "a + b")], "fix-neg": [fix("calc/neg.py", "return a", "return -a")]},
+        delays={("fix-add", 0, 1): 4.0, ("fix-neg", 0, 1): 4.0},
+    )
+    repo = make_repo(
+        tmp_path,
+        {**FIXED, "calc/add.py": "def add(a, b):\n    return a - b\n", "calc/neg.py": "def neg(a):\n    return a\n"},
+    )
     with FakeClaude(script=team) as fake:
         mesh = make_mesh(developers=2, testers=1, extra_env=agent_env(fake.url))
         with ControlClient(mesh.policeman.control, timeout_s=20) as c:
@@ -212,8 +279,13 @@ def test_job_survives_a_policeman_restart(make_mesh: Any, tmp_path: Path) -> Non
         mesh.start_node("policeman")
         mesh.wait_healthy("policeman", timeout=60)
         with ControlClient(mesh.policeman.control, timeout_s=20) as c:
-            final = wait_for(lambda: (r := c.request("job", id=job["job_id"]))["state"] in
-                             ("done", "failed", "budget-exhausted") and r, 120, "the job to end")
+            final = wait_for(
+                lambda: (
+                    (r := c.request("job", id=job["job_id"]))["state"] in ("done", "failed", "budget-exhausted") and r
+                ),
+                120,
+                "the job to end",
+            )
         del fake
     assert final["state"] == "done", (final["subtasks"], final["notes"])
     assert team.planned == 1  # the plan was kept, not made again
@@ -222,8 +294,9 @@ def test_job_survives_a_policeman_restart(make_mesh: Any, tmp_path: Path) -> Non
 
 
 def test_cancelling_a_job_stops_it_and_its_tasks(make_mesh: Any, tmp_path: Path) -> None:
-    team = ScriptedTeam([PLAN3[0]], {"fix-add": [fix("calc/add.py", "a - b", "a + b")]},
-                        delays={("fix-add", 0, 1): 6.0})
+    team = ScriptedTeam(
+        [PLAN3[0]], {"fix-add": [fix("calc/add.py", "a - b", "a + b")]}, delays={("fix-add", 0, 1): 6.0}
+    )
     repo = make_repo(tmp_path)
     with FakeClaude(script=team) as fake:
         mesh = make_mesh(developers=1, testers=1, extra_env=agent_env(fake.url))
@@ -232,9 +305,15 @@ def test_cancelling_a_job_stops_it_and_its_tasks(make_mesh: Any, tmp_path: Path)
             wait_for(lambda: 3 in team.seen["fix-add"], 60, "the developer mid-loop")
             code_task = c.request("job", id=job["job_id"])["subtasks"][0]["task_ids"][0]
             c.request("cancel", id=job["job_id"])
-            report = wait_for(lambda: (r := c.request("job", id=job["job_id"]))["state"] == "cancelled" and r,
-                              30, "the job to be cancelled")
-            code = wait_for(lambda: (t := c.request("get", id=code_task))["status"] == "cancelled" and t,
-                            30, "its code task to be cancelled")
+            report = wait_for(
+                lambda: (r := c.request("job", id=job["job_id"]))["state"] == "cancelled" and r,
+                30,
+                "the job to be cancelled",
+            )
+            code = wait_for(
+                lambda: (t := c.request("get", id=code_task))["status"] == "cancelled" and t,
+                30,
+                "its code task to be cancelled",
+            )
     assert any("cancelled" in n for n in report["notes"]), report
     assert code["status"] == "cancelled"

@@ -66,8 +66,9 @@ def statuses(fake: FakeClaude) -> list[int]:
 
 
 # --- 1. no API key ----------------------------------------------------------------------------------
-def test_ask_without_api_key_is_dead_at_once(make_mesh: MeshFactory, monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: Path) -> None:
+def test_ask_without_api_key_is_dead_at_once(
+    make_mesh: MeshFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     # LocalMesh passes this process's environment to the nodes: a key here would leak into them
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
@@ -94,8 +95,9 @@ def test_deterministic_ask_is_paid_once_across_developers(make_mesh: MeshFactory
     # one slot per developer and a slow answer: both tasks are in flight at once, on different nodes
     with FakeClaude(latency_s=2.0) as fake:
         fake.push(reply(text("2, 3 and 5")))
-        mesh = make_mesh(developers=2, testers=0,
-                         extra_env=agent_env(fake.url, CASPER_CAPACITY="1", CASPER_PREFETCH="0"))
+        mesh = make_mesh(
+            developers=2, testers=0, extra_env=agent_env(fake.url, CASPER_CAPACITY="1", CASPER_PREFETCH="0")
+        )
         assert mesh.redis is not None  # embedded Redis: the shared result cache is on
         views = run_asks(mesh, [ask("Name three primes", deterministic=True) for _ in range(2)], timeout=40)
         calls = fake.calls()
@@ -126,8 +128,9 @@ N_RATE = 20
 def test_rate_limit_holds_for_the_whole_mesh(make_mesh: MeshFactory) -> None:
     # 4 developers x 4 slots could send 16 requests at once; the policeman grants 1/s after a burst of 6
     with FakeClaude(latency_s=0.1) as fake:
-        mesh = make_mesh(developers=4, testers=0,
-                         extra_env=agent_env(fake.url, CASPER_LLM_RPM=str(RPM), CASPER_CAPACITY="4"))
+        mesh = make_mesh(
+            developers=4, testers=0, extra_env=agent_env(fake.url, CASPER_LLM_RPM=str(RPM), CASPER_CAPACITY="4")
+        )
         views = run_asks(mesh, [ask(f"question {i}") for i in range(N_RATE)], timeout=60)
         recorded = sorted(fake.recorded(), key=lambda r: r.t)
     assert all(v["status"] == "complete" for v in views), [(v["status"], v["error"]) for v in views]
@@ -139,7 +142,8 @@ def test_rate_limit_holds_for_the_whole_mesh(make_mesh: MeshFactory) -> None:
             k, dt = j - i + 1, arrivals[j] - arrivals[i]
             assert k <= BURST + RPM * dt / 60 + 1, (
                 f"{k} requests within {dt:.2f}s (allowed {BURST} + {RPM}/min); "
-                f"arrivals: {[round(a - arrivals[0], 2) for a in arrivals]}")
+                f"arrivals: {[round(a - arrivals[0], 2) for a in arrivals]}"
+            )
     # the limit really bit (about (N - burst) / (rpm/60) seconds), and the work was spread over the mesh
     assert arrivals[-1] - arrivals[0] >= (N_RATE - BURST - 1) * 60 / RPM - 1
     task_of = {v["input"]["prompt"]: v for v in views}
@@ -168,8 +172,9 @@ def test_429_pauses_the_whole_mesh_for_retry_after(make_mesh: MeshFactory) -> No
     # one slot per developer: the developer that was not refused finishes its call (0.3 s) and its next
     # task's request must wait for the pause another developer's 429 started
     with FakeClaude(script=_first_k_rate_limited(k, retry_after, delay_s=0.3)) as fake:
-        mesh = make_mesh(developers=3, testers=0,
-                         extra_env=agent_env(fake.url, CASPER_CAPACITY="1", CASPER_PREFETCH="0"))
+        mesh = make_mesh(
+            developers=3, testers=0, extra_env=agent_env(fake.url, CASPER_CAPACITY="1", CASPER_PREFETCH="0")
+        )
         views = run_asks(mesh, [ask(f"storm {i}") for i in range(9)], timeout=60)
         recorded: list[Recorded] = sorted(fake.recorded(), key=lambda r: r.t)
     assert all(v["status"] == "complete" for v in views), [(v["status"], v["error"]) for v in views]
@@ -183,9 +188,15 @@ def test_429_pauses_the_whole_mesh_for_retry_after(make_mesh: MeshFactory) -> No
         early = [r for r in recorded if lim.t + in_flight_s < r.t < lim.t + retry_after - tolerance_s]
         assert not early, f"requests during the pause after the 429 at {lim.t - recorded[0].t:.3f}s: {timeline}"
     # the pause really held other developers back: one of them asked right after a pause ended
-    held = [lim for lim in limited if any(
-        by_prompt[last_user_text(r.body)] != by_prompt[last_user_text(lim.body)]
-        and lim.t + retry_after - tolerance_s <= r.t <= lim.t + retry_after + 1.0 for r in recorded)]
+    held = [
+        lim
+        for lim in limited
+        if any(
+            by_prompt[last_user_text(r.body)] != by_prompt[last_user_text(lim.body)]
+            and lim.t + retry_after - tolerance_s <= r.t <= lim.t + retry_after + 1.0
+            for r in recorded
+        )
+    ]
     assert held, timeline
 
 
@@ -205,14 +216,24 @@ def test_overloaded_is_retried_inside_the_client(make_mesh: MeshFactory, databas
 
 
 # --- 6. a spent budget stops new work -------------------------------------------------------------------
-def test_budget_spent_by_the_planner_stops_the_job(make_mesh: MeshFactory, tmp_path: Path,
-                                                   database_url: str) -> None:
-    plan = [{"id": "fix-add", "title": "Fix add", "instructions": "[fix-add] add() subtracts; make it add.",
-             "paths": ["calc/add.py"]},
-            {"id": "fix-mul", "title": "Fix mul", "instructions": "[fix-mul] mul() adds; make it multiply.",
-             "paths": ["calc/mul.py"]}]
-    team = ScriptedTeam(plan, {"fix-add": [fix("calc/add.py", "a - b", "a + b")],
-                               "fix-mul": [fix("calc/mul.py", "a + b", "a * b")]})
+def test_budget_spent_by_the_planner_stops_the_job(make_mesh: MeshFactory, tmp_path: Path, database_url: str) -> None:
+    plan = [
+        {
+            "id": "fix-add",
+            "title": "Fix add",
+            "instructions": "[fix-add] add() subtracts; make it add.",
+            "paths": ["calc/add.py"],
+        },
+        {
+            "id": "fix-mul",
+            "title": "Fix mul",
+            "instructions": "[fix-mul] mul() adds; make it multiply.",
+            "paths": ["calc/mul.py"],
+        },
+    ]
+    team = ScriptedTeam(
+        plan, {"fix-add": [fix("calc/add.py", "a - b", "a + b")], "fix-mul": [fix("calc/mul.py", "a + b", "a * b")]}
+    )
 
     def script(body: dict[str, Any]) -> Response:
         resp = team(body)
@@ -223,15 +244,16 @@ def test_budget_spent_by_the_planner_stops_the_job(make_mesh: MeshFactory, tmp_p
     repo = make_repo(tmp_path)
     with FakeClaude(script=script) as fake:
         mesh = make_mesh(developers=2, testers=0, extra_env=agent_env(fake.url))
-        report = run_job(mesh, timeout=60, goal="make the tests pass", repo=str(repo), test_cmd=None,
-                         budget_usd=1.0)
+        report = run_job(mesh, timeout=60, goal="make the tests pass", repo=str(repo), test_cmd=None, budget_usd=1.0)
         recorded = fake.recorded()
     assert report["state"] == "budget-exhausted", report
     assert team.planned == 1 and len(recorded) == 1, [last_user_text(r.body)[:80] for r in recorded]
     assert any(t["name"] == "submit_plan" for t in recorded[0].body["tools"])
     assert not team.seen, dict(team.seen)  # no developer ever asked the model
     assert [(s["id"], s["state"], s["note"], s["task_ids"]) for s in report["subtasks"]] == [
-        ("fix-add", "skipped", "budget spent", []), ("fix-mul", "skipped", "budget spent", [])]
+        ("fix-add", "skipped", "budget spent", []),
+        ("fix-mul", "skipped", "budget spent", []),
+    ]
     assert any("budget spent" in n for n in report["notes"]), report["notes"]
     assert report["cost_usd"] >= 6.0, report["cost_usd"]
     assert db_rows(database_url, "SELECT count(*) FROM tasks WHERE type = 'code'") == [(0,)]

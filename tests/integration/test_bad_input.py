@@ -55,15 +55,17 @@ def body(fields: Any) -> bytes:
 
 
 def ready_fields(node_id: str = "probe", epoch: str = "1") -> dict[str, Any]:
-    return Ready(node_id=node_id, epoch=epoch, role="developer", endpoint="tcp://127.0.0.1:1", pid=1, host="h",
-                 capacity=1).model_dump(mode="python")
+    return Ready(
+        node_id=node_id, epoch=epoch, role="developer", endpoint="tcp://127.0.0.1:1", pid=1, host="h", capacity=1
+    ).model_dump(mode="python")
 
 
 class Probe:
     """A raw DEALER: a Curve client with a throwaway key pair (mesh) or plain (control, ipc)."""
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, *, server_key: bytes | None = None,
-                 routing_id: bytes | None = None) -> None:
+    def __init__(
+        self, ctx: zmq.Context[Any], endpoint: str, *, server_key: bytes | None = None, routing_id: bytes | None = None
+    ) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         if routing_id is not None:
@@ -143,8 +145,13 @@ def key(mesh: LocalMesh, name: str) -> bytes:
 
 def caspectl(mesh: LocalMesh, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CASPER_")}
-    proc = subprocess.run([sys.executable, "-m", "casperd.ctl.main", "--control", mesh.policeman.control, *args],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "casperd.ctl.main", "--control", mesh.policeman.control, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
     return proc
 
@@ -178,23 +185,27 @@ GARBAGE: list[tuple[str, list[bytes], str]] = [
     ("int-keys", [HEADER, bytes([Command.HEARTBEAT]), msgpack.packb({1: 2})], "decode"),
     ("trailing-bytes", [HEADER, bytes([Command.HEARTBEAT]), body({}) + b"\x00\x00"], "decode"),
     ("too-many-frames", [HEADER, bytes([Command.HEARTBEAT]), body({}), *([b"x"] * 17)], "decode"),
-    ("capacity-lots", [HEADER, bytes([Command.READY]), body({**ready_fields(), "capacity": "lots"})],
-     "invalid-body"),
+    ("capacity-lots", [HEADER, bytes([Command.READY]), body({**ready_fields(), "capacity": "lots"})], "invalid-body"),
     ("ready-missing", [HEADER, bytes([Command.READY]), body({"node_id": "x"})], "invalid-body"),
     ("bad-node-id", [HEADER, bytes([Command.READY]), body({**ready_fields(), "node_id": "../../etc"})], "invalid-body"),
     ("load-negative", [HEADER, bytes([Command.HEARTBEAT]), body({"load": -1})], "invalid-body"),
     ("extra-field", [HEADER, bytes([Command.HEARTBEAT]), body({"load": 0, "bogus": 1})], "invalid-body"),
-    ("result-bad-uuid", [HEADER, bytes([Command.RESULT]),
-                         body({"results": [{"task_id": b"short", "attempt": 1}]})], "invalid-body"),
+    (
+        "result-bad-uuid",
+        [HEADER, bytes([Command.RESULT]), body({"results": [{"task_id": b"short", "attempt": 1}]})],
+        "invalid-body",
+    ),
     ("oversize", [HEADER, bytes([Command.HEARTBEAT]), body({}), b"x" * (100 * 1024)], "oversize"),
 ]
 
 
 def test_garbage_on_every_socket_is_refused_and_the_mesh_keeps_working(
-        make_mesh: Any, database_url: str, zctx: zmq.Context[Any]) -> None:
+    make_mesh: Any, database_url: str, zctx: zmq.Context[Any]
+) -> None:
     # 10 missed heartbeats before a peer is dead: the fake peer below must survive a slow, shared machine
-    mesh = make_mesh(developers=2, testers=0, extra_env={"CASPER_MAX_MESSAGE_BYTES": str(MAX_BYTES),
-                                                         "CASPER_HEARTBEAT_MISSES": "10"})
+    mesh = make_mesh(
+        developers=2, testers=0, extra_env={"CASPER_MAX_MESSAGE_BYTES": str(MAX_BYTES), "CASPER_HEARTBEAT_MISSES": "10"}
+    )
     police_key = key(mesh, "policeman")
     with mesh.client() as c:
         epochs = {p["node_id"]: p["epoch"] for p in c.request("peers")["peers"]}
@@ -231,8 +242,9 @@ def test_garbage_on_every_socket_is_refused_and_the_mesh_keeps_working(
         # ... and frames from an unregistered routing id are refused until it sends READY
         ghost = probe(mesh.policeman.bind, b"ghost/1")
         ghost.expect_error(codec.encode(Heartbeat()), "unknown-peer")
-        ghost.expect_error(codec.encode(ResultBatch(results=(Outcome(task_id=uuid.uuid4(), attempt=1),))),
-                           "unknown-peer")
+        ghost.expect_error(
+            codec.encode(ResultBatch(results=(Outcome(task_id=uuid.uuid4(), attempt=1),))), "unknown-peer"
+        )
         ghost.expect_error(codec.encode(Request(req_id=1, op="status")), "unknown-peer")
         # a probe without an explicit routing id (ZeroMQ assigns one) gets the same treatment
         probe(mesh.policeman.bind, None).expect_error(codec.encode(Heartbeat(load=3)), "unknown-peer")
@@ -268,9 +280,14 @@ def test_garbage_on_every_socket_is_refused_and_the_mesh_keeps_working(
         ctl.expect_error(codec.encode(Heartbeat()), NOT_SERVED)
         ctl.expect_error([HEADER, bytes([Command.SUBMIT]), body({"req_id": 1, "tasks": []})], "invalid-body")
         ctl.expect_error(codec.encode(Submit(req_id=2, tasks=(TaskSpec(type="no-such-type"),))), "unknown-task-type")
-        ctl.expect_error([HEADER, bytes([Command.SUBMIT]),
-                          body({"req_id": 3, "tasks": [{"type": "echo", "input": {"blob": b"\x00\xff"}}]})],
-                         "invalid-body")
+        ctl.expect_error(
+            [
+                HEADER,
+                bytes([Command.SUBMIT]),
+                body({"req_id": 3, "tasks": [{"type": "echo", "input": {"blob": b"\x00\xff"}}]}),
+            ],
+            "invalid-body",
+        )
         ctl.send(codec.encode(Request(req_id=4, op="no-such-op")))
         reply = ctl.recv(10)
         assert isinstance(reply, Reply) and reply.req_id == 4 and not reply.ok
@@ -284,10 +301,15 @@ def test_garbage_on_every_socket_is_refused_and_the_mesh_keeps_working(
         assert isinstance(reply, Reply) and not reply.ok and reply.error is not None
         assert reply.error.code == "not-found"
         # mistyped arguments are answered, never crash the control loop
-        for req_id, op, args in ((7, "tasks", {"limit": "lots"}), (8, "tasks", {"limit": None}),
-                                 (9, "tasks", {"status": [1]}), (10, "tasks", {"limit": True}),
-                                 (11, "get", {"id": {"a": 1}}), (12, "drain", {"peer": ["x"]}),
-                                 (13, "cancel", {})):
+        for req_id, op, args in (
+            (7, "tasks", {"limit": "lots"}),
+            (8, "tasks", {"limit": None}),
+            (9, "tasks", {"status": [1]}),
+            (10, "tasks", {"limit": True}),
+            (11, "get", {"id": {"a": 1}}),
+            (12, "drain", {"peer": ["x"]}),
+            (13, "cancel", {}),
+        ):
             ctl.send(codec.encode(Request(req_id=req_id, op=op, args=args)))
             reply = ctl.recv(10)
             assert isinstance(reply, Reply) and reply.req_id == req_id, f"{op} {args}: {reply!r}"
@@ -295,11 +317,16 @@ def test_garbage_on_every_socket_is_refused_and_the_mesh_keeps_working(
             assert reply.error.code in ("command", "not-found"), f"{op} {args}: {reply.error}"
         # inputs Postgres cannot store (NaN, Infinity, NUL) are refused up front, nothing half-done
         for bad in ({"x": float("nan")}, {"x": float("inf")}, {"s": "a\x00b"}, {"k": {"deep": ["\x00"]}}):
-            ctl.expect_error(codec.encode(Submit(req_id=20, tasks=(TaskSpec(type="echo", input={"ok": 1}),
-                                                                    TaskSpec(type="echo", input=bad)))),
-                             "invalid-body")
-        ctl.expect_error([HEADER, bytes([Command.SUBMIT]),
-                          body({"req_id": 22, "tasks": [{"type": "echo", "input": nested(1000)}]})], "invalid-body")
+            ctl.expect_error(
+                codec.encode(
+                    Submit(req_id=20, tasks=(TaskSpec(type="echo", input={"ok": 1}), TaskSpec(type="echo", input=bad)))
+                ),
+                "invalid-body",
+            )
+        ctl.expect_error(
+            [HEADER, bytes([Command.SUBMIT]), body({"req_id": 22, "tasks": [{"type": "echo", "input": nested(1000)}]})],
+            "invalid-body",
+        )
         ctl.send(codec.encode(Request(req_id=21, op="status")))
         reply = ctl.recv(10)
         assert isinstance(reply, Reply) and reply.ok and reply.data["node_id"] == "policeman"
@@ -307,12 +334,29 @@ def test_garbage_on_every_socket_is_refused_and_the_mesh_keeps_working(
         # --- a registered peer that lies: stale, foreign and out-of-range reports ---------------------
         fake = FakeWorker(zctx, mesh.policeman.bind, server_key=police_key, routing_id=b"fake/1")
         probes.append(fake)
-        fake.send(codec.encode(Ready(node_id="fake", epoch="1", role="developer", endpoint="tcp://127.0.0.1:9",
-                                     pid=1, host="fake", capabilities=("fakecap",), capacity=2)))
+        fake.send(
+            codec.encode(
+                Ready(
+                    node_id="fake",
+                    epoch="1",
+                    role="developer",
+                    endpoint="tcp://127.0.0.1:9",
+                    pid=1,
+                    host="fake",
+                    capabilities=("fakecap",),
+                    capacity=2,
+                )
+            )
+        )
         fake.next(Heartbeat)  # the registration acknowledgement
         with mesh.client() as c:
-            acc = c.submit([TaskSpec(type="echo", input={"n": 1}, requires=("fakecap",), max_attempts=1),
-                            TaskSpec(type="echo", input={"n": 2}, requires=("fakecap",), max_attempts=1)], wait=True)
+            acc = c.submit(
+                [
+                    TaskSpec(type="echo", input={"n": 1}, requires=("fakecap",), max_attempts=1),
+                    TaskSpec(type="echo", input={"n": 2}, requires=("fakecap",), max_attempts=1),
+                ],
+                wait=True,
+            )
             got: list[Any] = []
             while len(got) < 2:
                 got.extend(fake.next(TaskBatch).tasks)
@@ -321,17 +365,38 @@ def test_garbage_on_every_socket_is_refused_and_the_mesh_keeps_working(
             fake.send(codec.encode(ResultBatch(results=(Outcome(task_id=uuid.uuid4(), attempt=1),))))  # not held
             fake.send(codec.encode(ResultBatch(results=(Outcome(task_id=a.task_id, attempt=7, output="stale"),))))
             fake.send(codec.encode(Progress(task_ids=(uuid.uuid4(), a.task_id))))
-            fake.expect_error([HEADER, bytes([Command.RESULT]), body(
-                {"results": [{"task_id": a.task_id, "attempt": 1, "output": None, "duration_ms": 1e300}]})],
-                "invalid-body")
+            fake.expect_error(
+                [
+                    HEADER,
+                    bytes([Command.RESULT]),
+                    body({"results": [{"task_id": a.task_id, "attempt": 1, "output": None, "duration_ms": 1e300}]}),
+                ],
+                "invalid-body",
+            )
             fake.expect_error(codec.encode(Submit(req_id=1, tasks=(TaskSpec(type="noop"),))), NOT_SERVED)
-            fake.expect_error(codec.encode(Ready(node_id="fake", epoch="2", role="developer", endpoint="tcp://x:1",
-                                                 pid=1, host="fake", capacity=2)), "identity")
+            fake.expect_error(
+                codec.encode(
+                    Ready(
+                        node_id="fake",
+                        epoch="2",
+                        role="developer",
+                        endpoint="tcp://x:1",
+                        pid=1,
+                        host="fake",
+                        capacity=2,
+                    )
+                ),
+                "identity",
+            )
             # an output Postgres cannot store fails that task only; a huge but valid duration is fine
-            fake.send(codec.encode(ResultBatch(results=(Outcome(task_id=a.task_id, attempt=1,
-                                                                output={"x": float("nan")}),))))
-            fake.send(codec.encode(ResultBatch(results=(Outcome(task_id=b.task_id, attempt=1, output={"n": 2},
-                                                                duration_ms=1e10),))))
+            fake.send(
+                codec.encode(ResultBatch(results=(Outcome(task_id=a.task_id, attempt=1, output={"x": float("nan")}),)))
+            )
+            fake.send(
+                codec.encode(
+                    ResultBatch(results=(Outcome(task_id=b.task_id, attempt=1, output={"n": 2}, duration_ms=1e10),))
+                )
+            )
             done: dict[uuid.UUID, Done] = {}
             deadline = time.monotonic() + 30
             while len(done) < 2 and time.monotonic() < deadline:
@@ -379,8 +444,20 @@ def test_garbage_on_every_socket_is_refused_and_the_mesh_keeps_working(
     proc = caspectl(mesh, "--timeout", "10", "submit", "echo", "--input", '{"x": NaN}', "-o", "json")
     assert proc.returncode in (1, 2), f"exit {proc.returncode}: {proc.stdout} {proc.stderr}"
     assert json.loads(proc.stdout)["error"]["code"] == "invalid-body"
-    proc = caspectl(mesh, "submit", "shell", "--input", json.dumps({"cmd": "printf 'a\\000b'"}), "--max-attempts",
-                    "1", "--wait", "--wait-timeout", "30", "-o", "json")
+    proc = caspectl(
+        mesh,
+        "submit",
+        "shell",
+        "--input",
+        json.dumps({"cmd": "printf 'a\\000b'"}),
+        "--max-attempts",
+        "1",
+        "--wait",
+        "--wait-timeout",
+        "30",
+        "-o",
+        "json",
+    )
     assert proc.returncode == 5, f"exit {proc.returncode}: {proc.stdout} {proc.stderr}"
     nul = json.loads(proc.stdout)
     assert nul["status"] == "dead" and nul["error"]["code"] == "invalid-output"
@@ -400,11 +477,22 @@ def test_garbage_on_every_socket_is_refused_and_the_mesh_keeps_working(
     assert [finished.get(t) for t in accepted.task_ids] == ["complete", "complete"]
     # six legitimate tasks: two the fake peer ran (one with an unstorable output), the NUL-output shell
     # task, and three that completed normally; nothing from the refused SUBMITs
-    wait_for(lambda: db_rows(database_url, "select count(*) from tasks where status = 'complete'")[0][0] == 4,
-             30, "the legitimate tasks complete in Postgres")
+    wait_for(
+        lambda: db_rows(database_url, "select count(*) from tasks where status = 'complete'")[0][0] == 4,
+        30,
+        "the legitimate tasks complete in Postgres",
+    )
     rows = db_rows(database_url, "select type, status from tasks")
-    assert sorted(rows) == sorted([("echo", "dead"), ("echo", "complete"), ("shell", "dead"), ("echo", "complete"),
-                                   ("noop", "complete"), ("echo", "complete")]), rows
+    assert sorted(rows) == sorted(
+        [
+            ("echo", "dead"),
+            ("echo", "complete"),
+            ("shell", "dead"),
+            ("echo", "complete"),
+            ("noop", "complete"),
+            ("echo", "complete"),
+        ]
+    ), rows
     legal = {s.value for s in Status}
     for (to_status,) in db_rows(database_url, "select distinct to_status from task_events"):
         assert to_status in legal
@@ -415,5 +503,3 @@ def test_garbage_on_every_socket_is_refused_and_the_mesh_keeps_working(
     keyed = db_rows(database_url, "select count(*) from tasks where idempotency_key like 'ctl-%%'")[0][0]
     assert all(k.startswith("ctl-") for (k,) in keys) and len(keys) == keyed
     assert mesh.policeman.alive
-
-

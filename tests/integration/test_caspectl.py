@@ -47,8 +47,15 @@ def caspectl(*args: Any, env: dict[str, str] | None = None, stdin: str | None = 
     base["CASPER_STATE_DIR"] = "/nonexistent/casper-test-state"
     base.update(env or {})
     argv = tuple(str(a) for a in args)
-    proc = subprocess.run([sys.executable, "-m", "casperd.ctl.main", *argv], input=stdin, capture_output=True,
-                          text=True, env=base, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "casperd.ctl.main", *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=base,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     run = Run(argv, proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in run.out + run.err, f"caspectl {' '.join(argv)} printed a traceback:\n{run.err}"
     return run
@@ -80,8 +87,11 @@ def test_errors_without_a_daemon_and_keygen(tmp_path: Path) -> None:
     run = expect(ExitCode.UNAVAILABLE, "--control", "ipc:///nonexistent/x.ctl", "status")
     assert "ipc:///nonexistent/x.ctl" in run.err and "casperd up" in run.err
     assert run.out == ""
-    err = json_error(expect(ExitCode.UNAVAILABLE, "--control", "ipc:///nonexistent/x.ctl", "peers", "-o", "json"),
-                     "no-daemon", ExitCode.UNAVAILABLE)
+    err = json_error(
+        expect(ExitCode.UNAVAILABLE, "--control", "ipc:///nonexistent/x.ctl", "peers", "-o", "json"),
+        "no-daemon",
+        ExitCode.UNAVAILABLE,
+    )
     assert "ipc:///nonexistent/x.ctl" in err["message"] and "casperd up" in err["hint"]
     # the same through CASPER_CONTROL, and with the option after the command
     run = expect(ExitCode.UNAVAILABLE, "health", env={"CASPER_CONTROL": "ipc:///nonexistent/env.ctl"})
@@ -93,16 +103,22 @@ def test_errors_without_a_daemon_and_keygen(tmp_path: Path) -> None:
     run = expect(ExitCode.TIMEOUT, "--control", tcp, "--timeout", "1", "status")
     assert tcp in run.err and "hint" in run.err
     assert time.monotonic() - t0 < 30
-    json_error(expect(ExitCode.TIMEOUT, "status", "--control", tcp, "--timeout", "1", "-o", "json"),
-               "request-timeout", ExitCode.TIMEOUT)
+    json_error(
+        expect(ExitCode.TIMEOUT, "status", "--control", tcp, "--timeout", "1", "-o", "json"),
+        "request-timeout",
+        ExitCode.TIMEOUT,
+    )
 
     # discovery without a mesh: no mesh.json, or a broken one -> exit 3 with the fix
     empty = tmp_path / "empty"
     empty.mkdir()
     run = expect(ExitCode.UNAVAILABLE, "--state-dir", empty, "status")
     assert "mesh.json" in run.err and "casperd up" in run.err
-    json_error(expect(ExitCode.UNAVAILABLE, "status", "-o", "json", env={"CASPER_STATE_DIR": str(empty)}),
-               "no-mesh", ExitCode.UNAVAILABLE)
+    json_error(
+        expect(ExitCode.UNAVAILABLE, "status", "-o", "json", env={"CASPER_STATE_DIR": str(empty)}),
+        "no-mesh",
+        ExitCode.UNAVAILABLE,
+    )
     (empty / "mesh.json").write_text("{not json")
     run = expect(ExitCode.UNAVAILABLE, "--state-dir", empty, "status")
     assert "not a valid mesh description" in run.err
@@ -244,9 +260,27 @@ def test_every_command_against_a_live_mesh(make_mesh: Any, database_url: str, tm
     uuid.UUID(done["id"])
     human = ctl(0, "submit", "noop", "--wait").out
     assert "complete" in human and "task " in human
-    accepted = ctl(0, "submit", "echo", "--input", '{"x": 1}', "--priority", "9", "--requires", "code",
-                   "--requires", "shell", "--affinity", "aff-1", "--max-attempts", "2", "--timeout-s", "30",
-                   "-o", "json").json()
+    accepted = ctl(
+        0,
+        "submit",
+        "echo",
+        "--input",
+        '{"x": 1}',
+        "--priority",
+        "9",
+        "--requires",
+        "code",
+        "--requires",
+        "shell",
+        "--affinity",
+        "aff-1",
+        "--max-attempts",
+        "2",
+        "--timeout-s",
+        "30",
+        "-o",
+        "json",
+    ).json()
     assert accepted["existing"] is False
     tid = accepted["id"]
     with mesh.client() as c:
@@ -261,32 +295,65 @@ def test_every_command_against_a_live_mesh(make_mesh: Any, database_url: str, tm
     again = ctl(0, "submit", "echo", "--input", '{"k": 2}', "--idempotency-key", "greet-1", "-o", "json").json()
     assert first["existing"] is False and again == {"id": first["id"], "existing": True}
     assert f"existing task {first['id']}" in ctl(0, "submit", "echo", "--idempotency-key", "greet-1").out
-    waited = ctl(0, "submit", "echo", "--idempotency-key", "greet-1", "--wait", "--wait-timeout", "30",
-                 "-o", "json").json()
+    waited = ctl(
+        0, "submit", "echo", "--idempotency-key", "greet-1", "--wait", "--wait-timeout", "30", "-o", "json"
+    ).json()
     assert waited["id"] == first["id"] and waited["status"] == "complete" and waited["output"] == {"k": 1}
 
     # a task that ends badly: exit 5 with the error; --max-attempts and --timeout-s are honoured
-    dead = ctl(ExitCode.TASK_FAILED, "submit", "shell", "--input", '{"cmd": "exit 3", "expect_exit": 0}',
-               "--max-attempts", "1", "--wait", "-o", "json").json()
+    dead = ctl(
+        ExitCode.TASK_FAILED,
+        "submit",
+        "shell",
+        "--input",
+        '{"cmd": "exit 3", "expect_exit": 0}',
+        "--max-attempts",
+        "1",
+        "--wait",
+        "-o",
+        "json",
+    ).json()
     assert dead["status"] == "dead" and dead["output"]["exit_code"] == 3
     assert dead["error"]["code"] == "validation" and "exit code 3" in dead["error"]["message"]
-    dead2 = ctl(ExitCode.TASK_FAILED, "submit", "sleep", "--input", '{"seconds": 0, "fail": "boom"}',
-                "--max-attempts", "2", "--wait", "-o", "json").json()
+    dead2 = ctl(
+        ExitCode.TASK_FAILED,
+        "submit",
+        "sleep",
+        "--input",
+        '{"seconds": 0, "fail": "boom"}',
+        "--max-attempts",
+        "2",
+        "--wait",
+        "-o",
+        "json",
+    ).json()
     assert dead2["status"] == "dead" and "boom" in dead2["error"]["message"]
     with mesh.client() as c:
         g = _get(c, dead2["id"])
     assert g["attempts"] == 2 and g["max_attempts"] == 2 and len(g["error"]) == 2
     assert [e["to_status"] for e in g["events"]].count("assigned") == 2
-    timed = ctl(ExitCode.TASK_FAILED, "submit", "sleep", "--input", '{"seconds": 20}', "--timeout-s", "0.5",
-                "--max-attempts", "1", "--wait").out
+    timed = ctl(
+        ExitCode.TASK_FAILED,
+        "submit",
+        "sleep",
+        "--input",
+        '{"seconds": 20}',
+        "--timeout-s",
+        "0.5",
+        "--max-attempts",
+        "1",
+        "--wait",
+    ).out
     assert "dead" in timed and "timeout" in timed
     slow = db_rows(database_url, "select status, error::text from tasks where type = 'sleep' and timeout_s = 0.5")
     assert slow[0][0] == "dead" and json.loads(slow[0][1])[-1]["code"] == "timeout"
 
     # --- submit-bulk: from a file and from stdin, with --wait -----------------------------------------
     bulk = tmp_path / "tasks.jsonl"
-    bulk.write_text('{"type": "echo", "input": {"i": 1}}\n\n{"type": "noop", "priority": 9}\n'
-                    '{"type": "sleep", "input": {"seconds": 0.1}, "requires": ["test"]}\n')
+    bulk.write_text(
+        '{"type": "echo", "input": {"i": 1}}\n\n{"type": "noop", "priority": 9}\n'
+        '{"type": "sleep", "input": {"seconds": 0.1}, "requires": ["test"]}\n'
+    )
     results = ctl(0, "submit-bulk", bulk, "--wait", "-o", "json").json()
     assert [r["status"] for r in results] == ["complete"] * 3
     assert results[0]["output"] == {"i": 1} and results[2]["output"]["slept_s"] >= 0.1
@@ -330,8 +397,11 @@ def test_every_command_against_a_live_mesh(make_mesh: Any, database_url: str, tm
 
     running = ctl(0, "submit", "sleep", "--input", '{"seconds": 30}', "--requires", "code", "-o", "json").json()["id"]
     with mesh.client() as c:
-        holder = wait_for(lambda: (g := _get(c, running))["status"] == "processing" and g["assigned_to"], 30,
-                          "the sleep task to be processing")
+        holder = wait_for(
+            lambda: (g := _get(c, running))["status"] == "processing" and g["assigned_to"],
+            30,
+            "the sleep task to be processing",
+        )
     assert {p["node_id"]: p["inflight"] for p in ctl(0, "peers", "-o", "json").json()["peers"]}[holder] == 1
     out = ctl(0, "cancel", running, "-o", "json").json()
     assert out == {"id": running, "status": "cancelled", "was_running_on": holder}
@@ -344,13 +414,38 @@ def test_every_command_against_a_live_mesh(make_mesh: Any, database_url: str, tm
 
     # a waited-on task that is cancelled: the waiting caspectl exits 5
     env = {k: v for k, v in os.environ.items() if not k.startswith("CASPER_")}
-    waiter = subprocess.Popen([sys.executable, "-m", "casperd.ctl.main", "--control", control, "submit", "noop",
-                               "--requires", "nonexistent-cap", "--wait", "--wait-timeout", "60", "-o", "json"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    waiter = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "casperd.ctl.main",
+            "--control",
+            control,
+            "submit",
+            "noop",
+            "--requires",
+            "nonexistent-cap",
+            "--wait",
+            "--wait-timeout",
+            "60",
+            "-o",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     try:
         with mesh.client() as c:
-            waited_id = wait_for(lambda: next((t["id"] for t in c.request("tasks", status="pending")["tasks"]
-                                               if t["type"] == "noop"), None), 30, "the waited-on task")
+            waited_id = wait_for(
+                lambda: next(
+                    (t["id"] for t in c.request("tasks", status="pending")["tasks"] if t["type"] == "noop"), None
+                ),
+                30,
+                "the waited-on task",
+            )
         ctl(0, "cancel", waited_id)
         wout, werr = waiter.communicate(timeout=60)
     finally:
@@ -376,19 +471,22 @@ def test_every_command_against_a_live_mesh(make_mesh: Any, database_url: str, tm
     peers = {p["node_id"]: p for p in ctl(0, "peers", "-o", "json").json()["peers"]}
     assert peers["developer-1"]["draining"] is True and peers["developer-2"]["draining"] is False
     assert "True" in ctl(0, "peers").out
-    lines = "".join(json.dumps({"type": "sleep", "input": {"seconds": 0.2}, "requires": ["code"]}) + "\n"
-                    for _ in range(10))
+    lines = "".join(
+        json.dumps({"type": "sleep", "input": {"seconds": 0.2}, "requires": ["code"]}) + "\n" for _ in range(10)
+    )
     drained_run = ctl(0, "submit-bulk", "-", "--wait", "-o", "json", stdin=lines).json()
     assert [r["status"] for r in drained_run] == ["complete"] * 10
     with mesh.client() as c:
         holders = {_get(c, r["id"])["assigned_to"] for r in drained_run}
     assert holders == {"developer-2"}, f"a drained peer got work: {holders}"
     assert ctl(0, "get", drained_run[0]["id"], "-o", "json").json()["assigned_to"] == "developer-2"
-    assert ctl(0, "resume", "developer-1", "-o", "json").json() == {"peer": "developer-1", "draining": False,
-                                                                    "inflight": 0}
+    assert ctl(0, "resume", "developer-1", "-o", "json").json() == {
+        "peer": "developer-1",
+        "draining": False,
+        "inflight": 0,
+    }
     assert "developer-1 resumed" in ctl(0, "resume", "developer-1").out
-    assert {p["node_id"]: p["draining"] for p in ctl(0, "peers", "-o", "json").json()["peers"]}["developer-1"] \
-        is False
+    assert {p["node_id"]: p["draining"] for p in ctl(0, "peers", "-o", "json").json()["peers"]}["developer-1"] is False
     resumed_run = ctl(0, "submit-bulk", "-", "--wait", "-o", "json", stdin=lines).json()
     with mesh.client() as c:
         holders = {_get(c, r["id"])["assigned_to"] for r in resumed_run}
@@ -407,8 +505,9 @@ def test_every_command_against_a_live_mesh(make_mesh: Any, database_url: str, tm
     assert "unknown task type 'no-such-type'" in run.err
     for known in ("echo", "noop", "shell", "sleep"):
         assert known in run.err
-    err = json_error(ctl(ExitCode.FAILURE, "submit", "no-such-type", "-o", "json"), "unknown-task-type",
-                     ExitCode.FAILURE)
+    err = json_error(
+        ctl(ExitCode.FAILURE, "submit", "no-such-type", "-o", "json"), "unknown-task-type", ExitCode.FAILURE
+    )
     assert "echo" in err["hint"]
     missing = str(uuid.uuid4())
     run = ctl(ExitCode.NOT_FOUND, "get", missing)

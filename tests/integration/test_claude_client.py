@@ -29,10 +29,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 SECRET = "sk-ant-test-SECRET-do-not-leak-0123456789"
 MODEL = "claude-haiku-4-5-20251001"  # date-suffixed; priced as claude-haiku-4-5
 TOOLS = [
-    {"name": "read_file", "description": "read a file",
-     "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}},
-    {"name": "run", "description": "run a command",
-     "input_schema": {"type": "object", "properties": {"cmd": {"type": "string"}}}},
+    {
+        "name": "read_file",
+        "description": "read a file",
+        "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}},
+    },
+    {
+        "name": "run",
+        "description": "run a command",
+        "input_schema": {"type": "object", "properties": {"cmd": {"type": "string"}}},
+    },
 ]
 SYSTEM = "You are a careful developer. " * 40
 MESSAGES = [{"role": "user", "content": "List the files."}]
@@ -40,8 +46,13 @@ MESSAGES = [{"role": "user", "content": "List the files."}]
 
 @pytest.fixture(autouse=True)
 def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "ANTHROPIC_PROFILE",
-                 "ANTHROPIC_CUSTOM_HEADERS"):
+    for name in (
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_AUTH_TOKEN",
+        "ANTHROPIC_BASE_URL",
+        "ANTHROPIC_PROFILE",
+        "ANTHROPIC_CUSTOM_HEADERS",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -73,8 +84,7 @@ async def make_client(fake: FakeClaude) -> AsyncIterator[Callable[..., ClaudeCli
 
 
 async def call(client: ClaudeClient, **kw: Any) -> Reply:
-    args: dict[str, Any] = {"model": MODEL, "system": SYSTEM, "messages": MESSAGES, "max_tokens": 256,
-                            "tools": TOOLS}
+    args: dict[str, Any] = {"model": MODEL, "system": SYSTEM, "messages": MESSAGES, "max_tokens": 256, "tools": TOOLS}
     args.update(kw)
     return await asyncio.wait_for(client.create(**args), 30)
 
@@ -91,8 +101,16 @@ async def test_normal_call_content_usage_cost_and_prompt_caching(fake: FakeClaud
     assert first.request_id and first.request_id.startswith("req_")
     u = first.usage
     assert u.calls == 1 and u.output_tokens > 0 and u.cache_write_tokens > 0 and u.cache_read_tokens == 0
-    assert u.cost_usd == pytest.approx(cost_of("claude-haiku-4-5", u.input_tokens, u.output_tokens,
-                                               u.cache_read_tokens, u.cache_write_tokens, DEFAULT_PRICES))
+    assert u.cost_usd == pytest.approx(
+        cost_of(
+            "claude-haiku-4-5",
+            u.input_tokens,
+            u.output_tokens,
+            u.cache_read_tokens,
+            u.cache_write_tokens,
+            DEFAULT_PRICES,
+        )
+    )
     assert u.cost_usd > 0
     assert first.text == "Let me look." and first.tool_uses == [use]
 
@@ -136,8 +154,7 @@ async def test_529_twice_then_ok(fake: FakeClaude, make_client: Any, caplog: pyt
 
 async def test_server_errors_and_connection_errors_are_retried(fake: FakeClaude, make_client: Any) -> None:
     client = make_client(retries=2)
-    fake.push(http_error(500, "api_error", "internal"), http_error(503, "api_error", "unavailable"),
-              reply(text("up")))
+    fake.push(http_error(500, "api_error", "internal"), http_error(503, "api_error", "unavailable"), reply(text("up")))
     assert (await call(client)).content[0]["text"] == "up"
     assert [r.status for r in fake.requests] == [500, 503, 200]
 
@@ -199,8 +216,9 @@ async def test_missing_key_fails_at_once(fake: FakeClaude, make_client: Any, tmp
     assert fake.requests == []
 
 
-async def test_from_settings_reads_the_key_file(fake: FakeClaude, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_from_settings_reads_the_key_file(
+    fake: FakeClaude, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     key_file = tmp_path / "anthropic.key"
     key_file.write_text(SECRET + "\n")
     s = Settings(state_dir=tmp_path, anthropic_api_key_file=key_file, anthropic_base_url=fake.url, llm_retries=0)
@@ -281,8 +299,9 @@ async def test_deterministic_calls_hit_the_shared_cache(fake: FakeClaude, make_c
         # concurrent identical calls on both nodes: still one request (single flight across "nodes")
         fake.push(reply(text("concurrent"), delay_s=0.3))
         other = [{"role": "user", "content": "something else"}]
-        got = await asyncio.gather(call(node_a, deterministic=True, messages=other),
-                                   call(node_b, deterministic=True, messages=other))
+        got = await asyncio.gather(
+            call(node_a, deterministic=True, messages=other), call(node_b, deterministic=True, messages=other)
+        )
         assert len(fake.requests) == 2
         assert [g.content[0]["text"] for g in got] == ["concurrent", "concurrent"]
         assert sorted(g.cached for g in got) == [False, True]

@@ -30,11 +30,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 KEY = {"x-api-key": "sk-fake-test"}
 
 
-def post(fake: FakeClaude, body: Any, headers: dict[str, str] | None = None,
-         path: str = "/v1/messages") -> tuple[int, dict[str, Any], dict[str, str]]:
+def post(
+    fake: FakeClaude, body: Any, headers: dict[str, str] | None = None, path: str = "/v1/messages"
+) -> tuple[int, dict[str, Any], dict[str, str]]:
     data = json.dumps(body).encode()
-    req = urllib.request.Request(fake.url + path, data=data, method="POST",
-                                 headers={"content-type": "application/json", **(KEY if headers is None else headers)})
+    req = urllib.request.Request(
+        fake.url + path,
+        data=data,
+        method="POST",
+        headers={"content-type": "application/json", **(KEY if headers is None else headers)},
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read()), {k.lower(): v for k, v in resp.headers.items()}
@@ -43,8 +48,12 @@ def post(fake: FakeClaude, body: Any, headers: dict[str, str] | None = None,
 
 
 def body(*messages: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"model": "claude-test-1", "max_tokens": 100,
-            "messages": list(messages) or [{"role": "user", "content": "hello"}], **extra}
+    return {
+        "model": "claude-test-1",
+        "max_tokens": 100,
+        "messages": list(messages) or [{"role": "user", "content": "hello"}],
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -60,8 +69,12 @@ def test_default_reply_is_a_full_message(fake: FakeClaude) -> None:
     assert msg["id"].startswith("msg_")
     assert msg["content"] == [{"type": "text", "text": "ok"}]
     assert msg["stop_reason"] == "end_turn" and msg["stop_sequence"] is None
-    assert set(msg["usage"]) == {"input_tokens", "output_tokens", "cache_creation_input_tokens",
-                                 "cache_read_input_tokens"}
+    assert set(msg["usage"]) == {
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    }
     assert msg["usage"]["output_tokens"] == tokens_of(msg["content"])
     assert headers["request-id"].startswith("req_")
     for kind in ("requests", "tokens"):
@@ -91,8 +104,9 @@ def test_queue_then_default(fake: FakeClaude) -> None:
 
 
 def test_script_callable_sees_the_body_and_can_change(fake: FakeClaude) -> None:
-    fake.script = lambda b: reply(text("echo: " + last_user_text(b)), stop_reason="max_tokens",
-                                  usage={"output_tokens": 3})
+    fake.script = lambda b: reply(
+        text("echo: " + last_user_text(b)), stop_reason="max_tokens", usage={"output_tokens": 3}
+    )
     _, msg, _ = post(fake, body({"role": "user", "content": [text("a"), text("b")]}))
     assert msg["content"][0]["text"] == "echo: a\nb"
     assert msg["stop_reason"] == "max_tokens" and msg["usage"]["output_tokens"] == 3
@@ -106,29 +120,44 @@ def test_script_callable_sees_the_body_and_can_change(fake: FakeClaude) -> None:
 
 
 def test_scripted_errors_and_headers(fake: FakeClaude) -> None:
-    fake.push(rate_limited(3), http_error(500, "api_error", "boom", headers={"x-extra": "1"}),
-              http_error(429, "rate_limit_error", "slow", retry_after=1.5))
+    fake.push(
+        rate_limited(3),
+        http_error(500, "api_error", "boom", headers={"x-extra": "1"}),
+        http_error(429, "rate_limit_error", "slow", retry_after=1.5),
+    )
     status, err, headers = post(fake, body())
     assert status == 429 and headers["retry-after"] == "3" and err["error"]["type"] == "rate_limit_error"
     status, err, headers = post(fake, body())
-    assert status == 500 and headers["x-extra"] == "1" and err == {"type": "error", "error": {
-        "type": "api_error", "message": "boom"}}
+    assert (
+        status == 500
+        and headers["x-extra"] == "1"
+        and err == {"type": "error", "error": {"type": "api_error", "message": "boom"}}
+    )
     _, _, headers = post(fake, body())
     assert headers["retry-after"] == "1.5"
     assert [r.status for r in fake.requests] == [429, 500, 429]
     assert fake.calls() == []
 
 
-@pytest.mark.parametrize(("bad", "needle"), [
-    ({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, "model"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
-    ({"model": "m", "max_tokens": 5}, "messages"),
-    ({"model": "m", "max_tokens": 5, "messages": []}, "at least one"),
-    ({"model": "m", "max_tokens": 5, "messages": [{"role": "assistant", "content": "x"}]}, "first message"),
-    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"},
-                                                  {"role": "user", "content": "y"}]}, "alternate"),
-    ({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "role"),
-])
+@pytest.mark.parametrize(
+    ("bad", "needle"),
+    [
+        ({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, "model"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
+        ({"model": "m", "max_tokens": 5}, "messages"),
+        ({"model": "m", "max_tokens": 5, "messages": []}, "at least one"),
+        ({"model": "m", "max_tokens": 5, "messages": [{"role": "assistant", "content": "x"}]}, "first message"),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}],
+            },
+            "alternate",
+        ),
+        ({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "role"),
+    ],
+)
 def test_invalid_requests_are_400(fake: FakeClaude, bad: dict[str, Any], needle: str) -> None:
     status, err, _ = post(fake, bad)
     assert status == 400
@@ -139,21 +168,31 @@ def test_invalid_requests_are_400(fake: FakeClaude, bad: dict[str, Any], needle:
 
 def test_tool_result_must_answer_the_previous_tool_use(fake: FakeClaude) -> None:
     use = tool_use("run", {"cmd": "ls"}, id="toolu_1")
-    good = body({"role": "user", "content": "go"}, {"role": "assistant", "content": [text("sure"), use]},
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.py"}]})
+    good = body(
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [text("sure"), use]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.py"}]},
+    )
     status, _, _ = post(fake, good)
     assert status == 200
     assert FakeClaude.tool_results(fake.requests[0]) == [
-        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.py"}]
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.py"}
+    ]
     assert fake.tool_results(fake.requests[0].body)[0]["content"] == "a.py"
 
-    wrong_id = body({"role": "user", "content": "go"}, {"role": "assistant", "content": [use]},
-                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_2", "content": ""}]})
+    wrong_id = body(
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [use]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_2", "content": ""}]},
+    )
     status, err, _ = post(fake, wrong_id)
     assert status == 400 and "toolu_2" in err["error"]["message"]
 
-    unanswered = body({"role": "user", "content": "go"}, {"role": "assistant", "content": [use]},
-                      {"role": "user", "content": "what now?"})
+    unanswered = body(
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [use]},
+        {"role": "user", "content": "what now?"},
+    )
     status, err, _ = post(fake, unanswered)
     assert status == 400 and "toolu_1" in err["error"]["message"]
 
@@ -174,8 +213,10 @@ def test_missing_key_is_401_and_other_paths_404(fake: FakeClaude) -> None:
 
 
 def test_prompt_cache_simulation(fake: FakeClaude) -> None:
-    tools = [{"name": "a", "input_schema": {"type": "object"}},
-             {"name": "b", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}}]
+    tools = [
+        {"name": "a", "input_schema": {"type": "object"}},
+        {"name": "b", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}},
+    ]
     system = [{"type": "text", "text": "you are a test " * 50, "cache_control": {"type": "ephemeral"}}]
     req = body(tools=tools, system=system)
     _, first, _ = post(fake, req)
@@ -247,9 +288,14 @@ def test_delay_and_arrival_times() -> None:
 
 
 def test_helpers() -> None:
-    b = body({"role": "user", "content": "first"}, {"role": "assistant", "content": "mid"},
-             {"role": "user", "content": [text("x"), {"type": "tool_result", "tool_use_id": "t", "content": "r"},
-                                          text("y")]})
+    b = body(
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "mid"},
+        {
+            "role": "user",
+            "content": [text("x"), {"type": "tool_result", "tool_use_id": "t", "content": "r"}, text("y")],
+        },
+    )
     assert last_user_text(b) == "x\ny"
     assert last_user_text({"messages": []}) == ""
     assert FakeClaude.tool_results(b) == [{"type": "tool_result", "tool_use_id": "t", "content": "r"}]

@@ -21,8 +21,19 @@ def test_silent_holder_loses_its_lease_and_the_task_completes_elsewhere(make_mes
     ctx: zmq.Context[Any] = zmq.Context()
     fake = FakeWorker(ctx, mesh.policeman.bind, server_key=key(mesh, "policeman"), routing_id=b"sitter/1")
     try:
-        fake.send(codec.encode(Ready(node_id="sitter", epoch="1", role="developer", endpoint="tcp://127.0.0.1:1",
-                                     pid=1, host="h", capacity=1)))
+        fake.send(
+            codec.encode(
+                Ready(
+                    node_id="sitter",
+                    epoch="1",
+                    role="developer",
+                    endpoint="tcp://127.0.0.1:1",
+                    pid=1,
+                    host="h",
+                    capacity=1,
+                )
+            )
+        )
         fake.next(Heartbeat)
         with mesh.client() as c:
             tid = c.submit([TaskSpec(type="echo", input={"held": True})]).task_ids[0]
@@ -35,12 +46,21 @@ def test_silent_holder_loses_its_lease_and_the_task_completes_elsewhere(make_mes
         # a real developer joins and runs it
         mesh.add_node("developer-1", "developer", mesh.port_base + 1)
         with mesh.client() as c:
-            view = wait_for(lambda: (v := c.request("get", id=str(tid)))["status"] == "complete" and v, 30,
-                            "the task to complete on developer-1")
+            view = wait_for(
+                lambda: (v := c.request("get", id=str(tid)))["status"] == "complete" and v,
+                30,
+                "the task to complete on developer-1",
+            )
         # (the sitter, still heartbeating, may have been given it again and lost it again meanwhile)
         assert view["assigned_to"] == "developer-1" and view["attempts"] >= 2
-        reasons = [r[0] for r in db_rows(database_url, "SELECT detail->>'reason' FROM task_events "
-                                                       "WHERE task_id = %s AND to_status = 'pending'", (tid,))]
+        reasons = [
+            r[0]
+            for r in db_rows(
+                database_url,
+                "SELECT detail->>'reason' FROM task_events WHERE task_id = %s AND to_status = 'pending'",
+                (tid,),
+            )
+        ]
         assert any(r and "lease expired on sitter" in r for r in reasons), reasons
     finally:
         fake.close()

@@ -44,7 +44,7 @@ def submit_and_wait(mesh: LocalMesh, specs: list[TaskSpec], timeout: float = 240
     with mesh.client(timeout_s=60) as c:
         ids: list[str] = []
         for i in range(0, len(specs), 250):
-            ids.extend(str(t) for t in c.submit(specs[i:i + 250], wait=True).task_ids)
+            ids.extend(str(t) for t in c.submit(specs[i : i + 250], wait=True).task_ids)
         deadline = time.monotonic() + timeout
         for ev in c.done_events(timeout_s=60):
             tid = str(ev.task_id)
@@ -153,8 +153,9 @@ def test_cancel_pending_and_running(make_mesh: Any, database_url: str) -> None:
         assert next(c.done_events(20)).task_id == echo.task_ids[0]
     statuses = dict(db_rows(database_url, "SELECT id::text, status FROM tasks"))
     assert statuses[pending] == "cancelled" and statuses[running] == "cancelled"
-    to_states = [r[0] for r in db_rows(database_url, "SELECT to_status FROM task_events WHERE task_id = %s::uuid",
-                                       (running,))]
+    to_states = [
+        r[0] for r in db_rows(database_url, "SELECT to_status FROM task_events WHERE task_id = %s::uuid", (running,))
+    ]
     assert to_states[-1] == "cancelled" and "complete" not in to_states
 
 
@@ -211,8 +212,10 @@ def test_redis_stopped_mid_run_tasks_still_complete(make_mesh: Any) -> None:
 def test_dead_developer_tasks_move_to_another(make_mesh: Any, database_url: str) -> None:
     mesh = make_mesh(developers=2, testers=0, extra_env={"CASPER_CAPACITY": "4"})
     with mesh.client(timeout_s=30) as c:
-        ids = [str(t) for t in c.submit([TaskSpec(type="sleep", input={"seconds": 2.0}) for _ in range(8)],
-                                        wait=True).task_ids]
+        ids = [
+            str(t)
+            for t in c.submit([TaskSpec(type="sleep", input={"seconds": 2.0}) for _ in range(8)], wait=True).task_ids
+        ]
         wait_for(lambda: all(p["inflight"] == 4 for p in c.request("peers")["peers"]), 15, "both peers busy")
         mesh.signal_node("developer-1", signal.SIGKILL)
         t0 = time.monotonic()
@@ -246,8 +249,11 @@ def test_sigterm_drains_a_developer_and_nothing_is_lost(make_mesh: Any, database
             if len(done) == len(ids):
                 break
         assert set(done.values()) == {"complete"} and len(done) == 12
-    handed = db_rows(database_url, "SELECT count(*) FROM task_events WHERE to_status = 'pending' "
-                                   "AND detail->>'reason' LIKE 'handed-back by developer-1%%'")
+    handed = db_rows(
+        database_url,
+        "SELECT count(*) FROM task_events WHERE to_status = 'pending' "
+        "AND detail->>'reason' LIKE 'handed-back by developer-1%%'",
+    )
     assert handed[0][0] >= 1, "unfinished tasks are handed back on shutdown"
     # a clean hand-back costs no attempt: every task finished on its first counted attempt
     assert {r[0] for r in db_rows(database_url, "SELECT attempts FROM tasks")} == {1}
@@ -264,8 +270,11 @@ def test_policeman_restart_recovers_from_postgres(make_mesh: Any, database_url: 
     mesh.wait_healthy("policeman", 30)
     mesh.wait_peers(2, 30)
     with mesh.client() as c:
-        wait_for(lambda: c.request("tasks", status="complete", limit=100)["counts"].get("complete") == 20, 60,
-                 "all tasks complete after the restart")
+        wait_for(
+            lambda: c.request("tasks", status="complete", limit=100)["counts"].get("complete") == 20,
+            60,
+            "all tasks complete after the restart",
+        )
     assert {r[0] for r in db_rows(database_url, "SELECT status FROM tasks")} == {"complete"}
     assert len(ids) == 20
 
@@ -273,8 +282,11 @@ def test_policeman_restart_recovers_from_postgres(make_mesh: Any, database_url: 
 def test_dead_task_keeps_every_error_and_retry_runs_it_again(make_mesh: Any, tmp_path: Any) -> None:
     mesh = make_mesh(developers=1, testers=0, extra_env={"CASPER_BACKOFF_BASE_S": "0.1"})
     marker = tmp_path / "second-time"
-    flaky = TaskSpec(type="shell", max_attempts=2, input={
-        "cmd": f"[ -f {marker}.ok ] || {{ echo no >> {marker}; exit 3; }}", "expect_exit": 0})
+    flaky = TaskSpec(
+        type="shell",
+        max_attempts=2,
+        input={"cmd": f"[ -f {marker}.ok ] || {{ echo no >> {marker}; exit 3; }}", "expect_exit": 0},
+    )
     with mesh.client(timeout_s=30) as c:
         tid = str(c.submit([flaky], wait=True).task_ids[0])
         ev = next(c.done_events(30))
@@ -287,8 +299,9 @@ def test_dead_task_keeps_every_error_and_retry_runs_it_again(make_mesh: Any, tmp
         (tmp_path / "second-time.ok").touch()
         again = c.request("retry", id=tid)
         assert again["retry_of"] == tid and again["id"] != tid
-        new = wait_for(lambda: (v := c.request("get", id=again["id"]))["status"] == "complete" and v, 30,
-                       "the retried task")
+        new = wait_for(
+            lambda: (v := c.request("get", id=again["id"]))["status"] == "complete" and v, 30, "the retried task"
+        )
         assert new["events"][0]["detail"] == {"retry_of": tid}
         assert c.request("get", id=tid)["status"] == "dead", "the old task keeps its history"
 

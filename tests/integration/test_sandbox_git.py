@@ -20,14 +20,20 @@ from casperd.errors import GitError, PatchConflictError, SandboxError, TaskError
 
 pytestmark = pytest.mark.integration
 
-GIT_ENV = {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "T",
-           "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_NOSYSTEM": "1"}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "T",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "T",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
+    "GIT_CONFIG_NOSYSTEM": "1",
+}
 
 
 def sh_git(repo: Path, *args: str) -> str:
     env = {**os.environ, **GIT_ENV, "HOME": str(repo)}
-    return subprocess.run(["git", "-c", "init.defaultBranch=main", *args], cwd=repo, env=env, check=True,
-                          capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["git", "-c", "init.defaultBranch=main", *args], cwd=repo, env=env, check=True, capture_output=True, text=True
+    ).stdout
 
 
 @pytest.fixture
@@ -56,13 +62,18 @@ def repo(tmp_path: Path) -> Path:
 
 
 # --- sandbox: escapes ----------------------------------------------------------------------------
-@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../x", "../outside/secret.txt", ".git", ".git/config",
-                                  "src/../.git/config"])
+@pytest.mark.parametrize(
+    "path", ["../x", "/etc/passwd", "a/../../x", "../outside/secret.txt", ".git", ".git/config", "src/../.git/config"]
+)
 async def test_escapes_refused(box: Sandbox, path: str) -> None:
     with pytest.raises(SandboxError):
         box.resolve(path)
-    for name, args in (("read_file", {"path": path}), ("write_file", {"path": path, "content": "x"}),
-                       ("list_files", {"path": path}), ("replace_in_file", {"path": path, "old": "a", "new": "b"})):
+    for name, args in (
+        ("read_file", {"path": path}),
+        ("write_file", {"path": path, "content": "x"}),
+        ("list_files", {"path": path}),
+        ("replace_in_file", {"path": path, "old": "a", "new": "b"}),
+    ):
         text, is_error = await execute(box, name, args)
         assert is_error, (name, path, text)
         assert "hint:" in text
@@ -125,8 +136,11 @@ async def test_read_write_replace_list_search(box: Sandbox) -> None:
     assert await box.read_file("pkg/deep/new.py") == "x = 1\ny = 2\n"
     ranged = await box.read_file("src/app.py", start_line=2, end_line=2)
     assert ranged.endswith("    return 1\n") and "lines 2-2 of 6" in ranged and "def main" not in ranged
-    text, is_error = await execute(box, "replace_in_file", {"path": "src/app.py", "old": "def main():\n    return 1",
-                                                             "new": "def main():\n    return 2"})
+    text, is_error = await execute(
+        box,
+        "replace_in_file",
+        {"path": "src/app.py", "old": "def main():\n    return 1", "new": "def main():\n    return 2"},
+    )
     assert not is_error and "replaced 1 occurrence" in text
     assert (box.root / "src" / "app.py").read_text().startswith("def main():\n    return 2\n")
     listing = await box.list_files()
@@ -142,8 +156,9 @@ async def test_replace_ambiguity_and_absence(box: Sandbox) -> None:
     text, is_error = await execute(box, "replace_in_file", {"path": "src/app.py", "old": "return 1", "new": "return 3"})
     assert is_error and "2 times" in text and "replace_all" in text
     assert "return 3" not in (box.root / "src" / "app.py").read_text()
-    text, is_error = await execute(box, "replace_in_file", {"path": "src/app.py", "old": "return 1", "new": "return 3",
-                                                             "replace_all": True})
+    text, is_error = await execute(
+        box, "replace_in_file", {"path": "src/app.py", "old": "return 1", "new": "return 3", "replace_all": True}
+    )
     assert not is_error and "2 occurrences" in text
     assert (box.root / "src" / "app.py").read_text().count("return 3") == 2
     text, is_error = await execute(box, "replace_in_file", {"path": "src/app.py", "old": "nope", "new": "x"})
@@ -267,10 +282,17 @@ async def test_command_output_cap_exit_code_cwd_env(box: Sandbox, monkeypatch: p
 
 
 async def test_execute_errors_are_results(box: Sandbox) -> None:
-    for name, args in [("read_file", {}), ("read_file", {"path": 3}), ("read_file", {"path": "nope.txt"}),
-                       ("read_file", {"path": "src"}), ("write_file", {"path": "a", "content": "x", "extra": 1}),
-                       ("run_command", {"command": ""}), ("run_command", {"command": "true", "timeout_s": "x"}),
-                       ("nonexistent_tool", {}), ("read_file", "not a dict")]:
+    for name, args in [
+        ("read_file", {}),
+        ("read_file", {"path": 3}),
+        ("read_file", {"path": "nope.txt"}),
+        ("read_file", {"path": "src"}),
+        ("write_file", {"path": "a", "content": "x", "extra": 1}),
+        ("run_command", {"command": ""}),
+        ("run_command", {"command": "true", "timeout_s": "x"}),
+        ("nonexistent_tool", {}),
+        ("read_file", "not a dict"),
+    ]:
         text, is_error = await execute(box, name, args)  # type: ignore[arg-type]
         assert is_error and text, (name, args)
     with pytest.raises(ValueError):
@@ -305,7 +327,8 @@ async def test_worktrees_diff_apply_commit_push(repo: Path, tmp_path: Path) -> N
     repo_state = sh_git(repo, "for-each-ref"), sh_git(repo, "status", "--porcelain")
     wt1, wt2 = await asyncio.gather(
         gitwork.make_worktree(repo, base, tmp_path / "w" / "one", mirrors),
-        gitwork.make_worktree(repo, "main", tmp_path / "w" / "two", mirrors))
+        gitwork.make_worktree(repo, "main", tmp_path / "w" / "two", mirrors),
+    )
     assert (wt1 / "pkg" / "mod.py").read_text() == (wt2 / "pkg" / "mod.py").read_text() == "def f():\n    return 1\n"
     assert len(list(mirrors.glob("*.git"))) == 1
     assert (sh_git(repo, "for-each-ref"), sh_git(repo, "status", "--porcelain")) == repo_state
@@ -330,8 +353,10 @@ async def test_worktrees_diff_apply_commit_push(repo: Path, tmp_path: Path) -> N
     assert sha != base and await gitwork.commit_all(wt2, "nothing new") == sha
     await gitwork.push_ref(wt2, repo, "casper/job-1")
     assert sh_git(repo, "rev-parse", "refs/heads/casper/job-1").strip() == sha
-    assert sh_git(repo, "log", "-1", "--format=%an <%ae>|%s", "casper/job-1").strip() == \
-        "CASPER <casper@localhost>|apply the change"
+    assert (
+        sh_git(repo, "log", "-1", "--format=%an <%ae>|%s", "casper/job-1").strip()
+        == "CASPER <casper@localhost>|apply the change"
+    )
     assert sh_git(repo, "status", "--porcelain") == repo_state[1]  # the checkout was not touched
     with pytest.raises(GitError):
         await gitwork.push_ref(wt2, repo, "bad..ref")
@@ -393,8 +418,15 @@ async def _patch_for(repo: Path, tmp_path: Path, files: dict[str, str]) -> tuple
 
 async def _validate(patch: bytes, repo: Path, base: str, tmp_path: Path, allowed: list[str] | None = None) -> list[str]:
     scratch = tmp_path / "scratch"
-    problems = await validate_patch(patch, repo=repo, base=base, allowed=allowed or [], limits=PatchLimits(),
-                                    scratch=scratch, mirror_root=tmp_path / "police-mirrors")
+    problems = await validate_patch(
+        patch,
+        repo=repo,
+        base=base,
+        allowed=allowed or [],
+        limits=PatchLimits(),
+        scratch=scratch,
+        mirror_root=tmp_path / "police-mirrors",
+    )
     assert not scratch.exists() or list(scratch.iterdir()) == []  # the worktree is always removed
     return problems
 

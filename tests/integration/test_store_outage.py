@@ -20,8 +20,15 @@ from tests.integration.conftest import free_port_base, server_dir, wait_for
 def own_db_mesh() -> Iterator[LocalMesh]:
     """A mesh with its own embedded Postgres, so the test may stop it."""
     state = server_dir("casper-test-outage-")
-    mesh = LocalMesh(state, developers=1, testers=0, port_base=free_port_base(), redis_url=None, curve=False,
-                     extra_env={"CASPER_HEARTBEAT_S": "0.5"})
+    mesh = LocalMesh(
+        state,
+        developers=1,
+        testers=0,
+        port_base=free_port_base(),
+        redis_url=None,
+        curve=False,
+        extra_env={"CASPER_HEARTBEAT_S": "0.5"},
+    )
     try:
         mesh.start()
         yield mesh
@@ -34,8 +41,10 @@ def test_postgres_restart_loses_no_accepted_task(own_db_mesh: LocalMesh) -> None
     mesh = own_db_mesh
     assert mesh.postgres is not None
     with mesh.client(timeout_s=30) as c:
-        accepted = [str(t) for t in c.submit([TaskSpec(type="sleep", input={"seconds": 0.3}) for _ in range(12)],
-                                             wait=True).task_ids]
+        accepted = [
+            str(t)
+            for t in c.submit([TaskSpec(type="sleep", input={"seconds": 0.3}) for _ in range(12)], wait=True).task_ids
+        ]
     mesh.postgres.stop()
 
     def refused() -> bool:
@@ -59,8 +68,11 @@ def test_postgres_restart_loses_no_accepted_task(own_db_mesh: LocalMesh) -> None
     mesh.postgres.start()
     with mesh.client(timeout_s=30) as c:
         wait_for(lambda: c.request("health")["healthy"], 60, "the policeman to be healthy again")
-        counts = wait_for(lambda: (n := c.request("tasks", limit=100)["counts"]).get("complete", 0) >= 12 and n,
-                          90, "every accepted task to complete")
+        counts = wait_for(
+            lambda: (n := c.request("tasks", limit=100)["counts"]).get("complete", 0) >= 12 and n,
+            90,
+            "every accepted task to complete",
+        )
         assert counts.get("complete", 0) >= 12
         for tid in accepted:
             assert c.request("get", id=tid)["status"] == "complete"

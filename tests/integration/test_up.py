@@ -27,15 +27,25 @@ def state_dir() -> Iterator[Path]:
 
 def ctl(state: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CASPER_")}
-    return subprocess.run([sys.executable, "-m", "casperd.ctl.main", "--state-dir", str(state), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "casperd.ctl.main", "--state-dir", str(state), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def start_up(state: Path, port: int, *extra: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CASPER_") and k != "PGPASSFILE"}
-    return subprocess.Popen([sys.executable, "-m", "casperd", "up", "--state-dir", str(state), "--port-base",
-                             str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "casperd", "up", "--state-dir", str(state), "--port-base", str(port), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def stop(proc: subprocess.Popen[str]) -> str:
@@ -64,8 +74,11 @@ def test_up_demo_then_restart_keeps_the_data(state_dir: Path) -> None:
     proc = start_up(state_dir, port)
     try:
         wait_for(lambda: (state_dir / "mesh.json").exists(), 120, "mesh.json")
-        res = wait_for(lambda: (r := ctl(state_dir, "tasks", "--limit", "5", "-o", "json")).returncode == 0 and r,
-                       60, "caspectl tasks")
+        res = wait_for(
+            lambda: (r := ctl(state_dir, "tasks", "--limit", "5", "-o", "json")).returncode == 0 and r,
+            60,
+            "caspectl tasks",
+        )
         counts = json.loads(res.stdout)["counts"]
         assert counts.get("complete") == 60, counts
         peers = json.loads(ctl(state_dir, "peers", "-o", "json").stdout)["peers"]
@@ -85,7 +98,11 @@ def test_up_demo_then_restart_keeps_the_data(state_dir: Path) -> None:
 
 
 def test_up_reports_a_bad_argument_without_a_traceback(state_dir: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "casperd", "up", "--developers", "0", "--testers", "0",
-                          "--state-dir", str(state_dir)], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "casperd", "up", "--developers", "0", "--testers", "0", "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2
     assert "Traceback" not in res.stdout + res.stderr

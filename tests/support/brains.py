@@ -34,8 +34,12 @@ def _texts(content: Any) -> str:
 
 
 class ScriptedTeam:
-    def __init__(self, plan: list[dict[str, Any]], devs: dict[str, list[list[Step]]],
-                 delays: dict[tuple[str, int, int], float] | None = None) -> None:
+    def __init__(
+        self,
+        plan: list[dict[str, Any]],
+        devs: dict[str, list[list[Step]]],
+        delays: dict[tuple[str, int, int], float] | None = None,
+    ) -> None:
         self.plan = plan
         self.devs = devs
         self.delays = delays or {}
@@ -71,5 +75,8 @@ class ScriptedTeam:
 
 def fix(path: str, old: str, new: str, summary: str = "fixed") -> list[Step]:
     """The usual three turns: read, replace, finish."""
-    return [("read_file", {"path": path}), ("replace_in_file", {"path": path, "old": old, "new": new}),
-            ("finish", {"summary": summary})]
+    return [
+        ("read_file", {"path": path}),
+        ("replace_in_file", {"path": path, "old": old, "new": new}),
+        ("finish", {"summary": summary}),
+    ]

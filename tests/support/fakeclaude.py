@@ -76,20 +76,31 @@ def tool_use(name: str, input: dict[str, Any], id: str | None = None) -> dict[st
     return {"type": "tool_use", "id": id or f"toolu_{secrets.token_hex(12)}", "name": name, "input": input}
 
 
-def reply(*blocks: dict[str, Any], stop_reason: str | None = None, usage: dict[str, int] | None = None,
-          delay_s: float = 0.0) -> Response:
+def reply(
+    *blocks: dict[str, Any], stop_reason: str | None = None, usage: dict[str, int] | None = None, delay_s: float = 0.0
+) -> Response:
     if stop_reason is None:
         stop_reason = "tool_use" if any(b.get("type") == "tool_use" for b in blocks) else "end_turn"
     return Response(status=200, content=list(blocks), stop_reason=stop_reason, usage=usage, delay_s=delay_s)
 
 
-def http_error(status: int, type: str, message: str, retry_after: float | None = None,
-               headers: dict[str, str] | None = None, delay_s: float = 0.0) -> Response:
+def http_error(
+    status: int,
+    type: str,
+    message: str,
+    retry_after: float | None = None,
+    headers: dict[str, str] | None = None,
+    delay_s: float = 0.0,
+) -> Response:
     hdrs = dict(headers or {})
     if retry_after is not None:
         hdrs["retry-after"] = _fmt_seconds(retry_after)
-    return Response(status=status, error={"type": "error", "error": {"type": type, "message": message}},
-                    headers=hdrs, delay_s=delay_s)
+    return Response(
+        status=status,
+        error={"type": "error", "error": {"type": type, "message": message}},
+        headers=hdrs,
+        delay_s=delay_s,
+    )
 
 
 def overloaded(message: str = "Overloaded") -> Response:
@@ -175,21 +186,26 @@ def _validate(body: Any) -> None:
         if isinstance(content, list) and any(not isinstance(b, dict) or "type" not in b for b in content):
             raise bad(f"messages.{i}.content: every content block needs a type")
     if messages[0]["role"] != "user":
-        raise bad("messages: first message must use the \"user\" role")
+        raise bad('messages: first message must use the "user" role')
     for i in range(1, len(messages)):
         if messages[i]["role"] == messages[i - 1]["role"]:
-            raise bad(f"messages: roles must alternate between \"user\" and \"assistant\" (messages.{i})")
+            raise bad(f'messages: roles must alternate between "user" and "assistant" (messages.{i})')
     for i, msg in enumerate(messages):
         if msg["role"] != "user":
             continue
         results = [b for b in _blocks(msg["content"]) if b.get("type") == "tool_result"]
-        prev_ids = ({b.get("id") for b in _blocks(messages[i - 1]["content"]) if b.get("type") == "tool_use"}
-                    if i > 0 else set())
+        prev_ids = (
+            {b.get("id") for b in _blocks(messages[i - 1]["content"]) if b.get("type") == "tool_use"}
+            if i > 0
+            else set()
+        )
         for b in results:
             if b.get("tool_use_id") not in prev_ids:
-                raise bad(f"messages.{i}.content: unexpected `tool_use_id` found in `tool_result` blocks: "
-                          f"{b.get('tool_use_id')}. Each `tool_result` block must have a corresponding "
-                          f"`tool_use` block in the previous message.")
+                raise bad(
+                    f"messages.{i}.content: unexpected `tool_use_id` found in `tool_result` blocks: "
+                    f"{b.get('tool_use_id')}. Each `tool_result` block must have a corresponding "
+                    f"`tool_use` block in the previous message."
+                )
     for i, msg in enumerate(messages[:-1]):
         if msg["role"] != "assistant":
             continue
@@ -197,15 +213,18 @@ def _validate(body: Any) -> None:
         answered = {b.get("tool_use_id") for b in _blocks(messages[i + 1]["content"]) if b.get("type") == "tool_result"}
         missing = [u for u in uses if u not in answered]
         if missing:
-            raise bad(f"messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately after: "
-                      f"{', '.join(str(m) for m in missing)}. Each `tool_use` block must have a corresponding "
-                      f"`tool_result` block in the next message.")
+            raise bad(
+                f"messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                f"{', '.join(str(m) for m in missing)}. Each `tool_use` block must have a corresponding "
+                f"`tool_result` block in the next message."
+            )
     system = body.get("system")
     if system is not None and not isinstance(system, (str, list)):
         raise bad("system: Input should be a string or a list of text blocks")
     tools = body.get("tools")
-    if tools is not None and (not isinstance(tools, list) or any(not isinstance(t, dict) or "name" not in t
-                                                                for t in tools)):
+    if tools is not None and (
+        not isinstance(tools, list) or any(not isinstance(t, dict) or "name" not in t for t in tools)
+    ):
         raise bad("tools: every tool needs a name")
 
 
@@ -217,8 +236,13 @@ def _rfc3339(wall: float) -> str:
 class FakeClaude:
     """A scripted Messages API on 127.0.0.1 (see the module docstring)."""
 
-    def __init__(self, script: Callable[[dict[str, Any]], Response] | None = None, latency_s: float = 0.0,
-                 rpm_limit: int | None = None, tpm_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        script: Callable[[dict[str, Any]], Response] | None = None,
+        latency_s: float = 0.0,
+        rpm_limit: int | None = None,
+        tpm_limit: int | None = None,
+    ) -> None:
         self.script = script
         self.latency_s = latency_s
         self.rpm_limit = rpm_limit
@@ -244,8 +268,9 @@ class FakeClaude:
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fakeclaude", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fakeclaude", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -324,17 +349,24 @@ class FakeClaude:
         last_cc = max((i for i, it in enumerate(items) if "cache_control" in next(iter(it.values()))), default=-1)
         out = tokens_of(content)
         if last_cc < 0:
-            return {"input_tokens": tokens_of([items, body["messages"]]), "output_tokens": out,
-                    "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
-        prefix, rest = items[: last_cc + 1], items[last_cc + 1:]
+            return {
+                "input_tokens": tokens_of([items, body["messages"]]),
+                "output_tokens": out,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            }
+        prefix, rest = items[: last_cc + 1], items[last_cc + 1 :]
         prefix_tokens = tokens_of(prefix)
         digest = hashlib.sha256(json.dumps([body["model"], prefix], sort_keys=True, default=str).encode()).hexdigest()
         with self._lock:
             seen = digest in self._prefixes
             self._prefixes.add(digest)
-        return {"input_tokens": tokens_of([rest, body["messages"]]), "output_tokens": out,
-                "cache_creation_input_tokens": 0 if seen else prefix_tokens,
-                "cache_read_input_tokens": prefix_tokens if seen else 0}
+        return {
+            "input_tokens": tokens_of([rest, body["messages"]]),
+            "output_tokens": out,
+            "cache_creation_input_tokens": 0 if seen else prefix_tokens,
+            "cache_read_input_tokens": prefix_tokens if seen else 0,
+        }
 
     def _limits(self, now: float, wall: float, cost: int, admit: bool) -> tuple[dict[str, str], float | None]:
         """Rate-limit headers and, when ``admit`` and the window is full, the retry-after (seconds)."""
@@ -385,8 +417,9 @@ class FakeClaude:
         except _InvalidRequest as exc:
             return exc.status, _err(exc.type, exc.message), {}
         body = rec.body
-        headers, retry = self._limits(now, wall, tokens_of([body.get("tools"), body.get("system"),
-                                                            body["messages"]]), admit=True)
+        headers, retry = self._limits(
+            now, wall, tokens_of([body.get("tools"), body.get("system"), body["messages"]]), admit=True
+        )
         if retry is not None:
             headers["retry-after"] = str(retry)
             return 429, _err("rate_limit_error", "This request would exceed your rate limit"), headers
@@ -452,8 +485,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         t = time.monotonic()
         raw_body = self._read_body() if self.command in ("POST", "PUT", "PATCH") else {}
-        rec = Recorded(t=t, body=raw_body if isinstance(raw_body, dict) else {},
-                       headers={k.lower(): v for k, v in self.headers.items()}, path=self.path)
+        rec = Recorded(
+            t=t,
+            body=raw_body if isinstance(raw_body, dict) else {},
+            headers={k.lower(): v for k, v in self.headers.items()},
+            path=self.path,
+        )
         owner = self.owner
         with owner._lock:
             owner.requests.append(rec)

@@ -62,38 +62,82 @@ SECRET = "sk-ant-api03-Zq8XvN3mT9pL2wK7hJ4dR6fS1gB5cY0u"
 def samples() -> list[Any]:
     """Representative values for every command, optional fields both set and unset."""
     return [
-        Ready(node_id="developer-1", epoch="e.2024-01", role=Role.DEVELOPER, endpoint="tcp://10.0.0.2:5555",
-              pid=4242, host="host-a", capabilities=("code", "shell"), capacity=4, tasks=(U1, U2),
-              heartbeat_ms=500, version="0.1.0"),
+        Ready(
+            node_id="developer-1",
+            epoch="e.2024-01",
+            role=Role.DEVELOPER,
+            endpoint="tcp://10.0.0.2:5555",
+            pid=4242,
+            host="host-a",
+            capabilities=("code", "shell"),
+            capacity=4,
+            tasks=(U1, U2),
+            heartbeat_ms=500,
+            version="0.1.0",
+        ),
         Ready(node_id="p", epoch="1", role=Role.POLICEMAN, endpoint="ipc:///tmp/x", pid=0, host="h", capacity=0),
         Heartbeat(),
         Heartbeat(load=17, draining=True),
-        Submit(req_id=7, tasks=(
-            TaskSpec(type="shell", input={"cmd": "pytest -q", "expect_exit": 0, "nested": {"a": [1, 2.5, None]}},
-                     priority=9, requires=("shell", "test"), affinity="repo-1", idempotency_key="idem-1",
-                     max_attempts=5, timeout_s=30.5, parent_id=U3, cache=True),
-            TaskSpec(type="noop"),
-        ), wait=True),
+        Submit(
+            req_id=7,
+            tasks=(
+                TaskSpec(
+                    type="shell",
+                    input={"cmd": "pytest -q", "expect_exit": 0, "nested": {"a": [1, 2.5, None]}},
+                    priority=9,
+                    requires=("shell", "test"),
+                    affinity="repo-1",
+                    idempotency_key="idem-1",
+                    max_attempts=5,
+                    timeout_s=30.5,
+                    parent_id=U3,
+                    cache=True,
+                ),
+                TaskSpec(type="noop"),
+            ),
+            wait=True,
+        ),
         Accepted(req_id=7, task_ids=(U1, U2), existing=(False, True)),
         Accepted(req_id=0, task_ids=(), existing=()),
-        TaskBatch(tasks=(
-            Assignment(task_id=U1, type="echo", input={"hello": "mesh", "bin": b"\x00\xff"}, attempt=1,
-                       lease_ms=30_000, timeout_s=2.5, cache=True),
-            Assignment(task_id=U2, type="noop", attempt=3, lease_ms=1),
-        )),
+        TaskBatch(
+            tasks=(
+                Assignment(
+                    task_id=U1,
+                    type="echo",
+                    input={"hello": "mesh", "bin": b"\x00\xff"},
+                    attempt=1,
+                    lease_ms=30_000,
+                    timeout_s=2.5,
+                    cache=True,
+                ),
+                Assignment(task_id=U2, type="noop", attempt=3, lease_ms=1),
+            )
+        ),
         Progress(task_ids=(U1, U2, U3)),
         Progress(task_ids=(U1,), note="half way: 50%"),
-        ResultBatch(results=(
-            Outcome(task_id=U1, attempt=1, output={"exit_code": 0, "stdout": "ok\n", "list": [1, "two", 3.0]},
-                    duration_ms=12.25),
-            Outcome(task_id=U2, attempt=2),
-            Outcome(task_id=U3, attempt=1, output="just a string"),
-        )),
-        FailedBatch(failures=(
-            Failure(task_id=U1, attempt=2, error=ErrorBody(code="timeout", message="took too long", hint="raise it"),
-                    retryable=False),
-            Failure(task_id=U2, attempt=1, error=ErrorBody(code="crash", message="")),
-        )),
+        ResultBatch(
+            results=(
+                Outcome(
+                    task_id=U1,
+                    attempt=1,
+                    output={"exit_code": 0, "stdout": "ok\n", "list": [1, "two", 3.0]},
+                    duration_ms=12.25,
+                ),
+                Outcome(task_id=U2, attempt=2),
+                Outcome(task_id=U3, attempt=1, output="just a string"),
+            )
+        ),
+        FailedBatch(
+            failures=(
+                Failure(
+                    task_id=U1,
+                    attempt=2,
+                    error=ErrorBody(code="timeout", message="took too long", hint="raise it"),
+                    retryable=False,
+                ),
+                Failure(task_id=U2, attempt=1, error=ErrorBody(code="crash", message="")),
+            )
+        ),
         Cancel(task_ids=(U1,)),
         Cancel(task_ids=(U1, U2), reason="user asked"),
         Disconnect(reason="shutting down"),
@@ -163,7 +207,9 @@ def test_pack_body_refuses_unknown_types() -> None:
     with pytest.raises(TypeError):
         pack_body({"x": object()})
     assert msgpack.unpackb(pack_body({"s": {1, 2}, "t": (1, 2)}), raw=False) in (
-        {"s": [1, 2], "t": [1, 2]}, {"s": [2, 1], "t": [1, 2]})
+        {"s": [1, 2], "t": [1, 2]},
+        {"s": [2, 1], "t": [1, 2]},
+    )
 
 
 def test_decode_accepts_memoryview_and_bytearray_frames() -> None:
@@ -248,22 +294,28 @@ def test_bytes_map_keys_are_refused() -> None:
         decode(_frames(Command.HEARTBEAT, {b"load": 1}))
 
 
-@pytest.mark.parametrize(("cmd", "body", "field"), [
-    (Command.HEARTBEAT, {"load": "lots"}, "load"),
-    (Command.HEARTBEAT, {"load": [1]}, "load"),
-    (Command.HEARTBEAT, {"load": 1.5}, "load"),
-    (Command.HEARTBEAT, {"draining": [True]}, "draining"),
-    (Command.DISCONNECT, {"reason": 5}, "reason"),
-    (Command.DISCONNECT, {"reason": {"a": 1}}, "reason"),
-    (Command.CANCEL, {"task_ids": "not-a-list"}, "task_ids"),
-    (Command.CANCEL, {"task_ids": [b"\x01\x02"]}, "task_ids.0"),
-    (Command.CANCEL, {"task_ids": [12345]}, "task_ids.0"),
-    (Command.REQUEST, {"req_id": 1, "op": "x", "args": [1, 2]}, "args"),
-    (Command.SUBMIT, {"req_id": 1, "tasks": [{"type": "echo", "input": "str"}]}, "tasks.0.input"),
-    (Command.READY, {"node_id": "n", "epoch": "e", "role": "king", "endpoint": "x", "pid": 1, "host": "h",
-                     "capacity": 1}, "role"),
-    (Command.REPLY, {"req_id": 1, "ok": True, "error": "boom"}, "error"),
-])
+@pytest.mark.parametrize(
+    ("cmd", "body", "field"),
+    [
+        (Command.HEARTBEAT, {"load": "lots"}, "load"),
+        (Command.HEARTBEAT, {"load": [1]}, "load"),
+        (Command.HEARTBEAT, {"load": 1.5}, "load"),
+        (Command.HEARTBEAT, {"draining": [True]}, "draining"),
+        (Command.DISCONNECT, {"reason": 5}, "reason"),
+        (Command.DISCONNECT, {"reason": {"a": 1}}, "reason"),
+        (Command.CANCEL, {"task_ids": "not-a-list"}, "task_ids"),
+        (Command.CANCEL, {"task_ids": [b"\x01\x02"]}, "task_ids.0"),
+        (Command.CANCEL, {"task_ids": [12345]}, "task_ids.0"),
+        (Command.REQUEST, {"req_id": 1, "op": "x", "args": [1, 2]}, "args"),
+        (Command.SUBMIT, {"req_id": 1, "tasks": [{"type": "echo", "input": "str"}]}, "tasks.0.input"),
+        (
+            Command.READY,
+            {"node_id": "n", "epoch": "e", "role": "king", "endpoint": "x", "pid": 1, "host": "h", "capacity": 1},
+            "role",
+        ),
+        (Command.REPLY, {"req_id": 1, "ok": True, "error": "boom"}, "error"),
+    ],
+)
 def test_wrong_field_types(cmd: Command, body: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidBodyError) as info:
         decode(_frames(cmd, body))
@@ -279,13 +331,19 @@ def test_missing_required_fields() -> None:
         decode(_frames(Command.READY, {}))
 
 
-@pytest.mark.parametrize(("cmd", "body", "field"), [
-    (Command.HEARTBEAT, {"load": 0, "surprise": 1}, "surprise"),
-    (Command.DISCONNECT, {"reason": "x", "COMMAND": 1}, "COMMAND"),
-    (Command.SUBMIT, {"req_id": 1, "tasks": [{"type": "echo", "extra": True}]}, "tasks.0.extra"),
-    (Command.FAILED, {"failures": [{"task_id": U1.bytes, "attempt": 1,
-                                    "error": {"code": "c", "message": "m", "stack": "..."}}]}, "stack"),
-])
+@pytest.mark.parametrize(
+    ("cmd", "body", "field"),
+    [
+        (Command.HEARTBEAT, {"load": 0, "surprise": 1}, "surprise"),
+        (Command.DISCONNECT, {"reason": "x", "COMMAND": 1}, "COMMAND"),
+        (Command.SUBMIT, {"req_id": 1, "tasks": [{"type": "echo", "extra": True}]}, "tasks.0.extra"),
+        (
+            Command.FAILED,
+            {"failures": [{"task_id": U1.bytes, "attempt": 1, "error": {"code": "c", "message": "m", "stack": "..."}}]},
+            "stack",
+        ),
+    ],
+)
 def test_extra_unknown_fields_are_refused(cmd: Command, body: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidBodyError) as info:
         decode(_frames(cmd, body))
@@ -297,37 +355,66 @@ def _spec(**over: Any) -> dict[str, Any]:
     return {"req_id": 1, "tasks": [{"type": "echo", **over}]}
 
 
-@pytest.mark.parametrize(("cmd", "body", "field"), [
-    (Command.SUBMIT, _spec(priority=10), "priority"),
-    (Command.SUBMIT, _spec(priority=-1), "priority"),
-    (Command.SUBMIT, _spec(max_attempts=0), "max_attempts"),
-    (Command.SUBMIT, _spec(max_attempts=101), "max_attempts"),
-    (Command.SUBMIT, _spec(timeout_s=0), "timeout_s"),
-    (Command.SUBMIT, _spec(timeout_s=86401), "timeout_s"),
-    (Command.SUBMIT, _spec(timeout_s=float("nan")), "timeout_s"),
-    (Command.SUBMIT, _spec(requires=["c"] * 33), "requires"),
-    (Command.SUBMIT, _spec(type=""), "type"),
-    (Command.SUBMIT, _spec(type="x" * 65), "type"),
-    (Command.SUBMIT, _spec(type="has space"), "type"),
-    (Command.SUBMIT, _spec(type="-leading-dash"), "type"),
-    (Command.SUBMIT, _spec(affinity=""), "affinity"),
-    (Command.SUBMIT, _spec(affinity="k" * 257), "affinity"),
-    (Command.SUBMIT, {"req_id": 1, "tasks": []}, "tasks"),
-    (Command.SUBMIT, {"req_id": -1, "tasks": [{"type": "echo"}]}, "req_id"),
-    (Command.HEARTBEAT, {"load": -1}, "load"),
-    (Command.ERROR, {"code": "c", "message": "m", "ref": 256}, "ref"),
-    (Command.ERROR, {"code": "c", "message": "m" * 4097}, "message"),
-    (Command.READY, {"node_id": "n", "epoch": "e", "role": "tester", "endpoint": "x", "pid": 1, "host": "h",
-                     "capacity": 100_001}, "capacity"),
-    (Command.READY, {"node_id": "n", "epoch": "e", "role": "tester", "endpoint": "x", "pid": 1, "host": "h",
-                     "capacity": 1, "heartbeat_ms": 9}, "heartbeat_ms"),
-    (Command.READY, {"node_id": "n", "epoch": "e", "role": "tester", "endpoint": "", "pid": 1, "host": "h",
-                     "capacity": 1}, "endpoint"),
-    (Command.TASK, {"tasks": [{"task_id": U1.bytes, "type": "t", "attempt": 0, "lease_ms": 1}]}, "attempt"),
-    (Command.TASK, {"tasks": [{"task_id": U1.bytes, "type": "t", "attempt": 1, "lease_ms": 0}]}, "lease_ms"),
-    (Command.RESULT, {"results": [{"task_id": U1.bytes, "attempt": 1, "duration_ms": -0.1}]}, "duration_ms"),
-    (Command.PROGRESS, {"task_ids": []}, "task_ids"),
-])
+@pytest.mark.parametrize(
+    ("cmd", "body", "field"),
+    [
+        (Command.SUBMIT, _spec(priority=10), "priority"),
+        (Command.SUBMIT, _spec(priority=-1), "priority"),
+        (Command.SUBMIT, _spec(max_attempts=0), "max_attempts"),
+        (Command.SUBMIT, _spec(max_attempts=101), "max_attempts"),
+        (Command.SUBMIT, _spec(timeout_s=0), "timeout_s"),
+        (Command.SUBMIT, _spec(timeout_s=86401), "timeout_s"),
+        (Command.SUBMIT, _spec(timeout_s=float("nan")), "timeout_s"),
+        (Command.SUBMIT, _spec(requires=["c"] * 33), "requires"),
+        (Command.SUBMIT, _spec(type=""), "type"),
+        (Command.SUBMIT, _spec(type="x" * 65), "type"),
+        (Command.SUBMIT, _spec(type="has space"), "type"),
+        (Command.SUBMIT, _spec(type="-leading-dash"), "type"),
+        (Command.SUBMIT, _spec(affinity=""), "affinity"),
+        (Command.SUBMIT, _spec(affinity="k" * 257), "affinity"),
+        (Command.SUBMIT, {"req_id": 1, "tasks": []}, "tasks"),
+        (Command.SUBMIT, {"req_id": -1, "tasks": [{"type": "echo"}]}, "req_id"),
+        (Command.HEARTBEAT, {"load": -1}, "load"),
+        (Command.ERROR, {"code": "c", "message": "m", "ref": 256}, "ref"),
+        (Command.ERROR, {"code": "c", "message": "m" * 4097}, "message"),
+        (
+            Command.READY,
+            {
+                "node_id": "n",
+                "epoch": "e",
+                "role": "tester",
+                "endpoint": "x",
+                "pid": 1,
+                "host": "h",
+                "capacity": 100_001,
+            },
+            "capacity",
+        ),
+        (
+            Command.READY,
+            {
+                "node_id": "n",
+                "epoch": "e",
+                "role": "tester",
+                "endpoint": "x",
+                "pid": 1,
+                "host": "h",
+                "capacity": 1,
+                "heartbeat_ms": 9,
+            },
+            "heartbeat_ms",
+        ),
+        (
+            Command.READY,
+            {"node_id": "n", "epoch": "e", "role": "tester", "endpoint": "", "pid": 1, "host": "h", "capacity": 1},
+            "endpoint",
+        ),
+        (Command.TASK, {"tasks": [{"task_id": U1.bytes, "type": "t", "attempt": 0, "lease_ms": 1}]}, "attempt"),
+        (Command.TASK, {"tasks": [{"task_id": U1.bytes, "type": "t", "attempt": 1, "lease_ms": 0}]}, "lease_ms"),
+        (Command.RESULT, {"results": [{"task_id": U1.bytes, "attempt": 1, "duration_ms": -0.1}]}, "duration_ms"),
+        (Command.PROGRESS, {"task_ids": []}, "task_ids"),
+    ],
+)
 def test_out_of_range_values(cmd: Command, body: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidBodyError) as info:
         decode(_frames(cmd, body))
@@ -366,8 +453,13 @@ def test_attachment_limit() -> None:
 
 
 def test_protocol_errors_survive_the_wire() -> None:
-    for exc in (DecodeError("d"), VersionError("v", hint="h"), UnknownCommandError("u"), InvalidBodyError("i"),
-                OversizeError("o")):
+    for exc in (
+        DecodeError("d"),
+        VersionError("v", hint="h"),
+        UnknownCommandError("u"),
+        InvalidBodyError("i"),
+        OversizeError("o"),
+    ):
         back = from_wire(exc.to_wire())
         assert type(back) is type(exc)
         assert back.message == exc.message and back.hint == exc.hint
@@ -382,8 +474,18 @@ SECRET_BODIES = [
     (Command.CANCEL, {"task_ids": [SECRET]}),
     (Command.CANCEL, {"task_ids": [SECRET.encode()]}),
     (Command.ERROR, {"code": "c", "message": SECRET * 200}),
-    (Command.READY, {"node_id": SECRET + "!", "epoch": SECRET + "?", "role": SECRET, "endpoint": "", "pid": SECRET,
-                     "host": SECRET + " ", "capacity": SECRET}),
+    (
+        Command.READY,
+        {
+            "node_id": SECRET + "!",
+            "epoch": SECRET + "?",
+            "role": SECRET,
+            "endpoint": "",
+            "pid": SECRET,
+            "host": SECRET + " ",
+            "capacity": SECRET,
+        },
+    ),
     (Command.SUBMIT, {"req_id": 1, "tasks": [{"type": "echo", "priority": SECRET, "affinity": SECRET * 20}]}),
     (Command.DONE, {"task_id": SECRET, "status": "complete"}),
 ]
@@ -445,8 +547,10 @@ def _random_value(rng: random.Random, depth: int = 0) -> Any:
         return uuid.UUID(int=rng.getrandbits(128)).bytes
     if kind == "list":
         return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
-    return {rng.choice(["type", "input", "task_id", "x", "error", "code"]): _random_value(rng, depth + 1)
-            for _ in range(rng.randint(0, 4))}
+    return {
+        rng.choice(["type", "input", "task_id", "x", "error", "code"]): _random_value(rng, depth + 1)
+        for _ in range(rng.randint(0, 4))
+    }
 
 
 def _random_body(rng: random.Random, model: Any) -> dict[str, Any]:
@@ -602,19 +706,22 @@ def test_fast_path_bodies_encode_like_their_models() -> None:
     from casperd import messages as m
 
     tid = _uuid.UUID("01890a5d-ac96-774b-bcce-b302099a8057")
-    a = dict(task_id=tid, type="echo", input={"k": [1, "x"]}, attempt=2, lease_ms=30000, timeout_s=None,
-             cache=True)
+    a = dict(task_id=tid, type="echo", input={"k": [1, "x"]}, attempt=2, lease_ms=30000, timeout_s=None, cache=True)
     assert _codec.encode_raw(m.Command.TASK, {"tasks": [m.assignment_body(**a)]}) == _codec.encode(
-        m.TaskBatch(tasks=(m.Assignment(**a),)))
+        m.TaskBatch(tasks=(m.Assignment(**a),))
+    )
     o = dict(task_id=tid, attempt=1, output={"ok": True}, duration_ms=1.5)
     assert _codec.encode_raw(m.Command.RESULT, {"results": [m.outcome_body(**o)]}) == _codec.encode(
-        m.ResultBatch(results=(m.Outcome(**o),)))
+        m.ResultBatch(results=(m.Outcome(**o),))
+    )
     err = {"code": "validation", "message": "exit code 1, expected 0", "hint": None}
     assert _codec.encode_raw(m.Command.DONE, m.done_body(tid, "dead", None, err)) == _codec.encode(
-        m.Done(task_id=tid, status="dead", output=None, error=m.ErrorBody(**err)))
+        m.Done(task_id=tid, status="dead", output=None, error=m.ErrorBody(**err))
+    )
     # and they decode back to the validated models
-    assert _codec.decode(_codec.encode_raw(m.Command.RESULT, {"results": [m.outcome_body(**o)]})).message == \
-        m.ResultBatch(results=(m.Outcome(**o),))
+    assert _codec.decode(
+        _codec.encode_raw(m.Command.RESULT, {"results": [m.outcome_body(**o)]})
+    ).message == m.ResultBatch(results=(m.Outcome(**o),))
 
 
 def test_encode_batches_splits_by_count_and_size() -> None:

@@ -14,10 +14,15 @@ pytestmark = pytest.mark.unit
 def _conversation(turns: int, size: int) -> list[dict]:
     msgs: list[dict] = [{"role": "user", "content": "fix the bug"}]
     for i in range(turns):
-        msgs.append({"role": "assistant", "content": [
-            {"type": "tool_use", "id": f"t{i}", "name": "read_file", "input": {"path": f"f{i}.py"}}]})
-        msgs.append({"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": f"t{i}", "content": f"{i}" * size}]})
+        msgs.append(
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": f"t{i}", "name": "read_file", "input": {"path": f"f{i}.py"}}],
+            }
+        )
+        msgs.append(
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"t{i}", "content": f"{i}" * size}]}
+        )
     return msgs
 
 

@@ -25,26 +25,59 @@ TOKENS = {"input_tokens": 1200, "output_tokens": 340, "cache_read_tokens": 5000,
 
 
 def subtask(sid: str, state: str, **extra: Any) -> dict[str, Any]:
-    return {"id": sid, "title": f"do {sid}", "state": state, "rounds": 1, "attempts": 1, "tokens": TOKENS,
-            "cost_usd": 0.001, "time_s": 3.2, "task_ids": [], "tests": None, "note": None, **extra}
+    return {
+        "id": sid,
+        "title": f"do {sid}",
+        "state": state,
+        "rounds": 1,
+        "attempts": 1,
+        "tokens": TOKENS,
+        "cost_usd": 0.001,
+        "time_s": 3.2,
+        "task_ids": [],
+        "tests": None,
+        "note": None,
+        **extra,
+    }
 
 
 def report(state: str, *states: str, **extra: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
-        "job_id": JOB_ID, "goal": "fix the parser", "repo": "/src/app", "base": "a1b2c3d4e5f60718293a",
-        "test_cmd": "pytest -q", "state": state, "branch": None, "summary": "", "budget_usd": 5.0,
-        "cost_usd": 0.0123, "tokens": TOKENS, "wall_s": 10.0, "sum_task_s": 25.0,
-        "started_at": "2024-05-01T10:00:00+00:00", "finished_at": None,
+        "job_id": JOB_ID,
+        "goal": "fix the parser",
+        "repo": "/src/app",
+        "base": "a1b2c3d4e5f60718293a",
+        "test_cmd": "pytest -q",
+        "state": state,
+        "branch": None,
+        "summary": "",
+        "budget_usd": 5.0,
+        "cost_usd": 0.0123,
+        "tokens": TOKENS,
+        "wall_s": 10.0,
+        "sum_task_s": 25.0,
+        "started_at": "2024-05-01T10:00:00+00:00",
+        "finished_at": None,
         "plan": [{"id": f"s{i}", "title": f"do s{i}", "depends_on": []} for i in range(len(states))],
         "subtasks": [subtask(f"s{i}", st) for i, st in enumerate(states)],
-        "final_tests": None, "notes": []}
+        "final_tests": None,
+        "notes": [],
+    }
     base.update(extra)
     return base
 
 
-FULL = report("done", "integrated", "integrated", "failed", branch="casper/job-1a2b3c4d", summary="Fixed it.",
-              finished_at="2024-05-01T10:00:10+00:00", notes=["subtask s2 gave up after 3 attempts"],
-              final_tests={"passed": 10, "failed": 0, "errors": 0, "skipped": 1, "ok": True, "failures": []})
+FULL = report(
+    "done",
+    "integrated",
+    "integrated",
+    "failed",
+    branch="casper/job-1a2b3c4d",
+    summary="Fixed it.",
+    finished_at="2024-05-01T10:00:10+00:00",
+    notes=["subtask s2 gave up after 3 attempts"],
+    final_tests={"passed": 10, "failed": 0, "errors": 0, "skipped": 1, "ok": True, "failures": []},
+)
 
 
 class FakeClient:
@@ -79,8 +112,13 @@ def plain_console() -> tuple[Console, io.StringIO]:
 
 # --- watch -----------------------------------------------------------------------------------------
 def test_watch_polls_until_terminal_and_returns_the_final_report() -> None:
-    seq = [report("planning"), report("running", "coding", "pending"), report("running", "tested", "coding"),
-           report("integrating", "integrated", "tested"), FULL]
+    seq = [
+        report("planning"),
+        report("running", "coding", "pending"),
+        report("running", "tested", "coding"),
+        report("integrating", "integrated", "tested"),
+        FULL,
+    ]
     client = FakeClient(seq)
     sleeps: list[float] = []
     console, buf = plain_console()
@@ -94,8 +132,15 @@ def test_watch_polls_until_terminal_and_returns_the_final_report() -> None:
 
 def test_watch_without_tty_prints_a_line_only_when_state_or_counts_change() -> None:
     running = report("running", "coding", "pending")
-    client = FakeClient([running, dict(running, cost_usd=0.02), running, report("running", "tested", "pending"),
-                         report("failed", "tested", "failed")])
+    client = FakeClient(
+        [
+            running,
+            dict(running, cost_usd=0.02),
+            running,
+            report("running", "tested", "pending"),
+            report("failed", "tested", "failed"),
+        ]
+    )
     console, buf = plain_console()
     final = jobs.watch(client, JOB_ID, console, 1.0, sleep=lambda s: None)
     assert final["state"] == "failed"
@@ -104,16 +149,22 @@ def test_watch_without_tty_prints_a_line_only_when_state_or_counts_change() -> N
 
 def test_watch_json_mode_is_silent() -> None:
     console, buf = plain_console()
-    final = jobs.watch(FakeClient([report("running", "coding"), FULL]), JOB_ID, console, 1.0, True,
-                       sleep=lambda s: None)
+    final = jobs.watch(
+        FakeClient([report("running", "coding"), FULL]), JOB_ID, console, 1.0, True, sleep=lambda s: None
+    )
     assert final is FULL and buf.getvalue() == ""
 
 
 def test_watch_live_view_on_a_terminal() -> None:
     buf = io.StringIO()
     console = Console(file=buf, width=120, force_terminal=True)
-    final = jobs.watch(FakeClient([report("running", "coding"), report("testing", "integrated"), FULL]), JOB_ID,
-                       console, 0.01, sleep=lambda s: None)
+    final = jobs.watch(
+        FakeClient([report("running", "coding"), report("testing", "integrated"), FULL]),
+        JOB_ID,
+        console,
+        0.01,
+        sleep=lambda s: None,
+    )
     assert final is FULL
 
 
@@ -157,19 +208,56 @@ def test_progress_line_follows_state_counts_and_cost() -> None:
 
 def test_render_report_complete() -> None:
     text = text_of(jobs.render_report(FULL))
-    for needle in ("s0", "s1", "s2", "casper/job-1a2b3c4d", "$0.0123", "$5.00", "2.50x", "a1b2c3d4e5f6",
-                   "fix the parser", "Fixed it.", "gave up after 3 attempts", "10 passed", "pass",
-                   "1,200 input", "340 output", "5,000 cache read", "80 cache write", "integrated", "failed"):
+    for needle in (
+        "s0",
+        "s1",
+        "s2",
+        "casper/job-1a2b3c4d",
+        "$0.0123",
+        "$5.00",
+        "2.50x",
+        "a1b2c3d4e5f6",
+        "fix the parser",
+        "Fixed it.",
+        "gave up after 3 attempts",
+        "10 passed",
+        "pass",
+        "1,200 input",
+        "340 output",
+        "5,000 cache read",
+        "80 cache write",
+        "integrated",
+        "failed",
+    ):
         assert needle in text, needle
     assert "a1b2c3d4e5f607" not in text  # the base is shown short
 
 
 def test_render_report_sparse_and_odd_values() -> None:
-    for sparse in ({}, {"job_id": JOB_ID}, {"state": "running", "tokens": None, "plan": None, "subtasks": None,
-                                            "final_tests": None, "notes": None, "wall_s": None, "cost_usd": None},
-                   {"state": "odd", "subtasks": [None, {"id": 3}, {"tests": {}, "tokens": "x"}], "cost_usd": "x",
-                    "wall_s": 0, "sum_task_s": 5, "budget_usd": 0, "final_tests": {"failures": [None, {}]}},
-                   {"plan": [{"id": "only-planned", "title": "later", "depends_on": ["x"]}]}):
+    for sparse in (
+        {},
+        {"job_id": JOB_ID},
+        {
+            "state": "running",
+            "tokens": None,
+            "plan": None,
+            "subtasks": None,
+            "final_tests": None,
+            "notes": None,
+            "wall_s": None,
+            "cost_usd": None,
+        },
+        {
+            "state": "odd",
+            "subtasks": [None, {"id": 3}, {"tests": {}, "tokens": "x"}],
+            "cost_usd": "x",
+            "wall_s": 0,
+            "sum_task_s": 5,
+            "budget_usd": 0,
+            "final_tests": {"failures": [None, {}]},
+        },
+        {"plan": [{"id": "only-planned", "title": "later", "depends_on": ["x"]}]},
+    ):
         text = text_of(jobs.render_report(sparse))
         assert "final tests" in text
         live = text_of(jobs.render_live(sparse, 3.0))
@@ -180,9 +268,19 @@ def test_render_report_sparse_and_odd_values() -> None:
 
 
 def test_render_report_failing_tests_and_budget() -> None:
-    r = report("budget-exhausted", "integrated", "skipped", cost_usd=5.01,
-               final_tests={"passed": 3, "failed": 1, "errors": 0, "ok": False,
-                            "failures": [{"name": "tests/test_x.py::test_y", "message": "AssertionError: 1 != 2"}]})
+    r = report(
+        "budget-exhausted",
+        "integrated",
+        "skipped",
+        cost_usd=5.01,
+        final_tests={
+            "passed": 3,
+            "failed": 1,
+            "errors": 0,
+            "ok": False,
+            "failures": [{"name": "tests/test_x.py::test_y", "message": "AssertionError: 1 != 2"}],
+        },
+    )
     text = text_of(jobs.render_report(r))
     assert "budget-exhausted" in text and "FAIL" in text and "test_x.py::test_y" in text and "$5.01 of $5.00" in text
 
@@ -194,17 +292,20 @@ def test_render_live_shows_plan_counts_spend_and_elapsed() -> None:
     assert "planning the work" in text_of(jobs.render_live({"state": "planning"}, 1.0))
 
 
-@pytest.mark.parametrize(("rep", "code"), [
-    (FULL, ExitCode.OK),
-    (dict(FULL, final_tests=None), ExitCode.OK),
-    (dict(FULL, final_tests={"passed": 3, "failed": 1, "ok": False}), ExitCode.FAILURE),
-    (dict(FULL, final_tests={"passed": 3, "failed": 1}), ExitCode.FAILURE),
-    (report("failed", "failed"), ExitCode.FAILURE),
-    (report("budget-exhausted", "integrated"), ExitCode.FAILURE),
-    (report("cancelled"), ExitCode.TASK_FAILED),
-    (report("running", "coding"), ExitCode.OK),
-    ({}, ExitCode.OK),
-])
+@pytest.mark.parametrize(
+    ("rep", "code"),
+    [
+        (FULL, ExitCode.OK),
+        (dict(FULL, final_tests=None), ExitCode.OK),
+        (dict(FULL, final_tests={"passed": 3, "failed": 1, "ok": False}), ExitCode.FAILURE),
+        (dict(FULL, final_tests={"passed": 3, "failed": 1}), ExitCode.FAILURE),
+        (report("failed", "failed"), ExitCode.FAILURE),
+        (report("budget-exhausted", "integrated"), ExitCode.FAILURE),
+        (report("cancelled"), ExitCode.TASK_FAILED),
+        (report("running", "coding"), ExitCode.OK),
+        ({}, ExitCode.OK),
+    ],
+)
 def test_exit_code_for(rep: dict[str, Any], code: int) -> None:
     assert jobs.exit_code_for(rep) == code
 
@@ -216,17 +317,42 @@ def test_is_terminal() -> None:
 
 # --- the parser and the commands --------------------------------------------------------------------
 def test_parser_accepts_run_and_job() -> None:
-    a = ctl_main.build_parser().parse_args(["run", "goal", "--repo", ".", "--budget-usd", "1", "--max-parallel",
-                                            "3", "--detach", "--allow", "src/*", "--allow", "tests/*"])
+    a = ctl_main.build_parser().parse_args(
+        [
+            "run",
+            "goal",
+            "--repo",
+            ".",
+            "--budget-usd",
+            "1",
+            "--max-parallel",
+            "3",
+            "--detach",
+            "--allow",
+            "src/*",
+            "--allow",
+            "tests/*",
+        ]
+    )
     assert (a.command, a.goal, a.repo, a.budget_usd, a.max_parallel, a.detach) == ("run", "goal", ".", 1.0, 3, True)
     assert a.allow == ["src/*", "tests/*"] and a.poll == 1.0 and a.test_cmd is None
     j = ctl_main.build_parser().parse_args(["job", JOB_ID, "--watch", "--poll", "0.5", "-o", "json"])
     assert (j.command, j.id, j.watch, j.poll, j.output) == ("job", JOB_ID, True, 0.5, "json")
 
 
-@pytest.mark.parametrize("bad", [["--budget-usd", "0"], ["--budget-usd", "-1"], ["--budget-usd", "nan"],
-                                 ["--budget-usd", "lots"], ["--max-parallel", "0"], ["--max-parallel", "65"],
-                                 ["--poll", "0"], []])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--budget-usd", "0"],
+        ["--budget-usd", "-1"],
+        ["--budget-usd", "nan"],
+        ["--budget-usd", "lots"],
+        ["--max-parallel", "0"],
+        ["--max-parallel", "65"],
+        ["--poll", "0"],
+        [],
+    ],
+)
 def test_parser_rejects_bad_run_arguments(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     args = ["run", "goal", *bad] if bad else ["run", "goal"]  # [] = no --repo
     if bad:
@@ -247,6 +373,7 @@ def no_mesh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     def no_daemon(*a: Any, **k: Any) -> Any:
         raise AssertionError("reached for a daemon")
+
     monkeypatch.setattr(ctl_main, "find_control", no_daemon)
     monkeypatch.setattr(ctl_main, "ControlClient", no_daemon)
     return tmp_path
@@ -266,8 +393,9 @@ def test_run_on_a_non_git_directory_fails_before_any_daemon(no_mesh: Path, capsy
     assert ctl_main.main(["run", "  ", "--repo", str(plain)]) == ExitCode.USAGE
 
 
-def test_check_run_accepts_a_git_repo_and_makes_the_path_absolute(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_run_accepts_a_git_repo_and_makes_the_path_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     repo = tmp_path / "repo"
     (repo / ".git").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
@@ -288,8 +416,17 @@ def test_git_work_tree_through_git(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def run_args(**kw: Any) -> argparse.Namespace:
-    base = {"goal": "fix it", "repo": "/src/app", "test_cmd": None, "budget_usd": 2.0, "max_parallel": 3,
-            "allow": None, "detach": False, "poll": 0.01, "output": "table"}
+    base = {
+        "goal": "fix it",
+        "repo": "/src/app",
+        "test_cmd": None,
+        "budget_usd": 2.0,
+        "max_parallel": 3,
+        "allow": None,
+        "detach": False,
+        "poll": 0.01,
+        "output": "table",
+    }
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -298,8 +435,19 @@ def test_cmd_run_detach_prints_the_job_id(capsys: pytest.CaptureFixture[str]) ->
     out, _ = plain_console()
     assert jobs.cmd_run(client, run_args(detach=True, allow=["src/*"]), out, out) == ExitCode.OK
     assert capsys.readouterr().out.strip() == JOB_ID
-    assert client.calls == [("job-submit", {"goal": "fix it", "repo": "/src/app", "test_cmd": None,
-                                            "budget_usd": 2.0, "max_parallel": 3, "allowed": ["src/*"]})]
+    assert client.calls == [
+        (
+            "job-submit",
+            {
+                "goal": "fix it",
+                "repo": "/src/app",
+                "test_cmd": None,
+                "budget_usd": 2.0,
+                "max_parallel": 3,
+                "allowed": ["src/*"],
+            },
+        )
+    ]
     assert jobs.cmd_run(FakeClient([FULL]), run_args(detach=True, output="json"), out, out) == ExitCode.OK
     assert json.loads(capsys.readouterr().out)["job_id"] == JOB_ID
 
@@ -317,6 +465,7 @@ def test_cmd_run_follows_to_the_end(monkeypatch: pytest.MonkeyPatch, capsys: pyt
 def test_cmd_run_ctrl_c_leaves_the_job_running(monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupt(_: float) -> None:
         raise KeyboardInterrupt
+
     monkeypatch.setattr(jobs.time, "sleep", interrupt)
     out, buf = plain_console()
     assert jobs.cmd_run(FakeClient([report("running", "coding")]), run_args(), out, out) == ExitCode.OK
@@ -343,6 +492,7 @@ def test_job_not_found_exits_not_found(monkeypatch: pytest.MonkeyPatch, capsys: 
 
         def __exit__(self, *exc: object) -> None:
             return None
+
     monkeypatch.setattr(ctl_main, "find_control", lambda *a: "ipc:///nowhere")
     monkeypatch.setattr(ctl_main, "ControlClient", Ctx)
     assert ctl_main.main(["job", JOB_ID]) == ExitCode.NOT_FOUND

@@ -123,8 +123,15 @@ def test_higher_priority_first_fifo_within_equal() -> None:
 
 def test_priority_order_across_requirement_classes() -> None:
     d = Dispatcher()
-    pushes = [("a-5", 5, {"a"}), ("none-5", 5, set()), ("b-9", 9, {"b"}), ("ab-5", 5, {"a", "b"}),
-              ("none-9", 9, set()), ("a-0", 0, {"a"}), ("b-5", 5, {"b"})]
+    pushes = [
+        ("a-5", 5, {"a"}),
+        ("none-5", 5, set()),
+        ("b-9", 9, {"b"}),
+        ("ab-5", 5, {"a", "b"}),
+        ("none-9", 9, set()),
+        ("a-0", 0, {"a"}),
+        ("b-5", 5, {"b"}),
+    ]
     for tid, prio, req in pushes:
         d.push(tid, prio, req)
     order = drain_one_at_a_time(d, slot("p", {"a", "b"}, 1))
@@ -471,8 +478,12 @@ def test_random_operations_keep_the_invariants(seed: int) -> None:
     rng = random.Random(seed)
     d = Dispatcher()
     all_peers = {
-        f"p{i}": slot(f"p{i}", _random_subset(rng, 3), rng.randint(0, 5),
-                      breaker=CircuitBreaker(failure_threshold=3, recovery_s=5.0, probes=rng.randint(1, 2)))
+        f"p{i}": slot(
+            f"p{i}",
+            _random_subset(rng, 3),
+            rng.randint(0, 5),
+            breaker=CircuitBreaker(failure_threshold=3, recovery_s=5.0, probes=rng.randint(1, 2)),
+        )
         for i in range(5)
     }
     all_peers["p0"].capabilities = frozenset(CAPS)  # someone can run everything
@@ -540,8 +551,9 @@ def test_random_operations_keep_the_invariants(seed: int) -> None:
             p.breaker.record_failure(now)
 
         # --- assign, then check every promise ---
-        before = {n: (_available(p, now), p.breaker.state, p.breaker.in_flight_probes, p.alive)
-                  for n, p in registered.items()}
+        before = {
+            n: (_available(p, now), p.breaker.state, p.breaker.in_flight_probes, p.alive) for n, p in registered.items()
+        }
         limit = rng.choice([None, None, 1, 2, 5])
         got = d.assign(registered, now, limit=limit)
         if limit is not None:
@@ -581,8 +593,9 @@ def test_random_operations_keep_the_invariants(seed: int) -> None:
             # work-conserving: a queued task without affinity has no available capable peer left
             for tid in queued:
                 if affinity[tid] is None:
-                    assert not any(_available(p, now) and requires[tid] <= p.capabilities
-                                   for p in registered.values()), f"{tid} left queued with a free capable peer"
+                    assert not any(
+                        _available(p, now) and requires[tid] <= p.capabilities for p in registered.values()
+                    ), f"{tid} left queued with a free capable peer"
     trips = sum(p.breaker.trips for p in all_peers.values())
     assert assigned_total > 60  # the run did exercise assignment
     assert trips > 0  # and breakers did open

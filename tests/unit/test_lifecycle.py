@@ -22,13 +22,24 @@ ALL_PAIRS = list(itertools.product(list(Status), repeat=2))
 # The lifecycle as documented in casperd/lifecycle.py, written out independently of the table, so a
 # silent edit of TRANSITIONS (an added or a dropped edge) fails here.
 EXPECTED_EDGES = {
-    (S.PENDING, S.ASSIGNED), (S.PENDING, S.CANCELLED),
-    (S.ASSIGNED, S.PROCESSING), (S.ASSIGNED, S.PENDING), (S.ASSIGNED, S.ERROR), (S.ASSIGNED, S.CANCELLED),
-    (S.PROCESSING, S.VALIDATING), (S.PROCESSING, S.COMPLETE), (S.PROCESSING, S.PENDING),
-    (S.PROCESSING, S.ERROR), (S.PROCESSING, S.CANCELLED),
-    (S.VALIDATING, S.COMPLETE), (S.VALIDATING, S.ERROR), (S.VALIDATING, S.CANCELLED),
-    (S.ERROR, S.RETRY), (S.ERROR, S.DEAD),
-    (S.RETRY, S.PENDING), (S.RETRY, S.CANCELLED),
+    (S.PENDING, S.ASSIGNED),
+    (S.PENDING, S.CANCELLED),
+    (S.ASSIGNED, S.PROCESSING),
+    (S.ASSIGNED, S.PENDING),
+    (S.ASSIGNED, S.ERROR),
+    (S.ASSIGNED, S.CANCELLED),
+    (S.PROCESSING, S.VALIDATING),
+    (S.PROCESSING, S.COMPLETE),
+    (S.PROCESSING, S.PENDING),
+    (S.PROCESSING, S.ERROR),
+    (S.PROCESSING, S.CANCELLED),
+    (S.VALIDATING, S.COMPLETE),
+    (S.VALIDATING, S.ERROR),
+    (S.VALIDATING, S.CANCELLED),
+    (S.ERROR, S.RETRY),
+    (S.ERROR, S.DEAD),
+    (S.RETRY, S.PENDING),
+    (S.RETRY, S.CANCELLED),
 }
 LEGAL = sorted(EXPECTED_EDGES)
 ILLEGAL = sorted(set(ALL_PAIRS) - EXPECTED_EDGES)
@@ -150,8 +161,7 @@ def test_record_move_applies_or_refuses(pair: tuple[Status, Status]) -> None:
 def test_record_walks_the_happy_path_and_the_retry_loop() -> None:
     rec = _record()
     now = datetime.now(UTC)
-    path = [S.ASSIGNED, S.PROCESSING, S.ERROR, S.RETRY, S.PENDING, S.ASSIGNED, S.PROCESSING, S.VALIDATING,
-            S.COMPLETE]
+    path = [S.ASSIGNED, S.PROCESSING, S.ERROR, S.RETRY, S.PENDING, S.ASSIGNED, S.PROCESSING, S.VALIDATING, S.COMPLETE]
     for step in path:
         rec.move(step, now)
     assert rec.terminal
@@ -161,8 +171,15 @@ def test_record_walks_the_happy_path_and_the_retry_loop() -> None:
 
 def test_record_from_spec_fields() -> None:
     tid = new_task_id()
-    spec = TaskSpec(type="shell", input={"cmd": "ls"}, priority=8, requires=("b", "a", "b"), affinity="k",
-                    idempotency_key="idem", timeout_s=3.5)
+    spec = TaskSpec(
+        type="shell",
+        input={"cmd": "ls"},
+        priority=8,
+        requires=("b", "a", "b"),
+        affinity="k",
+        idempotency_key="idem",
+        timeout_s=3.5,
+    )
     rec = TaskRecord.from_spec(tid, spec, max_attempts=7, submitted_by="client-1")
     assert rec.status is S.PENDING
     assert rec.requires == ("a", "b")
@@ -180,8 +197,7 @@ def test_record_from_spec_fields() -> None:
 # --- the SQL schema -----------------------------------------------------------------------------
 def _sql_status_values() -> list[str]:
     text = SQL_FILE.read_text()
-    m = re.search(r"CONSTRAINT\s+tasks_status_check\s+CHECK\s*\(\s*status\s+IN\s*\((.*?)\)\s*\)", text,
-                  re.S | re.I)
+    m = re.search(r"CONSTRAINT\s+tasks_status_check\s+CHECK\s*\(\s*status\s+IN\s*\((.*?)\)\s*\)", text, re.S | re.I)
     assert m, "tasks_status_check not found in sql/001_tasks.sql"
     return re.findall(r"'([^']*)'", m.group(1))
 

@@ -63,24 +63,32 @@ def test_six_characters_is_enough() -> None:
     assert redact("--abcdef--") == "--***--"
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("postgresql://casper:s3cret@db:5432/casper", "postgresql://casper:***@db:5432/casper"),
-    ("redis://user:p4ss/word@cache:6379/0", "redis://user:***@cache:6379/0"),
-    ("connect to postgresql://u:pw@h/db failed; retry postgresql://v:pw2@h2/db",
-     "connect to postgresql://u:***@h/db failed; retry postgresql://v:***@h2/db"),
-    ("https://admin:hunter2@example.com/path", "https://admin:***@example.com/path"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("postgresql://casper:s3cret@db:5432/casper", "postgresql://casper:***@db:5432/casper"),
+        ("redis://user:p4ss/word@cache:6379/0", "redis://user:***@cache:6379/0"),
+        (
+            "connect to postgresql://u:pw@h/db failed; retry postgresql://v:pw2@h2/db",
+            "connect to postgresql://u:***@h/db failed; retry postgresql://v:***@h2/db",
+        ),
+        ("https://admin:hunter2@example.com/path", "https://admin:***@example.com/path"),
+    ],
+)
 def test_url_passwords_are_redacted(text: str, expected: str) -> None:
     assert redact(text) == expected
 
 
-@pytest.mark.parametrize("text", [
-    "postgresql://casper@db:5432/casper",
-    "tcp://127.0.0.1:5555",
-    "ipc:///tmp/node.ctl",
-    "http://host:8080/metrics",
-    "user@example.com",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "postgresql://casper@db:5432/casper",
+        "tcp://127.0.0.1:5555",
+        "ipc:///tmp/node.ctl",
+        "http://host:8080/metrics",
+        "user@example.com",
+    ],
+)
 def test_urls_without_passwords_are_untouched(text: str) -> None:
     assert redact(text) == text
 

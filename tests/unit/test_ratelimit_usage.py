@@ -36,8 +36,7 @@ def test_usage_add_and_total() -> None:
 
 
 def test_usage_dict_round_trip_and_tolerance() -> None:
-    u = Usage(input_tokens=3, output_tokens=4, cache_read_tokens=5, cache_write_tokens=6, calls=2,
-              cost_usd=0.123456789)
+    u = Usage(input_tokens=3, output_tokens=4, cache_read_tokens=5, cache_write_tokens=6, calls=2, cost_usd=0.123456789)
     d = u.to_dict()
     assert d["cost_usd"] == 0.123457
     back = Usage.from_dict(d)
@@ -54,8 +53,7 @@ def test_cost_of_known_model() -> None:
 
 
 def test_cost_of_date_suffixed_model_uses_the_longest_prefix() -> None:
-    prices = {"claude-sonnet": ModelPrice(input=100, output=100, cache_write=100, cache_read=100),
-              **DEFAULT_PRICES}
+    prices = {"claude-sonnet": ModelPrice(input=100, output=100, cache_write=100, cache_read=100), **DEFAULT_PRICES}
     dated = cost_of("claude-sonnet-4-5-20250929", 1_000_000, 0, 0, 0, prices)
     assert dated == pytest.approx(3.0)
     assert price_for("claude-sonnet-4-5-20250929", prices) is prices["claude-sonnet-4-5"]
@@ -93,14 +91,18 @@ def test_parse_ratelimit_headers_rfc3339() -> None:
 
     reset = datetime.fromtimestamp(NOW_WALL + 42, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     reset_frac = datetime.fromtimestamp(NOW_WALL + 7.5, tz=UTC).isoformat()
-    obs = parse_rate_headers({
-        "anthropic-ratelimit-requests-limit": "50",
-        "anthropic-ratelimit-requests-remaining": "49",
-        "anthropic-ratelimit-requests-reset": reset,
-        "Anthropic-RateLimit-Tokens-Limit": "100000",
-        "anthropic-ratelimit-tokens-remaining": "0",
-        "anthropic-ratelimit-tokens-reset": reset_frac,
-    }, 200, NOW_WALL)
+    obs = parse_rate_headers(
+        {
+            "anthropic-ratelimit-requests-limit": "50",
+            "anthropic-ratelimit-requests-remaining": "49",
+            "anthropic-ratelimit-requests-reset": reset,
+            "Anthropic-RateLimit-Tokens-Limit": "100000",
+            "anthropic-ratelimit-tokens-remaining": "0",
+            "anthropic-ratelimit-tokens-reset": reset_frac,
+        },
+        200,
+        NOW_WALL,
+    )
     assert (obs.requests_limit, obs.requests_remaining, obs.tokens_limit, obs.tokens_remaining) == (50, 49, 100000, 0)
     assert obs.requests_reset_s == pytest.approx(42.0)
     assert obs.tokens_reset_s == pytest.approx(7.5)
@@ -108,12 +110,16 @@ def test_parse_ratelimit_headers_rfc3339() -> None:
 
 @pytest.mark.parametrize("garbage", ["soon", "", "2025-13-45T99:00:00Z", "Mon, 99 Foo 2025", "nan", "-5", "inf"])
 def test_parse_garbage_is_none(garbage: str) -> None:
-    obs = parse_rate_headers({
-        "retry-after": garbage,
-        "anthropic-ratelimit-requests-limit": garbage,
-        "anthropic-ratelimit-requests-reset": garbage if garbage != "-5" else "later",
-        "anthropic-ratelimit-tokens-remaining": garbage if garbage not in ("-5",) else "x",
-    }, 429, NOW_WALL)
+    obs = parse_rate_headers(
+        {
+            "retry-after": garbage,
+            "anthropic-ratelimit-requests-limit": garbage,
+            "anthropic-ratelimit-requests-reset": garbage if garbage != "-5" else "later",
+            "anthropic-ratelimit-tokens-remaining": garbage if garbage not in ("-5",) else "x",
+        },
+        429,
+        NOW_WALL,
+    )
     assert obs.retry_after_s is None
     assert obs.requests_reset_s is None
     assert obs.tokens_remaining is None

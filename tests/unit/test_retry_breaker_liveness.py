@@ -24,13 +24,16 @@ def test_backoff_below_one_failure_is_the_base() -> None:
     assert p.backoff(-5) == 1.0
 
 
-@pytest.mark.parametrize(("base", "factor", "cap", "expected"), [
-    (0.5, 3.0, 100.0, [0.5, 1.5, 4.5, 13.5, 40.5, 100.0, 100.0]),
-    (2.0, 1.0, 60.0, [2.0] * 7),
-    (10.0, 2.0, 5.0, [5.0] * 7),  # cap below base: always the cap
-    (0.0, 2.0, 60.0, [0.0] * 7),
-    (1.0, 1.5, 4.0, [1.0, 1.5, 2.25, 3.375, 4.0, 4.0, 4.0]),
-])
+@pytest.mark.parametrize(
+    ("base", "factor", "cap", "expected"),
+    [
+        (0.5, 3.0, 100.0, [0.5, 1.5, 4.5, 13.5, 40.5, 100.0, 100.0]),
+        (2.0, 1.0, 60.0, [2.0] * 7),
+        (10.0, 2.0, 5.0, [5.0] * 7),  # cap below base: always the cap
+        (0.0, 2.0, 60.0, [0.0] * 7),
+        (1.0, 1.5, 4.0, [1.0, 1.5, 2.25, 3.375, 4.0, 4.0, 4.0]),
+    ],
+)
 def test_custom_backoff(base: float, factor: float, cap: float, expected: list[float]) -> None:
     p = RetryPolicy(base_s=base, factor=factor, cap_s=cap)
     got = [p.backoff(n) for n in range(1, 8)]
@@ -71,10 +74,17 @@ def test_exhausted() -> None:
     assert not p.exhausted(0, max_attempts=None)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"max_attempts": 0}, {"max_attempts": -1}, {"base_s": -0.1}, {"cap_s": -1.0}, {"factor": 0.99},
-    {"factor": 0.0},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_attempts": 0},
+        {"max_attempts": -1},
+        {"base_s": -0.1},
+        {"cap_s": -1.0},
+        {"factor": 0.99},
+        {"factor": 0.0},
+    ],
+)
 def test_invalid_policies_raise(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         RetryPolicy(**kwargs)  # type: ignore[arg-type]

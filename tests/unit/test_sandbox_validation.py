@@ -32,19 +32,22 @@ def test_paths_outside_allowed_are_named_with_the_allowed_set() -> None:
     assert "'setup.py'" in problems[0] and "'src/'" in problems[0] and "'tests/**/*.py'" in problems[0]
 
 
-@pytest.mark.parametrize(("path", "pattern", "ok"), [
-    ("src/a/b.py", "src/", True),
-    ("src", "src/", False),
-    ("src/a/b.py", "src", True),
-    ("srcx/b.py", "src", False),
-    ("a.py", "**/*.py", True),
-    ("x/y/a.py", "**/*.py", True),
-    ("x/y/a.txt", "**/*.py", False),
-    ("lib/x.py", "lib/**/x.py", True),
-    ("lib/q/r/x.py", "lib/**/x.py", True),
-    ("lib/a.py", "./lib/*.py", True),
-    ("README.md", "*.md", True),
-])
+@pytest.mark.parametrize(
+    ("path", "pattern", "ok"),
+    [
+        ("src/a/b.py", "src/", True),
+        ("src", "src/", False),
+        ("src/a/b.py", "src", True),
+        ("srcx/b.py", "src", False),
+        ("a.py", "**/*.py", True),
+        ("x/y/a.py", "**/*.py", True),
+        ("x/y/a.txt", "**/*.py", False),
+        ("lib/x.py", "lib/**/x.py", True),
+        ("lib/q/r/x.py", "lib/**/x.py", True),
+        ("lib/a.py", "./lib/*.py", True),
+        ("README.md", "*.md", True),
+    ],
+)
 def test_path_allowed(path: str, pattern: str, ok: bool) -> None:
     assert path_allowed(path, pattern) is ok
 
@@ -69,23 +72,26 @@ def _patch(path: str, lines: list[str], context: bool = False) -> bytes:
     return ("\n".join(body) + "\n").encode()
 
 
-@pytest.mark.parametrize(("line", "kind", "secret"), [
-    (f'API = "{ANTHROPIC}"', "Anthropic", ANTHROPIC),
-    (f"aws_id = {AWS}", "AWS", AWS),
-    (PRIVATE, "private key", "-----BEGIN RSA"),
-    (f"tok = '{GITHUB}'", "GitHub", GITHUB),
-    (f"tok = '{GITHUB_PAT}'", "GitHub", GITHUB_PAT),
-    (f"SLACK = '{SLACK}'", "Slack", SLACK),
-    (f'db_password = "{GENERIC_VALUE}"', "credential", GENERIC_VALUE),
-    (f'"api_key": "{GENERIC_VALUE}",', "credential", GENERIC_VALUE),
-])
+@pytest.mark.parametrize(
+    ("line", "kind", "secret"),
+    [
+        (f'API = "{ANTHROPIC}"', "Anthropic", ANTHROPIC),
+        (f"aws_id = {AWS}", "AWS", AWS),
+        (PRIVATE, "private key", "-----BEGIN RSA"),
+        (f"tok = '{GITHUB}'", "GitHub", GITHUB),
+        (f"tok = '{GITHUB_PAT}'", "GitHub", GITHUB_PAT),
+        (f"SLACK = '{SLACK}'", "Slack", SLACK),
+        (f'db_password = "{GENERIC_VALUE}"', "credential", GENERIC_VALUE),
+        (f'"api_key": "{GENERIC_VALUE}",', "credential", GENERIC_VALUE),
+    ],
+)
 def test_each_secret_kind_is_found_by_file_line_and_kind_never_by_value(line: str, kind: str, secret: str) -> None:
     problems = find_secrets(_patch("conf/settings.py", ["import os", line]))
     assert len(problems) == 1, problems
     assert problems[0].startswith("conf/settings.py:2: ")
     assert kind in problems[0]
     for i in range(len(secret) - 4):
-        assert secret[i:i + 5] not in problems[0], "a piece of the secret leaked into the message"
+        assert secret[i : i + 5] not in problems[0], "a piece of the secret leaked into the message"
 
 
 def test_secret_line_numbers_follow_the_hunk() -> None:
@@ -94,19 +100,24 @@ def test_secret_line_numbers_follow_the_hunk() -> None:
 
 
 def test_removed_and_context_lines_are_not_reported() -> None:
-    patch = (f"diff --git a/a.py b/a.py\n--- a/a.py\n+++ b/a.py\n@@ -1,2 +1,2 @@\n"
-             f" ctx = '{AWS}'\n-old = '{GITHUB}'\n+new = 1\n").encode()
+    patch = (
+        f"diff --git a/a.py b/a.py\n--- a/a.py\n+++ b/a.py\n@@ -1,2 +1,2 @@\n"
+        f" ctx = '{AWS}'\n-old = '{GITHUB}'\n+new = 1\n"
+    ).encode()
     assert find_secrets(patch) == []
 
 
-@pytest.mark.parametrize("line", [
-    'password = "changeme-changeme-changeme"',
-    'token = "aaaaaaaaaaaaaaaaaaaaaaaa"',
-    "api_key = os.environ['ANTHROPIC_API_KEY']",
-    'secret_name = "settings.database.password"',
-    "def get_token(): return load_token()",
-    "x = 'sk-ant-'  # a prefix alone",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        'password = "changeme-changeme-changeme"',
+        'token = "aaaaaaaaaaaaaaaaaaaaaaaa"',
+        "api_key = os.environ['ANTHROPIC_API_KEY']",
+        'secret_name = "settings.database.password"',
+        "def get_token(): return load_token()",
+        "x = 'sk-ant-'  # a prefix alone",
+    ],
+)
 def test_clean_lines_pass(line: str) -> None:
     assert find_secrets(_patch("app.py", ["import os", line])) == []
 
@@ -184,8 +195,15 @@ new mode 100755
 
 def test_changed_paths_every_kind() -> None:
     assert changed_paths(GIT_PATCH) == [
-        "src/mod.py", "new file.txt", "gone.py", "old/name.py", "new/name.py", "bin \u00e9.dat", "img.png",
-        'q"t.txt', "script.sh",
+        "src/mod.py",
+        "new file.txt",
+        "gone.py",
+        "old/name.py",
+        "new/name.py",
+        "bin \u00e9.dat",
+        "img.png",
+        'q"t.txt',
+        "script.sh",
     ]
 
 
@@ -196,14 +214,28 @@ def test_changed_paths_empty() -> None:
 # --- tool definitions ----------------------------------------------------------------------------
 def test_tool_schemas() -> None:
     by_name = {t["name"]: t for t in TOOLS}
-    assert list(by_name) == ["read_file", "write_file", "replace_in_file", "list_files", "search", "run_command",
-                             "finish"]
+    assert list(by_name) == [
+        "read_file",
+        "write_file",
+        "replace_in_file",
+        "list_files",
+        "search",
+        "run_command",
+        "finish",
+    ]
     required = {name: t["input_schema"]["required"] for name, t in by_name.items()}
-    assert required == {"read_file": ["path"], "write_file": ["path", "content"],
-                        "replace_in_file": ["path", "old", "new"], "list_files": [], "search": ["pattern"],
-                        "run_command": ["command"], "finish": ["summary"]}
-    assert by_name["finish"]["input_schema"]["properties"] == {"summary": {"type": "string",
-                                                               "description": "What was done, for the reviewer."}}
+    assert required == {
+        "read_file": ["path"],
+        "write_file": ["path", "content"],
+        "replace_in_file": ["path", "old", "new"],
+        "list_files": [],
+        "search": ["pattern"],
+        "run_command": ["command"],
+        "finish": ["summary"],
+    }
+    assert by_name["finish"]["input_schema"]["properties"] == {
+        "summary": {"type": "string", "description": "What was done, for the reviewer."}
+    }
     for tool in TOOLS:
         schema = tool["input_schema"]
         assert tool["description"] and schema["type"] == "object"
@@ -246,8 +278,10 @@ def test_parse_junit_counts_and_failures() -> None:
 
 
 def test_parse_junit_all_passed_single_suite_and_file_attribute() -> None:
-    xml = (b'<testsuite tests="2"><testcase classname="tests.test_a" file="tests/test_a.py" name="t1"/>'
-           b'<testcase classname="tests.test_a" name="t2"/></testsuite>')
+    xml = (
+        b'<testsuite tests="2"><testcase classname="tests.test_a" file="tests/test_a.py" name="t1"/>'
+        b'<testcase classname="tests.test_a" name="t2"/></testsuite>'
+    )
     report = parse_junit(xml)
     assert report.passed == 2 and report.ok and report.failures == []
 
@@ -265,17 +299,20 @@ def test_nothing_ran_is_not_ok() -> None:
     assert not TestReport().ok
 
 
-@pytest.mark.parametrize("xml", [b"", b"<testsuite>", b"<testsuite><testcase></testsuite>", b"not xml at all",
-                                 b"<html><body/></html>"])
+@pytest.mark.parametrize(
+    "xml", [b"", b"<testsuite>", b"<testsuite><testcase></testsuite>", b"not xml at all", b"<html><body/></html>"]
+)
 def test_parse_junit_malformed(xml: bytes) -> None:
     with pytest.raises(ValueError):
         parse_junit(xml)
 
 
 def test_parse_junit_refuses_doctype_and_entities() -> None:
-    bomb = (b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
-            b'<!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">]>'
-            b"<testsuite><testcase classname='a' name='&lol2;'/></testsuite>")
+    bomb = (
+        b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+        b'<!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">]>'
+        b"<testsuite><testcase classname='a' name='&lol2;'/></testsuite>"
+    )
     with pytest.raises(ValueError, match="DOCTYPE"):
         parse_junit(bomb)
     external = b'<?xml version="1.0"?><!DOCTYPE t SYSTEM "file:///etc/passwd"><testsuite/>'
@@ -287,13 +324,16 @@ def test_parse_junit_refuses_doctype_and_entities() -> None:
 
 
 # --- pytest summary ------------------------------------------------------------------------------
-@pytest.mark.parametrize(("output", "counts"), [
-    ("....F\n=========== 2 failed, 3 passed, 1 error in 0.50s ===========\n", (3, 2, 1, 0)),
-    ("x\n= 1 failed, 1 passed, 2 skipped, 1 xfailed, 3 warnings in 12.34s (0:00:12) =\n", (1, 1, 0, 3)),
-    ("..\n2 passed in 0.01s\n", (2, 0, 0, 0)),
-    ("\x1b[32m==== \x1b[1m4 passed\x1b[0m\x1b[32m in 0.10s ====\x1b[0m\n", (4, 0, 0, 0)),
-    ("E   oops\n==== 3 errors in 0.2s ====\n", (0, 0, 3, 0)),
-])
+@pytest.mark.parametrize(
+    ("output", "counts"),
+    [
+        ("....F\n=========== 2 failed, 3 passed, 1 error in 0.50s ===========\n", (3, 2, 1, 0)),
+        ("x\n= 1 failed, 1 passed, 2 skipped, 1 xfailed, 3 warnings in 12.34s (0:00:12) =\n", (1, 1, 0, 3)),
+        ("..\n2 passed in 0.01s\n", (2, 0, 0, 0)),
+        ("\x1b[32m==== \x1b[1m4 passed\x1b[0m\x1b[32m in 0.10s ====\x1b[0m\n", (4, 0, 0, 0)),
+        ("E   oops\n==== 3 errors in 0.2s ====\n", (0, 0, 3, 0)),
+    ],
+)
 def test_parse_pytest_summary(output: str, counts: tuple[int, int, int, int]) -> None:
     report = parse_pytest_summary(output)
     assert report is not None

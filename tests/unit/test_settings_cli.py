@@ -50,12 +50,15 @@ def test_defaults() -> None:
 
 
 def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = write_toml(tmp_path, """
+    cfg = write_toml(
+        tmp_path,
+        """
 capacity = 7
 bind = "tcp://0.0.0.0:7000"
 log_level = "DEBUG"
 lease_s = 11.0
-""")
+""",
+    )
     monkeypatch.setenv("CASPER_CAPACITY", "8")
     monkeypatch.setenv("CASPER_BIND", "tcp://0.0.0.0:8000")
     monkeypatch.setenv("CASPER_MAX_ATTEMPTS", "6")
@@ -161,8 +164,9 @@ def test_derived_node_id_advertise_control(tmp_path: Path) -> None:
 
 
 def test_explicit_values_are_not_derived(tmp_path: Path) -> None:
-    s = load_settings({"node_id": "dev-7", "advertise": "tcp://10.1.1.1:5555", "control": "ipc:///x.ctl",
-                       "state_dir": tmp_path})
+    s = load_settings(
+        {"node_id": "dev-7", "advertise": "tcp://10.1.1.1:5555", "control": "ipc:///x.ctl", "state_dir": tmp_path}
+    )
     assert s.node_id == "dev-7"
     assert s.advertise == "tcp://10.1.1.1:5555"
     assert s.control == "ipc:///x.ctl"
@@ -174,19 +178,22 @@ def test_control_follows_an_explicit_node_id(tmp_path: Path) -> None:
 
 
 # --- invalid values -----------------------------------------------------------------------------
-@pytest.mark.parametrize(("overrides", "name"), [
-    ({"capacity": -1}, "capacity"),
-    ({"capacity": 10_001}, "capacity"),
-    ({"heartbeat_s": 0}, "heartbeat_s"),
-    ({"heartbeat_misses": 1}, "heartbeat_misses"),
-    ({"max_attempts": 0}, "max_attempts"),
-    ({"backoff_factor": 0.5}, "backoff_factor"),
-    ({"max_message_bytes": 10}, "max_message_bytes"),
-    ({"log_format": "xml"}, "log_format"),
-    ({"role": "king"}, "role"),
-    ({"metrics_port": 70000}, "metrics_port"),
-    ({"db_pool_size": "many"}, "db_pool_size"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        ({"capacity": -1}, "capacity"),
+        ({"capacity": 10_001}, "capacity"),
+        ({"heartbeat_s": 0}, "heartbeat_s"),
+        ({"heartbeat_misses": 1}, "heartbeat_misses"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"backoff_factor": 0.5}, "backoff_factor"),
+        ({"max_message_bytes": 10}, "max_message_bytes"),
+        ({"log_format": "xml"}, "log_format"),
+        ({"role": "king"}, "role"),
+        ({"metrics_port": 70000}, "metrics_port"),
+        ({"db_pool_size": "many"}, "db_pool_size"),
+    ],
+)
 def test_invalid_flag_values_name_the_flag_and_variable(overrides: dict[str, object], name: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(overrides)
@@ -241,10 +248,23 @@ def test_config_file_with_bad_toml(tmp_path: Path) -> None:
 def test_casperd_flags_build_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CASPER_CAPACITY", "2")
     monkeypatch.setenv("CASPER_LOG_LEVEL", "WARNING")
-    ns = cli.build_parser().parse_args([
-        "--role", "tester", "--capacity", "6", "--capabilities", "gpu,big", "--curve", "--heartbeat-s", "0.5",
-        "--state-dir", str(tmp_path), "--node-id", "t-1",
-    ])
+    ns = cli.build_parser().parse_args(
+        [
+            "--role",
+            "tester",
+            "--capacity",
+            "6",
+            "--capabilities",
+            "gpu,big",
+            "--curve",
+            "--heartbeat-s",
+            "0.5",
+            "--state-dir",
+            str(tmp_path),
+            "--node-id",
+            "t-1",
+        ]
+    )
     s = cli.settings_from_args(ns)
     assert s.role is Role.TESTER
     assert s.capacity == 6  # flag beats env
@@ -289,8 +309,9 @@ def test_casperd_main_bad_config_exits_with_usage(tmp_path: Path, capsys: pytest
 def test_casperd_help_lists_every_setting() -> None:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("CASPER_")}
     env["COLUMNS"] = "200"
-    proc = subprocess.run([sys.executable, "-m", "casperd", "--help"], capture_output=True, text=True, env=env,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "casperd", "--help"], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for name in Settings.model_fields:
@@ -305,10 +326,13 @@ def parse(*argv: str) -> object:
     return ctl_main.build_parser().parse_args(list(argv))
 
 
-@pytest.mark.parametrize("argv", [
-    ("--control", "ipc:///x.ctl", "status"),
-    ("status", "--control", "ipc:///x.ctl"),
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--control", "ipc:///x.ctl", "status"),
+        ("status", "--control", "ipc:///x.ctl"),
+    ],
+)
 def test_control_before_or_after_the_command(argv: tuple[str, ...]) -> None:
     a = parse(*argv)
     assert a.control == "ipc:///x.ctl"
@@ -316,8 +340,10 @@ def test_control_before_or_after_the_command(argv: tuple[str, ...]) -> None:
     assert a.output == "table" and a.timeout == 10.0 and a.state_dir is None
 
 
-@pytest.mark.parametrize("argv", [("-o", "json", "peers"), ("peers", "-o", "json"), ("--output", "json", "peers"),
-                                  ("peers", "--output", "json")])
+@pytest.mark.parametrize(
+    "argv",
+    [("-o", "json", "peers"), ("peers", "-o", "json"), ("--output", "json", "peers"), ("peers", "--output", "json")],
+)
 def test_output_json_before_or_after(argv: tuple[str, ...]) -> None:
     a = parse(*argv)
     assert a.output == "json" and a.command == "peers"
@@ -335,8 +361,17 @@ def test_global_defaults_and_override_order() -> None:
 
 def test_every_subcommand_takes_the_global_options() -> None:
     cases = {
-        "status": [], "peers": [], "submit": ["echo"], "submit-bulk": ["f.jsonl"], "get": ["x"], "tasks": [],
-        "cancel": ["x"], "drain": ["p"], "resume": ["p"], "health": [], "keygen": ["d", "n"],
+        "status": [],
+        "peers": [],
+        "submit": ["echo"],
+        "submit-bulk": ["f.jsonl"],
+        "get": ["x"],
+        "tasks": [],
+        "cancel": ["x"],
+        "drain": ["p"],
+        "resume": ["p"],
+        "health": [],
+        "keygen": ["d", "n"],
     }
     for cmd, rest in cases.items():
         a = parse(cmd, *rest, "--control", "C", "-o", "json", "--timeout", "1.5")
@@ -345,9 +380,29 @@ def test_every_subcommand_takes_the_global_options() -> None:
 
 
 def test_submit_arguments() -> None:
-    a = parse("submit", "shell", "--input", '{"cmd": "ls"}', "--priority", "8", "--requires", "gpu",
-              "--requires", "big", "--affinity", "k", "--idempotency-key", "i-1", "--max-attempts", "4",
-              "--timeout-s", "2.5", "--wait", "--wait-timeout", "9")
+    a = parse(
+        "submit",
+        "shell",
+        "--input",
+        '{"cmd": "ls"}',
+        "--priority",
+        "8",
+        "--requires",
+        "gpu",
+        "--requires",
+        "big",
+        "--affinity",
+        "k",
+        "--idempotency-key",
+        "i-1",
+        "--max-attempts",
+        "4",
+        "--timeout-s",
+        "2.5",
+        "--wait",
+        "--wait-timeout",
+        "9",
+    )
     assert a.type == "shell" and a.input == '{"cmd": "ls"}'
     assert a.priority == 8 and a.requires == ["gpu", "big"]
     assert a.affinity == "k" and a.idempotency_key == "i-1"
@@ -368,8 +423,18 @@ def test_health_quiet_and_tasks_filters() -> None:
     assert a.status == "dead" and a.limit == 5
 
 
-@pytest.mark.parametrize("argv", [(), ("-o", "xml", "status"), ("status", "-o", "yaml"), ("bogus",),
-                                  ("submit",), ("get",), ("tasks", "--limit", "many")])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        (),
+        ("-o", "xml", "status"),
+        ("status", "-o", "yaml"),
+        ("bogus",),
+        ("submit",),
+        ("get",),
+        ("tasks", "--limit", "many"),
+    ],
+)
 def test_bad_caspectl_usage_exits_2(argv: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         ctl_main.build_parser().parse_args(list(argv))
@@ -378,6 +443,7 @@ def test_bad_caspectl_usage_exits_2(argv: tuple[str, ...], capsys: pytest.Captur
 
 def test_bad_submit_input_is_a_command_error() -> None:
     from casperd.errors import CommandError
+
     with pytest.raises(CommandError, match="not valid JSON"):
         ctl_main._spec_from_args(parse("submit", "echo", "--input", "{nope"))
     with pytest.raises(CommandError, match="JSON object"):
@@ -398,9 +464,12 @@ def test_advertised_endpoint_resolves_a_wildcard_bind() -> None:
 
 
 def test_models_and_prices_merge_over_the_defaults() -> None:
-    s = load_settings({"models": '{"developer": "claude-opus-4-5"}',
-                       "model_prices": '{"my-model": {"input": 1, "output": 2, "cache_write": 1.25, '
-                                       '"cache_read": 0.1}}'})
+    s = load_settings(
+        {
+            "models": '{"developer": "claude-opus-4-5"}',
+            "model_prices": '{"my-model": {"input": 1, "output": 2, "cache_write": 1.25, "cache_read": 0.1}}',
+        }
+    )
     assert s.models["developer"] == "claude-opus-4-5" and s.models["policeman"] == "claude-sonnet-4-6"
     assert s.model_prices["my-model"].output == 2 and "claude-haiku-4-5" in s.model_prices
     with pytest.raises(ConfigError, match="models"):
