@@ -10,6 +10,11 @@ changes any task, and the Postgres schema's CHECK constraint lists exactly these
                                             -> dead              (attempts exhausted)
     assigned/processing -> pending      (holder lost: peer dead, lease expired; attempt counted)
     pending/assigned/processing/validating/retry -> cancelled
+
+Every change the policeman makes is a :class:`Trigger` (what happened) looked up in ``STEPS``:
+the row gives the new status and what happens to the attempt count. Refunds (a clean hand-back, a
+TASK that never left) are rows here, not arithmetic in the broker; every row is an edge of
+``TRANSITIONS``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,60 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
 TERMINAL: frozenset[Status] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 ACTIVE: frozenset[Status] = frozenset({S.ASSIGNED, S.PROCESSING, S.VALIDATING})
 """Statuses in which a peer holds the task."""
+
+
+class Trigger(enum.StrEnum):
+    DISPATCH = "dispatch"  # a peer is given the task (an attempt starts)
+    START = "start"  # the holder reports it running
+    VALIDATE = "validate"  # a result arrived that the policeman checks first
+    COMPLETE = "complete"  # a result arrived (and passed validation)
+    FAIL = "fail"  # the holder, validation or the policeman reports a failure
+    BACKOFF = "backoff"  # a failed attempt with attempts left waits
+    EXHAUST = "exhaust"  # a failure with no attempt left (or not retryable)
+    RETRY_DUE = "retry-due"  # the backoff elapsed
+    HOLDER_LOST = "holder-lost"  # peer dead, lease expired, re-registered without it: attempt stays counted
+    HAND_BACK = "hand-back"  # the holder gave it back unrun (shutdown, draining): attempt refunded
+    UNDELIVERED = "undelivered"  # the TASK frame could not be sent: attempt refunded
+    CANCEL = "cancel"  # the operator (or a job) cancelled it
+
+
+T = Trigger
+STEPS: dict[tuple[Status, Trigger], tuple[Status, int]] = {
+    (S.PENDING, T.DISPATCH): (S.ASSIGNED, +1),
+    (S.ASSIGNED, T.START): (S.PROCESSING, 0),
+    (S.PROCESSING, T.VALIDATE): (S.VALIDATING, 0),
+    (S.PROCESSING, T.COMPLETE): (S.COMPLETE, 0),
+    (S.VALIDATING, T.COMPLETE): (S.COMPLETE, 0),
+    (S.ASSIGNED, T.FAIL): (S.ERROR, 0),
+    (S.PROCESSING, T.FAIL): (S.ERROR, 0),
+    (S.VALIDATING, T.FAIL): (S.ERROR, 0),
+    (S.ERROR, T.BACKOFF): (S.RETRY, 0),
+    (S.ERROR, T.EXHAUST): (S.DEAD, 0),
+    (S.RETRY, T.RETRY_DUE): (S.PENDING, 0),
+    (S.ASSIGNED, T.HOLDER_LOST): (S.PENDING, 0),
+    (S.PROCESSING, T.HOLDER_LOST): (S.PENDING, 0),
+    (S.ASSIGNED, T.HAND_BACK): (S.PENDING, -1),
+    (S.PROCESSING, T.HAND_BACK): (S.PENDING, -1),
+    (S.ASSIGNED, T.UNDELIVERED): (S.PENDING, -1),
+    (S.PENDING, T.CANCEL): (S.CANCELLED, 0),
+    (S.ASSIGNED, T.CANCEL): (S.CANCELLED, 0),
+    (S.PROCESSING, T.CANCEL): (S.CANCELLED, 0),
+    (S.VALIDATING, T.CANCEL): (S.CANCELLED, 0),
+    (S.RETRY, T.CANCEL): (S.CANCELLED, 0),
+}
+"""(status, trigger) -> (new status, change of the attempt count). Anything else is illegal."""
+
+
+def step(task_id: object, current: Status, trigger: Trigger) -> tuple[Status, int]:
+    """The row for ``trigger`` in ``current``; IllegalTransitionError if there is none."""
+    row = STEPS.get((current, trigger))
+    if row is None:
+        allowed = ", ".join(sorted(t.value for (s, t) in STEPS if s is current)) or "none (terminal)"
+        raise IllegalTransitionError(
+            f"task {task_id}: {trigger.value} is not legal in {current}",
+            hint=f"in {current} the legal triggers are: {allowed}",
+        )
+    return row
 
 
 def can(current: Status, new: Status) -> bool:

@@ -22,10 +22,12 @@ import zmq
 import zmq.asyncio
 
 from casperd import codec
+from casperd.agents.tasktypes import install as install_agent_types
 from casperd.broker import Broker
 from casperd.cache import ResultCache
 from casperd.control import Control
 from casperd.errors import CasperError, InvalidBodyError, ProtocolError, UnsupportedError
+from casperd.handlers import Catalog
 from casperd.messages import Error, ErrorBody, Heartbeat, Reply, Request, Role, Submit
 from casperd.metrics import Metrics
 from casperd.settings import Settings
@@ -58,6 +60,8 @@ class Node:
             curve_public=load_key(settings.curve_public_key_file, "Curve public key"),
             curve_server_key=load_key(settings.broker_public_key_file, "broker public key"),
         )
+        self.catalog = install_agent_types(Catalog())
+        """Task types, validators and mesh services this node knows (the plugin interface)."""
         self.store: Store | None = None
         self.broker: Broker | None = None
         self.worker: Worker | None = None
@@ -112,7 +116,7 @@ class Node:
             applied = await self.store.migrate()
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
-            self.broker = Broker(self.s, self.store, self.metrics)
+            self.broker = Broker(self.s, self.store, self.metrics, self.catalog)
             from casperd.agents.police import PoliceService
 
             self.police = PoliceService(self.s, self.broker, self.cache)
@@ -124,7 +128,7 @@ class Node:
             self.broker.control = self.control_sock
             self._spawn(self._mesh_loop_broker(), "mesh")
         else:
-            self.worker = Worker(self.s, self.metrics, self.ctx, self.opts, self.cache)
+            self.worker = Worker(self.s, self.metrics, self.ctx, self.opts, self.cache, self.catalog)
             from casperd.agents.services import WorkerServices
 
             self.worker.services = WorkerServices(self.s, self.worker, self.cache)

@@ -100,6 +100,14 @@ class TaskRecord:
         old, self.status, self.updated_at = self.status, new, now
         return old
 
+    def apply(self, trigger: lifecycle.Trigger, now: datetime) -> Status:
+        """Apply a lifecycle trigger (a row of ``lifecycle.STEPS``): the new status and the attempt
+        count change the table gives. Returns the old status."""
+        new, delta = lifecycle.step(self.id, self.status, trigger)
+        old = self.move(new, now)
+        self.attempts += delta
+        return old
+
     @property
     def terminal(self) -> bool:
         return self.status in lifecycle.TERMINAL

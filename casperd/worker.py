@@ -1,16 +1,13 @@
-"""A worker node (developer or tester): takes TASKs from the broker, runs handlers, reports.
+"""A worker node (developer or tester): the shell around :class:`~casperd.workercore.WorkerCore`.
 
-Theory of operation. The worker's DEALER (routing id ``node_id/epoch``) talks to the policeman.
-TASK frames start one asyncio task per assignment, bounded by the advertised capacity. Reports
-are batched: everything that finished or started since the last flush leaves as one RESULT, one
-FAILED and one PROGRESS frame, scheduled once per loop turn, so a burst of quick tasks costs a few
-frames, not one per task. Handlers never block the loop (subprocesses and awaits only), so
-heartbeats are never starved by work.
+Theory of operation. The core holds every rule (what to run, what to report, when to renew,
+reconnect or register again); this module owns the DEALER (routing id ``node_id/epoch``), the
+asyncio task of each run, the requests waiting for a REPLY, and the clock. After every event it
+carries the core's actions out (``ACTIONS``, a table from action type to method) and schedules one
+flush per loop turn, so a burst of quick tasks costs a few frames, not one per task. Handlers
+never block the loop (subprocesses and awaits only), so heartbeats are never starved by work.
 
-If the broker is silent for ``misses`` intervals the worker reconnects with jittered exponential
-backoff (1 s doubling to 32 s) and READYs again with the tasks it holds; an ERROR ``unknown-peer``
-(a restarted broker) triggers the same READY after a short random pause (no READY storm). On
-shutdown it announces draining, lets running tasks finish for up to ``drain_timeout_s``, hands
+On shutdown it announces draining, lets running tasks finish for up to ``drain_timeout_s``, hands
 the rest back, and says DISCONNECT.
 """
 
@@ -24,49 +21,33 @@ import random
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from casperd import __version__, codec, handlers
+from casperd import __version__, codec
 from casperd.cache import ResultCache, cache_key
-from casperd.errors import CasperError, ProtocolError, RequestTimeoutError, UnknownTaskTypeError, from_wire
-from casperd.liveness import PeerClock
-from casperd.messages import (
-    RENEW,
-    Assignment,
-    Cancel,
-    Command,
-    Disconnect,
-    Error,
-    ErrorBody,
-    FailedBatch,
-    Failure,
-    Heartbeat,
-    Progress,
-    Ready,
-    Reply,
-    Request,
-    TaskBatch,
-    outcome_body,
-)
+from casperd.errors import CasperError, RequestTimeoutError, UnknownTaskTypeError, from_wire
+from casperd.handlers import Attached, Catalog, RunContext
+from casperd.messages import Assignment, Request
 from casperd.metrics import Metrics
 from casperd.settings import Settings
 from casperd.transport import SocketOptions, dealer, send_now
+from casperd.workercore import (
+    AbortRun,
+    Identity,
+    ReadyLater,
+    Reconnect,
+    Resolve,
+    SendFrames,
+    StartRun,
+    WorkerAction,
+    WorkerCore,
+)
 
 log = logging.getLogger("casperd.worker")
-
-
-@dataclass(slots=True)
-class Running:
-    task: asyncio.Task[None]
-    attempt: int
-    started: float
-    in_slot: bool = False  # holds an execution slot (prefetched tasks wait for one)
-    reported_start: bool = False
-    cancelled_by_broker: bool = False
 
 
 class Worker:
@@ -77,125 +58,131 @@ class Worker:
         ctx: zmq.asyncio.Context,
         opts: SocketOptions,
         cache: ResultCache | None,
+        catalog: Catalog | None = None,
     ) -> None:
         self.s = settings
         self.metrics = metrics
         self.ctx = ctx
         self.opts = opts
         self.cache = cache
+        self.catalog = catalog if catalog is not None else Catalog()
         self.epoch = f"{int(time.time() * 1000):x}.{os.urandom(3).hex()}"
         self.identity = f"{settings.node_id}/{self.epoch}".encode()
+        public = opts.curve_public.decode() if settings.curve and opts.curve_public else None
+        me = Identity(self.epoch, os.getpid(), _hostname(), __version__.replace("+", "."), public)
+        self.core = WorkerCore(settings, me, metrics, random.random, time.monotonic())
         self.sock: zmq.asyncio.Socket | None = None
-        self.clock = PeerClock(settings.heartbeat_s, settings.heartbeat_misses)
-        self.running: dict[uuid.UUID, Running] = {}
-        self.draining = False
-        self.registered = False
-        self._results: list[dict[str, Any]] = []
-        self._failures: list[Failure] = []
+        self.tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._flush_scheduled = False
-        self._reconnects = 0
-        self._next_reconnect = 0.0
-        self._ready_pending = False
-        self._last_renew = 0.0
-        self._renew_every = settings.lease_s / 3
         self._slots = asyncio.Semaphore(max(1, settings.capacity))
         self._req_id = 0
         self._requests: dict[int, asyncio.Future[tuple[Any, tuple[bytes, ...]]]] = {}
         self.services: Any = None  # casperd.agents.services.WorkerServices, set by the node
-        self.completed = 0
-        self.failed = 0
+
+    # --- views of the core ------------------------------------------------------------------------
+    @property
+    def clock(self) -> Any:
+        return self.core.clock
+
+    @property
+    def registered(self) -> bool:
+        return self.core.registered
+
+    @property
+    def running(self) -> dict[uuid.UUID, Any]:
+        return self.core.running
+
+    @property
+    def draining(self) -> bool:
+        return self.core.draining
 
     # --- connection -----------------------------------------------------------------------------
     def connect(self) -> zmq.asyncio.Socket:
+        self._reconnect()
+        self.core.connected(time.monotonic())
+        self._carry_out()
+        assert self.sock is not None
+        return self.sock
+
+    def _reconnect(self, _a: Any = None) -> None:
         if self.sock is not None:
             self.sock.close(linger=0)
         self.sock = dealer(self.ctx, self.s.broker, self.identity, self.opts, curve=self.s.curve)
-        now = time.monotonic()
-        self.clock.seen(now)  # give the broker a full dead-interval to answer
-        self.send_ready()
-        return self.sock
 
     def send_ready(self) -> None:
-        self._send(
-            codec.encode(
-                Ready(
-                    node_id=self.s.node_id,
-                    epoch=self.epoch,
-                    role=self.s.role,
-                    endpoint=self.s.advertise,
-                    pid=os.getpid(),
-                    host=_hostname(),
-                    capabilities=self.s.all_capabilities,
-                    capacity=0 if self.draining else self.s.capacity + self.s.prefetch,
-                    tasks=tuple(self.running),
-                    heartbeat_ms=int(self.s.heartbeat_s * 1000),
-                    version=__version__.replace("+", "."),
-                    public_key=self.opts.curve_public.decode() if self.s.curve and self.opts.curve_public else None,
-                )
-            )
-        )
-
-    def _ready_again(self) -> None:
-        self._ready_pending = False
-        self.send_ready()
+        self.core.send_ready(time.monotonic())
+        self._carry_out()
 
     def _send(self, frames: list[bytes]) -> bool:
         if self.sock is None:
             return False
         why = send_now(self.sock, frames)
         if why is None:
-            self.clock.sent(time.monotonic())
             return True
         self.metrics.send_failures.labels(why).inc()
         return False
 
-    # --- incoming -----------------------------------------------------------------------------
+    # --- events -----------------------------------------------------------------------------------
     def on_broker(self, frames: list[bytes]) -> None:
-        self.clock.seen(time.monotonic())
-        self._reconnects = 0
-        try:
-            decoded = codec.decode(frames, max_bytes=self.s.max_message_bytes)
-        except ProtocolError as exc:
-            self.metrics.rejected.labels(exc.code).inc()
-            log.warning("dropped a bad frame from the broker: %s", exc.message)
+        self.core.on_frames(frames, time.monotonic())
+        self._carry_out()
+
+    def tick(self) -> None:
+        waiting = bool(self.sock is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        self.core.tick(time.monotonic(), waiting)
+        self._carry_out()
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        self.core.flush(time.monotonic())
+        self._carry_out()
+
+    def _carry_out(self) -> None:
+        for action in self.core.take():
+            ACTIONS[type(action)](self, action)
+        self.metrics.inflight.set(len(self.core.running))
+        if self.core.flush_needed and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    # --- actions ----------------------------------------------------------------------------------
+    def _do_send(self, a: SendFrames) -> None:
+        self._send(a.frames)
+
+    def _do_start(self, a: StartRun) -> None:
+        if a.after:
+            old = self.tasks.get(a.assignment.task_id)
+            if old is not None:
+                old.add_done_callback(lambda _t: self.assign(a.assignment, a.attachments))
             return
-        msg = decoded.message
-        self.metrics.messages.labels(msg.COMMAND.name, "in").inc()
-        if isinstance(msg, TaskBatch):
-            self.registered = True
-            # attachments ride only in single-task TASK messages (the broker sends those alone)
-            extra = decoded.attachments if len(msg.tasks) == 1 else ()
-            for a in msg.tasks:
-                self._start(a, extra)
-        elif isinstance(msg, Reply):
-            fut = self._requests.pop(msg.req_id, None)
-            if fut is not None and not fut.done():
-                if msg.ok:
-                    fut.set_result((msg.data, decoded.attachments))
-                else:
-                    fut.set_exception(from_wire(msg.error.model_dump() if msg.error else {}))
-        elif isinstance(msg, Cancel):
-            for tid in msg.task_ids:
-                run = self.running.get(tid)
-                if run is not None:
-                    run.cancelled_by_broker = True
-                    run.task.cancel()
-                    log.info("task %s cancelled: %s", tid, msg.reason)
-        elif isinstance(msg, Heartbeat):
-            self.registered = True
-        elif isinstance(msg, Error):
-            if msg.code == "unknown-peer":
-                # a restarted broker: register again after a short random pause (no READY storm)
-                if not self._ready_pending:
-                    self._ready_pending = True
-                    delay = random.uniform(0.0, min(0.5, self.s.heartbeat_s / 2))
-                    log.info("broker does not know this node (restarted?); registering again in %.2fs", delay)
-                    asyncio.get_running_loop().call_later(delay, self._ready_again)
+        tid = a.assignment.task_id
+        self.tasks[tid] = asyncio.get_running_loop().create_task(
+            self._run(a.assignment, a.attachments), name=f"task-{tid}"
+        )
+
+    def _do_abort(self, a: AbortRun) -> None:
+        task = self.tasks.get(a.task_id)
+        if task is not None:
+            task.cancel()
+
+    def _do_resolve(self, a: Resolve) -> None:
+        fut = self._requests.pop(a.req_id, None)
+        if fut is not None and not fut.done():
+            if a.ok:
+                fut.set_result((a.data, a.attachments))
             else:
-                log.warning("broker reports [%s] %s", msg.code, msg.message)
-        elif isinstance(msg, Disconnect):
-            log.warning("broker disconnects us: %s; registering again", msg.reason)
-            self.send_ready()
+                fut.set_exception(from_wire(a.error or {}))
+
+    def _do_ready_later(self, a: ReadyLater) -> None:
+        def due() -> None:
+            self.core.ready_due(time.monotonic())
+            self._carry_out()
+
+        asyncio.get_running_loop().call_later(a.delay_s, due)
+
+    def assign(self, a: Assignment, attachments: tuple[bytes, ...] = ()) -> None:
+        self.core.assign(a, attachments, time.monotonic())
+        self._carry_out()
 
     async def request(
         self, op: str, args: dict[str, Any], attachments: tuple[bytes, ...] = (), timeout_s: float = 15.0
@@ -225,7 +212,7 @@ class Worker:
         hold = not self.draining and len(self.running) < self.s.capacity + self.s.prefetch
         data, _ = await self.request("handoff-record", {"spec": spec, "hold": hold, "from": sender}, attachments)
         if data.get("assigned"):
-            self._start(
+            self.assign(
                 Assignment(
                     task_id=uuid.UUID(data["task_id"]),
                     type=data["type"],
@@ -243,45 +230,17 @@ class Worker:
             "existing": data.get("existing", False),
         }
 
-    def _start(self, a: Assignment, attachments: tuple[bytes, ...] = ()) -> None:
-        self._renew_every = min(self._renew_every, a.lease_ms / 3000)
-        old = self.running.get(a.task_id)
-        if old is not None:
-            if a.attempt <= old.attempt:
-                return  # duplicate delivery
-            if old.cancelled_by_broker:  # a new attempt of a task being cancelled here: run it after
-                old.task.add_done_callback(lambda _t: self._start(a, attachments))
-            else:  # the same work, reassigned to us: report it under the new attempt
-                old.attempt = a.attempt
-            return
-        if self.draining:
-            self._failures.append(
-                Failure(
-                    task_id=a.task_id,
-                    attempt=a.attempt,
-                    retryable=True,
-                    error=ErrorBody(code="draining", message=f"{self.s.node_id} is shutting down"),
-                )
-            )
-            self._schedule_flush()
-            return
-        task = asyncio.get_running_loop().create_task(self._run(a, attachments), name=f"task-{a.task_id}")
-        self.running[a.task_id] = Running(task, a.attempt, time.monotonic())
-        self.metrics.inflight.set(len(self.running))
-        self._schedule_flush()
-
     async def _run(self, a: Assignment, attachments: tuple[bytes, ...] = ()) -> None:
         t0 = time.monotonic()
         outcome = "ok"
+        core = self.core
         try:
             async with self._slots:
                 t0 = time.monotonic()  # run time, not time spent waiting for a slot
-                run = self.running.get(a.task_id)
-                if run is not None:
-                    run.in_slot = True
-                    self._schedule_flush()  # PROGRESS: processing means running, not just received
-                ttype = handlers.get(a.type)
-                ctx = handlers.RunContext(
+                core.in_slot(a.task_id)
+                self._carry_out()
+                ttype = self.catalog.get(a.type)
+                ctx = RunContext(
                     self.s.node_id,
                     self.s.workspace,
                     self.s.shell_timeout_s,
@@ -303,138 +262,39 @@ class Worker:
                     output = await self.cache.get_or_compute(cache_key(a.type, a.input), compute)
                 else:
                     output = await compute()
-            body = outcome_body(a.task_id, self._attempt(a), output, (time.monotonic() - t0) * 1000)
-            if isinstance(output, handlers.Attached):
-                # alone in its RESULT message, with its attachments as frames after the body
-                body["output"] = output.output
-                frames = codec.encode_raw(Command.RESULT, {"results": [body]}, output.attachments)
-                if sum(map(len, frames)) > self.s.max_message_bytes:
-                    self._fail(
-                        a,
-                        CasperError(
-                            f"the result with its attachments does not fit in {self.s.max_message_bytes} bytes",
-                            hint="raise max_message_bytes or make the change smaller",
-                        ),
-                        False,
-                        "too-large",
-                    )
-                    outcome = "failed"
-                    return
-                self._send(frames)
+            ms = (time.monotonic() - t0) * 1000
+            if isinstance(output, Attached):  # alone in its RESULT message, attachments as frames
+                ok = core.succeeded(a, output.output, ms, output.attachments)
             else:
-                self._results.append(body)
-            self.completed += 1
+                ok = core.succeeded(a, output, ms, None)
+            outcome = "ok" if ok else "failed"
         except asyncio.CancelledError:
             outcome = "cancelled"
-            run = self.running.get(a.task_id)
-            if run is None or not run.cancelled_by_broker:
-                # shutdown, not the broker: hand the task back so it runs elsewhere
-                self._failures.append(
-                    Failure(
-                        task_id=a.task_id,
-                        attempt=a.attempt,
-                        retryable=True,
-                        error=ErrorBody(code="handed-back", message=f"{self.s.node_id} stopped before finishing"),
-                    )
-                )
+            core.interrupted(a)
         except TimeoutError:
             outcome = "failed"
-            self._fail(
-                a, CasperError(f"task timed out after {a.timeout_s:g}s", hint="raise timeout_s"), True, "timeout"
-            )
+            timed_out = CasperError(f"task timed out after {a.timeout_s:g}s", hint="raise timeout_s")
+            core.failed_run(a, "timeout", str(timed_out), True)
         except CasperError as exc:
             outcome = "failed"
-            self._fail(a, exc, exc.retryable and not isinstance(exc, UnknownTaskTypeError))
+            core.failed_run(a, exc.code, str(exc), exc.retryable and not isinstance(exc, UnknownTaskTypeError))
         except Exception as exc:
             outcome = "failed"
             log.exception("handler for %s task %s crashed", a.type, a.task_id)
-            self._fail(a, CasperError(f"handler crashed: {type(exc).__name__}: {exc}"[:2000]), True, "crash")
+            core.failed_run(a, "crash", str(CasperError(f"handler crashed: {type(exc).__name__}: {exc}"[:2000])), True)
         finally:
-            self.running.pop(a.task_id, None)
-            self.metrics.inflight.set(len(self.running))
+            core.ended(a.task_id)
+            if self.tasks.get(a.task_id) is asyncio.current_task():
+                del self.tasks[a.task_id]
             self.metrics.executed.labels(outcome).inc()
             self.metrics.task_seconds.labels(a.type).observe(time.monotonic() - t0)
-            self._schedule_flush()
+            self._carry_out()
 
-    def _attempt(self, a: Assignment) -> int:
-        run = self.running.get(a.task_id)
-        return run.attempt if run is not None else a.attempt
-
-    def _fail(self, a: Assignment, exc: CasperError, retryable: bool, code: str | None = None) -> None:
-        self.failed += 1
-        self._failures.append(
-            Failure(
-                task_id=a.task_id,
-                attempt=self._attempt(a),
-                retryable=retryable,
-                error=ErrorBody(code=code or exc.code, message=str(exc)[:4000]),
-            )
-        )
-
-    # --- batched reports ------------------------------------------------------------------------
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._flush_scheduled = False
-        if self._results:
-            batch, self._results = self._results, []
-            messages, too_big = codec.encode_batches(Command.RESULT, "results", batch, self.s.max_message_bytes)
-            for frames, _ in messages:
-                self._send(frames)
-            for out in too_big:
-                self._failures.append(
-                    Failure(
-                        task_id=out["task_id"],
-                        attempt=out["attempt"],
-                        retryable=False,
-                        error=ErrorBody(
-                            code="too-large", message=f"the output does not fit in {self.s.max_message_bytes} bytes"
-                        ),
-                    )
-                )
-        if self._failures:
-            batch2, self._failures = self._failures, []
-            for i in range(0, len(batch2), 1000):
-                self._send(codec.encode(FailedBatch(failures=tuple(batch2[i : i + 1000]))))
-        started = [tid for tid, r in self.running.items() if r.in_slot and not r.reported_start]
-        if started:
-            for tid in started:
-                self.running[tid].reported_start = True
-            for i in range(0, len(started), 1000):
-                self._send(codec.encode(Progress(task_ids=tuple(started[i : i + 1000]))))
-
-    # --- timers -----------------------------------------------------------------------------------
-    def tick(self) -> None:
-        now = time.monotonic()
-        if now - self.clock.last_seen > self.s.heartbeat_s * self.s.heartbeat_misses:
-            if self.sock is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return  # the broker did talk: frames wait to be read (we were stalled); never drop them
-            if now >= self._next_reconnect:
-                self._reconnects += 1
-                backoff = min(32.0, 2.0 ** (self._reconnects - 1)) * random.uniform(0.5, 1.0)
-                self._next_reconnect = now + backoff
-                log.warning(
-                    "broker silent for %.1fs; reconnecting (next try in %.1fs)", now - self.clock.last_seen, backoff
-                )
-                self.connect()
-                self.clock.last_seen = now - self.s.heartbeat_s * self.s.heartbeat_misses  # stay "silent"
-            return
-        if self.running and now - self._last_renew >= self._renew_every:
-            # renew the leases of everything held: a PROGRESS marked "renew" changes no state
-            self._last_renew = now
-            held = list(self.running)
-            for i in range(0, len(held), 1000):
-                self._send(codec.encode(Progress(task_ids=tuple(held[i : i + 1000]), note=RENEW)))
-        if self.clock.heartbeat_due(now):
-            self._send(codec.encode(Heartbeat(load=len(self.running), draining=self.draining)))
-
+    # --- operator and shutdown -----------------------------------------------------------------------
     async def drain(self, timeout: float) -> None:
         """Stop taking work, let running tasks finish (bounded), hand back the rest, disconnect."""
-        self.draining = True
-        self._send(codec.encode(Heartbeat(load=len(self.running), draining=True)))
+        self.core.set_draining(True, time.monotonic())
+        self._carry_out()
         deadline = time.monotonic() + timeout
         if self.running:
             log.info("draining: waiting up to %.0fs for %d running tasks", timeout, len(self.running))
@@ -443,15 +303,16 @@ class Worker:
             self.flush()
         if self.running:
             log.warning("draining: handing back %d unfinished tasks", len(self.running))
-            for run in list(self.running.values()):
-                run.task.cancel()
-            await asyncio.gather(*(r.task for r in list(self.running.values())), return_exceptions=True)
+            for task in list(self.tasks.values()):
+                task.cancel()
+            await asyncio.gather(*list(self.tasks.values()), return_exceptions=True)
         self.flush()
-        self._send(codec.encode(Disconnect(reason="shutdown")))
+        self.core.disconnect(time.monotonic())
+        self._carry_out()
 
     def set_draining(self, draining: bool) -> dict[str, Any]:
-        self.draining = draining
-        self._send(codec.encode(Heartbeat(load=len(self.running), draining=draining)))
+        self.core.set_draining(draining, time.monotonic())
+        self._carry_out()
         return {"peer": self.s.node_id, "draining": draining, "inflight": len(self.running)}
 
     def status_view(self) -> dict[str, Any]:
@@ -466,8 +327,8 @@ class Worker:
             "broker_silent_s": round(time.monotonic() - self.clock.last_seen, 3),
             "capacity": self.s.capacity,
             "running": len(self.running),
-            "completed": self.completed,
-            "failed": self.failed,
+            "completed": self.core.completed,
+            "failed": self.core.failed,
             "draining": self.draining,
             "capabilities": list(self.s.all_capabilities),
             "cache": self.cache.stats() if self.cache else None,
@@ -477,10 +338,22 @@ class Worker:
         if self.sock is not None:
             self.sock.close(linger=self.s.linger_ms)
             self.sock = None
-        for run in list(self.running.values()):
-            run.task.cancel()
+        for task in list(self.tasks.values()):
+            task.cancel()
         with contextlib.suppress(Exception):
-            await asyncio.gather(*(r.task for r in list(self.running.values())), return_exceptions=True)
+            await asyncio.gather(*list(self.tasks.values()), return_exceptions=True)
+
+
+ACTIONS: dict[type, Callable[[Worker, Any], None]] = {
+    SendFrames: Worker._do_send,
+    StartRun: Worker._do_start,
+    AbortRun: Worker._do_abort,
+    Resolve: Worker._do_resolve,
+    ReadyLater: Worker._do_ready_later,
+    Reconnect: Worker._reconnect,
+}
+"""Worker action type -> how the shell carries it out."""
+_ = WorkerAction
 
 
 def _hostname() -> str:

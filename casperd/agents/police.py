@@ -9,8 +9,10 @@ Mesh services (REQUEST ops on the broker's ROUTER, answered with REPLY):
   ``turns-load`` adds ``feedback``: why the policeman sent the task's last result back, if it did.
 * ``calls-save`` — per-call usage of one-shot calls (``ask``).
 
-It also plugs into the broker: attachments are stored in ``task_attachments``, ``code`` results are
-validated here (the ``validating`` state), and ``job`` tasks run in the :class:`JobRunner`.
+It plugs into the broker through typed interfaces only: its services and the ``code`` validator
+go into the node's :class:`~casperd.handlers.Catalog` (with the roles that may call each service),
+and it is the broker's :class:`~casperd.broker.LocalWork` (attachments in ``task_attachments``,
+``job`` tasks run in the :class:`JobRunner`, finish notifications).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from casperd import handlers
 from casperd.agents.claude import ClaudeClient
 from casperd.agents.ratelimit import LocalLimiter, MeshRateLimit, RateObservation
 from casperd.agents.records import AgentRecords
@@ -35,6 +36,7 @@ from casperd.errors import InvalidBodyError
 from casperd.lifecycle import ACTIVE
 from casperd.messages import TaskSpec
 from casperd.settings import Settings
+from casperd.taskrecord import TaskRecord
 
 log = logging.getLogger("casperd.agents.police")
 Attachments = tuple[bytes, ...]
@@ -58,21 +60,29 @@ class PoliceService:
         self.rate = MeshRateLimit(settings.llm_rpm, settings.llm_tpm)
         self.claude = ClaudeClient.from_settings(settings, LocalLimiter(state=self.rate), cache)
         self.jobs = JobRunner(self)
-        broker.mesh_ops.update(
-            {
-                "llm-permit": self._permit,
-                "turns-save": self._turns_save,
-                "turns-load": self._turns_load,
-                "calls-save": self._calls_save,
-                "directory": self._directory,
-                "handoff-record": self._handoff_record,
-            }
-        )
-        broker.save_attachments = self.records.put_attachments
-        broker.load_attachments = lambda ids: self.records.attachments(ids, "input")
-        broker.local_runner = self.jobs.start
-        broker.finish_listeners.append(self.jobs.on_finish)
-        handlers.ASYNC_VALIDATORS["code"] = self.validate_code
+        broker.attach(self)
+        catalog = broker.catalog
+        workers = frozenset({"developer", "tester"})
+        catalog.add_service("llm-permit", self._permit, roles=workers)
+        catalog.add_service("turns-save", self._turns_save, roles=frozenset({"developer"}))
+        catalog.add_service("turns-load", self._turns_load, roles=frozenset({"developer"}))
+        catalog.add_service("calls-save", self._calls_save, roles=workers)
+        catalog.add_service("directory", self._directory, roles=workers)
+        catalog.add_service("handoff-record", self._handoff_record, roles=workers)
+        catalog.add_validator("code", self.validate_code)
+
+    # --- the broker's local work (casperd.broker.LocalWork) ----------------------------------------
+    def run_local(self, rec: TaskRecord) -> None:
+        self.jobs.start(rec)
+
+    def on_finish(self, rec: TaskRecord) -> None:
+        self.jobs.on_finish(rec)
+
+    async def save_attachments(self, task_id: uuid.UUID, kind: str, blobs: tuple[bytes, ...]) -> None:
+        await self.records.put_attachments(task_id, kind, blobs)
+
+    async def load_attachments(self, task_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[bytes]]:
+        return await self.records.attachments(task_ids, "input")
 
     async def close(self) -> None:
         await self.jobs.close()

@@ -1,4 +1,4 @@
-"""The Claude-backed task types, registered like the built-in ones (casperd/handlers).
+"""The Claude-backed task types, added to a node's :class:`~casperd.handlers.Catalog` by ``install``.
 
 * ``ask``  — one model call (a prompt in, text out); ``deterministic`` calls go through the result cache.
 * ``code`` — a developer's tool-use loop in a git worktree; returns a patch (attachment 0) and a summary.
@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from casperd.errors import TaskError
-from casperd.handlers import RunContext, TaskType, register
+from casperd.handlers import Catalog, RunContext, TaskType
 
 
 async def _ask(ctx: RunContext, data: dict[str, Any]) -> Any:
@@ -40,36 +40,40 @@ async def _job(ctx: RunContext, data: dict[str, Any]) -> Any:
     raise TaskError("job tasks are run by the policeman, not by a worker", hint="submit jobs with caspectl run")
 
 
-register(
-    TaskType(
-        "ask",
-        _ask,
-        requires=("llm",),
-        description="one Claude call: input.prompt (+system, model, max_tokens, deterministic)",
+def install(catalog: Catalog) -> Catalog:
+    """Add the Claude-backed task types to a node's catalog (the policeman adds its validator and
+    mesh services in :mod:`casperd.agents.police`)."""
+    catalog.add_type(
+        TaskType(
+            "ask",
+            _ask,
+            requires=("llm",),
+            description="one Claude call: input.prompt (+system, model, max_tokens, deterministic)",
+        )
     )
-)
-register(
-    TaskType(
-        "code",
-        _code,
-        requires=("code",),
-        description="a developer agent's tool loop in a git worktree; returns a patch",
+    catalog.add_type(
+        TaskType(
+            "code",
+            _code,
+            requires=("code",),
+            description="a developer agent's tool loop in a git worktree; returns a patch",
+        )
     )
-)
-register(
-    TaskType(
-        "test",
-        _test,
-        requires=("test",),
-        input_attachments=True,
-        description="applies a patch to a clean worktree and runs the test command",
+    catalog.add_type(
+        TaskType(
+            "test",
+            _test,
+            requires=("test",),
+            input_attachments=True,
+            description="applies a patch to a clean worktree and runs the test command",
+        )
     )
-)
-register(
-    TaskType(
-        "job",
-        _job,
-        local=True,
-        description="a whole job: plan, code in parallel, validate, test, integrate (caspectl run)",
+    catalog.add_type(
+        TaskType(
+            "job",
+            _job,
+            local=True,
+            description="a whole job: plan, code in parallel, validate, test, integrate (caspectl run)",
+        )
     )
-)
+    return catalog

@@ -1,8 +1,12 @@
-"""Task types: a registry keyed by type name.
+"""Task types and the typed plugin interface.
 
-Each :class:`TaskType` says which capabilities a peer needs to run it (the broker adds them to the
-task's requirements), how to run it (on a worker), and optionally how to validate its result (on
-the policeman, in the ``validating`` state). The Claude-backed types plug in here the same way.
+Each :class:`TaskType` says which capabilities a peer needs to run it (the policeman adds them to
+the task's requirements), how to run it (on a worker), and optionally how to validate its result
+(on the policeman, in the ``validating`` state). The generic types (``noop``, ``echo``, ``sleep``,
+``shell``) are the built-ins in ``REGISTRY``. Everything else plugs in through a :class:`Catalog`:
+a node builds one and hands it to its core; a plugin package (``casperd.agents``) adds its task
+types, its asynchronous validators (run by the policeman) and its mesh services (with the roles
+that may call them). This package imports no plugin.
 """
 
 from __future__ import annotations
@@ -57,13 +61,72 @@ class TaskType:
     description: str = ""
     local: bool = False  # run by the policeman itself (a job), never dispatched to a worker
     input_attachments: bool = False  # its TASK messages carry binary attachments (kept in task_attachments)
+    validate_when: Callable[[dict[str, Any]], bool] | None = None
+    """Whether a task's input asks for ``validate`` (None: always, when there is a validator)."""
 
     def needs_validation(self, task_input: dict[str, Any]) -> bool:
-        return self.validate is not None and "expect_exit" in task_input
+        if self.validate is None:
+            return False
+        return self.validate_when is None or self.validate_when(task_input)
 
 
-ASYNC_VALIDATORS: dict[str, AsyncValidator] = {}
-"""Validators that need I/O, registered by the policeman's agent service (type name → check)."""
+MeshOp = Callable[[str, dict[str, Any], tuple[bytes, ...]], Awaitable[tuple[Any, tuple[bytes, ...]]]]
+"""A service the policeman offers peers over the mesh (REQUEST op): (node id, args, attachments) →
+(data, attachments)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MeshService:
+    name: str
+    run: MeshOp
+    roles: frozenset[str]
+    """The roles that may call it (checked before it runs)."""
+
+
+class Catalog:
+    """What one node knows: task types (the built-ins plus those plugins add), the policeman's
+    asynchronous validators, and the mesh services it offers."""
+
+    def __init__(self, types: dict[str, TaskType] | None = None) -> None:
+        self._types: dict[str, TaskType] = dict(REGISTRY if types is None else types)
+        self._validators: dict[str, AsyncValidator] = {}
+        self._services: dict[str, MeshService] = {}
+
+    def add_type(self, task_type: TaskType) -> TaskType:
+        self._types[task_type.name] = task_type
+        return task_type
+
+    def add_validator(self, type_name: str, check: AsyncValidator) -> None:
+        """The policeman's check of a result of ``type_name`` in the ``validating`` state."""
+        self.get(type_name)
+        self._validators[type_name] = check
+
+    def add_service(self, name: str, run: MeshOp, *, roles: frozenset[str]) -> None:
+        self._services[name] = MeshService(name, run, roles)
+
+    def find(self, name: str) -> TaskType | None:
+        return self._types.get(name)
+
+    def get(self, name: str) -> TaskType:
+        try:
+            return self._types[name]
+        except KeyError:
+            known = ", ".join(sorted(self._types))
+            raise UnknownTaskTypeError(f"unknown task type {name!r}", hint=f"known types: {known}") from None
+
+    def validator(self, name: str) -> AsyncValidator | None:
+        return self._validators.get(name)
+
+    def service(self, name: str) -> MeshService | None:
+        return self._services.get(name)
+
+    @property
+    def service_names(self) -> list[str]:
+        return sorted(self._services)
+
+    @property
+    def type_names(self) -> list[str]:
+        return sorted(self._types)
 
 
 REGISTRY: dict[str, TaskType] = {}
@@ -83,7 +146,6 @@ def get(name: str) -> TaskType:
 
 
 def _load_builtins() -> None:
-    from casperd.agents import tasktypes  # noqa: F401  (the Claude-backed types: ask, code, test, job)
     from casperd.handlers import basic, shell  # noqa: F401  (registers on import)
 
 

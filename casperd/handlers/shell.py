@@ -128,6 +128,7 @@ register(
         run_shell,
         requires=("shell",),
         validate=validate_shell,
+        validate_when=lambda data: "expect_exit" in data,
         description="runs input.cmd in the workspace; input.expect_exit is validated",
     )
 )

@@ -6,24 +6,17 @@ from typing import Any
 
 import pytest
 
-from casperd.broker import Broker
 from casperd.errors import ConfigError
+from casperd.handlers import Catalog
 from casperd.messages import TaskSpec
 from casperd.metrics import Metrics
+from casperd.policeman import PolicemanCore
 from casperd.settings import load_settings
 from casperd.taskrecord import utcnow
 
 
-class _NullStore:
-    healthy = True
-
-    def stage(self, *a: Any) -> None: ...
-    def stage_key(self, *a: Any) -> None: ...
-    def after_commit(self, fn: Any) -> None: ...
-
-
-def broker(**overrides: Any) -> Broker:
-    return Broker(load_settings({"role": "policeman", **overrides}), _NullStore(), Metrics())  # type: ignore[arg-type]
+def broker(**overrides: Any) -> PolicemanCore:
+    return PolicemanCore(load_settings({"role": "policeman", **overrides}), Catalog(), Metrics(), 0.0)
 
 
 def test_type_policy_overrides_the_mesh_defaults_field_by_field() -> None:
@@ -36,11 +29,11 @@ def test_type_policy_overrides_the_mesh_defaults_field_by_field() -> None:
 
 def test_new_tasks_take_their_types_attempts_and_timeout() -> None:
     b = broker(task_policies='{"shell": {"max_attempts": 7, "timeout_s": 30}}')
-    rec = b._create(TaskSpec(type="shell", input={"cmd": "true"}), "t", utcnow())
+    rec = b.create(TaskSpec(type="shell", input={"cmd": "true"}), "t", utcnow())
     assert (rec.max_attempts, rec.timeout_s) == (7, 30.0)
-    own = b._create(TaskSpec(type="shell", input={"cmd": "true"}, max_attempts=2, timeout_s=5), "t", utcnow())
+    own = b.create(TaskSpec(type="shell", input={"cmd": "true"}, max_attempts=2, timeout_s=5), "t", utcnow())
     assert (own.max_attempts, own.timeout_s) == (2, 5.0), "the task's own values win"
-    echo = b._create(TaskSpec(type="echo"), "t", utcnow())
+    echo = b.create(TaskSpec(type="echo"), "t", utcnow())
     assert (echo.max_attempts, echo.timeout_s) == (3, None)
 
 

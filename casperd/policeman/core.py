@@ -1,0 +1,170 @@
+"""PolicemanCore: every rule of the policeman, sans-io (SPEC sections 8-12).
+
+Events in — a mesh message with its sender (:meth:`PolicemanCore.on_mesh`), a submission, a tick
+with the time, a finished validation, an undelivered TASK — and actions out
+(:mod:`casperd.policeman.actions`), taken with :meth:`take`. No sockets, no clock, no asyncio:
+the shell (:mod:`casperd.broker`) passes the time in and carries the actions out.
+
+Every message is authorized (one hook, :mod:`casperd.policeman.gate`) before its handler runs; the
+handler is chosen by a table from message type to method.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from casperd import codec
+from casperd.errors import CasperError, InvalidBodyError, ProtocolError, UnknownPeerError, UnsupportedError
+from casperd.handlers import Catalog
+from casperd.messages import (
+    Command,
+    Disconnect,
+    FailedBatch,
+    Heartbeat,
+    Message,
+    Progress,
+    Ready,
+    Request,
+    ResultBatch,
+    Submit,
+)
+from casperd.metrics import Metrics
+from casperd.policeman.actions import Now, SaveAttachments, Sender, SenderKind, Serve
+from casperd.policeman.gate import Authorizer, allow_all_until_authz
+from casperd.policeman.recovery import RecoveryRules
+from casperd.policeman.state import Peer
+from casperd.settings import Settings
+
+Handler = Callable[["PolicemanCore", Peer, Sender, Any, tuple[bytes, ...], Now], None]
+
+
+class PolicemanCore(RecoveryRules):
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        metrics: Metrics,
+        started: float,
+        authorize: Authorizer = allow_all_until_authz,
+    ) -> None:
+        super().__init__(settings, catalog, metrics, started)
+        self.authorize = authorize
+        self._logged_errors = set()
+        self.pending_attached: dict[uuid.UUID, int] = {}
+        """Attached results whose attachments the shell is storing (task id -> attempt)."""
+
+    # --- the mesh entry point ---------------------------------------------------------------------
+    def on_mesh(self, route: bytes, frames: list[bytes], now: Now, key: str | None = None) -> None:
+        """One frame set from the mesh ROUTER (routing id ``route``; ``key``: the sender's Curve key)."""
+        self.clock = now.mono
+        peer = self.by_route.get(route)
+        if peer is not None:
+            peer.clock.seen(now.mono)
+        try:
+            decoded = codec.decode(frames, max_bytes=self.s.max_message_bytes)
+        except ProtocolError as exc:
+            self.reject(route, exc, frames[1][0] if len(frames) > 1 and len(frames[1]) == 1 else None)
+            return
+        msg = decoded.message
+        self.metrics.messages.labels(msg.COMMAND.name, "in").inc()
+        if isinstance(msg, Ready):
+            sender = Sender(msg.node_id, msg.role.value, SenderKind.PEER, key)
+        elif peer is None:
+            self.reject(route, UnknownPeerError("unknown peer: send READY first", hint="re-register"), None)
+            return
+        else:
+            sender = Sender(peer.node_id, peer.role, SenderKind.PEER, key or peer.public_key)
+        try:
+            self.authorize(sender.role, msg.COMMAND, service=msg.op if isinstance(msg, Request) else None)
+            if isinstance(msg, Ready):
+                self.on_ready(route, msg, now)
+                return
+            assert peer is not None
+            handler = HANDLERS.get(type(msg))
+            if handler is None:
+                raise UnsupportedError(
+                    f"{msg.COMMAND.name} is not accepted on the mesh socket",
+                    hint="see protocol/SPEC.md for who sends what",
+                )
+            handler(self, peer, sender, msg, decoded.attachments, now)
+        except CasperError as exc:
+            self.reject(route, exc, msg.COMMAND.value)
+
+    def _heartbeat(self, peer: Peer, sender: Sender, msg: Heartbeat, att: tuple[bytes, ...], now: Now) -> None:
+        self.on_heartbeat(peer, msg, now)
+
+    def _progress(self, peer: Peer, sender: Sender, msg: Progress, att: tuple[bytes, ...], now: Now) -> None:
+        self.on_progress(peer, msg, now)
+
+    def _results(self, peer: Peer, sender: Sender, msg: ResultBatch, att: tuple[bytes, ...], now: Now) -> None:
+        if not att:
+            self.on_results(peer, msg, now)
+            return
+        # a RESULT carrying attachments (a patch): the shell stores them first, then reports back
+        if len(msg.results) != 1:
+            raise InvalidBodyError(
+                "a RESULT with attachments must carry exactly one outcome", hint="send attached results alone"
+            )
+        out = msg.results[0]
+        if self.held(peer, out.task_id, out.attempt) is not None:
+            self.pending_attached[out.task_id] = out.attempt
+            self.out.append(SaveAttachments(peer.node_id, msg, att))
+
+    def attachments_saved(
+        self, node_id: str, msg: ResultBatch, att: tuple[bytes, ...], error: str | None, now: Now
+    ) -> None:
+        """The shell stored (``error`` None) or failed to store the attachments of an attached result."""
+        self.clock = now.mono
+        out = msg.results[0]
+        self.pending_attached.pop(out.task_id, None)
+        peer = self.peers.get(node_id)
+        if peer is None:
+            return
+        if error is not None:
+            self.attachments_lost(peer, out.task_id, out.attempt, error, now)
+        else:
+            self.on_results(peer, msg, now, att)  # still ours unless the lease was lost meanwhile
+
+    def _failures(self, peer: Peer, sender: Sender, msg: FailedBatch, att: tuple[bytes, ...], now: Now) -> None:
+        self.on_failures(peer, msg, now)
+
+    def _disconnect(self, peer: Peer, sender: Sender, msg: Disconnect, att: tuple[bytes, ...], now: Now) -> None:
+        self.on_disconnect(peer, msg, now)
+
+    def _request(self, peer: Peer, sender: Sender, msg: Request, att: tuple[bytes, ...], now: Now) -> None:
+        self.out.append(Serve(peer.route, sender, msg, att))
+
+    def _submit(self, peer: Peer, sender: Sender, msg: Submit, att: tuple[bytes, ...], now: Now) -> None:
+        raise UnsupportedError(
+            "SUBMIT is not accepted on the mesh socket in this version",
+            hint="submit through the policeman's control socket",
+        )
+
+    # --- submissions from the control socket or the policeman itself ----------------------------
+    def submit_from(
+        self, sender: Sender, route: bytes, msg: Submit, found: dict[str, uuid.UUID], now: Now
+    ) -> list[uuid.UUID]:
+        """SUBMIT on the control socket: authorized per task type, then created."""
+        for spec in msg.tasks:
+            self.authorize(sender.role, Command.SUBMIT, task_type=spec.type)
+        return self.submit(route, msg, sender.node_id, found, now)
+
+    def status_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for rec in self.tasks.values():
+            counts[rec.status.value] = counts.get(rec.status.value, 0) + 1
+        return counts
+
+
+HANDLERS: dict[type[Message], Handler] = {
+    Heartbeat: PolicemanCore._heartbeat,
+    Progress: PolicemanCore._progress,
+    ResultBatch: PolicemanCore._results,
+    FailedBatch: PolicemanCore._failures,
+    Disconnect: PolicemanCore._disconnect,
+    Request: PolicemanCore._request,
+    Submit: PolicemanCore._submit,
+}
+"""Message type -> the core's handler (READY is handled before: it creates the peer)."""

@@ -1,0 +1,184 @@
+"""The policeman core's state and the few primitives every concern shares.
+
+Everything here is plain data and arithmetic: the peers, the open tasks, leases, the retry heap,
+the idempotency keys, and ``change``, the one way a task's status moves (a trigger looked up in
+``lifecycle.STEPS``, staged with its event). Outputs accumulate in ``out`` until the shell takes
+them (:meth:`CoreState.take`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from casperd.breaker import CircuitBreaker
+from casperd.dispatch import Dispatcher, PeerSlot
+from casperd.handlers import Catalog
+from casperd.lifecycle import Status, Trigger
+from casperd.liveness import PeerClock
+from casperd.metrics import Metrics
+from casperd.policeman.actions import Action, Arm, Send, Socket, Stage, StageKey
+from casperd.retry import RetryPolicy
+from casperd.settings import Settings
+from casperd.taskrecord import TaskEvent, TaskRecord
+
+log = logging.getLogger("casperd.broker")
+
+
+@dataclass(slots=True)
+class Peer:
+    node_id: str
+    epoch: str
+    route: bytes
+    role: str
+    endpoint: str
+    host: str
+    pid: int
+    version: str
+    slot: PeerSlot
+    clock: PeerClock
+    registered_at: float
+    held: set[uuid.UUID] = field(default_factory=set)
+    drained_by_operator: bool = False
+    send_failing: bool = False
+    draining_itself: bool = False
+    public_key: str | None = None
+
+    def update_draining(self) -> None:
+        self.slot.draining = self.drained_by_operator or self.draining_itself
+
+    def view(self, now: float) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "role": self.role,
+            "endpoint": self.endpoint,
+            "host": self.host,
+            "pid": self.pid,
+            "epoch": self.epoch,
+            "version": self.version,
+            "capabilities": sorted(self.slot.capabilities),
+            "capacity": self.slot.capacity,
+            "inflight": self.slot.inflight,
+            "draining": self.slot.draining,
+            "liveness": self.clock.state(now).value,
+            "breaker": self.slot.breaker.state.value,
+            "last_seen_s": round(now - self.clock.last_seen, 3),
+            "public_key": self.public_key,
+        }
+
+
+class CoreState:
+    def __init__(self, settings: Settings, catalog: Catalog, metrics: Metrics, started: float) -> None:
+        self.s = settings
+        self.catalog = catalog
+        self.metrics = metrics
+        self.started = started
+        self.clock = started
+        """Monotonic time of the event being handled (set by every entry point)."""
+        self.tasks: dict[uuid.UUID, TaskRecord] = {}
+        self.dispatcher = Dispatcher()
+        self.peers: dict[str, Peer] = {}
+        self.by_route: dict[bytes, Peer] = {}
+        self.retry_heap: list[tuple[float, uuid.UUID]] = []
+        self.keys: OrderedDict[str, uuid.UUID] = OrderedDict()
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.leases: dict[uuid.UUID, float] = {}
+        """Lease deadline (monotonic) of every task a peer holds, renewed by its PROGRESS."""
+        self.validating: set[uuid.UUID] = set()
+        """Tasks whose asynchronous validation is running (a restart loses it)."""
+        self.policy = RetryPolicy(
+            settings.max_attempts, settings.backoff_base_s, settings.backoff_factor, settings.backoff_cap_s
+        )
+        self._policies: dict[str, RetryPolicy] = {}
+        self._transition_counter = {s: metrics.transitions.labels(s.value) for s in Status}
+        self.accepting = True
+        self.dirty = False
+        """Something changed that may allow new assignments (dispatch has work to do)."""
+        self.out: list[Action] = []
+
+    def take(self) -> list[Action]:
+        """The actions produced since the last call, in order."""
+        out, self.out = self.out, []
+        return out
+
+    # --- policies ---------------------------------------------------------------------------------
+    def policy_for(self, task_type: str) -> RetryPolicy:
+        """The retry policy of a task type: its own settings over the mesh defaults (cached)."""
+        policy = self._policies.get(task_type)
+        if policy is None:
+            own = self.s.task_policies.get(task_type)
+            policy = (
+                self.policy
+                if own is None
+                else RetryPolicy(
+                    own.max_attempts or self.policy.max_attempts,
+                    self.policy.base_s if own.backoff_base_s is None else own.backoff_base_s,
+                    own.backoff_factor or self.policy.factor,
+                    self.policy.cap_s if own.backoff_cap_s is None else own.backoff_cap_s,
+                )
+            )
+            self._policies[task_type] = policy
+        return policy
+
+    def breaker_for(self, node_id: str) -> CircuitBreaker:
+        breaker = self.breakers.get(node_id)
+        if breaker is None:
+            breaker = self.breakers[node_id] = CircuitBreaker(self.s.breaker_failures, self.s.breaker_recovery_s)
+        return breaker
+
+    def requirements(self, rec: TaskRecord) -> set[str]:
+        ttype = self.catalog.find(rec.type)
+        return set(rec.requires) | set(ttype.requires if ttype else ())
+
+    def is_local(self, type_name: str) -> bool:
+        ttype = self.catalog.find(type_name)
+        return bool(ttype is not None and ttype.local)
+
+    def remember_key(self, key: str, tid: uuid.UUID) -> None:
+        self.keys[key] = tid
+        self.keys.move_to_end(key)
+        while len(self.keys) > 200_000:
+            self.keys.popitem(last=False)
+
+    # --- outputs ----------------------------------------------------------------------------------
+    def stage_new(self, rec: TaskRecord, stamp: datetime, by: str | None, detail: dict[str, Any] | None) -> None:
+        self.tasks[rec.id] = rec
+        event = TaskEvent(stamp, rec.id, None, Status.PENDING.value, by, 0, json.dumps(detail) if detail else None)
+        self.out.append(Stage(rec, event))
+        if rec.idempotency_key:
+            self.remember_key(rec.idempotency_key, rec.id)
+            self.out.append(StageKey(rec.idempotency_key, rec.id, rec.created_at))
+
+    def change(
+        self, rec: TaskRecord, trigger: Trigger, stamp: datetime, peer: str | None, detail: dict[str, Any] | None = None
+    ) -> None:
+        """The one way a task moves: the trigger's row of the lifecycle table, staged with its event."""
+        old = rec.apply(trigger, stamp)
+        event = TaskEvent(
+            stamp, rec.id, old.value, rec.status.value, peer, rec.attempts, json.dumps(detail) if detail else None
+        )
+        self.out.append(Stage(rec, event))
+        self._transition_counter[rec.status].inc()
+
+    def send_mesh(self, peer_or_route: Peer | bytes, frames: list[bytes], now: float | None = None) -> None:
+        """Frames to a peer now (a heartbeat, an ERROR, a REPLY)."""
+        if isinstance(peer_or_route, Peer):
+            route = peer_or_route.route
+            if now is not None:
+                peer_or_route.clock.sent(now)
+        else:
+            route = peer_or_route
+            peer = self.by_route.get(route)
+            if peer is not None and now is not None:
+                peer.clock.sent(now)
+        self.out.append(Send(Socket.MESH, route, frames))
+
+    def arm_retry(self, at: float, tid: uuid.UUID) -> None:
+        heapq.heappush(self.retry_heap, (at, tid))
+        self.out.append(Arm(at))
