@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import zmq.asyncio
 
-from casperd import codec
+from casperd import admission, codec
 from casperd.errors import CasperError, StorageError, UnsupportedError
 from casperd.handlers import Catalog
 from casperd.messages import Done, ErrorBody, Reply, Submit, TaskSpec
@@ -131,9 +131,27 @@ class Broker:
         self._check_store()
         keys = self.core.unknown_keys(msg.tasks)
         found = await self.store.idempotency(keys) if keys else {}
+        admission.check_reuse(msg.tasks, await self._keyed_tasks(msg.tasks, found))
         sender = Sender(submitter or "caspectl", "control", SenderKind.CONTROL)
         self.core.submit_from(sender, route, msg, found, now())
         self.run(self.core.take())
+
+    async def _keyed_tasks(
+        self, specs: tuple[TaskSpec, ...], found: dict[str, uuid.UUID]
+    ) -> dict[str, tuple[uuid.UUID, str, Any]]:
+        """key -> (id, type, input) of the tasks the specs' idempotency keys already name."""
+        named: dict[str, tuple[uuid.UUID, str, Any]] = {}
+        for spec in specs:
+            key = spec.idempotency_key
+            tid = (self.core.keys.get(key) or found.get(key)) if key else None
+            if key is None or tid is None or key in named:
+                continue
+            rec = self.core.tasks.get(tid)
+            if rec is not None:
+                named[key] = (tid, rec.type, rec.input)
+            elif (row := await self.store.get(tid)) is not None:
+                named[key] = (tid, row["type"], row["input"])
+        return named
 
     async def submit_local(
         self,

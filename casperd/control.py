@@ -17,6 +17,7 @@ import psutil
 
 from casperd.errors import CasperError, CommandError, TaskNotFoundError, UnsupportedError
 from casperd.lifecycle import Status
+from casperd.meshcache import sum_counters
 from casperd.messages import ErrorBody, Reply, Request
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ async def _status(node: Node, args: dict[str, Any]) -> Any:
         view = node.broker.status_view()
         if node.cache is not None:
             view["cache"] = node.cache.stats()
+        view["mesh_cache"] = sum_counters(p.cache for p in node.broker.core.peers.values())
         if node.police is not None:
             view["llm"] = {
                 "rate_limit": node.police.rate.snapshot(time.monotonic()),
@@ -123,7 +125,7 @@ async def _tasks(node: Node, args: dict[str, Any]) -> Any:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
         raise CommandError("limit must be between 1 and 10000")
     rows = await node.store.list(status, limit)
-    keep = ("id", "type", "status", "priority", "attempts", "assigned_to", "created_at", "finished_at")
+    keep = ("id", "type", "status", "priority", "attempts", "assigned_to", "requires", "created_at", "finished_at")
     return {"tasks": [_row_view({k: r[k] for k in keep}) for r in rows], "counts": await node.store.counts()}
 
 

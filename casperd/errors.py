@@ -93,6 +93,26 @@ class UnknownTaskTypeError(TaskError):
     code = "unknown-task-type"
 
 
+class BadInputError(TaskError):
+    """A task's input does not fit its type's schema: refused at SUBMIT, never run or retried."""
+
+    code = "bad-input"
+    retryable = False
+
+
+class IdempotencyConflictError(TaskError):
+    """An idempotency key reused with a different task: refused, as payment APIs do."""
+
+    code = "idempotency-conflict"
+    retryable = False
+
+
+class ShellExitError(TaskError):
+    """A shell command exited with a code its task did not expect (see input.expect_exit)."""
+
+    code = "exit-code"
+
+
 class TaskTimeoutError(TaskError):
     code = "timeout"
 

@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_serializer
 
 PROTOCOL_VERSION = 1
 SIGNATURE = b"CASP"
@@ -144,6 +144,15 @@ class Heartbeat(_Body):
     COMMAND = Command.HEARTBEAT
     load: int = Field(default=0, ge=0)
     draining: bool = False
+    cache: dict[Name, int] | None = Field(default=None, max_length=16)
+    """A worker's result-cache counters (hits, misses, ...); the policeman sums them for status."""
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: Any) -> Any:
+        body = handler(self)
+        if isinstance(body, dict) and body.get("cache") is None:
+            body.pop("cache", None)  # absent on the wire, not nil: the bytes stay those of version 1
+        return body
 
 
 class Submit(_Body):

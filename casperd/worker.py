@@ -31,6 +31,7 @@ from casperd import __version__, codec
 from casperd.cache import ResultCache, cache_key
 from casperd.errors import CasperError, RequestTimeoutError, UnknownTaskTypeError, from_wire
 from casperd.handlers import Attached, Catalog, RunContext
+from casperd.meshcache import cache_counters
 from casperd.messages import Assignment, Request
 from casperd.metrics import Metrics
 from casperd.settings import Settings
@@ -129,6 +130,8 @@ class Worker:
 
     def tick(self) -> None:
         waiting = bool(self.sock is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        if self.cache is not None:
+            self.core.cache_counters = cache_counters(self.cache.stats())
         self.core.tick(time.monotonic(), waiting)
         self._carry_out()
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from casperd import codec
 from casperd.errors import ProtocolError
+from casperd.hints import silent_broker_hint
 from casperd.liveness import PeerClock
 from casperd.messages import (
     RENEW,
@@ -124,6 +125,7 @@ class WorkerCore:
         self.running: dict[uuid.UUID, Run] = {}
         self.draining = False
         self.registered = False
+        self.cache_counters: dict[str, int] | None = None  # the shell keeps them current; sent in HEARTBEAT
         self.completed = 0
         self.failed = 0
         self.flush_needed = False
@@ -330,8 +332,12 @@ class WorkerCore:
                 self._reconnects += 1
                 backoff = min(32.0, 2.0 ** (self._reconnects - 1)) * (0.5 + 0.5 * self.rng())
                 self._next_reconnect = now + backoff
+                hint = silent_broker_hint(self.s.broker, self.s.curve, self.registered, self._reconnects)
                 log.warning(
-                    "broker silent for %.1fs; reconnecting (next try in %.1fs)", now - self.clock.last_seen, backoff
+                    "broker silent for %.1fs; reconnecting (next try in %.1fs)%s",
+                    now - self.clock.last_seen,
+                    backoff,
+                    f"; {hint}" if hint else "",
                 )
                 self.out.append(Reconnect())
                 self.connected(now)
@@ -344,7 +350,8 @@ class WorkerCore:
             for i in range(0, len(held), 1000):
                 self._send(codec.encode(Progress(task_ids=tuple(held[i : i + 1000]), note=RENEW)), now)
         if self.clock.heartbeat_due(now):
-            self._send(codec.encode(Heartbeat(load=len(self.running), draining=self.draining)), now)
+            hb = Heartbeat(load=len(self.running), draining=self.draining, cache=self.cache_counters)
+            self._send(codec.encode(hb), now)
 
     def set_draining(self, draining: bool, now: float) -> None:
         self.draining = draining

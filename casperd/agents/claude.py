@@ -197,9 +197,11 @@ class ClaudeClient:
         """One Messages API call. Raises MissingApiKeyError, LlmRequestError or LlmError."""
         if not self._api_key:
             raise MissingApiKeyError(
-                "no Anthropic API key: ANTHROPIC_API_KEY is not set and no key file is configured",
-                hint="set the anthropic_api_key_file setting (--anthropic-api-key-file / "
-                "CASPER_ANTHROPIC_API_KEY_FILE) to a file holding the key, or export ANTHROPIC_API_KEY",
+                "no Anthropic API key on this node: ANTHROPIC_API_KEY is not set in the environment casperd was "
+                "started with, and no anthropic_api_key_file is configured",
+                hint="the key must reach the nodes, not caspectl: export ANTHROPIC_API_KEY before starting casperd "
+                "(or 'casperd up') and restart it, or set anthropic_api_key_file (--anthropic-api-key-file / "
+                "CASPER_ANTHROPIC_API_KEY_FILE) to a file holding the key",
             )
         if deterministic:
             temperature = 0.0

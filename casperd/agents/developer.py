@@ -85,8 +85,11 @@ def _need_services(ctx: RunContext) -> Any:
         raise TaskError("this node offers no agent services", hint="run code tasks on a developer node")
     if not ctx.services.has_api_key:
         raise MissingApiKeyError(
-            "no Anthropic API key: set ANTHROPIC_API_KEY on the developer nodes",
-            hint="or point the anthropic_api_key_file setting at a file holding the key",
+            f"no Anthropic API key on {ctx.node_id}: ANTHROPIC_API_KEY is not set in the environment casperd was "
+            "started with, and no anthropic_api_key_file is configured",
+            hint="the key must reach the developer nodes, not caspectl: export ANTHROPIC_API_KEY before starting "
+            "casperd (or 'casperd up') and restart it, or point their anthropic_api_key_file setting at a file "
+            "holding the key",
         )
     return ctx.services
 

@@ -11,10 +11,52 @@ The runners are imported when first used, so a node that never runs them pays no
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from casperd.errors import TaskError
 from casperd.handlers import Catalog, RunContext, TaskType
+
+NonBlank = Annotated[str, StringConstraints(pattern=r"\S")]
+
+
+class _AgentInput(BaseModel):
+    # extra fields are allowed: the job coordinator adds its own bookkeeping (job_id, limits, ...)
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class AskInput(_AgentInput):
+    EXAMPLE: ClassVar[str] = '{"prompt": "Name three primes"}'
+    prompt: NonBlank
+    system: str | None = None
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=128_000)
+    deterministic: bool = False
+
+
+class CodeInput(_AgentInput):
+    EXAMPLE: ClassVar[str] = '{"repo": "/path/to/repo", "base": "COMMIT", "instructions": "..."}'
+    repo: NonBlank
+    base: NonBlank
+    instructions: str | None = None
+    goal: str | None = None
+
+
+class TestInput(_AgentInput):
+    __test__ = False  # not a pytest class
+    EXAMPLE: ClassVar[str] = '{"repo": "/path/to/repo", "base": "COMMIT", "test_cmd": "pytest -q"}'
+    repo: NonBlank
+    base: NonBlank
+    test_cmd: NonBlank
+    timeout_s: float | None = Field(default=None, gt=0, le=86400)
+
+
+class JobInput(_AgentInput):
+    EXAMPLE: ClassVar[str] = "caspectl run GOAL --repo PATH (jobs are best started with caspectl run)"
+    goal: NonBlank
+    repo: NonBlank
+    base: NonBlank
 
 
 async def _ask(ctx: RunContext, data: dict[str, Any]) -> Any:
@@ -47,6 +89,7 @@ def install(catalog: Catalog) -> Catalog:
         TaskType(
             "ask",
             _ask,
+            input_model=AskInput,
             requires=("llm",),
             description="one Claude call: input.prompt (+system, model, max_tokens, deterministic)",
         )
@@ -55,6 +98,7 @@ def install(catalog: Catalog) -> Catalog:
         TaskType(
             "code",
             _code,
+            input_model=CodeInput,
             requires=("code",),
             description="a developer agent's tool loop in a git worktree; returns a patch",
         )
@@ -63,6 +107,7 @@ def install(catalog: Catalog) -> Catalog:
         TaskType(
             "test",
             _test,
+            input_model=TestInput,
             requires=("test",),
             input_attachments=True,
             description="applies a patch to a clean worktree and runs the test command",
@@ -72,6 +117,7 @@ def install(catalog: Catalog) -> Catalog:
         TaskType(
             "job",
             _job,
+            input_model=JobInput,
             local=True,
             description="a whole job: plan, code in parallel, validate, test, integrate (caspectl run)",
         )

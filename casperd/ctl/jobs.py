@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -436,7 +437,12 @@ def render_report(report: dict[str, Any]) -> RenderableType:
     report = _d(report)
     parts: list[RenderableType] = [_header(report)]
     table = _subtask_table(report, full=True)
-    parts.append(table if table is not None else Text("no subtasks (yet)", style="dim"))
+    ended = _str(report.get("state")) in TERMINAL_STATES
+    parts.append(
+        table
+        if table is not None
+        else Text("no subtasks: the job ended before any was planned" if ended else "no subtasks yet", style="dim")
+    )
     details = Text()
     for r in _rows(report):
         extra = []
@@ -456,8 +462,8 @@ def render_report(report: dict[str, Any]) -> RenderableType:
     totals.append("time:   ", style="bold").append(
         f"{fmt_secs(report.get('wall_s'))} wall, {fmt_secs(report.get('sum_task_s'))} summed over subtasks"
     )
-    gain = speedup(report)
-    if gain is not None:
+    gain = speedup(report) if table is not None else None
+    if gain is not None and gain > 0:
         totals.append(f" = {gain:.2f}x parallel speedup")
     if report.get("started_at") or report.get("finished_at"):
         totals.append(
@@ -471,7 +477,23 @@ def render_report(report: dict[str, Any]) -> RenderableType:
         parts.append(Text.assemble(("notes:", "bold"), *(f"\n  - {_str(n)}" for n in notes)))
     if report.get("summary"):
         parts.append(Text.assemble(("summary:\n", "bold"), _str(report["summary"]).strip()))
+    key_note = key_not_passed_note(json.dumps(report, default=str))
+    if key_note:
+        parts.append(Text(key_note, style="yellow"))
     return Group(*parts)
+
+
+def key_not_passed_note(text: str) -> str | None:
+    """When a failure is a missing API key and caspectl's own environment has one: say it is not passed on."""
+    if "no Anthropic API key" not in text and "no-api-key" not in text:
+        return None
+    if not os.environ.get("ANTHROPIC_API_KEY", "").strip():
+        return None
+    return (
+        "note: ANTHROPIC_API_KEY is set in caspectl's environment, but caspectl does not pass it on: the key must be "
+        "in the environment of the casperd nodes (export it before 'casperd up' and restart the mesh) or in the "
+        "file named by their anthropic_api_key_file setting"
+    )
 
 
 def render_live(report: dict[str, Any], elapsed: float) -> RenderableType:

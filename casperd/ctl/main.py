@@ -7,24 +7,21 @@ cause and the fix, and the exit code says what kind of failure it was (see ``--h
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
-import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
-
 from casperd import __version__
-from casperd.codec import describe_validation
-from casperd.ctl import jobs
+from casperd.ctl import jobs, submit
 from casperd.ctl.client import ControlClient, find_control, parse_id
+from casperd.ctl.output import emit, err, fail, kv, out, plural, table
 from casperd.errors import CasperError, CommandError, NoDaemonError, RequestTimeoutError, TaskNotFoundError
 from casperd.exitcodes import ExitCode
-from casperd.messages import TaskSpec
+from casperd.waiting import why_waiting
+
+USAGE_CODES = frozenset({"command", "bad-input", "unknown-task-type", "idempotency-conflict"})
+"""Error codes that mean the request itself was wrong: exit 2, like a bad flag."""
 
 EPILOG = """\
 examples:
@@ -47,35 +44,26 @@ exit codes: 0 ok, 1 failed, 2 bad usage or input, 3 no daemon reachable, 4 not f
             budget exhausted or final tests failing, 5 cancelled.
 """
 
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-
-
-def _emit(args: argparse.Namespace, data: Any, human: Callable[[Any], None]) -> None:
-    if args.output == "json":
-        print(json.dumps(data, indent=2, default=str))
-    else:
-        human(data)
-
-
-def _table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
-    t = Table(title=title, title_justify="left", header_style="bold")
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*("" if v is None else str(v) for v in r))
-    return t
-
-
-def _kv(title: str, data: dict[str, Any]) -> None:
-    rows = [(k, json.dumps(v) if isinstance(v, dict | list) else v) for k, v in data.items()]
-    out.print(_table(title, ("field", "value"), rows))
+_emit, _table, _kv = emit, table, kv
 
 
 # --- commands -------------------------------------------------------------------------------------
 def cmd_status(c: ControlClient, a: argparse.Namespace) -> int:
     data = c.request("status")
-    _emit(a, data, lambda d: _kv(f"{d.get('node_id')} ({d.get('role')})", d))
+
+    def human(d: dict[str, Any]) -> None:
+        _kv(f"{d.get('node_id')} ({d.get('role')})", d)
+        mesh = d.get("mesh_cache")
+        if isinstance(mesh, dict) and mesh:
+            hits, misses = int(mesh.get("hits", 0)), int(mesh.get("misses", 0))
+            rate = f", hit rate {hits / (hits + misses):.0%}" if hits + misses else ""
+            out.print(
+                f"result cache over the mesh ({plural(int(mesh.get('nodes', 0)), 'node')} reporting): "
+                f"{hits} hits, {misses} misses{rate}",
+                highlight=False,
+            )
+
+    _emit(a, data, human)
     return ExitCode.OK
 
 
@@ -87,7 +75,7 @@ def cmd_peers(c: ControlClient, a: argparse.Namespace) -> int:
         data,
         lambda d: out.print(
             _table(
-                f"{len(d['peers'])} peers",
+                plural(len(d["peers"]), "peer"),
                 cols,
                 ([p[k] if k != "capabilities" else ",".join(p[k]) for k in cols] for p in d["peers"]),
             )
@@ -96,129 +84,17 @@ def cmd_peers(c: ControlClient, a: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _spec_from_args(a: argparse.Namespace) -> TaskSpec:
-    try:
-        data = json.loads(a.input) if a.input else {}
-    except RecursionError:
-        raise CommandError("--input is nested too deeply", hint="flatten the input") from None
-    except ValueError as exc:
-        raise CommandError(f"--input is not valid JSON: {exc}", hint="""e.g. --input '{"cmd": "ls"}'""") from None
-    if not isinstance(data, dict):
-        raise CommandError("--input must be a JSON object", hint="""e.g. --input '{"cmd": "ls"}'""")
-    fields: dict[str, Any] = {
-        "type": a.type,
-        "input": data,
-        "priority": a.priority,
-        "requires": tuple(a.requires or ()),
-        "affinity": a.affinity,
-        "idempotency_key": a.idempotency_key,
-        "max_attempts": a.max_attempts,
-        "timeout_s": a.timeout_s,
-    }
-    return _spec(fields, "the command line")
-
-
-def _spec(fields: dict[str, Any], where: str) -> TaskSpec:
-    try:
-        return TaskSpec.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValidationError as exc:
-        raise CommandError(
-            f"bad task in {where}: {describe_validation(exc)}", hint="see caspectl submit --help"
-        ) from None
-
-
-def _wait(c: ControlClient, a: argparse.Namespace, ids: list[str]) -> int:
-    left = set(ids)
-    results: dict[str, Any] = {}
-    deadline = time.monotonic() + a.wait_timeout
-    for done in c.done_events(timeout_s=a.wait_timeout):
-        tid = str(done.task_id)
-        if tid in left:
-            left.discard(tid)
-            results[tid] = {
-                "id": tid,
-                "status": done.status,
-                "output": done.output,
-                "error": done.error.model_dump() if done.error else None,
-            }
-        if not left or time.monotonic() > deadline:
-            break
-    if left:
-        raise RequestTimeoutError(
-            f"{len(left)} task(s) not finished within {a.wait_timeout:g}s",
-            hint="they keep running; see caspectl get ID, or raise --wait-timeout",
-        )
-    values = [results[i] for i in ids]
-    _emit(a, values if len(values) > 1 else values[0], lambda d: [_kv(f"task {v['id']}", v) for v in values])
-    bad = [v for v in values if v["status"] != "complete"]
-    return ExitCode.TASK_FAILED if bad else ExitCode.OK
-
-
-def cmd_submit(c: ControlClient, a: argparse.Namespace) -> int:
-    spec = _spec_from_args(a)
-    acc = c.submit_until_accepted([spec], wait=a.wait)
-    tid = str(acc.task_ids[0])
-    if a.wait:
-        return _wait(c, a, [tid])
-    data = {"id": tid, "existing": acc.existing[0]}
-    _emit(a, data, lambda d: out.print(f"{'existing' if d['existing'] else 'accepted'} task {d['id']}"))
-    return ExitCode.OK
-
-
-def cmd_submit_bulk(c: ControlClient, a: argparse.Namespace) -> int:
-    src = sys.stdin if a.file == "-" else None
-    try:
-        fh = src or open(a.file, encoding="utf-8")  # noqa: SIM115
-    except OSError as exc:
-        raise CommandError(
-            f"cannot read {a.file}: {exc.strerror}", hint="give a JSON-lines file, or - for stdin"
-        ) from None
-    specs: list[TaskSpec] = []
-    with fh:
-        try:
-            lines = list(fh)
-        except UnicodeDecodeError as exc:
-            raise CommandError(
-                f"{a.file} is not UTF-8 text (byte {exc.start})", hint="one JSON object per line"
-            ) from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except (ValueError, RecursionError) as exc:
-                raise CommandError(
-                    f"line {n}: not JSON ({type(exc).__name__})", hint="one JSON object per line"
-                ) from None
-            if not isinstance(obj, dict):
-                raise CommandError(f"line {n}: expected a JSON object", hint='e.g. {"type": "echo", "input": {}}')
-            specs.append(_spec(obj, f"line {n}"))
-    if not specs:
-        raise CommandError("no tasks in the input", hint="one JSON object per line")
-    ids: list[str] = []
-    fresh = 0
-    for i in range(0, len(specs), a.batch):
-        acc = c.submit_until_accepted(specs[i : i + a.batch], wait=a.wait)
-        ids.extend(str(t) for t in acc.task_ids)
-        fresh += acc.existing.count(False)
-        if a.output != "json" and not a.wait:
-            err.print(f"submitted {len(ids)}/{len(specs)}", end="\r")
-    if a.wait:
-        return _wait(c, a, ids)
-    _emit(
-        a,
-        {"submitted": len(ids), "new": fresh, "ids": ids},
-        lambda d: out.print(f"submitted {d['submitted']} tasks ({d['new']} new)"),
-    )
-    return ExitCode.OK
-
-
 def cmd_get(c: ControlClient, a: argparse.Namespace) -> int:
     data = c.request("get", id=str(parse_id(a.id)))
+    why = _why(c, [data]).get(str(data.get("id")))
+    if why:
+        data["waiting"] = why
 
     def human(d: dict[str, Any]) -> None:
         events = d.pop("events", [])
         _kv(f"task {d['id']}", d)
+        if why:
+            err.print(f"[yellow]this task waits:[/] {why}", highlight=False)
         out.print(
             _table(
                 "events",
@@ -235,12 +111,38 @@ def cmd_tasks(c: ControlClient, a: argparse.Namespace) -> int:
     data = c.request("tasks", status=a.status, limit=a.limit)
     cols = ("id", "type", "status", "priority", "attempts", "assigned_to", "created_at")
 
+    whys = _why(c, data["tasks"])
+    for t in data["tasks"]:
+        if t["id"] in whys:
+            t["waiting"] = whys[t["id"]]
+
     def human(d: dict[str, Any]) -> None:
-        out.print(_table(f"{len(d['tasks'])} tasks", cols, ([t[k] for k in cols] for t in d["tasks"])))
+        out.print(_table(plural(len(d["tasks"]), "task"), cols, ([t[k] for k in cols] for t in d["tasks"])))
         out.print("totals: " + ", ".join(f"{k}={v}" for k, v in sorted(d["counts"].items())))
+        reasons: dict[str, list[str]] = {}
+        for tid, why in whys.items():
+            reasons.setdefault(why, []).append(tid)
+        for why, ids in reasons.items():
+            err.print(
+                f"[yellow]{plural(len(ids), 'task')} cannot run now:[/] {why} ({', '.join(ids[:3])}"
+                f"{', ...' if len(ids) > 3 else ''})",
+                highlight=False,
+            )
 
     _emit(a, data, human)
     return ExitCode.OK
+
+
+def _why(c: ControlClient, tasks: list[dict[str, Any]]) -> dict[str, str]:
+    """task id -> why it cannot run now, for the open tasks that cannot (see casperd.waiting)."""
+    if not any(t.get("status") in ("pending", "retry") for t in tasks):
+        return {}
+    try:
+        peers = c.request("peers")["peers"]
+    except CasperError:
+        return {}
+    found = {str(t.get("id")): why_waiting(t, peers) for t in tasks}
+    return {k: v for k, v in found.items() if v}
 
 
 def cmd_cancel(c: ControlClient, a: argparse.Namespace) -> int:
@@ -309,6 +211,7 @@ def cmd_keygen(a: argparse.Namespace) -> int:
 
 
 # --- parser ---------------------------------------------------------------------------------------
+SUBPARSERS: dict[str, argparse.ArgumentParser] = {}
 _seconds = jobs.poll_seconds  # a positive, finite number of seconds (argparse type)
 
 
@@ -345,26 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, fn: Any, help_text: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         sp.set_defaults(fn=fn)
+        SUBPARSERS[name] = sp
         return sp
 
     add("status", cmd_status, "the node's state: peers, open tasks, store and cache")
     add("peers", cmd_peers, "registered peers with liveness, breaker, load")
-    for name, help_text in (("submit", "submit one task"), ("submit-bulk", "submit many tasks (JSON lines)")):
-        sp = add(name, cmd_submit if name == "submit" else cmd_submit_bulk, help_text)
-        if name == "submit":
-            sp.add_argument("type", help="task type: noop, echo, sleep, shell, ...")
-            sp.add_argument("--input", help="the task's input, a JSON object")
-            sp.add_argument("--priority", type=int, default=5, help="0 (low) to 9 (high); default 5")
-            sp.add_argument("--requires", action="append", metavar="CAP", help="a capability the peer must have")
-            sp.add_argument("--affinity", help="tasks with the same key run on the same peer")
-            sp.add_argument("--idempotency-key", help="submitting the same key again returns the same task")
-            sp.add_argument("--max-attempts", type=int, help="runs before the task is dead (default: mesh setting)")
-            sp.add_argument("--timeout-s", type=_seconds, help="kill the task after this many seconds")
-        else:
-            sp.add_argument("file", help="JSON-lines file, or - for stdin")
-            sp.add_argument("--batch", type=int, default=500, help="tasks per SUBMIT message (default 500)")
-        sp.add_argument("--wait", action="store_true", help="wait for the result(s); exit 5 if any ends badly")
-        sp.add_argument("--wait-timeout", type=_seconds, default=300.0, help="seconds to wait with --wait")
+    submit.add_parsers(add, _seconds)
     sp = add("get", cmd_get, "one task with its events")
     sp.add_argument("id")
     sp = add("tasks", cmd_tasks, "recent tasks")
@@ -389,15 +278,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a, extra = parser.parse_known_args(argv)
+    if extra:  # a mistyped flag: the subcommand's usage, not the top-level one
+        sub = SUBPARSERS.get(getattr(a, "command", ""), parser)
+        sub.error(f"unrecognized arguments: {' '.join(extra)} (see {sub.prog} --help)")
+    try:
+        code = _run(a)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # the reader went away (caspectl tasks -o json | head -1): not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitCode.OK
+
+
+def _run(a: argparse.Namespace) -> int:
     try:
         if a.command == "keygen":
             return cmd_keygen(a)
         if a.command == "run":
             jobs.check_run(a)  # before any daemon is contacted
         endpoint = find_control(a.control, a.state_dir)
-        if a.command == "submit-bulk" and a.batch < 1:
-            raise CommandError("--batch must be at least 1")
         with ControlClient(endpoint, a.timeout) as client:
             return int(a.fn(client, a))
     except NoDaemonError as exc:
@@ -406,22 +308,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(a, exc, ExitCode.TIMEOUT)
     except TaskNotFoundError as exc:
         return _fail(a, exc, ExitCode.NOT_FOUND)
-    except CommandError as exc:
-        return _fail(a, exc, ExitCode.USAGE if exc.code == "command" else ExitCode.FAILURE)
     except CasperError as exc:
-        return _fail(a, exc, ExitCode.FAILURE)
+        note = jobs.key_not_passed_note(exc.message)
+        if note:
+            exc.hint = f"{exc.hint}; {note}" if exc.hint else note
+        return _fail(a, exc, ExitCode.USAGE if exc.code in USAGE_CODES else ExitCode.FAILURE)
     except KeyboardInterrupt:
         return ExitCode.FAILURE
 
 
-def _fail(a: argparse.Namespace, exc: CasperError, code: int) -> int:
-    if getattr(a, "output", "table") == "json":
-        print(json.dumps({"error": exc.to_wire(), "exit_code": int(code)}))
-    else:
-        err.print(
-            f"[bold red]caspectl:[/] {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), highlight=False
-        )
-    return int(code)
+_fail = fail
 
 
 if __name__ == "__main__":

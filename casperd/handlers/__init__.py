@@ -7,6 +7,10 @@ the task's requirements), how to run it (on a worker), and optionally how to val
 a node builds one and hands it to its core; a plugin package (``casperd.agents``) adds its task
 types, its asynchronous validators (run by the policeman) and its mesh services (with the roles
 that may call them). This package imports no plugin.
+
+A type may carry an ``input_model`` (a pydantic model of its input): the policeman checks every
+submitted input against it (:func:`check_input`) and refuses a bad one at SUBMIT with
+``bad-input``, so bad input is never dispatched, run or retried.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from casperd.errors import UnknownTaskTypeError
+from pydantic import BaseModel, ValidationError
+
+from casperd.errors import BadInputError, UnknownTaskTypeError
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,7 @@ class TaskType:
     input_attachments: bool = False  # its TASK messages carry binary attachments (kept in task_attachments)
     validate_when: Callable[[dict[str, Any]], bool] | None = None
     """Whether a task's input asks for ``validate`` (None: always, when there is a validator)."""
+    input_model: type[BaseModel] | None = None  # the input's schema, checked at SUBMIT
 
     def needs_validation(self, task_input: dict[str, Any]) -> bool:
         if self.validate is None:
@@ -143,6 +150,29 @@ def get(name: str) -> TaskType:
     except KeyError:
         known = ", ".join(sorted(REGISTRY))
         raise UnknownTaskTypeError(f"unknown task type {name!r}", hint=f"known types: {known}") from None
+
+
+def check_input(ttype: TaskType, data: dict[str, Any], where: str = "") -> None:
+    """Check a task's input against its type's ``input_model``.
+
+    Raises:
+        BadInputError: the input does not fit the type's schema (field paths and reasons, never values).
+    """
+    name = ttype.name
+    if ttype.input_model is None:
+        return
+    try:
+        ttype.input_model.model_validate(data)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors(include_input=False, include_url=False)[:3]:
+            loc = ".".join(str(p) for p in err["loc"]) or "(input)"
+            parts.append(f"{loc}: {err['msg']}")
+        example = getattr(ttype.input_model, "EXAMPLE", "")
+        raise BadInputError(
+            f"{where}bad input for a {name} task: {'; '.join(parts)}",
+            hint=f"fix the input{f', e.g. {example}' if example else ''}; nothing was run",
+        ) from None
 
 
 def _load_builtins() -> None:

@@ -8,10 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from casperd.errors import TaskError
 from casperd.handlers import RunContext, TaskType, register
+
+
+class SleepInput(BaseModel):
+    """``sleep``'s input: a number of seconds (not a string), optionally a failure to report."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    EXAMPLE: ClassVar[str] = '{"seconds": 2}'
+    seconds: float = Field(default=1.0, ge=0, le=86400, allow_inf_nan=False)
+    fail: Any = None
 
 
 async def _noop(ctx: RunContext, data: dict[str, Any]) -> None:
@@ -35,4 +46,11 @@ async def _sleep(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
 
 register(TaskType("noop", _noop, description="does nothing; for health checks and benchmarks"))
 register(TaskType("echo", _echo, description="returns its input"))
-register(TaskType("sleep", _sleep, description="sleeps input.seconds; input.fail makes it fail afterwards"))
+register(
+    TaskType(
+        "sleep",
+        _sleep,
+        description="sleeps input.seconds; input.fail makes it fail afterwards",
+        input_model=SleepInput,
+    )
+)

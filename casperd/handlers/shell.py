@@ -1,10 +1,13 @@
 """The ``shell`` task type: run a command in the node's workspace.
 
 Input: ``cmd`` (a string run by /bin/sh, or a list of argv), optional ``timeout_s``, ``cwd``
-(relative to the workspace, never outside it), ``stdin`` and ``expect_exit`` (validated by the
-policeman: a different exit code sends the task to error and retry). The command's environment is
-the node's minus anything that looks like a secret. Output: exit code, the tails of stdout and
-stderr (capped), duration, and whether it timed out.
+(relative to the workspace, never outside it), ``stdin`` and ``expect_exit``. The input is
+checked at SUBMIT against :class:`ShellInput`, so a missing ``cmd`` or a ``cwd`` leaving the
+workspace is refused at once. Exit codes: without ``expect_exit`` a non-zero exit fails the task
+(``exit-code``, retried like any failure); with it, the policeman validates the exit code (a
+different one sends the task to error and retry) and any code may be the expected one. The
+command's environment is the node's minus anything that looks like a secret. Output: exit code,
+the tails of stdout and stderr (capped), duration, and whether it timed out.
 """
 
 from __future__ import annotations
@@ -12,16 +15,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import posixpath
 import re
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
-from casperd.errors import TaskError, TaskTimeoutError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from casperd.errors import ShellExitError, TaskError, TaskTimeoutError
 from casperd.handlers import RunContext, TaskType, register
 
 _SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.I)
+
+
+class ShellInput(BaseModel):
+    """``shell``'s input, checked at SUBMIT (unknown fields too: a typo is refused, not ignored)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    EXAMPLE: ClassVar[str] = '{"cmd": "pytest -q"} or {"cmd": ["ls", "-la"]}'
+    cmd: Annotated[str, StringConstraints(pattern=r"\S")] | Annotated[list[str], Field(min_length=1)]
+    timeout_s: float | None = Field(default=None, gt=0, le=86400, allow_inf_nan=False)
+    cwd: str | None = None
+    stdin: str | None = None
+    expect_exit: int | None = None
+
+    @field_validator("cwd")
+    @classmethod
+    def _inside(cls, cwd: str | None) -> str | None:
+        if cwd is not None:
+            norm = posixpath.normpath(cwd)
+            if posixpath.isabs(cwd) or norm == ".." or norm.startswith("../"):
+                raise ValueError("must be a path relative to the workspace, not leaving it")
+        return cwd
 
 
 def clean_env() -> dict[str, str]:
@@ -99,6 +126,12 @@ async def run_shell(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
         raise TaskTimeoutError(f"command timed out after {timeout:g}s", hint="raise timeout_s or speed it up")
     stdout, out_cut = _tail(out, ctx.output_cap)
     stderr, err_cut = _tail(err, ctx.output_cap)
+    if proc.returncode != 0 and data.get("expect_exit") is None:
+        last = stderr.strip().splitlines()[-1][:200] if stderr.strip() else "no stderr"
+        raise ShellExitError(
+            f"command exited with code {proc.returncode} ({last})",
+            hint="fix the command, or set input.expect_exit to the exit code you expect",
+        )
     return {
         "exit_code": proc.returncode,
         "stdout": stdout,
@@ -129,6 +162,7 @@ register(
         requires=("shell",),
         validate=validate_shell,
         validate_when=lambda data: "expect_exit" in data,
-        description="runs input.cmd in the workspace; input.expect_exit is validated",
+        description="runs input.cmd in the workspace; a non-zero exit fails it unless input.expect_exit says so",
+        input_model=ShellInput,
     )
 )

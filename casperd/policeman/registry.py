@@ -111,6 +111,7 @@ class RegistryRules(TaskRules):
         self.requeue(rec, now.wall, reason)
 
     def on_heartbeat(self, peer: Peer, msg: Heartbeat, now: Now) -> None:
+        peer.cache = msg.cache
         if msg.draining != peer.draining_itself:
             peer.draining_itself = msg.draining
             peer.update_draining()

@@ -49,6 +49,7 @@ class Peer:
     send_failing: bool = False
     draining_itself: bool = False
     public_key: str | None = None
+    cache: dict[str, int] | None = None  # its result-cache counters, from its last HEARTBEAT
 
     def update_draining(self) -> None:
         self.slot.draining = self.drained_by_operator or self.draining_itself

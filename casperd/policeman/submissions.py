@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from casperd import codec
+from casperd import admission, codec
 from casperd.errors import CasperError, InvalidBodyError, TaskNotFoundError
 from casperd.lifecycle import ACTIVE, Status, Trigger
 from casperd.liveness import Liveness
@@ -35,8 +35,7 @@ class SubmissionRules(AssignRules):
             raise CasperError(
                 "the policeman is shutting down and accepts no new work", hint="submit again once it is back"
             )
-        for spec in msg.tasks:
-            self.catalog.get(spec.type)  # unknown type: an error for the whole submit, nothing half-done
+        admission.check_specs(msg.tasks, self.catalog)  # types and input schemas: all refused, nothing half-done
         for key, tid in found.items():
             self.remember_key(key, tid)
         for n, spec in enumerate(msg.tasks):
@@ -166,9 +165,12 @@ class SubmissionRules(AssignRules):
         """Run a dead or cancelled task again, as a new task (the old one keeps its history)."""
         self.clock = now.mono
         if row["status"] not in (Status.DEAD.value, Status.CANCELLED.value):
+            done = row["status"] == Status.COMPLETE.value
             raise InvalidBodyError(
                 f"task {row['id']} is {row['status']}; only dead or cancelled tasks are retried",
-                hint="caspectl cancel ID first, or wait for it to finish",
+                hint="it succeeded: to run the same work again, submit it again (caspectl get ID shows its input)"
+                if done
+                else "caspectl cancel ID first, or wait for it to finish",
             )
         spec = TaskSpec(
             type=row["type"],

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from casperd import handlers
-from casperd.errors import TaskError, TaskTimeoutError, UnknownTaskTypeError
+from casperd.errors import ShellExitError, TaskError, TaskTimeoutError, UnknownTaskTypeError
 from casperd.handlers import RunContext, TaskType
 from casperd.handlers.shell import clean_env, run_shell, validate_shell
 
@@ -40,12 +40,19 @@ async def _wait_dead(pid: int, within: float = 5.0) -> bool:
 
 # --- shell: results -----------------------------------------------------------------------------
 async def test_exit_code_and_output(ctx: RunContext) -> None:
-    out = await run_shell(ctx, {"cmd": "echo hello; echo oops >&2; exit 3"})
+    out = await run_shell(ctx, {"cmd": "echo hello; echo oops >&2; exit 3", "expect_exit": 3})
     assert out["exit_code"] == 3
     assert out["stdout"] == "hello\n"
     assert out["stderr"] == "oops\n"
     assert out["stdout_truncated"] is False and out["stderr_truncated"] is False
     assert isinstance(out["duration_s"], float) and 0 <= out["duration_s"] < 10
+
+
+async def test_non_zero_exit_fails_without_expect_exit(ctx: RunContext) -> None:
+    with pytest.raises(ShellExitError) as info:
+        await run_shell(ctx, {"cmd": "echo oops >&2; exit 2"})
+    assert "code 2" in info.value.message and "oops" in info.value.message
+    assert "expect_exit" in (info.value.hint or "")
 
 
 async def test_success_exit_code(ctx: RunContext) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from casperd import cli
 from casperd.ctl import main as ctl_main
+from casperd.ctl import submit as ctl_submit
 from casperd.errors import ConfigError
 from casperd.exitcodes import ExitCode
 from casperd.messages import Role
@@ -408,7 +409,7 @@ def test_submit_arguments() -> None:
     assert a.affinity == "k" and a.idempotency_key == "i-1"
     assert a.max_attempts == 4 and a.timeout_s == 2.5
     assert a.wait is True and a.wait_timeout == 9.0
-    spec = ctl_main._spec_from_args(a)
+    spec = ctl_submit.spec_from_args(a)
     assert spec.requires == ("gpu", "big") and spec.input == {"cmd": "ls"} and spec.priority == 8
 
 
@@ -445,11 +446,11 @@ def test_bad_submit_input_is_a_command_error() -> None:
     from casperd.errors import CommandError
 
     with pytest.raises(CommandError, match="not valid JSON"):
-        ctl_main._spec_from_args(parse("submit", "echo", "--input", "{nope"))
+        ctl_submit.spec_from_args(parse("submit", "echo", "--input", "{nope"))
     with pytest.raises(CommandError, match="JSON object"):
-        ctl_main._spec_from_args(parse("submit", "echo", "--input", "[1]"))
+        ctl_submit.spec_from_args(parse("submit", "echo", "--input", "[1]"))
     with pytest.raises(CommandError, match="priority"):
-        ctl_main._spec_from_args(parse("submit", "echo", "--priority", "12"))
+        ctl_submit.spec_from_args(parse("submit", "echo", "--priority", "12"))
 
 
 def test_advertised_endpoint_resolves_a_wildcard_bind() -> None:
