@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,18 +243,43 @@ class LocalMesh:
                 node.proc.wait(5)
         return node.proc.returncode
 
-    def stop(self) -> None:
-        """Workers first (they drain and hand back), then the policeman, then the services."""
+    def stop(self, say: Callable[[str], None] | None = None) -> None:
+        """Workers first (they drain and hand back), then the policeman, then the services; the
+        nodes' control sockets and the mesh description are removed. ``say`` hears each step."""
+        tell = say or (lambda _text: None)
         workers = [n for n in self.nodes.values() if n.role != "policeman"]
-        for n in workers:
-            if n.alive and n.proc is not None:
-                n.proc.send_signal(signal.SIGTERM)
+        alive = [n for n in workers if n.alive and n.proc is not None]
+        for n in alive:
+            assert n.proc is not None
+            n.proc.send_signal(signal.SIGTERM)
+        if alive:
+            tell(
+                f"stopping {', '.join(n.node_id for n in alive)}: running tasks finish or are handed back (up to 20 s)"
+            )
         for n in workers:
             self.stop_node(n.node_id)
         if "policeman" in self.nodes:
+            if self.policeman.alive:
+                tell("stopping the policeman: it commits what is staged")
             self.stop_node("policeman")
+        if self.redis is not None or self.postgres is not None:
+            tell("stopping " + " and ".join(n for n, s in (("Redis", self.redis), ("Postgres", self.postgres)) if s))
         self.stop_services()
+        self.remove_sockets()
         (self.state_dir / MESH_FILE).unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """Force: SIGKILL every node process now (a second Ctrl-C); their tasks are recovered at the next start."""
+        for n in self.nodes.values():
+            if n.alive and n.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    n.proc.kill()
+
+    def remove_sockets(self) -> None:
+        """Remove the control socket files of stopped nodes (a stale one looks like a live node)."""
+        for n in self.nodes.values():
+            if n.control.startswith("ipc://") and not n.alive:
+                Path(n.control[len("ipc://") :]).unlink(missing_ok=True)
 
     def describe(self) -> dict[str, object]:
         return {

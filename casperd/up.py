@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -18,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from casperd.ctl.client import MESH_FILE
 from casperd.errors import CasperError
 from casperd.exitcodes import ExitCode
 from casperd.localmesh import LocalMesh
-from casperd.messages import TaskSpec
+from casperd.ports import check_ports
 from casperd.settings import DEFAULT_STATE_DIR
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a local CASPER mesh: embedded Postgres + Redis, a policeman, developers and a tester, "
         "each its own process on 127.0.0.1. Ctrl-C stops everything; data survives a restart.",
-        epilog="examples:\n  casperd up --demo                 # watch a sample workload move through the mesh\n"
+        epilog="examples:\n  casperd up --demo                 # a one-minute show of what the mesh is for\n"
         "  casperd up --developers 4\n"
         "  casperd up --database-url postgresql://me@db/casper --redis-url redis://cache:6379/0\n"
         "then, in another terminal:\n  caspectl status | caspectl peers | "
@@ -61,8 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default="", help="use this Redis instead of the embedded one")
     p.add_argument("--no-redis", action="store_true", help="run without the result cache")
     p.add_argument("--no-curve", action="store_true", help="plain TCP between nodes (default: CurveZMQ)")
-    p.add_argument("--demo", action="store_true", help="submit a sample workload and show its progress")
-    p.add_argument("--demo-tasks", type=int, default=300, help="tasks in the demo workload (default 300)")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="about a minute of work you can watch: spread over developers, one killed and its tasks finishing "
+        "elsewhere, the policeman restarted, the cache answering repeats, a dead letter retried; then a summary",
+    )
+    p.add_argument(
+        "--demo-scale",
+        type=float,
+        default=1.0,
+        help="the demo's length as a fraction of a minute (default 1.0; tests use less)",
+    )
+    p.add_argument("--demo-exit", action="store_true", help="stop the mesh when the demo ends (exit 1 if it failed)")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: run until ^C)")
     p.add_argument("--log-level", default="INFO", help="nodes' log level (default INFO)")
     return p
@@ -94,64 +105,19 @@ def show_mesh(mesh: LocalMesh) -> None:
         f"postgres: {mesh.database_url}   redis: {mesh.redis_url or 'off'}   "
         f"state: {mesh.state_dir}   curve: {'on' if mesh.curve else 'off'}"
     )
-    console.print(
-        "caspectl finds this mesh by itself: try [bold]caspectl status[/], [bold]caspectl peers[/], "
-        "[bold]caspectl tasks[/]. Ctrl-C stops the mesh."
+    console.print(reach_hint(mesh.state_dir), highlight=False)
+    console.print("Ctrl-C stops the mesh.")
+
+
+def reach_hint(state_dir: Path) -> str:
+    """How caspectl finds this mesh: by itself in the default state dir, else the exact line to type."""
+    if state_dir == DEFAULT_STATE_DIR.expanduser().resolve():
+        return "caspectl finds this mesh by itself: try caspectl status, caspectl peers, caspectl tasks."
+    return (
+        f"this mesh is not in the default state dir, so tell caspectl where it is: "
+        f"caspectl --state-dir {shlex.quote(str(state_dir))} status, or in that shell first: "
+        f"export CASPER_STATE_DIR={shlex.quote(str(state_dir))}"
     )
-
-
-def demo_specs(n: int) -> list[TaskSpec]:
-    """A mixed workload: shell commands, echoes (some cached), sleeps, a validated shell check."""
-    specs: list[TaskSpec] = []
-    for i in range(n):
-        kind = i % 5
-        if kind == 0:
-            specs.append(
-                TaskSpec(
-                    type="shell",
-                    input={"cmd": f"python3 -c 'print(sum(range({i * 1000})))'", "expect_exit": 0},
-                    priority=6,
-                )
-            )
-        elif kind == 1:
-            specs.append(TaskSpec(type="echo", input={"n": i % 10}, cache=True))
-        elif kind == 2:
-            specs.append(TaskSpec(type="sleep", input={"seconds": 0.05}, affinity=f"group-{i % 3}"))
-        elif kind == 3:
-            specs.append(TaskSpec(type="shell", input={"cmd": "git --version || uname -a"}, requires=("shell",)))
-        else:
-            specs.append(TaskSpec(type="noop", priority=9))
-    return specs
-
-
-def run_demo(mesh: LocalMesh, n: int) -> dict[str, int]:
-    specs = demo_specs(n)
-    statuses: dict[str, int] = {}
-    with (
-        mesh.client(timeout_s=30) as c,
-        Progress(
-            TextColumn("[bold]demo workload"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress,
-    ):
-        bar = progress.add_task("demo", total=len(specs), detail="submitting")
-        ids: set[str] = set()
-        for i in range(0, len(specs), 100):
-            acc = c.submit(specs[i : i + 100], wait=True)
-            ids.update(str(t) for t in acc.task_ids)
-        done = 0
-        for ev in c.done_events(timeout_s=60):
-            if str(ev.task_id) in ids:
-                done += 1
-                statuses[ev.status] = statuses.get(ev.status, 0) + 1
-                progress.update(bar, completed=done, detail=" ".join(f"{k}={v}" for k, v in sorted(statuses.items())))
-            if done >= len(ids):
-                break
-    return statuses
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +133,17 @@ def main(argv: list[str] | None = None) -> int:
             "  hint: stop it (Ctrl-C in its terminal, or kill the pid), or use another --state-dir"
         )
         return ExitCode.USAGE
+    try:
+        check_ports(
+            a.port_base,
+            1 + a.developers + a.testers,
+            postgres=not a.database_url,
+            redis=not (a.no_redis or a.redis_url),
+        )
+    except CasperError as exc:
+        console.print(f"[red]casperd up:[/] {exc.message}\n  hint: {exc.hint}", highlight=False)
+        return ExitCode.USAGE
+    _announce_root_user(a.database_url)
     mesh = LocalMesh(
         state_dir,
         developers=a.developers,
@@ -177,14 +154,21 @@ def main(argv: list[str] | None = None) -> int:
         curve=not a.no_curve,
         log_level=a.log_level,
     )
-    stop = {"now": False}
+    stop = {"now": False, "stopping": False}
 
     def on_signal(signum: int, frame: Any) -> None:
+        if stop["stopping"]:
+            console.print("[red]second signal: killing the nodes now[/] (their tasks are recovered at the next start)")
+            mesh.kill()
+            return
         stop["now"] = True
+        if a.demo:
+            raise KeyboardInterrupt  # interrupt the demo's wait at once
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     t0 = time.monotonic()
+    code = ExitCode.OK
     try:
         with console.status("starting Postgres, Redis, the policeman and the peers..."):
             mesh.start()
@@ -192,20 +176,44 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"mesh up in {time.monotonic() - t0:.1f}s")
         show_mesh(mesh)
         if a.demo:
-            result = run_demo(mesh, a.demo_tasks)
-            console.print(f"demo finished: {result}. Inspect it: caspectl tasks, caspectl get ID")
+            from casperd.demo import run_demo
+
+            summary = run_demo(mesh, console, scale=a.demo_scale)
+            code = ExitCode.OK if summary.ok else ExitCode.FAILURE
+            if a.duration == 0 and a.demo_exit:
+                stop["now"] = True
         deadline = time.monotonic() + a.duration if a.duration else None
         while not stop["now"] and (deadline is None or time.monotonic() < deadline):
             time.sleep(0.2)
             supervise(mesh)
+    except KeyboardInterrupt:
+        pass
     except CasperError as exc:
         console.print(f"[red]casperd up:[/] {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""))
-        return ExitCode.FAILURE
+        code = ExitCode.FAILURE
     finally:
-        with console.status("stopping: peers drain, then the policeman, Redis and Postgres..."):
-            mesh.stop()
+        stop["stopping"] = True
+        console.print("stopping the mesh (Ctrl-C again to kill the nodes at once)")
+        mesh.stop(say=lambda text: console.print(f"  {text}", highlight=False))
         console.print("mesh stopped")
-    return ExitCode.OK
+    return code
+
+
+def _announce_root_user(database_url: str) -> None:
+    """Postgres refuses to run as root: as root, the embedded one runs as a system user we create."""
+    if database_url or os.geteuid() != 0:
+        return
+    import pwd
+
+    from casperd.embedded import PG_SYSTEM_USER
+
+    try:
+        pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        console.print(
+            f"running as root: creating the system user {PG_SYSTEM_USER} (useradd --system, no home, no login) "
+            "to run the embedded Postgres, which refuses to run as root. Run casperd up as a normal user to avoid it."
+        )
 
 
 def supervise(mesh: LocalMesh) -> None:

@@ -49,7 +49,8 @@ def find_control(explicit: str | None = None, state_dir: Path | None = None) -> 
             ) from None
     raise NoDefaultError(
         f"no running mesh found (no {mesh})",
-        hint="start one with 'casperd up', or pass --control ENDPOINT / set CASPER_CONTROL",
+        hint="start one with 'casperd up'; a mesh started with 'casperd up --state-dir DIR' is found with "
+        "caspectl --state-dir DIR (or CASPER_STATE_DIR=DIR); or pass --control ENDPOINT / set CASPER_CONTROL",
     )
 
 
