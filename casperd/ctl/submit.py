@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from casperd.codec import describe_validation
 from casperd.ctl.client import ControlClient
+from casperd.ctl.jobs import key_not_passed_note
 from casperd.ctl.output import emit, err, kv, out, plural, warn
 from casperd.errors import CasperError, CommandError, RequestTimeoutError
 from casperd.exitcodes import ExitCode
@@ -105,6 +106,9 @@ def wait(c: ControlClient, a: argparse.Namespace, ids: list[str]) -> int:
             pending=pending,
         )
     values = [results[i] for i in ids]
+    note = key_not_passed_note(json.dumps([v["error"] for v in values if v["error"]]))
+    if note:
+        warn(a, note)
     emit(a, values if len(values) > 1 else values[0], lambda d: [kv(f"task {v['id']}", v) for v in values])
     bad = [v for v in values if v["status"] != "complete"]
     return ExitCode.TASK_FAILED if bad else ExitCode.OK

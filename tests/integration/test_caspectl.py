@@ -526,3 +526,145 @@ def test_every_command_against_a_live_mesh(make_mesh: Any, database_url: str, tm
     assert counts.get("cancelled") == 3 and counts.get("dead") == 3
     assert set(counts) <= {"complete", "dead", "cancelled"}, counts
     assert ctl(0, "health", "-q").out == ""
+
+
+# --- a newcomer's first hour (issue 12) -----------------------------------------------------------
+def test_mistyped_flag_prints_the_subcommands_usage() -> None:
+    run = expect(ExitCode.USAGE, "submit", "echo", "--inptu", "{}")
+    assert run.err.startswith("usage: caspectl submit") and "--inptu" in run.err and "--help" in run.err
+    run = expect(ExitCode.USAGE, "tasks", "--stauts", "dead")
+    assert run.err.startswith("usage: caspectl tasks")
+
+
+def test_first_hour_against_a_live_mesh(make_mesh: Any, database_url: str) -> None:
+    mesh: LocalMesh = make_mesh(developers=1, testers=1)
+    control = mesh.policeman.control
+
+    def ctl(code: int, *args: Any, **kw: Any) -> Run:
+        return expect(code, "--control", control, *args, **kw)
+
+    def task_count() -> int:
+        return int(db_rows(database_url, "SELECT count(*) FROM tasks")[0][0])
+
+    # bad input of every task type: refused at once with exit 2, naming the field; nothing created
+    bad = {
+        "shell": ['{"timeout_s": 5}', '{"cmd": "ls", "cwd": "../../etc"}', '{"cmd": "ls", "cache": true}'],
+        "sleep": ['{"seconds": "five"}'],
+        "ask": ['{"prompt": ""}'],
+        "code": ['{"repo": "/r"}'],
+        "test": ['{"repo": "/r", "base": "abc"}'],
+        "job": ['{"goal": "g"}'],
+    }
+    for ttype, inputs in bad.items():
+        for text in inputs:
+            run = ctl(ExitCode.USAGE, "submit", ttype, "--input", text)
+            assert f"bad input for a {ttype} task" in run.err and "hint:" in run.err, run.err
+    err = json_error(
+        ctl(ExitCode.USAGE, "submit", "sleep", "--input", '{"seconds": "five"}', "-o", "json"), "bad-input", 2
+    )
+    assert "seconds" in err["message"] and "five" not in err["message"]
+    assert "--cache" in ctl(ExitCode.USAGE, "submit", "shell", "--input", '{"cmd": "ls", "cache": true}').err
+    assert "known types" in ctl(ExitCode.USAGE, "submit", "shel", "--input", "{}").err
+    bulk = '{"type": "echo"}\n{"type": "sleep", "input": {"seconds": "x"}}\n'
+    assert "task 1: bad input" in ctl(ExitCode.USAGE, "submit-bulk", "-", stdin=bulk).err
+    assert task_count() == 0, "bad input must never create a task"
+
+    # idempotency: same input -> same task; other input -> conflict, exit 2
+    first = ctl(0, "submit", "echo", "--input", '{"n": 1}', "--idempotency-key", "pay-1", "-o", "json").json()
+    again = ctl(0, "submit", "echo", "--input", '{"n": 1}', "--idempotency-key", "pay-1", "-o", "json").json()
+    assert again == {"id": first["id"], "existing": True}
+    run = ctl(ExitCode.USAGE, "submit", "echo", "--input", '{"n": 2}', "--idempotency-key", "pay-1")
+    assert "conflict" in run.err and first["id"] in run.err and "new idempotency key" in run.err
+    json_error(
+        ctl(ExitCode.USAGE, "submit", "echo", "--input", "{}", "--idempotency-key", "pay-1", "-o", "json"),
+        "idempotency-conflict",
+        2,
+    )
+
+    # --wait prints the id first; a timeout names it (also in -o json) and says why it cannot run
+    run = ctl(
+        ExitCode.TIMEOUT,
+        "submit",
+        "echo",
+        "--requires",
+        "gpu",
+        "--wait",
+        "--wait-timeout",
+        "1",
+        "-o",
+        "json",
+    )
+    data = run.json()
+    [tid] = data["pending"]
+    assert run.err.index(f"submitted task {tid}") < run.err.index("capability gpu")
+    assert tid in data["error"]["message"] and "capability gpu" in data["error"]["hint"]
+    # a task no live peer can run: a warning at submit, and get and tasks say why it waits
+    run = ctl(0, "submit", "echo", "--requires", "gpu")
+    assert "warning" in run.err and "no live peer has the capability gpu" in run.err
+    assert "capability gpu" in ctl(0, "submit", "echo", "--requires", "gpu", "-o", "json").json()["warnings"][0]
+    got = ctl(0, "get", tid, "-o", "json").json()
+    assert "capability gpu" in got["waiting"]
+    assert "this task waits" in ctl(0, "get", tid).err
+    listed = ctl(0, "tasks", "-o", "json").json()["tasks"]
+    assert any("capability gpu" in t.get("waiting", "") for t in listed)
+    assert "cannot run now" in ctl(0, "tasks").err
+
+    # shell: a non-zero exit fails the task (exit 5, code exit-code) unless expect_exit says so
+    done = ctl(
+        ExitCode.TASK_FAILED,
+        "submit",
+        "shell",
+        "--input",
+        '{"cmd": "ls /nonexistent"}',
+        "--max-attempts",
+        "1",
+        "--wait",
+        "-o",
+        "json",
+    ).json()
+    assert done["status"] == "dead" and done["error"]["code"] == "exit-code" and "code 2" in done["error"]["message"]
+    ok = ctl(0, "submit", "shell", "--input", '{"cmd": "exit 2", "expect_exit": 2}', "--wait", "-o", "json").json()
+    assert ok["status"] == "complete" and ok["output"]["exit_code"] == 2
+
+    # retry of a complete task: the hint says to submit again, not to cancel
+    run = ctl(ExitCode.FAILURE, "retry", ok["id"])
+    assert "submit it again" in run.err and "cancel ID" not in run.err
+
+    # --cache: the repeat is a cache hit, counted over the mesh in status
+    for _ in range(2):
+        ctl(0, "submit", "echo", "--input", '{"cached": 1}', "--cache", "--wait")
+    assert wait_for(
+        lambda: ctl(0, "status", "-o", "json").json()["mesh_cache"]["hits"] >= 1, 20, "a cache hit in mesh_cache"
+    )
+    assert "result cache over the mesh" in ctl(0, "status").out
+
+    # the key is not passed on: caspectl says so when it has one in its own environment
+    run = ctl(
+        ExitCode.TASK_FAILED,
+        "submit",
+        "ask",
+        "--input",
+        '{"prompt": "hi"}',
+        "--wait",
+        "-o",
+        "json",
+        env={"ANTHROPIC_API_KEY": "sk-ant-test-not-real"},
+    )
+    assert "does not pass it on" in run.err and "sk-ant-test-not-real" not in run.out + run.err
+    assert "no Anthropic API key on" in run.json()["error"]["message"]
+
+    # plurals
+    assert ctl(0, "tasks", "--limit", "1").out.strip().splitlines()[0].strip() == "1 task"
+    # -o json is safe to pipe into a reader that goes away early
+    ctl(0, "submit-bulk", "-", stdin=('{"type": "noop", "input": {"pad": "' + "x" * 400 + '"}}\n') * 300)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASPER_")}
+    pipe = subprocess.run(
+        f"{sys.executable} -m casperd.ctl.main --control {control} tasks --limit 1000 -o json | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert pipe.stdout.strip() == "{" and "Traceback" not in pipe.stderr and "BrokenPipe" not in pipe.stderr
