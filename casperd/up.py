@@ -162,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             mesh.kill()
             return
         stop["now"] = True
-        if a.demo:
-            raise KeyboardInterrupt  # interrupt the demo's wait at once
+        raise KeyboardInterrupt  # interrupt whatever runs (the start, the demo, the wait) at once
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
