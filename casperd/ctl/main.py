@@ -28,6 +28,7 @@ examples:
   caspectl status
   caspectl submit shell --input '{"cmd": "pytest -q"}' --wait
   caspectl submit echo --input '{"hello": "mesh"}' --idempotency-key greet-1 -o json
+  caspectl submit shell --input '{"cmd": "make test", "timeout_s": 600}' --cache --wait
   caspectl submit-bulk tasks.jsonl            # one JSON task per line: {"type": ..., "input": {...}, ...}
   caspectl tasks --status dead --limit 20 && caspectl retry ID
   caspectl drain developer-1 && caspectl resume developer-1
@@ -38,7 +39,11 @@ examples:
 the control socket: --control, else CASPER_CONTROL, else the mesh started by 'casperd up'
 (found through STATE_DIR/mesh.json; --state-dir or CASPER_STATE_DIR).
 
-exit codes: 0 ok, 1 failed, 2 bad usage or input, 3 no daemon reachable, 4 not found,
+a task's input is checked against its type's schema at submit; shell: a non-zero exit fails the
+task unless input.expect_exit names the code you expect.
+
+exit codes: 0 ok, 1 failed, 2 bad usage or input (a schema, an unknown type, an idempotency
+            conflict), 3 no daemon reachable, 4 not found,
             5 a waited-on task ended dead or cancelled, 6 timed out, 7 unhealthy.
             run / job: 0 done with passing tests (or still running, or Ctrl-C), 1 failed,
             budget exhausted or final tests failing, 5 cancelled.
