@@ -292,12 +292,13 @@ def test_every_command_against_a_live_mesh(make_mesh: Any, database_url: str, tm
 
     # --idempotency-key: the same id again, marked existing; --wait on it gives the stored result
     first = ctl(0, "submit", "echo", "--input", '{"k": 1}', "--idempotency-key", "greet-1", "-o", "json").json()
-    again = ctl(0, "submit", "echo", "--input", '{"k": 2}', "--idempotency-key", "greet-1", "-o", "json").json()
+    again = ctl(0, "submit", "echo", "--input", '{"k": 1}', "--idempotency-key", "greet-1", "-o", "json").json()
     assert first["existing"] is False and again == {"id": first["id"], "existing": True}
-    assert f"existing task {first['id']}" in ctl(0, "submit", "echo", "--idempotency-key", "greet-1").out
-    waited = ctl(
-        0, "submit", "echo", "--idempotency-key", "greet-1", "--wait", "--wait-timeout", "30", "-o", "json"
-    ).json()
+    same = ("submit", "echo", "--input", '{"k": 1}', "--idempotency-key", "greet-1")
+    assert f"existing task {first['id']}" in ctl(0, *same).out
+    # the same key with other input is refused (conflict), never silently the old task
+    assert "conflict" in ctl(ExitCode.USAGE, "submit", "echo", "--idempotency-key", "greet-1").err
+    waited = ctl(0, *same, "--wait", "--wait-timeout", "30", "-o", "json").json()
     assert waited["id"] == first["id"] and waited["status"] == "complete" and waited["output"] == {"k": 1}
 
     # a task that ends badly: exit 5 with the error; --max-attempts and --timeout-s are honoured
