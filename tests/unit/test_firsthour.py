@@ -11,6 +11,7 @@ import pytest
 from rich.console import Console
 
 from casperd import admission, codec, handlers
+from casperd.agents.tasktypes import install
 from casperd.ctl import jobs
 from casperd.ctl.output import plural, table
 from casperd.errors import BadInputError, IdempotencyConflictError, UnknownTaskTypeError
@@ -21,6 +22,7 @@ from casperd.ports import PortInUseError, check_ports, port_plan
 from casperd.waiting import missing_capabilities, needed_capabilities, why_waiting
 
 pytestmark = pytest.mark.unit
+CATALOG = install(handlers.Catalog())
 
 BAD_INPUTS = [
     ("shell", {}),
@@ -68,7 +70,7 @@ GOOD_INPUTS = [
 @pytest.mark.parametrize(("ttype", "data"), BAD_INPUTS)
 def test_bad_input_is_refused_naming_the_field_not_the_value(ttype: str, data: dict[str, Any]) -> None:
     with pytest.raises(BadInputError) as info:
-        handlers.check_input(ttype, data)
+        handlers.check_input(CATALOG.get(ttype), data)
     assert f"bad input for a {ttype} task" in info.value.message
     assert info.value.hint and "nothing was run" in info.value.hint
     assert info.value.retryable is False
@@ -77,31 +79,31 @@ def test_bad_input_is_refused_naming_the_field_not_the_value(ttype: str, data: d
 
 @pytest.mark.parametrize(("ttype", "data"), GOOD_INPUTS)
 def test_good_input_passes(ttype: str, data: dict[str, Any]) -> None:
-    handlers.check_input(ttype, data)
+    handlers.check_input(CATALOG.get(ttype), data)
 
 
 def test_every_builtin_type_but_noop_and_echo_has_an_input_model() -> None:
     for name in ("shell", "sleep", "ask", "code", "test", "job"):
-        assert handlers.get(name).input_model is not None, name
+        assert CATALOG.get(name).input_model is not None, name
 
 
 def test_unknown_type_is_refused_by_the_admission() -> None:
     with pytest.raises(UnknownTaskTypeError):
-        admission.check_specs([TaskSpec(type="nope")])
+        admission.check_specs([TaskSpec(type="nope")], CATALOG)
 
 
 def test_admission_names_the_bad_task_in_a_batch() -> None:
     specs = [TaskSpec(type="echo"), TaskSpec(type="sleep", input={"seconds": "x"})]
     with pytest.raises(BadInputError, match=r"^task 1: "):
-        admission.check_specs(specs)
+        admission.check_specs(specs, CATALOG)
 
 
 def test_same_key_same_input_in_one_submit_is_fine_other_input_conflicts() -> None:
     a = TaskSpec(type="echo", input={"n": 1}, idempotency_key="k")
-    admission.check_specs([a, a])
+    admission.check_specs([a, a], CATALOG)
     b = TaskSpec(type="echo", input={"n": 2}, idempotency_key="k")
     with pytest.raises(IdempotencyConflictError, match="conflict"):
-        admission.check_specs([a, b])
+        admission.check_specs([a, b], CATALOG)
 
 
 def test_reuse_of_a_key_with_other_input_or_type_conflicts() -> None:
