@@ -157,7 +157,7 @@ class Demo:
     # --- the acts ------------------------------------------------------------------------------
     def act_spread_and_failover(self) -> None:
         self.act = "1. work spreads over the developers and the tester"
-        n = max(16, int(90 * self.scale))
+        n = max(16, int(150 * self.scale))
         specs = [TaskSpec(type="sleep", input={"seconds": 1.0 + (i % 5) * 0.25}) for i in range(n)]
         ids = self.submit(specs)
         self.say(f"submitted {n} sleep tasks; the policeman dispatches them to the least loaded peers")
@@ -200,7 +200,7 @@ class Demo:
 
     def act_policeman_restart(self) -> None:
         self.act = "3. the policeman is restarted"
-        n = max(12, int(45 * self.scale))
+        n = max(12, int(80 * self.scale))
         ids = self.submit([TaskSpec(type="sleep", input={"seconds": 1.0}) for _ in range(n)])
         self.say(f"submitted {n} more tasks")
         self.wait("some of them done", lambda: sum(self.status(t) == "complete" for t in ids) >= n // 4)

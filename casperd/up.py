@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--port-base",
         type=int,
         default=5555,
-        help="policeman port; nodes take the next ones; Postgres +100, Redis +101 (default 5555)",
+        help="policeman port; nodes take the next ones; Postgres +100, Redis +101 (default 5555). All are "
+        "checked before anything starts: a port in use is named, with a free base to use instead",
     )
     p.add_argument("--database-url", default="", help="use this Postgres instead of the embedded one")
     p.add_argument("--redis-url", default="", help="use this Redis instead of the embedded one")

@@ -502,13 +502,11 @@ def test_every_command_against_a_live_mesh(make_mesh: Any, database_url: str, tm
     # --- error paths against the live daemon ---------------------------------------------------------
     run = ctl(ExitCode.USAGE, "submit", "echo", "--input", "{not json")
     assert "--input is not valid JSON" in run.err and "hint" in run.err
-    run = ctl(ExitCode.FAILURE, "submit", "no-such-type", "--input", "{}")
+    run = ctl(ExitCode.USAGE, "submit", "no-such-type", "--input", "{}")  # an unknown type is bad usage: 2
     assert "unknown task type 'no-such-type'" in run.err
     for known in ("echo", "noop", "shell", "sleep"):
         assert known in run.err
-    err = json_error(
-        ctl(ExitCode.FAILURE, "submit", "no-such-type", "-o", "json"), "unknown-task-type", ExitCode.FAILURE
-    )
+    err = json_error(ctl(ExitCode.USAGE, "submit", "no-such-type", "-o", "json"), "unknown-task-type", ExitCode.USAGE)
     assert "echo" in err["hint"]
     missing = str(uuid.uuid4())
     run = ctl(ExitCode.NOT_FOUND, "get", missing)
