@@ -165,9 +165,13 @@ class Demo:
         if victim not in self.mesh.nodes:
             self.wait("the first wave", lambda: self.all_in(ids))
             return
-        self.wait(f"{victim} holding tasks", lambda: self.held_by(victim, ids), timeout=30)
-        time.sleep(min(2.0, 3 * self.scale))
-        self.poll()
+        # kill it late in the wave, so its tasks do not queue behind the whole wave elsewhere
+        late = int(n * 0.8)
+        self.wait(
+            f"{victim} holding tasks late in the wave",
+            lambda: sum(self.status(t) == "complete" for t in ids) >= late and self.held_by(victim, ids),
+            timeout=60,
+        )
         held = self.held_by(victim, ids)
         self.act = f"2. failover: {victim} is killed"
         self.say(
