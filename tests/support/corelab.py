@@ -59,7 +59,8 @@ POLICE_DEFAULTS: dict[str, Any] = {
     "max_attempts": 3,
     "backoff_base_s": 1.0,
     "backoff_cap_s": 4.0,
-    "breaker_failures": 1000,
+    "breaker_failures": 3,
+    "breaker_recovery_s": 2.0,
 }
 
 
