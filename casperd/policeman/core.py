@@ -29,6 +29,7 @@ from casperd.messages import (
     Request,
     ResultBatch,
     Submit,
+    new_task_id,
 )
 from casperd.metrics import Metrics
 from casperd.policeman.actions import Now, SaveAttachments, Sender, SenderKind, Serve
@@ -48,8 +49,9 @@ class PolicemanCore(RecoveryRules):
         metrics: Metrics,
         started: float,
         authorize: Authorizer = allow_all_until_authz,
+        new_id: Callable[[], uuid.UUID] = new_task_id,
     ) -> None:
-        super().__init__(settings, catalog, metrics, started)
+        super().__init__(settings, catalog, metrics, started, new_id)
         self.authorize = authorize
         self._logged_errors = set()
         self.pending_attached: dict[uuid.UUID, int] = {}

@@ -13,6 +13,7 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,7 @@ from casperd.dispatch import Dispatcher, PeerSlot
 from casperd.handlers import Catalog
 from casperd.lifecycle import Status, Trigger
 from casperd.liveness import PeerClock
+from casperd.messages import new_task_id
 from casperd.metrics import Metrics
 from casperd.policeman.actions import Action, Arm, Send, Socket, Stage, StageKey
 from casperd.retry import RetryPolicy
@@ -75,8 +77,17 @@ class Peer:
 
 
 class CoreState:
-    def __init__(self, settings: Settings, catalog: Catalog, metrics: Metrics, started: float) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        metrics: Metrics,
+        started: float,
+        new_id: Callable[[], uuid.UUID] = new_task_id,
+    ) -> None:
         self.s = settings
+        self.new_id = new_id
+        """Makes task ids (UUIDv7: they carry their creation time); tests pass a deterministic one."""
         self.catalog = catalog
         self.metrics = metrics
         self.started = started

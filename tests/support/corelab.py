@@ -190,7 +190,8 @@ class Lab:
         self.mono = 1000.0
         self.s = load_settings({**POLICE_DEFAULTS, **settings})
         self.catalog = Catalog()
-        self.core = PolicemanCore(self.s, self.catalog, Metrics(), self.mono)
+        self._ids = 0
+        self.core = self.new_core()
         self.db: dict[uuid.UUID, Row] = {}
         self.staged: list[Stage] = []
         self.after: list[Any] = []
@@ -202,6 +203,15 @@ class Lab:
         self.finished: list[uuid.UUID] = []
         self.accepted: set[uuid.UUID] = set()
         self._epochs = 0
+
+    def new_core(self, **kwargs: Any) -> PolicemanCore:
+        return PolicemanCore(self.s, self.catalog, Metrics(), self.mono, new_id=self.new_id, **kwargs)
+
+    def new_id(self) -> uuid.UUID:
+        """Deterministic UUIDv7s: the lab's wall clock in milliseconds, then a counter."""
+        self._ids += 1
+        ms = int(self.now().wall.timestamp() * 1000)
+        return uuid.UUID(int=(ms << 80) | (0x7 << 76) | (0x2 << 62) | self._ids)
 
     def now(self) -> Now:
         return Now(self.mono, T0 + timedelta(seconds=self.mono))
@@ -306,7 +316,7 @@ class Lab:
         self.staged.clear()
         self.after.clear()
         self.to_police.clear()
-        self.core = PolicemanCore(self.s, self.catalog, Metrics(), self.mono)
+        self.core = self.new_core()
         open_rows = [r.rec for r in self.db.values() if r.rec["status"] not in _TERMINAL]
         self.core.recover([record_from_row(dict(r)) for r in open_rows], self.now())
         self.run(self.core.take())

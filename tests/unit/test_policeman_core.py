@@ -4,6 +4,7 @@ renewals, hand-backs, refunds, stale results, re-registration and recovery after
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +14,6 @@ import pytest
 from casperd.errors import CasperError, IllegalTransitionError
 from casperd.lifecycle import STEPS, Status, Trigger, replay
 from casperd.messages import Cancel, Command, Done, TaskSpec
-from casperd.policeman import PolicemanCore
 from casperd.policeman.actions import Validate
 from casperd.workercore import Run
 from tests.support.corelab import Lab
@@ -24,11 +24,9 @@ S, T = Status, Trigger
 def rows_of(history: list[tuple[str | None, str, int]]) -> set[tuple[Status, Trigger]]:
     """The table rows a history went through (matched by status change and attempt change)."""
     out: set[tuple[Status, Trigger]] = set()
-    for (_, _, before), (frm, to, after) in zip(history, history[1:], strict=False):
+    for (_, _, before), (frm, to, after) in itertools.pairwise(history):
         assert frm is not None
-        matches = [
-            key for key, row in STEPS.items() if key[0] == Status(frm) and row == (Status(to), after - before)
-        ]
+        matches = [key for key, row in STEPS.items() if key[0] == Status(frm) and row == (Status(to), after - before)]
         assert matches, f"{frm} -> {to} ({before} -> {after}) is no row"
         out.update(matches)
     return out
@@ -480,7 +478,7 @@ def test_the_authorization_hook_runs_before_any_handler() -> None:
             raise Refused(f"{role} may not send {command.name}", hint="see the trust table")
 
     lab = Lab()
-    lab.core = PolicemanCore(lab.s, lab.catalog, lab.core.metrics, lab.mono, authorize=deny_results)
+    lab.core = lab.new_core(authorize=deny_results)
     w = lab.add_worker("developer-1")
     tid = one(lab)
     lab.pump()
