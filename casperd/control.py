@@ -11,19 +11,34 @@ import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psutil
 
+from casperd.broker import Broker
+from casperd.cache import ResultCache
 from casperd.errors import CasperError, CommandError, TaskNotFoundError, UnsupportedError
 from casperd.lifecycle import Status
 from casperd.meshcache import sum_counters
 from casperd.messages import ErrorBody, Reply, Request
+from casperd.settings import Settings
+from casperd.store import Store
+from casperd.worker import Worker
 
-if TYPE_CHECKING:
-    from casperd.node import Node
 
-Op = Callable[["Node", dict[str, Any]], Awaitable[Any]]
+class Node(Protocol):
+    """What the control operations use of a node (casperd.node.Node): this module does not import
+    the node, so the two have no import cycle."""
+
+    s: Settings
+    broker: Broker | None
+    worker: Worker | None
+    store: Store | None
+    cache: ResultCache | None
+    police: Any
+
+
+Op = Callable[[Node, dict[str, Any]], Awaitable[Any]]
 OPS: dict[str, tuple[Op, bool]] = {}
 """op name -> (implementation, served by workers too)"""
 
