@@ -22,7 +22,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -129,7 +129,8 @@ class Worker:
         self._carry_out()
 
     def tick(self) -> None:
-        waiting = bool(self.sock is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        events = cast(int, self.sock.getsockopt(zmq.EVENTS)) if self.sock is not None else 0
+        waiting = bool(events & zmq.POLLIN)
         if self.cache is not None:
             self.core.cache_counters = cache_counters(self.cache.stats())
         self.core.tick(time.monotonic(), waiting)

@@ -21,6 +21,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -122,7 +123,7 @@ class PoliceService:
         return {}, ()
 
     async def _save_calls(self, node: str, tid: uuid.UUID, args: dict[str, Any]) -> None:
-        calls = [c for c in args.get("calls") or [] if isinstance(c, dict)]
+        calls: list[Mapping[str, Any]] = [c for c in args.get("calls") or [] if isinstance(c, dict)]
         job = args.get("job_id")
         await self.records.add_calls(
             calls, task_id=tid, job_id=uuid.UUID(job) if job else None, node=node, role="developer"

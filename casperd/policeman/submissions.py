@@ -36,8 +36,8 @@ class SubmissionRules(AssignRules):
                 "the policeman is shutting down and accepts no new work", hint="submit again once it is back"
             )
         admission.check_specs(msg.tasks, self.catalog)  # types and input schemas: all refused, nothing half-done
-        for key, tid in found.items():
-            self.remember_key(key, tid)
+        for known, tid in found.items():
+            self.remember_key(known, tid)
         for n, spec in enumerate(msg.tasks):
             try:
                 to_json(spec.input)  # all checked before anything is created
