@@ -112,8 +112,9 @@ class Broker:
         self.run(self.core.take())
         return len(rows)
 
-    def on_mesh(self, route: bytes, frames: list[bytes]) -> None:
-        self.core.on_mesh(route, frames, now())
+    def on_mesh(self, route: bytes, frames: list[bytes], key: str | None = None) -> None:
+        """One mesh message; ``key``: its connection's authenticated Curve key (ZAP User-Id), if known."""
+        self.core.on_mesh(route, frames, now(), key)
         self.run(self.core.take())
 
     def dispatch(self) -> int:
