@@ -54,8 +54,6 @@ class PolicemanCore(RecoveryRules):
         super().__init__(settings, catalog, metrics, started, new_id)
         self.authorize = authorize
         self._logged_errors = set()
-        self.pending_attached: dict[uuid.UUID, int] = {}
-        """Attached results whose attachments the shell is storing (task id -> attempt)."""
 
     # --- the mesh entry point ---------------------------------------------------------------------
     def on_mesh(self, route: bytes, frames: list[bytes], now: Now, key: str | None = None) -> None:
@@ -111,7 +109,6 @@ class PolicemanCore(RecoveryRules):
             )
         out = msg.results[0]
         if self.held(peer, out.task_id, out.attempt) is not None:
-            self.pending_attached[out.task_id] = out.attempt
             self.out.append(SaveAttachments(peer.node_id, msg, att))
 
     def attachments_saved(
@@ -120,7 +117,6 @@ class PolicemanCore(RecoveryRules):
         """The shell stored (``error`` None) or failed to store the attachments of an attached result."""
         self.clock = now.mono
         out = msg.results[0]
-        self.pending_attached.pop(out.task_id, None)
         peer = self.peers.get(node_id)
         if peer is None:
             return

@@ -155,6 +155,12 @@ class LabWorker:
         self._start_waiting(tid)
         self.carry_out()
 
+    def finish_attached(self, tid: uuid.UUID, output: Any, attachments: tuple[bytes, ...]) -> None:
+        a = self.runs.pop(tid)
+        self.core.succeeded(a, output, 1.0, attachments)
+        self.core.ended(tid)
+        self.carry_out()
+
     def fail(self, tid: uuid.UUID, code: str = "task", retryable: bool = True) -> None:
         a = self.runs.pop(tid)
         self.core.failed_run(a, code, f"{code} failure", retryable)
@@ -199,6 +205,7 @@ class Lab:
         self.workers: dict[str, LabWorker] = {}
         self.control: dict[bytes, list[Message]] = defaultdict(list)
         self.validations: list[Validate] = []
+        self.saves: list[SaveAttachments] = []
         self.local_runs: list[TaskRecord] = []
         self.finished: list[uuid.UUID] = []
         self.accepted: set[uuid.UUID] = set()
@@ -229,7 +236,9 @@ class Lab:
                 self.validations.append(a)
             elif isinstance(a, RunLocal):
                 self.local_runs.append(a.rec)
-            elif isinstance(a, StageKey | Arm | Serve | SaveAttachments):
+            elif isinstance(a, SaveAttachments):
+                self.saves.append(a)
+            elif isinstance(a, StageKey | Arm | Serve):
                 pass
             else:
                 raise AssertionError(f"unexpected action {a!r}")

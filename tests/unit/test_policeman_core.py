@@ -296,6 +296,25 @@ def test_shell_results_are_validated_only_when_the_input_asks() -> None:
     assert (S.PROCESSING, T.COMPLETE) in rows_of(lab.history(free))
 
 
+def test_an_attached_result_is_stored_first_and_a_storage_failure_costs_the_attempt() -> None:
+    lab = Lab()
+    w = lab.add_worker("developer-1")
+    ok, lost = lab.submit(TaskSpec(type="echo", input={"n": 1}), TaskSpec(type="echo", input={"n": 2}))
+    lab.pump()
+    w.finish_attached(ok, {"patch": 0}, (b"diff --git a b",))
+    w.finish_attached(lost, {"patch": 0}, (b"diff --git c d",))
+    lab.pump()
+    assert [s.attachments for s in lab.saves] == [(b"diff --git a b",), (b"diff --git c d",)]
+    assert lab.status(ok) is S.PROCESSING, "nothing changes before the attachments are stored"
+    first, second = lab.saves
+    lab.core.attachments_saved(first.node_id, first.result, first.attachments, None, lab.now())
+    lab.core.attachments_saved(second.node_id, second.result, second.attachments, "disk full", lab.now())
+    lab.run(lab.core.take())
+    lab.pump()
+    assert lab.status(ok) is S.COMPLETE
+    assert lab.status(lost) is S.RETRY and lab.db[lost].rec["error"][-1]["code"] == "storage"
+
+
 # --- cancel -------------------------------------------------------------------------------------------------
 def test_cancel_of_a_running_task_tells_its_holder_after_the_commit() -> None:
     lab = Lab()
