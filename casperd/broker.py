@@ -308,6 +308,9 @@ class Broker:
                 problem = await check(a.rec.id, a.rec.input, a.output, a.attachments)
             except CasperError as exc:
                 problem = f"the policeman could not validate it: {exc}"
+            except Exception as exc:  # a bug in a validator must not leave the task validating forever
+                log.exception("validator of %s crashed on task %s", a.rec.type, a.rec.id)
+                problem = f"the policeman's validator crashed: {type(exc).__name__}"
             self.core.validated(a.rec.id, a.peer, problem, now())
             self.run(self.core.take())
 
