@@ -155,7 +155,7 @@ class Mesh(RuleBasedStateMachine):
 
 
 Mesh.TestCase.settings = settings(
-    max_examples=60,
+    max_examples=50,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
