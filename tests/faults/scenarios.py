@@ -50,7 +50,9 @@ ACTIVE = ("assigned", "processing", "validating")
 
 # --- submitting and waiting -------------------------------------------------------------------
 def sleeps(n: int, seconds: float, *, tag: str = "", **spec: Any) -> list[TaskSpec]:
-    return [TaskSpec(type="sleep", input={"seconds": seconds, "i": i, "tag": tag}, **spec) for i in range(n)]
+    """``n`` sleeps with distinct inputs (``sleep`` takes only ``seconds`` and ``fail``: the i-th
+    sleeps i microseconds longer). ``tag`` only names the batch where it is submitted."""
+    return [TaskSpec(type="sleep", input={"seconds": seconds + i * 1e-6}, **spec) for i in range(n)]
 
 
 def submit(client: ControlClient, specs: Sequence[TaskSpec], *, wait: bool = True) -> list[str]:
