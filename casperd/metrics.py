@@ -17,6 +17,12 @@ class Metrics:
             "casper_rejected_frames_total", "Frames answered with ERROR or dropped", ["code"], registry=r
         )
         self.send_failures = Counter("casper_send_failures_total", "Frames not sent", ["reason"], registry=r)
+        self.housekeeping_failures = Counter(
+            "casper_housekeeping_failures_total",
+            "Housekeeping steps that failed (each one logged)",
+            ["step"],
+            registry=r,
+        )
         self.transitions = Counter("casper_task_transitions_total", "Task state changes", ["to"], registry=r)
         self.submitted = Counter("casper_tasks_submitted_total", "New tasks accepted", registry=r)
         self.dispatched = Counter("casper_tasks_dispatched_total", "Task assignments", registry=r)

@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from casperd import codec
+from casperd import codec, taskenv
 from casperd.agents.tasktypes import install as install_agent_types
 from casperd.broker import Broker
 from casperd.cache import ResultCache
@@ -100,6 +100,7 @@ class Node:
 
     async def start(self) -> None:
         self.s.state_dir.mkdir(parents=True, exist_ok=True)
+        taskenv.configure(self.s)
         self.s.advertise = advertised(self.s.bind, self.s.advertise, self.s.broker)
         if self.is_policeman:
             if not self.s.database_url:
@@ -204,7 +205,8 @@ class Node:
             broker.dispatch()
 
     async def _mesh_loop_peer(self) -> None:
-        """A worker's own ROUTER: answers pings now; direct peer hand-off arrives here later."""
+        """A worker's own ROUTER: answers HEARTBEAT pings and runs direct hand-offs (REQUEST
+        ``handoff``, SPEC section 15); anything else is answered ERROR ``unsupported``."""
         assert self.mesh_sock is not None
         while True:
             for frames in await recv_batch(self.mesh_sock):
@@ -335,7 +337,10 @@ class Node:
                 self.broker.dispatch()
                 if self.store is not None and time.monotonic() - last_partitions > 6 * 3600:
                     last_partitions = time.monotonic()
-                    with contextlib.suppress(Exception):
+                    try:
                         await self.store.ensure_partitions()
+                    except Exception:  # retried in 6 h; the next month's partition is made well ahead
+                        self.metrics.housekeeping_failures.labels("ensure-partitions").inc()
+                        log.exception("could not create the coming months' task partitions; retrying in 6 h")
             if self.worker is not None:
                 self.worker.tick()

@@ -2,7 +2,8 @@
 
 Precedence, highest first: command-line flags > ``CASPER_*`` environment variables > the config
 file (TOML, ``--config`` or ``CASPER_CONFIG``) > the defaults below. Secrets (Curve keys, API
-keys) are read from files or the environment by :mod:`casperd.secrets`, never kept in here.
+keys, the database password) are never kept in here: only the names of the files holding them
+(``*_file``), read where they are used (``casperd.transport.read_secret_file``).
 """
 
 from __future__ import annotations
@@ -119,6 +120,15 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=4, ge=1, le=100, description="Postgres connections")
     shell_timeout_s: float = Field(default=60.0, gt=0, description="default timeout of shell tasks")
     shell_output_cap: int = Field(default=64 * 1024, ge=256, description="bytes of stdout/stderr kept")
+    task_user: str = Field(
+        default="auto",
+        description="user that runs task code (shell tasks, agent commands, tests): auto (casper-task, else "
+        "nobody, when casperd may switch users), none (casperd's own user), or a user name",
+    )
+    task_cpu_s: int = Field(default=3600, ge=1, description="CPU seconds one task process may use (RLIMIT_CPU)")
+    task_memory_mb: int = Field(default=8192, ge=16, description="address space of one task process, MiB (RLIMIT_AS)")
+    task_processes: int = Field(default=1024, ge=8, description="processes of the task user (RLIMIT_NPROC)")
+    task_file_mb: int = Field(default=4096, ge=1, description="largest file task code may write, MiB (RLIMIT_FSIZE)")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port; 0: off")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR")
     log_format: str = Field(default="auto", pattern="^(auto|text|json)$", description="auto, text or json")

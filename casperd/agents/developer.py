@@ -21,7 +21,6 @@ The output: a summary, the usage, the number of turns, and the patch as attachme
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -32,7 +31,7 @@ from casperd.agents.gitwork import changed_paths
 from casperd.agents.sandbox import Sandbox
 from casperd.agents.tools import TOOLS, execute
 from casperd.agents.usage import Usage
-from casperd.errors import BudgetExceededError, CasperError, MissingApiKeyError, TaskError
+from casperd.errors import BudgetExceededError, CasperError, GitError, MissingApiKeyError, TaskError
 from casperd.handlers import Attached, RunContext
 
 log = logging.getLogger("casperd.agents.developer")
@@ -138,8 +137,10 @@ async def run_code(ctx: RunContext, data: dict[str, Any]) -> Attached:
             )
         patch = await gitwork.diff(wt, base)
     finally:
-        with contextlib.suppress(Exception):
+        try:
             await gitwork.remove_worktree(wt)
+        except (GitError, OSError) as exc:  # the work is kept; only a directory is left behind
+            log.warning("could not remove the worktree %s: %s", wt, exc)
     turns = sum(1 for m in messages if m["role"] == "assistant")
     out: dict[str, Any] = {
         "summary": summary,

@@ -1,8 +1,14 @@
 """Git operations for the agents: per-node bare mirrors, detached worktrees, patches, commits.
 
-Every git command runs as an asyncio subprocess (never in the event loop) with hooks disabled
-(``core.hooksPath=/dev/null``), no terminal prompts, an environment without secrets or inherited
-``GIT_*`` variables, and the fixed identity ``CASPER <casper@localhost>``.
+Every git command runs through :mod:`casperd.subproc` (never in the event loop) with hooks disabled
+(``core.hooksPath=/dev/null``), every filter and merge driver the repository's config names
+disabled (empty commands, looked up before each command that could run one), no system or global
+config, no fsmonitor, no prompts, the repository trusted for that command only
+(``-c safe.directory=PATH``, never ``'*'``), an environment without secrets or inherited ``GIT_*``
+variables, and the fixed identity ``CASPER <casper@localhost>``. Commands git runs in another
+repository (``upload-pack`` for clone and fetch, ``receive-pack`` for push) read that repository's
+config, not ours: they are given explicitly with the same options, so a push runs no hook of the
+target repository.
 
 A repository named by a task is never written to by :func:`make_worktree`: the node keeps a bare
 mirror of it (``<mirror_root>/<sha256(abs path)[:16]>.git``, cloned once, fetched only when the
@@ -16,15 +22,19 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import re
+import shlex
 import shutil
-import signal
 import uuid
 import weakref
 from pathlib import Path
 
+from casperd import subproc
+from casperd.agents.patchparse import changed_paths
 from casperd.errors import GitError, PatchConflictError
-from casperd.handlers.shell import clean_env
+from casperd.taskenv import reclaim_tree
+from casperd.taskenv import task_env as clean_env
+
+__all__ = ["changed_paths"]
 
 IDENTITY_NAME = "CASPER"
 IDENTITY_EMAIL = "casper@localhost"
@@ -46,7 +56,22 @@ _CONFIG = (
     "advice.detachedHead=false",
     "-c",
     "gc.auto=0",
+    "-c",
+    "core.attributesFile=/dev/null",
+    "-c",
+    "core.askPass=",
+    "-c",
+    "credential.helper=",
+    "-c",
+    "protocol.allow=never",
+    "-c",
+    "protocol.file.allow=always",
+    "-c",
+    "receive.denyCurrentBranch=refuse",
 )
+_FILTERED = frozenset({"worktree", "add", "diff", "apply", "read-tree", "commit", "checkout", "reset", "status"})
+"""Commands that may run a filter or merge driver: run with every driver the config names disabled."""
+_DRIVERS = r"^(filter|merge)\..*\.(clean|smudge|process|driver)$"
 
 # One lock per mirror and event loop: asyncio locks must not be shared between loops.
 _LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = weakref.WeakKeyDictionary()
@@ -63,6 +88,8 @@ def git_env() -> dict[str, str]:
         GIT_COMMITTER_NAME=IDENTITY_NAME,
         GIT_COMMITTER_EMAIL=IDENTITY_EMAIL,
         GIT_CONFIG_NOSYSTEM="1",
+        GIT_CONFIG_GLOBAL=os.devnull,
+        GIT_ATTR_NOSYSTEM="1",
         LC_ALL="C",
         LANGUAGE="C",
     )
@@ -74,22 +101,17 @@ def _tail(data: bytes, cap: int = STDERR_TAIL) -> str:
     return text if len(text) <= cap else "…" + text[-cap:]
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+def _remote(program: str, repo: str) -> str:
+    """The command a local transport runs in ``repo`` (which reads its own config, not our -c):
+    with hooks off and the repository trusted for this command only."""
+    args = ["git", *_CONFIG, "-c", f"safe.directory={repo}", program]
+    return " ".join(shlex.quote(a) for a in args)
 
 
-async def _run(args: tuple[str, ...], cwd: Path, stdin: bytes | None, timeout_s: float) -> tuple[int, bytes, bytes]:
-    argv = ("git", *_CONFIG, *args)
+async def _exec(args: tuple[str, ...], cwd: Path, stdin: bytes | None, timeout_s: float) -> subproc.Completed:
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=cwd,
-            env=git_env(),
-            start_new_session=True,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        return await subproc.run(
+            ("git", *args), cwd=cwd, env=git_env(), timeout_s=timeout_s, stdin=stdin, output_cap=64 * 1024 * 1024
         )
     except FileNotFoundError as exc:
         if exc.filename in (None, "git"):
@@ -101,23 +123,33 @@ async def _run(args: tuple[str, ...], cwd: Path, stdin: bytes | None, timeout_s:
         raise GitError(f"{str(cwd)!r} is not a directory", hint="check the repository or worktree path") from None
     except OSError as exc:
         raise GitError(f"cannot start git: {exc.strerror}", hint="is git installed and executable?") from None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout_s)
-    except TimeoutError:
-        _kill_group(proc)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.communicate(), 5)
+
+
+async def _no_drivers(cwd: Path, base: tuple[str, ...]) -> tuple[str, ...]:
+    """``-c`` options that disable every filter and merge driver the repository's config defines
+    (whoever wrote them): an empty command means no driver."""
+    run = await _exec((*base, "config", "--null", "--get-regexp", _DRIVERS), cwd, None, 60)
+    out: list[str] = []
+    for entry in run.stdout.split(b"\0"):
+        key = entry.split(b"\n", 1)[0].decode("utf-8", "surrogateescape")
+        if key:
+            out += ["-c", f"{key}="]
+            if key.startswith("filter."):
+                out += ["-c", f"{key.rsplit('.', 1)[0]}.required=false"]
+    return tuple(out)
+
+
+async def _run(args: tuple[str, ...], cwd: Path, stdin: bytes | None, timeout_s: float) -> tuple[int, bytes, bytes]:
+    base = (*_CONFIG, "-c", f"safe.directory={cwd}")
+    if args[0] in _FILTERED:
+        base += await _no_drivers(cwd, base)
+    run = await _exec((*base, *args), cwd, stdin, timeout_s)
+    if run.timed_out:
         raise GitError(
             f"git {args[0]} timed out after {timeout_s:g}s",
             hint="the repository may be very large or locked by another git process",
-        ) from None
-    except asyncio.CancelledError:
-        _kill_group(proc)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.wait(), 5)
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out, err
+        )
+    return run.returncode if run.returncode is not None else -9, run.stdout, run.stderr
 
 
 async def git(*args: str, cwd: Path, stdin: bytes | None = None, check: bool = True, timeout_s: float = 120) -> bytes:
@@ -194,13 +226,25 @@ async def _ensure_mirror(repo: Path, mirror: Path, sha: str) -> None:
         tmp = mirror.with_name(f"{mirror.name}.tmp-{uuid.uuid4().hex[:8]}")
         await asyncio.to_thread(mirror.parent.mkdir, parents=True, exist_ok=True)
         try:
-            await git("clone", "--bare", "--quiet", "--", str(repo), str(tmp), cwd=mirror.parent, timeout_s=1800)
+            await git(
+                "clone",
+                "--bare",
+                "--quiet",
+                "--no-local",
+                f"--upload-pack={_remote('upload-pack', str(repo))}",
+                "--",
+                str(repo),
+                str(tmp),
+                cwd=mirror.parent,
+                timeout_s=1800,
+            )
             await asyncio.to_thread(os.rename, tmp, mirror)
         finally:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
     if await _has_commit(mirror, sha):
         return
-    await git("fetch", "--quiet", "--no-tags", "--", str(repo), "+refs/*:refs/*", cwd=mirror, timeout_s=1800)
+    upload = f"--upload-pack={_remote('upload-pack', str(repo))}"
+    await git("fetch", "--quiet", "--no-tags", upload, "--", str(repo), "+refs/*:refs/*", cwd=mirror, timeout_s=1800)
     if await _has_commit(mirror, sha):
         return
     # A commit no ref points at: ask the local upload-pack (it inherits our -c) for it by sha.
@@ -210,6 +254,7 @@ async def _ensure_mirror(repo: Path, mirror: Path, sha: str) -> None:
         "fetch",
         "--quiet",
         "--no-tags",
+        upload,
         "--",
         str(repo),
         sha,
@@ -267,6 +312,7 @@ async def remove_worktree(dest: Path) -> None:
     dest = Path(dest)
     if not await asyncio.to_thread(os.path.lexists, dest):
         return
+    await asyncio.to_thread(reclaim_tree, dest)
     common = await _common_dir(dest)
     if common is None or not await _is_dir(common):
         await asyncio.to_thread(shutil.rmtree, dest, True)
@@ -347,125 +393,21 @@ async def push_ref(worktree: Path, repo: Path | str, ref: str) -> None:
         raise GitError(f"{ref!r} is not a valid git ref name", hint="use a name like 'casper/job-123'")
     target = await asyncio.to_thread(lambda: str(Path(repo).resolve()))
     try:
-        await git("push", "--force", "--quiet", "--", target, f"HEAD:{full}", cwd=worktree, timeout_s=600)
+        await git(
+            "push",
+            "--force",
+            "--quiet",
+            "--no-verify",
+            f"--receive-pack={_remote('receive-pack', target)}",
+            "--",
+            target,
+            f"HEAD:{full}",
+            cwd=worktree,
+            timeout_s=600,
+        )
     except GitError as exc:
         raise GitError(
             f"cannot push to {full} in {target!r}: {exc.details.get('stderr') or exc.message}",
             hint="a non-bare repository refuses a push to its checked-out branch: use another ref",
             **exc.details,
         ) from None
-
-
-# --- parsing patches (pure) -----------------------------------------------------------------------
-_ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92, '"': 34}
-_HUNK = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
-
-
-def _unquote(text: str) -> tuple[str, str]:
-    """Parse a C-quoted git path at the start of ``text`` (which starts with '"'); (path, rest)."""
-    out = bytearray()
-    i = 1
-    while i < len(text):
-        c = text[i]
-        if c == '"':
-            return out.decode("utf-8", "replace"), text[i + 1 :]
-        if c == "\\" and i + 1 < len(text):
-            n = text[i + 1]
-            if n in "0123" and i + 3 < len(text) and all(ch in "01234567" for ch in text[i + 1 : i + 4]):
-                out.append(int(text[i + 1 : i + 4], 8))
-                i += 4
-                continue
-            out.append(_ESCAPES.get(n, ord(n) if ord(n) < 128 else 63))
-            i += 2
-            continue
-        out.extend(c.encode("utf-8", "surrogateescape"))
-        i += 1
-    return out.decode("utf-8", "replace"), ""
-
-
-def _one_path(text: str) -> str:
-    """A path from a ---/+++/rename/copy line's value: quoted or not, trailing tab stamp removed."""
-    text = text.rstrip("\n\r")
-    if text.startswith('"'):
-        return _unquote(text)[0]
-    return text.split("\t", 1)[0]
-
-
-def _strip_prefix(path: str) -> str | None:
-    if path == "/dev/null":
-        return None
-    return path[2:] if path[:2] in ("a/", "b/") else path
-
-
-def _header_paths(rest: str) -> list[str]:
-    """The paths of a ``diff --git`` header line (after the prefix)."""
-    paths: list[str] = []
-    if rest.startswith('"'):
-        first, rest = _unquote(rest)
-        paths.append(first)
-        rest = rest.lstrip(" ")
-        paths.append(_unquote(rest)[0] if rest.startswith('"') else rest)
-    elif rest.endswith('"') and ' "' in rest:
-        idx = rest.index(' "')
-        paths += [rest[:idx], _unquote(rest[idx + 1 :])[0]]
-    else:
-        # "a/X b/X": both names are the same for everything but renames and copies (which name
-        # their paths on rename/copy lines), so split in the middle.
-        half = (len(rest) - 1) // 2
-        if len(rest) % 2 == 1 and rest[half] == " " and rest[:half][2:] == rest[half + 1 :][2:]:
-            paths += [rest[:half], rest[half + 1 :]]
-        else:
-            idx = rest.find(" b/")
-            paths += [rest[:idx], rest[idx + 1 :]] if idx > 0 else [rest]
-    return [p for p in (_strip_prefix(x) for x in paths) if p]
-
-
-def changed_paths(patch: bytes) -> list[str]:
-    """Every path a patch touches (added, deleted, modified, renamed or copied from and to, binary),
-    each once, in order of first appearance. Hunk bodies are skipped by counting their lines, so a
-    removed line that looks like a header is not mistaken for one."""
-    seen: dict[str, None] = {}
-    section: list[str] = []
-    header_paths: list[str] = []
-
-    def close() -> None:
-        for p in section or header_paths:
-            seen.setdefault(p, None)
-
-    old_left = new_left = 0
-    for raw in patch.decode("utf-8", "surrogateescape").split("\n"):
-        if old_left > 0 or new_left > 0:
-            tag = raw[:1]
-            if tag in (" ", ""):
-                old_left, new_left = old_left - 1, new_left - 1
-            elif tag == "-":
-                old_left -= 1
-            elif tag == "+":
-                new_left -= 1
-            # "\ No newline at end of file" counts for nothing
-            continue
-        if raw.startswith("diff --git "):
-            close()
-            section, header_paths = [], _header_paths(raw[len("diff --git ") :])
-            continue
-        m = _HUNK.match(raw)
-        if m:
-            old_left = int(m.group(1)) if m.group(1) is not None else 1
-            new_left = int(m.group(2)) if m.group(2) is not None else 1
-            continue
-        for prefix, strip in (
-            ("--- ", True),
-            ("+++ ", True),
-            ("rename from ", False),
-            ("rename to ", False),
-            ("copy from ", False),
-            ("copy to ", False),
-        ):
-            if raw.startswith(prefix):
-                path = _one_path(raw[len(prefix) :])
-                p = _strip_prefix(path) if strip else path
-                if p:
-                    section.append(p)
-                break
-    close()
-    return list(seen)

@@ -30,7 +30,7 @@ from typing import Any
 from casperd.agents import gitwork
 from casperd.agents.jobreport import build_report, last_error, spec_view, test_feedback
 from casperd.agents.planner import Plan, make_plan
-from casperd.errors import AgentError, CasperError, InvalidBodyError, PatchConflictError, TaskNotFoundError
+from casperd.errors import AgentError, CasperError, GitError, InvalidBodyError, PatchConflictError, TaskNotFoundError
 from casperd.messages import TaskSpec
 from casperd.taskrecord import TaskRecord
 
@@ -417,8 +417,10 @@ class JobRunner:
             head = await gitwork.commit_all(wt, f"{st.id}: {st.title}\n\nCASPER job {job_id}")
             await gitwork.push_ref(wt, spec["repo"], f"refs/casper/jobs/{job_id}/integration")
         finally:
-            with contextlib.suppress(Exception):
+            try:
                 await gitwork.remove_worktree(wt)
+            except (GitError, OSError) as exc:  # the work is kept; only a directory is left behind
+                log.warning("could not remove the worktree %s: %s", wt, exc)
         integ["head"] = head
         integ["applied"].append(st.id)
         sub["state"] = "integrated"
@@ -459,8 +461,10 @@ class JobRunner:
             try:
                 await gitwork.push_ref(wt, spec["repo"], f"refs/heads/{branch}")
             finally:
-                with contextlib.suppress(Exception):
+                try:
                     await gitwork.remove_worktree(wt)
+                except (GitError, OSError) as exc:  # the work is kept; only a directory is left behind
+                    log.warning("could not remove the worktree %s: %s", wt, exc)
             prog["branch"] = branch
         failed = [s["id"] for s in subs.values() if s["state"] != "integrated"]
         tests_ok = (prog.get("final_tests") or {}).get("ok", True) if spec.get("test_cmd") else True

@@ -13,22 +13,23 @@ The tools' definitions for the model and the dispatch of its calls are in :mod:`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import json
 import os
 import posixpath
 import re
 import shutil
-import signal
+import stat
 import sys
 import tempfile
 import weakref
 from pathlib import Path
 from typing import Any
 
+from casperd import subproc
 from casperd.errors import SandboxError, TaskError, TaskTimeoutError
-from casperd.handlers.shell import clean_env
+from casperd.taskenv import confinement, grant_tree, owner
+from casperd.taskenv import task_env as clean_env
 
 LIST_CAP = 2000
 """Entries list_files shows at most."""
@@ -50,6 +51,30 @@ def _is_binary(head: bytes) -> bool:
     return b"\0" in head[:BINARY_SNIFF]
 
 
+def _check_plain(st: os.stat_result, path: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise TaskError(f"{path!r} is not a regular file", hint="tools read and write regular files only")
+    if st.st_nlink > 1:
+        raise _refuse(
+            f"{path!r} has {st.st_nlink} hard links; tools refuse files linked from elsewhere",
+            "remove the link (rm it and write the file anew)",
+        )
+
+
+def _open_plain(real: Path, path: str) -> int:
+    """An fd for reading ``real``: no final symlink followed, a regular file with one link."""
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise TaskError(f"cannot read {path!r}: {exc.strerror}", hint="check the path") from None
+    try:
+        _check_plain(os.fstat(fd), path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Sandbox:
     """Tools over one worktree (``root``). The constructor resolves ``root``, which must exist."""
 
@@ -69,6 +94,7 @@ class Sandbox:
         self.max_write_bytes = int(max_write_bytes)
         self._home: str | None = None
         self._home_finalizer: weakref.finalize | None = None
+        self._granted = False
 
     # --- paths ------------------------------------------------------------------------------------
     def resolve(self, rel: str, *, for_write: bool = False) -> Path:
@@ -137,12 +163,13 @@ class Sandbox:
             raise TaskError(f"{path!r} is a directory", hint="use list_files to see its contents")
         if not real.is_file():
             raise TaskError(f"{path!r} is not a regular file", hint="read regular files only")
-        size = real.stat().st_size
         ranged = start_line is not None or end_line is not None
+        fd = _open_plain(real, path)
+        size = os.fstat(fd).st_size
         # A whole-file read needs only the first max_read_bytes; a line range needs the whole file
         # (bounded: beyond 64 MB only the beginning is considered).
         limit = min(size, 64_000_000) if ranged else self.max_read_bytes + 1
-        with real.open("rb") as f:
+        with os.fdopen(fd, "rb") as f:
             data = f.read(limit)
         if _is_binary(data):
             return f"{path}: binary file ({size} bytes), not shown"
@@ -199,22 +226,34 @@ class Sandbox:
         while not parent.exists():
             missing.append(parent)
             parent = parent.parent
+        who = owner()
         for d in reversed(missing):
             d.mkdir()
             self.resolve(self._display(d))
+            if who is not None:
+                os.lchown(d, *who)
         self._write_bytes(real, data, path)
         verb = "overwrote" if existed else "created"
         lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
         return f"{verb} {self._display(real)} ({len(data)} bytes, {lines} lines)"
 
     def _write_bytes(self, real: Path, data: bytes, path: str) -> None:
+        """Write through an fd opened without following a final symlink; a file with more than one
+        hard link (one a command may have made to a file outside the worktree) is refused before
+        it is truncated. New files belong to the user commands run as."""
         try:
-            fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
         except OSError as exc:
             raise TaskError(
                 f"cannot write {path!r}: {exc.strerror}", hint="check that the path names a file you may write"
             ) from None
         with os.fdopen(fd, "wb") as f:
+            st = os.fstat(fd)
+            _check_plain(st, path)
+            who = owner()
+            if who is not None and (st.st_uid, st.st_gid) != who:
+                os.fchown(fd, *who)
+            os.ftruncate(fd, 0)
             f.write(data)
 
     async def replace_in_file(self, path: str, old: str, new: str, replace_all: bool = False) -> str:
@@ -244,7 +283,8 @@ class Sandbox:
                 f"{path!r} is {size} bytes, larger than the {self.max_write_bytes}-byte edit limit",
                 "edit it with a command instead",
             )
-        data = real.read_bytes()
+        with os.fdopen(_open_plain(real, path), "rb") as f:
+            data = f.read()
         if _is_binary(data):
             raise TaskError(f"{path!r} is a binary file", hint="replace_in_file edits text files only")
         try:
@@ -346,38 +386,28 @@ class Sandbox:
                 "line_cap": MATCH_LINE_CAP,
             }
         ).encode()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-I",
-            "-S",
-            "-c",
-            _SEARCH_SCRIPT,
-            cwd=self.root,
-            env=clean_env(),
-            start_new_session=True,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(request), SEARCH_TIMEOUT_S)
-        except TimeoutError:
-            _kill_group(proc.pid)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(proc.communicate(), 5)
+            run = await subproc.run(
+                [sys.executable, "-I", "-S", "-c", _SEARCH_SCRIPT],
+                cwd=self.root,
+                env=clean_env(),
+                timeout_s=SEARCH_TIMEOUT_S,
+                stdin=request,
+                output_cap=4_000_000,
+            )
+        except OSError as exc:
+            raise TaskError(f"cannot start the search: {exc.strerror}", hint="the node cannot run Python") from None
+        if run.timed_out:
             raise TaskTimeoutError(
                 f"search timed out after {SEARCH_TIMEOUT_S:g}s",
                 hint="simplify the pattern or search a smaller directory",
-            ) from None
-        except asyncio.CancelledError:
-            _kill_group(proc.pid)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(proc.wait(), 5)
-            raise
-        if proc.returncode != 0:
-            raise TaskError(
-                f"search failed: {err.decode('utf-8', 'replace').strip()[-500:]}", hint="check the pattern and path"
             )
+        if run.returncode != 0:
+            raise TaskError(
+                f"search failed: {run.stderr.decode('utf-8', 'replace').strip()[-500:]}",
+                hint="check the pattern and path",
+            )
+        out = run.stdout
         result = json.loads(out)
         lines: list[str] = result["matches"]
         if not lines:
@@ -391,6 +421,7 @@ class Sandbox:
     async def _home_dir(self) -> str:
         if self._home is None:
             home = await asyncio.to_thread(tempfile.mkdtemp, prefix="casper-home-")
+            await asyncio.to_thread(grant_tree, Path(home))
             self._home = home
             self._home_finalizer = weakref.finalize(self, shutil.rmtree, home, True)
         return self._home
@@ -420,104 +451,32 @@ class Sandbox:
             timeout = min(float(timeout_s), self.command_timeout_s)
         env = clean_env()
         env.update(HOME=await self._home_dir(), PYTHONDONTWRITEBYTECODE="1", GIT_TERMINAL_PROMPT="0")
+        if not self._granted:
+            await asyncio.to_thread(grant_tree, self.root)
+            self._granted = True
         try:
-            proc = await asyncio.create_subprocess_exec(
-                "/bin/sh",
-                "-c",
-                command,
+            run = await subproc.run(
+                ["/bin/sh", "-c", command],
                 cwd=self.root,
                 env=env,
-                start_new_session=True,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+                timeout_s=timeout,
+                output_cap=self.output_cap,
+                merge_stderr=True,
+                confine=confinement(),
             )
         except OSError as exc:
             raise TaskError(f"cannot start /bin/sh: {exc.strerror}", hint="the node cannot run commands") from None
-        assert proc.stdout is not None
-        buf = bytearray()
-        total = 0
-
-        async def drain() -> None:
-            nonlocal total
-            assert proc.stdout is not None
-            while chunk := await proc.stdout.read(65536):
-                total += len(chunk)
-                buf.extend(chunk)
-                if len(buf) > 2 * self.output_cap:
-                    del buf[: len(buf) - self.output_cap]
-
-        loop = asyncio.get_running_loop()
-        reader = asyncio.create_task(drain())
-        deadline = loop.time() + timeout
-        timed_out = False
-        try:
-            # proc.wait() would also wait for the pipe to close, which a background child can hold
-            # open: watch the shell's exit and the deadline instead.
-            while proc.returncode is None or not reader.done():
-                if proc.returncode is not None:
-                    # The shell is gone; whatever it left in its group goes too.
-                    _kill_group(proc.pid)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(reader), 2)
-                    break
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    timed_out = True
-                    break
-                if reader.done():
-                    await asyncio.sleep(min(remaining, 0.05))
-                else:
-                    await asyncio.wait({reader}, timeout=min(remaining, 0.05))
-            if timed_out:
-                _kill_group(proc.pid)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(reader), 2)
-        except asyncio.CancelledError:
-            _kill_group(proc.pid)
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(_reap(proc, reader), 5)
-            raise
-        await _reap(proc, reader)
-        tail = bytes(buf[-self.output_cap :]) if len(buf) > self.output_cap else bytes(buf)
-        text = tail.decode("utf-8", "replace")
-        if total > len(tail):
-            text = f"[output truncated: showing the last {len(tail)} of {total} bytes]\n" + text
-        if timed_out:
+        text = run.stdout.decode("utf-8", "replace")
+        if run.stdout_truncated:
+            text = f"[output truncated: showing the last {len(run.stdout)} of {run.stdout_total} bytes]\n" + text
+        if run.timed_out:
             raise TaskTimeoutError(
                 f"command timed out after {timeout:g}s and was killed; output so far:\n{text}",
                 hint=f"run something shorter, or pass a larger timeout_s (at most {self.command_timeout_s:g})",
             )
-        code = proc.returncode
+        code = run.returncode
         status = f"exit code {code}" if code is not None and code >= 0 else f"killed by signal {-(code or 0)}"
         return f"{text}{'' if not text or text.endswith(chr(10)) else chr(10)}[{status}]"
-
-
-async def _reap(proc: asyncio.subprocess.Process, reader: asyncio.Task[None]) -> None:
-    """Finish with a command: stop reading and close the pipe even when an escaped grandchild still
-    holds it, then collect the exit status."""
-    if not reader.done():
-        reader.cancel()
-    await asyncio.wait({reader})
-    if not reader.cancelled():
-        reader.exception()  # retrieved: a read error only means there is no more output
-    # Wait for the exit status to arrive from the child watcher before closing the transport
-    # (closing it earlier would make it poll, and reap, the process itself).
-    for _ in range(100):
-        if proc.returncode is not None:
-            break
-        await asyncio.sleep(0.05)
-    transport = getattr(proc, "_transport", None)
-    if transport is not None:
-        transport.close()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(proc.wait(), 5)
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 _SEARCH_SCRIPT = r"""

@@ -1,7 +1,9 @@
 """The tester: apply a patch to a clean worktree of the base commit and run the test command.
 
 Input of a ``test`` task: ``repo``, ``base``, ``test_cmd``, optional ``timeout_s``, and the patch as
-attachment 0 (none: test the base commit as it is, e.g. an integration branch). pytest commands get
+attachment 0 (none: test the base commit as it is, e.g. an integration branch). The command runs like a
+shell task (:mod:`casperd.subproc`: it ends when the command exits, and a server it started in
+the background is killed then; confined as the task user). pytest commands get
 ``--junitxml`` so the counts and failing tests come from the JUnit XML; other runners are read
 from their summary line. The output: passed / failed / errors / skipped counts, ``ok``, the failing
 tests with their messages, the exit code and the tail of the output.
@@ -9,7 +11,9 @@ tests with their messages, the exit code and the tail of the output.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import shlex
 import tempfile
 import time
@@ -18,9 +22,12 @@ from typing import Any
 
 from casperd.agents import gitwork
 from casperd.agents.junit import TestReport, parse_junit, parse_pytest_summary
-from casperd.errors import PatchConflictError, TaskError, TaskTimeoutError
+from casperd.errors import GitError, PatchConflictError, TaskError, TaskTimeoutError
 from casperd.handlers import RunContext
 from casperd.handlers.shell import run_shell
+from casperd.taskenv import grant_tree
+
+log = logging.getLogger(__name__)
 
 
 def _with_junit(cmd: str, xml: Path) -> str:
@@ -59,6 +66,10 @@ async def run_test(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
                 }
         with tempfile.TemporaryDirectory(prefix="casper-junit-") as tmp:
             xml = Path(tmp) / "junit.xml"
+            # The command runs as the task user (see casperd.taskenv): it gets the worktree and the
+            # report's directory, nothing else of this node.
+            await asyncio.to_thread(grant_tree, wt)
+            await asyncio.to_thread(grant_tree, Path(tmp))
             shell_ctx = RunContext(ctx.node_id, wt, timeout, ctx.output_cap)
             try:
                 run = await run_shell(shell_ctx, {"cmd": _with_junit(cmd, xml), "timeout_s": timeout})
@@ -89,8 +100,10 @@ async def run_test(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
             if report is None:
                 report = parse_pytest_summary(output) or TestReport()
     finally:
-        with contextlib.suppress(Exception):
+        try:
             await gitwork.remove_worktree(wt)
+        except (GitError, OSError) as exc:  # the result stands; the leftover directory is logged
+            log.warning("could not remove the test worktree %s: %s", wt, exc)
     out = report.to_dict()
     if run["exit_code"] != 0 and report.failed == 0 and report.errors == 0:
         out["errors"] = out.get("errors", 0) + 1  # the command failed without naming a test: still a failure

@@ -15,7 +15,6 @@ import contextlib
 import fnmatch
 import json
 import math
-import os
 import posixpath
 import re
 import sys
@@ -24,9 +23,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from casperd import subproc
 from casperd.agents import gitwork
 from casperd.errors import PatchConflictError
-from casperd.handlers.shell import clean_env
+from casperd.taskenv import task_env as clean_env
 
 SYNTAX_TIMEOUT_S = 120.0
 
@@ -220,31 +220,19 @@ async def check_python_syntax(root: Path, paths: list[str]) -> list[str]:
         return []
     env = clean_env()
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-I",
-        "-S",
-        "-c",
-        _COMPILE_SCRIPT,
+    run = await subproc.run(
+        [sys.executable, "-I", "-S", "-c", _COMPILE_SCRIPT],
         cwd=root,
         env=env,
-        start_new_session=True,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        timeout_s=SYNTAX_TIMEOUT_S,
+        stdin=json.dumps(files).encode(),
+        output_cap=4_000_000,
     )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(json.dumps(files).encode()), SYNTAX_TIMEOUT_S)
-    except (TimeoutError, asyncio.CancelledError) as exc:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, 9)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.wait(), 5)
-        if isinstance(exc, asyncio.CancelledError):
-            raise
+    if run.timed_out:
         return [f"compiling the changed Python files timed out after {SYNTAX_TIMEOUT_S:g}s"]
-    if proc.returncode != 0:
-        return [f"could not check Python syntax: {err.decode('utf-8', 'replace').strip()[-500:]}"]
+    if run.returncode != 0:
+        return [f"could not check Python syntax: {run.stderr.decode('utf-8', 'replace').strip()[-500:]}"]
+    out = run.stdout
     return [f"{path}:{line}: {msg}" for path, line, msg in json.loads(out)]
 
 

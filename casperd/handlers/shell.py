@@ -6,28 +6,25 @@ checked at SUBMIT against :class:`ShellInput`, so a missing ``cmd`` or a ``cwd``
 workspace is refused at once. Exit codes: without ``expect_exit`` a non-zero exit fails the task
 (``exit-code``, retried like any failure); with it, the policeman validates the exit code (a
 different one sends the task to error and retry) and any code may be the expected one. The
-command's environment is the node's minus anything that looks like a secret. Output: exit code,
-the tails of stdout and stderr (capped), duration, and whether it timed out.
+command runs confined (:mod:`casperd.subproc`, :mod:`casperd.taskenv`): as the node's task user
+when it can switch users, with resource limits, an environment scrubbed of secrets by name and by
+value, and every process it started killed when it exits. Output: exit code, the tails of stdout
+and stderr (capped) with whether each was cut, and duration; a timeout is an error.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import posixpath
-import re
-import signal
-import time
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from casperd import subproc
 from casperd.errors import ShellExitError, TaskError, TaskTimeoutError
 from casperd.handlers.types import RunContext, TaskType
-
-_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.I)
+from casperd.taskenv import confinement, grant_tree, task_env
 
 
 class ShellInput(BaseModel):
@@ -52,14 +49,12 @@ class ShellInput(BaseModel):
 
 
 def clean_env() -> dict[str, str]:
-    """The environment for commands: everything but variables whose names look secret."""
-    return {k: v for k, v in os.environ.items() if not _SECRET_NAME.search(k) and not k.startswith("CASPER_")}
+    """The environment for commands: the node's, scrubbed of secrets by name and by value."""
+    return task_env()
 
 
-def _tail(data: bytes, cap: int) -> tuple[str, bool]:
-    if len(data) <= cap:
-        return data.decode("utf-8", "replace"), False
-    return data[-cap:].decode("utf-8", "replace"), True
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
 
 
 def _resolve_cwd(workspace: Path, cwd: Any) -> Path:
@@ -94,57 +89,43 @@ async def run_shell(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
         raise TaskError("shell 'stdin' must be a string", hint="pass the text to feed the command")
     ctx.workspace.mkdir(parents=True, exist_ok=True)
     cwd = _resolve_cwd(ctx.workspace, data.get("cwd"))
-    t0 = time.monotonic()
+    if confinement().run_as is not None:
+        await asyncio.to_thread(grant_tree, ctx.workspace, recursive=False)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
+        run = await subproc.run(
+            argv,
             cwd=cwd,
             env=clean_env(),
-            start_new_session=True,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            timeout_s=timeout,
+            stdin=stdin.encode() if isinstance(stdin, str) else None,
+            output_cap=ctx.output_cap,
+            confine=confinement(),
         )
     except OSError as exc:
         raise TaskError(
             f"cannot start {argv[0]!r}: {exc.strerror}", hint="is the program installed on this node?"
         ) from None
-    timed_out = False
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if isinstance(stdin, str) else None), timeout)
-    except TimeoutError:
-        timed_out = True
-        _kill_group(proc)
-        out, err = await proc.communicate()
-    except asyncio.CancelledError:
-        _kill_group(proc)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.wait(), 5)
-        raise
-    duration = time.monotonic() - t0
-    if timed_out:
+    if run.timed_out:
         raise TaskTimeoutError(f"command timed out after {timeout:g}s", hint="raise timeout_s or speed it up")
-    stdout, out_cut = _tail(out, ctx.output_cap)
-    stderr, err_cut = _tail(err, ctx.output_cap)
-    if proc.returncode != 0 and data.get("expect_exit") is None:
+    if run.returncode == 127 and run.stderr.startswith(b"casper: cannot start"):
+        raise TaskError(
+            _text(run.stderr).strip().removeprefix("casper: "), hint="is the program installed on this node?"
+        )
+    stdout, stderr = _text(run.stdout), _text(run.stderr)
+    if run.returncode != 0 and data.get("expect_exit") is None:
         last = stderr.strip().splitlines()[-1][:200] if stderr.strip() else "no stderr"
         raise ShellExitError(
-            f"command exited with code {proc.returncode} ({last})",
+            f"command exited with code {run.returncode} ({last})",
             hint="fix the command, or set input.expect_exit to the exit code you expect",
         )
     return {
-        "exit_code": proc.returncode,
+        "exit_code": run.returncode,
         "stdout": stdout,
         "stderr": stderr,
-        "stdout_truncated": out_cut,
-        "stderr_truncated": err_cut,
-        "duration_s": round(duration, 4),
+        "stdout_truncated": run.stdout_truncated,
+        "stderr_truncated": run.stderr_truncated,
+        "duration_s": round(run.duration_s, 4),
     }
-
-
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def validate_shell(data: dict[str, Any], output: Any) -> str | None:
