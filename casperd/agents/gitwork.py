@@ -77,6 +77,18 @@ _DRIVERS = r"^(filter|merge)\..*\.(clean|smudge|process|driver)$"
 _LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = weakref.WeakKeyDictionary()
 
 
+def mirror_root(workspace: Path) -> Path:
+    """Where a node keeps its bare mirrors: beside its workspace (``workspaces/NODE.mirrors``), out
+    of the directory shell tasks may write to."""
+    return workspace.with_name(f"{workspace.name}.mirrors")
+
+
+def worktree_root(workspace: Path) -> Path:
+    """Where a node makes its worktrees (``workspaces/NODE.worktrees``): each one is handed to task
+    code on its own; the directory holding them is not."""
+    return workspace.with_name(f"{workspace.name}.worktrees")
+
+
 def git_env() -> dict[str, str]:
     """The environment of every git command: the node's minus secrets, CASPER_* and GIT_*, plus
     the fixed identity and no prompts (set after the secret filter: GIT_AUTHOR_* looks secret)."""

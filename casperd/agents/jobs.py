@@ -390,7 +390,7 @@ class JobRunner:
         patch = await self._patch(sub)
         integ = prog["integration"]
         wt = self.s.workspace / "jobs" / str(job_id) / f"int-{len(integ['applied'])}"
-        await gitwork.make_worktree(spec["repo"], integ["head"], wt, self.s.workspace / "mirrors")
+        await gitwork.make_worktree(spec["repo"], integ["head"], wt, gitwork.mirror_root(self.s.workspace))
         try:
             try:
                 await gitwork.apply(wt, patch)
@@ -457,7 +457,7 @@ class JobRunner:
                 prog["final_time_s"] = float(out.get("duration_s") or 0.0)
             branch = f"casper/job-{str(job_id)[:8]}"
             wt = self.s.workspace / "jobs" / str(job_id) / "branch"
-            await gitwork.make_worktree(spec["repo"], integ["head"], wt, self.s.workspace / "mirrors")
+            await gitwork.make_worktree(spec["repo"], integ["head"], wt, gitwork.mirror_root(self.s.workspace))
             try:
                 await gitwork.push_ref(wt, spec["repo"], f"refs/heads/{branch}")
             finally:

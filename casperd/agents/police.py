@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from casperd.agents import gitwork
 from casperd.agents.claude import ClaudeClient
 from casperd.agents.ratelimit import LocalLimiter, MeshRateLimit, RateObservation
 from casperd.agents.records import AgentRecords
@@ -185,7 +186,7 @@ class PoliceService:
             allowed=list(task_input.get("allowed") or []),
             limits=PatchLimits(),
             scratch=self.s.workspace / "validate",
-            mirror_root=self.s.workspace / "mirrors",
+            mirror_root=gitwork.mirror_root(self.s.workspace),
         )
         if problems:
             log.info("task %s failed validation: %s", tid, "; ".join(problems)[:500])

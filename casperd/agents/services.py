@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from casperd import codec
+from casperd.agents import gitwork
 from casperd.agents.claude import ClaudeClient
 from casperd.agents.ratelimit import LocalLimiter, RateObservation
 from casperd.cache import ResultCache
@@ -102,7 +103,7 @@ class WorkerServices:
         self.worker = worker
         self.limiter = MeshLimiter(worker, settings)
         self.claude = ClaudeClient.from_settings(settings, self.limiter, cache)
-        self.mirrors = settings.workspace / "mirrors"
+        self.mirrors = gitwork.mirror_root(settings.workspace)
         self.has_api_key = api_key_configured(settings)
 
     @property
@@ -115,7 +116,8 @@ class WorkerServices:
         )
 
     def worktree_path(self, task_id: uuid.UUID, attempt: int) -> Path:
-        return self.settings.workspace / "worktrees" / f"{task_id}-{attempt}-{int(time.time() * 1000) % 100000}"
+        stamp = int(time.time() * 1000) % 100000
+        return gitwork.worktree_root(self.settings.workspace) / f"{task_id}-{attempt}-{stamp}"
 
     async def save_turns(
         self,

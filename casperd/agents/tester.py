@@ -42,9 +42,9 @@ async def run_test(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(repo, str) or not isinstance(base, str) or not isinstance(cmd, str) or not cmd.strip():
         raise TaskError("a test task needs 'repo', 'base' and 'test_cmd'", hint="see caspectl run --help")
     timeout = float(data.get("timeout_s") or (ctx.services.settings.test_timeout_s if ctx.services else 600.0))
-    mirrors = ctx.workspace / "mirrors"
+    mirrors = gitwork.mirror_root(ctx.workspace)
     assert ctx.task_id is not None
-    wt = ctx.workspace / "worktrees" / f"test-{ctx.task_id}-{ctx.attempt}-{int(time.time() * 1000) % 100000}"
+    wt = gitwork.worktree_root(ctx.workspace) / f"test-{ctx.task_id}-{ctx.attempt}-{int(time.time() * 1000) % 100000}"
     t0 = time.monotonic()
     await gitwork.make_worktree(repo, base, wt, mirrors)
     try:

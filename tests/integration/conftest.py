@@ -22,6 +22,7 @@ import pytest
 
 from casperd.embedded import EmbeddedPostgres
 from casperd.localmesh import LocalMesh
+from tests.support.isolation import mesh_task_user
 
 
 def _ports_free(base: int, count: int) -> bool:
@@ -98,7 +99,7 @@ def make_mesh(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Local
     def factory(developers: int = 2, testers: int = 1, start: bool = True, **kw: Any) -> LocalMesh:
         kw.setdefault("curve", True)
         kw.setdefault("redis_url", "")
-        env = {"CASPER_HEARTBEAT_S": "0.5", **kw.pop("extra_env", {})}
+        env = {"CASPER_HEARTBEAT_S": "0.5", "CASPER_TASK_USER": mesh_task_user(), **kw.pop("extra_env", {})}
         mesh = LocalMesh(
             tmp_path / f"mesh{len(meshes)}",
             developers=developers,
