@@ -23,19 +23,22 @@ policy is process-wide because it is a property of the node, not of a task:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import pwd
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from casperd.errors import ConfigError
+from casperd.errors import ConfigError, SandboxError
 from casperd.subproc import Confinement, Limits, RunAs
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_TASK_USER = "casper-task"
 SECRETS_DIR = Path("/run/secrets")
@@ -282,7 +285,39 @@ def reclaim_tree(root: Path) -> None:
     _chown_tree(root, os.geteuid(), os.getegid())
 
 
-def owner() -> tuple[int, int] | None:
-    """(uid, gid) new files made for task code should have; None: the daemon's own."""
+def as_task_user(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` run with the task user's filesystem identity (``setfsuid``/``setfsgid``, which hold
+    for the calling thread only): what the daemon does on task code's behalf (the agent's file
+    tools) can touch only what task code itself could, and what it creates belongs to task code.
+    Call the result in a worker thread (``asyncio.to_thread``); the identity is restored after."""
     run_as = confinement().run_as
-    return None if run_as is None else (run_as.uid, run_as.gid)
+    if run_as is None:
+        return fn
+
+    def wrapped(*args: Any, **kwargs: Any) -> T:
+        libc = _libc()
+        old_uid, old_gid = os.geteuid(), os.getegid()
+        libc.setfsgid(run_as.gid)
+        libc.setfsuid(run_as.uid)
+        try:
+            if libc.setfsuid(-1) != run_as.uid or libc.setfsgid(-1) != run_as.gid:
+                raise SandboxError(
+                    f"cannot act as the task user {run_as.name}",
+                    hint="casperd needs CAP_SETUID and CAP_SETGID (or root) to run task code as another user",
+                )
+            return fn(*args, **kwargs)
+        finally:
+            libc.setfsuid(old_uid)
+            libc.setfsgid(old_gid)
+
+    return wrapped
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC

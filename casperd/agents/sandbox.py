@@ -14,32 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import json
 import os
 import posixpath
 import re
 import shutil
 import stat
-import sys
 import tempfile
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from casperd import subproc
+from casperd.agents.search import search_tree
 from casperd.errors import SandboxError, TaskError, TaskTimeoutError
-from casperd.taskenv import confinement, grant_tree, owner
+from casperd.taskenv import as_task_user, confinement, grant_tree
 from casperd.taskenv import task_env as clean_env
 
+T = TypeVar("T")
 LIST_CAP = 2000
 """Entries list_files shows at most."""
-SEARCH_CAP = 200
-"""Matches search shows at most."""
-SEARCH_MAX_FILE = 1_000_000
-"""Files larger than this are not searched."""
-SEARCH_TIMEOUT_S = 60.0
-MATCH_LINE_CAP = 300
-"""Characters of a matching line shown by search."""
 BINARY_SNIFF = 8192
 
 
@@ -138,6 +132,17 @@ class Sandbox:
             raise _refuse("cannot write to the worktree root itself", "name a file inside the worktree")
         return real
 
+    async def _as_task(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a file tool in a thread with the task user's filesystem identity (see
+        :func:`casperd.taskenv.as_task_user`), the worktree handed to that user first."""
+        await self._grant()
+        return await asyncio.to_thread(as_task_user(fn), *args)
+
+    async def _grant(self) -> None:
+        if not self._granted:
+            await asyncio.to_thread(grant_tree, self.root)
+            self._granted = True
+
     def _display(self, real: Path) -> str:
         rel = real.relative_to(self.root).as_posix()
         return rel or "."
@@ -153,7 +158,7 @@ class Sandbox:
             raise TaskError(
                 f"end_line {end_line} is before start_line {start_line}", hint="give end_line >= start_line"
             )
-        return await asyncio.to_thread(self._read_file, path, start_line, end_line)
+        return await self._as_task(self._read_file, path, start_line, end_line)
 
     def _read_file(self, path: str, start_line: int | None, end_line: int | None) -> str:
         real = self.resolve(path)
@@ -213,7 +218,7 @@ class Sandbox:
                 f"content is {len(data)} bytes; the limit for one file is {self.max_write_bytes} bytes",
                 "write smaller files, or generate large data with a command",
             )
-        return await asyncio.to_thread(self._write_file, path, data)
+        return await self._as_task(self._write_file, path, data)
 
     def _write_file(self, path: str, data: bytes) -> str:
         real = self.resolve(path, for_write=True)
@@ -226,12 +231,9 @@ class Sandbox:
         while not parent.exists():
             missing.append(parent)
             parent = parent.parent
-        who = owner()
         for d in reversed(missing):
             d.mkdir()
             self.resolve(self._display(d))
-            if who is not None:
-                os.lchown(d, *who)
         self._write_bytes(real, data, path)
         verb = "overwrote" if existed else "created"
         lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
@@ -240,7 +242,7 @@ class Sandbox:
     def _write_bytes(self, real: Path, data: bytes, path: str) -> None:
         """Write through an fd opened without following a final symlink; a file with more than one
         hard link (one a command may have made to a file outside the worktree) is refused before
-        it is truncated. New files belong to the user commands run as."""
+        it is truncated."""
         try:
             fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
         except OSError as exc:
@@ -248,11 +250,7 @@ class Sandbox:
                 f"cannot write {path!r}: {exc.strerror}", hint="check that the path names a file you may write"
             ) from None
         with os.fdopen(fd, "wb") as f:
-            st = os.fstat(fd)
-            _check_plain(st, path)
-            who = owner()
-            if who is not None and (st.st_uid, st.st_gid) != who:
-                os.fchown(fd, *who)
+            _check_plain(os.fstat(fd), path)
             os.ftruncate(fd, 0)
             f.write(data)
 
@@ -268,7 +266,7 @@ class Sandbox:
             )
         if old == new:
             raise TaskError("old and new are the same: nothing would change", hint="give the new text")
-        return await asyncio.to_thread(self._replace, path, old, new, bool(replace_all))
+        return await self._as_task(self._replace, path, old, new, bool(replace_all))
 
     def _replace(self, path: str, old: str, new: str, replace_all: bool) -> str:
         real = self.resolve(path, for_write=True)
@@ -318,7 +316,7 @@ class Sandbox:
         name or by path relative to the root. At most LIST_CAP entries."""
         if pattern is not None and not isinstance(pattern, str):
             raise TaskError("pattern must be a string glob", hint="e.g. '*.py'")
-        return await asyncio.to_thread(self._list_files, path, pattern or None)
+        return await self._as_task(self._list_files, path, pattern or None)
 
     def _walk(self, real: Path) -> Any:
         """(relative path, absolute path) of every file under ``real`` in sorted depth-first order,
@@ -374,53 +372,16 @@ class Sandbox:
                 f"invalid regular expression {pattern!r}: {exc}",
                 hint="use Python re syntax; escape special characters like ( [ . *",
             ) from None
-        real = await asyncio.to_thread(self.resolve, path)
-        request = json.dumps(
-            {
-                "root": str(self.root),
-                "start": str(real),
-                "pattern": pattern,
-                "glob": glob or None,
-                "cap": SEARCH_CAP,
-                "max_file": SEARCH_MAX_FILE,
-                "line_cap": MATCH_LINE_CAP,
-            }
-        ).encode()
-        try:
-            run = await subproc.run(
-                [sys.executable, "-I", "-S", "-c", _SEARCH_SCRIPT],
-                cwd=self.root,
-                env=clean_env(),
-                timeout_s=SEARCH_TIMEOUT_S,
-                stdin=request,
-                output_cap=4_000_000,
-            )
-        except OSError as exc:
-            raise TaskError(f"cannot start the search: {exc.strerror}", hint="the node cannot run Python") from None
-        if run.timed_out:
-            raise TaskTimeoutError(
-                f"search timed out after {SEARCH_TIMEOUT_S:g}s",
-                hint="simplify the pattern or search a smaller directory",
-            )
-        if run.returncode != 0:
-            raise TaskError(
-                f"search failed: {run.stderr.decode('utf-8', 'replace').strip()[-500:]}",
-                hint="check the pattern and path",
-            )
-        out = run.stdout
-        result = json.loads(out)
-        lines: list[str] = result["matches"]
-        if not lines:
-            return f"no matches for {pattern!r}" + (f" in files matching {glob!r}" if glob else "")
-        text = "\n".join(lines)
-        if result["more"]:
-            text += f"\n[stopped at {SEARCH_CAP} matches; narrow the pattern, path or glob]"
-        return text
+        real = await self._as_task(self.resolve, path)
+        return await search_tree(self.root, real, pattern, glob)
 
     # --- commands ---------------------------------------------------------------------------------
     async def _home_dir(self) -> str:
         if self._home is None:
             home = await asyncio.to_thread(tempfile.mkdtemp, prefix="casper-home-")
+            # git in a command may use this worktree although its git data belongs to casperd
+            gitconfig = f"[safe]\n\tdirectory = {self.root}\n"
+            await asyncio.to_thread(Path(home, ".gitconfig").write_text, gitconfig)
             await asyncio.to_thread(grant_tree, Path(home))
             self._home = home
             self._home_finalizer = weakref.finalize(self, shutil.rmtree, home, True)
@@ -451,9 +412,7 @@ class Sandbox:
             timeout = min(float(timeout_s), self.command_timeout_s)
         env = clean_env()
         env.update(HOME=await self._home_dir(), PYTHONDONTWRITEBYTECODE="1", GIT_TERMINAL_PROMPT="0")
-        if not self._granted:
-            await asyncio.to_thread(grant_tree, self.root)
-            self._granted = True
+        await self._grant()
         try:
             run = await subproc.run(
                 ["/bin/sh", "-c", command],
@@ -477,49 +436,3 @@ class Sandbox:
         code = run.returncode
         status = f"exit code {code}" if code is not None and code >= 0 else f"killed by signal {-(code or 0)}"
         return f"{text}{'' if not text or text.endswith(chr(10)) else chr(10)}[{status}]"
-
-
-_SEARCH_SCRIPT = r"""
-import fnmatch, json, os, re, sys
-req = json.loads(sys.stdin.buffer.read())
-root, start = req["root"], req["start"]
-rx = re.compile(req["pattern"])
-glob, cap, max_file, line_cap = req["glob"], req["cap"], req["max_file"], req["line_cap"]
-matches, more = [], False
-
-def files():
-    if os.path.isfile(start):
-        yield start
-        return
-    for dirpath, dirnames, filenames in os.walk(start):
-        dirnames[:] = sorted(d for d in dirnames if d != ".git")
-        for name in sorted(filenames):
-            if name != ".git":
-                yield os.path.join(dirpath, name)
-
-for full in files():
-    rel = os.path.relpath(full, root).replace(os.sep, "/")
-    if glob and not (fnmatch.fnmatchcase(os.path.basename(rel), glob) or fnmatch.fnmatchcase(rel, glob)):
-        continue
-    try:
-        if os.path.islink(full) or not os.path.isfile(full) or os.path.getsize(full) > max_file:
-            continue
-        with open(full, "rb") as f:
-            data = f.read()
-    except OSError:
-        continue
-    if b"\0" in data[:8192]:
-        continue
-    for no, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
-        if rx.search(line):
-            if len(matches) >= cap:
-                more = True
-                break
-            text = line.rstrip()
-            if len(text) > line_cap:
-                text = text[:line_cap] + "…"
-            matches.append(f"{rel}:{no}: {text}")
-    if more:
-        break
-json.dump({"matches": matches, "more": more}, sys.stdout)
-"""

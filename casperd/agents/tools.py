@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from casperd.agents.sandbox import LIST_CAP, SEARCH_CAP, Sandbox
+from casperd.agents.sandbox import LIST_CAP, Sandbox
+from casperd.agents.search import SEARCH_CAP
 from casperd.errors import CasperError, TaskError
 
 
