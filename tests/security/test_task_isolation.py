@@ -69,8 +69,11 @@ def _secret(path: Path, text: str) -> Path:
 
 # --- shell tasks on a root local mesh ------------------------------------------------------------
 @needs_root
-def test_shell_task_cannot_read_secrets_or_the_daemons_environment(make_mesh: Any, tmp_path: Path) -> None:
-    passfile = _secret(tmp_path / "secrets" / "pgpass", f"127.0.0.1:5432:*:casper:{DB_PASSWORD}\n")
+def test_shell_task_cannot_read_secrets_or_the_daemons_environment(
+    make_mesh: Any, postgres: Any, tmp_path: Path
+) -> None:
+    passfile = Path(postgres.passfile)  # the real one: every node of the mesh gets PGPASSFILE
+    db_password = passfile.read_text().strip().rsplit(":", 1)[1]
     mesh = make_mesh(
         developers=1,
         testers=0,
@@ -94,7 +97,7 @@ def test_shell_task_cannot_read_secrets_or_the_daemons_environment(make_mesh: An
     assert out is not None and out["stdout"].endswith("END\n"), out
     assert out["stdout"].split()[0] != "0", "task code ran as root"
     everything = out["stdout"] + out["stderr"]
-    for secret in (DB_PASSWORD, API_KEY, *key_text.split()):
+    for secret in (db_password, DB_PASSWORD, API_KEY, *key_text.split()):
         assert secret not in everything
     assert "PGPASSFILE" not in out["stdout"] and "STATS_URL" not in out["stdout"]
     assert out["stderr"].count("Permission denied") == len(reads), out["stderr"]
