@@ -334,7 +334,7 @@ class Broker:
             frames = codec.encode(Reply(req_id=msg.req_id, ok=False, error=ErrorBody(**exc.to_wire())))
         except Exception as exc:  # a bug in a service: answer, log, keep serving
             log.exception("mesh service %s failed", msg.op)
-            error = ErrorBody(code="internal", message=f"{msg.op} failed: {type(exc).__name__}")
+            error = ErrorBody(code=CasperError.code, message=f"{msg.op} failed: {type(exc).__name__}")
             frames = codec.encode(Reply(req_id=msg.req_id, ok=False, error=error))
         self._send(Send(Socket.MESH, a.route, frames))
 

@@ -85,7 +85,19 @@ class IllegalTransitionError(TaskError):
     code = "illegal-transition"
 
 
-class TaskNotFoundError(TaskError):
+class NotFoundError(CasperError):
+    """The thing a request names does not exist (a task, a peer, a job)."""
+
+    code = "not-found"
+
+
+class TaskNotFoundError(NotFoundError, TaskError):
+    code = "not-found"
+
+
+class PeerNotFoundError(NotFoundError):
+    """No registered peer has the name a request gives (``drain``, ``resume``)."""
+
     code = "not-found"
 
 
@@ -119,6 +131,51 @@ class TaskTimeoutError(TaskError):
 
 class TaskCancelledError(TaskError):
     code = "cancelled"
+
+
+class TaskCrashError(TaskError):
+    """The handler raised an exception that is not a CasperError (a bug; retryable)."""
+
+    code = "crash"
+
+
+class OutputTooLargeError(TaskError):
+    """An outcome (or, on the broker, an assignment) that does not fit in one message."""
+
+    code = "too-large"
+    retryable = False
+
+
+class InvalidOutputError(TaskError):
+    """A RESULT output that is not storable JSON."""
+
+    code = "invalid-output"
+    retryable = False
+
+
+class ValidationFailedError(TaskError):
+    """The task type's validator rejected the output (the policeman's ``validating`` state)."""
+
+    code = "validation"
+
+
+class HolderLostError(TaskError):
+    """The worker holding the task was lost, or its lease expired, and no attempts were left."""
+
+    code = "holder-lost"
+    retryable = False
+
+
+class DrainingError(TaskError):
+    """An assignment reached a worker that is draining: it goes back to pending, attempt refunded."""
+
+    code = "draining"
+
+
+class HandedBackError(TaskError):
+    """A worker stopped before finishing a task it held: back to pending, attempt refunded."""
+
+    code = "handed-back"
 
 
 # --- agents (Claude-backed work) ---------------------------------------------------------------
@@ -212,12 +269,13 @@ _BY_CODE: dict[str, type[CasperError]] = {}
 
 
 def _index(cls: type[CasperError]) -> None:
-    _BY_CODE[cls.code] = cls
+    _BY_CODE.setdefault(cls.code, cls)  # a code shared by subclasses (not-found) maps to the first
     for sub in cls.__subclasses__():
         _index(sub)
 
 
 _index(CasperError)
+_BY_CODE[NotFoundError.code] = NotFoundError  # shared by TaskNotFoundError and PeerNotFoundError
 
 
 def from_wire(body: dict[str, Any]) -> CasperError:

@@ -29,7 +29,7 @@ import zmq.asyncio
 
 from casperd import __version__, codec
 from casperd.cache import ResultCache, cache_key
-from casperd.errors import CasperError, RequestTimeoutError, UnknownTaskTypeError, from_wire
+from casperd.errors import CasperError, RequestTimeoutError, TaskCrashError, UnknownTaskTypeError, from_wire
 from casperd.handlers import Attached, Catalog, RunContext
 from casperd.meshcache import cache_counters
 from casperd.messages import Assignment, Request
@@ -285,7 +285,9 @@ class Worker:
         except Exception as exc:
             outcome = "failed"
             log.exception("handler for %s task %s crashed", a.type, a.task_id)
-            core.failed_run(a, "crash", str(CasperError(f"handler crashed: {type(exc).__name__}: {exc}"[:2000])), True)
+            core.failed_run(
+                a, TaskCrashError.code, str(CasperError(f"handler crashed: {type(exc).__name__}: {exc}"[:2000])), True
+            )
         finally:
             core.ended(a.task_id)
             if self.tasks.get(a.task_id) is asyncio.current_task():

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from casperd import codec
-from casperd.errors import ProtocolError
+from casperd.errors import DrainingError, HandedBackError, OutputTooLargeError, ProtocolError
 from casperd.hints import silent_broker_hint
 from casperd.liveness import PeerClock
 from casperd.messages import (
@@ -245,7 +245,7 @@ class WorkerCore:
                 old.attempt = a.attempt
             return
         if self.draining:
-            error = ErrorBody(code="draining", message=f"{self.s.node_id} is shutting down")
+            error = ErrorBody(code=DrainingError.code, message=f"{self.s.node_id} is shutting down")
             self._failures.append(Failure(task_id=a.task_id, attempt=a.attempt, retryable=True, error=error))
             self.flush_needed = True
             return
@@ -274,7 +274,7 @@ class WorkerCore:
             frames = codec.encode_raw(Command.RESULT, {"results": [body]}, attachments)
             if sum(map(len, frames)) > self.s.max_message_bytes:
                 message = f"the result with its attachments does not fit in {self.s.max_message_bytes} bytes"
-                self.failed_run(a, "too-large", message, False)
+                self.failed_run(a, OutputTooLargeError.code, message, False)
                 return False
             self._send(frames)
         self.completed += 1
@@ -290,7 +290,7 @@ class WorkerCore:
         """The run was cancelled: by the policeman (nothing to report) or by shutdown (hand it back)."""
         run = self.running.get(a.task_id)
         if run is None or not run.cancelled_by_broker:
-            error = ErrorBody(code="handed-back", message=f"{self.s.node_id} stopped before finishing")
+            error = ErrorBody(code=HandedBackError.code, message=f"{self.s.node_id} stopped before finishing")
             self._failures.append(Failure(task_id=a.task_id, attempt=a.attempt, retryable=True, error=error))
         self.flush_needed = True
 
@@ -308,7 +308,7 @@ class WorkerCore:
                 self._send(frames, now)
             for out in too_big:
                 message = f"the output does not fit in {self.s.max_message_bytes} bytes"
-                error = ErrorBody(code="too-large", message=message)
+                error = ErrorBody(code=OutputTooLargeError.code, message=message)
                 self._failures.append(
                     Failure(task_id=out["task_id"], attempt=out["attempt"], retryable=False, error=error)
                 )

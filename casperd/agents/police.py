@@ -34,7 +34,7 @@ from casperd.agents.validation import PatchLimits, validate_patch
 from casperd.broker import Broker
 from casperd.cache import ResultCache
 from casperd.codec import describe_validation
-from casperd.errors import InvalidBodyError
+from casperd.errors import InvalidBodyError, ValidationFailedError
 from casperd.lifecycle import ACTIVE
 from casperd.messages import TaskSpec
 from casperd.settings import Settings
@@ -139,7 +139,7 @@ class PoliceService:
         rec = self.broker.tasks.get(tid)
         if rec is not None and rec.error_json:
             last = json.loads(rec.error_json)[-1]
-            if last.get("code") == "validation" and last.get("attempt") == saved["attempt"]:
+            if last.get("code") == ValidationFailedError.code and last.get("attempt") == saved["attempt"]:
                 saved["feedback"] = f"The policeman rejected your patch: {last.get('message')}"
         return saved, ((wip,) if wip else ())
 

@@ -16,7 +16,7 @@ from casperd import __version__
 from casperd.ctl import jobs, submit
 from casperd.ctl.client import ControlClient, find_control, parse_id
 from casperd.ctl.output import emit, err, fail, kv, out, plural, table
-from casperd.errors import CasperError, CommandError, NoDaemonError, RequestTimeoutError, TaskNotFoundError
+from casperd.errors import CasperError, CommandError, NoDaemonError, NotFoundError, RequestTimeoutError
 from casperd.exitcodes import ExitCode
 from casperd.waiting import why_waiting
 
@@ -311,7 +311,7 @@ def _run(a: argparse.Namespace) -> int:
         return _fail(a, exc, ExitCode.UNAVAILABLE)
     except RequestTimeoutError as exc:
         return _fail(a, exc, ExitCode.TIMEOUT)
-    except TaskNotFoundError as exc:
+    except NotFoundError as exc:
         return _fail(a, exc, ExitCode.NOT_FOUND)
     except CasperError as exc:
         note = jobs.key_not_passed_note(exc.message)

@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from casperd import codec
+from casperd.errors import OutputTooLargeError
 from casperd.lifecycle import ACTIVE, Status, Trigger
 from casperd.liveness import Liveness
 from casperd.messages import Cancel, Command, Heartbeat, assignment_body
@@ -70,7 +71,14 @@ class AssignRules(RegistryRules):
             rec = self.tasks.get(a["task_id"])
             if rec is not None and rec.status is Status.ASSIGNED and rec.assigned_to in self.peers:
                 self.release(self.peers[rec.assigned_to], rec)
-                self.fail(rec, now.wall, rec.assigned_to, "too-large", "task message exceeds max_message_bytes", False)
+                self.fail(
+                    rec,
+                    now.wall,
+                    rec.assigned_to,
+                    OutputTooLargeError.code,
+                    "task message exceeds max_message_bytes",
+                    False,
+                )
         return batches
 
     def undelivered(self, node: str | None, task_ids: tuple[uuid.UUID, ...], now: Now) -> None:

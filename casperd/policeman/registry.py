@@ -13,7 +13,7 @@ from typing import Any
 
 from casperd import codec
 from casperd.dispatch import PeerSlot
-from casperd.errors import CasperError, IdentityError, TaskNotFoundError
+from casperd.errors import CasperError, IdentityError, PeerNotFoundError, ValidationFailedError
 from casperd.lifecycle import ACTIVE, Status
 from casperd.liveness import Liveness, PeerClock
 from casperd.messages import Cancel, Disconnect, Heartbeat, Ready
@@ -106,7 +106,9 @@ class RegistryRules(TaskRules):
         if rec.id in self.validating:
             return
         if rec.status is Status.VALIDATING:
-            self.fail(rec, now.wall, rec.assigned_to, "validation", "the validation was interrupted", True)
+            self.fail(
+                rec, now.wall, rec.assigned_to, ValidationFailedError.code, "the validation was interrupted", True
+            )
             return
         self.requeue(rec, now.wall, reason)
 
@@ -159,7 +161,7 @@ class RegistryRules(TaskRules):
         peer = self.peers.get(node_id)
         if peer is None:
             known = ", ".join(sorted(self.peers)) or "none"
-            raise TaskNotFoundError(f"no peer named {node_id!r}", hint=f"registered peers: {known}")
+            raise PeerNotFoundError(f"no peer named {node_id!r}", hint=f"registered peers: {known}")
         peer.drained_by_operator = draining
         peer.update_draining()
         self.dirty = True

@@ -14,13 +14,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from casperd import codec
+from casperd.errors import DrainingError, HandedBackError, HolderLostError, InvalidOutputError, ValidationFailedError
 from casperd.lifecycle import ACTIVE, Status, Trigger
 from casperd.messages import RENEW, Command, ErrorBody, FailedBatch, Progress, ResultBatch, done_body
 from casperd.policeman.actions import Finished, Now, RunLocal, Send, Socket, Validate
 from casperd.policeman.state import CoreState, Peer, log
 from casperd.taskrecord import TaskRecord, to_json
 
-HANDED_BACK = frozenset({"handed-back", "draining"})
+HANDED_BACK = frozenset({HandedBackError.code, DrainingError.code})
 """Failure codes that mean "given back unrun": no attempt spent (Trigger.HAND_BACK)."""
 
 
@@ -71,7 +72,7 @@ class TaskRules(CoreState):
                 assert ttype.validate is not None
                 problem = ttype.validate(rec.input, out.output)
                 if problem is not None:
-                    self.fail(rec, stamp, peer.node_id, "validation", problem, True)
+                    self.fail(rec, stamp, peer.node_id, ValidationFailedError.code, problem, True)
                     continue
             self.finish(rec, Trigger.COMPLETE, stamp, peer.node_id)
 
@@ -82,7 +83,7 @@ class TaskRules(CoreState):
         if rec is None or rec.status is not Status.VALIDATING:
             return  # cancelled meanwhile
         if problem is not None:
-            self.fail(rec, now.wall, peer, "validation", problem, True)
+            self.fail(rec, now.wall, peer, ValidationFailedError.code, problem, True)
         else:
             self.finish(rec, Trigger.COMPLETE, now.wall, peer)
         self.dirty = True
@@ -104,7 +105,7 @@ class TaskRules(CoreState):
         try:
             rec.output_json = to_json(out.output)
         except ValueError as exc:
-            self.fail(rec, stamp, peer.node_id, "invalid-output", f"task output {exc}", False)
+            self.fail(rec, stamp, peer.node_id, InvalidOutputError.code, f"task output {exc}", False)
             return False
         return True
 
@@ -186,7 +187,7 @@ class TaskRules(CoreState):
         self.leases.pop(rec.id, None)
         refund = trigger is not Trigger.HOLDER_LOST
         if not refund and self.policy_for(rec.type).exhausted(rec.attempts, rec.max_attempts):
-            self.fail(rec, stamp, holder, "holder-lost", reason, False)
+            self.fail(rec, stamp, holder, HolderLostError.code, reason, False)
             return
         rec.assigned_to = None
         rec.lease_deadline = None
