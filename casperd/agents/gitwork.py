@@ -1,14 +1,7 @@
 """Git operations for the agents: per-node bare mirrors, detached worktrees, patches, commits.
 
-Every git command runs through :mod:`casperd.subproc` (never in the event loop) with hooks disabled
-(``core.hooksPath=/dev/null``), every filter and merge driver the repository's config names
-disabled (empty commands, looked up before each command that could run one), no system or global
-config, no fsmonitor, no prompts, the repository trusted for that command only
-(``-c safe.directory=PATH``, never ``'*'``), an environment without secrets or inherited ``GIT_*``
-variables, and the fixed identity ``CASPER <casper@localhost>``. Commands git runs in another
-repository (``upload-pack`` for clone and fetch, ``receive-pack`` for push) read that repository's
-config, not ours: they are given explicitly with the same options, so a push runs no hook of the
-target repository.
+Every git command goes through :mod:`casperd.agents.gitcmd`, which hardens it (hooks, filters
+and merge drivers off; the repository trusted per command; no secrets in its environment).
 
 A repository named by a task is never written to by :func:`make_worktree`: the node keeps a bare
 mirror of it (``<mirror_root>/<sha256(abs path)[:16]>.git``, cloned once, fetched only when the
@@ -22,56 +15,18 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import shlex
 import shutil
 import uuid
 import weakref
 from pathlib import Path
 
-from casperd import subproc
+from casperd.agents.gitcmd import STDERR_TAIL, git_env, remote_program, run_git, tail_of
+from casperd.agents.gitcmd import git as git
 from casperd.agents.patchparse import changed_paths
 from casperd.errors import GitError, PatchConflictError
 from casperd.taskenv import reclaim_tree
-from casperd.taskenv import task_env as clean_env
 
-__all__ = ["changed_paths"]
-
-IDENTITY_NAME = "CASPER"
-IDENTITY_EMAIL = "casper@localhost"
-STDERR_TAIL = 2000
-"""How much of git's stderr an error message carries (the end, where git says what went wrong)."""
-
-_CONFIG = (
-    "-c",
-    "core.hooksPath=/dev/null",
-    "-c",
-    "core.fsmonitor=false",
-    "-c",
-    "commit.gpgsign=false",
-    "-c",
-    "tag.gpgsign=false",
-    "-c",
-    "core.quotePath=true",
-    "-c",
-    "advice.detachedHead=false",
-    "-c",
-    "gc.auto=0",
-    "-c",
-    "core.attributesFile=/dev/null",
-    "-c",
-    "core.askPass=",
-    "-c",
-    "credential.helper=",
-    "-c",
-    "protocol.allow=never",
-    "-c",
-    "protocol.file.allow=always",
-    "-c",
-    "receive.denyCurrentBranch=refuse",
-)
-_FILTERED = frozenset({"worktree", "add", "diff", "apply", "read-tree", "commit", "checkout", "reset", "status"})
-"""Commands that may run a filter or merge driver: run with every driver the config names disabled."""
-_DRIVERS = r"^(filter|merge)\..*\.(clean|smudge|process|driver)$"
+__all__ = ["STDERR_TAIL", "changed_paths", "git", "git_env"]
 
 # One lock per mirror and event loop: asyncio locks must not be shared between loops.
 _LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = weakref.WeakKeyDictionary()
@@ -87,96 +42,6 @@ def worktree_root(workspace: Path) -> Path:
     """Where a node makes its worktrees (``workspaces/NODE.worktrees``): each one is handed to task
     code on its own; the directory holding them is not."""
     return workspace.with_name(f"{workspace.name}.worktrees")
-
-
-def git_env() -> dict[str, str]:
-    """The environment of every git command: the node's minus secrets, CASPER_* and GIT_*, plus
-    the fixed identity and no prompts (set after the secret filter: GIT_AUTHOR_* looks secret)."""
-    env = {k: v for k, v in clean_env().items() if not k.startswith("GIT_")}
-    env.update(
-        GIT_TERMINAL_PROMPT="0",
-        GIT_AUTHOR_NAME=IDENTITY_NAME,
-        GIT_AUTHOR_EMAIL=IDENTITY_EMAIL,
-        GIT_COMMITTER_NAME=IDENTITY_NAME,
-        GIT_COMMITTER_EMAIL=IDENTITY_EMAIL,
-        GIT_CONFIG_NOSYSTEM="1",
-        GIT_CONFIG_GLOBAL=os.devnull,
-        GIT_ATTR_NOSYSTEM="1",
-        LC_ALL="C",
-        LANGUAGE="C",
-    )
-    return env
-
-
-def _tail(data: bytes, cap: int = STDERR_TAIL) -> str:
-    text = data.decode("utf-8", "replace").strip()
-    return text if len(text) <= cap else "…" + text[-cap:]
-
-
-def _remote(program: str, repo: str) -> str:
-    """The command a local transport runs in ``repo`` (which reads its own config, not our -c):
-    with hooks off and the repository trusted for this command only."""
-    args = ["git", *_CONFIG, "-c", f"safe.directory={repo}", program]
-    return " ".join(shlex.quote(a) for a in args)
-
-
-async def _exec(args: tuple[str, ...], cwd: Path, stdin: bytes | None, timeout_s: float) -> subproc.Completed:
-    try:
-        return await subproc.run(
-            ("git", *args), cwd=cwd, env=git_env(), timeout_s=timeout_s, stdin=stdin, output_cap=64 * 1024 * 1024
-        )
-    except FileNotFoundError as exc:
-        if exc.filename in (None, "git"):
-            raise GitError("git is not installed on this node", hint="install git (it must be on PATH)") from None
-        raise GitError(
-            f"the directory {str(cwd)!r} for git does not exist", hint="check the repository or worktree path"
-        ) from None
-    except NotADirectoryError:
-        raise GitError(f"{str(cwd)!r} is not a directory", hint="check the repository or worktree path") from None
-    except OSError as exc:
-        raise GitError(f"cannot start git: {exc.strerror}", hint="is git installed and executable?") from None
-
-
-async def _no_drivers(cwd: Path, base: tuple[str, ...]) -> tuple[str, ...]:
-    """``-c`` options that disable every filter and merge driver the repository's config defines
-    (whoever wrote them): an empty command means no driver."""
-    run = await _exec((*base, "config", "--null", "--get-regexp", _DRIVERS), cwd, None, 60)
-    out: list[str] = []
-    for entry in run.stdout.split(b"\0"):
-        key = entry.split(b"\n", 1)[0].decode("utf-8", "surrogateescape")
-        if key:
-            out += ["-c", f"{key}="]
-            if key.startswith("filter."):
-                out += ["-c", f"{key.rsplit('.', 1)[0]}.required=false"]
-    return tuple(out)
-
-
-async def _run(args: tuple[str, ...], cwd: Path, stdin: bytes | None, timeout_s: float) -> tuple[int, bytes, bytes]:
-    base = (*_CONFIG, "-c", f"safe.directory={cwd}")
-    if args[0] in _FILTERED:
-        base += await _no_drivers(cwd, base)
-    run = await _exec((*base, *args), cwd, stdin, timeout_s)
-    if run.timed_out:
-        raise GitError(
-            f"git {args[0]} timed out after {timeout_s:g}s",
-            hint="the repository may be very large or locked by another git process",
-        )
-    return run.returncode if run.returncode is not None else -9, run.stdout, run.stderr
-
-
-async def git(*args: str, cwd: Path, stdin: bytes | None = None, check: bool = True, timeout_s: float = 120) -> bytes:
-    """Run ``git args...`` in ``cwd``; its stdout. With ``check``, a non-zero exit raises
-    :class:`GitError` carrying the tail of git's stderr (``details``: ``returncode``, ``stderr``)."""
-    code, out, err = await _run(args, Path(cwd), stdin, timeout_s)
-    if check and code != 0:
-        tail = _tail(err)
-        raise GitError(
-            f"git {args[0]} failed (exit {code}): {tail or 'no message'}",
-            hint="see git's message above; check the repository, revision and worktree",
-            returncode=code,
-            stderr=tail,
-        )
-    return out
 
 
 def _check_rev(rev: str) -> None:
@@ -200,12 +65,12 @@ async def resolve_commit(repo: Path | str, rev: str = "HEAD") -> str:
             f"repository {str(repo)!r} does not exist or is not a directory",
             hint="give the absolute path of a git repository on this node",
         )
-    code, out, _err = await _run(
+    code, out, _err = await run_git(
         ("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"), path, None, 60
     )
     if code == 0:
         return out.decode().strip()
-    code2, _o, _e = await _run(("rev-parse", "--git-dir"), path, None, 60)
+    code2, _o, _e = await run_git(("rev-parse", "--git-dir"), path, None, 60)
     if code2 != 0:
         raise GitError(
             f"{str(repo)!r} is not a git repository",
@@ -215,6 +80,13 @@ async def resolve_commit(repo: Path | str, rev: str = "HEAD") -> str:
         f"revision {rev!r} is not a commit in {str(repo)!r}",
         hint="check the branch, tag or sha (has it been committed, or fetched?)",
     )
+
+
+async def list_files(repo: Path | str, rev: str) -> list[str]:
+    """Every file path in ``rev`` of ``repo`` (read-only)."""
+    _check_rev(rev)
+    out = await git("ls-tree", "-r", "--name-only", "--end-of-options", rev, cwd=Path(repo))
+    return out.decode("utf-8", "replace").splitlines()
 
 
 def mirror_path(repo: Path, mirror_root: Path) -> Path:
@@ -229,7 +101,7 @@ def _lock(mirror: Path) -> asyncio.Lock:
 
 
 async def _has_commit(mirror: Path, sha: str) -> bool:
-    code, _o, _e = await _run(("cat-file", "-e", f"{sha}^{{commit}}"), mirror, None, 60)
+    code, _o, _e = await run_git(("cat-file", "-e", f"{sha}^{{commit}}"), mirror, None, 60)
     return code == 0
 
 
@@ -243,7 +115,7 @@ async def _ensure_mirror(repo: Path, mirror: Path, sha: str) -> None:
                 "--bare",
                 "--quiet",
                 "--no-local",
-                f"--upload-pack={_remote('upload-pack', str(repo))}",
+                f"--upload-pack={remote_program('upload-pack', str(repo))}",
                 "--",
                 str(repo),
                 str(tmp),
@@ -255,7 +127,7 @@ async def _ensure_mirror(repo: Path, mirror: Path, sha: str) -> None:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
     if await _has_commit(mirror, sha):
         return
-    upload = f"--upload-pack={_remote('upload-pack', str(repo))}"
+    upload = f"--upload-pack={remote_program('upload-pack', str(repo))}"
     await git("fetch", "--quiet", "--no-tags", upload, "--", str(repo), "+refs/*:refs/*", cwd=mirror, timeout_s=1800)
     if await _has_commit(mirror, sha):
         return
@@ -365,18 +237,18 @@ async def apply(worktree: Path, patch: bytes) -> None:
     if not patch.strip():
         return
     args = ("apply", "--index", "--whitespace=nowarn")
-    code, _o, err = await _run((*args, "-"), Path(worktree), patch, 300)
+    code, _o, err = await run_git((*args, "-"), Path(worktree), patch, 300)
     if code == 0:
         return
     before = (await git("write-tree", cwd=worktree)).decode().strip()
-    code, _o, err3 = await _run((*args, "--3way", "-"), Path(worktree), patch, 300)
+    code, _o, err3 = await run_git((*args, "--3way", "-"), Path(worktree), patch, 300)
     if code == 0:
         return
     # A failed 3-way apply may leave conflict markers and unmerged entries: put the index and the
     # files back as they were.
     with contextlib.suppress(GitError):
         await git("read-tree", "--reset", "-u", before, cwd=worktree)
-    tail = _tail(err3 or err)
+    tail = tail_of(err3 or err)
     raise PatchConflictError(
         f"the patch does not apply to the current code: {tail or 'git apply failed'}",
         hint="the code it was made for has changed: redo the change on the current code",
@@ -388,9 +260,9 @@ async def commit_all(worktree: Path, message: str) -> str:
     """Commit everything in ``worktree`` (new files included); the new commit's sha, or HEAD's when
     there was nothing to commit."""
     await git("add", "-A", cwd=worktree)
-    code, _o, err = await _run(("diff", "--cached", "--quiet"), Path(worktree), None, 120)
+    code, _o, err = await run_git(("diff", "--cached", "--quiet"), Path(worktree), None, 120)
     if code not in (0, 1):
-        raise GitError(f"git diff failed (exit {code}): {_tail(err)}", hint="is this a git worktree?")
+        raise GitError(f"git diff failed (exit {code}): {tail_of(err)}", hint="is this a git worktree?")
     if code == 1:
         text = message.strip() or "CASPER change"
         await git("commit", "--quiet", "--no-verify", "-F", "-", cwd=worktree, stdin=text.encode() + b"\n")
@@ -400,7 +272,7 @@ async def commit_all(worktree: Path, message: str) -> str:
 async def push_ref(worktree: Path, repo: Path | str, ref: str) -> None:
     """Force-push the worktree's HEAD to ``ref`` in ``repo`` (a bare name means refs/heads/<ref>)."""
     full = ref if ref.startswith("refs/") else f"refs/heads/{ref}"
-    code, _o, _e = await _run(("check-ref-format", full), Path(worktree), None, 30)
+    code, _o, _e = await run_git(("check-ref-format", full), Path(worktree), None, 30)
     if code != 0 or ref.startswith("-"):
         raise GitError(f"{ref!r} is not a valid git ref name", hint="use a name like 'casper/job-123'")
     target = await asyncio.to_thread(lambda: str(Path(repo).resolve()))
@@ -410,7 +282,7 @@ async def push_ref(worktree: Path, repo: Path | str, ref: str) -> None:
             "--force",
             "--quiet",
             "--no-verify",
-            f"--receive-pack={_remote('receive-pack', target)}",
+            f"--receive-pack={remote_program('receive-pack', target)}",
             "--",
             target,
             f"HEAD:{full}",

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
+
+from casperd.agents.jobstates import JobState, SubtaskState
+from casperd.errors import TaskNotFoundError
 
 
 async def build_report(
@@ -56,6 +60,30 @@ async def build_report(
     }
 
 
+async def job_report(records: Any, store: Any, job_id: uuid.UUID) -> dict[str, Any]:
+    """The report of a job (``caspectl job``), also before its runner saved anything.
+
+    Raises:
+        TaskNotFoundError: no job has that id.
+    """
+    row = await records.load_job(job_id)
+    if row is not None:
+        return await build_report(records, job_id, row["spec"], row["progress"], row["state"])
+    task = await store.get(job_id)
+    if task is None or task["type"] != "job":
+        raise TaskNotFoundError(f"no job {job_id}", hint="caspectl tasks lists tasks; jobs have type job")
+    return {
+        "job_id": str(job_id),
+        "state": JobState.PLANNING.value,
+        **spec_view(task["input"] or {}),
+        "subtasks": [],
+        "plan": [],
+        "notes": [],
+        "tokens": {},
+        "cost_usd": 0.0,
+    }
+
+
 def spec_view(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: spec.get(k) for k in ("goal", "repo", "base", "test_cmd", "budget_usd", "max_parallel")}
 
@@ -81,3 +109,34 @@ def test_feedback(row: dict[str, Any]) -> str:
     if tail:
         lines.append(f"Output (tail):\n{tail}")
     return "\n".join(lines)
+
+
+def tests_pass(row: dict[str, Any], base_row: dict[str, Any], own_tests: Sequence[str]) -> bool:
+    """A subtask's test run, judged against the base commit's (``base_row``): it completed,
+    nothing that passed on the base fails, and none of the subtask's own tests fails."""
+    baseline = {str(f.get("name")) for f in (base_row.get("output") or {}).get("failures") or []}
+    failing = {str(f.get("name")) for f in (row.get("output") or {}).get("failures") or []}
+    own = {
+        f for f in failing if any(f == t or f.startswith(t.rstrip("/") + "::") or f.startswith(t) for t in own_tests)
+    }
+    return row["status"] == "complete" and failing <= baseline and not own
+
+
+def final_state(spec: dict[str, Any], prog: dict[str, Any], broke: bool) -> tuple[JobState, str]:
+    """How a job whose subtasks are all done ends, and its one-line summary."""
+    subs = prog["subtasks"]
+    applied = prog["integration"]["applied"]
+    failed = [s["id"] for s in subs.values() if s["state"] != SubtaskState.INTEGRATED]
+    tests_ok = (prog.get("final_tests") or {}).get("ok", True) if spec.get("test_cmd") else True
+    if broke and failed:
+        state = JobState.BUDGET_EXHAUSTED
+    elif not failed and applied and tests_ok:
+        state = JobState.DONE
+    else:
+        state = JobState.FAILED
+    summary = (
+        f"{len(applied)} of {len(subs)} subtasks integrated on {prog.get('branch') or 'no branch'}"
+        + (f"; not integrated: {', '.join(failed)}" if failed else "")
+        + ("" if not spec.get("test_cmd") else f"; final tests {'pass' if tests_ok else 'FAIL'}")
+    )
+    return state, summary

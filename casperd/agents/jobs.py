@@ -5,6 +5,8 @@ the ``jobs`` table, saved after every step; every subtask it creates has an idem
 from the job, the subtask, the round and the kind, so a restarted policeman resumes the job where
 it was: resubmitting finds the existing tasks, and finished ones are read from Postgres.
 
+The states of jobs and subtasks and the moves between them are one table,
+:mod:`casperd.agents.jobstates` (shared with ``caspectl``); every move goes through it.
 Per subtask: ``pending`` → ``coding`` (a code task; the developer's result is validated in the
 task's ``validating`` state, and a rejected patch goes back to the developer as feedback) →
 ``testing`` (a test task with the patch) → ``tested`` → ``integrated`` (applied onto the
@@ -23,25 +25,44 @@ import contextlib
 import logging
 import time
 import uuid
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from casperd.agents import gitwork
-from casperd.agents.jobreport import build_report, last_error, spec_view, test_feedback
+from casperd.agents.jobintegrate import integrate, push_branch
+from casperd.agents.jobreport import (
+    build_report,
+    final_state,
+    job_report,
+    last_error,
+    test_feedback,
+    tests_pass,
+)
+from casperd.agents.jobspec import (
+    code_input,
+    finished_row,
+    parallelism,
+    parse_job_args,
+    task_key,
+    test_input,
+    wait_finished,
+    whole_test_input,
+)
+from casperd.agents.jobspec import now as _now
+from casperd.agents.jobstates import (
+    SUBTASK_ACTIVE,
+    SUBTASK_DONE,
+    TERMINAL_JOB,
+    JobState,
+    job_step,
+    subtask_step,
+)
+from casperd.agents.jobstates import SubtaskState as S
 from casperd.agents.planner import Plan, make_plan
-from casperd.errors import AgentError, CasperError, GitError, InvalidBodyError, PatchConflictError, TaskNotFoundError
+from casperd.errors import AgentError, CasperError, PatchConflictError
 from casperd.messages import TaskSpec
 from casperd.taskrecord import TaskRecord
 
 log = logging.getLogger("casperd.agents.jobs")
-
-TERMINAL_JOB = ("done", "failed", "budget-exhausted", "cancelled")
-_SUB_DONE = ("integrated", "failed", "skipped")
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
 
 
 class JobRunner:
@@ -52,6 +73,7 @@ class JobRunner:
         self.s = police.s
         self.running: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._wake: dict[uuid.UUID, asyncio.Event] = {}
+        self._states: dict[uuid.UUID, JobState] = {}
 
     # --- hooks from the broker ----------------------------------------------------------------------
     def start(self, rec: TaskRecord) -> None:
@@ -76,31 +98,7 @@ class JobRunner:
 
     # --- control operations ---------------------------------------------------------------------------
     async def submit(self, args: dict[str, Any]) -> dict[str, Any]:
-        goal = args.get("goal")
-        repo = args.get("repo")
-        if not isinstance(goal, str) or not goal.strip():
-            raise InvalidBodyError("a job needs a goal", hint='caspectl run "fix the failing tests" --repo PATH')
-        if not isinstance(repo, str) or not Path(repo).is_absolute():
-            raise InvalidBodyError(
-                "a job needs --repo: an absolute path to a git repository",
-                hint="the repository must be readable by every node at that path",
-            )
-        base = await gitwork.resolve_commit(repo, str(args.get("rev") or "HEAD"))
-        budget = args.get("budget_usd")
-        if budget is not None and (not isinstance(budget, int | float) or budget <= 0):
-            raise InvalidBodyError("budget_usd must be a positive number", hint="e.g. --budget-usd 2.5")
-        par = args.get("max_parallel") or 4
-        if not isinstance(par, int) or not 1 <= par <= 64:
-            raise InvalidBodyError("max_parallel must be between 1 and 64", hint="e.g. --max-parallel 4")
-        spec_input = {
-            "goal": goal.strip(),
-            "repo": repo,
-            "base": base,
-            "test_cmd": args.get("test_cmd") or None,
-            "budget_usd": budget,
-            "max_parallel": par,
-            "allowed": list(args.get("allowed") or []),
-        }
+        spec_input = await parse_job_args(args)
         key = args.get("idempotency_key")
         tid, existing = await self.broker.submit_local(
             TaskSpec(type="job", input=spec_input, idempotency_key=key, max_attempts=1), submitter="caspectl run"
@@ -108,23 +106,7 @@ class JobRunner:
         return {"job_id": str(tid), "existing": existing}
 
     async def report(self, job_id: uuid.UUID) -> dict[str, Any]:
-        row = await self.records.load_job(job_id)
-        if row is None:
-            task = await self.broker.store.get(job_id)
-            if task is None or task["type"] != "job":
-                raise TaskNotFoundError(f"no job {job_id}", hint="caspectl tasks lists tasks; jobs have type job")
-            spec = task["input"] or {}
-            return {
-                "job_id": str(job_id),
-                "state": "planning",
-                **spec_view(spec),
-                "subtasks": [],
-                "plan": [],
-                "notes": [],
-                "tokens": {},
-                "cost_usd": 0.0,
-            }
-        return await build_report(self.records, job_id, row["spec"], row["progress"], row["state"])
+        return await job_report(self.records, self.broker.store, job_id)
 
     # --- the job ------------------------------------------------------------------------------------------
     async def _run(self, rec: TaskRecord) -> None:
@@ -157,8 +139,7 @@ class JobRunner:
         prog = row["progress"] if row else {"subtasks": {}, "notes": []}
         prog.setdefault("notes", []).append("cancelled by the operator; its open tasks were cancelled")
         prog["finished_at"] = _now()
-        with contextlib.suppress(CasperError):
-            await self.records.save_job(rec.id, "cancelled", rec.input, prog)
+        await self._save_final(rec.id, JobState.CANCELLED, rec.input, prog)
         log.info("job %s cancelled", rec.id)
 
     async def _fail_job(self, job_id: uuid.UUID, spec: dict[str, Any], why: str) -> None:
@@ -166,15 +147,29 @@ class JobRunner:
         prog = row["progress"] if row else {"started_at": _now(), "subtasks": {}, "notes": []}
         prog.setdefault("notes", []).append(why)
         prog["finished_at"] = _now()
-        with contextlib.suppress(CasperError):
-            await self.records.save_job(job_id, "failed", spec, prog)
+        await self._save_final(job_id, JobState.FAILED, spec, prog)
+
+    async def _save(self, job_id: uuid.UUID, state: JobState, spec: dict[str, Any], prog: dict[str, Any]) -> None:
+        """Save the job's progress in ``state``, a move the transition table allows."""
+        self._states[job_id] = job_step(self._states.get(job_id, JobState.PLANNING), state)
+        await self.records.save_job(job_id, state.value, spec, prog)
+
+    async def _save_final(self, job_id: uuid.UUID, state: JobState, spec: dict[str, Any], prog: dict[str, Any]) -> None:
+        """The last save of a job that failed or was cancelled: a storage error is logged (the job
+        task's own status still says how it ended), never raised over the first failure."""
+        try:
+            await self.records.save_job(job_id, state.value, spec, prog)
+        except CasperError as exc:
+            log.error("job %s: could not save its final state %s: %s", job_id, state.value, exc)
+        self._states.pop(job_id, None)
 
     async def _job(self, job_id: uuid.UUID, spec: dict[str, Any]) -> dict[str, Any]:
         row = await self.records.load_job(job_id)
         prog: dict[str, Any] = row["progress"] if row else {}
-        state = row["state"] if row else "planning"
+        state = JobState(row["state"]) if row else JobState.PLANNING
         if state in TERMINAL_JOB:
-            return await build_report(self.records, job_id, spec, prog, state)
+            return await build_report(self.records, job_id, spec, prog, state.value)
+        self._states[job_id] = state
         prog.setdefault("started_at", _now())
         prog.setdefault("t0", time.time())
         prog.setdefault("notes", [])
@@ -182,11 +177,11 @@ class JobRunner:
         self._wake[job_id] = asyncio.Event()
         try:
             if "plan" not in prog:
-                await self.records.save_job(job_id, "planning", spec, prog)
+                await self._save(job_id, JobState.PLANNING, spec, prog)
                 plan = await self._plan(job_id, spec)
                 prog["plan"] = plan.model_dump()
                 prog["subtasks"] = {
-                    s.id: {"id": s.id, "title": s.title, "state": "pending", "rounds": 0, "task_ids": []}
+                    s.id: {"id": s.id, "title": s.title, "state": S.PENDING.value, "rounds": 0, "task_ids": []}
                     for s in plan.subtasks
                 }
                 if spec.get("test_cmd"):
@@ -195,35 +190,27 @@ class JobRunner:
                             type="test",
                             parent_id=job_id,
                             idempotency_key=f"job:{job_id}:baseline",
-                            input={
-                                "job_id": str(job_id),
-                                "repo": spec["repo"],
-                                "base": spec["base"],
-                                "test_cmd": spec["test_cmd"],
-                            },
+                            input=whole_test_input(job_id, spec, spec["base"]),
                         )
                     )
                     prog["baseline_task"] = str(tid)
-                await self.records.save_job(job_id, "running", spec, prog)
+                await self._save(job_id, JobState.RUNNING, spec, prog)
             plan = Plan.model_validate(prog["plan"])
-            state = await self._drive(job_id, spec, prog, plan)
-            return await build_report(self.records, job_id, spec, prog, state)
+            final = await self._drive(job_id, spec, prog, plan)
+            return await build_report(self.records, job_id, spec, prog, final.value)
         finally:
             self._wake.pop(job_id, None)
+            self._states.pop(job_id, None)
 
     async def _plan(self, job_id: uuid.UUID, spec: dict[str, Any]) -> Plan:
-        files = (
-            (await gitwork.git("ls-tree", "-r", "--name-only", spec["base"], cwd=Path(spec["repo"])))
-            .decode("utf-8", "replace")
-            .splitlines()
-        )
+        files = await gitwork.list_files(spec["repo"], spec["base"])
         plan, _usage, calls = await make_plan(
             self.police.claude,
             self.s.models.get("policeman", "claude-sonnet-4-6"),
             spec["goal"],
             files,
             spec.get("test_cmd"),
-            int(spec.get("max_parallel") or 4),
+            parallelism(spec),
             self.s.llm_max_tokens,
         )
         await self.records.add_calls(calls, task_id=job_id, job_id=job_id, node=self.s.node_id, role="policeman")
@@ -231,10 +218,10 @@ class JobRunner:
         return plan
 
     # --- the main loop ------------------------------------------------------------------------------
-    async def _drive(self, job_id: uuid.UUID, spec: dict[str, Any], prog: dict[str, Any], plan: Plan) -> str:
+    async def _drive(self, job_id: uuid.UUID, spec: dict[str, Any], prog: dict[str, Any], plan: Plan) -> JobState:
         subs: dict[str, dict[str, Any]] = prog["subtasks"]
         by_id = {s.id: s for s in plan.subtasks}
-        par = int(spec.get("max_parallel") or 4)
+        par = parallelism(spec)
         budget = spec.get("budget_usd")
         wake = self._wake[job_id]
         while True:
@@ -250,25 +237,25 @@ class JobRunner:
                 )
                 changed = True
             for sid, sub in subs.items():  # dependents of failed work, and everything once the budget is spent
-                if sub["state"] == "pending":
+                if sub["state"] == S.PENDING:
                     deps = [subs[d]["state"] for d in by_id[sid].depends_on]
-                    if any(d in ("failed", "skipped") for d in deps):
-                        sub["state"], sub["note"] = "skipped", "a dependency was not integrated"
+                    if any(d in (S.FAILED, S.SKIPPED) for d in deps):
+                        subtask_step(sub, S.SKIPPED, "a dependency was not integrated")
                         changed = True
                     elif broke:
-                        sub["state"], sub["note"] = "skipped", "budget spent"
+                        subtask_step(sub, S.SKIPPED, "budget spent")
                         changed = True
-            active = sum(1 for s in subs.values() if s["state"] in ("coding", "testing", "tested"))
+            active = sum(1 for s in subs.values() if s["state"] in SUBTASK_ACTIVE)
             for sid, sub in subs.items():
                 if active >= par or broke:
                     break
-                if sub["state"] == "pending" and all(subs[d]["state"] == "integrated" for d in by_id[sid].depends_on):
+                if sub["state"] == S.PENDING and all(subs[d]["state"] == S.INTEGRATED for d in by_id[sid].depends_on):
                     await self._code_round(job_id, spec, prog, by_id[sid], sub, feedback=None)
                     active += 1
                     changed = True
             if changed:
-                await self.records.save_job(job_id, "running", spec, prog)
-            if all(s["state"] in _SUB_DONE for s in subs.values()):
+                await self._save(job_id, JobState.RUNNING, spec, prog)
+            if all(s["state"] in SUBTASK_DONE for s in subs.values()):
                 break
             wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -279,20 +266,20 @@ class JobRunner:
         self, job_id: uuid.UUID, spec: dict[str, Any], prog: dict[str, Any], st: Any, sub: dict[str, Any]
     ) -> bool:
         """Move one subtask on if its current task finished; True if anything changed."""
-        if sub["state"] == "coding":
+        if sub["state"] == S.CODING:
             row = await self._finished(uuid.UUID(sub["code_task"]))
             if row is None:
                 return False
             sub["attempts"] = sub.get("attempts", 0) + int(row["attempts"] or 0)
             sub["time_s"] = sub.get("time_s", 0.0) + float((row["output"] or {}).get("duration_s") or 0.0)
             if row["status"] != "complete":
-                sub["state"], sub["note"] = "failed", last_error(row)
+                subtask_step(sub, S.FAILED, last_error(row))
                 return True
             patch = await self._patch(sub)
             if not patch:
-                sub["state"], sub["note"] = "failed", "the developer changed nothing"
+                subtask_step(sub, S.FAILED, "the developer changed nothing")
                 return True
-            sub["state"] = "testing" if spec.get("test_cmd") else "tested"
+            subtask_step(sub, S.TESTING if spec.get("test_cmd") else S.TESTED)
             if spec.get("test_cmd"):
                 # the developer normally handed this test straight to a tester (same idempotency key):
                 # then this finds it; otherwise it is created here
@@ -300,8 +287,8 @@ class JobRunner:
                     TaskSpec(
                         type="test",
                         parent_id=job_id,
-                        idempotency_key=_key(job_id, sub, "test") + f":a{int(row['attempts'] or 1)}",
-                        input=_test_input(job_id, spec, sub),
+                        idempotency_key=task_key(job_id, sub, "test") + f":a{int(row['attempts'] or 1)}",
+                        input=test_input(job_id, spec, sub),
                     ),
                     (patch,),
                 )
@@ -309,7 +296,7 @@ class JobRunner:
                 sub["handed_off"] = handed
                 sub["task_ids"].append(str(tid))
             return True
-        if sub["state"] == "testing":
+        if sub["state"] == S.TESTING:
             row = await self._finished(uuid.UUID(sub["test_task"]))
             if row is None:
                 return False
@@ -318,25 +305,17 @@ class JobRunner:
             base_row = await self._finished(uuid.UUID(prog["baseline_task"]))
             if base_row is None:
                 return False
-            baseline = {str(f.get("name")) for f in (base_row["output"] or {}).get("failures") or []}
             out = row["output"] or {}
             sub["time_s"] = sub.get("time_s", 0.0) + float(out.get("duration_s") or 0.0)
             sub["tests"] = {k: out.get(k) for k in ("passed", "failed", "errors", "skipped")} if out else None
-            failing = {str(f.get("name")) for f in out.get("failures") or []}
-            own = {
-                f
-                for f in failing
-                if any(f == t or f.startswith(t.rstrip("/") + "::") or f.startswith(t) for t in st.tests)
-            }
-            ok = row["status"] == "complete" and failing <= baseline and not own
-            if ok:
-                sub["state"] = "tested"
+            if tests_pass(row, base_row, st.tests):
+                subtask_step(sub, S.TESTED)
             elif sub["rounds"] >= self.s.job_rounds:
-                sub["state"], sub["note"] = "failed", f"tests still fail after {sub['rounds']} rounds"
+                subtask_step(sub, S.FAILED, f"tests still fail after {sub['rounds']} rounds")
             else:
                 await self._code_round(job_id, spec, prog, st, sub, feedback=test_feedback(row))
             return True
-        if sub["state"] == "tested":
+        if sub["state"] == S.TESTED:
             return await self._integrate(job_id, spec, prog, st, sub)
         return False
 
@@ -353,22 +332,7 @@ class JobRunner:
     ) -> None:
         sub["rounds"] += 1
         base = prog["integration"]["head"]
-        inp: dict[str, Any] = {
-            "job_id": str(job_id),
-            "subtask": st.id,
-            "repo": spec["repo"],
-            "base": base,
-            "instructions": st.instructions,
-            "goal": spec["goal"],
-            "allowed": st.paths or spec.get("allowed") or [],
-            "test_cmd": spec.get("test_cmd"),
-            "round": sub["rounds"],
-        }
-        if sub.get("code_task"):
-            inp.update(resume_from=sub["code_task"], feedback=feedback, restore=not rebase)
-        if spec.get("test_cmd"):
-            sub["base"] = base
-            inp["handoff"] = {"key": _key(job_id, sub, "test"), "input": _test_input(job_id, spec, sub)}
+        inp = code_input(job_id, spec, st, sub, base, feedback=feedback, rebase=rebase)
         budget = spec.get("budget_usd")
         if budget is not None:
             spent = (await self.records.usage_by_job(job_id))["cost_usd"]
@@ -377,11 +341,12 @@ class JobRunner:
             TaskSpec(
                 type="code",
                 parent_id=job_id,
-                idempotency_key=_key(job_id, sub, "rebase" if rebase else "code"),
+                idempotency_key=task_key(job_id, sub, "rebase" if rebase else "code"),
                 input=inp,
             )
         )
-        sub.update(state="coding", code_task=str(tid), base=base)
+        subtask_step(sub, S.CODING)
+        sub.update(code_task=str(tid), base=base)
         sub["task_ids"].append(str(tid))
 
     async def _integrate(
@@ -389,61 +354,46 @@ class JobRunner:
     ) -> bool:
         patch = await self._patch(sub)
         integ = prog["integration"]
-        wt = self.s.workspace / "jobs" / str(job_id) / f"int-{len(integ['applied'])}"
-        await gitwork.make_worktree(spec["repo"], integ["head"], wt, gitwork.mirror_root(self.s.workspace))
+        message = f"{st.id}: {st.title}\n\nCASPER job {job_id}"
         try:
-            try:
-                await gitwork.apply(wt, patch)
-            except PatchConflictError as exc:
-                if sub["rounds"] >= self.s.job_rounds + 1:
-                    sub["state"], sub["note"] = "failed", "its patch still conflicts after a rebase"
-                    return True
-                log.info("job %s: %s conflicts on integration; a developer rebases it", job_id, sub["id"])
-                text = patch.decode("utf-8", "replace")[:6000]
-                await self._code_round(
-                    job_id,
-                    spec,
-                    prog,
-                    st,
-                    sub,
-                    rebase=True,
-                    feedback=(
-                        "Your patch no longer applies: other agents' work was integrated first and changed the same "
-                        f"code. Redo your change on the current code in this fresh worktree.\n{exc.message[:1500]}\n"
-                        f"Your previous patch was:\n{text}"
-                    ),
-                )
+            head = await integrate(self.s.workspace, job_id, spec, integ["head"], len(integ["applied"]), patch, message)
+        except PatchConflictError as exc:
+            if sub["rounds"] >= self.s.job_rounds + 1:
+                subtask_step(sub, S.FAILED, "its patch still conflicts after a rebase")
                 return True
-            head = await gitwork.commit_all(wt, f"{st.id}: {st.title}\n\nCASPER job {job_id}")
-            await gitwork.push_ref(wt, spec["repo"], f"refs/casper/jobs/{job_id}/integration")
-        finally:
-            try:
-                await gitwork.remove_worktree(wt)
-            except (GitError, OSError) as exc:  # the work is kept; only a directory is left behind
-                log.warning("could not remove the worktree %s: %s", wt, exc)
+            log.info("job %s: %s conflicts on integration; a developer rebases it", job_id, sub["id"])
+            text = patch.decode("utf-8", "replace")[:6000]
+            await self._code_round(
+                job_id,
+                spec,
+                prog,
+                st,
+                sub,
+                rebase=True,
+                feedback=(
+                    "Your patch no longer applies: other agents' work was integrated first and changed the same "
+                    f"code. Redo your change on the current code in this fresh worktree.\n{exc.message[:1500]}\n"
+                    f"Your previous patch was:\n{text}"
+                ),
+            )
+            return True
         integ["head"] = head
         integ["applied"].append(st.id)
-        sub["state"] = "integrated"
+        subtask_step(sub, S.INTEGRATED)
         log.info("job %s: %s integrated at %s", job_id, sub["id"], head[:12])
         return True
 
-    async def _finish(self, job_id: uuid.UUID, spec: dict[str, Any], prog: dict[str, Any], broke: bool) -> str:
+    async def _finish(self, job_id: uuid.UUID, spec: dict[str, Any], prog: dict[str, Any], broke: bool) -> JobState:
         integ = prog["integration"]
-        subs = prog["subtasks"]
         if integ["applied"]:
             if spec.get("test_cmd") and "final_tests" not in prog:
-                await self.records.save_job(job_id, "testing", spec, prog)
+                await self._save(job_id, JobState.TESTING, spec, prog)
                 tid, _ = await self.broker.submit_local(
                     TaskSpec(
                         type="test",
                         parent_id=job_id,
                         idempotency_key=f"job:{job_id}:final:{integ['head'][:12]}",
-                        input={
-                            "job_id": str(job_id),
-                            "repo": spec["repo"],
-                            "base": integ["head"],
-                            "test_cmd": spec["test_cmd"],
-                        },
+                        input=whole_test_input(job_id, spec, integ["head"]),
                     )
                 )
                 prog["final_task"] = str(tid)
@@ -455,35 +405,13 @@ class JobRunner:
                     else {"ok": False}
                 )
                 prog["final_time_s"] = float(out.get("duration_s") or 0.0)
-            branch = f"casper/job-{str(job_id)[:8]}"
-            wt = self.s.workspace / "jobs" / str(job_id) / "branch"
-            await gitwork.make_worktree(spec["repo"], integ["head"], wt, gitwork.mirror_root(self.s.workspace))
-            try:
-                await gitwork.push_ref(wt, spec["repo"], f"refs/heads/{branch}")
-            finally:
-                try:
-                    await gitwork.remove_worktree(wt)
-                except (GitError, OSError) as exc:  # the work is kept; only a directory is left behind
-                    log.warning("could not remove the worktree %s: %s", wt, exc)
+            branch = await push_branch(self.s.workspace, job_id, spec, integ["head"])
             prog["branch"] = branch
-        failed = [s["id"] for s in subs.values() if s["state"] != "integrated"]
-        tests_ok = (prog.get("final_tests") or {}).get("ok", True) if spec.get("test_cmd") else True
-        if broke and failed:
-            state = "budget-exhausted"
-        elif not failed and integ["applied"] and tests_ok:
-            state = "done"
-        else:
-            state = "failed"
-        n = len(integ["applied"])
-        prog["summary"] = (
-            f"{n} of {len(subs)} subtasks integrated on {prog.get('branch') or 'no branch'}"
-            + (f"; not integrated: {', '.join(failed)}" if failed else "")
-            + ("" if not spec.get("test_cmd") else f"; final tests {'pass' if tests_ok else 'FAIL'}")
-        )
+        state, prog["summary"] = final_state(spec, prog, broke)
         prog["finished_at"] = _now()
         prog["wall_s"] = round(time.time() - float(prog["t0"]), 3)
-        await self.records.save_job(job_id, state, spec, prog)
-        log.info("job %s %s: %s", job_id, state, prog["summary"])
+        await self._save(job_id, state, spec, prog)
+        log.info("job %s %s: %s", job_id, state.value, prog["summary"])
         return state
 
     async def _patch(self, sub: dict[str, Any]) -> bytes:
@@ -493,37 +421,7 @@ class JobRunner:
 
     # --- waiting for tasks ----------------------------------------------------------------------------
     async def _finished(self, tid: uuid.UUID) -> dict[str, Any] | None:
-        """The task's final row if it has finished, else None (without waiting)."""
-        if self.broker.tasks.get(tid) is not None:
-            return None
-        row = await self.broker.store.get(tid)
-        if row is None or row["status"] not in ("complete", "dead", "cancelled"):
-            return None
-        return row
+        return await finished_row(self.broker, tid)
 
     async def _wait(self, job_id: uuid.UUID, tid: uuid.UUID) -> dict[str, Any]:
-        """The final row of one of the job's own tasks, once it has finished."""
-        wake = self._wake[job_id]
-        while True:
-            wake.clear()  # before looking: a finish while we look still wakes us
-            row = await self._finished(tid)
-            if row is not None:
-                return row
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), 2.0)
-
-
-def _key(job_id: uuid.UUID, sub: dict[str, Any], kind: str) -> str:
-    """Idempotency key of a subtask's task: rounds count up, so each round's key is new."""
-    return f"job:{job_id}:{sub['id']}:r{sub['rounds']}:{kind}"
-
-
-def _test_input(job_id: uuid.UUID, spec: dict[str, Any], sub: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "job_id": str(job_id),
-        "subtask": sub["id"],
-        "repo": spec["repo"],
-        "base": sub["base"],
-        "test_cmd": spec["test_cmd"],
-        "patch": {"attachment": 0},
-    }
+        return await wait_finished(self.broker, self._wake[job_id], tid)

@@ -3,9 +3,10 @@
 A :class:`Sandbox` answers the model's tool calls (read, write, edit, list, search, run a command)
 inside one directory, its root. Paths are relative to the root; a path that is absolute, climbs out
 with ``..``, or resolves (through any symlink, final component included) to a place outside the
-root is refused, and so is anything in a ``.git`` directory or file. Commands run with the root as
-their directory, an environment without secrets, a private HOME, a timeout that kills their whole
-process group, and a cap on the output kept.
+root is refused, and so is anything in a ``.git`` directory or file. The file tools act with the
+task user's filesystem identity (:func:`casperd.taskenv.as_task_user`), never follow a final
+symlink and refuse files with more than one hard link. Commands (:mod:`casperd.agents.sandboxcmd`)
+run confined as task code; the search is :mod:`casperd.agents.search`.
 
 The tools' definitions for the model and the dispatch of its calls are in :mod:`casperd.agents.tools`.
 """
@@ -17,19 +18,16 @@ import fnmatch
 import os
 import posixpath
 import re
-import shutil
 import stat
-import tempfile
 import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from casperd import subproc
+from casperd.agents.sandboxcmd import SandboxCommands
 from casperd.agents.search import search_tree
-from casperd.errors import SandboxError, TaskError, TaskTimeoutError
-from casperd.taskenv import as_task_user, confinement, grant_tree
-from casperd.taskenv import task_env as clean_env
+from casperd.errors import SandboxError, TaskError
+from casperd.taskenv import as_task_user
 
 T = TypeVar("T")
 LIST_CAP = 2000
@@ -69,7 +67,7 @@ def _open_plain(real: Path, path: str) -> int:
     return fd
 
 
-class Sandbox:
+class Sandbox(SandboxCommands):
     """Tools over one worktree (``root``). The constructor resolves ``root``, which must exist."""
 
     def __init__(
@@ -137,11 +135,6 @@ class Sandbox:
         :func:`casperd.taskenv.as_task_user`), the worktree handed to that user first."""
         await self._grant()
         return await asyncio.to_thread(as_task_user(fn), *args)
-
-    async def _grant(self) -> None:
-        if not self._granted:
-            await asyncio.to_thread(grant_tree, self.root)
-            self._granted = True
 
     def _display(self, real: Path) -> str:
         rel = real.relative_to(self.root).as_posix()
@@ -374,65 +367,3 @@ class Sandbox:
             ) from None
         real = await self._as_task(self.resolve, path)
         return await search_tree(self.root, real, pattern, glob)
-
-    # --- commands ---------------------------------------------------------------------------------
-    async def _home_dir(self) -> str:
-        if self._home is None:
-            home = await asyncio.to_thread(tempfile.mkdtemp, prefix="casper-home-")
-            # git in a command may use this worktree although its git data belongs to casperd
-            gitconfig = f"[safe]\n\tdirectory = {self.root}\n"
-            await asyncio.to_thread(Path(home, ".gitconfig").write_text, gitconfig)
-            await asyncio.to_thread(grant_tree, Path(home))
-            self._home = home
-            self._home_finalizer = weakref.finalize(self, shutil.rmtree, home, True)
-        return self._home
-
-    async def aclose(self) -> None:
-        """Remove the private HOME of commands (the worktree itself is left alone)."""
-        if self._home is not None:
-            home, self._home = self._home, None
-            if self._home_finalizer is not None:
-                self._home_finalizer.detach()
-            await asyncio.to_thread(shutil.rmtree, home, True)
-
-    async def run_command(self, command: str, timeout_s: float | None = None) -> str:
-        """Run ``/bin/sh -c command`` in the root. Returns the tail of the combined output and the
-        exit code; a timeout kills the whole process group and raises :class:`TaskTimeoutError`.
-        Processes the command left running in its group are killed when it exits."""
-        if not isinstance(command, str) or not command.strip():
-            raise TaskError("command must be a non-empty string", hint="e.g. 'pytest -q tests/'")
-        if "\0" in command:
-            raise TaskError("command contains a NUL character", hint="remove it")
-        timeout = self.command_timeout_s
-        if timeout_s is not None:
-            if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not timeout_s > 0:
-                raise TaskError(
-                    "timeout_s must be a positive number of seconds", hint=f"at most {self.command_timeout_s:g}"
-                )
-            timeout = min(float(timeout_s), self.command_timeout_s)
-        env = clean_env()
-        env.update(HOME=await self._home_dir(), PYTHONDONTWRITEBYTECODE="1", GIT_TERMINAL_PROMPT="0")
-        await self._grant()
-        try:
-            run = await subproc.run(
-                ["/bin/sh", "-c", command],
-                cwd=self.root,
-                env=env,
-                timeout_s=timeout,
-                output_cap=self.output_cap,
-                merge_stderr=True,
-                confine=confinement(),
-            )
-        except OSError as exc:
-            raise TaskError(f"cannot start /bin/sh: {exc.strerror}", hint="the node cannot run commands") from None
-        text = run.stdout.decode("utf-8", "replace")
-        if run.stdout_truncated:
-            text = f"[output truncated: showing the last {len(run.stdout)} of {run.stdout_total} bytes]\n" + text
-        if run.timed_out:
-            raise TaskTimeoutError(
-                f"command timed out after {timeout:g}s and was killed; output so far:\n{text}",
-                hint=f"run something shorter, or pass a larger timeout_s (at most {self.command_timeout_s:g})",
-            )
-        code = run.returncode
-        status = f"exit code {code}" if code is not None and code >= 0 else f"killed by signal {-(code or 0)}"
-        return f"{text}{'' if not text or text.endswith(chr(10)) else chr(10)}[{status}]"
