@@ -166,19 +166,17 @@ class Node:
         if self.broker is not None:
             self.broker.accepting = False
         if self.worker is not None and self.worker.sock is not None:
-            with contextlib.suppress(Exception):
-                await self.worker.drain(self.s.drain_timeout_s)
+            # A failed drain leaves tasks running when the node stops: their leases return them.
+            await self._shutdown_step("drain", self.worker.drain(self.s.drain_timeout_s))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.worker is not None:
             await self.worker.close()
             if self.worker.services is not None:
-                with contextlib.suppress(Exception):
-                    await self.worker.services.close()
+                await self._shutdown_step("agent-services", self.worker.services.close())
         if self.police is not None:
-            with contextlib.suppress(Exception):
-                await self.police.close()
+            await self._shutdown_step("police", self.police.close())
         if self.store is not None:
             await self.store.close(timeout=self.s.drain_timeout_s)
         if self.cache is not None:
@@ -188,6 +186,14 @@ class Node:
                 sock.close(linger=self.s.linger_ms)
         self.ctx.term()
         log.info("%s stopped cleanly in %.2fs", self.s.node_id, time.monotonic() - t0)
+
+    async def _shutdown_step(self, step: str, work: Any) -> None:
+        """One step of the shutdown: a failure is logged and counted, and the shutdown goes on."""
+        try:
+            await work
+        except Exception:
+            self.metrics.housekeeping_failures.labels(f"shutdown-{step}").inc()
+            log.exception("%s: shutdown step %s failed; going on", self.s.node_id, step)
 
     # --- loops ------------------------------------------------------------------------------------
     async def _mesh_loop_broker(self) -> None:
