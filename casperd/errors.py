@@ -269,13 +269,14 @@ _BY_CODE: dict[str, type[CasperError]] = {}
 
 
 def _index(cls: type[CasperError]) -> None:
-    _BY_CODE.setdefault(cls.code, cls)  # a code shared by subclasses (not-found) maps to the first
+    # A code shared by several classes maps to the first indexed: not-found to TaskNotFoundError,
+    # as clients have always received it (a PeerNotFoundError is a NotFoundError on the wire too).
+    _BY_CODE.setdefault(cls.code, cls)
     for sub in cls.__subclasses__():
         _index(sub)
 
 
 _index(CasperError)
-_BY_CODE[NotFoundError.code] = NotFoundError  # shared by TaskNotFoundError and PeerNotFoundError
 
 
 def from_wire(body: dict[str, Any]) -> CasperError:

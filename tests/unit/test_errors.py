@@ -38,5 +38,6 @@ def test_an_unknown_peer_is_not_a_missing_task() -> None:
     assert isinstance(err, errors.NotFoundError) and not isinstance(err, errors.TaskNotFoundError)
     assert err.code == errors.TaskNotFoundError.code == "not-found"
     assert isinstance(errors.TaskNotFoundError("t"), errors.TaskError)
-    back = errors.from_wire(err.to_wire())
-    assert type(back) is errors.NotFoundError and back.message == "no peer named 'x'"
+    back = errors.from_wire(err.to_wire())  # the wire has one code: clients see a NotFoundError
+    assert isinstance(back, errors.NotFoundError) and back.message == "no peer named 'x'"
+    assert type(errors.from_wire(errors.TaskNotFoundError("t").to_wire())) is errors.TaskNotFoundError
