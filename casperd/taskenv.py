@@ -52,9 +52,10 @@ _CAP_SETGID, _CAP_SETUID = 6, 7
 @dataclass(slots=True)
 class _Policy:
     confinement: Confinement
-    protected: tuple[Path, ...]
-    secret_files: tuple[Path, ...]
-    warned: bool = False
+    protected: tuple[str, ...]
+    """Directories (resolved) no variable of task code may point into."""
+    file_secrets: frozenset[str]
+    """The contents of the node's secret files, read once by :func:`configure`."""
 
 
 _POLICY: _Policy | None = None
@@ -114,8 +115,9 @@ def resolve_user(setting: str) -> RunAs | None:
     return RunAs(pw.pw_uid, pw.pw_gid, name)
 
 
-def configure(settings: Any) -> Confinement:
-    """Set the node's task policy from its settings (called once at start); returns it."""
+def configure(settings: Any, environ: Any = None) -> Confinement:
+    """Set the node's task policy from its settings and environment (``os.environ`` by default),
+    reading the secret files once; called once at start. Returns the confinement."""
     global _POLICY
     run_as = resolve_user(str(getattr(settings, "task_user", "auto")))
     limits = Limits(
@@ -126,13 +128,17 @@ def configure(settings: Any) -> Confinement:
     )
     state_dir = Path(getattr(settings, "state_dir", SECRETS_DIR))
     files = [
-        getattr(settings, name, None)
-        for name in ("database_password_file", "anthropic_api_key_file", "curve_secret_key_file")
+        Path(f)
+        for f in (
+            getattr(settings, name, None)
+            for name in ("database_password_file", "anthropic_api_key_file", "curve_secret_key_file")
+        )
+        if f
     ]
     _POLICY = _Policy(
         Confinement(limits, run_as),
-        protected=(state_dir.resolve() if state_dir.exists() else state_dir, SECRETS_DIR),
-        secret_files=tuple(Path(f) for f in files if f),
+        protected=(os.path.realpath(state_dir), str(SECRETS_DIR)),
+        file_secrets=frozenset(_file_secrets(files, os.environ if environ is None else environ)),
     )
     if run_as is None:
         log.warning(
@@ -179,37 +185,37 @@ def _values_of(text: str) -> set[str]:
     return {v for v in out if len(v) >= _MIN_SECRET}
 
 
-def secret_values(environ: dict[str, str] | None = None) -> set[str]:
-    """Every secret value this node knows of (never logged)."""
-    env = os.environ if environ is None else environ
-    pol = _policy()
-    values: set[str] = set()
-    files: list[Path] = list(pol.secret_files)
-    for k, v in env.items():
-        if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET:
-            values.add(v)
-        if _secret_name(k) and k.endswith(("_FILE", "PASSFILE")) and v:
-            files.append(Path(v))
+def _file_secrets(files: list[Path], environ: Any) -> set[str]:
+    """The contents of the settings' secret files, of the files secret-named ``*_FILE`` variables
+    name, and of /run/secrets/* (blocking: read once, at start)."""
+    paths = list(files)
+    paths += [Path(v) for k, v in environ.items() if v and _secret_name(k) and k.endswith(("_FILE", "PASSFILE"))]
     if SECRETS_DIR.is_dir():
         with contextlib.suppress(OSError):
-            files += [p for p in SECRETS_DIR.iterdir() if p.is_file()]
-    for path in files:
-        if path.is_dir():
-            continue
-        text = _read_small(path)
+            paths += list(SECRETS_DIR.iterdir())
+    values: set[str] = set()
+    for path in paths:
+        text = _read_small(path) if path.is_file() else None
         if text:
             values |= _values_of(text)
     return values
 
 
-def _is_protected(value: str, protected: tuple[Path, ...]) -> bool:
+def secret_values(environ: Any = None) -> set[str]:
+    """Every secret value this node knows of (never logged): secret-named variables and the
+    secret files read at start. No I/O."""
+    env = os.environ if environ is None else environ
+    values = {v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET}
+    return values | _policy().file_secrets
+
+
+def _is_protected(value: str, protected: tuple[str, ...]) -> bool:
+    """Whether ``value`` is a path into a protected directory (lexically: no I/O; a path through a
+    symlink is still caught by value when it names a secret file)."""
     if not value.startswith("/"):
         return False
-    try:
-        real = Path(os.path.realpath(value))
-    except (OSError, ValueError):
-        return True
-    return any(real == p or p in real.parents for p in protected)
+    norm = os.path.normpath(value)
+    return any(norm == p or norm.startswith(p.rstrip("/") + "/") for p in protected)
 
 
 def _secret_name(name: str) -> bool:
@@ -219,7 +225,8 @@ def _secret_name(name: str) -> bool:
 
 
 def task_env(extra: dict[str, str] | None = None, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of task code: the node's, scrubbed by name and by value, plus ``extra``."""
+    """The environment of task code: the node's, scrubbed by name and by value, plus ``extra``.
+    No I/O (safe on the event loop)."""
     env = dict(os.environ if environ is None else environ)
     pol = _policy()
     secrets = secret_values(env)

@@ -191,7 +191,6 @@ def test_task_env_scrubs_by_name_and_by_value(tmp_path: Path) -> None:
     pgpass.write_text("127.0.0.1:5432:*:casper:pg-password-123\n")
     keyfile = tmp_path / "api.key"
     keyfile.write_text("sk-ant-file-secret\n")
-    taskenv.configure(SimpleNamespace(task_user="none", state_dir=state, anthropic_api_key_file=keyfile))
     env = {
         "PATH": "/usr/bin:/bin",
         "HOME": "/home/x",
@@ -207,6 +206,7 @@ def test_task_env_scrubs_by_name_and_by_value(tmp_path: Path) -> None:
         "STATE_HINT_FILE": str(state / "secrets" / "pgpass"),
         "WHERE": str(state),
     }
+    taskenv.configure(SimpleNamespace(task_user="none", state_dir=state, anthropic_api_key_file=keyfile), env)
     out = taskenv.task_env({"HOME": "/tmp/h"}, environ=env)
     assert out == {"PATH": "/usr/bin:/bin", "HOME": "/tmp/h", "SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt"}
 
