@@ -1,6 +1,7 @@
 """Cost of confinement: wall time per call of ``/bin/true`` through casperd.subproc.
 
-Prints the median and p90 per call, unconfined (git, validation), confined as the daemon's own
+Prints the wall-time median and p90 per call and the CPU time the children used per call:
+unconfined (git, validation), confined as the daemon's own
 user, and confined as the task user (when this process may switch users). Bounded: N calls each.
 
     .venv/bin/python bench/subproc_overhead.py [N]
@@ -9,6 +10,8 @@ user, and confined as the task user (when this process may switch users). Bounde
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import statistics
 import sys
 import time
@@ -37,10 +40,17 @@ async def main(n: int) -> None:
     run_as = taskenv.resolve_user("auto")
     if run_as is not None:
         cases.append((f"confined, as {run_as.name}", Confinement(Limits(cpu_s=60), run_as)))
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for name, confine in cases:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         times = sorted(await measure(n, confine))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / n
         p90 = times[int(0.9 * (len(times) - 1))]
-        print(f"{name:28s} n={n}  median {statistics.median(times) * 1000:6.1f} ms  p90 {p90 * 1000:6.1f} ms")
+        print(
+            f"{name:28s} n={n}  wall median {statistics.median(times) * 1000:6.1f} ms  p90 {p90 * 1000:6.1f} ms"
+            f"  child CPU {cpu * 1000:5.1f} ms/call"
+        )
 
 
 if __name__ == "__main__":
