@@ -1,9 +1,10 @@
 """The tester: apply a patch to a clean worktree of the base commit and run the test command.
 
 Input of a ``test`` task: ``repo``, ``base``, ``test_cmd``, optional ``timeout_s``, and the patch as
-attachment 0 (none: test the base commit as it is, e.g. an integration branch). The command runs like a
-shell task (:mod:`casperd.subproc`: it ends when the command exits, and a server it started in
-the background is killed then; confined as the task user). pytest commands get
+attachment 0 (none: test the base commit as it is, e.g. an integration branch). The command runs through
+:mod:`casperd.subproc` as task code: confined as the task user, ended when the command exits (a
+server it started in the background is killed then, and the suite's result stands), and its exit
+code is a test result, never a tester failure. pytest commands get
 ``--junitxml`` so the counts and failing tests come from the JUnit XML; other runners are read
 from their summary line. The output: passed / failed / errors / skipped counts, ``ok``, the failing
 tests with their messages, the exit code and the tail of the output.
@@ -20,12 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from casperd import subproc
 from casperd.agents import gitwork
 from casperd.agents.junit import TestReport, parse_junit, parse_pytest_summary
-from casperd.errors import GitError, PatchConflictError, TaskError, TaskTimeoutError
+from casperd.errors import GitError, PatchConflictError, TaskError
 from casperd.handlers import RunContext
-from casperd.handlers.shell import run_shell
-from casperd.taskenv import grant_tree
+from casperd.taskenv import confinement, grant_tree, task_env
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,23 @@ async def run_test(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
             # report's directory, nothing else of this node.
             await asyncio.to_thread(grant_tree, wt)
             await asyncio.to_thread(grant_tree, Path(tmp))
-            shell_ctx = RunContext(ctx.node_id, wt, timeout, ctx.output_cap)
             try:
-                run = await run_shell(shell_ctx, {"cmd": _with_junit(cmd, xml), "timeout_s": timeout})
-            except TaskTimeoutError:  # a hanging test suite is a test result, not a tester failure
+                proc = await subproc.run(
+                    ["/bin/sh", "-c", _with_junit(cmd, xml)],
+                    cwd=wt,
+                    env=task_env(),
+                    timeout_s=timeout,
+                    output_cap=ctx.output_cap,
+                    confine=confinement(),
+                )
+            except OSError as exc:
+                raise TaskError(f"cannot start /bin/sh: {exc.strerror}", hint="the node cannot run commands") from None
+            run = {
+                "exit_code": proc.returncode,
+                "stdout": proc.stdout.decode("utf-8", "replace"),
+                "stderr": proc.stderr.decode("utf-8", "replace"),
+            }
+            if proc.timed_out:  # a hanging test suite is a test result, not a tester failure
                 return {
                     "ok": False,
                     "passed": 0,
