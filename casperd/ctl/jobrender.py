@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -24,7 +23,6 @@ from rich.table import Table
 from rich.text import Text
 
 from casperd.agents.jobstates import JobState, SubtaskState, is_terminal
-from casperd.exitcodes import ExitCode
 
 __all__ = ["is_terminal"]
 
@@ -101,20 +99,6 @@ def tests_ok(final: dict[str, Any]) -> bool:
     if isinstance(final.get("ok"), bool):
         return bool(final["ok"])
     return _int(final.get("failed")) == 0 and _int(final.get("errors")) == 0
-
-
-def exit_code_for(report: dict[str, Any]) -> int:
-    """0 for done with passing (or no) final tests and for jobs still running; 1 failed, budget
-    exhausted or final tests failing; 5 cancelled."""
-    state = report.get("state")
-    if state == "done":
-        final = report.get("final_tests")
-        return int(ExitCode.FAILURE if isinstance(final, dict) and not tests_ok(final) else ExitCode.OK)
-    if state in ("failed", "budget-exhausted"):
-        return int(ExitCode.FAILURE)
-    if state == "cancelled":
-        return int(ExitCode.TASK_FAILED)
-    return int(ExitCode.OK)
 
 
 # --- formatting ------------------------------------------------------------------------------------
@@ -401,24 +385,3 @@ def progress_line(report: dict[str, Any]) -> str:
 def _progress_key(report: dict[str, Any]) -> tuple[Any, ...]:
     """What a new non-TTY line is printed for: the job's state and the subtasks' states."""
     return (report.get("state"), tuple(subtask_counts(report).items()))
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        at = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
-
-
-def job_elapsed(report: dict[str, Any], fallback: float) -> float:
-    """Seconds the job has run: from its own timestamps when they make sense, else ``fallback``."""
-    started = _parse_time(report.get("started_at"))
-    if started is not None:
-        end = _parse_time(report.get("finished_at")) or datetime.now(UTC)
-        seconds = (end - started).total_seconds()
-        if seconds >= 0:
-            return seconds
-    return fallback

@@ -28,11 +28,9 @@ from casperd.ctl.jobrender import (
     SUBTASK_STATES,
     _d,
     _str,
-    exit_code_for,
     fmt_secs,
     fmt_tokens,
     fmt_usd,
-    job_elapsed,
     key_not_passed_note,
     progress_line,
     render_live,
@@ -42,7 +40,7 @@ from casperd.ctl.jobrender import (
     tests_ok,
     total_tokens,
 )
-from casperd.ctl.jobwatch import HEARTBEAT_S, MAX_MISSES, Requester, watch
+from casperd.ctl.jobwatch import HEARTBEAT_S, MAX_MISSES, Requester, job_elapsed, watch
 from casperd.errors import CommandError
 from casperd.exitcodes import ExitCode
 
@@ -131,6 +129,20 @@ def git_work_tree(path: Path) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return res.returncode == 0 and res.stdout.strip() == "true"
+
+
+def exit_code_for(report: dict[str, Any]) -> int:
+    """0 for done with passing (or no) final tests and for jobs still running; 1 failed, budget
+    exhausted or final tests failing; 5 cancelled."""
+    state = report.get("state")
+    if state == "done":
+        final = report.get("final_tests")
+        return int(ExitCode.FAILURE if isinstance(final, dict) and not tests_ok(final) else ExitCode.OK)
+    if state in ("failed", "budget-exhausted"):
+        return int(ExitCode.FAILURE)
+    if state == "cancelled":
+        return int(ExitCode.TASK_FAILED)
+    return int(ExitCode.OK)
 
 
 def check_run(a: argparse.Namespace) -> None:

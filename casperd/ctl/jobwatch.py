@@ -8,19 +8,41 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from rich.console import Console, RenderableType
 from rich.live import Live
 
 from casperd.agents.jobstates import is_terminal
-from casperd.ctl.jobrender import _progress_key, job_elapsed, progress_line, render_live
+from casperd.ctl.jobrender import _progress_key, progress_line, render_live
 from casperd.errors import RequestTimeoutError
 
 HEARTBEAT_S = 60.0
 """Without a TTY, a progress line is printed at least this often, even when nothing changed."""
 MAX_MISSES = 3
 """Polls in a row that may go unanswered before watching gives up."""
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def job_elapsed(report: dict[str, Any], fallback: float) -> float:
+    """Seconds the job has run: from its own timestamps when they make sense, else ``fallback``."""
+    started = _parse_time(report.get("started_at"))
+    if started is not None:
+        end = _parse_time(report.get("finished_at")) or datetime.now(UTC)
+        seconds = (end - started).total_seconds()
+        if seconds >= 0:
+            return seconds
+    return fallback
 
 
 class Requester(Protocol):
