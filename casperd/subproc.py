@@ -38,6 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from casperd.subproc_supervisor import SUPERVISOR_SCRIPT
 
@@ -247,19 +248,20 @@ async def _feed(proc: asyncio.subprocess.Process, data: bytes | None) -> None:
         proc.stdin.close()
 
 
-async def _wait_main(proc: asyncio.subprocess.Process, readers: asyncio.Future[object], timeout_s: float) -> bool:
+async def _wait_main(proc: asyncio.subprocess.Process, readers: asyncio.Future[Any], timeout_s: float) -> bool:
     """Wait until the main process exits (True) or the deadline passes (False). The usual case — the
     pipes close as the process exits — costs no polling; a child that holds the pipes open is
     noticed by watching the exit status."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    waiter = asyncio.ensure_future(proc.wait())
+    waiter: asyncio.Future[Any] = asyncio.ensure_future(proc.wait())
     try:
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return proc.returncode is not None
-            done, _ = await asyncio.wait({readers, waiter}, timeout=min(remaining, 0.05))
+            watched: set[asyncio.Future[Any]] = {readers, waiter}
+            done, _ = await asyncio.wait(watched, timeout=min(remaining, 0.05))
             if waiter in done or proc.returncode is not None:
                 return True
             if readers in done:
@@ -283,9 +285,7 @@ def _abort(proc: asyncio.subprocess.Process, lifeline_w: int) -> None:
         kill_group(proc.pid)
 
 
-async def _finish(
-    proc: asyncio.subprocess.Process, readers: asyncio.Future[object], feeder: asyncio.Future[None]
-) -> None:
+async def _finish(proc: asyncio.subprocess.Process, readers: asyncio.Future[Any], feeder: asyncio.Future[None]) -> None:
     """Collect the rest of the output (a grandchild still holding a pipe is cut off after
     KILL_GRACE_S), then the exit status."""
     with contextlib.suppress(TimeoutError):

@@ -123,7 +123,7 @@ async def _no_drivers(cwd: Path, base: tuple[str, ...]) -> tuple[str, ...]:
 
 
 async def run_git(args: tuple[str, ...], cwd: Path, stdin: bytes | None, timeout_s: float) -> tuple[int, bytes, bytes]:
-    base = (*_CONFIG, "-c", f"safe.directory={cwd}")
+    base: tuple[str, ...] = (*_CONFIG, "-c", f"safe.directory={cwd}")
     if args[0] in _FILTERED:
         base += await _no_drivers(cwd, base)
     run = await _exec((*base, *args), cwd, stdin, timeout_s)

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
+from typing import Any
 
 from casperd import subproc
 from casperd.errors import TaskError, TaskTimeoutError
@@ -26,7 +27,7 @@ class SandboxCommands:
     command_timeout_s: float
     output_cap: int
     _home: str | None
-    _home_finalizer: weakref.finalize | None
+    _home_finalizer: weakref.finalize[Any, Any] | None
     _granted: bool
 
     async def _grant(self) -> None:

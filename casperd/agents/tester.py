@@ -82,7 +82,7 @@ async def run_test(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
                 )
             except OSError as exc:
                 raise TaskError(f"cannot start /bin/sh: {exc.strerror}", hint="the node cannot run commands") from None
-            run = {
+            run: dict[str, Any] = {
                 "exit_code": proc.returncode,
                 "stdout": proc.stdout.decode("utf-8", "replace"),
                 "stderr": proc.stderr.decode("utf-8", "replace"),
