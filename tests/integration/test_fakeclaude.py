@@ -151,9 +151,31 @@ def test_scripted_errors_and_headers(fake: FakeClaude) -> None:
             {
                 "model": "m",
                 "max_tokens": 5,
-                "messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}],
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "assistant", "content": []},
+                    {"role": "user", "content": "y"},
+                ],
             },
-            "alternate",
+            "non-empty content",
+        ),
+        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [text("")]}]}, "non-empty"),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y "}],
+            },
+            "trailing whitespace",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "system": [{"type": "text", "text": f"s{i}", "cache_control": {"type": "ephemeral"}} for i in range(5)],
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            "maximum of 4",
         ),
         ({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "role"),
     ],
@@ -212,7 +234,12 @@ def test_missing_key_is_401_and_other_paths_404(fake: FakeClaude) -> None:
     assert [r.status for r in fake.recorded()] == [401, 404, 404]
 
 
-def test_prompt_cache_simulation(fake: FakeClaude) -> None:
+def test_prompt_cache_simulation() -> None:
+    with FakeClaude(min_cache_tokens=100) as fake:
+        _prompt_cache_checks(fake)
+
+
+def _prompt_cache_checks(fake: FakeClaude) -> None:
     tools = [
         {"name": "a", "input_schema": {"type": "object"}},
         {"name": "b", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}},
@@ -231,7 +258,7 @@ def test_prompt_cache_simulation(fake: FakeClaude) -> None:
     assert plain["usage"]["cache_creation_input_tokens"] == plain["usage"]["cache_read_input_tokens"] == 0
     assert plain["usage"]["input_tokens"] > 100
     # a different prefix is a new cache entry
-    _, other, _ = post(fake, body(system=[{**system[0], "text": "different"}]))
+    _, other, _ = post(fake, body(system=[{**system[0], "text": "different " * 50}]))
     assert other["usage"]["cache_creation_input_tokens"] > 0
 
 
