@@ -138,7 +138,8 @@ def validate(body: Any) -> None:
                         f"{b.get('tool_use_id')}. Each `tool_result` block must have a corresponding "
                         "`tool_use` block in the previous message."
                     )
-        elif t + 1 < len(turns):
+    for t, (role, content, first) in enumerate(turns):
+        if role == "assistant" and t + 1 < len(turns):
             uses = [b.get("id") for b in content if b.get("type") == "tool_use"]
             answered = {b.get("tool_use_id") for b in turns[t + 1][1] if b.get("type") == "tool_result"}
             missing = [u for u in uses if u not in answered]
