@@ -58,7 +58,7 @@ def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def fake() -> Iterator[FakeClaude]:
-    with FakeClaude() as f:
+    with FakeClaude(min_cache_tokens=100) as f:
         yield f
 
 
@@ -118,6 +118,8 @@ async def test_normal_call_content_usage_cost_and_prompt_caching(fake: FakeClaud
     assert sent["system"] == [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}]
     assert sent["tools"][-1]["cache_control"] == {"type": "ephemeral"}
     assert "cache_control" not in sent["tools"][0]
+    assert sent["stream"] is True  # every call is streamed
+    assert sent["messages"][-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}  # the newest turn
     assert sent["tool_choice"] == {"type": "auto"} and sent["temperature"] == 0.5
     assert tools_before == TOOLS  # the caller's dicts are never mutated
 
@@ -315,6 +317,7 @@ async def test_deterministic_calls_hit_the_shared_cache(fake: FakeClaude, make_c
 
 async def test_local_limiter_holds_the_rate_for_concurrent_callers(fake: FakeClaude, make_client: Any) -> None:
     rpm, burst = 240, 2  # 4 requests per second after a burst of 2
+    fake.rpm_limit = rpm  # the API's headers agree with the setting (they would override it)
     client = make_client(limiter=LocalLimiter(rpm=rpm, tpm=10**8, burst=burst))
 
     async def caller(i: int) -> None:
