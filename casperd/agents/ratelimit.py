@@ -254,7 +254,9 @@ class MeshRateLimit:
             self.otpm_limit, self.learned = float(obs.output_limit), True
         others = max(0, self.inflight - 1)  # the API has not seen the other calls in flight yet
         if obs.requests_remaining is not None:
-            self.req_level = float(obs.requests_remaining) - others
+            level = float(obs.requests_remaining) - others
+            if self.burst_setting is None or level < self.req_level:  # a set burst still smooths bursts
+                self.req_level = level
             if obs.requests_remaining <= 0 and obs.requests_reset_s is not None:
                 self.paused_until = max(self.paused_until, now + obs.requests_reset_s)
         if in_left is not None:
