@@ -133,6 +133,13 @@ class MissingApiKeyError(AgentError):
     retryable = False
 
 
+class ModelRefusalError(AgentError):
+    """The model declined the task (``stop_reason: refusal``): the same conversation would be refused again."""
+
+    code = "refusal"
+    retryable = False
+
+
 class LlmError(AgentError):
     """The model API failed after CASPER's retries, or its circuit breaker is open (retryable later)."""
 

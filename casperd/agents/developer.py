@@ -39,6 +39,7 @@ from casperd.errors import (
     LlmError,
     LlmRequestError,
     MissingApiKeyError,
+    ModelRefusalError,
     TaskError,
 )
 from casperd.handlers import Attached, RunContext
@@ -234,7 +235,7 @@ async def _loop(
         kind = turns.classify(reply.stop_reason, reply.content)
         log.debug("task %s: %s answer (stop_reason %s)", ctx.task_id, kind, reply.stop_reason)
         if kind == "refusal":
-            raise AgentError(
+            raise ModelRefusalError(
                 "the model refused the task (stop_reason: refusal)",
                 hint="rephrase the goal or the subtask's instructions; the refused turn was not kept",
             )
