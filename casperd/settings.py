@@ -140,13 +140,33 @@ class Settings(BaseSettings):
         'opus-4-5 5/25, opus-4-1 15/75): JSON, e.g. {"m": {"input": 3, "output": 15, '
         '"cache_write": 3.75, "cache_read": 0.3}}',
     )
-    llm_timeout_s: float = Field(default=120.0, gt=0, le=3600, description="timeout of one model API request")
+    llm_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=3600,
+        description="idle timeout of a model API call: the longest wait for the next event of its stream",
+    )
     llm_retries: int = Field(
         default=4, ge=0, le=20, description="CASPER's retries of a failed model call (429, 529, 5xx, network)"
     )
-    llm_rpm: int = Field(default=50, ge=1, description="model requests per minute, for the whole mesh")
-    llm_tpm: int = Field(default=100_000, ge=100, description="model tokens (in+out) per minute, for the whole mesh")
-    llm_max_tokens: int = Field(default=4096, ge=1, le=128_000, description="max output tokens of one model call")
+    llm_rpm: int = Field(
+        default=50,
+        ge=1,
+        description="model requests per minute for the whole mesh, until the API's rate-limit headers say otherwise",
+    )
+    llm_tpm: int = Field(
+        default=100_000,
+        ge=100,
+        description="model input (and output) tokens per minute for the whole mesh, until the API's headers say "
+        "otherwise",
+    )
+    llm_max_tokens: int = Field(
+        default=0,
+        ge=0,
+        le=128_000,
+        description="max output tokens of one model call; 0: per role (developer 16000, planner 8000, ask 4096; "
+        "a developer call cut inside a tool call asks again with twice as many, up to 64000)",
+    )
     agent_max_turns: int = Field(default=40, ge=1, le=1000, description="most model turns of one code task")
     agent_max_tokens: int = Field(default=500_000, ge=1000, description="most tokens one code task may use")
     agent_context_tokens: int = Field(
