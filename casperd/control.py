@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from casperd.agents.effective import llm_settings_view
 from casperd.broker import Broker
 from casperd.cache import ResultCache
 from casperd.errors import CasperError, CommandError, TaskNotFoundError, UnsupportedError
@@ -105,10 +106,13 @@ async def _status(node: Node, args: dict[str, Any]) -> Any:
             view["llm"] = {
                 "rate_limit": node.police.rate.snapshot(time.monotonic()),
                 "jobs_running": len(node.police.jobs.running),
+                "settings": llm_settings_view(node.s),
             }
         return view
     assert node.worker is not None
-    return node.worker.status_view()
+    view = node.worker.status_view()
+    view["llm"] = {"settings": llm_settings_view(node.s)}
+    return view
 
 
 @op("peers")

@@ -25,6 +25,7 @@ from casperd.ctl.client import MESH_FILE
 from casperd.errors import CasperError
 from casperd.exitcodes import ExitCode
 from casperd.localmesh import LocalMesh
+from casperd.meshconfig import node_settings_env
 from casperd.ports import check_ports
 from casperd.settings import DEFAULT_STATE_DIR
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  casperd up --demo                 # a one-minute show of what the mesh is for\n"
         "  casperd up --developers 4\n"
         "  casperd up --database-url postgresql://me@db/casper --redis-url redis://cache:6379/0\n"
+        "  CASPER_LLM_RPM=4000 casperd up --config mesh.toml   # settings for every node\n"
         "then, in another terminal:\n  caspectl status | caspectl peers | "
         "caspectl submit echo --input '{}' --wait",
     )
@@ -77,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-exit", action="store_true", help="stop the mesh when the demo ends (exit 1 if it failed)")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: run until ^C)")
     p.add_argument("--log-level", default="INFO", help="nodes' log level (default INFO)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ["CASPER_CONFIG"]) if os.environ.get("CASPER_CONFIG") else None,
+        help="a casperd settings file (TOML) for every node: models, rate limits, prices, agent limits... "
+        "CASPER_* variables override it; up decides ports, ids, keys and state paths [CASPER_CONFIG]",
+    )
     return p
 
 
@@ -135,6 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return ExitCode.USAGE
     try:
+        settings_env, dropped = node_settings_env(a.config, os.environ)
+    except CasperError as exc:
+        console.print(f"[red]casperd up:[/] {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""))
+        return ExitCode.USAGE
+    if dropped:
+        console.print(
+            f"[yellow]casperd up decides {', '.join(dropped)} for its nodes; your value is not used[/] "
+            "(use up's own flags: --state-dir, --port-base, --database-url, --redis-url, --no-curve, --log-level)"
+        )
+    try:
         check_ports(
             a.port_base,
             1 + a.developers + a.testers,
@@ -147,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     _announce_root_user(a.database_url)
     mesh = LocalMesh(
         state_dir,
+        settings_env=settings_env,
         developers=a.developers,
         testers=a.testers,
         port_base=a.port_base,
