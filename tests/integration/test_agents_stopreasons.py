@@ -7,7 +7,6 @@ the saved conversations; every saved conversation must itself be a request the A
 
 from __future__ import annotations
 
-import copy
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,45 +23,10 @@ from casperd.handlers import RunContext
 from casperd.retry import RetryPolicy
 from casperd.settings import DEFAULT_PRICES, Settings
 from tests.integration.agentkit import git, make_repo
+from tests.support.devnode import Services
 from tests.support.fakeclaude import FakeClaude, Response, http_error, reply, text, tool_use
-from tests.support.fakerules import validate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-class Services:
-    """The developer node's services, minus the mesh: turns are kept here, checked against the API's rules."""
-
-    def __init__(self, settings: Settings, claude: ClaudeClient) -> None:
-        self.settings = settings
-        self.claude = claude
-        self.has_api_key = True
-        self.mirrors = settings.workspace / "mirrors"
-        self.saved: dict[uuid.UUID, dict[str, Any]] = {}
-        self.calls: list[dict[str, Any]] = []
-
-    def model_for(self, role: str, explicit: str | None = None) -> str:
-        return explicit or "claude-sonnet-4-6"
-
-    def worktree_path(self, task_id: uuid.UUID, attempt: int) -> Path:
-        return self.settings.workspace / "worktrees" / f"{task_id}-{attempt}"
-
-    async def save_turns(
-        self,
-        task_id: uuid.UUID,
-        attempt: int,
-        messages: list[Any],
-        usage: dict[str, Any],
-        wip: bytes | None,
-        calls: list[dict[str, Any]],
-        job_id: str | None,
-    ) -> None:
-        validate({"model": "m", "max_tokens": 1, "messages": messages})  # a saved turn the API would refuse fails
-        self.saved[task_id] = {"messages": copy.deepcopy(messages), "usage": dict(usage), "wip": wip}
-        self.calls.extend(calls)
-
-    async def load_turns(self, task_id: uuid.UUID) -> dict[str, Any] | None:
-        return copy.deepcopy(self.saved.get(task_id))
 
 
 @pytest.fixture
