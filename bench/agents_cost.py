@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from casperd.agents import developer
+from casperd.agents import developer, gitwork
 from casperd.agents.claude import ClaudeClient
 from casperd.agents.ratelimit import NoLimiter
 from casperd.handlers import RunContext
@@ -127,7 +127,7 @@ async def run_once(incremental: bool) -> dict[str, Any]:
             task_id=uuid.uuid4(),
             services=svc,
         )
-        base = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+        base = (await gitwork.git("rev-parse", "HEAD", cwd=repo)).decode().strip()
         t0 = time.perf_counter()
         try:
             result = await developer.run_code(
