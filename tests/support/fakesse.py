@@ -9,6 +9,7 @@ block ``content_block_start``, one or more ``content_block_delta`` (``text_delta
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -82,3 +83,19 @@ def events(
         },
     )
     yield event("message_stop", {"type": "message_stop"})
+
+
+def paced(events: Iterator[bytes], gap_s: float, ping_s: float) -> Iterator[bytes]:
+    """The events with ``gap_s`` between them, and pings every ``ping_s`` while waiting."""
+    first = True
+    for ev in events:
+        if not first and gap_s > 0:
+            left = gap_s
+            while left > 0:
+                step = min(left, ping_s) if ping_s > 0 else left
+                time.sleep(step)
+                left -= step
+                if ping_s > 0 and left > 0:
+                    yield event("ping", {"type": "ping"})
+        first = False
+        yield ev
