@@ -393,3 +393,19 @@ async def test_usage_sums_match_the_servers_bill(fake: FakeClaude, make_client: 
         messages = [*messages, {"role": "assistant", "content": got.content}, {"role": "user", "content": f"more {i}"}]
     assert total == fake.billed()
     assert total["cache_read_tokens"] > 0  # the conversation so far is read from the cache
+
+
+async def test_the_limiter_follows_rate_limit_headers_that_rise_and_fall(fake: FakeClaude, make_client: Any) -> None:
+    limiter = LocalLimiter(rpm=50, tpm=100_000)  # the settings' defaults
+    client = make_client(limiter=limiter)
+    fake.rpm_limit, fake.tpm_limit, fake.otpm_limit = 4000, 2_000_000, 400_000
+    await call(client)
+    snap = limiter.snapshot()
+    assert (snap["rpm"], snap["input_tpm"], snap["output_tpm"]) == (4000, 2_000_000, 400_000)
+    assert snap["learned_from_api"] and snap["output_tokens"] > 0
+    fake.rpm_limit = 20  # the account's limit falls...
+    await call(client)
+    assert limiter.snapshot()["rpm"] == 20
+    fake.rpm_limit = 1000  # ...and rises again: the limiter follows at once, no slow recovery
+    await call(client)
+    assert limiter.snapshot()["rpm"] == 1000
