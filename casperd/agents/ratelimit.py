@@ -5,8 +5,8 @@ policeman keeps for the whole mesh. It accounts as the API does (token buckets r
 continuously up to the limit; separate limits for requests, input tokens and output tokens):
 
 * **requests** — a bucket of capacity ``burst`` (default: the whole per-minute limit, as the API's
-  own bucket) refilled at ``rpm / 60`` per second, plus a sliding 60 s log of grants that never
-  holds more than ``rpm``;
+  own bucket, which is refilled continuously rather than reset each minute) refilled at
+  ``rpm / 60`` per second; a smaller ``burst`` smooths bursts;
 * **input tokens** — a bucket of capacity ``itpm`` refilled at ``itpm / 60`` per second, charged
   the call's estimated input when granted and settled with the real input (uncached input plus
   cache writes: cache reads do not count toward the API's input limit) after it. A request larger
@@ -210,8 +210,6 @@ class MeshRateLimit:
             wait = self.paused_until - now
         if self.req_level < 1.0 - _EPS:
             wait = max(wait, (1.0 - self.req_level) / (self.rpm_limit / WINDOW_S))
-        if len(self.window) >= max(1, math.floor(self.rpm_limit + _EPS)):
-            wait = max(wait, self.window[0] + WINDOW_S - now)
         need = min(float(tokens), self.itpm_limit)  # oversize: granted once the bucket is full
         if self.in_level < need - _EPS:
             wait = max(wait, (need - self.in_level) / (self.itpm_limit / WINDOW_S))

@@ -120,14 +120,15 @@ def test_deterministic_ask_is_paid_once_across_developers(make_mesh: MeshFactory
 
 
 # --- 3. the mesh-wide rate limit -----------------------------------------------------------------------
-RPM = 60
-BURST = max(1, RPM // 10)  # MeshRateLimit's default burst
-N_RATE = 20
+RPM = 12
+BURST = RPM  # the API's bucket holds a whole minute, and so does the mesh's
+N_RATE = 16
 
 
 def test_rate_limit_holds_for_the_whole_mesh(make_mesh: MeshFactory) -> None:
-    # 4 developers x 4 slots could send 16 requests at once; the policeman grants 1/s after a burst of 6
-    with FakeClaude(latency_s=0.1) as fake:
+    # 4 developers x 4 slots could send 16 requests at once; the account allows 12 a minute (the fake
+    # enforces it and says so in its headers): the policeman grants 12, then one every 5 s
+    with FakeClaude(latency_s=0.1, rpm_limit=RPM) as fake:
         mesh = make_mesh(
             developers=4, testers=0, extra_env=agent_env(fake.url, CASPER_LLM_RPM=str(RPM), CASPER_CAPACITY="4")
         )

@@ -18,8 +18,9 @@ headers (requests, input tokens, output tokens, tokens). A request with ``"strea
 answered with the API's server-sent events (message_start, content_block_start/delta/stop,
 message_delta with usage, message_stop, ping, and ``error`` events), optionally paced with
 ``gap_s`` between events and pings every ``ping_s``. With ``rpm_limit`` / ``tpm_limit`` the server
-enforces a sliding 60 s window itself (429 with ``retry-after``); the limits may be changed while
-it runs, and the headers follow.
+enforces them itself (429 with ``retry-after``): requests with the API's token bucket (capacity
+``rpm_limit``, refilled continuously), input tokens over a sliding 60 s window; the limits may be
+changed while it runs, and the headers follow.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class FakeClaude:
         self._queue: deque[Response] = deque()
         self._window: deque[tuple[float, int]] = deque()  # (arrival, input tokens) of accepted requests
         self._out_window: deque[tuple[float, int]] = deque()  # (answered, output tokens)
+        self._req_bucket: tuple[float, float] | None = None  # (level, at): requests, the API's token bucket
         self._conns: set[socket.socket] = set()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -221,12 +223,14 @@ class FakeClaude:
             for win in (self._window, self._out_window):
                 while win and win[0][0] <= now - WINDOW_S:
                     win.popleft()
-            used_req = len(self._window)
+            # requests: a bucket of capacity rpm refilled continuously (as the API documents)
+            level, at = self._req_bucket if self._req_bucket is not None else (float(rpm), now)
+            level = min(float(rpm), level + max(0.0, now - at) * rpm / WINDOW_S)
             used_tok = sum(c for _, c in self._window)
             used_out = sum(c for _, c in self._out_window)
             retry: float | None = None
-            if admit and self.rpm_limit is not None and used_req + 1 > rpm:
-                retry = self._window[0][0] + WINDOW_S - now
+            if admit and self.rpm_limit is not None and level < 1.0:
+                retry = (1.0 - level) / (rpm / WINDOW_S)
             if admit and self.tpm_limit is not None and used_tok + cost > tpm and self._window:
                 freed, t_free = used_tok, now
                 for t, c in self._window:
@@ -237,15 +241,16 @@ class FakeClaude:
                 retry = max(retry or 0.0, t_free - now)
             if admit and retry is None:
                 self._window.append((now, cost))
-                used_req += 1
+                level -= 1.0
                 used_tok += cost
+            self._req_bucket = (level, now)
             oldest = self._window[0][0] if self._window else now
         reset = _rfc3339(wall + max(0.0, oldest + WINDOW_S - now))
         p = "anthropic-ratelimit-"
         in_left, out_left = max(0, tpm - used_tok), max(0, otpm - used_out)
         headers = {
             p + "requests-limit": str(rpm),
-            p + "requests-remaining": str(max(0, rpm - used_req)),
+            p + "requests-remaining": str(max(0, math.floor(level))),
             p + "requests-reset": reset,
             p + "input-tokens-limit": str(tpm),
             p + "input-tokens-remaining": str(in_left),
