@@ -15,8 +15,9 @@ continuously up to the limit; separate limits for requests, input tokens and out
   ends (never ``max_tokens`` up front); a call waits while the bucket is in debt;
 * **learned limits** (:meth:`MeshRateLimit.observe`): the limits in ``anthropic-ratelimit-*``
   headers replace the configured ones, up or down — the settings are only the starting point —
-  and the reported remaining counts set the buckets' levels (less what is still in flight);
-  ``remaining: 0`` pauses until its reset;
+  and the reported remaining counts set the buckets' levels (less what is still in flight); an
+  empty bucket refills at the limit's rate (``*-reset`` is when it is full again, not when the
+  next call may go);
 * **429/529**: every grant pauses until ``retry-after``; a 429 empties the buckets its headers
   report exhausted (all of them if it carries none), which then refill at the full rate. The limits
   are never halved: when the headers say there is room, the mesh goes on at the account's pace.
@@ -243,7 +244,6 @@ class MeshRateLimit:
             self.paused_until = max(self.paused_until, now + obs.retry_after_s)
         in_limit = obs.input_limit if obs.input_limit is not None else obs.tokens_limit
         in_left = obs.input_remaining if obs.input_remaining is not None else obs.tokens_remaining
-        in_reset = obs.input_reset_s if obs.input_remaining is not None else obs.tokens_reset_s
         if obs.requests_limit is not None and obs.requests_limit > 0:
             self.rpm_limit, self.learned = float(obs.requests_limit), True
         if in_limit is not None and in_limit > 0:
@@ -255,16 +255,12 @@ class MeshRateLimit:
             level = float(obs.requests_remaining) - others
             if self.burst_setting is None or level < self.req_level:  # a set burst still smooths bursts
                 self.req_level = level
-            if obs.requests_remaining <= 0 and obs.requests_reset_s is not None:
-                self.paused_until = max(self.paused_until, now + obs.requests_reset_s)
+        # an empty bucket refills continuously: the next call waits for its share, not for the
+        # ``*-reset`` time (when the bucket is full again)
         if in_left is not None:
             self.in_level = float(in_left)
-            if in_left <= 0 and in_reset is not None:
-                self.paused_until = max(self.paused_until, now + in_reset)
         if obs.output_remaining is not None:
             self.out_level = float(obs.output_remaining)
-            if obs.output_remaining <= 0 and obs.output_reset_s is not None:
-                self.paused_until = max(self.paused_until, now + obs.output_reset_s)
         if obs.status == 429 and not obs.has_limits:  # no word on which limit: assume all are spent
             self.req_level = min(self.req_level, 0.0)
             self.in_level = min(self.in_level, 0.0)

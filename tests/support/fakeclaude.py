@@ -251,7 +251,7 @@ class FakeClaude:
         headers = {
             p + "requests-limit": str(rpm),
             p + "requests-remaining": str(max(0, math.floor(level))),
-            p + "requests-reset": reset,
+            p + "requests-reset": _rfc3339(wall + (rpm - max(0.0, level)) * WINDOW_S / rpm),
             p + "input-tokens-limit": str(tpm),
             p + "input-tokens-remaining": str(in_left),
             p + "input-tokens-reset": reset,

@@ -277,14 +277,15 @@ def test_529_with_retry_after_pauses_without_halving() -> None:
     assert lim.snapshot(1.0)["rpm"] == 60
 
 
-def test_remaining_zero_pauses_until_reset() -> None:
+def test_remaining_zero_waits_for_the_refill_not_for_the_reset() -> None:
     lim = MeshRateLimit(rpm=60, tpm=100_000)
-    lim.observe(RateObservation(status=200, requests_remaining=0, requests_reset_s=7.0), 0.0)
-    assert lim.reserve(1, 1.0) == pytest.approx(6.0)
-    assert lim.reserve(1, 7.0) == 0.0
-    lim.observe(RateObservation(status=200, tokens_remaining=0, tokens_reset_s=4.0), 10.0)
-    assert lim.reserve(1, 12.0) >= 2.0 - 1e-9
-    assert lim.reserve(1, 14.0) == 0.0
+    lim.observe(RateObservation(status=200, requests_remaining=0, requests_reset_s=60.0), 0.0)
+    assert lim.reserve(1, 0.0) == pytest.approx(1.0)  # one request's share of 60/min, not 60 s
+    assert lim.reserve(1, 1.0) == 0.0
+    lim.observe(RateObservation(status=200, input_remaining=0, input_reset_s=60.0), 10.0)
+    assert lim.reserve(1000, 10.0) == pytest.approx(1000 / (100_000 / 60))
+    lim.observe(RateObservation(status=200, output_remaining=-600), 20.0)  # output in debt
+    assert lim.reserve(1, 20.0) == pytest.approx(600 / (100_000 / 60))
 
 
 def test_header_limits_replace_the_configured_ones_down_and_up() -> None:
