@@ -64,8 +64,18 @@ def test_job_plans_codes_tests_and_integrates(make_mesh: Any, tmp_path: Path) ->
     with FakeClaude(script=team) as fake:
         mesh = make_mesh(developers=3, testers=1, extra_env=agent_env(fake.url))
         report = run_job(mesh, goal="make the tests pass", repo=str(repo), test_cmd=TEST_CMD, max_parallel=3)
+        billed = fake.billed()
     assert report["state"] == "done", [(s["id"], s["state"], s["note"], s["tests"]) for s in report["subtasks"]]
     assert [s["state"] for s in report["subtasks"]] == ["integrated"] * 3
+    # the usage report is the server's bill, token for token, every call once
+    assert {k: report["tokens"][k] for k in billed} == billed
+    # the mul developer was told its own test fails, apart from the other subtasks' (failing on the base too)
+    mul_fed = [str(r.body["messages"][-1]) for r in fake.calls() if "[fix-mul]" in str(r.body["messages"][0])]
+    assert any("Your subtask's tests that still fail" in m or "your change broke them" in m for m in mul_fed)
+    assert any("Failing on the base commit too" in m and "test_add" in m for m in mul_fed)
+    # the job's working ref is gone from the user's repository; the branch stays
+    assert "refs/casper/jobs/" not in git(repo, "for-each-ref")
+    assert git(repo, "rev-parse", report["branch"]).strip()
     assert _sub(report, "fix-mul")["rounds"] == 2 and _sub(report, "fix-add")["rounds"] == 1
     assert report["final_tests"]["ok"] and report["final_tests"]["passed"] == 4
     assert report["tokens"]["input_tokens"] > 0 and report["cost_usd"] > 0
