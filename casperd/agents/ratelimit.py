@@ -15,12 +15,12 @@ continuously up to the limit; separate limits for requests, input tokens and out
   ends (never ``max_tokens`` up front); a call waits while the bucket is in debt;
 * **learned limits** (:meth:`MeshRateLimit.observe`): the limits in ``anthropic-ratelimit-*``
   headers replace the configured ones, up or down — the settings are only the starting point —
-  and the reported remaining counts set the buckets' levels (less what is still in flight); an
-  empty bucket refills at the limit's rate (``*-reset`` is when it is full again, not when the
-  next call may go);
+  and a reported remaining count lower than a bucket's level lowers it (another client of the same
+  key, or calls the mesh has not settled yet); an empty bucket refills at the limit's rate
+  (``*-reset`` is when it is full again, not when the next call may go);
 * **429/529**: every grant pauses until ``retry-after``; a 429 empties the buckets its headers
   report exhausted (all of them if it carries none), which then refill at the full rate. The limits
-  are never halved: when the headers say there is room, the mesh goes on at the account's pace.
+  are never halved: the mesh goes on at the account's pace as soon as the buckets refill.
 
 :class:`LocalLimiter` serves one process with ``asyncio.sleep`` loops; a remote variant asks the
 policeman over the mesh. Both satisfy :class:`Limiter`.
@@ -250,17 +250,16 @@ class MeshRateLimit:
             self.itpm_limit, self.learned = float(in_limit), True
         if obs.output_limit is not None and obs.output_limit > 0:
             self.otpm_limit, self.learned = float(obs.output_limit), True
-        others = max(0, self.inflight - 1)  # the API has not seen the other calls in flight yet
+        # Remaining counts only ever lower a bucket: an observation reaches the policeman with a
+        # worker's next permit request, so it may be seconds old and the mesh has granted more since.
+        # An empty bucket refills continuously: the next call waits for its share, not for the
+        # ``*-reset`` time (when the bucket is full again).
         if obs.requests_remaining is not None:
-            level = float(obs.requests_remaining) - others
-            if self.burst_setting is None or level < self.req_level:  # a set burst still smooths bursts
-                self.req_level = level
-        # an empty bucket refills continuously: the next call waits for its share, not for the
-        # ``*-reset`` time (when the bucket is full again)
+            self.req_level = min(self.req_level, float(obs.requests_remaining))
         if in_left is not None:
-            self.in_level = float(in_left)
+            self.in_level = min(self.in_level, float(in_left))
         if obs.output_remaining is not None:
-            self.out_level = float(obs.output_remaining)
+            self.out_level = min(self.out_level, float(obs.output_remaining))
         if obs.status == 429 and not obs.has_limits:  # no word on which limit: assume all are spent
             self.req_level = min(self.req_level, 0.0)
             self.in_level = min(self.in_level, 0.0)
