@@ -217,13 +217,35 @@ async def _loop(
     base: str,
     limits: tuple[int, int, float, float],
 ) -> str:
-    """Model turns until ``finish``; every stop reason handled as :mod:`casperd.agents.turns` says."""
+    """Model turns until ``finish``; every stop reason handled as :mod:`casperd.agents.turns` says.
+    Calls not yet saved with a turn are recorded when the loop fails, so the bill stays whole."""
+    calls: list[dict[str, Any]] = []
+    try:
+        return await _turns(ctx, svc, sandbox, messages, usage, model, job_id, base, limits, calls)
+    except CasperError:
+        if calls and ctx.task_id is not None:
+            with contextlib.suppress(CasperError):
+                await svc.record_calls(ctx.task_id, calls, job_id)
+        raise
+
+
+async def _turns(
+    ctx: RunContext,
+    svc: Any,
+    sandbox: Sandbox,
+    messages: list[dict[str, Any]],
+    usage: Usage,
+    model: str,
+    job_id: str | None,
+    base: str,
+    limits: tuple[int, int, float, float],
+    calls: list[dict[str, Any]],
+) -> str:
     assert ctx.task_id is not None
     s = svc.settings
     call_max = turns.role_max_tokens(s.llm_max_tokens, "developer")
     budget = s.agent_context_tokens
     empties = 0
-    calls: list[dict[str, Any]] = []
     while True:
         _check_budget(messages, usage, limits)
         window, elided = context.fit(messages, budget)
@@ -269,7 +291,7 @@ async def _loop(
             messages.append({"role": "user", "content": turns.EMPTY_NUDGE})
             wip = await gitwork.diff(sandbox.root, base)
             await svc.save_turns(ctx.task_id, ctx.attempt, messages, usage.to_dict(), wip, calls, job_id)
-            calls = []
+            calls.clear()
             continue
         empties = 0
         messages.append({"role": "assistant", "content": turns.for_resend(reply.content)})
@@ -278,7 +300,7 @@ async def _loop(
         finished = await _answer(sandbox, messages, reply.content)
         wip = await gitwork.diff(sandbox.root, base)
         await svc.save_turns(ctx.task_id, ctx.attempt, messages, usage.to_dict(), wip, calls, job_id)
-        calls = []
+        calls.clear()
         if finished is not None:
             return finished
         await asyncio.sleep(0)

@@ -134,6 +134,7 @@ async def test_a_refusal_fails_the_task_with_its_reason(fake: FakeClaude, svc: S
     with pytest.raises(AgentError) as info:
         await run(svc, repo)
     assert "refusal" in str(info.value) and not info.value.retryable
+    assert sum(c["calls"] for c in svc.calls) == fake.billed()["calls"] == 2  # the refused call is billed too
     saved = next(iter(svc.saved.values()))["messages"]
     assert not any("can't help" in str(m["content"]) for m in saved)  # the refused turn is not kept
 

@@ -50,3 +50,6 @@ class Services:
 
     async def load_turns(self, task_id: uuid.UUID) -> dict[str, Any] | None:
         return copy.deepcopy(self.saved.get(task_id))
+
+    async def record_calls(self, task_id: uuid.UUID, calls: list[dict[str, Any]], job_id: str | None) -> None:
+        self.calls.extend(copy.deepcopy(calls))
