@@ -18,15 +18,16 @@ status the API would have answered with (``overloaded_error`` → 529, ``api_err
 from __future__ import annotations
 
 import copy
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
 import anthropic
 
 try:  # the SDK's HTTP client: httpx2 in recent SDKs, httpx before
-    import httpx2 as _httpx  # type: ignore[import-not-found]
+    _httpx: Any = importlib.import_module("httpx2")
 except ImportError:  # pragma: no cover - depends on the installed SDK
-    import httpx as _httpx  # type: ignore[no-redef]
+    _httpx = importlib.import_module("httpx")
 
 CACHE_CONTROL = {"type": "ephemeral"}
 MAX_BREAKPOINTS = 4
@@ -44,10 +45,10 @@ ERROR_STATUS = {
     "timeout_error": 504,
     "overloaded_error": 529,
 }
-TIMEOUTS: tuple[type[BaseException], ...] = (_httpx.TimeoutException,)
-"""Raised by the HTTP client when a stream goes idle (the SDK wraps only errors before it starts)."""
-TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (_httpx.TransportError,)
-"""Raised by the HTTP client while a stream is read (the SDK wraps only errors before it starts)."""
+TIMEOUTS: tuple[type[BaseException], ...] = (anthropic.APITimeoutError, _httpx.TimeoutException)
+"""A timeout: the SDK's before a stream starts, the HTTP client's when a stream goes idle."""
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (anthropic.APIConnectionError, _httpx.TransportError)
+"""A lost connection: the SDK's before a stream starts, the HTTP client's while it is read."""
 
 
 def is_retryable(status: int) -> bool:
@@ -126,8 +127,9 @@ async def stream_once(sdk: anthropic.AsyncAnthropic, params: dict[str, Any]) -> 
 def error_info(exc: anthropic.APIStatusError) -> tuple[int, str, str]:
     """The status (an error event's type mapped to its HTTP status), the API's error type and
     message (never the request)."""
-    body = exc.body if isinstance(exc.body, dict) else {}
-    err = body.get("error") if isinstance(body.get("error"), dict) else body
+    body: dict[str, Any] = exc.body if isinstance(exc.body, dict) else {}
+    nested = body.get("error")
+    err: dict[str, Any] = nested if isinstance(nested, dict) else body
     kind = str(err.get("type") or "error")
     message = str(err.get("message") or f"HTTP {exc.status_code}")
     status = int(exc.status_code)

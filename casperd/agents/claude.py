@@ -303,10 +303,10 @@ class ClaudeClient:
                     ) from None
                 reason = f"HTTP {status} {kind}"
                 retry_after = obs.retry_after_s
-            except (anthropic.APITimeoutError, *apicall.TIMEOUTS):
+            except apicall.TIMEOUTS:
                 self.limiter.settle(estimate, 0, 0)
                 reason = f"no stream event for {self.timeout_s:g}s (idle timeout)"
-            except (anthropic.APIConnectionError, *apicall.TRANSPORT_ERRORS) as exc:
+            except apicall.TRANSPORT_ERRORS as exc:
                 self.limiter.settle(estimate, 0, 0)
                 reason = f"connection error ({type(exc.__cause__ or exc).__name__})"
             except anthropic.APIResponseValidationError:
