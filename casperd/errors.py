@@ -198,6 +198,12 @@ class EmbeddedServiceError(CasperError):
     code = "embedded-service"
 
 
+class SpawnError(CasperError):
+    """A spawner could not start or remove a peer (the Docker engine, the swarm, casperd up)."""
+
+    code = "spawn"
+
+
 # --- admin client -----------------------------------------------------------------------------
 class CommandError(CasperError):
     code = "command"

@@ -56,6 +56,8 @@ class LocalMesh:
     settings_env: dict[str, str] = field(default_factory=dict)
     """The user's settings for every node (``casperd up``: its --config file and CASPER_* variables);
     a node's generated file keeps what the mesh decides, and those win over these."""
+    policeman_env: dict[str, str] = field(default_factory=dict)
+    """Settings for the policeman only (e.g. the autoscaler's: CASPER_SPAWNER, CASPER_AUTOSCALE_ROLES)."""
     log_level: str = "INFO"
     broker_endpoint: str = ""  # default: tcp://127.0.0.1:PORT_BASE
     postgres: EmbeddedPostgres | None = None
@@ -128,6 +130,7 @@ class LocalMesh:
         }
         if role == "policeman":
             env["CASPER_DATABASE_URL"] = self.database_url
+            env.update(self.policeman_env)
         if self.redis_url:
             env["CASPER_REDIS_URL"] = self.redis_url
         if capabilities:

@@ -39,6 +39,21 @@ class TaskPolicy(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0, le=86400)
 
 
+class AutoscaleRole(BaseModel):
+    """Bounds of one role under the autoscaler, and extra capabilities a spawned peer gets."""
+
+    model_config = ConfigDict(extra="forbid")
+    min: int = Field(default=0, ge=0, le=1000)
+    max: int = Field(default=0, ge=0, le=1000)
+    capabilities: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscaleRole:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        return self
+
+
 class ModelPrice(BaseModel):
     """US dollars per million tokens of one model (see anthropic.com/pricing)."""
 
@@ -120,6 +135,36 @@ class Settings(BaseSettings):
     shell_timeout_s: float = Field(default=60.0, gt=0, description="default timeout of shell tasks")
     shell_output_cap: int = Field(default=64 * 1024, ge=256, description="bytes of stdout/stderr kept")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port; 0: off")
+    # --- the autoscaler (policeman) ---
+    spawner: str = Field(
+        default="none",
+        pattern="^(none|local|docker|swarm)$",
+        description="how the policeman adds and removes peers: none (fixed size), local (casperd up), "
+        "docker (containers through the socket proxy), swarm (scales the developer service)",
+    )
+    autoscale_roles: dict[str, AutoscaleRole] = Field(
+        default_factory=dict,
+        description='bounds per spawnable role: JSON (or a TOML table), e.g. {"developer": {"min": 1, "max": 4}}; '
+        "optional capabilities a spawned peer adds",
+    )
+    autoscale_wait_s: float = Field(
+        default=2.0, ge=0, description="scale up when a task waits this long and no capable peer has a free slot"
+    )
+    autoscale_idle_s: float = Field(
+        default=30.0, ge=0, description="drain, then retire, a spawned peer idle this long (never below min)"
+    )
+    autoscale_step_s: float = Field(default=2.0, ge=0, description="least time between two spawns of one role")
+    autoscale_spawns_per_min: int = Field(default=10, ge=1, description="most spawns per minute, whole mesh")
+    autoscale_spawn_timeout_s: float = Field(
+        default=60.0, gt=0, description="a spawned peer not registered by then is given up and removed"
+    )
+    spawner_template: str = Field(
+        default="developer-1",
+        description="docker: the container whose image, networks, mounts and settings a spawned peer copies",
+    )
+    swarm_service: str = Field(
+        default="", description="swarm: the service to scale; default the stack's developer service"
+    )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR")
     log_format: str = Field(default="auto", pattern="^(auto|text|json)$", description="auto, text or json")
     # --- Claude agents ---
@@ -205,14 +250,27 @@ class Settings(BaseSettings):
             return [c.strip() for c in value.split(",") if c.strip()]
         return value
 
-    @field_validator("task_policies", mode="before")
+    @field_validator("task_policies", "autoscale_roles", mode="before")
     @classmethod
-    def _policies_json(cls, value: Any) -> Any:
+    def _policies_json(cls, value: Any, info: Any) -> Any:
         if isinstance(value, str):
             try:
                 return json.loads(value) if value.strip() else {}
             except ValueError:
-                raise ValueError('expected JSON like {"shell": {"max_attempts": 5}}') from None
+                example = (
+                    '{"developer": {"min": 1, "max": 4}}'
+                    if info.field_name == "autoscale_roles"
+                    else '{"shell": {"max_attempts": 5}}'
+                )
+                raise ValueError(f"expected JSON like {example}") from None
+        return value
+
+    @field_validator("autoscale_roles")
+    @classmethod
+    def _spawnable_roles(cls, value: dict[str, AutoscaleRole]) -> dict[str, AutoscaleRole]:
+        for role in value:
+            if role not in (Role.DEVELOPER.value, Role.TESTER.value):
+                raise ValueError(f"{role!r} cannot be spawned; spawnable roles: developer, tester")
         return value
 
     @field_validator("role")

@@ -28,6 +28,7 @@ from casperd.localmesh import LocalMesh
 from casperd.meshconfig import node_settings_env
 from casperd.ports import check_ports
 from casperd.settings import DEFAULT_STATE_DIR
+from casperd.spawners.local import LocalSupervisor
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  casperd up --database-url postgresql://me@db/casper --redis-url redis://cache:6379/0\n"
         "  CASPER_LLM_RPM=4000 casperd up --config mesh.toml   # settings for every node\n"
         "then, in another terminal:\n  caspectl status | caspectl peers | "
-        "caspectl submit echo --input '{}' --wait",
+        "caspectl submit echo --input '{}' --wait\n"
+        "  caspectl top                      # watch the autoscaler add and retire developers under load",
     )
     p.add_argument("--developers", type=int, default=2, help="developer nodes (default 2)")
     p.add_argument("--testers", type=int, default=1, help="tester nodes (default 1)")
@@ -85,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path(os.environ["CASPER_CONFIG"]) if os.environ.get("CASPER_CONFIG") else None,
         help="a casperd settings file (TOML) for every node: models, rate limits, prices, agent limits... "
         "CASPER_* variables override it; up decides ports, ids, keys and state paths [CASPER_CONFIG]",
+    )
+    p.add_argument(
+        "--spawner",
+        choices=("local", "none"),
+        default="local",
+        help="local: the policeman's autoscaler adds developers under load and retires them when idle; "
+        "none: fixed size (default local)",
+    )
+    p.add_argument(
+        "--max-developers",
+        type=int,
+        default=None,
+        help="most developers the autoscaler keeps (default: --developers + 2); --developers is the minimum",
     )
     return p
 
@@ -135,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.developers < 0 or a.testers < 0 or a.developers + a.testers == 0:
         console.print("casperd up: need at least one developer or tester")
         return ExitCode.USAGE
+    if a.max_developers is not None and a.max_developers < a.developers:
+        console.print(f"casperd up: --max-developers ({a.max_developers}) is below --developers ({a.developers})")
+        return ExitCode.USAGE
     state_dir = a.state_dir.expanduser().resolve()
     other = _already_running(state_dir)
     if other is not None:
@@ -174,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         redis_url=None if a.no_redis else a.redis_url,
         curve=not a.no_curve,
         log_level=a.log_level,
+        policeman_env=autoscale_env(a.spawner, a.developers, a.max_developers),
     )
+    supervisor = LocalSupervisor(mesh, say=console.print) if a.spawner == "local" else None
     stop = {"now": False, "stopping": False}
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -193,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         with console.status("starting Postgres, Redis, the policeman and the peers..."):
             mesh.start()
         mesh.write_description()
+        if supervisor is not None:
+            supervisor.start()  # carries out the autoscaler's orders, during the demo too
         console.print(f"mesh up in {time.monotonic() - t0:.1f}s")
         show_mesh(mesh)
         if a.demo:
@@ -213,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         code = ExitCode.FAILURE
     finally:
         stop["stopping"] = True
+        if supervisor is not None:
+            supervisor.stop()
         console.print("stopping the mesh (Ctrl-C again to kill the nodes at once)")
         mesh.stop(say=lambda text: console.print(f"  {text}", highlight=False))
         console.print("mesh stopped")
@@ -236,9 +260,24 @@ def _announce_root_user(database_url: str) -> None:
         )
 
 
+def autoscale_env(spawner: str, developers: int, max_developers: int | None) -> dict[str, str]:
+    """The policeman's autoscaler settings on the local mesh."""
+    if spawner != "local":
+        return {"CASPER_SPAWNER": "none"}
+    top = developers + 2 if max_developers is None else max_developers
+    tuning = {
+        k: v for k, v in os.environ.items() if k.startswith("CASPER_AUTOSCALE_") and k != "CASPER_AUTOSCALE_ROLES"
+    }
+    return {
+        **tuning,  # CASPER_AUTOSCALE_IDLE_S etc. in casperd up's environment reach the policeman
+        "CASPER_SPAWNER": "local",
+        "CASPER_AUTOSCALE_ROLES": json.dumps({"developer": {"min": developers, "max": top}}),
+    }
+
+
 def supervise(mesh: LocalMesh) -> None:
     """Restart a node that died on its own (with a growing pause), and say so."""
-    for node in mesh.nodes.values():
+    for node in list(mesh.nodes.values()):  # the autoscaler's supervisor thread adds and removes nodes
         if node.proc is not None and node.proc.poll() is not None:
             code = node.proc.returncode
             node.restarts += 1

@@ -136,6 +136,10 @@ class ClaudeClient:
         self._client: anthropic.AsyncAnthropic | None = None
         self.calls = 0
         self.cache_hits = 0
+        self.last_call: dict[str, Any] | None = None
+        """The last API request: outcome, HTTP status, latency, when (caspectl health's api check)."""
+        self.on_call: Callable[[float, str], None] | None = None
+        """Called with (seconds, outcome) after every API request (the api_response_time metric)."""
         if self._api_key:
             from casperd.logsetup import register_secret
 
@@ -270,6 +274,12 @@ class ClaudeClient:
         self.breaker.record_success()
         return reply
 
+    def _observed(self, t0: float, outcome: str, status: int | None = None) -> None:
+        took = time.monotonic() - t0
+        self.last_call = {"outcome": outcome, "status": status, "ms": round(took * 1000, 1), "at": time.time()}
+        if self.on_call is not None:
+            self.on_call(took, outcome)
+
     async def _attempts(self, params: dict[str, Any], estimate: int) -> Reply:
         model = str(params["model"])
         sdk = self._sdk()
@@ -283,6 +293,7 @@ class ClaudeClient:
                 answer = await apicall.stream_once(sdk, params)
             except anthropic.APIStatusError as exc:
                 status, kind, detail = apicall.error_info(exc)
+                self._observed(t0, "error" if apicall.is_retryable(status) else "refused", status)
                 obs = parse_rate_headers(exc.response.headers, status, time.time())
                 self.limiter.observe(obs)
                 self.limiter.settle(estimate, 0, 0)
@@ -304,15 +315,19 @@ class ClaudeClient:
                 reason = f"HTTP {status} {kind}"
                 retry_after = obs.retry_after_s
             except apicall.TIMEOUTS:
+                self._observed(t0, "timeout")
                 self.limiter.settle(estimate, 0, 0)
                 reason = f"no stream event for {self.timeout_s:g}s (idle timeout)"
             except apicall.TRANSPORT_ERRORS as exc:
+                self._observed(t0, "connection")
                 self.limiter.settle(estimate, 0, 0)
                 reason = f"connection error ({type(exc.__cause__ or exc).__name__})"
             except anthropic.APIResponseValidationError:
+                self._observed(t0, "malformed")
                 self.limiter.settle(estimate, 0, 0)
                 reason = "malformed response"
             else:
+                self._observed(t0, "ok", 200)
                 return self._reply(answer, model, estimate, t0, attempt)
             if attempt > self.retries:
                 raise LlmError(
