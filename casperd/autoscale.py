@@ -288,8 +288,8 @@ class Autoscaler:
                 continue
             # every capable peer is full and the oldest task waited too long: more hands, unless
             # spawns already on their way will absorb the backlog
-            pending = sum(1 for r, _ in self.pending.values() if r in roles)
-            if pending * max(1, self.c.spawn_capacity) >= g.count:
+            coming = sum(1 for r, _ in self.pending.values() if r in roles)
+            if coming * max(1, self.c.spawn_capacity) >= g.count:
                 continue
             role = min(roles, key=lambda r: counts.get(r, 0))
             if self._may_spawn(role, counts, now):

@@ -304,8 +304,14 @@ class Broker:
         work = self.work
         if work is not None:
             self.store.after_commit(lambda: work.on_finish(a.rec))
-        for fn in self.finish_listeners:
-            self.store.after_commit(lambda fn=fn: fn(a.rec))
+        if self.finish_listeners:
+            listeners = list(self.finish_listeners)
+
+            def notify() -> None:
+                for fn in listeners:
+                    fn(a.rec)
+
+            self.store.after_commit(notify)
 
     def _validate(self, a: Validate) -> None:
         check = self.catalog.validator(a.rec.type)

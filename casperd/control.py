@@ -39,6 +39,8 @@ class Node(Protocol):
     store: Store | None
     cache: ResultCache | None
     police: Any
+    elastic: Any  # casperd.elastic.Elastic on the policeman
+    telemetry: Any  # casperd.telemetry.Telemetry on the policeman
 
 
 Op = Callable[[Node, dict[str, Any]], Awaitable[Any]]

@@ -74,7 +74,17 @@ def cmd_status(c: ControlClient, a: argparse.Namespace) -> int:
 
 def cmd_peers(c: ControlClient, a: argparse.Namespace) -> int:
     data = c.request("peers")
-    cols = ("node_id", "role", "endpoint", "liveness", "breaker", "inflight", "capacity", "draining", "capabilities")
+    cols: tuple[str, ...] = (
+        "node_id",
+        "role",
+        "endpoint",
+        "liveness",
+        "breaker",
+        "inflight",
+        "capacity",
+        "draining",
+        "capabilities",
+    )
     cols += ("spawned",) if any(p.get("spawned") for p in data["peers"]) else ()
     _emit(
         a,

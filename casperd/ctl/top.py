@@ -29,11 +29,11 @@ from casperd.exitcodes import ExitCode
 
 if TYPE_CHECKING:
     from casperd.ctl.client import ControlClient
-    from casperd.node import Node
 
 
 # --- the policeman's half (registered by casperd.control, so caspectl never imports the daemon) ---
-async def top_op(node: Node, args: dict[str, Any]) -> dict[str, Any]:
+async def top_op(node: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """``node``: the policeman's casperd.node.Node (not imported: caspectl must not load the daemon)."""
     broker = node.broker
     assert broker is not None
     now = time.monotonic()
@@ -55,7 +55,7 @@ async def top_op(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     return snap
 
 
-async def _cache(node: Node) -> dict[str, Any] | None:
+async def _cache(node: Any) -> dict[str, Any] | None:
     if node.cache is None or node.cache.redis is None:
         return None
     out: dict[str, Any] = {"hits": None, "misses": None, "hit_rate": None}
@@ -67,7 +67,7 @@ async def _cache(node: Node) -> dict[str, Any] | None:
     return {"hits": hits, "misses": misses, "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None}
 
 
-async def _llm(node: Node) -> dict[str, Any] | None:
+async def _llm(node: Any) -> dict[str, Any] | None:
     if node.police is None or node.store is None:
         return None
     out: dict[str, Any] = {"rate_limit": node.police.rate.snapshot(time.monotonic())}

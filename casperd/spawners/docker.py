@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from casperd.errors import SpawnError
 from casperd.settings import Settings
-from casperd.spawners import Spawner
+from casperd.spawners.base import Spawner
 from casperd.spawners.proxy import PROJECT_LABEL, SERVICE_LABEL, SPAWNED_LABEL
 
 log = logging.getLogger("casperd.spawners.docker")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from casperd.errors import CasperError
-from casperd.spawners import Spawner
+from casperd.spawners.base import Spawner
 
 if TYPE_CHECKING:
     from casperd.localmesh import LocalMesh

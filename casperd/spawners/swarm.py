@@ -16,7 +16,7 @@ from typing import Any
 
 from casperd.errors import SpawnError
 from casperd.settings import Settings
-from casperd.spawners import Spawner
+from casperd.spawners.base import Spawner
 
 log = logging.getLogger("casperd.spawners.swarm")
 
