@@ -192,38 +192,3 @@ def test_stack_deploys_and_scaled_developers_receive_work(docker_client: Any, st
     for old in ("developer-1", "developer-2", "tester-1"):
         caspectl(docker_client, "resume", old)
     print(f"swarm stack: deploy -> 3 peers alive in {up_s:.1f}s")
-
-
-def test_swarm_spawner_scales_the_developer_service_up_and_down(docker_client: Any, stack: dict[str, Any]) -> None:
-    """The autoscaler's swarm backend against the real stack: spawn = scale +1 (the new slot's
-    replica registers under the name the spawner predicted), retire = stop that replica (it
-    drains and disconnects) and scale -1."""
-    import asyncio
-
-    from casperd.settings import load_settings
-    from casperd.spawners.swarm import SwarmSpawner
-
-    wait_peers(docker_client, {"developer-1", "developer-2"}, timeout=240)
-    settings = load_settings({"role": "policeman", "swarm_service": f"{STACK}_developer", "drain_timeout_s": 5})
-    spawner = SwarmSpawner(settings, client=docker_client)
-    asyncio.run(spawner.refresh())
-    assert spawner.error is None and spawner.base is not None
-    base = spawner.base
-    name = asyncio.run(spawner.spawn("developer-ignored", "developer", []))
-    assert name == f"developer-{base + 1}"
-    assert spawner.spawned() == {name}
-    wait_peers(docker_client, {name}, timeout=180)
-    caspectl(docker_client, "drain", name)  # what the policeman does before it retires a peer
-    asyncio.run(spawner.retire(name))
-    service = docker_client.services.get(f"{STACK}_developer")
-    service.reload()
-    assert service.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == base
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        peers = {p["node_id"] for p in caspectl(docker_client, "peers")["peers"]}
-        if name not in peers:
-            break
-        time.sleep(2)
-    assert name not in peers, f"{name} still registered after its retirement: {peers}"
-    asyncio.run(spawner.refresh())
-    assert spawner.spawned() == set()
