@@ -84,6 +84,10 @@ class Broker:
         self.work: LocalWork | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._tick_armed: float | None = None
+        self.on_tick: Callable[[float], None] | None = None
+        """Called after every tick with the monotonic time (the autoscaler, casperd.elastic)."""
+        self.finish_listeners: list[Callable[[TaskRecord], None]] = []
+        """Called (after the commit) with every task that reaches a terminal state (telemetry)."""
 
     def attach(self, work: LocalWork) -> None:
         """Plug the policeman's local work in (jobs, finish notifications, attachment storage)."""
@@ -126,6 +130,8 @@ class Broker:
         """Heartbeats, liveness, leases, due retries. Called four times per heartbeat interval."""
         self.core.tick(now())
         self.run(self.core.take())
+        if self.on_tick is not None:
+            self.on_tick(time.monotonic())
 
     async def submit(self, route: bytes, msg: Submit, submitter: str | None) -> None:
         """SUBMIT on the control socket; ACCEPTED goes out after the commit."""
@@ -298,6 +304,14 @@ class Broker:
         work = self.work
         if work is not None:
             self.store.after_commit(lambda: work.on_finish(a.rec))
+        if self.finish_listeners:
+            listeners = list(self.finish_listeners)
+
+            def notify() -> None:
+                for fn in listeners:
+                    fn(a.rec)
+
+            self.store.after_commit(notify)
 
     def _validate(self, a: Validate) -> None:
         check = self.catalog.validator(a.rec.type)

@@ -27,7 +27,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from casperd import __version__, codec
+from casperd import __version__, codec, procstats
 from casperd.cache import ResultCache, cache_key
 from casperd.errors import CasperError, RequestTimeoutError, TaskCrashError, UnknownTaskTypeError, from_wire
 from casperd.handlers import Attached, Catalog, RunContext
@@ -72,6 +72,7 @@ class Worker:
         public = opts.curve_public.decode() if settings.curve and opts.curve_public else None
         me = Identity(self.epoch, os.getpid(), _hostname(), __version__.replace("+", "."), public)
         self.core = WorkerCore(settings, me, metrics, random.random, time.monotonic())
+        self.core.stats = procstats.shared().sample
         self.sock: zmq.asyncio.Socket | None = None
         self.tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._flush_scheduled = False

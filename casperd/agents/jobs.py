@@ -25,12 +25,14 @@ import contextlib
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
-from casperd.agents import gitwork
+from casperd.agents import gitwork, turns
 from casperd.agents.jobintegrate import integrate, push_branch
 from casperd.agents.jobreport import (
     build_report,
+    failing_sets,
     final_state,
     job_report,
     last_error,
@@ -109,7 +111,20 @@ class JobRunner:
         return await job_report(self.records, self.broker.store, job_id)
 
     # --- the job ------------------------------------------------------------------------------------------
+    async def _drop_integration_ref(self, job_id: uuid.UUID, spec: dict[str, Any]) -> None:
+        """The job's working ref leaves the user's repository when the job ends (its result is the branch)."""
+        with contextlib.suppress(CasperError, OSError):
+            await gitwork.git(
+                "update-ref", "-d", f"refs/casper/jobs/{job_id}/integration", cwd=Path(spec["repo"]), check=False
+            )
+
     async def _run(self, rec: TaskRecord) -> None:
+        try:
+            await self._run_job(rec)
+        finally:
+            await asyncio.shield(self._drop_integration_ref(rec.id, rec.input))
+
+    async def _run_job(self, rec: TaskRecord) -> None:
         try:
             report = await self._job(rec.id, rec.input)
             self.broker.finish_local(
@@ -211,7 +226,7 @@ class JobRunner:
             files,
             spec.get("test_cmd"),
             parallelism(spec),
-            self.s.llm_max_tokens,
+            turns.role_max_tokens(self.s.llm_max_tokens, "planner"),
         )
         await self.records.add_calls(calls, task_id=job_id, job_id=job_id, node=self.s.node_id, role="policeman")
         log.info("job %s planned %d subtasks", job_id, len(plan.subtasks))
@@ -313,7 +328,9 @@ class JobRunner:
             elif sub["rounds"] >= self.s.job_rounds:
                 subtask_step(sub, S.FAILED, f"tests still fail after {sub['rounds']} rounds")
             else:
-                await self._code_round(job_id, spec, prog, st, sub, feedback=test_feedback(row))
+                await self._code_round(
+                    job_id, spec, prog, st, sub, feedback=test_feedback(row, *failing_sets(row, base_row, st.tests))
+                )
             return True
         if sub["state"] == S.TESTED:
             return await self._integrate(job_id, spec, prog, st, sub)

@@ -52,6 +52,8 @@ class Peer:
     draining_itself: bool = False
     public_key: str | None = None
     cache: dict[str, int] | None = None  # its result-cache counters, from its last HEARTBEAT
+    cpu_pct: float | None = None
+    rss_bytes: int | None = None
 
     def update_draining(self) -> None:
         self.slot.draining = self.drained_by_operator or self.draining_itself
@@ -73,6 +75,8 @@ class Peer:
             "breaker": self.slot.breaker.state.value,
             "last_seen_s": round(now - self.clock.last_seen, 3),
             "public_key": self.public_key,
+            "cpu_pct": self.cpu_pct,
+            "rss_bytes": self.rss_bytes,
         }
 
 
