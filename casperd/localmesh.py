@@ -22,6 +22,7 @@ from pathlib import Path
 
 from casperd.ctl.client import MESH_FILE, ControlClient
 from casperd.embedded import EmbeddedPostgres, EmbeddedRedis
+from casperd.enrollment import enroll, write_private
 from casperd.errors import CasperError, EmbeddedServiceError
 from casperd.transport import write_keypair
 
@@ -87,13 +88,15 @@ class LocalMesh:
     def policeman(self) -> NodeProc:
         return self.nodes["policeman"]
 
-    def _keys(self, name: str) -> dict[str, str]:
+    def _keys(self, name: str, role: str) -> dict[str, str]:
+        """The node's key pair (made once), enrolled for its node id and role."""
         if not self.curve:
             return {}
         keys = self.state_dir / "keys"
         sec, pub = keys / f"{name}.key", keys / f"{name}.pub"
         if not sec.exists():
             write_keypair(keys, name)
+        enroll(self.state_dir / "authorized_keys", pub, name, role)
         return {
             "CASPER_CURVE": "true",
             "CASPER_CURVE_SECRET_KEY_FILE": str(sec),
@@ -126,7 +129,7 @@ class LocalMesh:
             "CASPER_CONTROL": control,
             "CASPER_LOG_FORMAT": "text",
             "CASPER_LOG_LEVEL": self.log_level,
-            **self._keys("policeman" if role == "policeman" else node_id),
+            **self._keys("policeman" if role == "policeman" else node_id, role),
         }
         if role == "policeman":
             env["CASPER_DATABASE_URL"] = self.database_url
@@ -174,7 +177,7 @@ class LocalMesh:
         for key, value in sorted(node.env.items()):
             if key.startswith("CASPER_"):
                 lines.append(f"{key[len('CASPER_') :].lower()} = {json.dumps(value)}")
-        path.write_text("\n".join(lines) + "\n")
+        write_private(path, "\n".join(lines) + "\n")  # it may hold a database URL with its password
         return path
 
     def start(self) -> None:

@@ -129,6 +129,15 @@ class Settings(BaseSettings):
     curve_secret_key_file: Path | None = Field(default=None, description="this node's Curve secret key (z85)")
     curve_public_key_file: Path | None = Field(default=None, description="this node's Curve public key (z85)")
     broker_public_key_file: Path | None = Field(default=None, description="the policeman's public key")
+    authorized_keys_file: Path | None = Field(
+        default=None,
+        description="with Curve: the enrolled keys (PUBLIC_KEY NODE_PATTERN ROLE a line); "
+        "default STATE_DIR/authorized_keys",
+    )
+    redis_password_file: Path | None = Field(default=None, description="file holding the Redis password (requirepass)")
+    cache_key_file: Path | None = Field(
+        default=None, description="file holding the mesh key that signs result-cache entries (HMAC)"
+    )
     cache_ttl_s: float = Field(default=3600.0, gt=0, description="result cache TTL, seconds")
     commit_batch_max: int = Field(default=2000, ge=1, description="most state changes per group commit")
     db_pool_size: int = Field(default=4, ge=1, le=100, description="Postgres connections")
@@ -288,6 +297,8 @@ class Settings(BaseSettings):
             self.advertise = self.bind  # a wildcard bind is resolved at start (transport.advertised)
         if not self.control:
             self.control = f"ipc://{self.state_dir / (self.node_id + '.ctl')}"
+        if self.authorized_keys_file is None:
+            self.authorized_keys_file = self.state_dir / "authorized_keys"
         return self
 
     @property
