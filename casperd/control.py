@@ -278,6 +278,54 @@ async def _job(node: Node, args: dict[str, Any]) -> Any:
     return await node.police.jobs.report(_task_id(args))
 
 
+# --- enrollment (caspectl keys) ---------------------------------------------------------------------
+def _book(node: Node) -> Any:
+    if node.enrollment is None:
+        raise CommandError(
+            "enrollment is off on this mesh (CurveZMQ is off)", hint="start the mesh with Curve on (casperd --curve)"
+        )
+    node.enrollment.refresh(force=True)
+    return node.enrollment
+
+
+@op("keys-list")
+async def _keys_list(node: Node, args: dict[str, Any]) -> Any:
+    """The enrolled keys, with the node each one has registered (public keys only)."""
+    book = _book(node)
+    online = {p.key: p.node_id for p in node.broker.peers.values() if p.key} if node.broker else {}
+    return {
+        "file": str(book.path),
+        "keys": [
+            {"key": e.key, "pattern": e.pattern, "role": e.role, "online": online.get(e.key)}
+            for e in book.entries.values()
+        ],
+    }
+
+
+@op("keys-add")
+async def _keys_add(node: Node, args: dict[str, Any]) -> Any:
+    """Enroll a public key for a node id (or pattern) and a role."""
+    from casperd.errors import ConfigError
+
+    try:
+        entry = _book(node).add(str(args.get("key") or ""), str(args.get("pattern") or ""), str(args.get("role") or ""))
+    except ConfigError as exc:
+        raise CommandError(exc.message, hint=exc.hint) from None
+    return {"key": entry.key, "pattern": entry.pattern, "role": entry.role}
+
+
+@op("keys-revoke")
+async def _keys_revoke(node: Node, args: dict[str, Any]) -> Any:
+    """Revoke a key (or every key enrolled with exactly this pattern): its peers are dropped at
+    once and their tasks go back to pending; its next handshake is refused."""
+    target = str(args.get("target") or "")
+    gone = _book(node).revoke(target)
+    if not gone:
+        raise TaskNotFoundError(f"no enrolled key or pattern {target[:80]!r}", hint="see caspectl keys list")
+    dropped = node.broker.revoke({e.key for e in gone}) if node.broker else []
+    return {"revoked": [e.key for e in gone], "dropped": dropped}
+
+
 # operations that live with their caspectl command (request and execution in one module)
 from casperd.ctl.top import top_op  # noqa: E402
 

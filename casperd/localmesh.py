@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -88,6 +89,13 @@ class LocalMesh:
     def policeman(self) -> NodeProc:
         return self.nodes["policeman"]
 
+    def _cache_key(self) -> Path:
+        """The mesh key that signs result-cache entries (made once, 0600)."""
+        path = self.state_dir / "keys" / "cache.key"
+        if not path.exists():
+            write_private(path, secrets.token_urlsafe(32) + "\n")
+        return path
+
     def _keys(self, name: str, role: str) -> dict[str, str]:
         """The node's key pair (made once), enrolled for its node id and role."""
         if not self.curve:
@@ -136,6 +144,9 @@ class LocalMesh:
             env.update(self.policeman_env)
         if self.redis_url:
             env["CASPER_REDIS_URL"] = self.redis_url
+            env["CASPER_CACHE_KEY_FILE"] = str(self._cache_key())
+            if self.redis is not None:
+                env["CASPER_REDIS_PASSWORD_FILE"] = str(self.redis.password_file)
         if capabilities:
             env["CASPER_CAPABILITIES"] = capabilities
         if capacity is not None:

@@ -24,7 +24,7 @@ import zmq.asyncio
 from casperd import authz, codec
 from casperd.agents.tasktypes import install as install_agent_types
 from casperd.broker import Broker
-from casperd.cache import ResultCache
+from casperd.cache import ResultCache, signing_key
 from casperd.control import Control
 from casperd.enrollment import Enrollment
 from casperd.errors import CasperError, InvalidBodyError, ProtocolError, UnsupportedError
@@ -72,7 +72,7 @@ class Node:
         self.elastic: Any = None  # casperd.elastic.Elastic on the policeman (the autoscaler)
         self.telemetry: Any = None  # casperd.telemetry.Telemetry on the policeman
         self.police: Any = None  # casperd.agents.police.PoliceService on the policeman
-        self.cache = ResultCache(settings.redis_url, ttl_s=settings.cache_ttl_s) if settings.redis_url else None
+        self.cache = self._make_cache(settings) if settings.redis_url else None
         self.control = Control(self)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -83,6 +83,17 @@ class Node:
         self._oneshots: set[asyncio.Task[None]] = set()
         self.enrollment: Enrollment | None = None
         self.zap: ZapHandler | None = None
+
+    @staticmethod
+    def _make_cache(settings: Settings) -> ResultCache:
+        password = read_secret_file(settings.redis_password_file, "Redis password")
+        mesh_key = read_secret_file(settings.cache_key_file, "cache signing key")
+        return ResultCache(
+            settings.redis_url,
+            ttl_s=settings.cache_ttl_s,
+            password=password,
+            sign_key=signing_key(mesh_key, password),
+        )
 
     @property
     def is_policeman(self) -> bool:
