@@ -100,9 +100,27 @@ def _row_view(row: dict[str, Any]) -> dict[str, Any]:
 
 
 @op("status", workers=True)
+def _trust(node: Node) -> dict[str, Any]:
+    """Enrollment and authorization counters (casperd/zap.py, casperd/authz.py)."""
+    m = node.metrics
+    forbidden = {
+        s.labels["what"]: int(s.value)
+        for metric in m.forbidden.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    }
+    return {
+        "enrollment": node.enrollment is not None,
+        "enrolled_keys": len(node.enrollment.entries) if node.enrollment is not None else 0,
+        "handshakes_refused": node.zap.refused_count if node.zap is not None else 0,
+        "forbidden": forbidden,
+    }
+
+
 async def _status(node: Node, args: dict[str, Any]) -> Any:
     if node.broker is not None:
         view = node.broker.status_view()
+        view["trust"] = _trust(node)
         if node.cache is not None:
             view["cache"] = node.cache.stats()
         view["mesh_cache"] = sum_counters(p.cache for p in node.broker.core.peers.values())
@@ -118,6 +136,7 @@ async def _status(node: Node, args: dict[str, Any]) -> Any:
     assert node.worker is not None
     view = node.worker.status_view()
     view["llm"] = {"settings": llm_settings_view(node.s)}
+    view["trust"] = _trust(node)
     return view
 
 

@@ -138,6 +138,17 @@ class Settings(BaseSettings):
     cache_key_file: Path | None = Field(
         default=None, description="file holding the mesh key that signs result-cache entries (HMAC)"
     )
+    max_open_tasks: int = Field(
+        default=1_000_000, ge=1, description="open tasks the mesh holds; past it SUBMIT is overloaded"
+    )
+    max_open_per_submitter: int = Field(
+        default=250_000, ge=1, description="open tasks one submitter may have; past it SUBMIT is overloaded"
+    )
+    peer_tasks_per_s: float = Field(
+        default=50.0, gt=0, description="tasks one mesh peer may create a second (bursts: 4 s worth, at most 200)"
+    )
+    max_turn_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="largest saved conversation turn, bytes")
+    max_attachment_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="largest attachment, bytes")
     cache_ttl_s: float = Field(default=3600.0, gt=0, description="result cache TTL, seconds")
     commit_batch_max: int = Field(default=2000, ge=1, description="most state changes per group commit")
     db_pool_size: int = Field(default=4, ge=1, le=100, description="Postgres connections")

@@ -31,6 +31,7 @@ class ZapHandler:
         self.enrollment = enrollment
         self.refused = refused
         self._logged: dict[str, float] = {}
+        self.refused_count = 0
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(ENDPOINT)
@@ -62,6 +63,7 @@ class ZapHandler:
 
     def _refuse(self, key: str, address: str, why: str) -> None:
         self.refused.inc()
+        self.refused_count += 1
         now = time.monotonic()
         if now - self._logged.get(key, -120.0) >= 60.0:
             if len(self._logged) > 10_000:

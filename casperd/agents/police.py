@@ -153,6 +153,8 @@ class PoliceService:
         messages = args.get("messages")
         if not isinstance(messages, list):
             raise InvalidBodyError("turns-save needs messages: a list", hint="send the whole conversation")
+        size = len(json.dumps(messages, default=str)) + sum(len(a) for a in att)
+        self.broker.quotas.check_bytes("a saved turn", size, self.broker.quotas.limits.turn_bytes)
         await self.records.save_turns(
             tid, int(args.get("attempt") or 1), node, messages, args.get("usage") or {}, att[0] if att else None
         )
@@ -209,6 +211,11 @@ class PoliceService:
             hold=hold,
             sender_role=origin.role if origin is not None and sender != node else None,
         )
+        quotas = self.broker.quotas
+        for blob in att:
+            quotas.check_bytes("an attachment", len(blob), quotas.limits.attachment_bytes)
+        quotas.take(node, time.monotonic())
+        quotas.check_open(sender, 1, len(self.broker.tasks))
         holder = node if hold else None
         submitter = f"{sender} (handed to {node})" if holder and sender != node else sender
         tid, existing = await self.broker.submit_local(spec, att, submitter=submitter, holder=holder)
