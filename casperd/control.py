@@ -99,7 +99,6 @@ def _row_view(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@op("status", workers=True)
 def _trust(node: Node) -> dict[str, Any]:
     """Enrollment and authorization counters (casperd/zap.py, casperd/authz.py)."""
     m = node.metrics
@@ -117,6 +116,7 @@ def _trust(node: Node) -> dict[str, Any]:
     }
 
 
+@op("status", workers=True)
 async def _status(node: Node, args: dict[str, Any]) -> Any:
     if node.broker is not None:
         view = node.broker.status_view()
