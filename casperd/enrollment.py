@@ -140,9 +140,26 @@ class Enrollment:
         return gone
 
     def save(self) -> None:
+        """Write the list back, in place when the file exists: a file bind-mounted into containers
+        (a compose secret) keeps its inode, so the nodes that mount it see the change."""
         if self.path is None:
             return
-        write_private(self.path, "".join(e.line() + "\n" for e in self.entries.values()))
+        text = "".join(e.line() + "\n" for e in self.entries.values())
+        try:
+            if self.path.exists():
+                fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC)
+                with contextlib.suppress(OSError):
+                    os.fchmod(fd, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(text)
+            else:
+                write_private(self.path, text)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the enrollment file {self.path}: {exc.strerror}",
+                hint="a read-only secret (compose, swarm)? edit it where it is made: "
+                "caspectl keys add|revoke --file PATH, then restart or wait a second",
+            ) from None
         st = self.path.stat()
         self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
 
