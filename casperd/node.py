@@ -144,7 +144,7 @@ class Node:
             self.elastic, self.telemetry = attach(self.broker, self.s, self.metrics)
             watch_api(self.police.claude, self.metrics)
             await self.broker.recover()
-        if self.s.curve:
+        if self.s.curve and self.s.curve_enrollment:
             self._start_zap()
         self.mesh_sock = router(self.ctx, self.s.bind, self.opts, curve=self.s.curve)
         self.control_sock = router(self.ctx, self.s.control, self.opts, curve=False)

@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     curve_secret_key_file: Path | None = Field(default=None, description="this node's Curve secret key (z85)")
     curve_public_key_file: Path | None = Field(default=None, description="this node's Curve public key (z85)")
     broker_public_key_file: Path | None = Field(default=None, description="the policeman's public key")
+    curve_enrollment: bool = Field(
+        default=True,
+        description="with Curve: admit only enrolled keys and bind node ids to them; off admits any Curve "
+        "key (the old behaviour: for measuring and migrating only)",
+    )
     authorized_keys_file: Path | None = Field(
         default=None,
         description="with Curve: the enrolled keys (PUBLIC_KEY NODE_PATTERN ROLE a line); "
