@@ -133,13 +133,14 @@ def admit(
 
 def check_handoff(role: str, task_type: str, *, hold: bool, sender_role: str | None) -> None:
     """``handoff-record``: a developer records a test it hands over (queued, no holder); a tester
-    records a test a registered developer handed it directly (the tester itself becomes the holder)."""
+    records a test a registered developer handed it directly (with ``hold`` the tester itself becomes
+    the holder; without, it is queued)."""
     may_create(role, task_type)
     if task_type != "test":
         _refuse(f"{role} may not hand off {task_type!r} tasks", "only test tasks are handed between peers")
     if role == "developer" and hold:
         _refuse("a developer cannot hold a test it hands off", "send it to a tester, or without hold")
-    if role == "tester" and (not hold or sender_role != "developer"):
+    if role == "tester" and sender_role != "developer":
         _refuse(
             "a tester records only a test a registered developer handed it directly",
             "the developer sends handoff-record itself when the direct send fails",

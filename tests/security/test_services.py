@@ -78,6 +78,7 @@ def test_handoff_record_creates_only_test_tasks_with_the_right_holder(make_mesh:
     tester = registered(mesh, peers, "tester-7", "tester", capacity=0)
     assert refused(tester.request("handoff-record", {"spec": {"type": "test"}, "hold": True, "from": "nobody"}))
     assert refused(tester.request("handoff-record", {"spec": {"type": "test"}, "hold": False}))
+    assert refused(tester.request("handoff-record", {"spec": {"type": "test"}, "hold": True, "from": "tester-7"}))
     # tasks created per peer per second: a burst of 2 at 0.5/s, then overloaded with a retry-after
     second = dev.request("handoff-record", {"spec": {"type": "test", "input": {}}})
     assert isinstance(second, Reply) and second.ok
