@@ -409,6 +409,12 @@ class Node:
         last_partitions = time.monotonic()
         while True:
             await asyncio.sleep(period)
+            if self.enrollment is not None:  # an edited file: revoked keys' peers go at once
+                known = set(self.enrollment.entries)
+                self.enrollment.refresh()
+                gone = known - set(self.enrollment.entries)
+                if gone and self.broker is not None:
+                    self.broker.revoke(gone)
             if self.broker is not None:
                 self.broker.tick()
                 self.broker.dispatch()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from casperd.ctl.main import main as caspectl
 from casperd.messages import Error, Heartbeat, Reply, Submit, TaskSpec
 from tests.security.conftest import enroll, policeman_peer, status, wait_for
 from tests.security.peer import Peer, fresh_epoch, key_of
@@ -107,3 +108,12 @@ def test_revoke_drops_the_peer_at_once_and_its_tasks_go_back_to_pending(make_mes
     again = policeman_peer(mesh, f"intruder/{fresh_epoch()}".encode(), keys)
     peers.append(again)
     assert again.handshake() == "refused"
+    # revoked by editing the file (as on a compose host): the policeman drops the peer within a second
+    keys2 = enroll(mesh, "intruder-2", "developer")
+    epoch = fresh_epoch()
+    p2 = policeman_peer(mesh, f"intruder-2/{epoch}".encode(), keys2)
+    peers.append(p2)
+    assert isinstance(p2.ready("intruder-2", epoch=epoch, capacity=0), Heartbeat)
+    assert caspectl(["keys", "revoke", "intruder-2", "--file", str(mesh.state_dir / "authorized_keys")]) == 0
+    with mesh.client() as c:
+        wait_for(lambda: "intruder-2" not in [x["node_id"] for x in c.request("peers")["peers"]], 20, "the drop")
