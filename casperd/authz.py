@@ -97,6 +97,22 @@ def _refuse(message: str, hint: str) -> None:
     raise ForbiddenError(message, hint=hint)
 
 
+def bind(msg: Any, *, entry: Entry | None, key: str | None, peer_key: str | None) -> None:
+    """With enrollment on: the frame's key (``entry``: its enrollment) may speak as this sender. A
+    READY must claim an id and role the key is enrolled for; any other frame on a registered
+    routing id must come from the key that registered it."""
+    if entry is None:
+        _refuse("this key is not enrolled (revoked?)", "enroll it with caspectl keys add")
+    assert entry is not None
+    if isinstance(msg, Ready):
+        check_identity(entry, msg.node_id, msg.role.value)
+    elif peer_key is not None and peer_key != key:
+        raise IdentityError(
+            "this frame comes from another key than the one that registered this routing id",
+            hint="a node may only speak for itself",
+        )
+
+
 def admit(
     msg: Any,
     *,
@@ -113,16 +129,8 @@ def admit(
     on a registered route must come from the key that registered it. Then the command (and the
     service a REQUEST names) is checked against the table."""
     if enforced:
-        if entry is None:
-            _refuse("this key is not enrolled (revoked?)", "enroll it with caspectl keys add")
+        bind(msg, entry=entry, key=key, peer_key=peer_key)
         assert entry is not None
-        if isinstance(msg, Ready):
-            check_identity(entry, msg.node_id, msg.role.value)
-        elif peer_key is not None and peer_key != key:
-            raise IdentityError(
-                "this frame comes from another key than the one that registered this routing id",
-                hint="a node may only speak for itself",
-            )
         role: str | None = entry.role if (isinstance(msg, Ready) or peer_role is not None) else None
     else:
         role = msg.role.value if isinstance(msg, Ready) else peer_role
