@@ -25,6 +25,7 @@ from casperd.ctl.client import MESH_FILE, ControlClient
 from casperd.embedded import EmbeddedPostgres, EmbeddedRedis
 from casperd.enrollment import enroll, write_private
 from casperd.errors import CasperError, EmbeddedServiceError
+from casperd.logsetup import redact
 from casperd.transport import write_keypair
 
 
@@ -318,13 +319,13 @@ class LocalMesh:
                 }
                 for n in self.nodes.values()
             ],
-            "postgres": self.database_url,
-            "redis": self.redis_url or None,
+            "postgres": redact(self.database_url),  # mesh.json is readable: never a password
+            "redis": redact(self.redis_url) if self.redis_url else None,
         }
 
     def write_description(self) -> Path:
         path = self.state_dir / MESH_FILE
-        path.write_text(json.dumps(self.describe(), indent=2))
+        write_private(path, json.dumps(self.describe(), indent=2))
         return path
 
 

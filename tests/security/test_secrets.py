@@ -96,3 +96,17 @@ def test_keygen_refuses_to_overwrite_a_key(tmp_path: Path, capsys: Any) -> None:
 def test_redaction_covers_url_and_key_value_password_forms(line: str) -> None:
     """Issue #9: log redaction missed ?password= in URLs and password= key-value forms."""
     assert "Sup3rS3cret" not in redact(line)
+
+
+def test_casperd_up_files_never_expose_a_database_password(tmp_path: Path) -> None:
+    """Issue #9: `casperd up --database-url postgresql://casper:PW@...` wrote the password into a
+    0644 file. The node's config (which must carry the URL) is 0600; mesh.json names it without."""
+    from casperd.localmesh import LocalMesh
+
+    url = "postgresql://casper:Sup3rS3cret@db:5432/casper"
+    mesh = LocalMesh(tmp_path / "m", database_url=url, redis_url=None, port_base=free_port())
+    node = mesh.add_node("policeman", "policeman", mesh.port_base, start=False)
+    config = mesh.write_config(node)
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    described = mesh.write_description()
+    assert "Sup3rS3cret" not in described.read_text() and stat.S_IMODE(described.stat().st_mode) == 0o600
