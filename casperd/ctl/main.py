@@ -16,7 +16,7 @@ from casperd import __version__
 from casperd.ctl import jobs, keys, submit, top
 from casperd.ctl.client import ControlClient, find_control, parse_id
 from casperd.ctl.output import emit, err, fail, kv, out, plural, table
-from casperd.errors import CasperError, CommandError, NoDaemonError, RequestTimeoutError, TaskNotFoundError
+from casperd.errors import CasperError, NoDaemonError, RequestTimeoutError, TaskNotFoundError
 from casperd.exitcodes import ExitCode
 from casperd.waiting import why_waiting
 
