@@ -344,7 +344,7 @@ def test_garbage_on_every_socket_is_refused_and_the_mesh_keeps_working(
         assert isinstance(reply, Reply) and reply.ok and reply.data["node_id"] == "policeman"
 
         # --- a registered peer that lies: stale, foreign and out-of-range reports ---------------------
-        fake = FakeWorker(zctx, mesh.policeman.bind, server_key=police_key, routing_id=b"fake/1")
+        fake = FakeWorker(zctx, mesh.policeman.bind, server_key=police_key, routing_id=b"fake/1", keypair=fuzzer)
         probes.append(fake)
         fake.send(
             codec.encode(
