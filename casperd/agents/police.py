@@ -61,12 +61,13 @@ def _clamp_observation(obs: dict[str, Any]) -> dict[str, Any]:
     status = out.get("status")
     if not (isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599):
         out["status"] = 0  # not a status: nothing to obey
-    for name, top in (("retry_after_s", 300.0), ("requests_reset_s", 300.0), ("tokens_reset_s", 300.0)):
+    kinds = ("requests", "tokens", "input", "output")
+    for name in ("retry_after_s", *(f"{k}_reset_s" for k in kinds)):
         value = out.get(name)
         if value is not None:
             ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-            out[name] = min(max(float(value), 0.0), top) if ok else None
-    for name in ("requests_limit", "requests_remaining", "tokens_limit", "tokens_remaining"):
+            out[name] = min(max(float(value), 0.0), 300.0) if ok else None
+    for name in (f"{k}_{what}" for k in kinds for what in ("limit", "remaining")):
         value = out.get(name)
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
             out[name] = None
