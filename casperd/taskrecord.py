@@ -69,6 +69,7 @@ class TaskRecord:
     output_json: str | None = None
     error_json: str | None = None
     persisted: bool = False
+    rejected: str | None = None  # why Postgres refused its rows (SQLSTATE, never the data); see groupcommit
     input_obj: dict[str, Any] | None = None
     waiters: list[bytes] = field(default_factory=list)
     attachments: tuple[bytes, ...] = ()  # input attachments, sent with the TASK (kept in task_attachments)

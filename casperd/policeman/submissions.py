@@ -65,7 +65,8 @@ class SubmissionRules(AssignRules):
             ids.append(rec.id)
             existing.append(False)
         frames = codec.encode(Accepted(req_id=msg.req_id, task_ids=tuple(ids), existing=tuple(existing)))
-        self.out.append(Send(Socket.CONTROL, route, frames, after_commit=True))
+        created = tuple(t for t, old in zip(ids, existing, strict=True) if not old)
+        self.out.append(Send(Socket.CONTROL, route, frames, after_commit=True, announces=created))
         self.metrics.submitted.inc(existing.count(False))
         self.out.extend(DoneFromStore(route, tid) for tid in terminal_waits)
         return ids
