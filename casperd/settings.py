@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port; 0: off")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR")
     log_format: str = Field(default="auto", pattern="^(auto|text|json)$", description="auto, text or json")
+    event_loop: str = Field(
+        default="auto",
+        pattern="^(auto|asyncio|uvloop)$",
+        description="auto (uvloop if installed: pip install 'casper-mesh[fast]'), asyncio or uvloop",
+    )
     # --- Claude agents ---
     anthropic_api_key_file: Path | None = Field(
         default=None, description="file holding the Anthropic API key; default: the ANTHROPIC_API_KEY variable"

@@ -24,9 +24,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import anthropic
+from typing import TYPE_CHECKING, Any
 
 from casperd.agents.ratelimit import Limiter, estimate_tokens, parse_rate_headers
 from casperd.agents.usage import Usage, cost_of
@@ -35,6 +33,9 @@ from casperd.cache import ResultCache, cache_key
 from casperd.errors import LlmError, LlmRequestError, MissingApiKeyError
 from casperd.retry import RetryPolicy
 from casperd.settings import ModelPrice, Settings
+
+if TYPE_CHECKING:  # imported on first use: the SDK (httpx, anyio, ...) costs ~30 MB on every node
+    import anthropic
 
 log = logging.getLogger("casperd.agents.claude")
 
@@ -176,6 +177,8 @@ class ClaudeClient:
 
     def _sdk(self) -> anthropic.AsyncAnthropic:
         if self._client is None:
+            import anthropic
+
             self._client = anthropic.AsyncAnthropic(
                 api_key=self._api_key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0
             )
@@ -291,6 +294,8 @@ class ClaudeClient:
         tool_choice: dict[str, Any] | None,
         temperature: float | None,
     ) -> Reply:
+        import anthropic
+
         params = self._params(model, system, messages, max_tokens, tools, tool_choice, temperature)
         estimate = estimate_tokens(system, messages, tools, max_tokens)
         sdk = self._sdk()
