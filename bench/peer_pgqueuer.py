@@ -27,7 +27,8 @@ async def _worker(url: str, slots: int) -> None:
     async def noop(job: Any) -> None:
         return None
 
-    await pgq.run(dequeue_timeout=timedelta(seconds=1), batch_size=slots, max_concurrent_tasks=2 * slots)
+    # batch_size 1: each job's status is logged (hence its completion seen) as soon as it ends
+    await pgq.run(dequeue_timeout=timedelta(seconds=1), batch_size=1, max_concurrent_tasks=max(2, slots))
 
 
 async def _client(url: str, n: int, samples: int) -> dict[str, Any]:
@@ -39,7 +40,10 @@ async def _client(url: str, n: int, samples: int) -> dict[str, Any]:
     q = Queries(PsycopgDriver(conn))
     payload = b'{"pad": "' + b"x" * 64 + b'"}'
     async with CompletionWatcher(
-        PsycopgDriver(listen), queries=Queries(PsycopgDriver(listen)), debounce=timedelta(milliseconds=1)
+        PsycopgDriver(listen),
+        queries=Queries(PsycopgDriver(listen)),
+        refresh_interval=timedelta(milliseconds=500),
+        debounce=timedelta(milliseconds=1),
     ) as w:
         for _ in range(50):
             await w.wait_for((await q.enqueue("noop", payload))[0])
