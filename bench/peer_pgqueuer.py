@@ -1,7 +1,8 @@
-"""pgqueuer (Postgres-backed, durable) for bench/peers.py: a worker process with ``slots`` jobs at
-once on the same embedded Postgres; the client enqueues and waits for completion through
-pgqueuer's CompletionWatcher (LISTEN/NOTIFY). Throughput: ``n`` jobs enqueued in batches of 500,
-first enqueue to last completion. Latency: enqueue one job, wait for its completion."""
+"""pgqueuer (Postgres-backed, durable) for bench/peers.py, through its asyncpg driver: a worker
+process taking ``slots`` jobs at once on its own embedded Postgres; the client enqueues and waits
+for completion through pgqueuer's CompletionWatcher (LISTEN/NOTIFY). Throughput: ``n`` jobs
+enqueued in batches of 500, first enqueue to last completion. Latency: enqueue one job, wait for
+its completion."""
 
 from __future__ import annotations
 
@@ -17,11 +18,17 @@ from typing import Any
 import psycopg
 
 
-async def _worker(url: str, slots: int) -> None:
-    from pgqueuer import PgQueuer, PsycopgDriver
+async def _connect(url: str) -> Any:
+    """pgqueuer's own driver (asyncpg): its LISTEN/NOTIFY wake-ups are what its latency rests on."""
+    import asyncpg
 
-    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
-    pgq = PgQueuer(PsycopgDriver(conn))
+    return await asyncpg.connect(url)  # the password from PGPASSFILE, as libpq does
+
+
+async def _worker(url: str, slots: int) -> None:
+    from pgqueuer import AsyncpgDriver, PgQueuer
+
+    pgq = PgQueuer(AsyncpgDriver(await _connect(url)))
 
     @pgq.entrypoint("noop")
     async def noop(job: Any) -> None:
@@ -32,16 +39,15 @@ async def _worker(url: str, slots: int) -> None:
 
 
 async def _client(url: str, n: int, samples: int) -> dict[str, Any]:
-    from pgqueuer import PsycopgDriver, Queries
+    from pgqueuer import AsyncpgDriver, Queries
     from pgqueuer.core.completion import CompletionWatcher
 
-    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
-    listen = await psycopg.AsyncConnection.connect(url, autocommit=True)
-    q = Queries(PsycopgDriver(conn))
+    conn, listen = await _connect(url), await _connect(url)
+    q = Queries(AsyncpgDriver(conn))
     payload = b'{"pad": "' + b"x" * 64 + b'"}'
     async with CompletionWatcher(
-        PsycopgDriver(listen),
-        queries=Queries(PsycopgDriver(listen)),
+        AsyncpgDriver(listen),
+        queries=Queries(AsyncpgDriver(listen)),
         refresh_interval=timedelta(milliseconds=500),
         debounce=timedelta(milliseconds=1),
     ) as w:

@@ -70,14 +70,18 @@ def _drain(c: Any, n: int) -> None:
     raise RuntimeError(f"only {got} of {n} results arrived")
 
 
-def _round_trips(c: Any, samples: int) -> list[float]:
+def _round_trips(c: Any, samples: int, accepted: list[float] | None = None) -> list[float]:
+    """Round trips in ms; with ``accepted``, also the submit -> ACCEPTED part of each."""
     one = [TaskSpec(type="noop", input={"pad": "x" * 64})]
     lat = []
     for _ in range(samples):
         s = time.perf_counter()
         c.submit(one, wait=True)
+        a = time.perf_counter()
         _drain(c, 1)
         lat.append((time.perf_counter() - s) * 1000)
+        if accepted is not None:
+            accepted.append((a - s) * 1000)
     return lat
 
 
@@ -116,7 +120,8 @@ def run_casper(n: int, slots: int, nodes: int, prefetch: int, samples: int) -> d
             _drain(c, 200)
             _round_trips(c, 50)
             a = _cpu(procs())
-            out["lat_fresh"] = _round_trips(c, samples)
+            out["acc_fresh"] = []
+            out["lat_fresh"] = _round_trips(c, samples, out["acc_fresh"])
             out["cpu_fresh_ms"] = _delta(a, _cpu(procs()), samples, 1000)
             specs = [TaskSpec(type="noop", input={"i": i, "pad": "x" * 64}) for i in range(n)]
             a = _cpu(procs())
@@ -126,8 +131,10 @@ def run_casper(n: int, slots: int, nodes: int, prefetch: int, samples: int) -> d
             _drain(c, n)
             out["throughput_tps"] = n / (time.perf_counter() - t0)
             out["cpu_task_us"] = _delta(a, _cpu(procs()), n, 1e6)
+            out["rss_police_after_mb"] = node_procs["policeman"].memory_info().rss / 2**20
             a = _cpu(procs())
-            out["lat_ms"] = _round_trips(c, samples)  # right after the burst
+            out["acc_after"] = []
+            out["lat_ms"] = _round_trips(c, samples, out["acc_after"])  # right after the burst
             out["cpu_after_ms"] = _delta(a, _cpu(procs()), samples, 1000)
             out["commits"] = c.request("status")["store"]["commits"]
         out["durable"] = True
@@ -221,12 +228,18 @@ def _report(rows: list[dict[str, Any]], casper: dict[str, Any] | None, fl: dict[
     t = TARGETS
     fresh, after = casper["lat_fresh"], casper["lat_ms"]
     print("\nCASPER against the targets of issue #13:")
-    for name, xs, cpu in (("fresh", fresh, casper["cpu_fresh_ms"]), ("after burst", after, casper["cpu_after_ms"])):
+    phases = (
+        ("fresh", fresh, casper["acc_fresh"], casper["cpu_fresh_ms"]),
+        ("after burst", after, casper["acc_after"], casper["cpu_after_ms"]),
+    )
+    for name, xs, acc, cpu in phases:
         split = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
         print(
             f"  {name}: p50 {_pct(xs, 50):.2f} ms (target {t['p50_ms']}), p99 {_pct(xs, 99):.2f} ms "
             f"(target {t['p99_ms']}); CPU per round trip {sum(cpu.values()):.2f} ms (target {t['cpu_rt_ms']}): {split}"
         )
+        rest = [x - a for x, a in zip(xs, acc, strict=True)]
+        print(f"    p50 submit -> ACCEPTED {_pct(acc, 50):.2f} ms, ACCEPTED -> DONE {_pct(rest, 50):.2f} ms")
         if fl:
             print(f"    distance to the durable floor: {_pct(xs, 50) - floors.durable_floor_ms(fl):+.2f} ms")
     cpu = casper["cpu_task_us"]
@@ -240,7 +253,7 @@ def _report(rows: list[dict[str, Any]], casper: dict[str, Any] | None, fl: dict[
     print(
         "  idle RSS per casperd: "
         + ", ".join(f"{k} {v:.0f} MB" for k, v in casper["rss_mb"].items())
-        + f" (target {t['rss_mb']} MB)"
+        + f" (target {t['rss_mb']} MB); policeman after the burst {casper['rss_police_after_mb']:.0f} MB"
     )
     print(f"  group commits: {casper['commits']}")
 

@@ -38,15 +38,16 @@ class SubmissionRules(AssignRules):
         admission.check_specs(msg.tasks, self.catalog)  # types and input schemas: all refused, nothing half-done
         for key, tid in found.items():
             self.remember_key(key, tid)
+        inputs: list[str] = []
         for n, spec in enumerate(msg.tasks):
             try:
-                to_json(spec.input)  # all checked before anything is created
+                inputs.append(to_json(spec.input))  # all checked before anything is created
             except ValueError as exc:
                 raise InvalidBodyError(f"task {n}: input {exc}", hint="inputs must be plain JSON objects") from None
         ids: list[uuid.UUID] = []
         existing: list[bool] = []
         terminal_waits: list[uuid.UUID] = []
-        for spec in msg.tasks:
+        for spec, input_json in zip(msg.tasks, inputs, strict=True):
             key = spec.idempotency_key
             if key and key in self.keys:
                 tid = self.keys[key]
@@ -59,7 +60,7 @@ class SubmissionRules(AssignRules):
                     else:
                         terminal_waits.append(tid)
                 continue
-            rec = self.create(spec, submitter, now.wall)
+            rec = self.create(spec, submitter, now.wall, input_json=input_json)
             if msg.wait:
                 rec.waiters.append(route)
             ids.append(rec.id)
@@ -72,9 +73,15 @@ class SubmissionRules(AssignRules):
         return ids
 
     def create(
-        self, spec: TaskSpec, submitter: str | None, stamp: datetime, detail: dict[str, Any] | None = None
+        self,
+        spec: TaskSpec,
+        submitter: str | None,
+        stamp: datetime,
+        detail: dict[str, Any] | None = None,
+        input_json: str | None = None,
     ) -> TaskRecord:
-        rec = TaskRecord.from_spec(new_task_id(), spec, self.policy_for(spec.type).max_attempts, submitter)
+        max_attempts = self.policy_for(spec.type).max_attempts
+        rec = TaskRecord.from_spec(new_task_id(), spec, max_attempts, submitter, input_json)
         own = self.s.task_policies.get(spec.type)
         if rec.timeout_s is None and own is not None and own.timeout_s is not None:
             rec.timeout_s = own.timeout_s  # the type's default timeout
