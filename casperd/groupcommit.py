@@ -79,9 +79,12 @@ class Batch:
     events: list[TaskEvent] = field(default_factory=list)
     keys: list[tuple[str, uuid.UUID, Any]] = field(default_factory=list)
     after: list[Callable[[], None]] = field(default_factory=list)
+    refused: list[TaskRecord] = field(default_factory=list)
+    """Records whose rows Postgres refused while writing this batch (handed to ``on_reject``
+    once the rest of the batch is committed and its callbacks have run)."""
 
     def __bool__(self) -> bool:
-        return bool(self.dirty or self.events or self.keys or self.after)
+        return bool(self.dirty or self.events or self.keys or self.after or self.refused)
 
     def task_ids(self) -> list[uuid.UUID]:
         """Every task this batch writes a row for, in first-staged order."""
@@ -105,6 +108,7 @@ class Batch:
         self.events.extend(newer.events)
         self.keys.extend(newer.keys)
         self.after.extend(newer.after)
+        self.refused.extend(newer.refused)
 
 
 class PendingRetry(Exception):
@@ -190,7 +194,7 @@ class GroupCommitWriter:
             batch, self._batch = self._batch, Batch()
             t0 = time.perf_counter()
             try:
-                refused = await self._commit(batch)
+                await self._commit(batch)
             except PendingRetry as exc:
                 self._failed(exc.rest, exc.cause, delay)
                 await asyncio.sleep(delay)
@@ -207,7 +211,7 @@ class GroupCommitWriter:
                     fn()
                 except Exception:
                     log.exception("store: after-commit action failed")
-            for rec in refused:
+            for rec in batch.refused:
                 if self.on_reject is not None:
                     try:
                         self.on_reject(rec, rec.rejected or "refused")
@@ -225,8 +229,8 @@ class GroupCommitWriter:
         rest.absorb(self._batch)
         self._batch = rest
 
-    async def _commit(self, batch: Batch) -> list[TaskRecord]:
-        """Write ``batch``; returns the records Postgres refused (their rows split off and left out).
+    async def _commit(self, batch: Batch) -> None:
+        """Write ``batch``; the records Postgres refused go to ``batch.refused`` (their rows left out).
 
         Raises:
             PendingRetry: a retryable failure; ``rest`` holds every row not yet committed, with
@@ -234,17 +238,16 @@ class GroupCommitWriter:
         """
         try:
             await self._write(batch)
-            return []
+            return
         except Exception as exc:
             if is_retryable(exc):
                 raise PendingRetry(exc, batch) from exc
             first = describe(exc)
         ids = batch.task_ids()
         log.warning("store: a group commit of %d tasks was refused (%s); isolating the row", len(ids), first)
-        refused: list[TaskRecord] = []
         todo = [ids[len(ids) // 2 :], ids[: len(ids) // 2]] if len(ids) > 1 else []
         if len(ids) == 1:
-            refused += self._refuse(batch, ids[0], first)
+            self._refuse(batch, ids[0], first)
         while todo:
             part = todo.pop()  # the earlier half first
             if not part:
@@ -254,22 +257,20 @@ class GroupCommitWriter:
             except Exception as exc:
                 if is_retryable(exc):
                     rest = batch.subset([t for chunk in (*todo, part) for t in chunk])
-                    rest.after = batch.after
+                    rest.after, rest.refused = batch.after, batch.refused
                     raise PendingRetry(exc, rest) from exc
                 if len(part) > 1:
                     todo += [part[len(part) // 2 :], part[: len(part) // 2]]
                 else:
-                    refused += self._refuse(batch, part[0], describe(exc))
-        return refused
+                    self._refuse(batch, part[0], describe(exc))
 
-    def _refuse(self, batch: Batch, task_id: uuid.UUID, reason: str) -> list[TaskRecord]:
+    def _refuse(self, batch: Batch, task_id: uuid.UUID, reason: str) -> None:
         self.rejected += 1
         log.error("store: Postgres refused the rows of task %s (%s); the task is dropped", task_id, reason)
         rec = batch.dirty.get(task_id)
-        if rec is None:
-            return []
-        rec.rejected = reason
-        return [rec]
+        if rec is not None:
+            rec.rejected = reason
+            batch.refused.append(rec)
 
     async def _writer_conn(self) -> psycopg.AsyncConnection[Any]:
         """The writer's own connection (no pool round trips on the hot path); remade after a failure."""

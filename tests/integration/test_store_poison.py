@@ -97,6 +97,40 @@ async def test_one_refused_row_alone_is_refused_without_retrying(database_url: s
         await store.close()
 
 
+async def test_connection_lost_while_isolating_keeps_what_was_found(database_url: str) -> None:
+    """A retryable failure in the middle of the halving: the batch's rest goes back, is retried,
+    and the refused task is still handed over once, after the batch's actions ran."""
+    store = Store(database_url)
+    await store.open()
+    try:
+        await store.migrate()
+        calls = 0
+        real_write = store._write
+
+        async def flaky_write(batch: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 6:  # after the refused row was isolated (5th write), the connection drops
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+            await real_write(batch)
+
+        store._write = flaky_write  # type: ignore[method-assign]
+        order: list[str] = []
+        store.on_reject = lambda rec, why: order.append(f"refused {rec.id}")
+        good = [_record() for _ in range(5)]
+        bad = _record(priority=99)
+        for rec in [*good[:1], bad, *good[1:]]:
+            _stage(store, rec)
+        store.after_commit(lambda: order.append("after"))
+        await store.committed()
+        assert order == ["after", f"refused {bad.id}"]
+        assert store.commit_failures == 1 and store.healthy and store.rejected == 1
+        ids = {r[0] for r in db_rows(database_url, "SELECT id FROM tasks")}
+        assert ids == {r.id for r in good}
+    finally:
+        await store.close()
+
+
 def test_failures_are_classified_retryable_or_permanent() -> None:
     assert is_retryable(psycopg.OperationalError("connection lost"))
     assert is_retryable(psycopg.errors.SerializationFailure())
