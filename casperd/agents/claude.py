@@ -34,7 +34,7 @@ from casperd.errors import LlmError, LlmRequestError, MissingApiKeyError
 from casperd.retry import RetryPolicy
 from casperd.settings import ModelPrice, Settings
 
-if TYPE_CHECKING:  # imported on first use: the SDK (httpx, anyio, ...) costs ~30 MB on every node
+if TYPE_CHECKING:  # imported on first use: the SDK (httpx, anyio, ...) adds ~40 MB RSS to a node
     import anthropic
 
 log = logging.getLogger("casperd.agents.claude")
