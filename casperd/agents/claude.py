@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib
 import logging
 import os
 import random
@@ -34,8 +35,20 @@ from casperd.errors import LlmError, LlmRequestError, MissingApiKeyError
 from casperd.retry import RetryPolicy
 from casperd.settings import ModelPrice, Settings
 
-if TYPE_CHECKING:  # imported on first use: the SDK (httpx, anyio, ...) adds ~40 MB RSS to a node
+if TYPE_CHECKING:  # imported on first use (_load_sdk): the SDK (httpx, anyio, ...) adds ~40 MB RSS to a node
     import anthropic
+
+_sdk_module: Any = None
+
+
+async def _load_sdk() -> Any:
+    """The anthropic module, imported on the first model call and in a thread: the import takes
+    seconds on a busy machine, and on the event loop it would stall heartbeats meanwhile."""
+    global _sdk_module
+    if _sdk_module is None:
+        _sdk_module = await asyncio.to_thread(importlib.import_module, "anthropic")
+    return _sdk_module
+
 
 log = logging.getLogger("casperd.agents.claude")
 
@@ -177,7 +190,7 @@ class ClaudeClient:
 
     def _sdk(self) -> anthropic.AsyncAnthropic:
         if self._client is None:
-            import anthropic
+            import anthropic  # already loaded by _load_sdk: no import work here
 
             self._client = anthropic.AsyncAnthropic(
                 api_key=self._api_key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0
@@ -294,8 +307,7 @@ class ClaudeClient:
         tool_choice: dict[str, Any] | None,
         temperature: float | None,
     ) -> Reply:
-        import anthropic
-
+        anthropic = await _load_sdk()
         params = self._params(model, system, messages, max_tokens, tools, tool_choice, temperature)
         estimate = estimate_tokens(system, messages, tools, max_tokens)
         sdk = self._sdk()
