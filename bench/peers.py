@@ -94,7 +94,11 @@ def run_casper(n: int, slots: int, nodes: int, prefetch: int, samples: int) -> d
         testers=0,
         port_base=free_port_base(),
         log_level="WARNING",
-        extra_env={"CASPER_CAPACITY": str(per_node), "CASPER_PREFETCH": str(prefetch)},
+        extra_env={
+            "CASPER_CAPACITY": str(per_node),
+            "CASPER_PREFETCH": str(prefetch),
+            "CASPER_EVENT_LOOP": "auto",  # uvloop when installed (the bench extra has it)
+        },
     )
     try:
         mesh.start()

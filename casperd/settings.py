@@ -123,9 +123,9 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR")
     log_format: str = Field(default="auto", pattern="^(auto|text|json)$", description="auto, text or json")
     event_loop: str = Field(
-        default="auto",
+        default="asyncio",
         pattern="^(auto|asyncio|uvloop)$",
-        description="auto (uvloop if installed: pip install 'casper-mesh[fast]'), asyncio or uvloop",
+        description="asyncio, uvloop (pip install 'casper-mesh[fast]'), or auto: uvloop if installed",
     )
     # --- Claude agents ---
     anthropic_api_key_file: Path | None = Field(
