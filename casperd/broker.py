@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import zmq.asyncio
@@ -85,6 +85,10 @@ class Broker:
         self.work: LocalWork | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._tick_armed: float | None = None
+        self.on_tick: Callable[[float], None] | None = None
+        """Called after every tick with the monotonic time (the autoscaler, casperd.elastic)."""
+        self.finish_listeners: list[Callable[[TaskRecord], None]] = []
+        """Called (after the commit) with every task that reaches a terminal state (telemetry)."""
         store.on_reject = self._refused
 
     def attach(self, work: LocalWork) -> None:
@@ -114,8 +118,9 @@ class Broker:
         self.run(self.core.take())
         return len(rows)
 
-    def on_mesh(self, route: bytes, frames: list[bytes]) -> None:
-        self.core.on_mesh(route, frames, now())
+    def on_mesh(self, route: bytes, frames: list[bytes], key: str | None = None) -> None:
+        """One mesh message; ``key``: its connection's authenticated Curve key (ZAP User-Id), if known."""
+        self.core.on_mesh(route, frames, now(), key)
         self.run(self.core.take())
 
     def dispatch(self) -> int:
@@ -127,6 +132,8 @@ class Broker:
         """Heartbeats, liveness, leases, due retries. Called four times per heartbeat interval."""
         self.core.tick(now())
         self.run(self.core.take())
+        if self.on_tick is not None:
+            self.on_tick(time.monotonic())
 
     async def submit(self, route: bytes, msg: Submit, submitter: str | None) -> None:
         """SUBMIT on the control socket; ACCEPTED goes out after the commit."""
@@ -308,6 +315,14 @@ class Broker:
         work = self.work
         if work is not None:
             self.store.after_commit(lambda: work.on_finish(a.rec))
+        if self.finish_listeners:
+            listeners = list(self.finish_listeners)
+
+            def notify() -> None:
+                for fn in listeners:
+                    fn(a.rec)
+
+            self.store.after_commit(notify)
 
     def _validate(self, a: Validate) -> None:
         check = self.catalog.validator(a.rec.type)
@@ -318,6 +333,9 @@ class Broker:
                 problem = await check(a.rec.id, a.rec.input, a.output, a.attachments)
             except CasperError as exc:
                 problem = f"the policeman could not validate it: {exc}"
+            except Exception as exc:  # a bug in a validator must not leave the task validating forever
+                log.exception("validator of %s crashed on task %s", a.rec.type, a.rec.id)
+                problem = f"the policeman's validator crashed: {type(exc).__name__}"
             self.core.validated(a.rec.id, a.peer, problem, now())
             self.run(self.core.take())
 
@@ -385,8 +403,8 @@ class Broker:
         self.tick()
         self.dispatch()
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -11,19 +11,39 @@ import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psutil
 
+from casperd import procstats
+from casperd.agents.effective import llm_settings_view
+from casperd.broker import Broker
+from casperd.cache import ResultCache
 from casperd.errors import CasperError, CommandError, TaskNotFoundError, UnsupportedError
 from casperd.lifecycle import Status
 from casperd.meshcache import sum_counters
 from casperd.messages import ErrorBody, Reply, Request
+from casperd.settings import Settings
+from casperd.store import Store
+from casperd.telemetry import api_check
+from casperd.worker import Worker
 
-if TYPE_CHECKING:
-    from casperd.node import Node
 
-Op = Callable[["Node", dict[str, Any]], Awaitable[Any]]
+class Node(Protocol):
+    """What the control operations use of a node (casperd.node.Node): this module does not import
+    the node, so the two have no import cycle."""
+
+    s: Settings
+    broker: Broker | None
+    worker: Worker | None
+    store: Store | None
+    cache: ResultCache | None
+    police: Any
+    elastic: Any  # casperd.elastic.Elastic on the policeman
+    telemetry: Any  # casperd.telemetry.Telemetry on the policeman
+
+
+Op = Callable[[Node, dict[str, Any]], Awaitable[Any]]
 OPS: dict[str, tuple[Op, bool]] = {}
 """op name -> (implementation, served by workers too)"""
 
@@ -90,16 +110,36 @@ async def _status(node: Node, args: dict[str, Any]) -> Any:
             view["llm"] = {
                 "rate_limit": node.police.rate.snapshot(time.monotonic()),
                 "jobs_running": len(node.police.jobs.running),
+                "settings": llm_settings_view(node.s),
             }
+        if node.elastic is not None:
+            view["autoscale"] = node.elastic.status_view()
         return view
     assert node.worker is not None
-    return node.worker.status_view()
+    view = node.worker.status_view()
+    view["llm"] = {"settings": llm_settings_view(node.s)}
+    return view
 
 
 @op("peers")
 async def _peers(node: Node, args: dict[str, Any]) -> Any:
     assert node.broker is not None
-    return {"peers": node.broker.peers_view()}
+    peers = node.broker.peers_view()
+    if node.elastic is not None:
+        peers = [p | node.elastic.peer_note(p["node_id"]) for p in peers]
+    return {"peers": peers}
+
+
+@op("spawner-orders")
+async def _spawner_orders(node: Node, args: dict[str, Any]) -> Any:
+    """casperd up's supervisor: the local spawner's orders (see casperd.spawners.local)."""
+    spawner = node.elastic.spawner if node.elastic is not None else None
+    if spawner is None or not hasattr(spawner, "exchange"):
+        raise CommandError(
+            "this policeman does not use the local spawner",
+            hint="casperd up runs the policeman with spawner = local; see caspectl status (autoscale)",
+        )
+    return spawner.exchange(args)
 
 
 @op("get")
@@ -200,13 +240,30 @@ async def _health(node: Node, args: dict[str, Any]) -> Any:
     free_pct = disk.free / disk.total * 100
     checks["disk"] = {"ok": free_pct > 2.0, "detail": f"{free_pct:.1f}% free in {node.s.state_dir}"}
     mem = psutil.virtual_memory()
-    checks["memory"] = {"ok": mem.percent < 98.0, "detail": f"{mem.percent:.0f}% used"}
+    cpu, rss = procstats.shared().sample(time.monotonic())
+    checks["memory"] = {
+        "ok": mem.percent < 98.0,
+        "detail": f"{mem.percent:.0f}% used on the host; this process {rss / 2**20:.0f} MiB, CPU {cpu:.0f}%",
+        "process_rss_bytes": rss,
+        "process_cpu_pct": cpu,
+    }
+    client = _model_client(node)
+    if client is not None:
+        checks["api"] = api_check(client, bool(getattr(client, "has_key", False)))
     return {
         "node_id": node.s.node_id,
         "role": node.s.role.value,
         "healthy": all(c["ok"] for c in checks.values()),
         "checks": checks,
     }
+
+
+def _model_client(node: Node) -> Any:
+    if node.police is not None:
+        return node.police.claude
+    if node.worker is not None and node.worker.services is not None:
+        return node.worker.services.claude
+    return None
 
 
 @op("job-submit")
@@ -219,3 +276,9 @@ async def _job_submit(node: Node, args: dict[str, Any]) -> Any:
 async def _job(node: Node, args: dict[str, Any]) -> Any:
     """A job's report: plan, subtasks, tokens, cost, branch (caspectl job ID)."""
     return await node.police.jobs.report(_task_id(args))
+
+
+# operations that live with their caspectl command (request and execution in one module)
+from casperd.ctl.top import top_op  # noqa: E402
+
+op("top")(top_op)

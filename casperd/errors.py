@@ -133,6 +133,13 @@ class MissingApiKeyError(AgentError):
     retryable = False
 
 
+class ModelRefusalError(AgentError):
+    """The model declined the task (``stop_reason: refusal``): the same conversation would be refused again."""
+
+    code = "refusal"
+    retryable = False
+
+
 class LlmError(AgentError):
     """The model API failed after CASPER's retries, or its circuit breaker is open (retryable later)."""
 
@@ -196,6 +203,12 @@ class ConfigError(CasperError):
 
 class EmbeddedServiceError(CasperError):
     code = "embedded-service"
+
+
+class SpawnError(CasperError):
+    """A spawner could not start or remove a peer (the Docker engine, the swarm, casperd up)."""
+
+    code = "spawn"
 
 
 # --- admin client -----------------------------------------------------------------------------

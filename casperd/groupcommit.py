@@ -158,8 +158,13 @@ class GroupCommitWriter:
 
     async def committed(self) -> None:
         """Wait until everything staged so far is committed (or refused)."""
-        fut = asyncio.get_running_loop().create_future()
-        self.after_commit(lambda: fut.done() or fut.set_result(None))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def settle() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.after_commit(settle)
         await fut
 
     @property

@@ -120,3 +120,23 @@ def check(task_id: object, current: Status, new: Status) -> None:
             f"task {task_id}: illegal transition {current} -> {new}",
             hint=f"from {current} the legal next states are: {allowed}",
         )
+
+
+def replay(task_id: object, events: list[tuple[str | None, str, int]]) -> int:
+    """Check a task's history against the table: each event ``(from, to, attempt after)`` must
+    continue from the previous one and be a row of ``STEPS`` whose attempt change matches. Returns
+    the attempts the history ends with; raises IllegalTransitionError at the first event that is
+    not. The first event must be the creation (``None -> pending``, attempt 0)."""
+    if not events or events[0][0] is not None or events[0][1] != S.PENDING or events[0][2] != 0:
+        raise IllegalTransitionError(f"task {task_id}: history does not start with its creation (None -> pending)")
+    status, attempts = S.PENDING, 0
+    for n, (frm, to, attempt) in enumerate(events[1:], 1):
+        if frm != status:
+            raise IllegalTransitionError(f"task {task_id}: event {n} moves from {frm} but the task was {status}")
+        delta = attempt - attempts
+        if not any(row == (Status(to), delta) for (s, _t), row in STEPS.items() if s is status):
+            raise IllegalTransitionError(
+                f"task {task_id}: event {n} ({frm} -> {to}, attempts {attempts} -> {attempt}) is no row of the table"
+            )
+        status, attempts = Status(to), attempt
+    return attempts

@@ -53,6 +53,11 @@ class LocalMesh:
     redis_url: str | None = ""  # "" = embedded, None = no cache
     curve: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
+    settings_env: dict[str, str] = field(default_factory=dict)
+    """The user's settings for every node (``casperd up``: its --config file and CASPER_* variables);
+    a node's generated file keeps what the mesh decides, and those win over these."""
+    policeman_env: dict[str, str] = field(default_factory=dict)
+    """Settings for the policeman only (e.g. the autoscaler's: CASPER_SPAWNER, CASPER_AUTOSCALE_ROLES)."""
     log_level: str = "INFO"
     broker_endpoint: str = ""  # default: tcp://127.0.0.1:PORT_BASE
     postgres: EmbeddedPostgres | None = None
@@ -125,6 +130,7 @@ class LocalMesh:
         }
         if role == "policeman":
             env["CASPER_DATABASE_URL"] = self.database_url
+            env.update(self.policeman_env)
         if self.redis_url:
             env["CASPER_REDIS_URL"] = self.redis_url
         if capabilities:
@@ -147,6 +153,7 @@ class LocalMesh:
         node.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CASPER_")}
         env.update({k: v for k, v in node.env.items() if not k.startswith("CASPER_")})
+        env.update({k: v for k, v in self.settings_env.items() if k not in node.env})
         env["CASPER_CONFIG"] = str(self.write_config(node))
         with open(node.log_path, "ab") as logf:
             node.proc = subprocess.Popen(

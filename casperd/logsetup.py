@@ -71,4 +71,5 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
     except ValueError:
         root.setLevel(logging.INFO)
     logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per model call otherwise
+    for name in ("httpx", "httpx2"):  # the SDK's HTTP client logs one INFO line per model call otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)

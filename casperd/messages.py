@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StringConstraints, model_serializer
 
 PROTOCOL_VERSION = 1
 SIGNATURE = b"CASP"
@@ -146,12 +146,17 @@ class Heartbeat(_Body):
     draining: bool = False
     cache: dict[Name, int] | None = Field(default=None, max_length=16)
     """A worker's result-cache counters (hits, misses, ...); the policeman sums them for status."""
+    cpu_pct: float | None = Field(default=None, ge=0, le=100_000)
+    """The sender's process CPU use since its last heartbeat, percent of one core (workers)."""
+    rss_bytes: int | None = Field(default=None, ge=0)
+    """The sender's process resident memory (workers)."""
 
     @model_serializer(mode="wrap")
-    def _omit_absent(self, handler: Any) -> Any:
-        body = handler(self)
-        if isinstance(body, dict) and body.get("cache") is None:
-            body.pop("cache", None)  # absent on the wire, not nil: the bytes stay those of version 1
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body: dict[str, Any] = handler(self)
+        for key in ("cache", "cpu_pct", "rss_bytes"):
+            if body.get(key) is None:
+                body.pop(key, None)  # absent on the wire, not nil: the bytes stay those of version 1
         return body
 
 

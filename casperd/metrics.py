@@ -6,7 +6,11 @@ Label values are bounded sets (commands, statuses, error codes): never ids, neve
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from casperd import procstats
 
 
 class Metrics:
@@ -42,6 +46,38 @@ class Metrics:
         self.pending = Gauge("casper_tasks_queued", "Tasks waiting for a peer", registry=r)
         self.open_tasks = Gauge("casper_tasks_open", "Tasks not in a terminal state", registry=r)
         self.inflight = Gauge("casper_tasks_inflight", "Tasks running on this node", registry=r)
+        # the seed's PerformanceMonitor: queue_depth, cpu_usage, memory_usage, task_completion_time,
+        # api_response_time
+        self.queue_depth = Gauge("casper_queue_depth", "Tasks queued for a peer (policeman)", registry=r)
+        self.queue_oldest = Gauge(
+            "casper_queue_oldest_seconds", "How long the oldest queued task has waited (policeman)", registry=r
+        )
+        self.cpu_usage = Gauge("casper_cpu_usage_percent", "This process's CPU use, percent of one core", registry=r)
+        self.memory_usage = Gauge("casper_memory_usage_bytes", "This process's resident memory", registry=r)
+        self.cpu_usage.set_function(lambda: procstats.shared().sample(time.monotonic())[0])
+        self.memory_usage.set_function(lambda: procstats.shared().rss_bytes)
+        self.task_completion = Histogram(
+            "casper_task_completion_seconds",
+            "Submit to terminal state, per final status (policeman)",
+            ["status"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200),
+        )
+        self.api_response = Histogram(
+            "casper_api_response_seconds",
+            "Model API calls (one HTTP request each), per outcome",
+            ["outcome"],
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
+        )
+        self.api_breaker_open = Gauge(
+            "casper_api_breaker_open", "1 while this node's model API circuit breaker is open", registry=r
+        )
+        self.peers_by_state = Gauge("casper_peers_by_liveness", "Registered peers by liveness", ["state"], registry=r)
+        self.breakers_open = Gauge("casper_peer_breakers_open", "Peers whose circuit breaker is open", registry=r)
+        self.autoscale = Counter(
+            "casper_autoscale_decisions_total", "Autoscaler decisions, by kind and reason", ["kind", "why"], registry=r
+        )
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         if port:

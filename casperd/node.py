@@ -31,6 +31,7 @@ from casperd.handlers import Catalog
 from casperd.messages import Error, ErrorBody, Heartbeat, Reply, Request, Role, Submit
 from casperd.metrics import Metrics
 from casperd.settings import Settings
+from casperd.telemetry import watch_api
 from casperd.transport import (
     SocketOptions,
     advertised,
@@ -84,6 +85,8 @@ class Node:
         self.store: Store | None = None
         self.broker: Broker | None = None
         self.worker: Worker | None = None
+        self.elastic: Any = None  # casperd.elastic.Elastic on the policeman (the autoscaler)
+        self.telemetry: Any = None  # casperd.telemetry.Telemetry on the policeman
         self.police: Any = None  # casperd.agents.police.PoliceService on the policeman
         self.cache = ResultCache(settings.redis_url, ttl_s=settings.cache_ttl_s) if settings.redis_url else None
         self.control = Control(self)
@@ -142,6 +145,10 @@ class Node:
             from casperd.agents.police import PoliceService
 
             self.police = PoliceService(self.s, self.broker, self.cache)
+            from casperd.elastic import attach
+
+            self.elastic, self.telemetry = attach(self.broker, self.s, self.metrics)
+            watch_api(self.police.claude, self.metrics)
             await self.broker.recover()
         self.mesh_sock = router(self.ctx, self.s.bind, self.opts, curve=self.s.curve)
         self.control_sock = router(self.ctx, self.s.control, self.opts, curve=False)
@@ -154,6 +161,7 @@ class Node:
             from casperd.agents.services import WorkerServices
 
             self.worker.services = WorkerServices(self.s, self.worker, self.cache)
+            watch_api(self.worker.services.claude, self.metrics)
             self.worker.connect()
             self._spawn(self._dealer_loop(), "dealer")
             self._spawn(self._mesh_loop_peer(), "mesh")
@@ -200,6 +208,9 @@ class Node:
         if self.police is not None:
             with contextlib.suppress(Exception):
                 await self.police.close()
+        if self.elastic is not None:
+            with contextlib.suppress(Exception):
+                await self.elastic.close()
         if self.store is not None:
             await self.store.close(timeout=self.s.drain_timeout_s)
         if self.cache is not None:

@@ -39,6 +39,21 @@ class TaskPolicy(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0, le=86400)
 
 
+class AutoscaleRole(BaseModel):
+    """Bounds of one role under the autoscaler, and extra capabilities a spawned peer gets."""
+
+    model_config = ConfigDict(extra="forbid")
+    min: int = Field(default=0, ge=0, le=1000)
+    max: int = Field(default=0, ge=0, le=1000)
+    capabilities: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscaleRole:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        return self
+
+
 class ModelPrice(BaseModel):
     """US dollars per million tokens of one model (see anthropic.com/pricing)."""
 
@@ -120,6 +135,36 @@ class Settings(BaseSettings):
     shell_timeout_s: float = Field(default=60.0, gt=0, description="default timeout of shell tasks")
     shell_output_cap: int = Field(default=64 * 1024, ge=256, description="bytes of stdout/stderr kept")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port; 0: off")
+    # --- the autoscaler (policeman) ---
+    spawner: str = Field(
+        default="none",
+        pattern="^(none|local|docker|swarm)$",
+        description="how the policeman adds and removes peers: none (fixed size), local (casperd up), "
+        "docker (containers through the socket proxy), swarm (scales the developer service)",
+    )
+    autoscale_roles: dict[str, AutoscaleRole] = Field(
+        default_factory=dict,
+        description='bounds per spawnable role: JSON (or a TOML table), e.g. {"developer": {"min": 1, "max": 4}}; '
+        "optional capabilities a spawned peer adds",
+    )
+    autoscale_wait_s: float = Field(
+        default=2.0, ge=0, description="scale up when a task waits this long and no capable peer has a free slot"
+    )
+    autoscale_idle_s: float = Field(
+        default=30.0, ge=0, description="drain, then retire, a spawned peer idle this long (never below min)"
+    )
+    autoscale_step_s: float = Field(default=2.0, ge=0, description="least time between two spawns of one role")
+    autoscale_spawns_per_min: int = Field(default=10, ge=1, description="most spawns per minute, whole mesh")
+    autoscale_spawn_timeout_s: float = Field(
+        default=60.0, gt=0, description="a spawned peer not registered by then is given up and removed"
+    )
+    spawner_template: str = Field(
+        default="developer-1",
+        description="docker: the container whose image, networks, mounts and settings a spawned peer copies",
+    )
+    swarm_service: str = Field(
+        default="", description="swarm: the service to scale; default the stack's developer service"
+    )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR")
     log_format: str = Field(default="auto", pattern="^(auto|text|json)$", description="auto, text or json")
     event_loop: str = Field(
@@ -145,13 +190,33 @@ class Settings(BaseSettings):
         'opus-4-5 5/25, opus-4-1 15/75): JSON, e.g. {"m": {"input": 3, "output": 15, '
         '"cache_write": 3.75, "cache_read": 0.3}}',
     )
-    llm_timeout_s: float = Field(default=120.0, gt=0, le=3600, description="timeout of one model API request")
+    llm_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=3600,
+        description="idle timeout of a model API call: the longest wait for the next event of its stream",
+    )
     llm_retries: int = Field(
         default=4, ge=0, le=20, description="CASPER's retries of a failed model call (429, 529, 5xx, network)"
     )
-    llm_rpm: int = Field(default=50, ge=1, description="model requests per minute, for the whole mesh")
-    llm_tpm: int = Field(default=100_000, ge=100, description="model tokens (in+out) per minute, for the whole mesh")
-    llm_max_tokens: int = Field(default=4096, ge=1, le=128_000, description="max output tokens of one model call")
+    llm_rpm: int = Field(
+        default=50,
+        ge=1,
+        description="model requests per minute for the whole mesh, until the API's rate-limit headers say otherwise",
+    )
+    llm_tpm: int = Field(
+        default=100_000,
+        ge=100,
+        description="model input (and output) tokens per minute for the whole mesh, until the API's headers say "
+        "otherwise",
+    )
+    llm_max_tokens: int = Field(
+        default=0,
+        ge=0,
+        le=128_000,
+        description="max output tokens of one model call; 0: per role (developer 16000, planner 8000, ask 4096; "
+        "a developer call cut inside a tool call asks again with twice as many, up to 64000)",
+    )
     agent_max_turns: int = Field(default=40, ge=1, le=1000, description="most model turns of one code task")
     agent_max_tokens: int = Field(default=500_000, ge=1000, description="most tokens one code task may use")
     agent_context_tokens: int = Field(
@@ -190,14 +255,27 @@ class Settings(BaseSettings):
             return [c.strip() for c in value.split(",") if c.strip()]
         return value
 
-    @field_validator("task_policies", mode="before")
+    @field_validator("task_policies", "autoscale_roles", mode="before")
     @classmethod
-    def _policies_json(cls, value: Any) -> Any:
+    def _policies_json(cls, value: Any, info: Any) -> Any:
         if isinstance(value, str):
             try:
                 return json.loads(value) if value.strip() else {}
             except ValueError:
-                raise ValueError('expected JSON like {"shell": {"max_attempts": 5}}') from None
+                example = (
+                    '{"developer": {"min": 1, "max": 4}}'
+                    if info.field_name == "autoscale_roles"
+                    else '{"shell": {"max_attempts": 5}}'
+                )
+                raise ValueError(f"expected JSON like {example}") from None
+        return value
+
+    @field_validator("autoscale_roles")
+    @classmethod
+    def _spawnable_roles(cls, value: dict[str, AutoscaleRole]) -> dict[str, AutoscaleRole]:
+        for role in value:
+            if role not in (Role.DEVELOPER.value, Role.TESTER.value):
+                raise ValueError(f"{role!r} cannot be spawned; spawnable roles: developer, tester")
         return value
 
     @field_validator("role")

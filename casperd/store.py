@@ -32,6 +32,10 @@ log = logging.getLogger("casperd.store")
 _OPEN_STATUSES = [s.value for s in Status if s not in TERMINAL]
 
 
+Rows = list[dict[str, Any]]
+"""Rows as dicts (an alias: ``Store.list`` would shadow the builtin in annotations inside the class)."""
+
+
 class Store(GroupCommitWriter):
     """Postgres adapter: migrations, group-committed writes, and the queries caspectl needs."""
 
@@ -110,7 +114,7 @@ class Store(GroupCommitWriter):
             return int(row[0]) if row else 0
 
     # --- queries ------------------------------------------------------------------------------
-    async def load_open(self) -> list[dict[str, Any]]:
+    async def load_open(self) -> Rows:
         """Every task not in a terminal state (the broker's restart query)."""
         return await self._fetch(
             "SELECT * FROM tasks WHERE status = ANY(%s) ORDER BY priority DESC, created_at", (_OPEN_STATUSES,)
@@ -127,12 +131,12 @@ class Store(GroupCommitWriter):
         rows = await self._fetch("SELECT * FROM tasks WHERE id = %s AND created_at = %s", (task_id, created))
         return rows[0] if rows else None
 
-    async def list(self, status: str | None, limit: int) -> list[dict[str, Any]]:
+    async def list(self, status: str | None, limit: int) -> Rows:
         if status:
             return await self._fetch("SELECT * FROM tasks WHERE status = %s ORDER BY id DESC LIMIT %s", (status, limit))
         return await self._fetch("SELECT * FROM tasks ORDER BY id DESC LIMIT %s", (limit,))
 
-    async def events(self, task_id: uuid.UUID) -> list[dict[str, Any]]:
+    async def events(self, task_id: uuid.UUID) -> Rows:
         return await self._fetch(
             "SELECT at, from_status, to_status, peer, attempt, detail FROM task_events WHERE task_id = %s ORDER BY id",
             (task_id,),
@@ -151,7 +155,7 @@ class Store(GroupCommitWriter):
         await self._fetch("SELECT 1 AS one", ())
         return time.perf_counter() - t0
 
-    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> Rows:
         """A read query, guarded by the store's circuit breaker: while Postgres keeps failing,
         queries fail at once (no pile-up of waiting requests) until a half-open probe succeeds."""
         now = time.monotonic()
@@ -196,11 +200,11 @@ class Store(GroupCommitWriter):
             ) from None
         self.breaker.record_success()
 
-    async def fetch(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    async def fetch(self, sql: str, params: tuple[Any, ...]) -> Rows:
         """A read query for other modules (the agents' records), behind the same breaker."""
         return await self._fetch(sql, params)
 
-    async def _query(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    async def _query(self, sql: str, params: tuple[Any, ...]) -> Rows:
         try:
             # a short wait for a connection: with Postgres down, answer "unavailable" in seconds,
             # not after the pool's 30 s default (the control loop waits for this answer)

@@ -25,8 +25,10 @@ from casperd.ctl.client import MESH_FILE
 from casperd.errors import CasperError
 from casperd.exitcodes import ExitCode
 from casperd.localmesh import LocalMesh
+from casperd.meshconfig import node_settings_env
 from casperd.ports import check_ports
 from casperd.settings import DEFAULT_STATE_DIR
+from casperd.spawners.local import LocalSupervisor
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
@@ -40,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  casperd up --demo                 # a one-minute show of what the mesh is for\n"
         "  casperd up --developers 4\n"
         "  casperd up --database-url postgresql://me@db/casper --redis-url redis://cache:6379/0\n"
+        "  CASPER_LLM_RPM=4000 casperd up --config mesh.toml   # settings for every node\n"
         "then, in another terminal:\n  caspectl status | caspectl peers | "
-        "caspectl submit echo --input '{}' --wait",
+        "caspectl submit echo --input '{}' --wait\n"
+        "  caspectl top                      # watch the autoscaler add and retire developers under load",
     )
     p.add_argument("--developers", type=int, default=2, help="developer nodes (default 2)")
     p.add_argument("--testers", type=int, default=1, help="tester nodes (default 1)")
@@ -77,6 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-exit", action="store_true", help="stop the mesh when the demo ends (exit 1 if it failed)")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: run until ^C)")
     p.add_argument("--log-level", default="INFO", help="nodes' log level (default INFO)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ["CASPER_CONFIG"]) if os.environ.get("CASPER_CONFIG") else None,
+        help="a casperd settings file (TOML) for every node: models, rate limits, prices, agent limits... "
+        "CASPER_* variables override it; up decides ports, ids, keys and state paths [CASPER_CONFIG]",
+    )
+    p.add_argument(
+        "--spawner",
+        choices=("local", "none"),
+        default="local",
+        help="local: the policeman's autoscaler adds developers under load and retires them when idle; "
+        "none: fixed size (default local)",
+    )
+    p.add_argument(
+        "--max-developers",
+        type=int,
+        default=None,
+        help="most developers the autoscaler keeps (default: --developers + 2); --developers is the minimum",
+    )
     return p
 
 
@@ -126,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.developers < 0 or a.testers < 0 or a.developers + a.testers == 0:
         console.print("casperd up: need at least one developer or tester")
         return ExitCode.USAGE
+    if a.max_developers is not None and a.max_developers < a.developers:
+        console.print(f"casperd up: --max-developers ({a.max_developers}) is below --developers ({a.developers})")
+        return ExitCode.USAGE
     state_dir = a.state_dir.expanduser().resolve()
     other = _already_running(state_dir)
     if other is not None:
@@ -134,6 +161,16 @@ def main(argv: list[str] | None = None) -> int:
             "  hint: stop it (Ctrl-C in its terminal, or kill the pid), or use another --state-dir"
         )
         return ExitCode.USAGE
+    try:
+        settings_env, dropped = node_settings_env(a.config, os.environ)
+    except CasperError as exc:
+        console.print(f"[red]casperd up:[/] {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""))
+        return ExitCode.USAGE
+    if dropped:
+        console.print(
+            f"[yellow]casperd up decides {', '.join(dropped)} for its nodes; your value is not used[/] "
+            "(use up's own flags: --state-dir, --port-base, --database-url, --redis-url, --no-curve, --log-level)"
+        )
     try:
         check_ports(
             a.port_base,
@@ -147,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     _announce_root_user(a.database_url)
     mesh = LocalMesh(
         state_dir,
+        settings_env=settings_env,
         developers=a.developers,
         testers=a.testers,
         port_base=a.port_base,
@@ -154,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         redis_url=None if a.no_redis else a.redis_url,
         curve=not a.no_curve,
         log_level=a.log_level,
+        policeman_env=autoscale_env(a.spawner, a.developers, a.max_developers),
     )
+    supervisor = LocalSupervisor(mesh, say=console.print) if a.spawner == "local" else None
     stop = {"now": False, "stopping": False}
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -173,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         with console.status("starting Postgres, Redis, the policeman and the peers..."):
             mesh.start()
         mesh.write_description()
+        if supervisor is not None:
+            supervisor.start()  # carries out the autoscaler's orders, during the demo too
         console.print(f"mesh up in {time.monotonic() - t0:.1f}s")
         show_mesh(mesh)
         if a.demo:
@@ -193,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         code = ExitCode.FAILURE
     finally:
         stop["stopping"] = True
+        if supervisor is not None:
+            supervisor.stop()
         console.print("stopping the mesh (Ctrl-C again to kill the nodes at once)")
         mesh.stop(say=lambda text: console.print(f"  {text}", highlight=False))
         console.print("mesh stopped")
@@ -216,9 +260,24 @@ def _announce_root_user(database_url: str) -> None:
         )
 
 
+def autoscale_env(spawner: str, developers: int, max_developers: int | None) -> dict[str, str]:
+    """The policeman's autoscaler settings on the local mesh."""
+    if spawner != "local":
+        return {"CASPER_SPAWNER": "none"}
+    top = developers + 2 if max_developers is None else max_developers
+    tuning = {
+        k: v for k, v in os.environ.items() if k.startswith("CASPER_AUTOSCALE_") and k != "CASPER_AUTOSCALE_ROLES"
+    }
+    return {
+        **tuning,  # CASPER_AUTOSCALE_IDLE_S etc. in casperd up's environment reach the policeman
+        "CASPER_SPAWNER": "local",
+        "CASPER_AUTOSCALE_ROLES": json.dumps({"developer": {"min": developers, "max": top}}),
+    }
+
+
 def supervise(mesh: LocalMesh) -> None:
     """Restart a node that died on its own (with a growing pause), and say so."""
-    for node in mesh.nodes.values():
+    for node in list(mesh.nodes.values()):  # the autoscaler's supervisor thread adds and removes nodes
         if node.proc is not None and node.proc.poll() is not None:
             code = node.proc.returncode
             node.restarts += 1

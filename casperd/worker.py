@@ -22,12 +22,12 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
 
-from casperd import __version__, codec
+from casperd import __version__, codec, procstats
 from casperd.cache import ResultCache, cache_key
 from casperd.errors import CasperError, RequestTimeoutError, UnknownTaskTypeError, from_wire
 from casperd.handlers import Attached, Catalog, RunContext
@@ -72,6 +72,7 @@ class Worker:
         public = opts.curve_public.decode() if settings.curve and opts.curve_public else None
         me = Identity(self.epoch, os.getpid(), _hostname(), __version__.replace("+", "."), public)
         self.core = WorkerCore(settings, me, metrics, random.random, time.monotonic())
+        self.core.stats = procstats.shared().sample
         self.sock: zmq.asyncio.Socket | None = None
         self.tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._flush_scheduled = False
@@ -129,7 +130,8 @@ class Worker:
         self._carry_out()
 
     def tick(self) -> None:
-        waiting = bool(self.sock is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        events = cast(int, self.sock.getsockopt(zmq.EVENTS)) if self.sock is not None else 0
+        waiting = bool(events & zmq.POLLIN)
         if self.cache is not None:
             self.core.cache_counters = cache_counters(self.cache.stats())
         self.core.tick(time.monotonic(), waiting)

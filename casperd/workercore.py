@@ -45,6 +45,7 @@ from casperd.messages import (
     outcome_body,
 )
 from casperd.metrics import Metrics
+from casperd.procstats import STATS_EVERY_S
 from casperd.settings import Settings
 
 log = logging.getLogger("casperd.worker")
@@ -137,6 +138,9 @@ class WorkerCore:
         self._last_renew = 0.0
         self._renew_every = settings.lease_s / 3
         self.out: list[WorkerAction] = []
+        self.stats: Callable[[], tuple[float, int]] | None = None
+        """The process's (CPU %, resident bytes), sampled by the shell for the heartbeats."""
+        self._stats_at = 0.0
 
     def take(self) -> list[WorkerAction]:
         out, self.out = self.out, []
@@ -349,9 +353,14 @@ class WorkerCore:
             held = list(self.running)
             for i in range(0, len(held), 1000):
                 self._send(codec.encode(Progress(task_ids=tuple(held[i : i + 1000]), note=RENEW)), now)
-        if self.clock.heartbeat_due(now):
-            hb = Heartbeat(load=len(self.running), draining=self.draining, cache=self.cache_counters)
-            self._send(codec.encode(hb), now)
+        stats_due = self.stats is not None and now - self._stats_at >= STATS_EVERY_S
+        if self.clock.heartbeat_due(now) or stats_due:
+            cpu, rss = self.stats() if self.stats is not None else (None, None)
+            self._stats_at = now
+            beat = Heartbeat(
+                load=len(self.running), draining=self.draining, cache=self.cache_counters, cpu_pct=cpu, rss_bytes=rss
+            )
+            self._send(codec.encode(beat), now)
 
     def set_draining(self, draining: bool, now: float) -> None:
         self.draining = draining

@@ -188,6 +188,13 @@ def _canonical() -> list[tuple[str, str, Message, tuple[bytes, ...], int]]:
             DEFAULT_MAX,
         ),
         (
+            "02_heartbeat_stats",
+            "A worker's heartbeat with its process CPU (percent of one core) and resident memory.",
+            Heartbeat(load=1, draining=False, cpu_pct=12.5, rss_bytes=73400320),
+            (),
+            DEFAULT_MAX,
+        ),
+        (
             "03_submit",
             "caspectl submits one task; defaults written out in full.",
             Submit(req_id=1, tasks=(TaskSpec(type="echo", input={"text": "hello"}),)),

@@ -7,7 +7,12 @@
   exponential backoff with jitter. Other 4xx are :class:`~casperd.errors.LlmRequestError`
   (not retryable); spent retries are :class:`~casperd.errors.LlmError` (retryable later).
 * A circuit breaker around the API makes calls fail at once while the API keeps failing.
-* The stable prefix (system prompt, tool definitions) is marked for prompt caching.
+* Every call is streamed; ``timeout_s`` is the idle timeout between stream events
+  (:mod:`casperd.agents.apicall`).
+* The stable prefix (system prompt, tool definitions) and the newest turn are marked for prompt
+  caching (``cache_turns=False``: the prefix only, as before; ``cache=False`` on a call: nothing).
+* The limiter is charged the estimated input tokens before a call and settled with the real
+  input and output tokens after it.
 * ``deterministic=True`` calls (temperature 0) go through the shared result cache: the mesh
   pays for one identical call once.
 
@@ -17,16 +22,17 @@ The API key is never logged, put in an exception or shown by ``repr``.
 from __future__ import annotations
 
 import asyncio
-import copy
-import importlib
 import logging
 import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import anthropic
+
+from casperd.agents import apicall
 from casperd.agents.ratelimit import Limiter, estimate_tokens, parse_rate_headers
 from casperd.agents.usage import Usage, cost_of
 from casperd.breaker import BreakerState, CircuitBreaker
@@ -35,26 +41,8 @@ from casperd.errors import LlmError, LlmRequestError, MissingApiKeyError
 from casperd.retry import RetryPolicy
 from casperd.settings import ModelPrice, Settings
 
-if TYPE_CHECKING:  # imported on first use (_load_sdk): the SDK (httpx, anyio, ...) adds ~40 MB RSS to a node
-    import anthropic
-
-_sdk_module: Any = None
-
-
-async def _load_sdk() -> Any:
-    """The anthropic module, imported on the first model call and in a thread: the import takes
-    seconds on a busy machine, and on the event loop it would stall heartbeats meanwhile."""
-    global _sdk_module
-    if _sdk_module is None:
-        _sdk_module = await asyncio.to_thread(importlib.import_module, "anthropic")
-    return _sdk_module
-
-
 log = logging.getLogger("casperd.agents.claude")
 
-RETRYABLE_STATUS = frozenset({408, 409, 429})
-"""Plus every 5xx (500-599, 529 overloaded)."""
-CACHE_CONTROL = {"type": "ephemeral"}
 MAX_RETRY_AFTER_S = 300.0
 """A longer ``retry-after`` is cut to this (the limiter still pauses the mesh for the full time)."""
 
@@ -101,10 +89,6 @@ class Reply:
         )
 
 
-def _is_retryable(status: int) -> bool:
-    return status in RETRYABLE_STATUS or 500 <= status <= 599
-
-
 def _block_dict(block: Any) -> dict[str, Any]:
     kind = getattr(block, "type", None)
     if kind == "text":
@@ -132,6 +116,7 @@ class ClaudeClient:
         breaker: CircuitBreaker | None = None,
         backoff: RetryPolicy | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        cache_turns: bool = True,
     ) -> None:
         self._api_key = api_key or None
         self.base_url = base_url or None
@@ -147,9 +132,14 @@ class ClaudeClient:
             else RetryPolicy(max_attempts=self.retries + 1, base_s=1.0, factor=2.0, cap_s=30.0)
         )
         self._sleep = sleep
+        self.cache_turns = cache_turns
         self._client: anthropic.AsyncAnthropic | None = None
         self.calls = 0
         self.cache_hits = 0
+        self.last_call: dict[str, Any] | None = None
+        """The last API request: outcome, HTTP status, latency, when (caspectl health's api check)."""
+        self.on_call: Callable[[float, str], None] | None = None
+        """Called with (seconds, outcome) after every API request (the api_response_time metric)."""
         if self._api_key:
             from casperd.logsetup import register_secret
 
@@ -190,10 +180,11 @@ class ClaudeClient:
 
     def _sdk(self) -> anthropic.AsyncAnthropic:
         if self._client is None:
-            import anthropic  # already loaded by _load_sdk: no import work here
-
             self._client = anthropic.AsyncAnthropic(
-                api_key=self._api_key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0
+                api_key=self._api_key,
+                base_url=self.base_url,
+                timeout=apicall.idle_timeout(self.timeout_s),
+                max_retries=0,  # CASPER retries (below), through the mesh's rate limiter
             )
         return self._client
 
@@ -209,8 +200,15 @@ class ClaudeClient:
         tool_choice: dict[str, Any] | None = None,
         temperature: float | None = None,
         deterministic: bool = False,
+        cache: bool = True,
     ) -> Reply:
-        """One Messages API call. Raises MissingApiKeyError, LlmRequestError or LlmError."""
+        """One Messages API call (streamed). ``cache=False``: no prompt-cache breakpoints.
+
+        Raises:
+            MissingApiKeyError: no key is configured.
+            LlmRequestError: the API refused the request (4xx other than 408/409/429); not retryable.
+            LlmError: the retries are spent (429, 5xx, 529, timeouts, network); retryable later.
+        """
         if not self._api_key:
             raise MissingApiKeyError(
                 "no Anthropic API key on this node: ANTHROPIC_API_KEY is not set in the environment casperd was "
@@ -221,15 +219,27 @@ class ClaudeClient:
             )
         if deterministic:
             temperature = 0.0
+        params = apicall.build_params(
+            model,
+            system,
+            messages,
+            max_tokens,
+            tools,
+            tool_choice,
+            temperature,
+            cache_prefix=cache,
+            cache_turns=self.cache_turns,
+        )
+        estimate = estimate_tokens(system, messages, tools)
         if not (deterministic and self.cache is not None and self.cache.enabled):
-            return await self._call(model, system, messages, max_tokens, tools, tool_choice, temperature)
+            return await self._call(params, estimate)
 
         key = cache_key("llm", model, system, messages, tools, tool_choice, max_tokens)
         computed = False
 
         async def compute() -> dict[str, Any]:
             nonlocal computed
-            reply = await self._call(model, system, messages, max_tokens, tools, tool_choice, temperature)
+            reply = await self._call(params, estimate)
             computed = True
             return reply.to_dict()
 
@@ -241,40 +251,7 @@ class ClaudeClient:
             log.debug("claude %s: served from the result cache (%d tokens saved)", model, reply.saved.total_tokens)
         return reply
 
-    def _params(
-        self,
-        model: str,
-        system: str,
-        messages: list[dict[str, Any]],
-        max_tokens: int,
-        tools: list[dict[str, Any]] | None,
-        tool_choice: dict[str, Any] | None,
-        temperature: float | None,
-    ) -> dict[str, Any]:
-        params: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "messages": messages}
-        if system:
-            params["system"] = [{"type": "text", "text": system, "cache_control": dict(CACHE_CONTROL)}]
-        if tools:
-            marked = [dict(t) for t in tools]
-            marked[-1] = {**copy.deepcopy(tools[-1]), "cache_control": dict(CACHE_CONTROL)}
-            params["tools"] = marked
-        if tool_choice is not None:
-            params["tool_choice"] = tool_choice
-        if temperature is not None:
-            # newer SDKs dropped the keyword (the API still takes the field): send it as a body field
-            params["extra_body"] = {"temperature": temperature}
-        return params
-
-    async def _call(
-        self,
-        model: str,
-        system: str,
-        messages: list[dict[str, Any]],
-        max_tokens: int,
-        tools: list[dict[str, Any]] | None,
-        tool_choice: dict[str, Any] | None,
-        temperature: float | None,
-    ) -> Reply:
+    async def _call(self, params: dict[str, Any], estimate: int) -> Reply:
         if not self.breaker.allow(time.monotonic()):
             wait = max(0.0, self.breaker.opened_at + self.breaker.recovery_s - time.monotonic())
             raise LlmError(
@@ -282,7 +259,7 @@ class ClaudeClient:
                 hint=f"calls resume in about {wait:.0f}s; check the API status and the logs",
             )
         try:
-            reply = await self._attempts(model, system, messages, max_tokens, tools, tool_choice, temperature)
+            reply = await self._attempts(params, estimate)
         except LlmRequestError:
             self.breaker.record_success()  # the API answered: it is up, the request was wrong
             raise
@@ -297,19 +274,14 @@ class ClaudeClient:
         self.breaker.record_success()
         return reply
 
-    async def _attempts(
-        self,
-        model: str,
-        system: str,
-        messages: list[dict[str, Any]],
-        max_tokens: int,
-        tools: list[dict[str, Any]] | None,
-        tool_choice: dict[str, Any] | None,
-        temperature: float | None,
-    ) -> Reply:
-        anthropic = await _load_sdk()
-        params = self._params(model, system, messages, max_tokens, tools, tool_choice, temperature)
-        estimate = estimate_tokens(system, messages, tools, max_tokens)
+    def _observed(self, t0: float, outcome: str, status: int | None = None) -> None:
+        took = time.monotonic() - t0
+        self.last_call = {"outcome": outcome, "status": status, "ms": round(took * 1000, 1), "at": time.time()}
+        if self.on_call is not None:
+            self.on_call(took, outcome)
+
+    async def _attempts(self, params: dict[str, Any], estimate: int) -> Reply:
+        model = str(params["model"])
         sdk = self._sdk()
         attempt = 0
         while True:
@@ -318,14 +290,13 @@ class ClaudeClient:
             t0 = time.monotonic()
             retry_after: float | None = None
             try:
-                raw = await sdk.messages.with_raw_response.create(**params)
-                msg = await raw.parse()
+                answer = await apicall.stream_once(sdk, params)
             except anthropic.APIStatusError as exc:
-                status = exc.status_code
+                status, kind, detail = apicall.error_info(exc)
+                self._observed(t0, "error" if apicall.is_retryable(status) else "refused", status)
                 obs = parse_rate_headers(exc.response.headers, status, time.time())
                 self.limiter.observe(obs)
-                self.limiter.settle(estimate, 0)
-                kind, detail = _error_info(exc)
+                self.limiter.settle(estimate, 0, 0)
                 log.debug(
                     "claude %s: HTTP %d %s after %.0f ms (attempt %d)",
                     model,
@@ -334,23 +305,30 @@ class ClaudeClient:
                     (time.monotonic() - t0) * 1000,
                     attempt,
                 )
-                if not _is_retryable(status):
+                if not apicall.is_retryable(status):
                     raise LlmRequestError(
                         f"the model API refused the request: HTTP {status} {kind}: {detail}",
-                        hint=_request_hint(status),
+                        hint=apicall.request_hint(status),
                         status=status,
                         request_id=getattr(exc, "request_id", None),
                     ) from None
                 reason = f"HTTP {status} {kind}"
                 retry_after = obs.retry_after_s
-            except anthropic.APITimeoutError:
-                reason = f"timeout after {self.timeout_s:g}s"
-            except anthropic.APIConnectionError as exc:
+            except apicall.TIMEOUTS:
+                self._observed(t0, "timeout")
+                self.limiter.settle(estimate, 0, 0)
+                reason = f"no stream event for {self.timeout_s:g}s (idle timeout)"
+            except apicall.TRANSPORT_ERRORS as exc:
+                self._observed(t0, "connection")
+                self.limiter.settle(estimate, 0, 0)
                 reason = f"connection error ({type(exc.__cause__ or exc).__name__})"
             except anthropic.APIResponseValidationError:
+                self._observed(t0, "malformed")
+                self.limiter.settle(estimate, 0, 0)
                 reason = "malformed response"
             else:
-                return self._reply(raw, msg, model, estimate, t0, attempt)
+                self._observed(t0, "ok", 200)
+                return self._reply(answer, model, estimate, t0, attempt)
             if attempt > self.retries:
                 raise LlmError(
                     f"the model API call failed {attempt} times; last: {reason}",
@@ -365,8 +343,9 @@ class ClaudeClient:
         base = self.backoff.backoff(failed)
         return base * (0.5 + random.random() / 2)
 
-    def _reply(self, raw: Any, msg: Any, model: str, estimate: int, t0: float, attempt: int) -> Reply:
-        self.limiter.observe(parse_rate_headers(raw.headers, 200, time.time()))
+    def _reply(self, answer: apicall.Answer, model: str, estimate: int, t0: float, attempt: int) -> Reply:
+        msg = answer.message
+        self.limiter.observe(parse_rate_headers(answer.headers, 200, time.time()))
         u = msg.usage
         inp = int(getattr(u, "input_tokens", 0) or 0)
         out = int(getattr(u, "output_tokens", 0) or 0)
@@ -381,9 +360,10 @@ class ClaudeClient:
             calls=1,
             cost_usd=cost_of(answered_model, inp, out, cread, cwrite, self.prices),
         )
-        self.limiter.settle(estimate, usage.total_tokens)
+        # the API's input-token limit counts uncached input and cache writes, not cache reads
+        self.limiter.settle(estimate, inp + cwrite, out)
         self.calls += 1
-        request_id = raw.headers.get("request-id")
+        request_id = answer.headers.get("request-id")
         log.debug(
             "claude %s: HTTP 200 %s, %d in + %d out tokens (cache read %d, write %d), %.0f ms, attempt %d",
             answered_model,
@@ -402,24 +382,3 @@ class ClaudeClient:
             usage=usage,
             request_id=request_id,
         )
-
-
-def _error_info(exc: anthropic.APIStatusError) -> tuple[str, str]:
-    """The API's error type and message from an error response body (never the request)."""
-    body = exc.body if isinstance(exc.body, dict) else {}
-    err = body.get("error") if isinstance(body.get("error"), dict) else body
-    kind = str(err.get("type") or "error")
-    message = str(err.get("message") or f"HTTP {exc.status_code}")
-    return kind, message[:500]
-
-
-def _request_hint(status: int) -> str:
-    if status == 401:
-        return "the API key was rejected: check ANTHROPIC_API_KEY or the anthropic_api_key_file setting"
-    if status == 403:
-        return "the API key may not use this model or feature"
-    if status == 404:
-        return "check the model name (the models setting) and anthropic_base_url"
-    if status == 413:
-        return "the request is too large: shorten the conversation or the tool output"
-    return "the request is invalid; it will fail the same way if repeated"

@@ -27,12 +27,21 @@ import time
 import uuid
 from typing import Any
 
-from casperd.agents import context, gitwork
+from casperd.agents import context, gitwork, turns
 from casperd.agents.gitwork import changed_paths
 from casperd.agents.sandbox import Sandbox
 from casperd.agents.tools import TOOLS, execute
 from casperd.agents.usage import Usage
-from casperd.errors import BudgetExceededError, CasperError, MissingApiKeyError, TaskError
+from casperd.errors import (
+    AgentError,
+    BudgetExceededError,
+    CasperError,
+    LlmError,
+    LlmRequestError,
+    MissingApiKeyError,
+    ModelRefusalError,
+    TaskError,
+)
 from casperd.handlers import Attached, RunContext
 
 log = logging.getLogger("casperd.agents.developer")
@@ -54,19 +63,6 @@ def _initial_prompt(data: dict[str, Any]) -> str:
     if data.get("test_cmd"):
         parts.append(f"The project's test command: {data['test_cmd']}")
     return "\n\n".join(parts)
-
-
-def _with_feedback(messages: list[dict[str, Any]], feedback: str) -> None:
-    """Append the feedback to the conversation as the user's next words."""
-    text = {"type": "text", "text": f"Feedback on your work:\n{feedback}\n\nFix it, then call finish again."}
-    if messages and messages[-1]["role"] == "user":
-        content = messages[-1]["content"]
-        if isinstance(content, str):
-            messages[-1]["content"] = [{"type": "text", "text": content}, text]
-        else:
-            messages[-1]["content"] = [*content, text]
-    else:
-        messages.append({"role": "user", "content": [text]})
 
 
 def _limits(ctx: RunContext, data: dict[str, Any]) -> tuple[int, int, float, float]:
@@ -121,11 +117,13 @@ async def run_code(ctx: RunContext, data: dict[str, Any]) -> Attached:
             feedback = data.get("feedback")
         else:
             messages, usage, wip = [{"role": "user", "content": _initial_prompt(data)}], Usage(), None
+        if turns.repair(messages):
+            log.info("task %s: empty assistant turns of an older version dropped from its conversation", ctx.task_id)
         resumed_at = len(messages)
         if wip:
             await gitwork.apply(wt, wip)
         if feedback:
-            _with_feedback(messages, feedback)
+            turns.add_feedback(messages, feedback)
         sandbox = Sandbox(
             wt, command_timeout_s=svc.settings.agent_command_timeout_s, output_cap=svc.settings.agent_output_cap
         )
@@ -133,18 +131,30 @@ async def run_code(ctx: RunContext, data: dict[str, Any]) -> Attached:
         if done is not None:  # it had finished; only its result was lost (e.g. the policeman restarted)
             summary = done
         else:
-            summary = await _loop(
-                ctx, svc, sandbox, messages, usage, model, job_id, base, (max_turns, max_tokens, max_cost, t0 + wall_s)
-            )
+            try:
+                summary = await _loop(
+                    ctx,
+                    svc,
+                    sandbox,
+                    messages,
+                    usage,
+                    model,
+                    job_id,
+                    base,
+                    (max_turns, max_tokens, max_cost, t0 + wall_s),
+                )
+            except (LlmError, LlmRequestError, AgentError) as exc:
+                log.warning("task %s stopped on a model API answer: %s", ctx.task_id, exc)
+                raise
         patch = await gitwork.diff(wt, base)
     finally:
         with contextlib.suppress(Exception):
             await gitwork.remove_worktree(wt)
-    turns = sum(1 for m in messages if m["role"] == "assistant")
+    n_turns = sum(1 for m in messages if m["role"] == "assistant")
     out: dict[str, Any] = {
         "summary": summary,
         "usage": usage.to_dict(),
-        "turns": turns,
+        "turns": n_turns,
         "resumed_at_message": resumed_at,
         "patch": {"attachment": 0, "bytes": len(patch), "files": changed_paths(patch)},
         "duration_s": round(time.monotonic() - t0, 3),
@@ -176,6 +186,26 @@ def _finished_summary(messages: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def _check_budget(messages: list[dict[str, Any]], usage: Usage, limits: tuple[int, int, float, float]) -> None:
+    max_turns, max_tokens, max_cost, deadline = limits
+    used = sum(1 for m in messages if m["role"] == "assistant")
+    if used >= max_turns:
+        raise BudgetExceededError(
+            f"the agent used its {max_turns} turns without finishing", hint="raise agent_max_turns or split the task"
+        )
+    if usage.total_tokens >= max_tokens:
+        raise BudgetExceededError(
+            f"the agent used {usage.total_tokens} tokens (limit {max_tokens})",
+            hint="raise agent_max_tokens or split the task",
+        )
+    if max_cost and usage.cost_usd >= max_cost:
+        raise BudgetExceededError(
+            f"the agent spent ${usage.cost_usd:.4f} (limit ${max_cost:.4f})", hint="raise the job's budget"
+        )
+    if time.monotonic() >= deadline:
+        raise BudgetExceededError("the agent ran out of wall time", hint="raise agent_wall_s")
+
+
 async def _loop(
     ctx: RunContext,
     svc: Any,
@@ -187,54 +217,112 @@ async def _loop(
     base: str,
     limits: tuple[int, int, float, float],
 ) -> str:
-    max_turns, max_tokens, max_cost, deadline = limits
+    """Model turns until ``finish``; every stop reason handled as :mod:`casperd.agents.turns` says.
+    Calls not yet saved with a turn are recorded when the loop fails, so the bill stays whole."""
+    calls: list[dict[str, Any]] = []
+    try:
+        return await _turns(ctx, svc, sandbox, messages, usage, model, job_id, base, limits, calls)
+    except CasperError:
+        if calls and ctx.task_id is not None:
+            with contextlib.suppress(CasperError):
+                await svc.record_calls(ctx.task_id, calls, job_id)
+        raise
+
+
+async def _turns(
+    ctx: RunContext,
+    svc: Any,
+    sandbox: Sandbox,
+    messages: list[dict[str, Any]],
+    usage: Usage,
+    model: str,
+    job_id: str | None,
+    base: str,
+    limits: tuple[int, int, float, float],
+    calls: list[dict[str, Any]],
+) -> str:
     assert ctx.task_id is not None
+    s = svc.settings
+    call_max = turns.role_max_tokens(s.llm_max_tokens, "developer")
+    budget = s.agent_context_tokens
+    empties = 0
     while True:
-        turns = sum(1 for m in messages if m["role"] == "assistant")
-        if turns >= max_turns:
-            raise BudgetExceededError(
-                f"the agent used its {max_turns} turns without finishing",
-                hint="raise agent_max_turns or split the task",
-            )
-        if usage.total_tokens >= max_tokens:
-            raise BudgetExceededError(
-                f"the agent used {usage.total_tokens} tokens (limit {max_tokens})",
-                hint="raise agent_max_tokens or split the task",
-            )
-        if max_cost and usage.cost_usd >= max_cost:
-            raise BudgetExceededError(
-                f"the agent spent ${usage.cost_usd:.4f} (limit ${max_cost:.4f})", hint="raise the job's budget"
-            )
-        if time.monotonic() >= deadline:
-            raise BudgetExceededError("the agent ran out of wall time", hint="raise agent_wall_s")
-        window, elided = context.fit(messages, svc.settings.agent_context_tokens)
+        _check_budget(messages, usage, limits)
+        window, elided = context.fit(messages, budget)
         if elided:
             log.info("task %s: %d old tool results elided to fit the context budget", ctx.task_id, elided)
-        reply = await svc.claude.create(
-            model=model, system=SYSTEM, messages=window, tools=TOOLS, max_tokens=svc.settings.llm_max_tokens
-        )
+        reply = await svc.claude.create(model=model, system=SYSTEM, messages=window, tools=TOOLS, max_tokens=call_max)
         usage.add(reply.usage)
-        call = {"model": reply.model, **reply.usage.to_dict(), "cached": reply.cached}
-        messages.append({"role": "assistant", "content": reply.content})
-        uses = [b for b in reply.content if b.get("type") == "tool_use"]
-        results: list[dict[str, Any]] = []
-        finished: str | None = None
-        for tu in uses:
-            if tu["name"] == "finish":
-                inp = tu.get("input") or {}
-                finished = str(inp.get("summary") or "done")[:4000]
-                results.append({"type": "tool_result", "tool_use_id": tu["id"], "content": "finished"})
-                continue
-            text, is_error = await execute(sandbox, tu["name"], tu.get("input") or {})
-            results.append({"type": "tool_result", "tool_use_id": tu["id"], "content": text, "is_error": is_error})
-        if not uses:
-            results.append({"type": "text", "text": "Continue with the tools; call finish when the change is done."})
-        messages.append({"role": "user", "content": results})
+        calls.append({"model": reply.model, **reply.usage.to_dict(), "cached": reply.cached})
+        kind = turns.classify(reply.stop_reason, reply.content)
+        log.debug("task %s: %s answer (stop_reason %s)", ctx.task_id, kind, reply.stop_reason)
+        if kind == "refusal":
+            raise ModelRefusalError(
+                "the model refused the task (stop_reason: refusal)",
+                hint="rephrase the goal or the subtask's instructions; the refused turn was not kept",
+            )
+        if kind == "truncated_tool":  # the tool call is incomplete: ask again with more room
+            grown = turns.grown_max_tokens(call_max)
+            if grown is None:
+                raise BudgetExceededError(
+                    f"the model's tool call did not fit in {call_max} output tokens (stop_reason: max_tokens)",
+                    hint="split the task so no single file write is that large",
+                )
+            log.info("task %s: a tool call was cut at %d tokens; asking again with %d", ctx.task_id, call_max, grown)
+            call_max = grown
+            continue
+        if kind == "context_full":
+            if budget <= 8_000:
+                raise BudgetExceededError(
+                    "the conversation no longer fits the model's context window "
+                    "(stop_reason: model_context_window_exceeded)",
+                    hint="split the task, or lower agent_context_tokens so old tool output is elided sooner",
+                )
+            budget = max(8_000, budget // 2)
+            log.info("task %s: the context window filled up; eliding to %d tokens", ctx.task_id, budget)
+            continue
+        if kind == "empty":  # never appended: the API refuses empty non-final messages
+            empties += 1
+            if empties > 3:
+                raise AgentError(
+                    "the model answered with empty content four times in a row",
+                    hint="the task will be retried; check the model setting if it persists",
+                )
+            messages.append({"role": "user", "content": turns.EMPTY_NUDGE})
+            wip = await gitwork.diff(sandbox.root, base)
+            await svc.save_turns(ctx.task_id, ctx.attempt, messages, usage.to_dict(), wip, calls, job_id)
+            calls.clear()
+            continue
+        empties = 0
+        messages.append({"role": "assistant", "content": turns.for_resend(reply.content)})
+        if kind == "pause":  # sent back as the final assistant message: the model continues it
+            continue
+        finished = await _answer(sandbox, messages, reply.content)
         wip = await gitwork.diff(sandbox.root, base)
-        await svc.save_turns(ctx.task_id, ctx.attempt, messages, usage.to_dict(), wip, [call], job_id)
+        await svc.save_turns(ctx.task_id, ctx.attempt, messages, usage.to_dict(), wip, calls, job_id)
+        calls.clear()
         if finished is not None:
             return finished
         await asyncio.sleep(0)
+
+
+async def _answer(sandbox: Sandbox, messages: list[dict[str, Any]], content: list[dict[str, Any]]) -> str | None:
+    """Run the answer's tool calls and append the user turn; the finish summary, if it finished."""
+    uses = [b for b in content if b.get("type") == "tool_use"]
+    results: list[dict[str, Any]] = []
+    finished: str | None = None
+    for tu in uses:
+        if tu["name"] == "finish":
+            inp = tu.get("input") or {}
+            finished = str(inp.get("summary") or "done")[:4000]
+            results.append({"type": "tool_result", "tool_use_id": tu["id"], "content": "finished"})
+            continue
+        text, is_error = await execute(sandbox, tu["name"], tu.get("input") or {})
+        results.append({"type": "tool_result", "tool_use_id": tu["id"], "content": text, "is_error": is_error})
+    if not uses:  # a text answer (end_turn, stop_sequence, or cut text): ask it to go on
+        results.append({"type": "text", "text": turns.CONTINUE})
+    messages.append({"role": "user", "content": results})
+    return finished
 
 
 async def run_ask(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
@@ -243,7 +331,7 @@ async def run_ask(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise TaskError("ask needs 'prompt': a non-empty string", hint='e.g. {"prompt": "Name three primes"}')
-    max_tokens = data.get("max_tokens") or svc.settings.llm_max_tokens
+    max_tokens = data.get("max_tokens") or turns.role_max_tokens(svc.settings.llm_max_tokens, "ask")
     if not isinstance(max_tokens, int) or not 0 < max_tokens <= 128_000:
         raise TaskError("ask 'max_tokens' must be an integer between 1 and 128000", hint="e.g. 512")
     reply = await svc.claude.create(

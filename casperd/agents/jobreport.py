@@ -68,16 +68,35 @@ def last_error(row: dict[str, Any]) -> str:
     return str(row["status"])
 
 
-def test_feedback(row: dict[str, Any]) -> str:
+def test_feedback(row: dict[str, Any], baseline: set[str] | None = None, own: set[str] | None = None) -> str:
+    """What a developer is told about its patch's test run: its own failing tests, tests its patch
+    broke (they pass on the base commit), and, apart, tests that fail on the base too (not its
+    doing; often another subtask's)."""
     out = row.get("output") or {}
     if row["status"] != "complete":
         return f"The tests could not run: {last_error(row)}"
+    baseline, own = baseline or set(), own or set()
     lines = [
         f"The tests fail: {out.get('passed', 0)} passed, {out.get('failed', 0)} failed, {out.get('errors', 0)} errors."
     ]
-    for f in (out.get("failures") or [])[:10]:
-        lines.append(f"- {f.get('name')}: {str(f.get('message') or '')[:800]}")
+    failures = list(out.get("failures") or [])
+    mine = [f for f in failures if str(f.get("name")) in own]
+    broke = [f for f in failures if str(f.get("name")) not in own and str(f.get("name")) not in baseline]
+    base_too = [str(f.get("name")) for f in failures if str(f.get("name")) in baseline - own]
+    for title, group in (
+        ("Your subtask's tests that still fail (fix these):", mine),
+        ("Tests that pass on the base commit but fail with your patch (your change broke them):", broke),
+    ):
+        if group:
+            lines.append(title)
+            lines.extend(f"- {f.get('name')}: {str(f.get('message') or '')[:800]}" for f in group[:10])
+    if base_too:
+        shown = ", ".join(base_too[:20]) + (f" and {len(base_too) - 20} more" if len(base_too) > 20 else "")
+        lines.append(
+            f"Failing on the base commit too, before your change (not yours to fix; other subtasks may own them): "
+            f"{shown}"
+        )
     tail = str(out.get("output_tail") or "")[-2000:]
-    if tail:
+    if tail and (mine or broke):
         lines.append(f"Output (tail):\n{tail}")
     return "\n".join(lines)

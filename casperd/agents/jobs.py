@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from casperd.agents import gitwork
+from casperd.agents import gitwork, turns
 from casperd.agents.jobreport import build_report, last_error, spec_view, test_feedback
 from casperd.agents.planner import Plan, make_plan
 from casperd.errors import AgentError, CasperError, InvalidBodyError, PatchConflictError, TaskNotFoundError
@@ -127,7 +127,20 @@ class JobRunner:
         return await build_report(self.records, job_id, row["spec"], row["progress"], row["state"])
 
     # --- the job ------------------------------------------------------------------------------------------
+    async def _drop_integration_ref(self, job_id: uuid.UUID, spec: dict[str, Any]) -> None:
+        """The job's working ref leaves the user's repository when the job ends (its result is the branch)."""
+        with contextlib.suppress(CasperError, OSError):
+            await gitwork.git(
+                "update-ref", "-d", f"refs/casper/jobs/{job_id}/integration", cwd=Path(spec["repo"]), check=False
+            )
+
     async def _run(self, rec: TaskRecord) -> None:
+        try:
+            await self._run_job(rec)
+        finally:
+            await asyncio.shield(self._drop_integration_ref(rec.id, rec.input))
+
+    async def _run_job(self, rec: TaskRecord) -> None:
         try:
             report = await self._job(rec.id, rec.input)
             self.broker.finish_local(
@@ -224,7 +237,7 @@ class JobRunner:
             files,
             spec.get("test_cmd"),
             int(spec.get("max_parallel") or 4),
-            self.s.llm_max_tokens,
+            turns.role_max_tokens(self.s.llm_max_tokens, "planner"),
         )
         await self.records.add_calls(calls, task_id=job_id, job_id=job_id, node=self.s.node_id, role="policeman")
         log.info("job %s planned %d subtasks", job_id, len(plan.subtasks))
@@ -334,7 +347,7 @@ class JobRunner:
             elif sub["rounds"] >= self.s.job_rounds:
                 sub["state"], sub["note"] = "failed", f"tests still fail after {sub['rounds']} rounds"
             else:
-                await self._code_round(job_id, spec, prog, st, sub, feedback=test_feedback(row))
+                await self._code_round(job_id, spec, prog, st, sub, feedback=test_feedback(row, baseline, own))
             return True
         if sub["state"] == "tested":
             return await self._integrate(job_id, spec, prog, st, sub)

@@ -3,6 +3,11 @@
 The model must answer through the ``submit_plan`` tool, whose JSON schema is the :class:`Plan`
 model; the answer is validated by pydantic (unique ids, known dependencies, no cycles). An invalid
 plan goes back to the model as a tool error, twice at most, before the job fails.
+
+Prompt caching is off for the planner, by decision: a job plans once, so a cache write (1.25x the
+input price) would only pay back if the plan were retried within the cache's five minutes, which
+is the exception; and the fixed prefix (system prompt and plan schema) is below the API's
+1,024-token minimum anyway, so only the whole first prompt could ever be cached.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ class Subtask(BaseModel):
     tests: list[str] = Field(
         default_factory=list,
         max_length=50,
-        description="tests that must pass once this subtask is done (files or test ids, "
-        "appended to the test command); empty: the whole suite must not regress",
+        description="tests that must pass once this subtask is done (test files or test ids such as "
+        "tests/test_x.py::test_y). The job's whole test command always runs; these name the failing tests "
+        "this subtask owns. Empty: nothing that passes on the base commit may fail",
     )
 
 
@@ -104,6 +110,7 @@ async def make_plan(
             tools=[PLAN_TOOL],
             tool_choice={"type": "tool", "name": "submit_plan"},
             max_tokens=max_tokens,
+            cache=False,
         )
         usage.add(reply.usage)
         calls.append({"model": reply.model, **reply.usage.to_dict(), "cached": reply.cached})

@@ -3,8 +3,9 @@
 Mesh services (REQUEST ops on the broker's ROUTER, answered with REPLY):
 
 * ``llm-permit`` — the mesh-wide rate limit: ``{tokens, settle?, observe?}`` → ``{wait_s}``. One
-  :class:`MeshRateLimit` holds for every agent sharing the API key, and shrinks when any of them
-  sees a 429 or low ``anthropic-ratelimit-*`` headers.
+  :class:`MeshRateLimit` holds for every agent sharing the API key and follows the limits and
+  remaining counts any of them sees in ``anthropic-ratelimit-*`` headers (and 429s). ``settle``
+  rows are ``[estimated input, actual input, output tokens]`` of finished calls.
 * ``turns-save`` / ``turns-load`` — a code task's conversation and work in progress (attachment 0).
   ``turns-load`` adds ``feedback``: why the policeman sent the task's last result back, if it did.
 * ``calls-save`` — per-call usage of one-shot calls (``ask``).
@@ -21,6 +22,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -91,9 +93,9 @@ class PoliceService:
     # --- mesh services ------------------------------------------------------------------------------
     async def _permit(self, node: str, args: dict[str, Any], _att: Attachments) -> OpResult:
         now = time.monotonic()
-        for pair in args.get("settle") or []:
-            if isinstance(pair, list | tuple) and len(pair) == 2:
-                self.rate.settle(int(pair[0]), int(pair[1]), now)
+        for row in args.get("settle") or []:  # [estimated input, actual input, output tokens]
+            if isinstance(row, list | tuple) and len(row) in (2, 3):
+                self.rate.settle(int(row[0]), int(row[1]), now, int(row[2]) if len(row) == 3 else 0)
         for obs in args.get("observe") or []:
             if isinstance(obs, dict):
                 try:
@@ -122,7 +124,7 @@ class PoliceService:
         return {}, ()
 
     async def _save_calls(self, node: str, tid: uuid.UUID, args: dict[str, Any]) -> None:
-        calls = [c for c in args.get("calls") or [] if isinstance(c, dict)]
+        calls: list[Mapping[str, Any]] = [c for c in args.get("calls") or [] if isinstance(c, dict)]
         job = args.get("job_id")
         await self.records.add_calls(
             calls, task_id=tid, job_id=uuid.UUID(job) if job else None, node=node, role="developer"

@@ -1,21 +1,26 @@
-"""Mesh-wide rate limiting of model calls.
+"""Mesh-wide rate limiting of model calls, learned from the API.
 
 :class:`MeshRateLimit` is a pure state machine (no I/O; the monotonic time is passed in) that the
-policeman keeps for the whole mesh:
+policeman keeps for the whole mesh. It accounts as the API does (token buckets refilled
+continuously up to the limit; separate limits for requests, input tokens and output tokens):
 
-* **requests** — a token bucket refilled at ``rpm / 60`` per second holding at most ``burst``
-  requests (default ``max(1, rpm // 10)``), plus a sliding 60 s log of grants that never holds
-  more than ``rpm``: in any window of ``w`` seconds at most ``burst + rpm * w / 60`` and in any
-  minute at most ``rpm`` requests are granted;
-* **tokens** — a token bucket of capacity ``tpm`` refilled at ``tpm / 60`` per second (the API's
-  own algorithm). A request larger than ``tpm`` is granted when the bucket is full (the bucket
-  then goes negative), so nothing ever deadlocks. :meth:`MeshRateLimit.settle` corrects the
-  charge with the real usage after the call;
-* **feedback** from the API (:meth:`MeshRateLimit.observe`): a 429/529 with ``retry-after``
-  pauses every grant until then; a 429 also halves the effective rpm/tpm (floor: 1 request per
-  minute), which grow back additively to the configured values over ``recovery_s``; a reported
-  ``remaining: 0`` pauses until its reset; limits in the headers lower than the configured ones
-  become the ceiling.
+* **requests** — a bucket of capacity ``burst`` (default: the whole per-minute limit, as the API's
+  own bucket, which is refilled continuously rather than reset each minute) refilled at
+  ``rpm / 60`` per second; a smaller ``burst`` smooths bursts;
+* **input tokens** — a bucket of capacity ``itpm`` refilled at ``itpm / 60`` per second, charged
+  the call's estimated input when granted and settled with the real input (uncached input plus
+  cache writes: cache reads do not count toward the API's input limit) after it. A request larger
+  than the bucket is granted when the bucket is full (it then goes negative): nothing deadlocks;
+* **output tokens** — a bucket of capacity ``otpm``, charged the real output tokens when a call
+  ends (never ``max_tokens`` up front); a call waits while the bucket is in debt;
+* **learned limits** (:meth:`MeshRateLimit.observe`): the limits in ``anthropic-ratelimit-*``
+  headers replace the configured ones, up or down — the settings are only the starting point —
+  and a reported remaining count lower than a bucket's level lowers it (another client of the same
+  key, or calls the mesh has not settled yet); an empty bucket refills at the limit's rate
+  (``*-reset`` is when it is full again, not when the next call may go);
+* **429/529**: every grant pauses until ``retry-after``; a 429 empties the buckets its headers
+  report exhausted (all of them if it carries none), which then refill at the full rate. The limits
+  are never halved: the mesh goes on at the account's pace as soon as the buckets refill.
 
 :class:`LocalLimiter` serves one process with ``asyncio.sleep`` loops; a remote variant asks the
 policeman over the mesh. Both satisfy :class:`Limiter`.
@@ -35,10 +40,6 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 WINDOW_S = 60.0
-RECOVERY_S = 180.0
-"""Time for an effective limit to grow back from 0 to the configured limit (additive increase)."""
-HALVE_COOLDOWN_S = 2.0
-"""429s closer together than this halve the limits once (a burst of in-flight calls fails together)."""
 _EPS = 1e-9
 
 
@@ -54,6 +55,19 @@ class RateObservation:
     tokens_limit: int | None = None
     tokens_remaining: int | None = None
     tokens_reset_s: float | None = None
+    input_limit: int | None = None
+    input_remaining: int | None = None
+    input_reset_s: float | None = None
+    output_limit: int | None = None
+    output_remaining: int | None = None
+    output_reset_s: float | None = None
+
+    @property
+    def has_limits(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.requests_remaining, self.input_remaining, self.output_remaining, self.tokens_remaining)
+        )
 
 
 def _int(value: str | None) -> int | None:
@@ -124,114 +138,131 @@ def parse_rate_headers(headers: Mapping[str, str], status: int, now_wall: float)
         tokens_limit=_int(h.get(p + "tokens-limit")),
         tokens_remaining=_int(h.get(p + "tokens-remaining")),
         tokens_reset_s=_seconds_until(h.get(p + "tokens-reset"), now_wall),
+        input_limit=_int(h.get(p + "input-tokens-limit")),
+        input_remaining=_int(h.get(p + "input-tokens-remaining")),
+        input_reset_s=_seconds_until(h.get(p + "input-tokens-reset"), now_wall),
+        output_limit=_int(h.get(p + "output-tokens-limit")),
+        output_remaining=_int(h.get(p + "output-tokens-remaining")),
+        output_reset_s=_seconds_until(h.get(p + "output-tokens-reset"), now_wall),
     )
 
 
-def estimate_tokens(system: Any, messages: Any, tools: Any, max_tokens: int) -> int:
-    """A conservative guess of a call's tokens before it is made: ~len(JSON)/4 in, plus max_tokens out."""
+def estimate_tokens(system: Any, messages: Any, tools: Any) -> int:
+    """A guess of a call's input tokens before it is made: ~len(JSON)/4."""
     blob = json.dumps([system, messages, tools or []], separators=(",", ":"), default=str)
-    return math.ceil(len(blob) / 4) + max(0, int(max_tokens))
+    return math.ceil(len(blob) / 4)
 
 
 class MeshRateLimit:
     """Pure rate-limit accounting for the whole mesh (see the module docstring)."""
 
-    def __init__(self, rpm: int, tpm: int, *, burst: int | None = None, recovery_s: float = RECOVERY_S) -> None:
+    def __init__(self, rpm: int, tpm: int, *, otpm: int | None = None, burst: int | None = None) -> None:
         if rpm < 1 or tpm < 1:
             raise ValueError("rpm and tpm must be at least 1")
         self.rpm = int(rpm)
         self.tpm = int(tpm)
-        self.burst = max(1, int(burst) if burst is not None else self.rpm // 10)
-        self.recovery_s = recovery_s
-        self.rpm_ceiling = float(self.rpm)
-        self.tpm_ceiling = float(self.tpm)
-        self.rpm_eff = float(self.rpm)
-        self.tpm_eff = float(self.tpm)
-        self.req_level: float = float(min(self.burst, self.rpm))
-        self.tok_level: float = float(self.tpm)
+        self.burst_setting = int(burst) if burst is not None else None
+        self.rpm_limit = float(self.rpm)
+        self.itpm_limit = float(self.tpm)
+        self.otpm_limit = float(otpm if otpm is not None else self.tpm)
+        self.learned = False
+        self.req_level: float = float(self.burst)
+        self.in_level: float = self.itpm_limit
+        self.out_level: float = self.otpm_limit
         self.window: deque[float] = deque()
         self.paused_until = 0.0
-        self.last_halved = -math.inf
+        self.inflight = 0
         self.grants = 0
         self.waits = 0
         self.tokens_granted = 0
+        self.output_tokens = 0
         self._last: float | None = None
 
-    # --- internals
-    def _req_capacity(self) -> float:
-        return float(max(1, min(self.burst, int(self.rpm_eff))))
+    @property
+    def burst(self) -> int:
+        cap = self.burst_setting if self.burst_setting is not None else int(self.rpm_limit)
+        return max(1, min(cap, int(self.rpm_limit + _EPS)))
 
+    # --- internals
     def _advance(self, now: float) -> None:
         last = self._last if self._last is not None else now
         dt = max(0.0, now - last)
         self._last = max(now, last)
         if dt > 0:
-            # additive recovery of the effective limits toward their ceilings
-            self.rpm_eff = min(self.rpm_ceiling, self.rpm_eff + self.rpm * dt / self.recovery_s)
-            self.tpm_eff = min(self.tpm_ceiling, self.tpm_eff + self.tpm * dt / self.recovery_s)
-            self.req_level = min(self._req_capacity(), self.req_level + dt * self.rpm_eff / WINDOW_S)
-            self.tok_level = min(self.tpm_eff, self.tok_level + dt * self.tpm_eff / WINDOW_S)
+            self.req_level = min(float(self.burst), self.req_level + dt * self.rpm_limit / WINDOW_S)
+            self.in_level = min(self.itpm_limit, self.in_level + dt * self.itpm_limit / WINDOW_S)
+            self.out_level = min(self.otpm_limit, self.out_level + dt * self.otpm_limit / WINDOW_S)
         while self.window and self.window[0] <= now - WINDOW_S:
             self.window.popleft()
 
     def _clamp(self) -> None:
-        self.req_level = min(self.req_level, self._req_capacity())
-        self.tok_level = min(self.tok_level, self.tpm_eff)
+        self.req_level = min(self.req_level, float(self.burst))
+        self.in_level = min(self.in_level, self.itpm_limit)
+        self.out_level = min(self.out_level, self.otpm_limit)
 
     # --- the API
     def reserve(self, tokens: int, now: float) -> float:
-        """0.0: granted and charged. > 0: nothing charged; ask again after that many seconds."""
+        """0.0: granted and charged ``tokens`` input tokens. > 0: nothing charged; ask again after
+        that many seconds."""
         self._advance(now)
         tokens = max(0, int(tokens))
         wait = 0.0
         if now < self.paused_until:
             wait = self.paused_until - now
         if self.req_level < 1.0 - _EPS:
-            wait = max(wait, (1.0 - self.req_level) / (self.rpm_eff / WINDOW_S))
-        if len(self.window) >= max(1, math.floor(self.rpm_eff + _EPS)):
-            wait = max(wait, self.window[0] + WINDOW_S - now)
-        need = min(float(tokens), self.tpm_eff)  # oversize: granted once the bucket is full
-        if self.tok_level < need - _EPS:
-            wait = max(wait, (need - self.tok_level) / (self.tpm_eff / WINDOW_S))
+            wait = max(wait, (1.0 - self.req_level) / (self.rpm_limit / WINDOW_S))
+        need = min(float(tokens), self.itpm_limit)  # oversize: granted once the bucket is full
+        if self.in_level < need - _EPS:
+            wait = max(wait, (need - self.in_level) / (self.itpm_limit / WINDOW_S))
+        if self.out_level < 0:
+            wait = max(wait, -self.out_level / (self.otpm_limit / WINDOW_S))
         if wait > 0:
             self.waits += 1
             return max(wait, 0.001)
         self.req_level -= 1.0
-        self.tok_level -= tokens
+        self.in_level -= tokens
         self.window.append(now)
         self.grants += 1
+        self.inflight += 1
         self.tokens_granted += tokens
         return 0.0
 
-    def settle(self, estimated: int, actual: int, now: float) -> None:
-        """Correct a grant's charge of ``estimated`` tokens once the call's ``actual`` usage is known."""
+    def settle(self, estimated: int, actual: int, now: float, output: int = 0) -> None:
+        """A granted call ended: correct its input charge of ``estimated`` to ``actual`` tokens and
+        charge its ``output`` tokens."""
         self._advance(now)
-        self.tok_level = min(self.tpm_eff, self.tok_level + (int(estimated) - int(actual)))
+        self.inflight = max(0, self.inflight - 1)
+        self.in_level = min(self.itpm_limit, self.in_level + (int(estimated) - int(actual)))
+        self.out_level -= max(0, int(output))
         self.tokens_granted += int(actual) - int(estimated)
+        self.output_tokens += max(0, int(output))
 
     def observe(self, obs: RateObservation, now: float) -> None:
-        """Adapt to what the API reported (status and rate-limit headers of one response)."""
+        """Follow what the API reported (status and rate-limit headers of one response)."""
         self._advance(now)
         if obs.status in (429, 529) and obs.retry_after_s is not None:
             self.paused_until = max(self.paused_until, now + obs.retry_after_s)
-        if obs.status == 429 and now - self.last_halved >= HALVE_COOLDOWN_S:
-            self.last_halved = now
-            self.rpm_eff = max(1.0, self.rpm_eff / 2)
-            self.tpm_eff = max(1.0, self.tpm_eff / 2)
+        in_limit = obs.input_limit if obs.input_limit is not None else obs.tokens_limit
+        in_left = obs.input_remaining if obs.input_remaining is not None else obs.tokens_remaining
         if obs.requests_limit is not None and obs.requests_limit > 0:
-            self.rpm_ceiling = float(min(self.rpm, obs.requests_limit))
-            self.rpm_eff = min(self.rpm_eff, self.rpm_ceiling)
-        if obs.tokens_limit is not None and obs.tokens_limit > 0:
-            self.tpm_ceiling = float(min(self.tpm, obs.tokens_limit))
-            self.tpm_eff = min(self.tpm_eff, self.tpm_ceiling)
+            self.rpm_limit, self.learned = float(obs.requests_limit), True
+        if in_limit is not None and in_limit > 0:
+            self.itpm_limit, self.learned = float(in_limit), True
+        if obs.output_limit is not None and obs.output_limit > 0:
+            self.otpm_limit, self.learned = float(obs.output_limit), True
+        # Remaining counts only ever lower a bucket: an observation reaches the policeman with a
+        # worker's next permit request, so it may be seconds old and the mesh has granted more since.
+        # An empty bucket refills continuously: the next call waits for its share, not for the
+        # ``*-reset`` time (when the bucket is full again).
         if obs.requests_remaining is not None:
             self.req_level = min(self.req_level, float(obs.requests_remaining))
-            if obs.requests_remaining <= 0 and obs.requests_reset_s is not None:
-                self.paused_until = max(self.paused_until, now + obs.requests_reset_s)
-        if obs.tokens_remaining is not None:
-            self.tok_level = min(self.tok_level, float(obs.tokens_remaining))
-            if obs.tokens_remaining <= 0 and obs.tokens_reset_s is not None:
-                self.paused_until = max(self.paused_until, now + obs.tokens_reset_s)
+        if in_left is not None:
+            self.in_level = min(self.in_level, float(in_left))
+        if obs.output_remaining is not None:
+            self.out_level = min(self.out_level, float(obs.output_remaining))
+        if obs.status == 429 and not obs.has_limits:  # no word on which limit: assume all are spent
+            self.req_level = min(self.req_level, 0.0)
+            self.in_level = min(self.in_level, 0.0)
         self._clamp()
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
@@ -239,17 +270,22 @@ class MeshRateLimit:
         if now is not None:
             self._advance(now)
         out: dict[str, Any] = {
-            "rpm": round(self.rpm_eff, 2),
-            "tpm": round(self.tpm_eff, 1),
+            "rpm": round(self.rpm_limit, 2),
+            "input_tpm": round(self.itpm_limit, 1),
+            "output_tpm": round(self.otpm_limit, 1),
             "configured_rpm": self.rpm,
             "configured_tpm": self.tpm,
+            "learned_from_api": self.learned,
             "burst": self.burst,
             "paused_until": self.paused_until,
             "grants": self.grants,
             "waits": self.waits,
+            "in_flight": self.inflight,
             "tokens_granted": self.tokens_granted,
+            "output_tokens": self.output_tokens,
             "requests_in_window": len(self.window),
-            "tokens_available": round(self.tok_level, 1),
+            "input_tokens_available": round(self.in_level, 1),
+            "output_tokens_available": round(self.out_level, 1),
         }
         if now is not None:
             out["paused_for_s"] = round(max(0.0, self.paused_until - now), 3)
@@ -261,7 +297,7 @@ class Limiter(Protocol):
 
     async def acquire(self, tokens: int) -> None: ...
 
-    def settle(self, estimated: int, actual: int) -> None: ...
+    def settle(self, estimated: int, actual: int, output: int = 0) -> None: ...
 
     def observe(self, obs: RateObservation) -> None: ...
 
@@ -291,8 +327,8 @@ class LocalLimiter:
             # bounded naps: a pause learned meanwhile or a settle() freeing tokens is seen soon
             await asyncio.sleep(min(wait, self.max_sleep_s))
 
-    def settle(self, estimated: int, actual: int) -> None:
-        self.state.settle(estimated, actual, self.clock())
+    def settle(self, estimated: int, actual: int, output: int = 0) -> None:
+        self.state.settle(estimated, actual, self.clock(), output)
 
     def observe(self, obs: RateObservation) -> None:
         self.state.observe(obs, self.clock())
@@ -307,7 +343,7 @@ class NoLimiter:
     async def acquire(self, tokens: int) -> None:
         return None
 
-    def settle(self, estimated: int, actual: int) -> None:
+    def settle(self, estimated: int, actual: int, output: int = 0) -> None:
         return None
 
     def observe(self, obs: RateObservation) -> None:

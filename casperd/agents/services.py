@@ -65,9 +65,9 @@ class MeshLimiter:
                 return
             await asyncio.sleep(min(wait, 60.0))
 
-    def settle(self, estimated: int, actual: int) -> None:
-        self._settles.append([int(estimated), int(actual)])
-        self._fallback.settle(estimated, actual)
+    def settle(self, estimated: int, actual: int, output: int = 0) -> None:
+        self._settles.append([int(estimated), int(actual), int(output)])
+        self._fallback.settle(estimated, actual, output)
 
     def observe(self, obs: RateObservation) -> None:
         self._observed.append(dataclasses.asdict(obs))

@@ -61,7 +61,9 @@ async def run_test(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
             xml = Path(tmp) / "junit.xml"
             shell_ctx = RunContext(ctx.node_id, wt, timeout, ctx.output_cap)
             try:
-                run = await run_shell(shell_ctx, {"cmd": _with_junit(cmd, xml), "timeout_s": timeout})
+                # any exit code is a test result, not a failure of the tester: with expect_exit set,
+                # run_shell returns on a non-zero exit instead of raising ShellExitError
+                run = await run_shell(shell_ctx, {"cmd": _with_junit(cmd, xml), "timeout_s": timeout, "expect_exit": 0})
             except TaskTimeoutError:  # a hanging test suite is a test result, not a tester failure
                 return {
                     "ok": False,

@@ -400,6 +400,9 @@ def _token_kinds(tokens: Any) -> str:
     if not t:
         return "-"
     parts = [f"{_int(t.get(k)):,} {label}" for k, label in TOKEN_KINDS]
+    all_input = _int(t.get("input_tokens")) + _int(t.get("cache_read_tokens")) + _int(t.get("cache_write_tokens"))
+    if all_input:
+        parts.append(f"{_int(t.get('cache_read_tokens')) / all_input:.0%} of input from the cache")
     if "calls" in t:
         parts.append(f"{_int(t.get('calls')):,} calls")
     return ", ".join(parts)

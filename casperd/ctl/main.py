@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from casperd import __version__
-from casperd.ctl import jobs, submit
+from casperd.ctl import jobs, submit, top
 from casperd.ctl.client import ControlClient, find_control, parse_id
 from casperd.ctl.output import emit, err, fail, kv, out, plural, table
 from casperd.errors import CasperError, CommandError, NoDaemonError, RequestTimeoutError, TaskNotFoundError
@@ -74,7 +74,18 @@ def cmd_status(c: ControlClient, a: argparse.Namespace) -> int:
 
 def cmd_peers(c: ControlClient, a: argparse.Namespace) -> int:
     data = c.request("peers")
-    cols = ("node_id", "role", "endpoint", "liveness", "breaker", "inflight", "capacity", "draining", "capabilities")
+    cols: tuple[str, ...] = (
+        "node_id",
+        "role",
+        "endpoint",
+        "liveness",
+        "breaker",
+        "inflight",
+        "capacity",
+        "draining",
+        "capabilities",
+    )
+    cols += ("spawned",) if any(p.get("spawned") for p in data["peers"]) else ()
     _emit(
         a,
         data,
@@ -82,7 +93,7 @@ def cmd_peers(c: ControlClient, a: argparse.Namespace) -> int:
             _table(
                 plural(len(d["peers"]), "peer"),
                 cols,
-                ([p[k] if k != "capabilities" else ",".join(p[k]) for k in cols] for p in d["peers"]),
+                ([p.get(k) if k != "capabilities" else ",".join(p[k]) for k in cols] for p in d["peers"]),
             )
         ),
     )
@@ -278,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("directory")
     sp.add_argument("name")
     jobs.add_parsers(add, out, err)
+    top.add_parsers(add, out)
     return p
 
 

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from casperd.errors import TaskError
-from casperd.handlers import RunContext, TaskType, register
+from casperd.handlers.types import RunContext, TaskType
 
 
 class SleepInput(BaseModel):
@@ -44,13 +44,13 @@ async def _sleep(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
     return {"slept_s": round(time.monotonic() - t0, 4)}
 
 
-register(TaskType("noop", _noop, description="does nothing; for health checks and benchmarks"))
-register(TaskType("echo", _echo, description="returns its input"))
-register(
+TYPES: tuple[TaskType, ...] = (
+    TaskType("noop", _noop, description="does nothing; for health checks and benchmarks"),
+    TaskType("echo", _echo, description="returns its input"),
     TaskType(
         "sleep",
         _sleep,
         description="sleeps input.seconds; input.fail makes it fail afterwards",
         input_model=SleepInput,
-    )
+    ),
 )

@@ -25,7 +25,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from casperd.errors import ShellExitError, TaskError, TaskTimeoutError
-from casperd.handlers import RunContext, TaskType, register
+from casperd.handlers.types import RunContext, TaskType
 
 _SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.I)
 
@@ -155,7 +155,7 @@ def validate_shell(data: dict[str, Any], output: Any) -> str | None:
     return None if got == expected else f"exit code {got}, expected {expected}"
 
 
-register(
+TYPES: tuple[TaskType, ...] = (
     TaskType(
         "shell",
         run_shell,
@@ -164,5 +164,5 @@ register(
         validate_when=lambda data: "expect_exit" in data,
         description="runs input.cmd in the workspace; a non-zero exit fails it unless input.expect_exit says so",
         input_model=ShellInput,
-    )
+    ),
 )

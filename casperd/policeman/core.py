@@ -29,6 +29,7 @@ from casperd.messages import (
     Request,
     ResultBatch,
     Submit,
+    new_task_id,
 )
 from casperd.metrics import Metrics
 from casperd.policeman.actions import Now, SaveAttachments, Sender, SenderKind, Serve
@@ -48,12 +49,11 @@ class PolicemanCore(RecoveryRules):
         metrics: Metrics,
         started: float,
         authorize: Authorizer = allow_all_until_authz,
+        new_id: Callable[[], uuid.UUID] = new_task_id,
     ) -> None:
-        super().__init__(settings, catalog, metrics, started)
+        super().__init__(settings, catalog, metrics, started, new_id)
         self.authorize = authorize
         self._logged_errors = set()
-        self.pending_attached: dict[uuid.UUID, int] = {}
-        """Attached results whose attachments the shell is storing (task id -> attempt)."""
 
     # --- the mesh entry point ---------------------------------------------------------------------
     def on_mesh(self, route: bytes, frames: list[bytes], now: Now, key: str | None = None) -> None:
@@ -109,7 +109,6 @@ class PolicemanCore(RecoveryRules):
             )
         out = msg.results[0]
         if self.held(peer, out.task_id, out.attempt) is not None:
-            self.pending_attached[out.task_id] = out.attempt
             self.out.append(SaveAttachments(peer.node_id, msg, att))
 
     def attachments_saved(
@@ -118,7 +117,6 @@ class PolicemanCore(RecoveryRules):
         """The shell stored (``error`` None) or failed to store the attachments of an attached result."""
         self.clock = now.mono
         out = msg.results[0]
-        self.pending_attached.pop(out.task_id, None)
         peer = self.peers.get(node_id)
         if peer is None:
             return

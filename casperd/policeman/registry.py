@@ -112,6 +112,8 @@ class RegistryRules(TaskRules):
 
     def on_heartbeat(self, peer: Peer, msg: Heartbeat, now: Now) -> None:
         peer.cache = msg.cache
+        if msg.cpu_pct is not None:
+            peer.cpu_pct, peer.rss_bytes = msg.cpu_pct, msg.rss_bytes
         if msg.draining != peer.draining_itself:
             peer.draining_itself = msg.draining
             peer.update_draining()

@@ -13,6 +13,7 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,7 @@ from casperd.dispatch import Dispatcher, PeerSlot
 from casperd.handlers import Catalog
 from casperd.lifecycle import Status, Trigger
 from casperd.liveness import PeerClock
+from casperd.messages import new_task_id
 from casperd.metrics import Metrics
 from casperd.policeman.actions import Action, Arm, Send, Socket, Stage, StageKey
 from casperd.retry import RetryPolicy
@@ -50,6 +52,8 @@ class Peer:
     draining_itself: bool = False
     public_key: str | None = None
     cache: dict[str, int] | None = None  # its result-cache counters, from its last HEARTBEAT
+    cpu_pct: float | None = None
+    rss_bytes: int | None = None
 
     def update_draining(self) -> None:
         self.slot.draining = self.drained_by_operator or self.draining_itself
@@ -71,12 +75,23 @@ class Peer:
             "breaker": self.slot.breaker.state.value,
             "last_seen_s": round(now - self.clock.last_seen, 3),
             "public_key": self.public_key,
+            "cpu_pct": self.cpu_pct,
+            "rss_bytes": self.rss_bytes,
         }
 
 
 class CoreState:
-    def __init__(self, settings: Settings, catalog: Catalog, metrics: Metrics, started: float) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        metrics: Metrics,
+        started: float,
+        new_id: Callable[[], uuid.UUID] = new_task_id,
+    ) -> None:
         self.s = settings
+        self.new_id = new_id
+        """Makes task ids (UUIDv7: they carry their creation time); tests pass a deterministic one."""
         self.catalog = catalog
         self.metrics = metrics
         self.started = started

@@ -15,7 +15,7 @@ from casperd import admission, codec
 from casperd.errors import CasperError, InvalidBodyError, TaskNotFoundError
 from casperd.lifecycle import ACTIVE, Status, Trigger
 from casperd.liveness import Liveness
-from casperd.messages import Accepted, Cancel, Submit, TaskSpec, new_task_id
+from casperd.messages import Accepted, Cancel, Submit, TaskSpec
 from casperd.policeman.actions import DoneFromStore, Now, Send, Socket
 from casperd.policeman.assign import AssignRules
 from casperd.taskrecord import TaskRecord, to_json
@@ -36,8 +36,8 @@ class SubmissionRules(AssignRules):
                 "the policeman is shutting down and accepts no new work", hint="submit again once it is back"
             )
         admission.check_specs(msg.tasks, self.catalog)  # types and input schemas: all refused, nothing half-done
-        for key, tid in found.items():
-            self.remember_key(key, tid)
+        for known, tid in found.items():
+            self.remember_key(known, tid)
         inputs: list[str] = []
         for n, spec in enumerate(msg.tasks):
             try:
@@ -80,8 +80,7 @@ class SubmissionRules(AssignRules):
         detail: dict[str, Any] | None = None,
         input_json: str | None = None,
     ) -> TaskRecord:
-        max_attempts = self.policy_for(spec.type).max_attempts
-        rec = TaskRecord.from_spec(new_task_id(), spec, max_attempts, submitter, input_json)
+        rec = TaskRecord.from_spec(self.new_id(), spec, self.policy_for(spec.type).max_attempts, submitter, input_json)
         own = self.s.task_policies.get(spec.type)
         if rec.timeout_s is None and own is not None and own.timeout_s is not None:
             rec.timeout_s = own.timeout_s  # the type's default timeout
@@ -96,7 +95,7 @@ class SubmissionRules(AssignRules):
         """A record for a task the policeman creates itself (not yet staged: its attachments are
         stored first, then :meth:`add_local` stages it)."""
         self.catalog.get(spec.type)
-        return TaskRecord.from_spec(new_task_id(), spec, self.policy_for(spec.type).max_attempts, submitter)
+        return TaskRecord.from_spec(self.new_id(), spec, self.policy_for(spec.type).max_attempts, submitter)
 
     def add_local(self, rec: TaskRecord, holder: str | None, now: Now) -> None:
         """Stage a task the policeman created. With ``holder`` (a direct hand-off) it is assigned to

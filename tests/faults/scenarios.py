@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from typing import Any
 
 from casperd.ctl.client import ControlClient
 from casperd.errors import CasperError
+from casperd.lifecycle import replay
 from casperd.messages import Done, TaskSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +50,9 @@ ACTIVE = ("assigned", "processing", "validating")
 
 # --- submitting and waiting -------------------------------------------------------------------
 def sleeps(n: int, seconds: float, *, tag: str = "", **spec: Any) -> list[TaskSpec]:
-    return [TaskSpec(type="sleep", input={"seconds": seconds, "i": i, "tag": tag}, **spec) for i in range(n)]
+    """``n`` sleeps with distinct inputs (``sleep`` takes only ``seconds`` and ``fail``: the i-th
+    sleeps i microseconds longer). ``tag`` only names the batch where it is submitted."""
+    return [TaskSpec(type="sleep", input={"seconds": seconds + i * 1e-6}, **spec) for i in range(n)]
 
 
 def submit(client: ControlClient, specs: Sequence[TaskSpec], *, wait: bool = True) -> list[str]:
@@ -123,6 +127,25 @@ class Ledger:
     requeues: list[tuple[str, str | None, str, Any]]  # (task, former holder, reason, at)
     errors: list[tuple[str, str | None, str]]  # (task, peer, code)
     all_task_ids: set[str] = field(default_factory=set)  # every task in the table
+    histories: dict[str, list[tuple[str | None, str, int, str]]] = field(default_factory=dict)
+    """Each task's events (from, to, attempt after, requeue reason), in order."""
+
+    def assert_histories_replay(self) -> None:
+        """Every task's events are a path through the lifecycle table (``lifecycle.replay``) that
+        adds up to the attempts in its row; a refunded requeue gives its attempt back and a lost
+        holder's keeps it counted, as the reasons say."""
+        for tid in sorted(self.ids & set(self.histories)):
+            history = self.histories[tid]
+            final = replay(tid, [(f, t, a) for f, t, a, _ in history])
+            assert final == self.attempts[tid], (
+                f"task {tid}: events add up to {final} attempts, row says {self.attempts[tid]}"
+            )
+            for (_, _, before, _), (frm, to, after, reason) in itertools.pairwise(history):
+                if to == "pending" and frm in ACTIVE:
+                    if REFUNDED.match(reason):
+                        assert after == before - 1, f"task {tid}: refunded requeue ({reason}) kept its attempt"
+                    elif HOLDER_LOST.match(reason):
+                        assert after == before, f"task {tid}: lost holder ({reason}) refunded its attempt"
 
     def assert_all_complete(self) -> None:
         lost = self.ids - set(self.status)
@@ -133,6 +156,7 @@ class Ledger:
         assert statuses == {"complete": len(self.ids)}, f"not all complete: {dict(statuses)}"
         not_once = {t: self.completes[t] for t in self.ids if self.completes[t] != 1}
         assert not not_once, f"tasks without exactly one 'complete' event: {not_once}"
+        self.assert_histories_replay()
 
     @property
     def extra_runs(self) -> int:
@@ -184,6 +208,7 @@ def read_ledger(nm: Any, ids: Sequence[str]) -> Ledger:
     )
     for tid, frm, to, peer, attempt, detail, at in events:
         detail = detail or {}
+        led.histories.setdefault(tid, []).append((frm, to, attempt, str(detail.get("reason", ""))))
         if to == "complete":
             led.completes[tid] += 1
             led.finisher[tid] = peer

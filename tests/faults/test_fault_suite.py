@@ -621,7 +621,7 @@ def test_redis_lost_while_a_cached_task_runs_does_not_run_it_again(
     mesh = nm.start_mesh(developers=1, heartbeat_s=0.5, extra_env={"CASPER_CAPACITY": "4"})
     assert nm.redis_proc is not None
     with mesh.client(timeout_s=30) as c:
-        ids = submit(c, [TaskSpec(type="sleep", input={"seconds": 1.5, "i": i}, cache=True) for i in range(4)])
+        ids = submit(c, [TaskSpec(type="sleep", input={"seconds": 1.5 + i * 1e-6}, cache=True) for i in range(4)])
         wait_until(
             lambda: nm.ledger("SELECT count(*) FROM tasks WHERE status = 'processing'")[0][0] == 4,
             30,

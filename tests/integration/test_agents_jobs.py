@@ -18,7 +18,7 @@ from casperd.ctl.client import ControlClient
 from tests.integration.agentkit import FIXED, TEST_CMD, agent_env, checkout_and_test, git, make_repo, run_job
 from tests.integration.conftest import wait_for
 from tests.support.brains import ScriptedTeam, fix
-from tests.support.fakeclaude import FakeClaude
+from tests.support.fakeclaude import FakeClaude, Response, reply, text
 
 pytestmark = pytest.mark.integration
 
@@ -64,8 +64,18 @@ def test_job_plans_codes_tests_and_integrates(make_mesh: Any, tmp_path: Path) ->
     with FakeClaude(script=team) as fake:
         mesh = make_mesh(developers=3, testers=1, extra_env=agent_env(fake.url))
         report = run_job(mesh, goal="make the tests pass", repo=str(repo), test_cmd=TEST_CMD, max_parallel=3)
+        billed = fake.billed()
     assert report["state"] == "done", [(s["id"], s["state"], s["note"], s["tests"]) for s in report["subtasks"]]
     assert [s["state"] for s in report["subtasks"]] == ["integrated"] * 3
+    # the usage report is the server's bill, token for token, every call once
+    assert {k: report["tokens"][k] for k in billed} == billed
+    # the mul developer was told its own test fails, apart from the other subtasks' (failing on the base too)
+    mul_fed = [json.dumps(r.body["messages"][-1]) for r in fake.calls() if "[fix-mul]" in str(r.body["messages"][0])]
+    assert any("Your subtask's tests that still fail" in m or "your change broke them" in m for m in mul_fed)
+    assert any("Failing on the base commit too" in m and "test_add" in m for m in mul_fed)
+    # the job's working ref is gone from the user's repository; the branch stays
+    assert "refs/casper/jobs/" not in git(repo, "for-each-ref")
+    assert git(repo, "rev-parse", report["branch"]).strip()
     assert _sub(report, "fix-mul")["rounds"] == 2 and _sub(report, "fix-add")["rounds"] == 1
     assert report["final_tests"]["ok"] and report["final_tests"]["passed"] == 4
     assert report["tokens"]["input_tokens"] > 0 and report["cost_usd"] > 0
@@ -317,3 +327,30 @@ def test_cancelling_a_job_stops_it_and_its_tasks(make_mesh: Any, tmp_path: Path)
             )
     assert any("cancelled" in n for n in report["notes"]), report
     assert code["status"] == "cancelled"
+
+
+def test_a_refusal_fails_its_subtask_with_the_named_reason_and_the_job_ends(make_mesh: Any, tmp_path: Path) -> None:
+    team = ScriptedTeam(
+        PLAN3,
+        {
+            "fix-add": [fix("calc/add.py", "a - b", "a + b")],
+            "fix-mul": [fix("calc/mul.py", "a + b", "a * b")],
+            "fix-neg": [fix("calc/neg.py", "return a", "return -a")],
+        },
+    )
+
+    def script(body: dict[str, Any]) -> Response:
+        if "[fix-neg]" in str(body["messages"][0]):
+            return reply(text("I can't help with that."), stop_reason="refusal")
+        return team(body)
+
+    repo = make_repo(tmp_path)
+    with FakeClaude(script=script) as fake:
+        mesh = make_mesh(developers=2, testers=1, extra_env=agent_env(fake.url))
+        report = run_job(mesh, goal="make the tests pass", repo=str(repo), test_cmd=TEST_CMD, max_parallel=3)
+        refused = [r for r in fake.calls() if "[fix-neg]" in str(r.body["messages"][0])]
+    assert report["state"] == "failed", report["state"]
+    neg = _sub(report, "fix-neg")
+    assert neg["state"] == "failed" and "refus" in str(neg["note"]), neg
+    assert len(refused) == 1  # not retried: the same conversation would be refused again
+    assert [_sub(report, s)["state"] for s in ("fix-add", "fix-mul")] == ["integrated", "integrated"]

@@ -120,21 +120,26 @@ def test_deterministic_ask_is_paid_once_across_developers(make_mesh: MeshFactory
 
 
 # --- 3. the mesh-wide rate limit -----------------------------------------------------------------------
-RPM = 60
-BURST = max(1, RPM // 10)  # MeshRateLimit's default burst
-N_RATE = 20
+RPM = 12
+BURST = RPM  # the API's bucket holds a whole minute, and so does the mesh's
+N_RATE = 16
 
 
 def test_rate_limit_holds_for_the_whole_mesh(make_mesh: MeshFactory) -> None:
-    # 4 developers x 4 slots could send 16 requests at once; the policeman grants 1/s after a burst of 6
-    with FakeClaude(latency_s=0.1) as fake:
+    # 4 developers x 4 slots could send 16 requests at once; the account allows 12 a minute (the fake
+    # enforces it and says so in its headers): the policeman grants 12, then one every 5 s
+    with FakeClaude(latency_s=0.1, rpm_limit=RPM) as fake:
         mesh = make_mesh(
             developers=4, testers=0, extra_env=agent_env(fake.url, CASPER_LLM_RPM=str(RPM), CASPER_CAPACITY="4")
         )
         views = run_asks(mesh, [ask(f"question {i}") for i in range(N_RATE)], timeout=60)
         recorded = sorted(fake.recorded(), key=lambda r: r.t)
     assert all(v["status"] == "complete" for v in views), [(v["status"], v["error"]) for v in views]
-    assert len(recorded) == N_RATE and all(r.status == 200 for r in recorded), statuses(fake)
+    # the mesh's bucket and the server's refill on two clocks: a request may arrive a hair early and
+    # be told to wait (429 + retry-after, then retried); never more than the odd one
+    assert {r.status for r in recorded} <= {200, 429} and statuses(fake).count(429) <= 2, statuses(fake)
+    recorded = [r for r in recorded if r.status == 200]
+    assert len(recorded) == N_RATE
     arrivals = [r.t for r in recorded]
     # token bucket: any run of k consecutive arrivals spanning dt seconds has k <= burst + rpm*dt/60 (+1 slack)
     for i in range(len(arrivals)):

@@ -58,7 +58,7 @@ def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def fake() -> Iterator[FakeClaude]:
-    with FakeClaude() as f:
+    with FakeClaude(min_cache_tokens=100) as f:
         yield f
 
 
@@ -118,6 +118,8 @@ async def test_normal_call_content_usage_cost_and_prompt_caching(fake: FakeClaud
     assert sent["system"] == [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}]
     assert sent["tools"][-1]["cache_control"] == {"type": "ephemeral"}
     assert "cache_control" not in sent["tools"][0]
+    assert sent["stream"] is True  # every call is streamed
+    assert sent["messages"][-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}  # the newest turn
     assert sent["tool_choice"] == {"type": "auto"} and sent["temperature"] == 0.5
     assert tools_before == TOOLS  # the caller's dicts are never mutated
 
@@ -315,6 +317,7 @@ async def test_deterministic_calls_hit_the_shared_cache(fake: FakeClaude, make_c
 
 async def test_local_limiter_holds_the_rate_for_concurrent_callers(fake: FakeClaude, make_client: Any) -> None:
     rpm, burst = 240, 2  # 4 requests per second after a burst of 2
+    fake.rpm_limit = rpm  # the API's headers agree with the setting (they would override it)
     client = make_client(limiter=LocalLimiter(rpm=rpm, tpm=10**8, burst=burst))
 
     async def caller(i: int) -> None:
@@ -328,3 +331,81 @@ async def test_local_limiter_holds_the_rate_for_concurrent_callers(fake: FakeCla
         for j in range(i + 1, len(times)):
             allowed = burst + rpm / 60 * (times[j] - times[i]) + 1  # +1: arrival jitter on loopback
             assert j - i + 1 <= allowed, f"{j - i + 1} requests in {times[j] - times[i]:.3f}s"
+
+
+# --- streaming -----------------------------------------------------------------------------------------
+async def test_a_stream_longer_than_the_timeout_succeeds_while_events_keep_coming(
+    fake: FakeClaude, make_client: Any
+) -> None:
+    client = make_client(timeout_s=0.6, retries=0)
+    # six blocks, 0.4 s between events, a ping every 0.2 s: ~5 s in all, far past the 0.6 s idle timeout
+    fake.push(reply(*(text(f"part {i} ") for i in range(5)), text("end"), gap_s=0.4, ping_s=0.2))
+    got = await call(client)
+    assert got.text == "".join(f"part {i} " for i in range(5)) + "end"
+    assert got.stop_reason == "end_turn" and got.usage.output_tokens > 0
+    assert len(fake.calls()) == 1
+
+
+async def test_a_silent_stream_hits_the_idle_timeout_and_is_retried(fake: FakeClaude, make_client: Any) -> None:
+    client = make_client(timeout_s=0.5, retries=1)
+    fake.push(reply(text("a"), text("b"), gap_s=2.0), reply(text("second try")))  # 2 s of silence
+    got = await call(client)
+    assert got.text == "second try"
+    assert len(fake.recorded()) == 2
+
+
+async def test_an_error_event_mid_stream_is_classified_and_retried(fake: FakeClaude, make_client: Any) -> None:
+    client = make_client(retries=2)
+    overloaded_event = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    fake.push(reply(text("half"), stream_error=overloaded_event), reply(text("whole")))
+    got = await call(client)
+    assert got.text == "whole"
+    assert fake.billed()["calls"] == 1  # the broken stream was not billed, nor counted
+
+
+async def test_an_invalid_request_error_event_is_not_retried(fake: FakeClaude, make_client: Any) -> None:
+    client = make_client(retries=3)
+    bad = {"type": "error", "error": {"type": "invalid_request_error", "message": "nope"}}
+    fake.push(reply(text("x"), stream_error=bad))
+    with pytest.raises(LlmRequestError) as info:
+        await call(client)
+    assert info.value.details["status"] == 400 and len(fake.recorded()) == 1
+
+
+async def test_max_tokens_mid_tool_use_comes_back_as_a_cut_answer(fake: FakeClaude, make_client: Any) -> None:
+    client = make_client()
+    use = tool_use("write_file", {"path": "a.py", "content": "x = 1\n" * 50})
+    fake.push(reply(use, stop_reason="max_tokens", truncate_tool_input=True))
+    got = await call(client)
+    assert got.stop_reason == "max_tokens"
+    assert got.content[-1]["type"] == "tool_use" and got.content[-1]["input"] != use["input"]
+
+
+async def test_usage_sums_match_the_servers_bill(fake: FakeClaude, make_client: Any) -> None:
+    client = make_client()
+    total = {"input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0, "calls": 0}
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "start " * 300}]
+    for i in range(4):
+        fake.push(reply(text(f"answer {i}")))
+        got = await call(client, messages=messages)
+        for k in total:
+            total[k] += getattr(got.usage, k)
+        messages = [*messages, {"role": "assistant", "content": got.content}, {"role": "user", "content": f"more {i}"}]
+    assert total == fake.billed()
+    assert total["cache_read_tokens"] > 0  # the conversation so far is read from the cache
+
+
+async def test_the_limiter_follows_rate_limit_headers_that_rise_and_fall(fake: FakeClaude, make_client: Any) -> None:
+    limiter = LocalLimiter(rpm=50, tpm=100_000)  # the settings' defaults
+    client = make_client(limiter=limiter)
+    fake.rpm_limit, fake.tpm_limit, fake.otpm_limit = 4000, 2_000_000, 400_000
+    await call(client)
+    snap = limiter.snapshot()
+    assert (snap["rpm"], snap["input_tpm"], snap["output_tpm"]) == (4000, 2_000_000, 400_000)
+    assert snap["learned_from_api"] and snap["output_tokens"] > 0
+    fake.rpm_limit = 20  # the account's limit falls...
+    await call(client)
+    assert limiter.snapshot()["rpm"] == 20
+    fake.rpm_limit = 1000  # ...and rises again: the limiter follows at once, no slow recovery
+    await call(client)
+    assert limiter.snapshot()["rpm"] == 1000

@@ -151,9 +151,31 @@ def test_scripted_errors_and_headers(fake: FakeClaude) -> None:
             {
                 "model": "m",
                 "max_tokens": 5,
-                "messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}],
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "assistant", "content": []},
+                    {"role": "user", "content": "y"},
+                ],
             },
-            "alternate",
+            "non-empty content",
+        ),
+        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [text("")]}]}, "non-empty"),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y "}],
+            },
+            "trailing whitespace",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "system": [{"type": "text", "text": f"s{i}", "cache_control": {"type": "ephemeral"}} for i in range(5)],
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            "maximum of 4",
         ),
         ({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "role"),
     ],
@@ -212,7 +234,12 @@ def test_missing_key_is_401_and_other_paths_404(fake: FakeClaude) -> None:
     assert [r.status for r in fake.recorded()] == [401, 404, 404]
 
 
-def test_prompt_cache_simulation(fake: FakeClaude) -> None:
+def test_prompt_cache_simulation() -> None:
+    with FakeClaude(min_cache_tokens=100) as fake:
+        _prompt_cache_checks(fake)
+
+
+def _prompt_cache_checks(fake: FakeClaude) -> None:
     tools = [
         {"name": "a", "input_schema": {"type": "object"}},
         {"name": "b", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}},
@@ -231,7 +258,7 @@ def test_prompt_cache_simulation(fake: FakeClaude) -> None:
     assert plain["usage"]["cache_creation_input_tokens"] == plain["usage"]["cache_read_input_tokens"] == 0
     assert plain["usage"]["input_tokens"] > 100
     # a different prefix is a new cache entry
-    _, other, _ = post(fake, body(system=[{**system[0], "text": "different"}]))
+    _, other, _ = post(fake, body(system=[{**system[0], "text": "different " * 50}]))
     assert other["usage"]["cache_creation_input_tokens"] > 0
 
 
@@ -316,3 +343,60 @@ def test_stop_closes_the_port() -> None:
     fake.stop()  # idempotent
     with pytest.raises(RuntimeError):
         _ = fake.url
+
+
+def _events(raw: str) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for chunk in raw.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in chunk.splitlines())
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+def test_a_stream_is_the_documented_event_sequence(fake: FakeClaude) -> None:
+    use = tool_use("run", {"cmd": "ls -la"}, id="toolu_9")
+    fake.push(reply(text("Looking."), use))
+    req = urllib.request.Request(
+        fake.url + "/v1/messages",
+        data=json.dumps(body(stream=True)).encode(),
+        method="POST",
+        headers={"content-type": "application/json", **KEY},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.headers["content-type"] == "text/event-stream"
+        evs = _events(resp.read().decode())
+    names = [n for n, _ in evs]
+    assert names[0] == "message_start" and names[1] == "ping" and names[-2:] == ["message_delta", "message_stop"]
+    assert evs[0][1]["message"]["content"] == [] and evs[0][1]["message"]["usage"]["input_tokens"] > 0
+    starts = [d["content_block"] for n, d in evs if n == "content_block_start"]
+    assert starts == [{"type": "text", "text": ""}, {"type": "tool_use", "id": "toolu_9", "name": "run", "input": {}}]
+    texts = "".join(d["delta"]["text"] for n, d in evs if n == "content_block_delta" and d["index"] == 0)
+    partial = "".join(d["delta"]["partial_json"] for n, d in evs if n == "content_block_delta" and d["index"] == 1)
+    assert texts == "Looking." and json.loads(partial) == {"cmd": "ls -la"}
+    assert names.count("content_block_stop") == 2
+    delta = evs[-2][1]
+    assert delta["delta"]["stop_reason"] == "tool_use" and delta["usage"]["output_tokens"] > 0
+    assert fake.billed()["calls"] == 1 and fake.billed()["output_tokens"] == delta["usage"]["output_tokens"]
+
+
+def test_incremental_breakpoints_read_the_previous_turn_and_a_short_prefix_is_not_cached() -> None:
+    with FakeClaude(min_cache_tokens=1024) as fake:
+        short = body({"role": "user", "content": [{**text("hi"), "cache_control": {"type": "ephemeral"}}]})
+        _, first, _ = post(fake, short)
+        _, again, _ = post(fake, short)
+        assert first["usage"]["cache_creation_input_tokens"] == again["usage"]["cache_read_input_tokens"] == 0
+
+        cc = {"cache_control": {"type": "ephemeral"}}
+        turn1 = [{"role": "user", "content": [{**text("long context " * 400), **cc}]}]
+        _, u1, _ = post(fake, body(*turn1))
+        turn2 = [
+            {"role": "user", "content": [text("long context " * 400)]},
+            {"role": "assistant", "content": [text("ok")]},
+            {"role": "user", "content": [{**text("next question"), **cc}]},
+        ]
+        _, u2, _ = post(fake, body(*turn2))
+    w1 = u1["usage"]["cache_creation_input_tokens"]
+    assert w1 > 1024 and u1["usage"]["cache_read_input_tokens"] == 0
+    # the previous breakpoint is found by the lookback: read it, write only the new blocks
+    assert u2["usage"]["cache_read_input_tokens"] == w1
+    assert 0 < u2["usage"]["cache_creation_input_tokens"] < 50 and u2["usage"]["input_tokens"] == 0

@@ -226,6 +226,7 @@ def test_render_report_complete() -> None:
         "340 output",
         "5,000 cache read",
         "80 cache write",
+        "80% of input from the cache",  # 5,000 of 1,200 + 5,000 + 80
         "integrated",
         "failed",
     ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
 from email.utils import formatdate
 
 import pytest
@@ -127,12 +128,31 @@ def test_parse_garbage_is_none(garbage: str) -> None:
         assert obs.requests_limit is None
 
 
-def test_estimate_tokens_counts_input_and_max_tokens() -> None:
-    small = estimate_tokens("sys", [{"role": "user", "content": "hi"}], None, 100)
-    big = estimate_tokens("sys", [{"role": "user", "content": "x" * 4000}], None, 100)
-    assert small > 100
+def test_estimate_tokens_counts_input_only() -> None:
+    small = estimate_tokens("sys", [{"role": "user", "content": "hi"}], None)
+    big = estimate_tokens("sys", [{"role": "user", "content": "x" * 4000}], None)
+    assert 0 < small < 20  # max_tokens is not charged up front
     assert big - small >= 999
-    assert estimate_tokens("", [], [{"name": "t"}], 0) > 0
+    assert estimate_tokens("", [], [{"name": "t"}]) > 0
+
+
+def test_parse_input_and_output_token_headers() -> None:
+    p = "anthropic-ratelimit-"
+    obs = parse_rate_headers(
+        {
+            p + "input-tokens-limit": "2000000",
+            p + "input-tokens-remaining": "1999000",
+            p + "input-tokens-reset": "2026-01-01T00:00:30Z",
+            p + "output-tokens-limit": "400000",
+            p + "output-tokens-remaining": "0",
+            p + "output-tokens-reset": "2026-01-01T00:00:05Z",
+        },
+        200,
+        datetime(2026, 1, 1, tzinfo=UTC).timestamp(),
+    )
+    assert (obs.input_limit, obs.input_remaining, obs.input_reset_s) == (2_000_000, 1_999_000, 30.0)
+    assert (obs.output_limit, obs.output_remaining, obs.output_reset_s) == (400_000, 0, 5.0)
+    assert obs.has_limits and not RateObservation(status=429).has_limits
 
 
 # --- MeshRateLimit -----------------------------------------------------------------------------------
@@ -161,24 +181,26 @@ def max_in_window(times: list[float], width: float) -> int:
 def test_rpm_holds_over_simulated_minutes() -> None:
     lim = MeshRateLimit(rpm=60, tpm=10**9, burst=5)
     grants = run_greedy(lim, 1, until=180.0)
-    assert max_in_window(grants, 60.0) <= 60
-    for width in (1.0, 5.0, 10.0, 30.0):
+    for width in (1.0, 5.0, 10.0, 30.0, 60.0):
         assert max_in_window(grants, width) <= 5 + 60 * width / 60 + 1e-9
     assert len(grants) >= 175  # and it does not starve: about burst + 1 per second
     assert lim.snapshot()["grants"] == len(grants)
 
 
-def test_default_burst_is_a_tenth_of_rpm() -> None:
+def test_default_burst_is_the_whole_minute_as_the_api_bucket() -> None:
     lim = MeshRateLimit(rpm=50, tpm=10**9)
-    assert lim.burst == 5
-    assert len(run_greedy(lim, 1, until=0.001)) == 5
-    assert MeshRateLimit(rpm=3, tpm=100).burst == 1
+    assert lim.burst == 50
+    assert len(run_greedy(lim, 1, until=0.001)) == 50
+    assert MeshRateLimit(rpm=3, tpm=100, burst=10).burst == 3  # never above the limit
 
 
-def test_sliding_window_caps_a_minute_even_with_a_large_burst() -> None:
-    lim = MeshRateLimit(rpm=10, tpm=10**9, burst=10)
+def test_the_request_bucket_is_the_apis_full_minute_refilled_continuously() -> None:
+    lim = MeshRateLimit(rpm=10, tpm=10**9)
     grants = run_greedy(lim, 1, until=300.0)
-    assert max_in_window(grants, 60.0) <= 10
+    assert len(run_greedy(MeshRateLimit(rpm=10, tpm=10**9), 1, until=0.001)) == 10  # a full bucket at once
+    for width in (1.0, 30.0, 60.0, 120.0):
+        assert max_in_window(grants, width) <= 10 + 10 * width / 60 + 1e-9
+    assert len(grants) >= 10 + 10 * 300 / 60 - 1  # and never less: one every 6 s after the first ten
 
 
 def test_tpm_holds() -> None:
@@ -202,6 +224,18 @@ def test_settle_returns_unused_tokens() -> None:
     assert wait > 60.0
 
 
+def test_output_tokens_are_charged_when_known_not_up_front() -> None:
+    lim = MeshRateLimit(rpm=10**6, tpm=10**6, otpm=600)
+    for _ in range(5):  # max_tokens plays no part: five calls start at once
+        assert lim.reserve(10, 0.0) == 0.0
+    for _ in range(5):
+        lim.settle(10, 10, 0.0, output=200)  # 1000 output tokens: 400 over the 600/min bucket
+    wait = lim.reserve(10, 0.0)
+    assert wait == pytest.approx(400 / (600 / 60))  # until the debt is refilled
+    assert lim.reserve(10, wait) == 0.0
+    assert lim.snapshot()["output_tokens"] == 1000
+
+
 def test_oversize_request_is_granted_when_the_bucket_is_full() -> None:
     lim = MeshRateLimit(rpm=1000, tpm=1000, burst=100)
     assert lim.reserve(100, 0.0) == 0.0
@@ -213,31 +247,26 @@ def test_oversize_request_is_granted_when_the_bucket_is_full() -> None:
     assert after > 200  # the debt of 4000 tokens is paid back first
 
 
-def test_429_pauses_everyone_and_halves_then_recovers() -> None:
-    lim = MeshRateLimit(rpm=60, tpm=100_000, burst=60)
+def test_429_pauses_everyone_until_retry_after_and_never_halves() -> None:
+    lim = MeshRateLimit(rpm=60, tpm=100_000)
     assert lim.reserve(1, 0.0) == 0.0
-    lim.observe(RateObservation(status=429, retry_after_s=10.0), 1.0)
-    # a second 429 right after the first (the other in-flight calls) does not halve again
-    lim.observe(RateObservation(status=429, retry_after_s=9.0), 1.5)
+    # the 429's headers say the requests are spent, tokens are not
+    lim.observe(RateObservation(status=429, retry_after_s=10.0, requests_limit=60, requests_remaining=0), 1.0)
+    lim.observe(RateObservation(status=429, retry_after_s=9.0), 1.5)  # an in-flight call's 429, no headers
     assert lim.reserve(1, 5.0) == pytest.approx(6.0)
     assert lim.reserve(1, 10.9) > 0
     assert lim.reserve(1, 11.0) == 0.0
     snap = lim.snapshot(11.0)
-    assert 30 <= snap["rpm"] < 35  # halved, and only just started growing back
-    assert snap["tpm"] < 60_000
-    mid = lim.snapshot(60.0)["rpm"]
-    assert 30 < mid < 60
-    assert lim.snapshot(300.0)["rpm"] == 60
-    assert lim.snapshot(300.0)["tpm"] == 100_000
+    assert snap["rpm"] == 60 and snap["input_tpm"] == 100_000  # the limits stand
+    # the buckets refill at the full rate: a minute later the mesh has a whole minute's requests again
+    assert len(run_greedy(lim, 1, until=71.001, start=71.0)) >= 59
 
 
-def test_halving_has_a_floor_of_one_request_per_minute() -> None:
-    lim = MeshRateLimit(rpm=4, tpm=1000, burst=1)
-    for i in range(10):
-        lim.observe(RateObservation(status=429), i * 10.0)
-    snap = lim.snapshot(90.0)
-    assert snap["rpm"] >= 1
-    assert run_greedy(lim, 1, until=200.0, start=100.0)  # still grants
+def test_a_429_without_headers_empties_the_buckets_which_refill_at_the_full_rate() -> None:
+    lim = MeshRateLimit(rpm=60, tpm=100_000)
+    lim.observe(RateObservation(status=429), 0.0)
+    grants = run_greedy(lim, 1, until=30.0)
+    assert 28 <= len(grants) <= 31  # one per second: 60/min, not halved
 
 
 def test_529_with_retry_after_pauses_without_halving() -> None:
@@ -247,26 +276,35 @@ def test_529_with_retry_after_pauses_without_halving() -> None:
     assert lim.snapshot(1.0)["rpm"] == 60
 
 
-def test_remaining_zero_pauses_until_reset() -> None:
+def test_remaining_zero_waits_for_the_refill_not_for_the_reset() -> None:
     lim = MeshRateLimit(rpm=60, tpm=100_000)
-    lim.observe(RateObservation(status=200, requests_remaining=0, requests_reset_s=7.0), 0.0)
-    assert lim.reserve(1, 1.0) == pytest.approx(6.0)
-    assert lim.reserve(1, 7.0) == 0.0
-    lim.observe(RateObservation(status=200, tokens_remaining=0, tokens_reset_s=4.0), 10.0)
-    assert lim.reserve(1, 12.0) >= 2.0 - 1e-9
-    assert lim.reserve(1, 14.0) == 0.0
+    lim.observe(RateObservation(status=200, requests_remaining=0, requests_reset_s=60.0), 0.0)
+    assert lim.reserve(1, 0.0) == pytest.approx(1.0)  # one request's share of 60/min, not 60 s
+    assert lim.reserve(1, 1.0) == 0.0
+    lim.observe(RateObservation(status=200, input_remaining=0, input_reset_s=60.0), 10.0)
+    assert lim.reserve(1000, 10.0) == pytest.approx(1000 / (100_000 / 60))
+    lim.observe(RateObservation(status=200, output_remaining=-600), 20.0)  # output in debt
+    assert lim.reserve(1, 20.0) == pytest.approx(600 / (100_000 / 60))
 
 
-def test_header_limits_lower_than_configured_shrink_the_limits() -> None:
+def test_header_limits_replace_the_configured_ones_down_and_up() -> None:
     lim = MeshRateLimit(rpm=100, tpm=100_000, burst=5)
     lim.observe(RateObservation(status=200, requests_limit=10, tokens_limit=500), 0.0)
     snap = lim.snapshot(0.0)
-    assert (snap["rpm"], snap["tpm"]) == (10, 500)
+    assert (snap["rpm"], snap["input_tpm"]) == (10, 500) and snap["learned_from_api"]
     grants = run_greedy(lim, 1, until=240.0)
-    assert max_in_window(grants, 60.0) <= 10
-    assert lim.snapshot(600.0)["rpm"] == 10  # the ceiling stays: no recovery above the API's word
-    lim.observe(RateObservation(status=200, requests_limit=1000, tokens_limit=10**7), 600.0)
-    assert lim.snapshot(2000.0)["rpm"] == 100  # a higher limit never exceeds the configured one
+    assert max_in_window(grants, 60.0) <= 5 + 10
+    assert lim.snapshot(600.0)["rpm"] == 10  # no recovery above the API's word
+    lim.observe(RateObservation(status=200, requests_limit=4000, input_limit=2_000_000, output_limit=400_000), 600.0)
+    snap = lim.snapshot(600.0)
+    assert (snap["rpm"], snap["input_tpm"], snap["output_tpm"]) == (4000, 2_000_000, 400_000)
+
+
+def test_a_15_developer_mesh_runs_at_the_accounts_limits_not_the_defaults() -> None:
+    lim = MeshRateLimit(rpm=50, tpm=100_000)  # the settings' defaults
+    lim.observe(RateObservation(status=200, requests_limit=4000, requests_remaining=3999, input_limit=2_000_000), 0.0)
+    grants = run_greedy(lim, 5_000, until=60.0)
+    assert len(grants) > 390  # 2M input tokens/min at 5k a call: ~400 + the bucket; 50 rpm would be 50
 
 
 def test_snapshot_is_json_able() -> None:
@@ -291,7 +329,7 @@ async def test_local_limiter_with_an_injected_clock() -> None:
     assert not waiter.done()  # the bucket is empty until the (fake) clock moves
     now[0] = 1.0
     await asyncio.wait_for(waiter, 2.0)
-    lim.settle(10, 5)
+    lim.settle(10, 5, 3)
     lim.observe(RateObservation(status=429, retry_after_s=0.05))
     assert lim.snapshot()["paused_for_s"] > 0
     await asyncio.wait_for(NoLimiter().acquire(10**9), 1.0)

@@ -1,0 +1,291 @@
+"""A Docker socket proxy that lets the policeman do exactly what the docker spawner needs.
+
+The Docker socket is root on the host, so the policeman never gets it. This proxy (``python -m
+casperd.spawners.proxy``, in the casper image; opt-in through ``compose.spawner.yaml``) holds the
+socket and forwards a request only if :func:`check` allows it:
+
+* read-only: ``GET /_ping``, ``/version``, ``/info``, ``/containers/json``, ``/containers/ID/json``,
+  ``/networks/ID`` (to find the template and free addresses);
+* ``POST /containers/create`` of the casper image only (``PROXY_IMAGE``), labelled
+  ``casper.spawned=true`` and with the proxy's own compose project, attached only to that
+  project's ``claude-net`` / ``claude-internal``, as the non-root user 10001, with no extra
+  capabilities, no privileged mode, devices, host namespaces or security options beyond
+  ``no-new-privileges``, and bind mounts only of files the template container mounts read-only
+  (its secrets) plus the project's ``repos`` volume;
+* ``POST /containers/ID/start``, ``/stop``, ``/wait`` and ``DELETE /containers/ID`` of a container
+  labelled ``casper.spawned=true`` in the same project (looked up before the request goes on).
+
+Everything else (exec, images, volumes, build, swarm, plugins, ...) is refused with 403 and a
+message naming the rule. One request per connection (``Connection: close``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from urllib.parse import quote, urlsplit
+
+log = logging.getLogger("casperd.spawners.proxy")
+
+SPAWNED_LABEL = "casper.spawned"
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+_VERSION = re.compile(r"^/v\d+(\.\d+)?")
+_ID = r"[A-Za-z0-9_.-]+"
+_READ_ONLY = [
+    re.compile(p) for p in (r"^/_ping$", r"^/version$", r"^/info$", r"^/containers/json$", rf"^/containers/{_ID}/json$")
+]
+_NETWORK = re.compile(rf"^/networks/({_ID})$")
+_LIFECYCLE = re.compile(rf"^/containers/({_ID})/(start|stop|wait)$")
+_REMOVE = re.compile(rf"^/containers/({_ID})$")
+_ALLOWED_HOST_CONFIG = {
+    "Binds",
+    "Mounts",
+    "NetworkMode",
+    "RestartPolicy",
+    "LogConfig",
+    "Init",
+    "ReadonlyRootfs",
+    "Tmpfs",
+    "CapDrop",
+    "SecurityOpt",
+    "Memory",
+    "MemoryReservation",
+    "NanoCpus",
+    "CpuShares",
+    "PidsLimit",
+}
+
+
+@dataclass
+class Policy:
+    image: str
+    project: str
+    template_binds: set[str] = field(default_factory=set)
+    """Host paths the template container bind-mounts read-only (its secrets)."""
+
+    @property
+    def networks(self) -> set[str]:
+        return {f"{self.project}_claude-net", f"{self.project}_claude-internal"}
+
+
+def route(path: str) -> str:
+    return _VERSION.sub("", urlsplit(path).path)
+
+
+def check(method: str, path: str, body: bytes, policy: Policy) -> tuple[str | None, str | None]:
+    """(refusal, container id to verify): a refusal message, or None and, for a lifecycle call,
+    the container that must be a spawned one of this project."""
+    p = route(path)
+    if method in ("GET", "HEAD"):
+        if any(r.match(p) for r in _READ_ONLY):
+            return None, None
+        m = _NETWORK.match(p)
+        if m and m.group(1) in policy.networks:
+            return None, None
+        return f"GET {p} is not among the read-only calls the spawner needs", None
+    if method == "POST" and p == "/containers/create":
+        return check_create(body, policy), None
+    if method == "POST" and (m := _LIFECYCLE.match(p)):
+        return None, m.group(1)
+    if method == "DELETE" and (m := _REMOVE.match(p)):
+        return None, m.group(1)
+    return f"{method} {p} is not allowed: the proxy grants create/start/stop/remove of spawned casper containers", None
+
+
+def check_create(body: bytes, policy: Policy) -> str | None:
+    try:
+        spec = json.loads(body or b"{}")
+    except ValueError:
+        return "the create body is not JSON"
+    if not isinstance(spec, dict):
+        return "the create body is not a JSON object"
+    if spec.get("Image") != policy.image:
+        return f"image {spec.get('Image')!r} is not the casper image {policy.image!r}"
+    labels = spec.get("Labels") or {}
+    if labels.get(SPAWNED_LABEL) != "true" or labels.get(PROJECT_LABEL) != policy.project:
+        return f"a spawned container must carry {SPAWNED_LABEL}=true and {PROJECT_LABEL}={policy.project}"
+    if str(spec.get("User", "")) != "10001:10001":
+        return "a spawned container runs as 10001:10001 (casper), never root"
+    for key in ("Entrypoint", "Volumes", "ExposedPorts"):
+        if spec.get(key):
+            return f"{key} may not be set"
+    host = spec.get("HostConfig") or {}
+    extra = set(host) - _ALLOWED_HOST_CONFIG
+    bad = sorted(k for k in extra if host.get(k) not in (None, "", [], {}, False, 0))
+    if bad:
+        return f"HostConfig.{bad[0]} is not allowed"
+    if host.get("NetworkMode") not in policy.networks:
+        return f"network mode {host.get('NetworkMode')!r} is not this mesh's network"
+    if any(opt != "no-new-privileges:true" for opt in host.get("SecurityOpt") or []):
+        return "only the no-new-privileges security option is allowed"
+    for bind in host.get("Binds") or []:
+        parts = str(bind).split(":")
+        source = parts[0]
+        if source.startswith("/"):
+            if source not in policy.template_binds or len(parts) < 3 or "ro" not in parts[2].split(","):
+                return f"bind mount of {source} is not one of the template's read-only secrets"
+        elif source != f"{policy.project}_repos":
+            return f"volume {source} is not the mesh's repos volume"
+    for mount in host.get("Mounts") or []:
+        if mount.get("Type") != "volume" or mount.get("Source"):
+            return "only anonymous volumes may be mounted"
+    endpoints = (spec.get("NetworkingConfig") or {}).get("EndpointsConfig") or {}
+    if set(endpoints) - policy.networks:
+        return f"networks {sorted(set(endpoints) - policy.networks)} are not this mesh's"
+    return None
+
+
+# --- the server ----------------------------------------------------------------------------------
+async def _docker(sock: str, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    """One request on the real socket (the proxy's own lookups)."""
+    reader, writer = await asyncio.open_unix_connection(sock)
+    head = f"{method} {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+    if body:
+        head += "Content-Type: application/json\r\n"
+    writer.write(head.encode() + b"\r\n" + body)
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head_b, _, payload = raw.partition(b"\r\n\r\n")
+    status = int(head_b.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head_b.lower():
+        payload = _dechunk(payload)
+    return status, payload
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2 :]
+    return bytes(out)
+
+
+class Proxy:
+    def __init__(self, sock: str, image: str, template: str) -> None:
+        self.sock = sock
+        self.image = image
+        self.template = template
+        self.policy: Policy | None = None
+
+    async def load_policy(self) -> Policy:
+        """The proxy's own project (its container's label) and the template's secret mounts."""
+        hostname = os.uname().nodename
+        status, body = await _docker(self.sock, "GET", f"/containers/{hostname}/json")
+        if status != 200:
+            raise RuntimeError(f"cannot inspect the proxy's own container {hostname}: HTTP {status}")
+        project = json.loads(body)["Config"]["Labels"].get(PROJECT_LABEL, "")
+        flt = json.dumps({"label": [f"{PROJECT_LABEL}={project}", f"{SERVICE_LABEL}={self.template}"]})
+        status, body = await _docker(self.sock, "GET", f"/containers/json?all=1&filters={quote(flt)}")
+        binds: set[str] = set()
+        for c in json.loads(body) if status == 200 else []:
+            for m in c.get("Mounts", []):
+                if m.get("Type") == "bind" and not m.get("RW", True):
+                    binds.add(m["Source"])
+        self.policy = Policy(self.image, project, binds)
+        log.info("proxy for project %s: image %s, %d template secrets", project, self.image, len(binds))
+        return self.policy
+
+    async def _spawned(self, cid: str) -> bool:
+        status, body = await _docker(self.sock, "GET", f"/containers/{cid}/json")
+        if status != 200:
+            return False
+        labels = json.loads(body).get("Config", {}).get("Labels") or {}
+        assert self.policy is not None
+        return labels.get(SPAWNED_LABEL) == "true" and labels.get(PROJECT_LABEL) == self.policy.project
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError as exc:
+                if not exc.partial:  # a connect and close (the healthcheck): nothing to answer
+                    return
+                raise
+            lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = lines[0].split(" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+            length = int(headers.get("content-length", "0") or 0)
+            if length > 1_000_000:
+                await _answer(writer, 413, "request body too large")
+                return
+            body = await reader.readexactly(length) if length else b""
+            creating = method == "POST" and route(path) == "/containers/create"
+            # the template's mounts are read again for every create: the template may have
+            # started after the proxy, or been recreated with other secrets
+            policy = await self.load_policy() if creating or self.policy is None else self.policy
+            refusal, cid = check(method, path, body, policy)
+            if refusal is None and cid is not None and not await self._spawned(cid):
+                refusal = f"container {cid} was not spawned by this mesh's policeman"
+            if refusal is not None:
+                log.warning("refused %s %s: %s", method, route(path), refusal)
+                await _answer(writer, 403, refusal)
+                return
+            await self._forward(method, path, headers, body, writer)
+        except (asyncio.IncompleteReadError, ValueError, OSError) as exc:
+            log.warning("bad request: %s", exc)
+            await _answer(writer, 400, "bad request")
+        finally:
+            writer.close()
+
+    async def _forward(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
+    ) -> None:
+        up_r, up_w = await asyncio.open_unix_connection(self.sock)
+        keep = {k: v for k, v in headers.items() if k in ("content-type", "content-length", "user-agent", "accept")}
+        head = f"{method} {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in keep.items())
+        up_w.write(head.encode() + b"\r\n" + body)
+        await up_w.drain()
+        while chunk := await up_r.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        up_w.close()
+
+
+async def _answer(writer: asyncio.StreamWriter, status: int, message: str) -> None:
+    body = json.dumps({"message": f"casper docker proxy: {message}"}).encode()
+    reason = {400: "Bad Request", 403: "Forbidden", 413: "Payload Too Large"}.get(status, "Error")
+    writer.write(
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"Connection: close\r\n\r\n".encode()
+        + body
+    )
+    with contextlib.suppress(OSError):
+        await writer.drain()
+
+
+async def serve(sock: str, image: str, template: str, port: int) -> None:
+    proxy = Proxy(sock, image, template)
+    server = await asyncio.start_server(proxy.handle, "0.0.0.0", port)
+    log.info("docker proxy on :%d for %s", port, sock)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    image = os.environ.get("PROXY_IMAGE", "")
+    if not image:
+        print("casper docker proxy: set PROXY_IMAGE to the casper image (e.g. casper:latest)", file=sys.stderr)
+        return 2
+    sock = os.environ.get("PROXY_SOCKET", "/var/run/docker.sock")
+    template = os.environ.get("PROXY_TEMPLATE", "developer-1")
+    port = int(os.environ.get("PROXY_PORT", "2375"))
+    asyncio.run(serve(sock, image, template, port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
