@@ -27,7 +27,8 @@ from typing import Any, Protocol
 import zmq.asyncio
 
 from casperd import admission, codec
-from casperd.errors import CasperError, StorageError, UnsupportedError
+from casperd.enrollment import Enrollment
+from casperd.errors import CasperError, ForbiddenError, StorageError, UnsupportedError
 from casperd.handlers import Catalog
 from casperd.messages import Done, ErrorBody, Reply, Submit, TaskSpec
 from casperd.metrics import Metrics
@@ -45,7 +46,9 @@ from casperd.policeman.actions import (
     StageKey,
     Validate,
 )
+from casperd.policeman.state import Peer
 from casperd.policeman.tasks import last_error
+from casperd.quotas import Quotas
 from casperd.rejects import announce, drop_refused, rejected_error
 from casperd.settings import Settings
 from casperd.store import Store, record_from_row
@@ -101,6 +104,22 @@ class Broker:
         return self.core.tasks
 
     @property
+    def peers(self) -> dict[str, Peer]:
+        return self.core.peers
+
+    @property
+    def quotas(self) -> Quotas:
+        return self.core.quotas
+
+    @property
+    def enrollment(self) -> Enrollment | None:
+        return self.core.enrollment
+
+    @enrollment.setter
+    def enrollment(self, book: Enrollment | None) -> None:
+        self.core.enrollment = book
+
+    @property
     def accepting(self) -> bool:
         return self.core.accepting
 
@@ -122,6 +141,12 @@ class Broker:
         """One mesh message; ``key``: its connection's authenticated Curve key (ZAP User-Id), if known."""
         self.core.on_mesh(route, frames, now(), key)
         self.run(self.core.take())
+
+    def revoke(self, keys: set[str]) -> list[str]:
+        """Keys were revoked: drop their peers at once (their tasks go back to pending)."""
+        dropped = self.core.revoke(keys, now())
+        self.run(self.core.take())
+        return dropped
 
     def dispatch(self) -> int:
         n = self.core.dispatch(now())
@@ -353,10 +378,15 @@ class Broker:
                     f"the policeman offers no mesh service {msg.op!r}",
                     hint=f"known: {', '.join(self.catalog.service_names) or 'none'}",
                 )
+            if a.sender.role not in svc.roles:  # the plugin's own statement agrees with casperd.authz
+                raise ForbiddenError(f"{a.sender.role} may not call {msg.op!r}", hint="see protocol/SPEC.md 14.1")
             data, extra = await svc.run(a.sender.node_id, msg.args, a.attachments)
             frames = codec.encode(Reply(req_id=msg.req_id, ok=True, data=data), extra)
         except CasperError as exc:
-            frames = codec.encode(Reply(req_id=msg.req_id, ok=False, error=ErrorBody(**exc.to_wire())))
+            if exc.code == "forbidden":
+                self.metrics.forbidden.labels(msg.op[:64]).inc()
+            error = ErrorBody(code=exc.code, message=exc.message[:4000], hint=exc.hint)
+            frames = codec.encode(Reply(req_id=msg.req_id, ok=False, error=error))
         except Exception as exc:  # a bug in a service: answer, log, keep serving
             log.exception("mesh service %s failed", msg.op)
             error = ErrorBody(code="internal", message=f"{msg.op} failed: {type(exc).__name__}")

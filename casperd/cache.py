@@ -5,6 +5,11 @@ whole mesh: the first node to take the key's lock (``SET NX PX``) computes and s
 with a TTL; the others poll for it (backing off from 5 ms to 100 ms) until it appears or the lock
 lapses, then compute themselves. Inside one process concurrent callers share one future.
 
+Every entry is signed: ``HMAC-SHA256(mesh key, key || value)`` prefixed to the value. An entry
+whose signature does not match (written by anyone without the mesh key, e.g. a local user who
+reached Redis) is ignored as a miss and counted in ``forged``. Redis itself wants a password
+(``requirepass``) from a secret.
+
 Redis unreachable: the cache is bypassed (counted in ``bypassed``), the value is computed
 locally, and a circuit breaker stops further Redis calls for a while so a dead Redis costs no
 latency. The task never fails because of the cache.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -37,17 +43,48 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+_MAC = 32
+
+
+def signing_key(cache_key: str | None, password: str | None) -> bytes | None:
+    """The key that signs entries: the mesh cache key, else one derived from the Redis password
+    (then whoever holds the password may write entries), else None (no cache: unsigned entries
+    would be trusted from anyone who reaches Redis)."""
+    if cache_key:
+        return hashlib.sha256(b"casper-cache-key\0" + cache_key.encode()).digest()
+    if password:
+        return hashlib.sha256(b"casper-cache-password\0" + password.encode()).digest()
+    return None
+
+
 class ResultCache:
-    def __init__(self, url: str, *, ttl_s: float = 3600.0, lock_s: float = 60.0, op_timeout_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_s: float = 3600.0,
+        lock_s: float = 60.0,
+        op_timeout_s: float = 0.5,
+        password: str | None = None,
+        sign_key: bytes | None = None,
+    ) -> None:
         self.ttl_ms = int(ttl_s * 1000)
         self.lock_ms = int(lock_s * 1000)
+        self.sign_key = sign_key if sign_key is not None else signing_key(None, password)
+        if url and self.sign_key is None:
+            log.warning("result cache off: entries must be signed; set --cache-key-file or --redis-password-file")
         self.redis: aioredis.Redis | None = (
             aioredis.from_url(
-                url, socket_timeout=op_timeout_s, socket_connect_timeout=op_timeout_s, retry_on_timeout=False
+                url,
+                socket_timeout=op_timeout_s,
+                socket_connect_timeout=op_timeout_s,
+                retry_on_timeout=False,
+                password=password or None,
             )
-            if url
+            if url and self.sign_key is not None
             else None
         )
+        self.forged = 0
         self.breaker = CircuitBreaker(failure_threshold=2, recovery_s=5.0)
         self._local: dict[str, asyncio.Future[Any]] = {}
         self.hits = self.misses = self.bypassed = self.computed = 0
@@ -102,7 +139,7 @@ class ResultCache:
                 await self._quietly(self.redis.delete(_LOCK + key))  # let a waiter compute instead
                 raise
             if await self._quietly(
-                self.redis.set(_PREFIX + key, msgpack.packb(value, use_bin_type=True), px=self.ttl_ms)
+                self.redis.set(_PREFIX + key, self._seal(key, msgpack.packb(value, use_bin_type=True)), px=self.ttl_ms)
             ):
                 await self._quietly(self.redis.delete(_LOCK + key))
                 self.breaker.record_success()
@@ -148,7 +185,27 @@ class ResultCache:
         raw = await self.redis.get(_PREFIX + key)
         if raw is None:
             return False, None
-        return True, msgpack.unpackb(raw, raw=False)
+        payload = self._open(key, raw if isinstance(raw, bytes) else raw.encode())
+        if payload is None:
+            return False, None
+        return True, msgpack.unpackb(payload, raw=False)
+
+    def _mac(self, key: str, payload: bytes) -> bytes:
+        assert self.sign_key is not None
+        return hmac.new(self.sign_key, key.encode() + b"\0" + payload, hashlib.sha256).digest()
+
+    def _seal(self, key: str, payload: bytes) -> bytes:
+        return self._mac(key, payload) + payload
+
+    def _open(self, key: str, raw: bytes) -> bytes | None:
+        """The payload of a signed entry; None (ignored, counted) if not signed with our key."""
+        payload = raw[_MAC:]
+        if len(raw) >= _MAC and hmac.compare_digest(raw[:_MAC], self._mac(key, payload)):
+            return payload
+        self.forged += 1
+        if self.forged == 1 or self.forged % 1000 == 0:
+            log.warning("cache: ignored %d entries not signed with the mesh key (written by someone else)", self.forged)
+        return None
 
     async def _compute(self, compute: Callable[[], Awaitable[Any]]) -> Any:
         self.computed += 1
@@ -169,5 +226,6 @@ class ResultCache:
             "misses": self.misses,
             "bypassed": self.bypassed,
             "computed": self.computed,
+            "forged": self.forged,
             "breaker": self.breaker.state.value,
         }

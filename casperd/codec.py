@@ -27,7 +27,7 @@ from casperd.errors import (
     UnknownCommandError,
     VersionError,
 )
-from casperd.messages import MODELS, PROTOCOL_VERSION, SIGNATURE, Command, Message
+from casperd.messages import MODELS, PROTOCOL_VERSION, SIGNATURE, STORABLE, Command, Message
 
 HEADER = SIGNATURE + bytes([PROTOCOL_VERSION])
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -154,7 +154,8 @@ def describe_validation(exc: ValidationError, limit: int = 3) -> str:
     parts = []
     for err in exc.errors(include_input=False, include_url=False)[:limit]:
         loc = ".".join(str(p) for p in err["loc"]) or "(body)"
-        parts.append(f"{loc}: {err['msg']}")
+        nul = err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == STORABLE
+        parts.append(f"{loc}: {'contains a NUL character, which cannot be stored' if nul else err['msg']}")
     more = exc.error_count() - limit
     if more > 0:
         parts.append(f"and {more} more")

@@ -23,6 +23,7 @@ from casperd.errors import CasperError, CommandError, TaskNotFoundError, Unsuppo
 from casperd.lifecycle import Status
 from casperd.meshcache import sum_counters
 from casperd.messages import ErrorBody, Reply, Request
+from casperd.metrics import Metrics
 from casperd.settings import Settings
 from casperd.store import Store
 from casperd.telemetry import api_check
@@ -41,6 +42,9 @@ class Node(Protocol):
     police: Any
     elastic: Any  # casperd.elastic.Elastic on the policeman
     telemetry: Any  # casperd.telemetry.Telemetry on the policeman
+    metrics: Metrics
+    enrollment: Any  # casperd.enrollment.Enrollment with Curve on
+    zap: Any  # casperd.zap.ZapHandler with Curve on
 
 
 Op = Callable[[Node, dict[str, Any]], Awaitable[Any]]
@@ -99,10 +103,28 @@ def _row_view(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _trust(node: Node) -> dict[str, Any]:
+    """Enrollment and authorization counters (casperd/zap.py, casperd/authz.py)."""
+    m = node.metrics
+    forbidden = {
+        s.labels["what"]: int(s.value)
+        for metric in m.forbidden.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    }
+    return {
+        "enrollment": node.enrollment is not None,
+        "enrolled_keys": len(node.enrollment.entries) if node.enrollment is not None else 0,
+        "handshakes_refused": node.zap.refused_count if node.zap is not None else 0,
+        "forbidden": forbidden,
+    }
+
+
 @op("status", workers=True)
 async def _status(node: Node, args: dict[str, Any]) -> Any:
     if node.broker is not None:
         view = node.broker.status_view()
+        view["trust"] = _trust(node)
         if node.cache is not None:
             view["cache"] = node.cache.stats()
         view["mesh_cache"] = sum_counters(p.cache for p in node.broker.core.peers.values())
@@ -118,6 +140,7 @@ async def _status(node: Node, args: dict[str, Any]) -> Any:
     assert node.worker is not None
     view = node.worker.status_view()
     view["llm"] = {"settings": llm_settings_view(node.s)}
+    view["trust"] = _trust(node)
     return view
 
 
@@ -276,6 +299,54 @@ async def _job_submit(node: Node, args: dict[str, Any]) -> Any:
 async def _job(node: Node, args: dict[str, Any]) -> Any:
     """A job's report: plan, subtasks, tokens, cost, branch (caspectl job ID)."""
     return await node.police.jobs.report(_task_id(args))
+
+
+# --- enrollment (caspectl keys) ---------------------------------------------------------------------
+def _book(node: Node) -> Any:
+    if node.enrollment is None:
+        raise CommandError(
+            "enrollment is off on this mesh (CurveZMQ is off)", hint="start the mesh with Curve on (casperd --curve)"
+        )
+    node.enrollment.refresh(force=True)
+    return node.enrollment
+
+
+@op("keys-list")
+async def _keys_list(node: Node, args: dict[str, Any]) -> Any:
+    """The enrolled keys, with the node each one has registered (public keys only)."""
+    book = _book(node)
+    online = {p.key: p.node_id for p in node.broker.peers.values() if p.key} if node.broker else {}
+    return {
+        "file": str(book.path),
+        "keys": [
+            {"key": e.key, "pattern": e.pattern, "role": e.role, "online": online.get(e.key)}
+            for e in book.entries.values()
+        ],
+    }
+
+
+@op("keys-add")
+async def _keys_add(node: Node, args: dict[str, Any]) -> Any:
+    """Enroll a public key for a node id (or pattern) and a role."""
+    from casperd.errors import ConfigError
+
+    try:
+        entry = _book(node).add(str(args.get("key") or ""), str(args.get("pattern") or ""), str(args.get("role") or ""))
+    except ConfigError as exc:
+        raise CommandError(exc.message, hint=exc.hint) from None
+    return {"key": entry.key, "pattern": entry.pattern, "role": entry.role}
+
+
+@op("keys-revoke")
+async def _keys_revoke(node: Node, args: dict[str, Any]) -> Any:
+    """Revoke a key (or every key enrolled with exactly this pattern): its peers are dropped at
+    once and their tasks go back to pending; its next handshake is refused."""
+    target = str(args.get("target") or "")
+    gone = _book(node).revoke(target)
+    if not gone:
+        raise TaskNotFoundError(f"no enrolled key or pattern {target[:80]!r}", hint="see caspectl keys list")
+    dropped = node.broker.revoke({e.key for e in gone}) if node.broker else []
+    return {"revoked": [e.key for e in gone], "dropped": dropped}
 
 
 # operations that live with their caspectl command (request and execution in one module)

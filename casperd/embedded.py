@@ -270,11 +270,20 @@ class EmbeddedPostgres:
 
 
 class EmbeddedRedis:
+    """A private Redis for one mesh: loopback only, no persistence, and a password
+    (``requirepass``, kept in DATA_DIR/password, 0600, and given to Redis in a 0600 config file,
+    never on its command line)."""
+
     def __init__(self, data_dir: Path, port: int) -> None:
         self.data_dir = data_dir
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / "logs" / "redis.log"
+        self.password_file = data_dir / "password"
+
+    @property
+    def password(self) -> str:
+        return self.password_file.read_text().strip()
 
     @property
     def url(self) -> str:
@@ -284,11 +293,18 @@ class EmbeddedRedis:
         binary = redis_server_bin()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        from casperd.enrollment import write_private
+
+        if not self.password_file.exists():
+            write_private(self.password_file, secrets.token_urlsafe(24) + "\n")
+        conf = self.data_dir / "redis.conf"
+        write_private(conf, f"requirepass {self.password}\n")
         logf = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child)
         # a cache: no persistence; bound to loopback with protected mode on
         self.proc = subprocess.Popen(
             [
                 str(binary),
+                str(conf),
                 "--port",
                 str(self.port),
                 "--bind",

@@ -66,6 +66,28 @@ class IdentityError(ProtocolError):
     code = "identity"
 
 
+class ForbiddenError(ProtocolError):
+    """The sender's enrolled role may not do this (protocol/SPEC.md, "Trust")."""
+
+    code = "forbidden"
+    retryable = False
+
+
+class OverloadedError(ProtocolError):
+    """A quota is reached; the sender should wait ``retry_after_s`` and try again."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, hint: str | None = None, retry_after_s: float = 1.0, **details: Any) -> None:
+        super().__init__(message, hint=hint, **details)
+        self.retry_after_s = retry_after_s
+
+    def to_wire(self) -> dict[str, Any]:
+        out = super().to_wire()
+        out["retry_after_s"] = self.retry_after_s
+        return out
+
+
 class UnsupportedError(ProtocolError):
     """A valid message sent to a socket or node that does not serve it."""
 

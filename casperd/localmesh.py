@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -22,7 +23,9 @@ from pathlib import Path
 
 from casperd.ctl.client import MESH_FILE, ControlClient
 from casperd.embedded import EmbeddedPostgres, EmbeddedRedis
+from casperd.enrollment import enroll, write_private
 from casperd.errors import CasperError, EmbeddedServiceError
+from casperd.logsetup import redact
 from casperd.transport import write_keypair
 
 
@@ -87,13 +90,22 @@ class LocalMesh:
     def policeman(self) -> NodeProc:
         return self.nodes["policeman"]
 
-    def _keys(self, name: str) -> dict[str, str]:
+    def _cache_key(self) -> Path:
+        """The mesh key that signs result-cache entries (made once, 0600)."""
+        path = self.state_dir / "keys" / "cache.key"
+        if not path.exists():
+            write_private(path, secrets.token_urlsafe(32) + "\n")
+        return path
+
+    def _keys(self, name: str, role: str) -> dict[str, str]:
+        """The node's key pair (made once), enrolled for its node id and role."""
         if not self.curve:
             return {}
         keys = self.state_dir / "keys"
         sec, pub = keys / f"{name}.key", keys / f"{name}.pub"
         if not sec.exists():
             write_keypair(keys, name)
+        enroll(self.state_dir / "authorized_keys", pub, name, role)
         return {
             "CASPER_CURVE": "true",
             "CASPER_CURVE_SECRET_KEY_FILE": str(sec),
@@ -126,13 +138,16 @@ class LocalMesh:
             "CASPER_CONTROL": control,
             "CASPER_LOG_FORMAT": "text",
             "CASPER_LOG_LEVEL": self.log_level,
-            **self._keys("policeman" if role == "policeman" else node_id),
+            **self._keys("policeman" if role == "policeman" else node_id, role),
         }
         if role == "policeman":
             env["CASPER_DATABASE_URL"] = self.database_url
             env.update(self.policeman_env)
         if self.redis_url:
             env["CASPER_REDIS_URL"] = self.redis_url
+            env["CASPER_CACHE_KEY_FILE"] = str(self._cache_key())
+            if self.redis is not None:
+                env["CASPER_REDIS_PASSWORD_FILE"] = str(self.redis.password_file)
         if capabilities:
             env["CASPER_CAPABILITIES"] = capabilities
         if capacity is not None:
@@ -174,7 +189,7 @@ class LocalMesh:
         for key, value in sorted(node.env.items()):
             if key.startswith("CASPER_"):
                 lines.append(f"{key[len('CASPER_') :].lower()} = {json.dumps(value)}")
-        path.write_text("\n".join(lines) + "\n")
+        write_private(path, "\n".join(lines) + "\n")  # it may hold a database URL with its password
         return path
 
     def start(self) -> None:
@@ -304,13 +319,13 @@ class LocalMesh:
                 }
                 for n in self.nodes.values()
             ],
-            "postgres": self.database_url,
-            "redis": self.redis_url or None,
+            "postgres": redact(self.database_url),  # mesh.json is readable: never a password
+            "redis": redact(self.redis_url) if self.redis_url else None,
         }
 
     def write_description(self) -> Path:
         path = self.state_dir / MESH_FILE
-        path.write_text(json.dumps(self.describe(), indent=2))
+        write_private(path, json.dumps(self.describe(), indent=2))
         return path
 
 

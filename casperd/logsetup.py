@@ -14,6 +14,12 @@ import time
 
 _SECRETS: set[str] = set()
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^\s]+@")
+_KV_PASSWORD = re.compile(
+    r"(?i)(\b(?:pg)?(?:password|passwd|pwd|requirepass|secret|token|api[_-]?key)\b[\"']?\s*[=:]\s*)"
+    r"(\"[^\"]*\"|'[^']*'|[^\s&;,'\"}]+)"
+)
+"""``password=x`` (libpq key-value, ``?password=x`` / ``&password=x`` in a URL query),
+``"password": "x"``, ``PGPASSWORD=x``, ``requirepass x`` is caught by the registered secret."""
 
 
 def register_secret(value: str) -> None:
@@ -24,6 +30,7 @@ def register_secret(value: str) -> None:
 
 def redact(text: str) -> str:
     text = _URL_PASSWORD.sub(r"\1***@", text)
+    text = _KV_PASSWORD.sub(r"\1***", text)
     for secret in sorted(_SECRETS, key=len, reverse=True):  # longest first: no partial leaks
         if secret in text:
             text = text.replace(secret, "***")

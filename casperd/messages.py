@@ -19,9 +19,12 @@ PROTOCOL_VERSION = 1
 SIGNATURE = b"CASP"
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
-Text = Annotated[str, StringConstraints(max_length=4096)]
-Key = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-Endpoint = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+STORABLE = r"^[^\x00]*$"
+"""Text Postgres can store: no NUL (msgpack's UTF-8 decoding already refuses invalid UTF-8 and
+surrogates). Every free-text field of every message carries it, so a NUL is refused at the codec."""
+Text = Annotated[str, StringConstraints(max_length=4096, pattern=STORABLE)]
+Key = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=STORABLE)]
+Endpoint = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=STORABLE)]
 CurveKey = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")]
 """A CurveZMQ public key in Z85 (40 characters)."""
 

@@ -20,6 +20,14 @@ class Metrics:
         self.rejected = Counter(
             "casper_rejected_frames_total", "Frames answered with ERROR or dropped", ["code"], registry=r
         )
+        self.handshakes_refused = Counter(
+            "casper_handshakes_refused_total",
+            "Curve handshakes refused by the ZAP handler (key not enrolled)",
+            registry=r,
+        )
+        self.forbidden = Counter(
+            "casper_forbidden_total", "Messages or service calls refused by authorization", ["what"], registry=r
+        )
         self.send_failures = Counter("casper_send_failures_total", "Frames not sent", ["reason"], registry=r)
         self.transitions = Counter("casper_task_transitions_total", "Task state changes", ["to"], registry=r)
         self.submitted = Counter("casper_tasks_submitted_total", "New tasks accepted", registry=r)

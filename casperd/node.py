@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 import zmq
 import zmq.asyncio
 
-from casperd import codec
+from casperd import authz, codec
 from casperd.agents.tasktypes import install as install_agent_types
-from casperd.cache import ResultCache
+from casperd.cache import ResultCache, signing_key
 from casperd.control import Control
+from casperd.enrollment import Enrollment
 from casperd.errors import CasperError, ConfigError, InvalidBodyError, ProtocolError, UnsupportedError
 from casperd.handlers import Catalog
 from casperd.messages import Error, ErrorBody, Heartbeat, Reply, Request, Role, Submit
@@ -38,10 +39,12 @@ from casperd.transport import (
     load_key,
     read_secret_file,
     recv_batch,
+    recv_batch_users,
     router,
     send_now,
 )
 from casperd.worker import Worker
+from casperd.zap import ZapHandler
 
 if TYPE_CHECKING:  # the policeman's modules (and the Postgres driver) load only on the policeman
     from casperd.broker import Broker
@@ -88,7 +91,7 @@ class Node:
         self.elastic: Any = None  # casperd.elastic.Elastic on the policeman (the autoscaler)
         self.telemetry: Any = None  # casperd.telemetry.Telemetry on the policeman
         self.police: Any = None  # casperd.agents.police.PoliceService on the policeman
-        self.cache = ResultCache(settings.redis_url, ttl_s=settings.cache_ttl_s) if settings.redis_url else None
+        self.cache = self._make_cache(settings) if settings.redis_url else None
         self.control = Control(self)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -97,6 +100,19 @@ class Node:
         self.started = time.monotonic()
         self._logged: set[tuple[str, bytes, str]] = set()
         self._oneshots: set[asyncio.Task[None]] = set()
+        self.enrollment: Enrollment | None = None
+        self.zap: ZapHandler | None = None
+
+    @staticmethod
+    def _make_cache(settings: Settings) -> ResultCache:
+        password = read_secret_file(settings.redis_password_file, "Redis password")
+        mesh_key = read_secret_file(settings.cache_key_file, "cache signing key")
+        return ResultCache(
+            settings.redis_url,
+            ttl_s=settings.cache_ttl_s,
+            password=password,
+            sign_key=signing_key(mesh_key, password),
+        )
 
     @property
     def is_policeman(self) -> bool:
@@ -150,9 +166,12 @@ class Node:
             self.elastic, self.telemetry = attach(self.broker, self.s, self.metrics)
             watch_api(self.police.claude, self.metrics)
             await self.broker.recover()
+        if self.s.curve and self.s.curve_enrollment:
+            self._start_zap()
         self.mesh_sock = router(self.ctx, self.s.bind, self.opts, curve=self.s.curve)
         self.control_sock = router(self.ctx, self.s.control, self.opts, curve=False)
         if self.broker is not None:
+            self.broker.enrollment = self.enrollment
             self.broker.mesh = self.mesh_sock
             self.broker.control = self.control_sock
             self._spawn(self._mesh_loop_broker(), "mesh")
@@ -176,6 +195,21 @@ class Node:
             self.s.control,
             f" broker={self.s.broker}" if not self.is_policeman else "",
         )
+
+    def _start_zap(self) -> None:
+        """Enrollment on: the ZAP handler admits only enrolled keys on every mesh ROUTER of this node."""
+        path = self.s.authorized_keys_file
+        assert path is not None
+        if not path.is_file():
+            raise CasperError(
+                f"CurveZMQ is on but there is no enrollment file at {path}",
+                hint="enroll the nodes' public keys: caspectl keys add KEY.pub NODE_ID ROLE "
+                "(casperd up and containers/make-secrets.sh do it for the nodes they make)",
+            )
+        self.enrollment = Enrollment(path)
+        self.zap = ZapHandler(self.ctx, self.enrollment, self.metrics.handshakes_refused)
+        self.zap.start()
+        log.info("enrollment on: %d keys enrolled in %s", len(self.enrollment.entries), path)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(self._guard(coro, name), name=name)
@@ -218,6 +252,8 @@ class Node:
         for sock in (self.mesh_sock, self.control_sock):
             if sock is not None:
                 sock.close(linger=self.s.linger_ms)
+        if self.zap is not None:
+            await self.zap.close()
         self.ctx.term()
         log.info("%s stopped cleanly in %.2fs", self.s.node_id, time.monotonic() - t0)
 
@@ -225,12 +261,18 @@ class Node:
     async def _mesh_loop_broker(self) -> None:
         assert self.broker is not None and self.mesh_sock is not None
         broker = self.broker
+        curve = self.s.curve
         while True:
-            for frames in await recv_batch(self.mesh_sock):
+            batch = (
+                await recv_batch_users(self.mesh_sock)
+                if curve
+                else [(f, None) for f in await recv_batch(self.mesh_sock)]
+            )
+            for frames, user in batch:
                 if len(frames) < 2:
                     continue
                 try:
-                    broker.on_mesh(frames[0], frames[1:])
+                    broker.on_mesh(frames[0], frames[1:], user)
                 except Exception:  # a bug must cost one message, never the broker
                     self.metrics.rejected.labels("internal").inc()
                     log.exception("internal error handling a mesh message; message dropped")
@@ -239,8 +281,14 @@ class Node:
     async def _mesh_loop_peer(self) -> None:
         """A worker's own ROUTER: answers pings now; direct peer hand-off arrives here later."""
         assert self.mesh_sock is not None
+        curve = self.s.curve
         while True:
-            for frames in await recv_batch(self.mesh_sock):
+            batch = (
+                await recv_batch_users(self.mesh_sock)
+                if curve
+                else [(f, None) for f in await recv_batch(self.mesh_sock)]
+            )
+            for frames, user in batch:
                 if len(frames) < 2:
                     continue
                 route, body = frames[0], frames[1:]
@@ -248,6 +296,7 @@ class Node:
                     decoded = codec.decode(body, max_bytes=self.s.max_message_bytes)
                     msg = decoded.message
                     if isinstance(msg, Request) and msg.op == "handoff" and self.worker is not None:
+                        self._admit_handoff(route, msg, user)
                         self._spawn_once(self._handoff(route, msg, decoded.attachments))
                         continue
                     reply = (
@@ -264,6 +313,25 @@ class Node:
                     self._count_rejection("mesh", route, exc)
                     reply = Error(code=exc.code, message=exc.message[:4000], hint=exc.hint)
                 send_now(self.mesh_sock, [route, *codec.encode(reply)])
+
+    def _admit_handoff(self, route: bytes, msg: Request, user: str | None) -> None:
+        """A direct hand-off on this worker's ROUTER: with enrollment on, only from a developer's key,
+        whose routing id names the node that key is enrolled for, and only a task type it may create."""
+        spec = msg.args.get("spec")
+        task_type = str(spec.get("type")) if isinstance(spec, dict) else ""
+        if self.enrollment is None:
+            authz.may_create("developer", task_type)
+            return
+        self.enrollment.refresh()
+        entry = self.enrollment.lookup(user)
+        sender = route.split(b"/", 1)[0].decode("utf-8", "replace")[:64]
+        try:
+            authz.check_identity(entry, sender, "developer")
+            authz.authorize("developer", msg.COMMAND, service="handoff")
+            authz.may_create("developer", task_type)
+        except ProtocolError:
+            self.metrics.forbidden.labels("handoff").inc()
+            raise
 
     def _spawn_once(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -363,6 +431,12 @@ class Node:
         last_partitions = time.monotonic()
         while True:
             await asyncio.sleep(period)
+            if self.enrollment is not None:  # an edited file: revoked keys' peers go at once
+                known = set(self.enrollment.entries)
+                self.enrollment.refresh()
+                gone = known - set(self.enrollment.entries)
+                if gone and self.broker is not None:
+                    self.broker.revoke(gone)
             if self.broker is not None:
                 self.broker.tick()
                 self.broker.dispatch()

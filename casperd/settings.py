@@ -129,6 +129,31 @@ class Settings(BaseSettings):
     curve_secret_key_file: Path | None = Field(default=None, description="this node's Curve secret key (z85)")
     curve_public_key_file: Path | None = Field(default=None, description="this node's Curve public key (z85)")
     broker_public_key_file: Path | None = Field(default=None, description="the policeman's public key")
+    curve_enrollment: bool = Field(
+        default=True,
+        description="with Curve: admit only enrolled keys and bind node ids to them; off admits any Curve "
+        "key (the old behaviour: for measuring and migrating only)",
+    )
+    authorized_keys_file: Path | None = Field(
+        default=None,
+        description="with Curve: the enrolled keys (PUBLIC_KEY NODE_PATTERN ROLE a line); "
+        "default STATE_DIR/authorized_keys",
+    )
+    redis_password_file: Path | None = Field(default=None, description="file holding the Redis password (requirepass)")
+    cache_key_file: Path | None = Field(
+        default=None, description="file holding the mesh key that signs result-cache entries (HMAC)"
+    )
+    max_open_tasks: int = Field(
+        default=1_000_000, ge=1, description="open tasks the mesh holds; past it SUBMIT is overloaded"
+    )
+    max_open_per_submitter: int = Field(
+        default=250_000, ge=1, description="open tasks one submitter may have; past it SUBMIT is overloaded"
+    )
+    peer_tasks_per_s: float = Field(
+        default=50.0, gt=0, description="tasks one mesh peer may create a second (bursts: 4 s worth, at most 200)"
+    )
+    max_turn_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="largest saved conversation turn, bytes")
+    max_attachment_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="largest attachment, bytes")
     cache_ttl_s: float = Field(default=3600.0, gt=0, description="result cache TTL, seconds")
     commit_batch_max: int = Field(default=2000, ge=1, description="most state changes per group commit")
     db_pool_size: int = Field(default=4, ge=1, le=100, description="Postgres connections")
@@ -293,6 +318,8 @@ class Settings(BaseSettings):
             self.advertise = self.bind  # a wildcard bind is resolved at start (transport.advertised)
         if not self.control:
             self.control = f"ipc://{self.state_dir / (self.node_id + '.ctl')}"
+        if self.authorized_keys_file is None:
+            self.authorized_keys_file = self.state_dir / "authorized_keys"
         return self
 
     @property

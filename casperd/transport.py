@@ -159,6 +159,27 @@ async def recv_batch(sock: zmq.asyncio.Socket, limit: int = 512) -> list[list[by
     return batch
 
 
+def _with_user(frames: list[zmq.Frame]) -> tuple[list[bytes], str | None]:
+    user: str | None = None
+    if len(frames) > 1:
+        with contextlib.suppress(zmq.ZMQError):
+            value = frames[1].get("User-Id")
+            user = value if isinstance(value, str) else None
+    return [f.bytes for f in frames], user or None
+
+
+async def recv_batch_users(sock: zmq.asyncio.Socket, limit: int = 512) -> list[tuple[list[bytes], str | None]]:
+    """Like :func:`recv_batch`, each message with the ZAP User-Id of its connection (the enrolled
+    public key on a Curve socket; None without ZAP)."""
+    batch = [_with_user(await sock.recv_multipart(copy=False))]
+    while len(batch) < limit:
+        fut = sock.recv_multipart(flags=zmq.DONTWAIT, copy=False)
+        if fut.exception() is not None:
+            break
+        batch.append(_with_user(fut.result()))
+    return batch
+
+
 def read_secret_file(path: Path | None, what: str, *, secret: bool = True) -> str | None:
     """A value kept in a file (e.g. /run/secrets/NAME). A secret is registered for redaction from
     logs and its read is audited (which secret, from where — never its value)."""

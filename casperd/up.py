@@ -25,6 +25,7 @@ from casperd.ctl.client import MESH_FILE
 from casperd.errors import CasperError
 from casperd.exitcodes import ExitCode
 from casperd.localmesh import LocalMesh
+from casperd.logsetup import redact
 from casperd.meshconfig import node_settings_env
 from casperd.ports import check_ports
 from casperd.settings import DEFAULT_STATE_DIR
@@ -127,7 +128,7 @@ def show_mesh(mesh: LocalMesh) -> None:
         t.add_row(n.node_id, n.role, n.bind, n.control, str(n.proc.pid if n.proc else "-"), str(n.log_path))
     console.print(t)
     console.print(
-        f"postgres: {mesh.database_url}   redis: {mesh.redis_url or 'off'}   "
+        f"postgres: {redact(mesh.database_url)}   redis: {redact(mesh.redis_url) if mesh.redis_url else 'off'}   "
         f"state: {mesh.state_dir}   curve: {'on' if mesh.curve else 'off'}"
     )
     console.print(reach_hint(mesh.state_dir), highlight=False)

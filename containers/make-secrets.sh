@@ -19,6 +19,16 @@
 #                           every node also gets policeman.pub (the broker's key)
 #   anthropic_api_key       the Claude API key: $ANTHROPIC_API_KEY if set when the file is
 #                           first made, else empty (nothing in the mesh needs it yet)
+#   redis_password          Redis' requirepass (read by the redis service at start and by
+#                           every casperd: CASPER_REDIS_PASSWORD_FILE)
+#   cache_key               the mesh key that signs result-cache entries (CASPER_CACHE_KEY_FILE)
+#   authorized_keys         the enrollment: every NAME.pub in DIR with its node id (or pattern)
+#                           and role: policeman -> policeman; developer-N, tester-N -> their own
+#                           id; the Swarm service keys developer -> 'developer-*' and tester ->
+#                           'tester*'.  A node's line is replaced when its key changes (delete
+#                           NAME.key/NAME.pub and run again to rotate); lines added by hand
+#                           (caspectl keys add --file DIR/authorized_keys) are kept.  Rewritten in
+#                           place, so running containers that mount it see the change.
 #
 # Ownership and mode.  docker-compose v1 has no Swarm secret store: it bind-mounts each
 # secret file read-only, with the host file's owner and mode.  So every file is mode 0400
@@ -94,6 +104,16 @@ if [ ! -e "$DIR/anthropic_api_key" ]; then
     log "anthropic_api_key: $([ -n "${ANTHROPIC_API_KEY:-}" ] && echo 'from $ANTHROPIC_API_KEY' || echo empty)"
 fi
 
+# --- Redis password and the cache signing key ----------------------------------------------
+for f in redis_password cache_key; do
+    if [ ! -s "$DIR/$f" ]; then
+        random_password >"$DIR/$f.tmp"
+        printf '\n' >>"$DIR/$f.tmp"
+        mv -f "$DIR/$f.tmp" "$DIR/$f"
+        log "new $f"
+    fi
+done
+
 # --- Curve key pairs --------------------------------------------------------------------------
 find_caspectl() {
     local c
@@ -134,6 +154,42 @@ for n in "${NODES[@]}"; do
     log "new Curve key pair for $n${CTL:+ ($CTL)}"
 done
 
+# --- enrollment: authorized_keys ------------------------------------------------------------
+enrollment_of() {  # NAME -> "PATTERN ROLE"
+    case "$1" in
+        policeman) echo "policeman policeman" ;;
+        developer) echo "developer-* developer" ;;
+        tester) echo "tester* tester" ;;
+        developer*) echo "$1 developer" ;;
+        tester*) echo "$1 tester" ;;
+        *) return 1 ;;
+    esac
+}
+ak="$DIR/authorized_keys"
+[ -e "$ak" ] || : >"$ak"
+new_ak="$(mktemp "$DIR/.authorized_keys.XXXXXX")"
+cp "$ak" "$new_ak"
+for pub in "$DIR"/*.pub; do
+    [ -e "$pub" ] || continue
+    name="$(basename "$pub" .pub)"
+    if ! spec="$(enrollment_of "$name")"; then
+        log "not enrolling $name.pub: cannot tell its role (policeman, developer*, tester*)"
+        continue
+    fi
+    key="$(tr -d ' \n' <"$pub")"
+    pattern="${spec% *}"
+    role="${spec#* }"
+    if grep -qxF -- "$key $pattern $role" "$new_ak"; then
+        continue
+    fi
+    # the node's earlier key (if any) goes: this key replaces it
+    awk -v p="$pattern" -v r="$role" '!($2 == p && $3 == r)' "$new_ak" >"$new_ak.2" && mv -f "$new_ak.2" "$new_ak"
+    printf '%s %s %s\n' "$key" "$pattern" "$role" >>"$new_ak"
+    log "enrolled $name as $pattern ($role)"
+done
+cat "$new_ak" >"$ak"  # in place: a bind-mounted file keeps its inode
+rm -f "$new_ak"
+
 # --- owners and modes -----------------------------------------------------------------------
 pg_ids() {  # "UID:GID" of the postgres user of $PG_IMAGE
     if [ -n "${POSTGRES_UID:-}" ]; then
@@ -155,7 +211,7 @@ pg_ids() {  # "UID:GID" of the postgres user of $PG_IMAGE
 }
 PG_IDS="$(pg_ids)"
 
-casper_files=(database_password anthropic_api_key)
+casper_files=(database_password anthropic_api_key redis_password cache_key authorized_keys)
 for n in "${NODES[@]}"; do casper_files+=("$n.key" "$n.pub"); done
 # every key pair already in DIR (e.g. from an earlier run with EXTRA_NODEs) stays readable
 for f in "$DIR"/*.key "$DIR"/*.pub; do

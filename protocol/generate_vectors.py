@@ -657,6 +657,20 @@ def _invalid() -> list[tuple[str, str, str, list[bytes], int]]:
             DEFAULT_MAX,
         ),
         (
+            "text_with_nul",
+            "A TaskSpec affinity holding a NUL character: text fields refuse what Postgres cannot store.",
+            "invalid-body",
+            [h, b"\x03", _pack({**submit, "tasks": [{"type": "echo", "affinity": "a\x00b"}]})],
+            DEFAULT_MAX,
+        ),
+        (
+            "reason_with_nul",
+            "A DISCONNECT reason holding a NUL character.",
+            "invalid-body",
+            [h, b"\x0a", _pack({"reason": "bye\x00"})],
+            DEFAULT_MAX,
+        ),
+        (
             "submit_no_tasks",
             "SUBMIT with an empty task list.",
             "invalid-body",

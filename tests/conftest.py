@@ -1,8 +1,8 @@
 """Suite-wide hooks only: every test is marked by the directory it lives in.
 
 tests/unit -> ``unit``, tests/integration -> ``integration``, tests/faults -> ``faults``,
-tests/compose -> ``compose`` (the markers are declared in pyproject.toml), so ``-m unit`` and
-friends select by layer. Fixtures belong in the conftest.py of each subdirectory.
+tests/compose -> ``compose``, tests/security -> ``security`` (the markers are declared in
+pyproject.toml), so ``-m unit`` and friends select by layer. Fixtures belong in the conftest.py of each subdirectory.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-LAYERS = ("unit", "integration", "faults", "compose")
+LAYERS = ("unit", "integration", "faults", "compose", "security")
 
 
 def layer_of(path: Path) -> str | None:

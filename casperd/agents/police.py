@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from casperd import authz
 from casperd.agents.claude import ClaudeClient
 from casperd.agents.ratelimit import LocalLimiter, MeshRateLimit, RateObservation
 from casperd.agents.records import AgentRecords
@@ -34,7 +36,7 @@ from casperd.agents.validation import PatchLimits, validate_patch
 from casperd.broker import Broker
 from casperd.cache import ResultCache
 from casperd.codec import describe_validation
-from casperd.errors import InvalidBodyError
+from casperd.errors import ForbiddenError, InvalidBodyError
 from casperd.lifecycle import ACTIVE
 from casperd.messages import TaskSpec
 from casperd.settings import Settings
@@ -50,6 +52,26 @@ def _uuid(args: dict[str, Any], key: str) -> uuid.UUID:
         return uuid.UUID(str(args.get(key)))
     except ValueError:
         raise InvalidBodyError(f"{key} must be a task id", hint="send the task's UUID") from None
+
+
+def _clamp_observation(obs: dict[str, Any]) -> dict[str, Any]:
+    """A peer's report of what the API said, clamped to sane bounds: one peer's word can pause the
+    mesh's Claude calls for at most a few minutes (a 429's retry-after above 300 s is 300 s)."""
+    out = dict(obs)
+    status = out.get("status")
+    if not (isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599):
+        out["status"] = 0  # not a status: nothing to obey
+    kinds = ("requests", "tokens", "input", "output")
+    for name in ("retry_after_s", *(f"{k}_reset_s" for k in kinds)):
+        value = out.get(name)
+        if value is not None:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            out[name] = min(max(float(value), 0.0), 300.0) if ok else None
+    for name in (f"{k}_{what}" for k in kinds for what in ("limit", "remaining")):
+        value = out.get(name)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            out[name] = None
+    return out
 
 
 class PoliceService:
@@ -90,6 +112,24 @@ class PoliceService:
         await self.jobs.close()
         await self.claude.close()
 
+    # --- who may touch what (the sender's enrolled identity is ``node``) ----------------------------------
+    def _require_holder(self, node: str, tid: uuid.UUID, op: str) -> None:
+        """The sender must hold the task it names (assigned to it and not finished)."""
+        rec = self.broker.tasks.get(tid)
+        if rec is None or rec.assigned_to != node or rec.status not in ACTIVE:
+            raise ForbiddenError(f"{op}: {node} does not hold task {tid}", hint="a peer may only touch tasks it holds")
+
+    def _may_load(self, node: str, tid: uuid.UUID) -> None:
+        """turns-load: a task the sender holds, or the one a task it holds resumes from."""
+        for rec in self.broker.tasks.values():
+            if (rec.assigned_to == node and rec.status in ACTIVE) and (
+                rec.id == tid or (isinstance(rec.input, dict) and str(rec.input.get("resume_from")) == str(tid))
+            ):
+                return
+        raise ForbiddenError(
+            f"turns-load: {node} does not hold task {tid}", hint="a peer may only touch tasks it holds"
+        )
+
     # --- mesh services ------------------------------------------------------------------------------
     async def _permit(self, node: str, args: dict[str, Any], _att: Attachments) -> OpResult:
         now = time.monotonic()
@@ -99,7 +139,7 @@ class PoliceService:
         for obs in args.get("observe") or []:
             if isinstance(obs, dict):
                 try:
-                    self.rate.observe(RateObservation(**obs), now)
+                    self.rate.observe(RateObservation(**_clamp_observation(obs)), now)
                 except TypeError:
                     raise InvalidBodyError(
                         "observe entries must be rate observations", hint="see casperd.agents.ratelimit.RateObservation"
@@ -110,9 +150,12 @@ class PoliceService:
 
     async def _turns_save(self, node: str, args: dict[str, Any], att: Attachments) -> OpResult:
         tid = _uuid(args, "task_id")
+        self._require_holder(node, tid, "turns-save")
         messages = args.get("messages")
         if not isinstance(messages, list):
             raise InvalidBodyError("turns-save needs messages: a list", hint="send the whole conversation")
+        size = len(json.dumps(messages, default=str)) + sum(len(a) for a in att)
+        self.broker.quotas.check_bytes("a saved turn", size, self.broker.quotas.limits.turn_bytes)
         await self.records.save_turns(
             tid, int(args.get("attempt") or 1), node, messages, args.get("usage") or {}, att[0] if att else None
         )
@@ -120,7 +163,9 @@ class PoliceService:
         return {"saved": len(messages)}, ()
 
     async def _calls_save(self, node: str, args: dict[str, Any], _att: Attachments) -> OpResult:
-        await self._save_calls(node, _uuid(args, "task_id"), args)
+        tid = _uuid(args, "task_id")
+        self._require_holder(node, tid, "calls-save")
+        await self._save_calls(node, tid, args)
         return {}, ()
 
     async def _save_calls(self, node: str, tid: uuid.UUID, args: dict[str, Any]) -> None:
@@ -132,6 +177,7 @@ class PoliceService:
 
     async def _turns_load(self, node: str, args: dict[str, Any], _att: Attachments) -> OpResult:
         tid = _uuid(args, "task_id")
+        self._may_load(node, tid)
         saved = await self.records.load_turns(tid)
         if saved is None:
             return None, ()
@@ -157,8 +203,21 @@ class PoliceService:
             raise InvalidBodyError(
                 f"handoff-record: bad task: {describe_validation(exc)}", hint="send a TaskSpec as 'spec'"
             ) from None
-        holder = node if args.get("hold") else None
+        hold = bool(args.get("hold"))
         sender = str(args.get("from") or node)[:64]
+        me, origin = self.broker.peers.get(node), self.broker.peers.get(sender)
+        authz.check_handoff(
+            me.role if me is not None else "",
+            spec.type,
+            hold=hold,
+            sender_role=origin.role if origin is not None and sender != node else None,
+        )
+        quotas = self.broker.quotas
+        for blob in att:
+            quotas.check_bytes("an attachment", len(blob), quotas.limits.attachment_bytes)
+        quotas.take(node, time.monotonic())
+        quotas.check_open(sender, 1, len(self.broker.tasks))
+        holder = node if hold else None
         submitter = f"{sender} (handed to {node})" if holder and sender != node else sender
         tid, existing = await self.broker.submit_local(spec, att, submitter=submitter, holder=holder)
         rec = self.broker.tasks.get(tid)

@@ -22,11 +22,13 @@ from casperd.errors import (
     CommandError,
     NoDaemonError,
     NoDefaultError,
+    OverloadedError,
     RequestTimeoutError,
     StorageError,
     from_wire,
 )
 from casperd.messages import Accepted, Done, Error, Reply, Request, Submit, TaskSpec
+from casperd.quotas import retry_after
 from casperd.settings import DEFAULT_STATE_DIR
 
 MESH_FILE = "mesh.json"
@@ -55,9 +57,11 @@ def find_control(explicit: str | None = None, state_dir: Path | None = None) -> 
 
 
 class ControlClient:
-    def __init__(self, endpoint: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, endpoint: str, timeout_s: float = 10.0, overload_wait_s: float = 600.0) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.overload_wait_s = overload_wait_s
+        """How long submit_until_accepted keeps waiting out ``overloaded`` refusals (quotas)."""
         self.ctx = zmq.Context.instance()
         self.sock = self._socket()
         if endpoint.startswith("ipc://") and not Path(endpoint[6:]).exists():
@@ -139,16 +143,24 @@ class ControlClient:
         keyed = tuple(
             s if s.idempotency_key else s.model_copy(update={"idempotency_key": f"ctl-{uuid.uuid4()}"}) for s in specs
         )
-        for attempt in range(1, tries + 1):
+        attempt, waited = 1, 0.0
+        while True:
             try:
                 return self.submit(keyed, wait=wait)
+            except OverloadedError as exc:  # a quota: wait as long as the policeman says, then again
+                pause = min(retry_after(exc.hint) or 1.0, 30.0)
+                if waited + pause > self.overload_wait_s:
+                    exc.message = f"{exc.message} (waited {waited:.0f}s)"
+                    raise
+                waited += pause
+                time.sleep(pause)
             except (RequestTimeoutError, StorageError) as exc:
                 if attempt == tries:
                     exc.message = f"{exc.message} (tried {tries} times)"
                     raise
                 time.sleep(pause_s * 2 ** (attempt - 1))
+                attempt += 1
                 self._reconnect()
-        raise AssertionError("unreachable")
 
     def _reconnect(self) -> None:
         self.sock.close(0)

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from casperd import __version__
-from casperd.ctl import jobs, submit, top
+from casperd.ctl import jobs, keys, submit, top
 from casperd.ctl.client import ControlClient, find_control, parse_id
 from casperd.ctl.output import emit, err, fail, kv, out, plural, table
-from casperd.errors import CasperError, CommandError, NoDaemonError, RequestTimeoutError, TaskNotFoundError
+from casperd.errors import CasperError, NoDaemonError, RequestTimeoutError, TaskNotFoundError
 from casperd.exitcodes import ExitCode
 from casperd.waiting import why_waiting
 
@@ -33,6 +33,7 @@ examples:
   caspectl tasks --status dead --limit 20 && caspectl retry ID
   caspectl drain developer-1 && caspectl resume developer-1
   caspectl keygen ./keys node-1
+  caspectl keys add ./keys/node-1.pub developer-3 developer && caspectl keys list
   caspectl run "fix the flaky parser test" --repo . --budget-usd 2 --max-parallel 4
   caspectl run "add type hints" --repo ~/src/app --detach && caspectl job JOB_ID --watch
 
@@ -210,19 +211,18 @@ def cmd_health(c: ControlClient, a: argparse.Namespace) -> int:
 
 
 def cmd_keygen(a: argparse.Namespace) -> int:
-    from casperd.transport import write_keypair
-
-    try:
-        sec, pub = write_keypair(Path(a.directory), a.name)
-    except OSError as exc:
-        raise CommandError(
-            f"cannot write keys to {a.directory}: {exc.strerror}", hint="give a directory you can write to"
-        ) from None
+    sec, pub = keys.write_new_keypair(Path(a.directory), a.name, force=a.force)
     _emit(
         a,
         {"secret": str(sec), "public": str(pub)},
         lambda d: out.print(f"wrote {d['secret']} (secret, 0600) and {d['public']}"),
     )
+    return ExitCode.OK
+
+
+def cmd_keys(c: ControlClient | None, a: argparse.Namespace) -> int:
+    data = keys.offline(a) if c is None else keys.online(c, a)
+    _emit(a, data, lambda d: keys.show(out, a, d))
     return ExitCode.OK
 
 
@@ -285,9 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("peer")
     sp = add("health", cmd_health, "health checks; exit 7 when unhealthy")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit code says it")
-    sp = add("keygen", cmd_keygen, "make a CurveZMQ key pair (NAME.key secret, NAME.pub public)")
-    sp.add_argument("directory")
-    sp.add_argument("name")
+    keys.add_parsers(add, cmd_keygen, cmd_keys)
     jobs.add_parsers(add, out, err)
     top.add_parsers(add, out)
     return p
@@ -314,6 +312,10 @@ def _run(a: argparse.Namespace) -> int:
     try:
         if a.command == "keygen":
             return cmd_keygen(a)
+        if a.command == "keys":
+            keys.parse_action(a)
+            if a.file:
+                return cmd_keys(None, a)
         if a.command == "run":
             jobs.check_run(a)  # before any daemon is contacted
         endpoint = find_control(a.control, a.state_dir)

@@ -15,17 +15,19 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from casperd import codec
+from casperd import authz, codec
 from casperd.errors import CasperError, InvalidBodyError, ProtocolError, UnknownPeerError, UnsupportedError
 from casperd.handlers import Catalog
 from casperd.messages import (
     Command,
     Disconnect,
+    ErrorBody,
     FailedBatch,
     Heartbeat,
     Message,
     Progress,
     Ready,
+    Reply,
     Request,
     ResultBatch,
     Submit,
@@ -33,9 +35,9 @@ from casperd.messages import (
 )
 from casperd.metrics import Metrics
 from casperd.policeman.actions import Now, SaveAttachments, Sender, SenderKind, Serve
-from casperd.policeman.gate import Authorizer, allow_all_until_authz
+from casperd.policeman.gate import Authorizer
 from casperd.policeman.recovery import RecoveryRules
-from casperd.policeman.state import Peer
+from casperd.policeman.state import Peer, log
 from casperd.settings import Settings
 
 Handler = Callable[["PolicemanCore", Peer, Sender, Any, tuple[bytes, ...], Now], None]
@@ -48,7 +50,7 @@ class PolicemanCore(RecoveryRules):
         catalog: Catalog,
         metrics: Metrics,
         started: float,
-        authorize: Authorizer = allow_all_until_authz,
+        authorize: Authorizer = authz.authorize,
         new_id: Callable[[], uuid.UUID] = new_task_id,
     ) -> None:
         super().__init__(settings, catalog, metrics, started, new_id)
@@ -60,8 +62,6 @@ class PolicemanCore(RecoveryRules):
         """One frame set from the mesh ROUTER (routing id ``route``; ``key``: the sender's Curve key)."""
         self.clock = now.mono
         peer = self.by_route.get(route)
-        if peer is not None:
-            peer.clock.seen(now.mono)
         try:
             decoded = codec.decode(frames, max_bytes=self.s.max_message_bytes)
         except ProtocolError as exc:
@@ -69,6 +69,13 @@ class PolicemanCore(RecoveryRules):
             return
         msg = decoded.message
         self.metrics.messages.labels(msg.COMMAND.name, "in").inc()
+        try:
+            self.check_key(msg, peer, key)
+        except CasperError as exc:
+            self.refuse(route, peer, msg, exc)
+            return
+        if peer is not None:
+            peer.clock.seen(now.mono)  # traffic from the peer itself (not from a taken-over routing id)
         if isinstance(msg, Ready):
             sender = Sender(msg.node_id, msg.role.value, SenderKind.PEER, key)
         elif peer is None:
@@ -78,8 +85,14 @@ class PolicemanCore(RecoveryRules):
             sender = Sender(peer.node_id, peer.role, SenderKind.PEER, key or peer.public_key)
         try:
             self.authorize(sender.role, msg.COMMAND, service=msg.op if isinstance(msg, Request) else None)
+        except CasperError as exc:
+            self.refuse(route, peer, msg, exc)
+            return
+        try:
             if isinstance(msg, Ready):
                 self.on_ready(route, msg, now)
+                if self.enrollment is not None:  # the authenticated key, not the one READY carries
+                    self.by_route[route].key = self.by_route[route].public_key = key
                 return
             assert peer is not None
             handler = HANDLERS.get(type(msg))
@@ -91,6 +104,38 @@ class PolicemanCore(RecoveryRules):
             handler(self, peer, sender, msg, decoded.attachments, now)
         except CasperError as exc:
             self.reject(route, exc, msg.COMMAND.value)
+
+    # --- trust (protocol/SPEC.md section 14.1) ----------------------------------------------------
+    def check_key(self, msg: Message, peer: Peer | None, key: str | None) -> None:
+        """First, with enrollment on: the frame's key must be enrolled, a READY must claim an id and
+        role that key is enrolled for, and a frame on a registered routing id must come from the key
+        that registered it. (Then, for a known sender, the role table: ``authorize``.)"""
+        book = self.enrollment
+        if book is not None:
+            authz.bind(msg, entry=book.lookup(key), key=key, peer_key=peer.key if peer is not None else None)
+
+    def refuse(self, route: bytes, peer: Peer | None, msg: Message, exc: CasperError) -> None:
+        """A message that failed the trust check: counted; a registered peer's service call is
+        answered as one (REPLY ``ok: false``), anything else with ERROR."""
+        what = msg.op[:64] if isinstance(msg, Request) else msg.COMMAND.name
+        self.metrics.forbidden.labels(what).inc()
+        if isinstance(msg, Request) and peer is not None:
+            self.metrics.rejected.labels(exc.code).inc()
+            err = ErrorBody(code=exc.code, message=exc.message[:4000], hint=exc.hint)
+            self.send_mesh(route, codec.encode(Reply(req_id=msg.req_id, ok=False, error=err)))
+        else:
+            self.reject(route, exc, msg.COMMAND.value)
+
+    def revoke(self, keys: set[str], now: Now) -> list[str]:
+        """Keys were revoked: their peers are dropped at once (tasks back to pending) and told so;
+        every later frame of those keys fails :meth:`check_key`."""
+        self.clock = now.mono
+        gone = [p for p in list(self.peers.values()) if p.key is not None and p.key in keys]
+        for peer in gone:
+            log.warning("peer %s: its key was revoked; dropped", peer.node_id)
+            self.send_mesh(peer, codec.encode(Disconnect(reason="key revoked")))
+            self.drop_peer(peer, "revoked", now)
+        return [p.node_id for p in gone]
 
     def _heartbeat(self, peer: Peer, sender: Sender, msg: Heartbeat, att: tuple[bytes, ...], now: Now) -> None:
         self.on_heartbeat(peer, msg, now)
@@ -108,7 +153,12 @@ class PolicemanCore(RecoveryRules):
                 "a RESULT with attachments must carry exactly one outcome", hint="send attached results alone"
             )
         out = msg.results[0]
-        if self.held(peer, out.task_id, out.attempt) is not None:
+        rec = self.held(peer, out.task_id, out.attempt)
+        if rec is not None and any(len(a) > self.quotas.limits.attachment_bytes for a in att):
+            self.release(peer, rec)
+            self.fail(rec, now.wall, peer.node_id, "too-large", "an attachment exceeds max_attachment_bytes", False)
+            return
+        if rec is not None:
             self.out.append(SaveAttachments(peer.node_id, msg, att))
 
     def attachments_saved(

@@ -2,8 +2,9 @@
 
 :class:`~casperd.policeman.PolicemanCore` calls its ``authorize`` hook for every message, before any
 handler runs: ``authorize(role, command, service=..., task_type=...)`` raises a CasperError (wire
-code ``forbidden``) to refuse. The hook is a constructor argument; the default below allows
-everything and exists only until the trust work's ``casperd.authz.authorize`` is wired in here.
+code ``forbidden``) to refuse. The hook is a constructor argument, by default
+:func:`casperd.authz.authorize` (the one role table); tests may pass another. Identity binding
+(a frame's Curve key against its enrollment) runs just before it, in ``PolicemanCore.check_key``.
 """
 
 from __future__ import annotations
@@ -18,9 +19,3 @@ class Authorizer(Protocol):
         self, role: str, command: Command, *, service: str | None = None, task_type: str | None = None
     ) -> None:
         """Return to allow; raise a CasperError (code ``forbidden``) to refuse."""
-
-
-def allow_all_until_authz(
-    role: str, command: Command, *, service: str | None = None, task_type: str | None = None
-) -> None:
-    """Pass-through: allows every command (today's behaviour) until casperd.authz lands (issue #9)."""

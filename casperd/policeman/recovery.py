@@ -26,6 +26,7 @@ class RecoveryRules(SubmissionRules):
         self.clock = now.mono
         for rec in records:
             self.tasks[rec.id] = rec
+            self.quotas.opened(rec.submitted_by or "")
             if rec.idempotency_key:
                 self.remember_key(rec.idempotency_key, rec.id)
             if rec.status is Status.PENDING:

@@ -20,12 +20,14 @@ from typing import Any
 
 from casperd.breaker import CircuitBreaker
 from casperd.dispatch import Dispatcher, PeerSlot
+from casperd.enrollment import Enrollment
 from casperd.handlers import Catalog
 from casperd.lifecycle import Status, Trigger
 from casperd.liveness import PeerClock
 from casperd.messages import new_task_id
 from casperd.metrics import Metrics
 from casperd.policeman.actions import Action, Arm, Send, Socket, Stage, StageKey
+from casperd.quotas import Limits, Quotas
 from casperd.retry import RetryPolicy
 from casperd.settings import Settings
 from casperd.taskrecord import TaskEvent, TaskRecord
@@ -54,6 +56,8 @@ class Peer:
     cache: dict[str, int] | None = None  # its result-cache counters, from its last HEARTBEAT
     cpu_pct: float | None = None
     rss_bytes: int | None = None
+    key: str | None = None
+    """The enrolled Curve key that registered this peer (None: enrollment off)."""
 
     def update_draining(self) -> None:
         self.slot.draining = self.drained_by_operator or self.draining_itself
@@ -117,6 +121,19 @@ class CoreState:
         self.dirty = False
         """Something changed that may allow new assignments (dispatch has work to do)."""
         self.out: list[Action] = []
+        self.enrollment: Enrollment | None = None
+        """With Curve and enrollment on: who may join and as whom (casperd.enrollment)."""
+        self.quotas = Quotas(
+            Limits(
+                open_tasks=settings.max_open_tasks,
+                open_per_submitter=settings.max_open_per_submitter,
+                peer_rate_per_s=settings.peer_tasks_per_s,
+                peer_burst=max(1, min(200, int(settings.peer_tasks_per_s * 4 + 0.999))),
+                turn_bytes=settings.max_turn_bytes,
+                attachment_bytes=settings.max_attachment_bytes,
+            )
+        )
+        """Open tasks per submitter, tasks per peer per second, bytes per turn and attachment."""
 
     def take(self) -> list[Action]:
         """The actions produced since the last call, in order."""
@@ -165,6 +182,7 @@ class CoreState:
     # --- outputs ----------------------------------------------------------------------------------
     def stage_new(self, rec: TaskRecord, stamp: datetime, by: str | None, detail: dict[str, Any] | None) -> None:
         self.tasks[rec.id] = rec
+        self.quotas.opened(rec.submitted_by or "")
         event = TaskEvent(stamp, rec.id, None, Status.PENDING.value, by, 0, json.dumps(detail) if detail else None)
         self.out.append(Stage(rec, event))
         if rec.idempotency_key:

@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from casperd import admission, codec
+from casperd import admission, authz, codec
 from casperd.errors import CasperError, InvalidBodyError, TaskNotFoundError
 from casperd.lifecycle import ACTIVE, Status, Trigger
 from casperd.liveness import Liveness
@@ -36,8 +36,13 @@ class SubmissionRules(AssignRules):
                 "the policeman is shutting down and accepts no new work", hint="submit again once it is back"
             )
         admission.check_specs(msg.tasks, self.catalog)  # types and input schemas: all refused, nothing half-done
+        for spec in msg.tasks:
+            if spec.type == "job":
+                authz.check_job_limits(spec.input if isinstance(spec.input, dict) else {})
         for known, tid in found.items():
             self.remember_key(known, tid)
+        fresh = sum(1 for spec in msg.tasks if not (spec.idempotency_key and spec.idempotency_key in self.keys))
+        self.quotas.check_open(submitter or "", fresh, len(self.tasks))  # overloaded: caspectl waits, retries
         inputs: list[str] = []
         for n, spec in enumerate(msg.tasks):
             try:
@@ -95,6 +100,12 @@ class SubmissionRules(AssignRules):
         """A record for a task the policeman creates itself (not yet staged: its attachments are
         stored first, then :meth:`add_local` stages it)."""
         self.catalog.get(spec.type)
+        if spec.type == "job":
+            authz.check_job_limits(spec.input if isinstance(spec.input, dict) else {})
+        try:
+            to_json(spec.input)  # storable (no NUL, no NaN) before anything is created
+        except ValueError as exc:
+            raise InvalidBodyError(f"task input {exc}", hint="inputs must be plain JSON objects") from None
         return TaskRecord.from_spec(self.new_id(), spec, self.policy_for(spec.type).max_attempts, submitter)
 
     def add_local(self, rec: TaskRecord, holder: str | None, now: Now) -> None:

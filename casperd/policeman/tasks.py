@@ -136,7 +136,8 @@ class TaskRules(CoreState):
     ) -> None:
         self.change(rec, trigger, stamp, peer, detail)
         rec.finished_at = stamp
-        self.tasks.pop(rec.id, None)
+        if self.tasks.pop(rec.id, None) is not None:
+            self.quotas.closed(rec.submitted_by or "")
         self.leases.pop(rec.id, None)
         self.validating.discard(rec.id)
         self.dispatcher.remove(rec.id)

@@ -36,15 +36,10 @@ def config(*files: Path, env: dict[str, str] | None = None) -> str:
 
 def test_defaults_are_the_seed_plan_and_public_images() -> None:
     out = config(COMPOSE_FILE)
-    for service, octet in (
-        ("policeman", 10),
-        ("developer-1", 11),
-        ("developer-2", 12),
-        ("tester", 13),
-        ("redis", 20),
-        ("postgres", 21),
-    ):
+    for service, octet in (("policeman", 10), ("developer-1", 11), ("developer-2", 12), ("tester", 13)):
         assert f"ipv4_address: 172.20.0.{octet}" in out, service
+    # Postgres and Redis are on the internal network only (issue #9)
+    assert "172.20.0.20" not in out and "172.20.0.21" not in out
     assert "subnet: 172.20.0.0/16" in out and "gateway: 172.20.0.1" in out
     assert "internal: true" in out
     assert "image: casper:latest" in out
@@ -83,6 +78,30 @@ def test_no_secret_values_in_the_environment() -> None:
     assert secretish, "expected the *_FILE settings"
     assert all(n.endswith("_FILE") for n in secretish), sorted(secretish)
     assert "postgresql://casper@postgres:5432/casper" in out  # no password in the URL
+
+
+def services_of(out: str) -> dict[str, str]:
+    """Each service's block of `docker-compose config` output (top-level keys are unindented)."""
+    section = out.split("\nservices:\n", 1)[1]
+    section = re.split(r"^\S", section, maxsplit=1, flags=re.M)[0]
+    parts = re.split(r"^  ([A-Za-z0-9_-]+):\n", section, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_trust_settings_reach_every_node_and_the_api_key_only_claude_users() -> None:
+    """Enrollment, the Redis password and the cache key on every casperd; the API key only on the
+    policeman and the developers; Postgres and Redis on the internal network only (issue #9)."""
+    services = services_of(config(COMPOSE_FILE))
+    for name in NODES:
+        block = services[name]
+        assert "CASPER_AUTHORIZED_KEYS_FILE: /run/secrets/authorized_keys" in block, name
+        for secret in ("authorized_keys", "redis_password", "cache_key"):
+            assert f"source: {secret}" in block, (name, secret)
+        assert ("source: anthropic_api_key" in block) == (name != "tester"), name
+    for name in ("redis", "postgres"):
+        nets = services[name].split("networks:", 1)[1]
+        assert "claude-internal" in nets and "claude-net" not in nets, name
+    assert "requirepass" in services["redis"] and "REDISCLI_AUTH" in services["redis"]
 
 
 def test_swarm_file_is_valid_and_scales_developers() -> None:

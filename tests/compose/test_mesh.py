@@ -98,6 +98,10 @@ def _secret_values(m: ComposeMesh) -> dict[str, str]:
     proc = m.exec("postgres", ["cat", "/run/secrets/postgres_password"], user="postgres")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == values["database password"]
+    for name in ("redis_password", "cache_key"):
+        proc = m.exec("policeman", ["cat", f"/run/secrets/{name}"])
+        assert proc.returncode == 0, proc.stderr
+        values[name] = proc.stdout.strip()
     proc = m.exec("developer-1", ["cat", "/run/secrets/anthropic_api_key"])
     assert proc.returncode == 0, proc.stderr
     if proc.stdout.strip():
@@ -124,9 +128,11 @@ def test_non_root_and_secrets_are_private_files(healthy_mesh: ComposeMesh) -> No
     for node in NODES:
         listing = m.exec(node, ["sh", "-c", "stat -c '%n %a %u' /run/secrets/*"]).stdout.split("\n")
         files = {line.split()[0]: line.split()[1:] for line in listing if line.strip()}
-        expected = {"curve.key", "curve.pub"} | (
-            {"database_password", "anthropic_api_key"} if node == "policeman" else {"broker.pub", "anthropic_api_key"}
+        expected = {"curve.key", "curve.pub", "authorized_keys", "redis_password", "cache_key"} | (
+            {"database_password", "anthropic_api_key"} if node == "policeman" else {"broker.pub"}
         )
+        if node.startswith("developer"):
+            expected.add("anthropic_api_key")  # the API key only where Claude is called (issue #9)
         assert set(files) == {f"/run/secrets/{name}" for name in expected}, files
         for name, (mode, uid) in files.items():
             assert (mode, uid) == ("400", str(CASPER_UID)), (node, name, mode, uid)

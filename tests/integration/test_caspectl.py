@@ -189,12 +189,14 @@ def test_keygen_into_an_unusable_directory_fails_cleanly(tmp_path: Path) -> None
     assert run.code in (ExitCode.FAILURE, ExitCode.USAGE) and "sub" in run.err
 
 
-def test_keygen_over_an_existing_key_makes_it_private(tmp_path: Path) -> None:
+def test_keygen_over_an_existing_key_needs_force_and_makes_it_private(tmp_path: Path) -> None:
     sec = tmp_path / "n.key"
     sec.write_text("old\n")
     sec.chmod(0o644)
-    expect(ExitCode.OK, "keygen", tmp_path, "n")
-    assert stat.S_IMODE(sec.stat().st_mode) == 0o600
+    run = expect(ExitCode.USAGE, "keygen", tmp_path, "n")
+    assert "already exists" in run.err and sec.read_text() == "old\n"
+    expect(ExitCode.OK, "keygen", tmp_path, "n", "--force")
+    assert stat.S_IMODE(sec.stat().st_mode) == 0o600 and sec.read_text() != "old\n"
 
 
 def test_submit_bulk_with_binary_input_is_a_usage_error(tmp_path: Path) -> None:

@@ -274,19 +274,22 @@ async def test_breaker_opens_after_repeated_failures(fake: FakeClaude, make_clie
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
+def redis_url() -> Iterator[tuple[str, str]]:
     root = Path(tempfile.mkdtemp(prefix="casper-test-redis-"))
     server = EmbeddedRedis(root / "redis", free_port())
     server.start()
     try:
-        yield server.url
+        yield server.url, server.password
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def test_deterministic_calls_hit_the_shared_cache(fake: FakeClaude, make_client: Any, redis_url: str) -> None:
-    caches = [ResultCache(redis_url), ResultCache(redis_url)]  # two nodes, one Redis
+async def test_deterministic_calls_hit_the_shared_cache(
+    fake: FakeClaude, make_client: Any, redis_url: tuple[str, str]
+) -> None:
+    url, password = redis_url
+    caches = [ResultCache(url, password=password), ResultCache(url, password=password)]  # two nodes, one Redis
     try:
         node_a, node_b = make_client(cache=caches[0]), make_client(cache=caches[1])
         fake.push(reply(text("the answer")))

@@ -45,9 +45,10 @@ def test_defaults() -> None:
     assert s.curve is False
     assert s.log_format == "auto"
     for name, field in Settings.model_fields.items():
-        if name in ("node_id", "advertise", "control"):
+        if name in ("node_id", "advertise", "control", "authorized_keys_file"):
             continue  # derived below
         assert getattr(s, name) == field.get_default(call_default_factory=True), name
+    assert s.authorized_keys_file == s.state_dir / "authorized_keys"
 
 
 def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
