@@ -49,6 +49,7 @@ from casperd.policeman.actions import (
 from casperd.policeman.state import Peer
 from casperd.policeman.tasks import last_error
 from casperd.quotas import Quotas
+from casperd.rejects import announce, drop_refused, rejected_error
 from casperd.settings import Settings
 from casperd.store import Store, record_from_row
 from casperd.taskrecord import TaskRecord, utcnow
@@ -91,6 +92,7 @@ class Broker:
         """Called after every tick with the monotonic time (the autoscaler, casperd.elastic)."""
         self.finish_listeners: list[Callable[[TaskRecord], None]] = []
         """Called (after the commit) with every task that reaches a terminal state (telemetry)."""
+        store.on_reject = self._refused
 
     def attach(self, work: LocalWork) -> None:
         """Plug the policeman's local work in (jobs, finish notifications, attachment storage)."""
@@ -215,6 +217,8 @@ class Broker:
         self.core.add_local(rec, holder, now())
         self.run(self.core.take())
         await self.store.committed()
+        if rec.rejected:
+            raise rejected_error(rec)
         return rec.id, False
 
     def _check_store(self, hint: str | None = None) -> None:
@@ -290,8 +294,15 @@ class Broker:
     def _stage_key(self, a: StageKey) -> None:
         self.store.stage_key(a.key, a.task_id, a.created_at)
 
+    def _refused(self, rec: TaskRecord, reason: str) -> None:
+        """The store refused this task's rows (poison isolation; casperd.rejects)."""
+        drop_refused(self.core, rec, reason)
+        self.run(self.core.take())
+
     def _send_action(self, a: Send) -> None:
-        if a.after_commit:
+        if a.announces:
+            self.store.after_commit(lambda: announce(self._send, a, self.core.tasks))
+        elif a.after_commit:
             self.store.after_commit(lambda: self._send(a))
         else:
             self._send(a)

@@ -110,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"casperd: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     setup_logging(settings.log_level, settings.log_format)
-    from casperd.node import Node
+    from casperd.node import Node, loop_factory
 
     try:
-        asyncio.run(Node(settings).run())
+        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+            runner.run(Node(settings).run())
     except CasperError as exc:
         logging.getLogger("casperd").error("%s", exc)
         return ExitCode.UNAVAILABLE if exc.code in ("storage", "migration") else ExitCode.FAILURE

@@ -261,6 +261,13 @@ class StorageError(CasperError):
     code = "storage"
 
 
+class StorageRejectedError(StorageError):
+    """Postgres refused the rows of one task (a value it cannot store); the other tasks committed."""
+
+    code = "storage-rejected"
+    retryable = False
+
+
 class MigrationError(StorageError):
     code = "migration"
 

@@ -202,6 +202,11 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR")
     log_format: str = Field(default="auto", pattern="^(auto|text|json)$", description="auto, text or json")
+    event_loop: str = Field(
+        default="asyncio",
+        pattern="^(auto|asyncio|uvloop)$",
+        description="asyncio, uvloop (pip install 'casper-mesh[fast]'), or auto: uvloop if installed",
+    )
     # --- Claude agents ---
     anthropic_api_key_file: Path | None = Field(
         default=None, description="file holding the Anthropic API key; default: the ANTHROPIC_API_KEY variable"

@@ -86,6 +86,9 @@ class Send:
     after_commit: bool = False
     tasks: tuple[uuid.UUID, ...] = ()
     node: str | None = None
+    announces: tuple[uuid.UUID, ...] = ()
+    """The new tasks an ACCEPTED announces: if the store refuses one, the shell answers ERROR
+    ``storage-rejected`` instead (casperd.rejects)."""
 
 
 @dataclass(frozen=True, slots=True)

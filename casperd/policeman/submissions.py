@@ -43,15 +43,16 @@ class SubmissionRules(AssignRules):
             self.remember_key(known, tid)
         fresh = sum(1 for spec in msg.tasks if not (spec.idempotency_key and spec.idempotency_key in self.keys))
         self.quotas.check_open(submitter or "", fresh, len(self.tasks))  # overloaded: caspectl waits, retries
+        inputs: list[str] = []
         for n, spec in enumerate(msg.tasks):
             try:
-                to_json(spec.input)  # all checked before anything is created
+                inputs.append(to_json(spec.input))  # all checked before anything is created
             except ValueError as exc:
                 raise InvalidBodyError(f"task {n}: input {exc}", hint="inputs must be plain JSON objects") from None
         ids: list[uuid.UUID] = []
         existing: list[bool] = []
         terminal_waits: list[uuid.UUID] = []
-        for spec in msg.tasks:
+        for spec, input_json in zip(msg.tasks, inputs, strict=True):
             key = spec.idempotency_key
             if key and key in self.keys:
                 tid = self.keys[key]
@@ -64,21 +65,27 @@ class SubmissionRules(AssignRules):
                     else:
                         terminal_waits.append(tid)
                 continue
-            rec = self.create(spec, submitter, now.wall)
+            rec = self.create(spec, submitter, now.wall, input_json=input_json)
             if msg.wait:
                 rec.waiters.append(route)
             ids.append(rec.id)
             existing.append(False)
         frames = codec.encode(Accepted(req_id=msg.req_id, task_ids=tuple(ids), existing=tuple(existing)))
-        self.out.append(Send(Socket.CONTROL, route, frames, after_commit=True))
+        created = tuple(t for t, old in zip(ids, existing, strict=True) if not old)
+        self.out.append(Send(Socket.CONTROL, route, frames, after_commit=True, announces=created))
         self.metrics.submitted.inc(existing.count(False))
         self.out.extend(DoneFromStore(route, tid) for tid in terminal_waits)
         return ids
 
     def create(
-        self, spec: TaskSpec, submitter: str | None, stamp: datetime, detail: dict[str, Any] | None = None
+        self,
+        spec: TaskSpec,
+        submitter: str | None,
+        stamp: datetime,
+        detail: dict[str, Any] | None = None,
+        input_json: str | None = None,
     ) -> TaskRecord:
-        rec = TaskRecord.from_spec(self.new_id(), spec, self.policy_for(spec.type).max_attempts, submitter)
+        rec = TaskRecord.from_spec(self.new_id(), spec, self.policy_for(spec.type).max_attempts, submitter, input_json)
         own = self.s.task_policies.get(spec.type)
         if rec.timeout_s is None and own is not None and own.timeout_s is not None:
             rec.timeout_s = own.timeout_s  # the type's default timeout

@@ -1,0 +1,118 @@
+"""The floors a durable task round trip cannot go below on this machine, measured in the same run:
+
+* ``commit_ms``: one single-row INSERT + COMMIT on the embedded Postgres (fsync and
+  synchronous_commit on), p50 over ``samples`` — a durable round trip needs two (accept, result);
+* ``copy_rows_s``: rows per second of one batched COPY into an ordinary (logged, durable) table;
+* ``zmq_rtt_ms``: a raw pyzmq DEALER -> ROUTER -> DEALER round trip over loopback TCP between two
+  processes (no CurveZMQ, no decoding), p50 — a CASPER round trip has four hops (two round trips).
+
+    python -m bench.floors
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import zmq
+
+from casperd.embedded import EmbeddedPostgres
+from casperd.localmesh import free_port_base
+
+
+def postgres_floors(url: str, samples: int = 500, copy_rows: int = 100_000) -> dict[str, float]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS floor_t")
+        conn.execute("CREATE TABLE floor_t (id bigint PRIMARY KEY, at timestamptz NOT NULL, body jsonb)")
+        lat = []
+        for i in range(samples + 20):
+            t = time.perf_counter()
+            conn.execute("INSERT INTO floor_t VALUES (%s, now(), '{\"pad\": 1}')", (i,), prepare=True)
+            if i >= 20:
+                lat.append((time.perf_counter() - t) * 1000)
+        buf = io.StringIO()
+        for i in range(copy_rows):
+            buf.write(f'{10_000_000 + i}\t2026-01-01 00:00:00+00\t{{"i": {i}}}\n')
+        data = buf.getvalue()
+        t = time.perf_counter()
+        with conn.transaction(), conn.cursor() as cur, cur.copy("COPY floor_t FROM STDIN") as cp:
+            cp.write(data)
+        copy_s = time.perf_counter() - t
+        conn.execute("DROP TABLE floor_t")
+    return {"commit_ms": statistics.median(lat), "copy_rows_s": copy_rows / copy_s}
+
+
+def _echo(endpoint: str, n: int) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.bind(endpoint)
+    for _ in range(n):
+        s.send_multipart(s.recv_multipart())
+    s.close(linger=0)
+    ctx.term()
+
+
+def zmq_floor(samples: int = 2000) -> float:
+    port = free_port_base(2)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    proc = multiprocessing.get_context("spawn").Process(target=_echo, args=(endpoint, samples + 100), daemon=True)
+    proc.start()
+    ctx = zmq.Context()
+    d = ctx.socket(zmq.DEALER)
+    d.connect(endpoint)
+    lat = []
+    try:
+        for i in range(samples + 100):
+            t = time.perf_counter()
+            d.send_multipart([b"\x01", b"x" * 100])
+            if not d.poll(10_000):
+                raise RuntimeError("the zmq echo process did not answer within 10 s")
+            d.recv_multipart()
+            if i >= 100:
+                lat.append((time.perf_counter() - t) * 1000)
+    finally:
+        d.close(linger=0)
+        ctx.term()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    return statistics.median(lat)
+
+
+def measure(pg_url: str | None = None) -> dict[str, Any]:
+    """Every floor; with no URL, on an embedded Postgres of its own."""
+    out: dict[str, Any] = {"zmq_rtt_ms": zmq_floor()}
+    if pg_url is not None:
+        out.update(postgres_floors(pg_url))
+        return out
+    root = Path(tempfile.mkdtemp(prefix="casper-bench-floor-"))
+    pg = EmbeddedPostgres(root / "pg", free_port_base() + 100)
+    pg.start()
+    os.environ.update(pg.env())
+    try:
+        out.update(postgres_floors(pg.url))
+    finally:
+        pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def durable_floor_ms(f: dict[str, Any]) -> float:
+    """Two commits plus four hops (two zmq round trips)."""
+    return 2 * f["commit_ms"] + 2 * f["zmq_rtt_ms"]
+
+
+if __name__ == "__main__":
+    f = measure()
+    print(
+        f"single-row commit p50 {f['commit_ms']:.2f} ms; COPY {f['copy_rows_s']:,.0f} rows/s; "
+        f"raw zmq round trip p50 {f['zmq_rtt_ms']:.3f} ms; durable round-trip floor {durable_floor_ms(f):.2f} ms"
+    )

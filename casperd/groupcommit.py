@@ -1,0 +1,297 @@
+"""The group-commit writer: every staged change committed before anything acts on it.
+
+Theory of operation: the broker changes a :class:`TaskRecord` in memory, then *stages* it with
+``stage(record, event)`` and registers what may only happen once that change is durable with
+``after_commit(fn)`` (an ACCEPTED to a submitter, a TASK to a worker, a DONE to a waiter). One
+writer coroutine takes everything staged so far — however many changes from however many peers —
+and writes it as ONE statement (data-modifying CTEs: insert new task rows, update changed ones,
+insert idempotency keys and events, each from one json parameter; see :mod:`casperd.storerows`),
+committed in autocommit mode, and only then runs the callbacks. So every state change is committed
+before it is acted on, and a thousand changes cost one fsync. There is no fixed wait: a batch is
+written as soon as the previous commit returns (no added latency at low load, large batches under
+load).
+
+Failures are of two kinds:
+
+* *retryable* (the connection is lost, Postgres restarts, a serialization failure or deadlock): the
+  batch is put back in front of newer changes and retried with backoff; nothing waiting on it is
+  released until it commits, and the store reports itself unhealthy meanwhile;
+* *permanent* (Postgres refuses a row: a character it cannot store, a constraint): the batch is
+  split in halves, per task, and each half written on its own, so every other task commits and the
+  one that Postgres refuses is isolated in a few round trips. A refused task is marked
+  ``rejected`` (with a reason naming the SQLSTATE, never the row's data) and handed to
+  ``on_reject``; the writer goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerr
+
+from casperd.breaker import CircuitBreaker
+from casperd.storerows import COMMIT_ALL, WRITER_SETTINGS, commit_params
+from casperd.taskrecord import TaskEvent, TaskRecord
+
+log = logging.getLogger("casperd.store")
+
+# Failures that say nothing about the rows: the same batch may commit on a later attempt.
+RETRYABLE: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,  # connection lost or refused, server shutting down, query cancelled
+    psycopg.InterfaceError,  # the connection object is closed or broken
+    pgerr.TransactionRollback,  # serialization failure, deadlock
+    pgerr.InsufficientResources,  # disk full, out of memory, too many connections
+    OSError,
+    TimeoutError,
+)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a failed commit may succeed unchanged later (else a row is at fault)."""
+    return isinstance(exc, RETRYABLE) or not isinstance(exc, psycopg.Error)
+
+
+def describe(exc: BaseException) -> str:
+    """A failure named by class and SQLSTATE (and the constraint or column, if Postgres names one),
+    never by message: Postgres messages may quote the row's data."""
+    if not isinstance(exc, psycopg.Error):
+        return type(exc).__name__
+    out = f"{type(exc).__name__}"
+    if exc.sqlstate:
+        out += f" (SQLSTATE {exc.sqlstate})"
+    diag = exc.diag
+    for what, name in (("constraint", diag.constraint_name), ("column", diag.column_name)):
+        if name:
+            out += f", {what} {name}"
+    return out
+
+
+@dataclass(slots=True)
+class Batch:
+    dirty: dict[uuid.UUID, TaskRecord] = field(default_factory=dict)
+    events: list[TaskEvent] = field(default_factory=list)
+    keys: list[tuple[str, uuid.UUID, Any]] = field(default_factory=list)
+    after: list[Callable[[], None]] = field(default_factory=list)
+    refused: list[TaskRecord] = field(default_factory=list)
+    """Records whose rows Postgres refused while writing this batch (handed to ``on_reject``
+    once the rest of the batch is committed and its callbacks have run)."""
+
+    def __bool__(self) -> bool:
+        return bool(self.dirty or self.events or self.keys or self.after or self.refused)
+
+    def task_ids(self) -> list[uuid.UUID]:
+        """Every task this batch writes a row for, in first-staged order."""
+        seen = dict.fromkeys(self.dirty)
+        seen.update(dict.fromkeys(e.task_id for e in self.events))
+        seen.update(dict.fromkeys(t for _, t, _ in self.keys))
+        return list(seen)
+
+    def subset(self, ids: list[uuid.UUID]) -> Batch:
+        """The rows of these tasks only (no callbacks)."""
+        want = set(ids)
+        return Batch(
+            {t: r for t, r in self.dirty.items() if t in want},
+            [e for e in self.events if e.task_id in want],
+            [k for k in self.keys if k[1] in want],
+        )
+
+    def absorb(self, newer: Batch) -> None:
+        """Put ``newer`` behind this batch (a failed batch goes back in front of newer changes)."""
+        self.dirty.update(newer.dirty)
+        self.events.extend(newer.events)
+        self.keys.extend(newer.keys)
+        self.after.extend(newer.after)
+        self.refused.extend(newer.refused)
+
+
+class PendingRetry(Exception):
+    """A retryable failure after part of a batch committed: ``rest`` is what did not."""
+
+    def __init__(self, cause: BaseException, rest: Batch) -> None:
+        super().__init__(describe(cause))
+        self.cause = cause
+        self.rest = rest
+
+
+class GroupCommitWriter:
+    """Stages changes and writes them in group commits on its own autocommit connection."""
+
+    def __init__(self, url: str, conn_kwargs: dict[str, Any], *, batch_max: int = 2000) -> None:
+        self.url = url
+        self._conn_kwargs = conn_kwargs
+        self.batch_max = batch_max
+        self._batch = Batch()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._wconn: psycopg.AsyncConnection[Any] | None = None
+        self.commits = 0
+        self.rows_written = 0
+        self.commit_failures = 0
+        self.rejected = 0
+        self.healthy = True
+        self.last_error: str | None = None
+        self.on_commit: Callable[[float], None] | None = None
+        self.on_reject: Callable[[TaskRecord, str], None] | None = None
+        self.breaker = CircuitBreaker(failure_threshold=3, recovery_s=5.0)
+
+    # --- staging ------------------------------------------------------------------------------
+    def stage(self, rec: TaskRecord, event: TaskEvent | None = None) -> None:
+        self._batch.dirty[rec.id] = rec
+        if event is not None:
+            self._batch.events.append(event)
+        self._wake.set()
+
+    def stage_key(self, key: str, task_id: uuid.UUID, created_at: Any) -> None:
+        self._batch.keys.append((key, task_id, created_at))
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        self._batch.after.append(fn)
+        self._wake.set()
+
+    async def committed(self) -> None:
+        """Wait until everything staged so far is committed (or refused)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def settle() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.after_commit(settle)
+        await fut
+
+    @property
+    def staged(self) -> int:
+        return len(self._batch.dirty)
+
+    # --- the writer ---------------------------------------------------------------------------
+    def start_writer(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+
+    async def stop_writer(self, timeout: float) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            try:
+                await asyncio.wait_for(self._writer, timeout)
+            except (TimeoutError, asyncio.CancelledError):
+                self._writer.cancel()
+                log.warning("store: %d staged changes were not written before shutdown", len(self._batch.dirty))
+        if self._wconn is not None:
+            await self._wconn.close()
+
+    async def _write_loop(self) -> None:
+        delay = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._batch:
+                if self._closing:
+                    return
+                continue
+            batch, self._batch = self._batch, Batch()
+            t0 = time.perf_counter()
+            try:
+                await self._commit(batch)
+            except PendingRetry as exc:
+                self._failed(exc.rest, exc.cause, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                self._wake.set()
+                continue
+            delay = 0.05
+            self.healthy = True
+            self.breaker.record_success()
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - t0)
+            for fn in batch.after:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("store: after-commit action failed")
+            for rec in batch.refused:
+                if self.on_reject is not None:
+                    try:
+                        self.on_reject(rec, rec.rejected or "refused")
+                    except Exception:
+                        log.exception("store: handling a refused task failed")
+            if self._closing and not self._batch:
+                return
+
+    def _failed(self, rest: Batch, cause: BaseException, delay: float) -> None:
+        self.commit_failures += 1
+        self.healthy = False
+        self.breaker.record_failure(time.monotonic())
+        self.last_error = describe(cause)
+        log.error("store: commit of %d changes failed (%s); retrying in %.2fs", len(rest.dirty), self.last_error, delay)
+        rest.absorb(self._batch)
+        self._batch = rest
+
+    async def _commit(self, batch: Batch) -> None:
+        """Write ``batch``; the records Postgres refused go to ``batch.refused`` (their rows left out).
+
+        Raises:
+            PendingRetry: a retryable failure; ``rest`` holds every row not yet committed, with
+                the batch's callbacks.
+        """
+        try:
+            await self._write(batch)
+            return
+        except Exception as exc:
+            if is_retryable(exc):
+                raise PendingRetry(exc, batch) from exc
+            first = describe(exc)
+        ids = batch.task_ids()
+        log.warning("store: a group commit of %d tasks was refused (%s); isolating the row", len(ids), first)
+        todo = [ids[len(ids) // 2 :], ids[: len(ids) // 2]] if len(ids) > 1 else []
+        if len(ids) == 1:
+            self._refuse(batch, ids[0], first)
+        while todo:
+            part = todo.pop()  # the earlier half first
+            if not part:
+                continue
+            try:
+                await self._write(batch.subset(part))
+            except Exception as exc:
+                if is_retryable(exc):
+                    rest = batch.subset([t for chunk in (*todo, part) for t in chunk])
+                    rest.after, rest.refused = batch.after, batch.refused
+                    raise PendingRetry(exc, rest) from exc
+                if len(part) > 1:
+                    todo += [part[len(part) // 2 :], part[: len(part) // 2]]
+                else:
+                    self._refuse(batch, part[0], describe(exc))
+
+    def _refuse(self, batch: Batch, task_id: uuid.UUID, reason: str) -> None:
+        self.rejected += 1
+        log.error("store: Postgres refused the rows of task %s (%s); the task is dropped", task_id, reason)
+        rec = batch.dirty.get(task_id)
+        if rec is not None:
+            rec.rejected = reason
+            batch.refused.append(rec)
+
+    async def _writer_conn(self) -> psycopg.AsyncConnection[Any]:
+        """The writer's own connection (no pool round trips on the hot path); remade after a failure."""
+        if self._wconn is None or self._wconn.closed or self._wconn.broken:
+            # autocommit: each group commit is one statement, hence one transaction and one round trip
+            self._wconn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, **self._conn_kwargs)
+            for setting in WRITER_SETTINGS:
+                await self._wconn.execute(setting)
+        return self._wconn
+
+    async def _write(self, batch: Batch) -> None:
+        records = list(batch.dirty.values())
+        params = commit_params(records, batch.events, batch.keys)
+        conn = await self._writer_conn()
+        await conn.execute(COMMIT_ALL, params, prepare=True)
+        self.commits += 1
+        self.rows_written += len(records)
+        for rec in records:
+            rec.persisted = True
