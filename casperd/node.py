@@ -17,6 +17,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -250,6 +251,8 @@ class Node:
         for sock in (self.mesh_sock, self.control_sock):
             if sock is not None:
                 sock.close(linger=self.s.linger_ms)
+        if self.s.control.startswith("ipc://"):  # no stale socket file left for caspectl to find
+            await asyncio.to_thread(Path(self.s.control[len("ipc://") :]).unlink, missing_ok=True)
         if self.zap is not None:
             await self.zap.close()
         self.ctx.term()
