@@ -22,17 +22,18 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any
 
 import zmq.asyncio
 
-from casperd import admission, codec
+from casperd import admission, background
+from casperd.background import LocalWork, now
 from casperd.enrollment import Enrollment
-from casperd.errors import CasperError, ForbiddenError, StorageError, UnsupportedError
+from casperd.errors import CasperError, StorageError, UnsupportedError
 from casperd.handlers import Catalog
-from casperd.messages import Done, ErrorBody, Reply, Submit, TaskSpec
+from casperd.messages import Submit, TaskSpec
 from casperd.metrics import Metrics
-from casperd.policeman import Now, PolicemanCore, Sender, SenderKind
+from casperd.policeman import PolicemanCore, Sender, SenderKind
 from casperd.policeman.actions import (
     Arm,
     DoneFromStore,
@@ -47,33 +48,14 @@ from casperd.policeman.actions import (
     Validate,
 )
 from casperd.policeman.state import Peer
-from casperd.policeman.tasks import last_error
 from casperd.quotas import Quotas
 from casperd.rejects import announce, drop_refused, rejected_error
 from casperd.settings import Settings
 from casperd.store import Store, record_from_row
-from casperd.taskrecord import TaskRecord, utcnow
+from casperd.taskrecord import TaskRecord
 from casperd.transport import send_now
 
 log = logging.getLogger("casperd.broker")
-
-
-class LocalWork(Protocol):
-    """What the policeman's plugin (the agent service) does for the broker."""
-
-    def run_local(self, rec: TaskRecord) -> None:
-        """Start a task of a ``local`` type (a job) on the policeman itself."""
-
-    def on_finish(self, rec: TaskRecord) -> None:
-        """Called (after the commit) with every task that reaches a terminal state."""
-
-    async def save_attachments(self, task_id: uuid.UUID, kind: str, blobs: tuple[bytes, ...]) -> None: ...
-
-    async def load_attachments(self, task_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[bytes]]: ...
-
-
-def now() -> Now:
-    return Now(time.monotonic(), utcnow())
 
 
 class Broker:
@@ -349,77 +331,6 @@ class Broker:
 
             self.store.after_commit(notify)
 
-    def _validate(self, a: Validate) -> None:
-        check = self.catalog.validator(a.rec.type)
-        assert check is not None
-
-        async def run() -> None:
-            try:
-                problem = await check(a.rec.id, a.rec.input, a.output, a.attachments)
-            except CasperError as exc:
-                problem = f"the policeman could not validate it: {exc}"
-            except Exception as exc:  # a bug in a validator must not leave the task validating forever
-                log.exception("validator of %s crashed on task %s", a.rec.type, a.rec.id)
-                problem = f"the policeman's validator crashed: {type(exc).__name__}"
-            self.core.validated(a.rec.id, a.peer, problem, now())
-            self.run(self.core.take())
-
-        self._spawn(run())
-
-    def _serve(self, a: Serve) -> None:
-        self._spawn(self._serve_request(a))
-
-    async def _serve_request(self, a: Serve) -> None:
-        msg = a.request
-        svc = self.catalog.service(msg.op)
-        try:
-            if svc is None:
-                raise UnsupportedError(
-                    f"the policeman offers no mesh service {msg.op!r}",
-                    hint=f"known: {', '.join(self.catalog.service_names) or 'none'}",
-                )
-            if a.sender.role not in svc.roles:  # the plugin's own statement agrees with casperd.authz
-                raise ForbiddenError(f"{a.sender.role} may not call {msg.op!r}", hint="see protocol/SPEC.md 14.1")
-            data, extra = await svc.run(a.sender.node_id, msg.args, a.attachments)
-            frames = codec.encode(Reply(req_id=msg.req_id, ok=True, data=data), extra)
-        except CasperError as exc:
-            if exc.code == "forbidden":
-                self.metrics.forbidden.labels(msg.op[:64]).inc()
-            error = ErrorBody(code=exc.code, message=exc.message[:4000], hint=exc.hint)
-            frames = codec.encode(Reply(req_id=msg.req_id, ok=False, error=error))
-        except Exception as exc:  # a bug in a service: answer, log, keep serving
-            log.exception("mesh service %s failed", msg.op)
-            error = ErrorBody(code=CasperError.code, message=f"{msg.op} failed: {type(exc).__name__}")
-            frames = codec.encode(Reply(req_id=msg.req_id, ok=False, error=error))
-        self._send(Send(Socket.MESH, a.route, frames))
-
-    def _save_attachments(self, a: SaveAttachments) -> None:
-        async def run() -> None:
-            error = None
-            if self.work is not None:
-                tid = a.result.results[0].task_id
-                try:
-                    await self.work.save_attachments(tid, "output", a.attachments)
-                except CasperError as exc:
-                    log.warning("could not store the attachments of task %s: %s; it will run again", tid, exc)
-                    error = exc.message
-            self.core.attachments_saved(a.node_id, a.result, a.attachments, error, now())
-            self.run(self.core.take())
-
-        self._spawn(run())
-
-    def _done_from_store(self, a: DoneFromStore) -> None:
-        async def run() -> None:
-            await self.store.committed()  # the ACCEPTED of the same submit goes out first
-            row = await self.store.get(a.task_id)
-            if row is None:
-                return
-            rec = record_from_row(row)
-            done = Done(task_id=a.task_id, status=rec.status.value, output=row["output"], error=last_error(rec))
-            self._send(Send(Socket.CONTROL, a.route, codec.encode(done)))
-
-        self._spawn(run())
-
     def _arm(self, a: Arm) -> None:
         if self._tick_armed is not None and self._tick_armed <= a.at:
             return
@@ -445,10 +356,10 @@ ACTIONS: dict[type, Callable[[Broker, Any], None]] = {
     Send: Broker._send_action,
     RunLocal: Broker._run_local,
     Finished: Broker._finished,
-    Validate: Broker._validate,
-    Serve: Broker._serve,
-    SaveAttachments: Broker._save_attachments,
-    DoneFromStore: Broker._done_from_store,
+    Validate: background.validate,
+    Serve: background.serve,
+    SaveAttachments: background.save_attachments,
+    DoneFromStore: background.done_from_store,
     Arm: Broker._arm,
 }
 """Action type -> how the shell carries it out."""

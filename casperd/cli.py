@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"casperd: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     setup_logging(settings.log_level, settings.log_format)
-    from casperd.node import Node, loop_factory
+    from casperd.eventloop import loop_factory
+    from casperd.node import Node
 
     try:
         with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:

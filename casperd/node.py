@@ -16,21 +16,20 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
 
-from casperd import authz, codec, taskenv
+from casperd import codec, handoff, taskenv
 from casperd.agents.tasktypes import install as install_agent_types
 from casperd.cache import ResultCache, signing_key
 from casperd.control import Control
 from casperd.enrollment import Enrollment
-from casperd.errors import CasperError, ConfigError, InvalidBodyError, ProtocolError, UnsupportedError
+from casperd.errors import CasperError, ProtocolError, UnsupportedError
 from casperd.handlers import Catalog
-from casperd.messages import Error, ErrorBody, Heartbeat, Reply, Request, Role, Submit
+from casperd.messages import Error, Heartbeat, Request, Role, Submit
 from casperd.metrics import Metrics
 from casperd.settings import Settings
 from casperd.telemetry import watch_api
@@ -52,22 +51,6 @@ if TYPE_CHECKING:  # the policeman's modules (and the Postgres driver) load only
     from casperd.store import Store
 
 log = logging.getLogger("casperd.node")
-
-
-def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop a node runs on: uvloop (an optional fast path: less CPU per message in the
-    selector and in callbacks) when chosen or, with ``auto``, when installed; else asyncio's."""
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            raise ConfigError(
-                "event_loop is uvloop but uvloop is not installed", hint="pip install 'casper-mesh[fast]'"
-            ) from None
-        return None
-    return uvloop.new_event_loop
 
 
 class Node:
@@ -306,8 +289,8 @@ class Node:
                     decoded = codec.decode(body, max_bytes=self.s.max_message_bytes)
                     msg = decoded.message
                     if isinstance(msg, Request) and msg.op == "handoff" and self.worker is not None:
-                        self._admit_handoff(route, msg, user)
-                        self._spawn_once(self._handoff(route, msg, decoded.attachments))
+                        handoff.admit(self.enrollment, self.metrics, route, msg, user)
+                        self._spawn_once(handoff.answer(self.worker, self.mesh_sock, route, msg, decoded.attachments))
                         continue
                     reply = (
                         Heartbeat()
@@ -324,44 +307,10 @@ class Node:
                     reply = Error(code=exc.code, message=exc.message[:4000], hint=exc.hint)
                 send_now(self.mesh_sock, [route, *codec.encode(reply)])
 
-    def _admit_handoff(self, route: bytes, msg: Request, user: str | None) -> None:
-        """A direct hand-off on this worker's ROUTER: with enrollment on, only from a developer's key,
-        whose routing id names the node that key is enrolled for, and only a task type it may create."""
-        spec = msg.args.get("spec")
-        task_type = str(spec.get("type")) if isinstance(spec, dict) else ""
-        if self.enrollment is None:
-            authz.may_create("developer", task_type)
-            return
-        self.enrollment.refresh()
-        entry = self.enrollment.lookup(user)
-        sender = route.split(b"/", 1)[0].decode("utf-8", "replace")[:64]
-        try:
-            authz.check_identity(entry, sender, "developer")
-            authz.authorize("developer", msg.COMMAND, service="handoff")
-            authz.may_create("developer", task_type)
-        except ProtocolError:
-            self.metrics.forbidden.labels("handoff").inc()
-            raise
-
     def _spawn_once(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._oneshots.add(task)
         task.add_done_callback(self._oneshots.discard)
-
-    async def _handoff(self, route: bytes, msg: Request, attachments: tuple[bytes, ...]) -> None:
-        """Direct hand-off: a peer's REQUEST ``handoff`` on this worker's own ROUTER."""
-        assert self.worker is not None and self.mesh_sock is not None
-        try:
-            spec = msg.args.get("spec")
-            if not isinstance(spec, dict):
-                raise InvalidBodyError("handoff needs 'spec': a task", hint="send a TaskSpec as 'spec'")
-            sender = route.split(b"/", 1)[0].decode("utf-8", "replace")[:64]
-            reply = Reply(req_id=msg.req_id, ok=True, data=await self.worker.accept_handoff(spec, attachments, sender))
-        except CasperError as exc:
-            reply = Reply(
-                req_id=msg.req_id, ok=False, error=ErrorBody(code=exc.code, message=exc.message[:4000], hint=exc.hint)
-            )
-        send_now(self.mesh_sock, [route, *codec.encode(reply)])
 
     async def _dealer_loop(self) -> None:
         assert self.worker is not None

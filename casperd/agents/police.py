@@ -12,7 +12,7 @@ Mesh services (REQUEST ops on the broker's ROUTER, answered with REPLY):
 
 It plugs into the broker through typed interfaces only: its services and the ``code`` validator
 go into the node's :class:`~casperd.handlers.Catalog` (with the roles that may call each service),
-and it is the broker's :class:`~casperd.broker.LocalWork` (attachments in ``task_attachments``,
+and it is the broker's :class:`~casperd.background.LocalWork` (attachments in ``task_attachments``,
 ``job`` tasks run in the :class:`JobRunner`, finish notifications).
 """
 
@@ -96,7 +96,7 @@ class PoliceService:
         catalog.add_service("handoff-record", self._handoff_record, roles=workers)
         catalog.add_validator("code", self.validate_code)
 
-    # --- the broker's local work (casperd.broker.LocalWork) ----------------------------------------
+    # --- the broker's local work (casperd.background.LocalWork) ----------------------------------------
     def run_local(self, rec: TaskRecord) -> None:
         self.jobs.start(rec)
 

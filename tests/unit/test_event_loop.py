@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from casperd.errors import ConfigError
-from casperd.node import loop_factory
+from casperd.eventloop import loop_factory
 
 
 def test_asyncio_is_chosen_explicitly() -> None:
