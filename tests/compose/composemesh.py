@@ -374,8 +374,8 @@ class ComposeMesh:
         return [line.split("|") for line in proc.stdout.splitlines() if line]
 
     def counts(self, tag: str) -> dict[str, int]:
-        """Tasks with input.tag = ``tag``, by status (the database's view)."""
-        rows = self.psql(f"select status, count(*) from tasks where input->>'tag' = '{_sql_str(tag)}' group by 1")
+        """Tasks tagged ``tag`` (see :func:`tagged`), by status (the database's view)."""
+        rows = self.psql(f"select status, count(*) from tasks where {tagged(tag)} group by 1")
         return {status: int(n) for status, n in rows}
 
     def wait_complete(self, tag: str, n: int, timeout: float) -> dict[str, int]:
@@ -390,16 +390,27 @@ class ComposeMesh:
         return counts
 
     def ran_on(self, tag: str) -> dict[str, int]:
-        """Completed tasks with input.tag = ``tag``, by the node that completed them."""
+        """Completed tasks tagged ``tag`` (see :func:`tagged`), by the node that completed them."""
         rows = self.psql(
-            f"select assigned_to, count(*) from tasks where input->>'tag' = '{_sql_str(tag)}' "
-            "and status = 'complete' group by 1"
+            f"select assigned_to, count(*) from tasks where {tagged(tag)} and status = 'complete' group by 1"
         )
         return {node: int(n) for node, n in rows}
 
 
 def sleep_tasks(n: int, seconds: float, tag: str) -> list[dict[str, Any]]:
-    return [{"type": "sleep", "input": {"seconds": seconds, "tag": tag, "i": i}} for i in range(n)]
+    """``n`` sleeps tagged ``tag``: ``sleep`` takes only ``seconds`` (and ``fail``), so the tag is in
+    each task's idempotency key (``TAG:i``) and the i-th sleeps i microseconds longer."""
+    return [
+        {"type": "sleep", "input": {"seconds": seconds + i * 1e-6}, "idempotency_key": f"{tag}:{i}"} for i in range(n)
+    ]
+
+
+def tagged(tag: str, table: str = "") -> str:
+    """SQL: the task row (of ``table``, an alias, if given) is tagged ``tag`` — its input's ``tag``
+    (echo tasks) or an idempotency key ``TAG:…`` (sleep tasks, see :func:`sleep_tasks`)."""
+    t, p = _sql_str(tag), f"{table}." if table else ""
+    keyed = f"select task_id from task_idempotency where starts_with(key, '{t}:')"
+    return f"({p}input->>'tag' = '{t}' or {p}id in ({keyed}))"
 
 
 def new_tag(name: str) -> str:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.compose.composemesh import TIMINGS, WORKERS, ComposeMesh, new_tag, poll, sleep_tasks
+from tests.compose.composemesh import TIMINGS, WORKERS, ComposeMesh, new_tag, poll, sleep_tasks, tagged
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(600)]
 
@@ -22,7 +22,7 @@ def moved_away(m: ComposeMesh, tag: str, node: str) -> int:
     """Tasks of ``tag`` that were assigned to ``node`` once and were completed by another node."""
     rows = m.psql(
         "select count(distinct t.id) from tasks t join task_events e on e.task_id = t.id "
-        f"where t.input->>'tag' = '{tag}' and e.to_status = 'assigned' and e.peer = '{node}' "
+        f"where {tagged(tag, 't')} and e.to_status = 'assigned' and e.peer = '{node}' "
         f"and t.status = 'complete' and t.assigned_to <> '{node}'"
     )
     return int(rows[0][0])
@@ -125,7 +125,7 @@ def test_policeman_restart_recovers_from_postgres(healthy_mesh: ComposeMesh) -> 
     TIMINGS.append(("docker restart policeman -> healthy, workers registered", time.monotonic() - t0))
 
     assert m.wait_complete(tag, n, timeout=240) == {"complete": n}
-    rows = m.psql(f"select id::text, status from tasks where input->>'tag' = '{tag}'")
+    rows = m.psql(f"select id::text, status from tasks where {tagged(tag)}")
     assert sorted(r[0] for r in rows) == sorted(ids)  # every submitted id, once
     assert {r[1] for r in rows} == {"complete"}
     if open_before > 0:
