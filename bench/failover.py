@@ -117,7 +117,7 @@ class Bench:
     def developer_kill(self, victim: str) -> dict[str, Any]:
         self.settle()
         n = len(self.devs)
-        ids = self.submit([TaskSpec(type="sleep", input={"seconds": 60, "round": victim}) for _ in range(2 * n)])
+        ids = self.submit([TaskSpec(type="sleep", input={"seconds": 60}) for _ in range(2 * n)])
         self.wait(
             lambda: (
                 self.sql("SELECT count(*) FROM tasks WHERE id = ANY(%s) AND status = 'processing'", (ids,))[0][0]
