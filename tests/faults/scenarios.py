@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 from casperd.ctl.client import ControlClient
 from casperd.errors import CasperError
 from casperd.lifecycle import replay
@@ -315,6 +317,16 @@ def start_postgres(nm: Any, timeout: float = 60.0) -> None:
 
 
 # --- the fake peer that fails every task ------------------------------------------------------
+def enrolled_key_file(client: Any, path: Path, node_id: str, role: str = "developer") -> Path:
+    """A new Curve key pair written to ``path`` (public, then secret; 0600) and enrolled for
+    ``node_id`` and ``role`` through the policeman's control socket (caspectl keys add)."""
+    public, secret = zmq.curve_keypair()
+    path.write_bytes(public + b"\n" + secret + b"\n")
+    path.chmod(0o600)
+    client.request("keys-add", key=public.decode(), pattern=node_id, role=role)
+    return path
+
+
 def start_bad_peer(
     lab: Any,
     host: str,
@@ -325,8 +337,10 @@ def start_bad_peer(
     capacity: int = 2,
     max_s: float = 120.0,
     heartbeat_s: float = 0.25,
+    key_file: Path | None = None,
 ) -> subprocess.Popen[str]:
-    """Run :func:`bad_peer_main` in lab host ``host`` (it must reach ``broker`` over the lab)."""
+    """Run :func:`bad_peer_main` in lab host ``host`` (it must reach ``broker`` over the lab), with
+    the key pair in ``key_file`` (see :func:`enrolled_key_file`) or, without it, a fresh unenrolled one."""
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CASPER_")},
         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -352,6 +366,7 @@ def start_bad_peer(
             max_s,
             "--heartbeat-s",
             heartbeat_s,
+            *(["--key-file", key_file] if key_file is not None else []),
         ],
         cwd=str(REPO),
         env=env,
@@ -391,6 +406,7 @@ def bad_peer_main(argv: list[str]) -> int:
     ap.add_argument("--capacity", type=int, default=2)
     ap.add_argument("--max-s", type=float, default=120.0)
     ap.add_argument("--heartbeat-s", type=float, default=0.25)
+    ap.add_argument("--key-file", default="", help="its Curve key pair: public and secret key, one line each")
     args = ap.parse_args(argv)
 
     stop = False
@@ -405,7 +421,10 @@ def bad_peer_main(argv: list[str]) -> int:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, f"{args.node_id}/{epoch}".encode())
-    public, secret = zmq.curve_keypair()
+    if args.key_file:  # enrolled by the test (the policeman refuses unknown keys at the handshake)
+        public, secret = (line.strip().encode() for line in Path(args.key_file).read_text().splitlines()[:2])
+    else:
+        public, secret = zmq.curve_keypair()
     sock.curve_publickey, sock.curve_secretkey = public, secret
     sock.curve_serverkey = Path(args.server_key_file).read_text().strip().encode()
     sock.connect(args.broker)

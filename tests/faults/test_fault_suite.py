@@ -40,6 +40,7 @@ from casperd.messages import Done, TaskSpec
 from tests.faults.meshlab import MESH_PORT, NetnsMesh
 from tests.faults.scenarios import (
     developers,
+    enrolled_key_file,
     executions,
     gather,
     netem_counters,
@@ -715,6 +716,8 @@ def test_peer_failing_every_task_is_cut_off_by_its_breaker(
     failures, capacity = 3, 2
     mesh = nm.start_mesh(developers=1, heartbeat_s=0.5, extra_env={"CASPER_BREAKER_FAILURES": str(failures)})
     lab.add_host("bad-peer")
+    with mesh.client(timeout_s=5) as admin:
+        key_file = enrolled_key_file(admin, mesh.state_dir / "bad-peer.keys", "bad-peer")
     proc = start_bad_peer(
         lab,
         "bad-peer",
@@ -723,6 +726,7 @@ def test_peer_failing_every_task_is_cut_off_by_its_breaker(
         capacity=capacity,
         heartbeat_s=0.1,
         max_s=150,
+        key_file=key_file,
     )
     try:
         with mesh.client(timeout_s=30) as c, mesh.client(timeout_s=5) as admin:
