@@ -19,7 +19,12 @@ def test_silent_holder_loses_its_lease_and_the_task_completes_elsewhere(make_mes
     mesh.add_node("policeman", "policeman", mesh.port_base)
     mesh.wait_healthy("policeman", 60)
     ctx: zmq.Context[Any] = zmq.Context()
-    fake = FakeWorker(ctx, mesh.policeman.bind, server_key=key(mesh, "policeman"), routing_id=b"sitter/1")
+    sitter = zmq.curve_keypair()  # enrolled for its id: the policeman refuses unknown keys at the handshake
+    with mesh.client() as c:
+        c.request("keys-add", key=sitter[0].decode(), pattern="sitter", role="developer")
+    fake = FakeWorker(
+        ctx, mesh.policeman.bind, server_key=key(mesh, "policeman"), routing_id=b"sitter/1", keypair=sitter
+    )
     try:
         fake.send(
             codec.encode(
