@@ -125,8 +125,9 @@ def stack(
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # the stack's containers and networks go away asynchronously
             label = f"com.docker.stack.namespace={STACK}"
+            # sparse: no inspect per container, which races with the removal (404 on a vanished one)
             if not docker_client.containers.list(
-                all=True, filters={"label": label}
+                all=True, filters={"label": label}, sparse=True
             ) and not docker_client.networks.list(filters={"label": label}):
                 break
             time.sleep(1)
