@@ -331,6 +331,17 @@ class Autoscaler:
             out.append(Decision(DRAIN, p.role, p.node_id, f"idle {idle:.0f}s (cooldown {self.c.idle_s:.0f}s)", "idle"))
         return out
 
+    def outlook(self, spawner: str) -> dict[str, object]:
+        """What the waiting-task report needs (:func:`casperd.waiting.spawn_outlook`): the
+        spawner's kind, the roles it may start with what they offer, the spawns on their way (node
+        id -> role) and the capability sets reported ``unmet``."""
+        return {
+            "spawner": spawner,
+            "roles": {r: sorted(b.capabilities) for r, b in self.spawnable.items()},
+            "pending": {n: role for n, (role, _) in sorted(self.pending.items())},
+            "unmet": [sorted(r) for r in self._unmet],
+        }
+
     def snapshot(self) -> dict[str, object]:
         return {
             "pending": sorted(self.pending),

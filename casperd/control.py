@@ -150,6 +150,7 @@ async def _peers(node: Node, args: dict[str, Any]) -> Any:
     peers = node.broker.peers_view()
     if node.elastic is not None:
         peers = [p | node.elastic.peer_note(p["node_id"]) for p in peers]
+        return {"peers": peers, "autoscale": node.elastic.outlook()}
     return {"peers": peers}
 
 

@@ -239,6 +239,10 @@ class Elastic:
             "decisions": list(self.decisions)[-10:],
         }
 
+    def outlook(self) -> dict[str, Any]:
+        """The autoscaler's side of ``caspectl tasks``' why-it-waits (the ``peers`` answer)."""
+        return self.policy.outlook(self.spawner.kind)
+
     def peer_note(self, node_id: str) -> dict[str, Any]:
         """What caspectl peers shows per peer: spawned by the autoscaler, and why."""
         spawned = node_id in self.spawner.spawned()

@@ -160,10 +160,11 @@ def _why(c: ControlClient, tasks: list[dict[str, Any]]) -> dict[str, str]:
     if not any(t.get("status") in ("pending", "retry") for t in tasks):
         return {}
     try:
-        peers = c.request("peers")["peers"]
+        answer = c.request("peers")
     except CasperError:
         return {}
-    found = {str(t.get("id")): why_waiting(t, peers) for t in tasks}
+    peers, outlook = answer["peers"], answer.get("autoscale")
+    found = {str(t.get("id")): why_waiting(t, peers, outlook) for t in tasks}
     return {k: v for k, v in found.items() if v}
 
 

@@ -63,14 +63,15 @@ def spec_from(fields: dict[str, Any], where: str) -> TaskSpec:
 def warn_unrunnable(c: ControlClient, a: argparse.Namespace, specs: Sequence[TaskSpec]) -> list[str]:
     """Warn about specs no live peer can run (a capability nobody has); returns the warnings."""
     try:
-        peers = c.request("peers")["peers"]
+        answer = c.request("peers")
     except CasperError:
         return []  # a best-effort warning: the submission itself went through
+    peers, outlook = answer["peers"], answer.get("autoscale")
     seen: dict[tuple[str, tuple[str, ...]], str | None] = {}
     for s in specs:
         key = (s.type, tuple(sorted(s.requires)))
         if key not in seen:
-            seen[key] = why_waiting({"type": s.type, "status": "pending", "requires": s.requires}, peers)
+            seen[key] = why_waiting({"type": s.type, "status": "pending", "requires": s.requires}, peers, outlook)
     notes = [f"{t} task: {why}" for (t, _), why in seen.items() if why]
     for n in notes:
         warn(a, n)
@@ -118,7 +119,8 @@ def _still_open_hint(c: ControlClient, pending: list[str]) -> str:
     """Why the first open task is still open, if it cannot run; else that it keeps running."""
     try:
         task = c.request("get", id=pending[0])
-        why = why_waiting(task, c.request("peers")["peers"])
+        answer = c.request("peers")
+        why = why_waiting(task, answer["peers"], answer.get("autoscale"))
     except CasperError:
         why = None
     if why:

@@ -70,6 +70,20 @@ def status(mesh: LocalMesh) -> dict[str, Any]:
         return dict(c.request("status"))
 
 
+def ctl_json(mesh: LocalMesh, *args: str) -> Any:
+    """caspectl ARGS -o json against the mesh's policeman, as a user runs it (no CASPER_ env)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASPER_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "casperd.ctl.main", "--control", mesh.policeman.control, *args, "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
 def test_burst_grows_the_mesh_to_max_and_back_to_one(make_mesh: Callable[..., LocalMesh]) -> None:
     mesh = make_mesh(
         developers=1,
@@ -131,26 +145,11 @@ def test_capability_only_a_spawnable_role_has_gets_it_spawned_and_top_agrees(
         with mesh.client(5.0) as c:
             c.submit([TaskSpec(type="noop", requires=("gpu",))])
         wait_for(lambda: ["gpu"] in status(mesh)["autoscale"]["unmet"], 30, "the unmet capability report")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CASPER_")}
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "casperd.ctl.main",
-                "--control",
-                mesh.policeman.control,
-                "top",
-                "--once",
-                "-o",
-                "json",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-        )
-        assert proc.returncode == 0, proc.stderr
-        top = json.loads(proc.stdout)
+        # caspectl tasks says why it waits: the autoscaler's unmet report, not a generic guess
+        listed = ctl_json(mesh, "tasks")["tasks"]
+        (gpu,) = [t for t in listed if t["status"] == "pending"]
+        assert "capability gpu" in gpu["waiting"] and "no spawner can provide them" in gpu["waiting"], gpu
+        top = ctl_json(mesh, "top", "--once")
         st, ps = status(mesh), peers(mesh)
     assert (
         sorted(p["node_id"] for p in top["peers"])

@@ -224,3 +224,31 @@ def test_no_decision_during_the_startup_grace() -> None:
     b = Autoscaler(config(roles={"developer": RoleBounds(1, 3, DEV)}, grace_s=6.0))
     b.decide(MeshView((), ()), 100.0)
     assert b.decide(MeshView((), (peer("developer-1"),)), 107.0) == []
+
+
+def test_the_waiting_report_says_what_the_autoscaler_does_about_a_missing_capability() -> None:
+    """The policy's pending spawns and unmet needs reach caspectl tasks' why-it-waits."""
+    from casperd.waiting import why_waiting
+
+    roles = {"developer": RoleBounds(1, 3, DEV), "tester": RoleBounds(0, 1, TESTER)}
+    a = Autoscaler(config(roles=roles), name_tag="s")
+    devs = [{"node_id": "developer-1", "capabilities": sorted(DEV), "liveness": "alive"}]
+    test_task = {"type": "noop", "status": "pending", "requires": ["test"]}
+    gpu_task = {"type": "noop", "status": "pending", "requires": ["gpu"]}
+    before = why_waiting(test_task, devs, a.outlook("local"))
+    assert before and "can spawn a tester" in before and "local spawner" in before
+    view = MeshView((waiting(1, 0.0, frozenset({"test"})), waiting(2, 0.0, frozenset({"gpu"}))), (peer("developer-1"),))
+    assert sorted(kinds(a.decide(view, 100.0))) == [(SPAWN, "capability"), (UNMET, "capability")]
+    outlook = a.outlook("local")
+    assert outlook["pending"] == {"tester-s1": "tester"} and outlook["unmet"] == [["gpu"]]
+    spawning = why_waiting(test_task, devs, outlook)
+    assert spawning and "a tester offering them is being spawned for it (tester-s1)" in spawning
+    unmet = why_waiting(gpu_task, devs, outlook)
+    assert unmet and "capability gpu" in unmet and "no spawner can provide them" in unmet
+    assert why_waiting({"type": "noop", "status": "pending", "requires": ["shell"]}, devs, outlook) is None
+    # registered: no longer pending, and the task is no longer missing anything
+    a.decide(MeshView((), (peer("developer-1"), peer("tester-s1", role="tester"))), 101.0)
+    assert a.outlook("local")["pending"] == {}
+    fixed = why_waiting(test_task, devs, Autoscaler(config(roles={})).outlook("none"))
+    assert fixed and "fixed size (spawner none)" in fixed
+    assert "no peer is registered" in (why_waiting(gpu_task, [], outlook) or "")
