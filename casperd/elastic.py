@@ -175,6 +175,10 @@ class Elastic:
         if actual != d.node_id:
             self.policy.rename(d.node_id, actual)
             self.reasons[actual] = self.reasons.pop(d.node_id, d.reason)
+            for entry in self.decisions:  # the backend chose the name (a swarm slot): show that one
+                if entry["node_id"] == d.node_id:
+                    entry["node_id"] = actual
+            log.info("autoscaler: %s registers as %s", d.node_id, actual)
 
     def _spawn_failed(self, node_id: str, why: str) -> None:
         self.policy.spawn_failed(node_id)

@@ -200,6 +200,12 @@ class Settings(BaseSettings):
     swarm_service: str = Field(
         default="", description="swarm: the service to scale; default the stack's developer service"
     )
+    swarm_base_replicas: int | None = Field(
+        default=None,
+        ge=0,
+        description="swarm: replicas that are the stack's own (slots above it are the autoscaler's, which it "
+        "may retire); default the count the service has when the policeman starts",
+    )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR")
     log_format: str = Field(default="auto", pattern="^(auto|text|json)$", description="auto, text or json")
     event_loop: str = Field(

@@ -73,9 +73,8 @@ def spawn_outlook(needs: frozenset[str], autoscale: Mapping[str, Any]) -> str:
     if kind == "none":
         return "this mesh has a fixed size (spawner none): start a peer offering them (--capabilities), or cancel it"
     return (
-        f"no spawner can provide them either (the {kind} spawner starts "
-        f"{', '.join(sorted(roles)) or 'no role'} without them): start a peer offering them "
-        "(--capabilities), or cancel it"
+        f"no spawner can provide them either ({kind} spawner; the roles it may start, "
+        f"{', '.join(sorted(roles)) or 'none'}, lack them): start a peer offering them (--capabilities), or cancel it"
     )
 
 

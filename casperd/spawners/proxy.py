@@ -17,6 +17,10 @@ socket and forwards a request only if :func:`check` allows it:
 
 Everything else (exec, images, volumes, build, swarm, plugins, ...) is refused with 403 and a
 message naming the rule. One request per connection (``Connection: close``).
+
+When the proxy's own container belongs to a Swarm stack, it runs in swarm mode instead: it lets
+the ``swarm`` spawner scale the stack's developer service and nothing else (the rules are in
+:mod:`casperd.spawners.swarmproxy`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,17 @@ import re
 import sys
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
+
+from casperd.spawners.swarmproxy import (
+    STACK_LABEL,
+    Need,
+    SwarmPolicy,
+    check_swarm,
+    is_replica,
+    is_service,
+    query_of,
+    scaled_spec,
+)
 
 log = logging.getLogger("casperd.spawners.proxy")
 
@@ -178,14 +193,28 @@ class Proxy:
         self.image = image
         self.template = template
         self.policy: Policy | None = None
+        self.swarm: SwarmPolicy | None = None
 
-    async def load_policy(self) -> Policy:
-        """The proxy's own project (its container's label) and the template's secret mounts."""
+    async def _own_labels(self) -> dict[str, str]:
         hostname = os.uname().nodename
         status, body = await _docker(self.sock, "GET", f"/containers/{hostname}/json")
         if status != 200:
             raise RuntimeError(f"cannot inspect the proxy's own container {hostname}: HTTP {status}")
-        project = json.loads(body)["Config"]["Labels"].get(PROJECT_LABEL, "")
+        return dict(json.loads(body)["Config"]["Labels"] or {})
+
+    async def load_swarm_policy(self) -> SwarmPolicy | None:
+        """Swarm mode when the proxy's own container belongs to a stack."""
+        stack = (await self._own_labels()).get(STACK_LABEL, "")
+        if not stack:
+            return None
+        service = os.environ.get("PROXY_SERVICE") or f"{stack}_developer"
+        self.swarm = SwarmPolicy(stack, service, int(os.environ.get("PROXY_MAX_REPLICAS", "10")))
+        log.info("proxy for stack %s: scales %s up to %d replicas", stack, service, self.swarm.max_replicas)
+        return self.swarm
+
+    async def load_policy(self) -> Policy:
+        """The proxy's own project (its container's label) and the template's secret mounts."""
+        project = (await self._own_labels()).get(PROJECT_LABEL, "")
         flt = json.dumps({"label": [f"{PROJECT_LABEL}={project}", f"{SERVICE_LABEL}={self.template}"]})
         status, body = await _docker(self.sock, "GET", f"/containers/json?all=1&filters={quote(flt)}")
         binds: set[str] = set()
@@ -221,6 +250,9 @@ class Proxy:
                 await _answer(writer, 413, "request body too large")
                 return
             body = await reader.readexactly(length) if length else b""
+            if self.swarm is not None:
+                await self._handle_swarm(self.swarm, method, path, headers, body, writer)
+                return
             creating = method == "POST" and route(path) == "/containers/create"
             # the template's mounts are read again for every create: the template may have
             # started after the proxy, or been recreated with other secrets
@@ -238,6 +270,45 @@ class Proxy:
             await _answer(writer, 400, "bad request")
         finally:
             writer.close()
+
+    async def _handle_swarm(
+        self,
+        policy: SwarmPolicy,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        refusal, need = check_swarm(method, route(path), query_of(path), body, policy)
+        if refusal is None and need is not None:
+            refusal = await self._verify_swarm(policy, need)
+        if refusal is not None:
+            log.warning("refused %s %s: %s", method, route(path), refusal)
+            await _answer(writer, 403, refusal)
+            return
+        if need is not None and need.kind == "scale":
+            # the update the proxy sends itself: the current spec, only the replica count changed
+            status, current = await _docker(self.sock, "GET", f"/services/{quote(need.target)}")
+            spec, version = scaled_spec(json.loads(current), need.replicas)
+            status, answer = await _docker(
+                self.sock, "POST", f"/services/{quote(need.target)}/update?version={version}", spec
+            )
+            log.info("scaled %s to %d: HTTP %d", policy.service, need.replicas, status)
+            await _answer_raw(writer, status, answer)
+            return
+        await self._forward(method, path, headers, body, writer)
+
+    async def _verify_swarm(self, policy: SwarmPolicy, need: Need) -> str | None:
+        if need.kind == "container":
+            status, body = await _docker(self.sock, "GET", f"/containers/{quote(need.target)}/json")
+            if status != 200 or not is_replica(json.loads(body), policy):
+                return f"container {need.target} is not a replica of {policy.service}"
+            return None
+        status, body = await _docker(self.sock, "GET", f"/services/{quote(need.target)}")
+        if status != 200 or not is_service(json.loads(body), policy):
+            return f"service {need.target} is not {policy.service}, the one service the spawner may scale"
+        return None
 
     async def _forward(
         self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
@@ -266,8 +337,22 @@ async def _answer(writer: asyncio.StreamWriter, status: int, message: str) -> No
         await writer.drain()
 
 
+async def _answer_raw(writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
+    writer.write(
+        f"HTTP/1.1 {status} {'OK' if status < 400 else 'Error'}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    with contextlib.suppress(OSError):
+        await writer.drain()
+
+
 async def serve(sock: str, image: str, template: str, port: int) -> None:
     proxy = Proxy(sock, image, template)
+    try:
+        await proxy.load_swarm_policy()
+    except (RuntimeError, OSError, ValueError) as exc:  # compose mode still reads its policy per request
+        log.warning("cannot tell whether this proxy runs in a swarm stack (%s); compose rules apply", exc)
     server = await asyncio.start_server(proxy.handle, "0.0.0.0", port)
     log.info("docker proxy on :%d for %s", port, sock)
     async with server:

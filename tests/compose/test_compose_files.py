@@ -108,3 +108,17 @@ def test_swarm_file_is_valid_and_scales_developers() -> None:
     out = config(SWARM_FILE)
     assert "replicas:" in out and "update_config:" in out and "constraints:" in out
     assert "driver: overlay" in out
+
+
+def test_swarm_spawner_override_adds_the_proxy_and_opts_the_policeman_in() -> None:
+    out = config(SWARM_FILE, REPO / "compose.swarm-spawner.yaml", env={"CASPER_DEVELOPERS": "3"})
+    assert "docker-proxy:" in out and "/var/run/docker.sock:/var/run/docker.sock" in out
+    assert "CASPER_SPAWNER: swarm" in out and "DOCKER_HOST: tcp://docker-proxy:2375" in out
+    assert "CASPER_SWARM_BASE_REPLICAS: '3'" in out or 'CASPER_SWARM_BASE_REPLICAS: "3"' in out
+    assert "com.docker.stack.namespace" in out and "PROXY_MAX_REPLICAS: '8'" in out
+    # the socket only in the proxy, and the proxy only on the internal spawner-net
+    assert out.count("/var/run/docker.sock:/var/run/docker.sock") == 1
+    proxy = out.split("\n  docker-proxy:\n", 1)[1].split("\n  policeman:\n", 1)[0]
+    assert "docker.sock" in proxy and "spawner-net" in proxy and "claude-" not in proxy
+    police = out.split("\n  policeman:\n", 1)[1].split("\n  postgres:\n", 1)[0]
+    assert "spawner-net" in police and "claude-net" in police and "claude-internal" in police

@@ -6,7 +6,11 @@ engine that is already part of a swarm is not touched (the test skips and says w
 published: traffic stays on the stack's own overlay networks and `docker exec`.
 
 What it shows: the replicas find the policeman by name and advertise their own overlay address
-(no fixed IPs); ``docker service scale`` adds a developer that registers and receives work.
+(no fixed IPs); ``docker service scale`` adds a developer that registers and receives work. Then
+the stack is deployed again with ``compose.swarm-spawner.yaml`` (the opt-in): the policeman's
+autoscaler, through the socket proxy, scales the developer service up under a burst (the new
+replica registers and takes work) and back down once it is idle (drained first, no task lost), and
+the proxy refuses anything but that.
 """
 
 from __future__ import annotations
@@ -117,7 +121,11 @@ def stack(
     }
     t0 = time.monotonic()
     sh("docker", "stack", "deploy", "--resolve-image", "never", "-c", "compose.swarm.yaml", STACK, env=env, timeout=300)
-    info = {"subnets": [ipaddress.ip_network(env[v]) for v in ("CASPER_SUBNET", "CASPER_INTERNAL_SUBNET")], "t0": t0}
+    info = {
+        "subnets": [ipaddress.ip_network(env[v]) for v in ("CASPER_SUBNET", "CASPER_INTERNAL_SUBNET")],
+        "t0": t0,
+        "env": env,
+    }
     try:
         yield info
     finally:
@@ -193,3 +201,135 @@ def test_stack_deploys_and_scaled_developers_receive_work(docker_client: Any, st
     for old in ("developer-1", "developer-2", "tester-1"):
         caspectl(docker_client, "resume", old)
     print(f"swarm stack: deploy -> 3 peers alive in {up_s:.1f}s")
+
+
+def _status(client: Any) -> dict[str, Any]:
+    return dict(caspectl(client, "status"))
+
+
+def _wait(what: str, timeout: float, probe: Any) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(AssertionError, ValueError, KeyError, TypeError):
+            last = probe()
+            if last:
+                return last
+        time.sleep(2)
+    raise AssertionError(f"{what}: not within {timeout:.0f}s; last: {last}")
+
+
+PROXY_PROBE = """
+import json, sys, urllib.request, urllib.error
+def ask(method, path, body=None):
+    req = urllib.request.Request("http://docker-proxy:2375/v1.41" + path, method=method, data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        return urllib.request.urlopen(req, timeout=20).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+stack = sys.argv[1]
+spec = json.dumps({"Mode": {"Replicated": {"Replicas": 1}}}).encode()
+print(json.dumps({
+    "ping": ask("GET", "/_ping"),
+    "list_services": ask("GET", "/services"),
+    "list_containers": ask("GET", "/containers/json"),
+    "inspect_policeman": ask("GET", "/services/" + stack + "_policeman"),
+    "scale_policeman": ask("POST", "/services/" + stack + "_policeman/update?version=1", spec),
+    "too_many": ask("POST", "/services/" + stack + "_developer/update?version=1",
+                    json.dumps({"Mode": {"Replicated": {"Replicas": 50}}}).encode()),
+}))
+"""
+
+
+def test_the_policemans_swarm_spawner_scales_developers_up_under_a_burst_and_down_when_idle(
+    docker_client: Any, stack: dict[str, Any]
+) -> None:
+    """compose.swarm-spawner.yaml on the real stack: the policeman's autoscaler (the swarm spawner,
+    through the socket proxy) adds developer-3 when tasks wait, the replica registers and takes
+    work, and once idle it is drained, its container stopped and the service scaled back to 2."""
+    import asyncio
+
+    from casperd.settings import load_settings
+    from casperd.spawners.swarm import SwarmSpawner
+
+    service = f"{STACK}_developer"
+    # the stack as deployed (2 developers, slots 1 and 2): the previous test's manual third replica
+    # goes the way the spawner retires one (its container stopped, then scaled down), so the
+    # remaining slots are 1 and 2 whatever Swarm would otherwise pick
+    host = SwarmSpawner(
+        load_settings({"role": "policeman", "swarm_service": service, "drain_timeout_s": 5}), client=docker_client
+    )
+    asyncio.run(host.refresh())
+    if host.replicas > 2:
+        asyncio.run(host.retire("developer-3"))
+    asyncio.run(host.refresh())
+    assert host.slots == {1, 2}, host.slots
+
+    env = {
+        **stack["env"],
+        "CASPER_SPAWN_MAX_DEVELOPERS": "3",
+        "CASPER_AUTOSCALE_WAIT_S": "2",
+        "CASPER_AUTOSCALE_IDLE_S": "20",
+        "CASPER_AUTOSCALE_SPAWN_TIMEOUT_S": "300",
+    }
+    sh(
+        "docker", "stack", "deploy", "--resolve-image", "never", "-c", "compose.swarm.yaml",
+        "-c", "compose.swarm-spawner.yaml", STACK, env=env, timeout=300,
+    )  # fmt: skip
+    t0 = time.monotonic()
+
+    def swarm_spawner_ready() -> Any:
+        auto = _status(docker_client)["autoscale"]
+        sp = auto["spawner"]
+        return sp["kind"] == "swarm" and sp["error"] is None and sp["base_replicas"] == 2 and sp["replicas"] == 2
+
+    _wait("the policeman restarted with the swarm spawner", 300, swarm_spawner_ready)
+    wait_peers(docker_client, {"developer-1", "developer-2", "tester-1"}, timeout=240)
+    ready_s = time.monotonic() - t0
+
+    # the proxy lets through what the spawner needs and refuses the rest
+    c = _policeman(docker_client)
+    probe = sh("docker", "exec", "-u", f"{CASPER_UID}", c.id, "/opt/casper/bin/python", "-c", PROXY_PROBE, STACK)
+    codes = json.loads(probe.stdout)
+    assert codes == {
+        "ping": 200,
+        "list_services": 403,
+        "list_containers": 403,
+        "inspect_policeman": 403,
+        "scale_policeman": 403,
+        "too_many": 403,
+    }, codes
+
+    # a burst: 12 slots (2 developers and the tester, 4 each) and 60 ten-second tasks keep tasks
+    # waiting for about a minute, long enough for a new replica to start and register
+    gen = 'for i in $(seq 1 60); do echo "{\\"type\\": \\"sleep\\", \\"input\\": {\\"seconds\\": 10}}"; done'
+    t1 = time.monotonic()
+    caspectl(docker_client, "submit-bulk", "-", "--wait", "--wait-timeout", "600", stdin_cmd=gen, timeout=660)
+    burst_s = time.monotonic() - t1
+    tasks = caspectl(docker_client, "tasks", "--limit", "60")["tasks"]
+    assert len(tasks) == 60 and {t["status"] for t in tasks} == {"complete"}, tasks
+    holders = {t["assigned_to"] for t in tasks}
+    assert "developer-3" in holders, f"the spawned replica took no work: {holders}"
+    decisions = _status(docker_client)["autoscale"]["decisions"]
+    spawns = [d for d in decisions if d["kind"] == "spawn"]
+    assert [d["node_id"] for d in spawns] == ["developer-3"], decisions
+    assert spawns[0]["why"] == "backlog" and "tasks waiting" in spawns[0]["reason"], spawns
+
+    # idle: drained, its container stopped, the service back to the stack's 2 replicas
+    def retired() -> Any:
+        names = {p["node_id"] for p in caspectl(docker_client, "peers")["peers"]}
+        svc = docker_client.services.get(service)
+        return "developer-3" not in names and svc.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == 2
+
+    t2 = time.monotonic()
+    _wait("developer-3 retired and the service scaled back to 2", 300, retired)
+    shrink_s = time.monotonic() - t2
+    kinds = [(d["kind"], d["node_id"]) for d in _status(docker_client)["autoscale"]["decisions"]]
+    assert kinds.index(("drain", "developer-3")) < kinds.index(("retire", "developer-3")), kinds
+    asyncio.run(host.refresh())
+    assert host.slots == {1, 2} and host.replicas == 2, (host.slots, host.replicas)
+    print(
+        f"swarm spawner: redeploy -> spawner ready {ready_s:.1f}s; burst of 60x10s tasks {burst_s:.1f}s "
+        f"(holders {sorted(holders)}); idle -> scaled back in {shrink_s:.1f}s"
+    )

@@ -1,16 +1,20 @@
 """The docker socket proxy's rules (what the policeman may ask of the Docker engine), and the
-local spawner's order exchange with casperd up's supervisor."""
+local spawner's order exchange with casperd up's supervisor; on a swarm, the proxy's rules and the
+swarm spawner's slot bookkeeping against Swarm's scale rules."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from casperd.errors import SpawnError
 from casperd.spawners.local import LocalSpawner
-from casperd.spawners.proxy import Policy, check, check_create
+from casperd.spawners.proxy import Policy, check, check_create, route
+from casperd.spawners.swarmproxy import Need, SwarmPolicy, check_swarm, is_replica, is_service, query_of, scaled_spec
 
 POLICY = Policy("casper-local/casper:latest", "mesh1", {"/srv/secrets/developer-1.key", "/srv/secrets/broker.pub"})
 
@@ -136,3 +140,132 @@ def test_local_spawner_orders_round_trip() -> None:
     assert order["op"] == "retire"
     sp.exchange({"running": [], "done": [{"seq": order["seq"], "ok": True}]})
     assert sp.spawned() == set()
+
+
+# --- the swarm spawner and the proxy's swarm rules -------------------------------------------------
+SWARM = SwarmPolicy("casper", "casper_developer", 4)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "allowed", "need"),
+    [
+        ("GET", "/v1.41/_ping", b"", True, None),
+        ("GET", "/v1.41/services/casper_developer", b"", True, Need("service", "casper_developer")),
+        ("GET", "/v1.41/services/abc?insertDefaults=true", b"", True, Need("service", "abc")),
+        ("GET", '/v1.41/tasks?filters={"service":["abc"]}', b"", True, Need("tasks", "abc")),
+        ("GET", "/v1.41/tasks", b"", False, None),
+        ("GET", '/v1.41/tasks?filters={"service":["a","b"]}', b"", False, None),
+        ("GET", "/v1.41/services", b"", False, None),
+        ("GET", "/v1.41/containers/c1/json", b"", True, Need("container", "c1")),
+        ("GET", "/v1.41/secrets", b"", False, None),
+        ("GET", "/v1.41/nodes", b"", False, None),
+        ("POST", "/v1.41/services/abc/update?version=3", b'{"Mode": {"Replicated": {"Replicas": 3}}}', True, None),
+        ("POST", "/v1.41/services/abc/update?version=3", b'{"Mode": {"Replicated": {"Replicas": 5}}}', False, None),
+        ("POST", "/v1.41/services/abc/update?version=3", b'{"TaskTemplate": {}}', False, None),
+        ("POST", "/v1.41/services/create", b"{}", False, None),
+        ("DELETE", "/v1.41/services/abc", b"", False, None),
+        ("POST", "/v1.41/containers/c1/stop?t=20", b"", True, Need("container", "c1")),
+        ("POST", "/v1.41/containers/c1/exec", b"", False, None),
+        ("POST", "/v1.41/containers/create", b"{}", False, None),
+        ("POST", "/v1.41/swarm/leave", b"", False, None),
+    ],
+)
+def test_on_a_swarm_the_proxy_only_lets_the_developer_service_scale(
+    method: str, path: str, body: bytes, allowed: bool, need: Need | None
+) -> None:
+    problem, got = check_swarm(method, route(path), query_of(path), body, SWARM)
+    assert (problem is None) is allowed, problem
+    if need is not None:
+        assert got == need
+    elif allowed and "update" in path:
+        assert got == Need("scale", "abc", 3)
+
+
+def test_the_proxy_scales_with_the_current_spec_and_checks_whose_things_they_are() -> None:
+    current = {
+        "Spec": {"Name": "casper_developer", "TaskTemplate": {"ContainerSpec": {"Image": "casper"}}, "Mode": {}},
+        "Version": {"Index": 42},
+    }
+    body, version = scaled_spec(current, 3)
+    assert version == 42
+    assert json.loads(body) == {**current["Spec"], "Mode": {"Replicated": {"Replicas": 3}}}
+    assert is_service(current, SWARM) and not is_service({"Spec": {"Name": "casper_policeman"}}, SWARM)
+    assert is_replica({"Config": {"Labels": {"com.docker.swarm.service.name": "casper_developer"}}}, SWARM)
+    assert not is_replica({"Config": {"Labels": {"com.docker.swarm.service.name": "casper_postgres"}}}, SWARM)
+    assert not is_replica({"Config": {"Labels": None}}, SWARM)
+
+
+class FakeSwarm:
+    """Swarm's slot rules: a scale-up fills the lowest free slot; a scale-down removes a slot
+    whose task is not running if there is one (else the highest); a stopped replica's slot gets a
+    new task that waits out the restart delay (not running)."""
+
+    def __init__(self, replicas: int) -> None:
+        self.by_slot: dict[int, dict[str, Any]] = {}
+        self.stopped: list[str] = []
+        self.services = self
+        self.containers = self
+        self.name = "casper_developer"
+        self.attrs: dict[str, Any] = {}
+        self._n = 0
+        self._apply(replicas)
+
+    def _task(self, slot: int, state: str) -> dict[str, Any]:
+        self._n += 1
+        return {
+            "Slot": slot,
+            "DesiredState": "running",
+            "CreatedAt": f"{self._n:06d}",
+            "Status": {"State": state, "ContainerStatus": {"ContainerID": f"ctr{slot}-{self._n}"}},
+        }
+
+    def _apply(self, n: int) -> None:
+        while len(self.by_slot) < n:
+            slot = next(s for s in range(1, n + 1) if s not in self.by_slot)
+            self.by_slot[slot] = self._task(slot, "running")
+        while len(self.by_slot) > n:
+            idle = [s for s, t in self.by_slot.items() if t["Status"]["State"] != "running"]
+            del self.by_slot[min(idle) if idle else max(self.by_slot)]
+        self.attrs = {"Spec": {"Mode": {"Replicated": {"Replicas": n}}}}
+
+    # the docker SDK's surface the spawner uses
+    def get(self, name: str) -> Any:
+        if name.startswith("ctr"):
+            return SimpleNamespace(stop=lambda timeout: self._stop(name))
+        assert name == "casper_developer"
+        return self
+
+    def reload(self) -> None:
+        pass
+
+    def scale(self, n: int) -> None:
+        self._apply(n)
+
+    def _stop(self, cid: str) -> None:
+        self.stopped.append(cid)
+        slot = next(s for s, t in self.by_slot.items() if t["Status"]["ContainerStatus"]["ContainerID"] == cid)
+        self.by_slot[slot] = self._task(slot, "pending")  # the restart, delayed
+
+    def tasks(self) -> list[dict[str, Any]]:
+        return list(self.by_slot.values())
+
+
+def test_swarm_spawner_names_the_slot_swarm_fills_and_retires_exactly_that_replica() -> None:
+    from casperd.settings import load_settings
+    from casperd.spawners.swarm import SwarmSpawner
+
+    fake = FakeSwarm(2)
+    settings = load_settings({"role": "policeman", "swarm_service": "casper_developer", "swarm_base_replicas": 2})
+    sp = SwarmSpawner(settings, client=fake)
+    asyncio.run(sp.refresh())
+    assert sp.error is None and sp.spawned() == set()
+    assert asyncio.run(sp.spawn("developer-xx1", "developer", [])) == "developer-3"
+    assert asyncio.run(sp.spawn("developer-xx2", "developer", [])) == "developer-4"
+    assert sp.spawned() == {"developer-3", "developer-4"}
+    # the idle one is not the newest: retiring developer-3 leaves a gap, which the next spawn fills
+    asyncio.run(sp.retire("developer-3"))
+    assert sorted(fake.by_slot) == [1, 2, 4] and fake.stopped[0].startswith("ctr3-")
+    assert sp.spawned() == {"developer-4"}
+    assert asyncio.run(sp.spawn("developer-xx3", "developer", [])) == "developer-3"
+    with pytest.raises(SpawnError):
+        asyncio.run(sp.spawn("tester-xx1", "tester", []))
