@@ -219,6 +219,27 @@ def _wait(what: str, timeout: float, probe: Any) -> Any:
     raise AssertionError(f"{what}: not within {timeout:.0f}s; last: {last}")
 
 
+def _diagnose(client: Any) -> str:
+    """The autoscaler's view, the peers and the proxy's and policeman's last log lines (for a failure)."""
+    parts = []
+    with contextlib.suppress(Exception):
+        parts.append(f"autoscale: {json.dumps(_status(client)['autoscale'])}")
+    with contextlib.suppress(Exception):
+        parts.append(f"peers: {[(p['node_id'], p['liveness']) for p in caspectl(client, 'peers')['peers']]}")
+    with contextlib.suppress(Exception):
+        police = client.services.get(f"{STACK}_policeman")
+        parts.append(f"policeman update: {police.attrs.get('UpdateStatus')}")
+    for svc in ("docker-proxy", "policeman"):
+        logs = sh("docker", "service", "logs", "--tail", "40", f"{STACK}_{svc}", check=False, timeout=60)
+        lines = [
+            ln
+            for ln in (logs.stdout + logs.stderr).splitlines()
+            if "autoscal" in ln or "spawn" in ln or svc == "docker-proxy"
+        ]
+        parts.append(f"{svc} log: " + "\n".join(lines[-25:]))
+    return "\n".join(parts)
+
+
 PROXY_PROBE = """
 import json, sys, urllib.request, urllib.error
 def ask(method, path, body=None):
@@ -254,6 +275,7 @@ def test_the_policemans_swarm_spawner_scales_developers_up_under_a_burst_and_dow
     from casperd.spawners.swarm import SwarmSpawner
 
     service = f"{STACK}_developer"
+    wait_peers(docker_client, {"developer-1", "developer-2", "tester-1"}, timeout=300)  # the stack settled
     # the stack as deployed (2 developers, slots 1 and 2): the previous test's manual third replica
     # goes the way the spawner retires one (its container stopped, then scaled down), so the
     # remaining slots are 1 and 2 whatever Swarm would otherwise pick
@@ -263,8 +285,12 @@ def test_the_policemans_swarm_spawner_scales_developers_up_under_a_burst_and_dow
     asyncio.run(host.refresh())
     if host.replicas > 2:
         asyncio.run(host.retire("developer-3"))
-    asyncio.run(host.refresh())
-    assert host.slots == {1, 2}, host.slots
+
+    def slots_1_and_2() -> Any:
+        asyncio.run(host.refresh())
+        return host.slots == {1, 2}
+
+    _wait("the developer service back to slots 1 and 2", 120, slots_1_and_2)
 
     env = {
         **stack["env"],
@@ -284,7 +310,10 @@ def test_the_policemans_swarm_spawner_scales_developers_up_under_a_burst_and_dow
         sp = auto["spawner"]
         return sp["kind"] == "swarm" and sp["error"] is None and sp["base_replicas"] == 2 and sp["replicas"] == 2
 
-    _wait("the policeman restarted with the swarm spawner", 300, swarm_spawner_ready)
+    try:
+        _wait("the policeman restarted with the swarm spawner", 300, swarm_spawner_ready)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; {_diagnose(docker_client)}") from None
     wait_peers(docker_client, {"developer-1", "developer-2", "tester-1"}, timeout=240)
     ready_s = time.monotonic() - t0
 
@@ -301,16 +330,16 @@ def test_the_policemans_swarm_spawner_scales_developers_up_under_a_burst_and_dow
         "too_many": 403,
     }, codes
 
-    # a burst: 12 slots (2 developers and the tester, 4 each) and 60 ten-second tasks keep tasks
-    # waiting for about a minute, long enough for a new replica to start and register
-    gen = 'for i in $(seq 1 60); do echo "{\\"type\\": \\"sleep\\", \\"input\\": {\\"seconds\\": 10}}"; done'
+    # a burst: 12 slots (2 developers and the tester, 4 each) and 60 twenty-second tasks keep tasks
+    # waiting for over a minute and a half, long enough for a new replica to start and register
+    gen = 'for i in $(seq 1 60); do echo "{\\"type\\": \\"sleep\\", \\"input\\": {\\"seconds\\": 20}}"; done'
     t1 = time.monotonic()
     caspectl(docker_client, "submit-bulk", "-", "--wait", "--wait-timeout", "600", stdin_cmd=gen, timeout=660)
     burst_s = time.monotonic() - t1
     tasks = caspectl(docker_client, "tasks", "--limit", "60")["tasks"]
     assert len(tasks) == 60 and {t["status"] for t in tasks} == {"complete"}, tasks
     holders = {t["assigned_to"] for t in tasks}
-    assert "developer-3" in holders, f"the spawned replica took no work: {holders}"
+    assert "developer-3" in holders, f"the spawned replica took no work: {holders}; {_diagnose(docker_client)}"
     decisions = _status(docker_client)["autoscale"]["decisions"]
     spawns = [d for d in decisions if d["kind"] == "spawn"]
     assert [d["node_id"] for d in spawns] == ["developer-3"], decisions
@@ -323,13 +352,15 @@ def test_the_policemans_swarm_spawner_scales_developers_up_under_a_burst_and_dow
         return "developer-3" not in names and svc.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == 2
 
     t2 = time.monotonic()
-    _wait("developer-3 retired and the service scaled back to 2", 300, retired)
+    try:
+        _wait("developer-3 retired and the service scaled back to 2", 300, retired)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; {_diagnose(docker_client)}") from None
     shrink_s = time.monotonic() - t2
     kinds = [(d["kind"], d["node_id"]) for d in _status(docker_client)["autoscale"]["decisions"]]
     assert kinds.index(("drain", "developer-3")) < kinds.index(("retire", "developer-3")), kinds
-    asyncio.run(host.refresh())
-    assert host.slots == {1, 2} and host.replicas == 2, (host.slots, host.replicas)
+    _wait("Swarm removed developer-3's slot", 120, slots_1_and_2)
     print(
-        f"swarm spawner: redeploy -> spawner ready {ready_s:.1f}s; burst of 60x10s tasks {burst_s:.1f}s "
+        f"swarm spawner: redeploy -> spawner ready {ready_s:.1f}s; burst of 60x20s tasks {burst_s:.1f}s "
         f"(holders {sorted(holders)}); idle -> scaled back in {shrink_s:.1f}s"
     )
