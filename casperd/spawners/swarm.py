@@ -1,10 +1,10 @@
 """The ``swarm`` spawner: ``docker service scale`` of the stack's developer service.
 
 Replicas are named by their slot (``CASPER_NODE_ID=developer-{{.Task.Slot}}`` in
-compose.swarm.yaml). A scale from N to N+1 makes Swarm start a task in the lowest slot that has no
-runnable task, so the spawner reads the service's tasks, predicts that slot's name, scales, and
-waits (a few seconds) for the task to appear; spawns are serialised, so two never predict the same
-slot.
+compose.swarm.yaml; the spawner reads the prefix from the service's own ``CASPER_NODE_ID``). A
+scale from N to N+1 makes Swarm start a task in the lowest slot that has no runnable task, so the
+spawner reads the service's tasks, predicts that slot's name, scales, and waits (a few seconds)
+for the task to appear; spawns are serialised, so two never predict the same slot.
 
 Swarm picks which task a scale-down removes: one that is not running, if there is one. So retiring
 ``developer-K`` (which the policeman drained already) stops that replica's container first (it
@@ -35,6 +35,17 @@ APPEAR_S = 20.0
 """How long a spawn waits for Swarm to create the new slot's task."""
 SETTLE_S = 15.0
 """How long a retire waits for Swarm to see the stopped replica's slot not running."""
+SLOT = "{{.Task.Slot}}"
+
+
+def replica_prefix(spec: dict[str, Any]) -> str:
+    """What comes before the slot in the service's ``CASPER_NODE_ID`` template (``developer-``)."""
+    env = spec.get("TaskTemplate", {}).get("ContainerSpec", {}).get("Env") or []
+    for item in env:
+        name, _, value = str(item).partition("=")
+        if name == "CASPER_NODE_ID" and SLOT in value:
+            return value.split(SLOT, 1)[0]
+    return "developer-"
 
 
 class SwarmSpawner(Spawner):
@@ -46,6 +57,7 @@ class SwarmSpawner(Spawner):
         self.base: int | None = settings.swarm_base_replicas
         self.replicas = 0
         self.slots: set[int] = set()
+        self.prefix = "developer-"
         self.error: str | None = None
         self._lock = asyncio.Lock()
 
@@ -95,6 +107,7 @@ class SwarmSpawner(Spawner):
         except docker.errors.DockerException as exc:
             raise SpawnError(f"cannot inspect {svc.name}: {exc}", hint="see docker service ls") from None
         n = int(svc.attrs["Spec"]["Mode"]["Replicated"]["Replicas"])
+        self.prefix = replica_prefix(svc.attrs["Spec"])
         if self.base is None:
             self.base = n
         slots: dict[int, dict[str, Any]] = {}
@@ -124,7 +137,7 @@ class SwarmSpawner(Spawner):
         n, slots = self._read(svc)
         slot = next(s for s in range(1, len(slots) + 2) if s not in slots)
         self._scale(svc, n + 1)
-        log.info("scaled %s to %d: developer-%d", svc.name, n + 1, slot)
+        log.info("scaled %s to %d: %s%d", svc.name, n + 1, self.prefix, slot)
         deadline = time.monotonic() + APPEAR_S
         while time.monotonic() < deadline:
             _, slots = self._read(svc)
@@ -133,15 +146,17 @@ class SwarmSpawner(Spawner):
             time.sleep(0.5)
         else:
             log.warning("%s: no task in slot %d after %.0fs; the name may differ", svc.name, slot, APPEAR_S)
-        return f"developer-{slot}"
+        return f"{self.prefix}{slot}"
 
     def _retire(self, node_id: str) -> None:
-        try:
-            slot = int(node_id.rsplit("-", 1)[1])
-        except (IndexError, ValueError):
-            raise SpawnError(f"{node_id} is not a replica of the developer service", hint="developer-<slot>") from None
         svc = self._service()
         n, slots = self._read(svc)
+        try:
+            slot = int(node_id.removeprefix(self.prefix))
+        except ValueError:
+            raise SpawnError(
+                f"{node_id} is not a replica of the developer service", hint=f"{self.prefix}<slot>"
+            ) from None
         task = slots.get(slot)
         if task is None:
             log.info("%s has no task in slot %d any more; nothing to retire", svc.name, slot)
@@ -189,7 +204,7 @@ class SwarmSpawner(Spawner):
     def spawned(self) -> set[str]:
         if self.base is None:
             return set()
-        return {f"developer-{slot}" for slot in self.slots if slot > self.base}
+        return {f"{self.prefix}{slot}" for slot in self.slots if slot > self.base}
 
     def view(self) -> dict[str, Any]:
         return {**super().view(), "base_replicas": self.base, "replicas": self.replicas, "error": self.error}

@@ -275,16 +275,19 @@ def test_the_policemans_swarm_spawner_scales_developers_up_under_a_burst_and_dow
     from casperd.spawners.swarm import SwarmSpawner
 
     service = f"{STACK}_developer"
-    wait_peers(docker_client, {"developer-1", "developer-2", "tester-1"}, timeout=300)  # the stack settled
-    # the stack as deployed (2 developers, slots 1 and 2): the previous test's manual third replica
-    # goes the way the spawner retires one (its container stopped, then scaled down), so the
-    # remaining slots are 1 and 2 whatever Swarm would otherwise pick
+    # replica ids are the service's CASPER_NODE_ID template with the slot (developer-<slot>)
     host = SwarmSpawner(
         load_settings({"role": "policeman", "swarm_service": service, "drain_timeout_s": 5}), client=docker_client
     )
     asyncio.run(host.refresh())
+    d1, d2, d3 = (f"{host.prefix}{slot}" for slot in (1, 2, 3))
+    wait_peers(docker_client, {d1, d2, "tester-1"}, timeout=300)  # the stack settled
+    # the stack as deployed (2 developers, slots 1 and 2): the previous test's manual third replica
+    # goes the way the spawner retires one (its container stopped, then scaled down), so the
+    # remaining slots are 1 and 2 whatever Swarm would otherwise pick
+    asyncio.run(host.refresh())
     if host.replicas > 2:
-        asyncio.run(host.retire("developer-3"))
+        asyncio.run(host.retire(d3))
 
     def slots_1_and_2() -> Any:
         asyncio.run(host.refresh())
@@ -314,7 +317,7 @@ def test_the_policemans_swarm_spawner_scales_developers_up_under_a_burst_and_dow
         _wait("the policeman restarted with the swarm spawner", 300, swarm_spawner_ready)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; {_diagnose(docker_client)}") from None
-    wait_peers(docker_client, {"developer-1", "developer-2", "tester-1"}, timeout=240)
+    wait_peers(docker_client, {d1, d2, "tester-1"}, timeout=240)
     ready_s = time.monotonic() - t0
 
     # the proxy lets through what the spawner needs and refuses the rest
@@ -339,27 +342,27 @@ def test_the_policemans_swarm_spawner_scales_developers_up_under_a_burst_and_dow
     tasks = caspectl(docker_client, "tasks", "--limit", "60")["tasks"]
     assert len(tasks) == 60 and {t["status"] for t in tasks} == {"complete"}, tasks
     holders = {t["assigned_to"] for t in tasks}
-    assert "developer-3" in holders, f"the spawned replica took no work: {holders}; {_diagnose(docker_client)}"
+    assert d3 in holders, f"the spawned replica took no work: {holders}; {_diagnose(docker_client)}"
     decisions = _status(docker_client)["autoscale"]["decisions"]
     spawns = [d for d in decisions if d["kind"] == "spawn"]
-    assert [d["node_id"] for d in spawns] == ["developer-3"], decisions
+    assert [d["node_id"] for d in spawns] == [d3], decisions
     assert spawns[0]["why"] == "backlog" and "tasks waiting" in spawns[0]["reason"], spawns
 
     # idle: drained, its container stopped, the service back to the stack's 2 replicas
     def retired() -> Any:
         names = {p["node_id"] for p in caspectl(docker_client, "peers")["peers"]}
         svc = docker_client.services.get(service)
-        return "developer-3" not in names and svc.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == 2
+        return d3 not in names and svc.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == 2
 
     t2 = time.monotonic()
     try:
-        _wait("developer-3 retired and the service scaled back to 2", 300, retired)
+        _wait(f"{d3} retired and the service scaled back to 2", 300, retired)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; {_diagnose(docker_client)}") from None
     shrink_s = time.monotonic() - t2
     kinds = [(d["kind"], d["node_id"]) for d in _status(docker_client)["autoscale"]["decisions"]]
-    assert kinds.index(("drain", "developer-3")) < kinds.index(("retire", "developer-3")), kinds
-    _wait("Swarm removed developer-3's slot", 120, slots_1_and_2)
+    assert kinds.index(("drain", d3)) < kinds.index(("retire", d3)), kinds
+    _wait(f"Swarm removed {d3}'s slot", 120, slots_1_and_2)
     print(
         f"swarm spawner: redeploy -> spawner ready {ready_s:.1f}s; burst of 60x20s tasks {burst_s:.1f}s "
         f"(holders {sorted(holders)}); idle -> scaled back in {shrink_s:.1f}s"

@@ -226,7 +226,10 @@ class FakeSwarm:
         while len(self.by_slot) > n:
             idle = [s for s, t in self.by_slot.items() if t["Status"]["State"] != "running"]
             del self.by_slot[min(idle) if idle else max(self.by_slot)]
-        self.attrs = {"Spec": {"Mode": {"Replicated": {"Replicas": n}}}}
+        env = ["CASPER_ROLE=developer", "CASPER_NODE_ID=developer-pool-{{.Task.Slot}}"]
+        self.attrs = {
+            "Spec": {"Mode": {"Replicated": {"Replicas": n}}, "TaskTemplate": {"ContainerSpec": {"Env": env}}}
+        }
 
     # the docker SDK's surface the spawner uses
     def get(self, name: str) -> Any:
@@ -259,13 +262,16 @@ def test_swarm_spawner_names_the_slot_swarm_fills_and_retires_exactly_that_repli
     sp = SwarmSpawner(settings, client=fake)
     asyncio.run(sp.refresh())
     assert sp.error is None and sp.spawned() == set()
-    assert asyncio.run(sp.spawn("developer-xx1", "developer", [])) == "developer-3"
-    assert asyncio.run(sp.spawn("developer-xx2", "developer", [])) == "developer-4"
-    assert sp.spawned() == {"developer-3", "developer-4"}
+    # the name comes from the service's own CASPER_NODE_ID template
+    assert asyncio.run(sp.spawn("developer-xx1", "developer", [])) == "developer-pool-3"
+    assert asyncio.run(sp.spawn("developer-xx2", "developer", [])) == "developer-pool-4"
+    assert sp.spawned() == {"developer-pool-3", "developer-pool-4"}
     # the idle one is not the newest: retiring developer-3 leaves a gap, which the next spawn fills
-    asyncio.run(sp.retire("developer-3"))
+    asyncio.run(sp.retire("developer-pool-3"))
     assert sorted(fake.by_slot) == [1, 2, 4] and fake.stopped[0].startswith("ctr3-")
-    assert sp.spawned() == {"developer-4"}
-    assert asyncio.run(sp.spawn("developer-xx3", "developer", [])) == "developer-3"
+    assert sp.spawned() == {"developer-pool-4"}
+    assert asyncio.run(sp.spawn("developer-xx3", "developer", [])) == "developer-pool-3"
+    with pytest.raises(SpawnError):
+        asyncio.run(sp.retire("tester-1"))
     with pytest.raises(SpawnError):
         asyncio.run(sp.spawn("tester-xx1", "tester", []))
