@@ -96,11 +96,16 @@ def _filtered_service(query: str) -> str | None:
 
 
 def _replicas(body: bytes) -> int | None:
+    """Mode.Replicated.Replicas, its keys in any case (as the engine, a Go JSON decoder, reads them:
+    the docker SDK sends ``"replicated"``)."""
     try:
-        spec = json.loads(body or b"{}")
-        n = spec["Mode"]["Replicated"]["Replicas"]
-    except (ValueError, KeyError, TypeError):
+        n: object = json.loads(body or b"{}")
+    except ValueError:
         return None
+    for key in ("mode", "replicated", "replicas"):
+        if not isinstance(n, dict):
+            return None
+        n = next((v for k, v in n.items() if str(k).lower() == key), None)
     return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 

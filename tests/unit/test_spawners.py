@@ -161,6 +161,9 @@ SWARM = SwarmPolicy("casper", "casper_developer", 4)
         ("GET", "/v1.41/nodes", b"", False, None),
         ("POST", "/v1.41/services/abc/update?version=3", b'{"Mode": {"Replicated": {"Replicas": 3}}}', True, None),
         ("POST", "/v1.41/services/abc/update?version=3", b'{"Mode": {"Replicated": {"Replicas": 5}}}', False, None),
+        # the docker SDK's ServiceMode says "replicated"; the engine reads keys in any case
+        ("POST", "/v1.41/services/abc/update?version=3", b'{"Mode": {"replicated": {"Replicas": 3}}}', True, None),
+        ("POST", "/v1.41/services/abc/update?version=3", b'{"Mode": {"replicated": {"Replicas": true}}}', False, None),
         ("POST", "/v1.41/services/abc/update?version=3", b'{"TaskTemplate": {}}', False, None),
         ("POST", "/v1.41/services/create", b"{}", False, None),
         ("DELETE", "/v1.41/services/abc", b"", False, None),
