@@ -32,19 +32,11 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
-from casperd.spawners.swarmproxy import (
-    STACK_LABEL,
-    Need,
-    SwarmPolicy,
-    check_swarm,
-    is_replica,
-    is_service,
-    query_of,
-    scaled_spec,
-)
+from casperd.spawners.swarmproxy import STACK_LABEL, SwarmPolicy, check_swarm, query_of, scale, verify
 
 log = logging.getLogger("casperd.spawners.proxy")
 
@@ -280,35 +272,19 @@ class Proxy:
         body: bytes,
         writer: asyncio.StreamWriter,
     ) -> None:
+        def engine(method: str, path: str, body: bytes = b"") -> Awaitable[tuple[int, bytes]]:
+            return _docker(self.sock, method, path, body)
+
         refusal, need = check_swarm(method, route(path), query_of(path), body, policy)
         if refusal is None and need is not None:
-            refusal = await self._verify_swarm(policy, need)
+            refusal = await verify(engine, policy, need)
         if refusal is not None:
             log.warning("refused %s %s: %s", method, route(path), refusal)
             await _answer(writer, 403, refusal)
-            return
-        if need is not None and need.kind == "scale":
-            # the update the proxy sends itself: the current spec, only the replica count changed
-            status, current = await _docker(self.sock, "GET", f"/services/{quote(need.target)}")
-            spec, version = scaled_spec(json.loads(current), need.replicas)
-            status, answer = await _docker(
-                self.sock, "POST", f"/services/{quote(need.target)}/update?version={version}", spec
-            )
-            log.info("scaled %s to %d: HTTP %d", policy.service, need.replicas, status)
-            await _answer_raw(writer, status, answer)
-            return
-        await self._forward(method, path, headers, body, writer)
-
-    async def _verify_swarm(self, policy: SwarmPolicy, need: Need) -> str | None:
-        if need.kind == "container":
-            status, body = await _docker(self.sock, "GET", f"/containers/{quote(need.target)}/json")
-            if status != 200 or not is_replica(json.loads(body), policy):
-                return f"container {need.target} is not a replica of {policy.service}"
-            return None
-        status, body = await _docker(self.sock, "GET", f"/services/{quote(need.target)}")
-        if status != 200 or not is_service(json.loads(body), policy):
-            return f"service {need.target} is not {policy.service}, the one service the spawner may scale"
-        return None
+        elif need is not None and need.kind == "scale":
+            await _answer_raw(writer, *await scale(engine, policy, need))
+        else:
+            await self._forward(method, path, headers, body, writer)
 
     async def _forward(
         self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter

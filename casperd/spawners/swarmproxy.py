@@ -19,9 +19,15 @@ swarm itself) is refused with 403, naming the rule.
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
+
+log = logging.getLogger("casperd.spawners.proxy")
+Engine = Callable[..., Awaitable[tuple[int, bytes]]]
+"""One request on the real Docker socket: (method, path[, body]) -> (status, body)."""
 
 STACK_LABEL = "com.docker.stack.namespace"
 SERVICE_NAME_LABEL = "com.docker.swarm.service.name"
@@ -133,3 +139,26 @@ def scaled_spec(inspected: dict[str, object], replicas: int) -> tuple[bytes, int
 
 def query_of(path: str) -> str:
     return urlsplit(path).query
+
+
+async def verify(engine: Engine, policy: SwarmPolicy, need: Need) -> str | None:
+    """Look up what an allowed request touches: a refusal unless it is the policy's service or a
+    replica of it."""
+    if need.kind == "container":
+        status, body = await engine("GET", f"/containers/{quote(need.target)}/json")
+        if status != 200 or not is_replica(json.loads(body), policy):
+            return f"container {need.target} is not a replica of {policy.service}"
+        return None
+    status, body = await engine("GET", f"/services/{quote(need.target)}")
+    if status != 200 or not is_service(json.loads(body), policy):
+        return f"service {need.target} is not {policy.service}, the one service the spawner may scale"
+    return None
+
+
+async def scale(engine: Engine, policy: SwarmPolicy, need: Need) -> tuple[int, bytes]:
+    """The update the proxy sends itself: the service's current spec, only the replica count changed."""
+    _, current = await engine("GET", f"/services/{quote(need.target)}")
+    spec, version = scaled_spec(json.loads(current), need.replicas)
+    status, answer = await engine("POST", f"/services/{quote(need.target)}/update?version={version}", spec)
+    log.info("scaled %s to %d: HTTP %d", policy.service, need.replicas, status)
+    return status, answer

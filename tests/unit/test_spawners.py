@@ -278,3 +278,40 @@ def test_swarm_spawner_names_the_slot_swarm_fills_and_retires_exactly_that_repli
         asyncio.run(sp.retire("tester-1"))
     with pytest.raises(SpawnError):
         asyncio.run(sp.spawn("tester-xx1", "tester", []))
+
+
+def test_the_proxy_looks_up_what_it_touches_and_scales_with_the_current_spec() -> None:
+    from casperd.spawners.swarmproxy import scale, verify
+
+    calls: list[tuple[str, str, bytes]] = []
+    services = {
+        "svc-dev": {
+            "Spec": {"Name": "casper_developer", "Mode": {"Replicated": {"Replicas": 2}}},
+            "Version": {"Index": 7},
+        },
+        "svc-pol": {"Spec": {"Name": "casper_policeman"}, "Version": {"Index": 3}},
+    }
+    containers = {"ctr-dev": "casper_developer", "ctr-pg": "casper_postgres"}
+
+    async def engine(method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        calls.append((method, path, body))
+        kind, name = path.split("/")[1:3]
+        if kind == "services" and method == "GET" and name in services:
+            return 200, json.dumps(services[name]).encode()
+        if kind == "containers" and name in containers:
+            labels = {"com.docker.swarm.service.name": containers[name]}
+            return 200, json.dumps({"Config": {"Labels": labels}}).encode()
+        if method == "POST":
+            return 200, b'{"Warnings": null}'
+        return 404, b"{}"
+
+    assert asyncio.run(verify(engine, SWARM, Need("service", "svc-dev"))) is None
+    assert "not casper_developer" in (asyncio.run(verify(engine, SWARM, Need("tasks", "svc-pol"))) or "")
+    assert "not casper_developer" in (asyncio.run(verify(engine, SWARM, Need("service", "nope"))) or "")
+    assert asyncio.run(verify(engine, SWARM, Need("container", "ctr-dev"))) is None
+    assert "not a replica" in (asyncio.run(verify(engine, SWARM, Need("container", "ctr-pg"))) or "")
+    calls.clear()
+    assert asyncio.run(scale(engine, SWARM, Need("scale", "svc-dev", 3))) == (200, b'{"Warnings": null}')
+    (_, _, _), (method, path, body) = calls
+    assert (method, path) == ("POST", "/services/svc-dev/update?version=7")
+    assert json.loads(body) == {"Name": "casper_developer", "Mode": {"Replicated": {"Replicas": 3}}}
