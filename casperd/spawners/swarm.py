@@ -1,8 +1,9 @@
 """The ``swarm`` spawner: ``docker service scale`` of the stack's developer service.
 
-Replicas are named by their slot (``CASPER_NODE_ID=developer-{{.Task.Slot}}`` in
-compose.swarm.yaml), so a scale from N to N+1 brings ``developer-<N+1>``. Swarm picks which task
-a scale-down removes (it prefers tasks that are not running), so retiring ``developer-K`` stops
+Replicas are named by their slot (``CASPER_NODE_ID=developer-pool-{{.Task.Slot}}`` in
+compose.swarm.yaml: they share the developer pool's key, enrolled as ``developer-pool-*``), so a
+scale from N to N+1 brings ``developer-pool-<N+1>``. Swarm picks which task
+a scale-down removes (it prefers tasks that are not running), so retiring ``developer-pool-K`` stops
 that replica's container first (it drains: SIGTERM; the policeman drained it already) and then
 scales down by one. Replicas above the count the service had when the policeman started count as
 spawned. The engine must be a swarm manager's (``DOCKER_HOST``); every call runs in a thread.
@@ -19,6 +20,8 @@ from casperd.settings import Settings
 from casperd.spawners.base import Spawner
 
 log = logging.getLogger("casperd.spawners.swarm")
+REPLICA_PREFIX = "developer-pool-"
+"""compose.swarm.yaml's replica ids: the pool key's pattern (make-secrets.sh) admits them."""
 
 
 class SwarmSpawner(Spawner):
@@ -83,7 +86,7 @@ class SwarmSpawner(Spawner):
         n = self._count(svc)
         self._scale(svc, n + 1)
         log.info("scaled %s to %d", svc.name, n + 1)
-        return f"developer-{n + 1}"
+        return f"{REPLICA_PREFIX}{n + 1}"
 
     def _retire(self, node_id: str) -> None:
         svc = self._service()
@@ -119,7 +122,7 @@ class SwarmSpawner(Spawner):
     def spawned(self) -> set[str]:
         if self.base is None:
             return set()
-        return {f"developer-{slot}" for slot in range(self.base + 1, self.replicas + 1)}
+        return {f"{REPLICA_PREFIX}{slot}" for slot in range(self.base + 1, self.replicas + 1)}
 
     def view(self) -> dict[str, Any]:
         return {**super().view(), "base_replicas": self.base, "replicas": self.replicas, "error": self.error}

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from casperd.spawners.local import LocalSpawner
-from casperd.spawners.proxy import Policy, check, check_create
+from casperd.spawners.proxy import Policy, allowed_binds, check, check_create
 
 POLICY = Policy("casper-local/casper:latest", "mesh1", {"/srv/secrets/developer-1.key", "/srv/secrets/broker.pub"})
 
@@ -19,7 +19,7 @@ def create(**over: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "Image": "casper-local/casper:latest",
         "Cmd": ["--role", "developer"],
-        "User": "10001:10001",
+        "User": "0:0",
         "Env": ["CASPER_NODE_ID=developer-ab1"],
         "Labels": {"casper.spawned": "true", "com.docker.compose.project": "mesh1"},
         "HostConfig": {
@@ -28,6 +28,7 @@ def create(**over: Any) -> dict[str, Any]:
             "Mounts": [{"Target": "/home/casper", "Source": None, "Type": "volume"}],
             "ReadonlyRootfs": True,
             "CapDrop": ["ALL"],
+            "CapAdd": ["SETUID", "SETGID", "CHOWN", "KILL"],
             "SecurityOpt": ["no-new-privileges:true"],
             "Init": True,
         },
@@ -59,13 +60,19 @@ def test_a_spawner_create_is_allowed() -> None:
     ("over", "why"),
     [
         ({"Image": "alpine:latest"}, "not the casper image"),
-        ({"User": "0"}, "never root"),
-        ({"User": ""}, "never root"),
+        ({"User": "10001:10001"}, "starts as 0:0"),
+        ({"User": "0"}, "starts as 0:0"),
+        ({"User": ""}, "starts as 0:0"),
+        ({"Host_CapAdd": ["SETUID", "DAC_OVERRIDE"]}, "CapAdd ['DAC_OVERRIDE']"),
+        ({"Host_CapAdd": ["CAP_SYS_PTRACE"]}, "CapAdd ['SYS_PTRACE']"),
+        ({"Host_CapDrop": []}, "CapDrop: [ALL]"),
+        ({"Host_CapDrop": ["NET_RAW"]}, "CapDrop: [ALL]"),
+        ({"Host_SecurityOpt": []}, "no-new-privileges"),
         ({"Labels": {"com.docker.compose.project": "mesh1"}}, "casper.spawned=true"),
         ({"Labels": {"casper.spawned": "true", "com.docker.compose.project": "other"}}, "casper.spawned=true"),
         ({"Entrypoint": ["/bin/sh"]}, "Entrypoint may not be set"),
         ({"Host_Privileged": True}, "HostConfig.Privileged"),
-        ({"Host_CapAdd": ["SYS_ADMIN"]}, "HostConfig.CapAdd"),
+        ({"Host_CapAdd": ["SYS_ADMIN"]}, "CapAdd ['SYS_ADMIN']"),
         ({"Host_Devices": [{"PathOnHost": "/dev/sda"}]}, "HostConfig.Devices"),
         ({"Host_PidMode": "host"}, "HostConfig.PidMode"),
         ({"Host_NetworkMode": "host"}, "network mode"),
@@ -136,3 +143,29 @@ def test_local_spawner_orders_round_trip() -> None:
     assert order["op"] == "retire"
     sp.exchange({"running": [], "done": [{"seq": order["seq"], "ok": True}]})
     assert sp.spawned() == set()
+
+
+def test_a_spawned_container_gets_the_pool_key_never_the_templates() -> None:
+    def bind(src: str, dst: str) -> dict[str, Any]:
+        return {"Type": "bind", "Source": src, "Destination": dst, "RW": False}
+
+    template = [
+        bind("/srv/s/developer-1.key", "/run/secrets/curve.key"),
+        bind("/srv/s/developer-1.pub", "/run/secrets/curve.pub"),
+        bind("/srv/s/authorized_keys", "/run/secrets/authorized_keys"),
+        {"Type": "bind", "Source": "/srv/rw", "Destination": "/rw", "RW": True},
+        {"Type": "volume", "Name": "mesh1_repos", "Destination": "/repos", "RW": True},
+    ]
+    proxy = [
+        bind("/srv/s/developer-pool.key", "/run/secrets/developer-pool.key"),
+        bind("/srv/s/developer-pool.pub", "/run/secrets/developer-pool.pub"),
+        {"Type": "bind", "Source": "/var/run/docker.sock", "Destination": "/var/run/docker.sock", "RW": True},
+    ]
+    allowed = allowed_binds(template, proxy)
+    assert allowed == {"/srv/s/authorized_keys", "/srv/s/developer-pool.key", "/srv/s/developer-pool.pub"}
+    policy = Policy("casper-local/casper:latest", "mesh1", allowed)
+    pool = ["/srv/s/developer-pool.key:/run/secrets/curve.key:ro", "/srv/s/authorized_keys:/run/secrets/a:ro"]
+    assert check_create(json.dumps(create(Host_Binds=pool)).encode(), policy) is None
+    stolen = ["/srv/s/developer-1.key:/run/secrets/curve.key:ro"]
+    problem = check_create(json.dumps(create(Host_Binds=stolen)).encode(), policy)
+    assert problem is not None and "not one of the template's" in problem
