@@ -117,8 +117,10 @@ def test_casperd_starts_as_root_with_only_the_task_user_capabilities() -> None:
     entrypoint to become casper and casperd to run task code as casper-task; the healthcheck
     runs caspectl as casper through the entrypoint."""
     spawner = REPO / "compose.spawner.yaml"
+    developer_3 = REPO / "tests" / "compose" / "compose.developer-3.yaml"
     for files, nodes in (
         ((COMPOSE_FILE,), NODES),
+        ((COMPOSE_FILE, developer_3), ("developer-3",)),
         ((COMPOSE_FILE, spawner), NODES),
         ((SWARM_FILE,), ("policeman", "developer", "tester")),
     ):
