@@ -114,6 +114,14 @@ def _secret_values(m: ComposeMesh) -> dict[str, str]:
     return values
 
 
+# casperd's pid in a casperd container: the child of the init (PID 1) whose command names casperd
+CASPERD_PID = (
+    "for d in /proc/[0-9]*; do "
+    "[ \"$(awk '/^PPid:/{print $2}' $d/status 2>/dev/null)\" = 1 ] && "
+    "tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q casperd && echo ${d#/proc/}; "
+    "done"
+)
+STATE_DIR = "/home/casper/.local/state/casper"
 HEALTHCHECKS = ("caspectl health", "redis-cli ping", "pg_isready")
 
 
@@ -143,7 +151,9 @@ def test_casperd_as_casper_with_four_capabilities_and_secrets_are_private_files(
         assert {uid for uid, args in procs if "casperd" in args} == {str(CASPER_UID)}, (service, procs)
         # inside: casperd is casper with exactly SETUID, SETGID, CHOWN, KILL (0xe1) as ambient
         # capabilities and bounding set, under no-new-privileges
-        pid = m.exec(service, ["pgrep", "-o", "-u", str(CASPER_UID), "-f", "casperd"]).stdout.strip()
+        pids = m.exec(service, ["sh", "-c", CASPERD_PID]).stdout.split()
+        assert len(pids) == 1, (service, pids)
+        pid = pids[0]
         st = _status(m, service, pid)
         assert st["Uid"].split() == [str(CASPER_UID)] * 4, st
         assert (st["CapAmb"], st["CapBnd"], st["CapEff"]) == ("00000000000000e1",) * 3, st
@@ -234,16 +244,6 @@ def test_added_developer_receives_work(healthy_mesh: ComposeMesh) -> None:
         assert ran_on.get("developer-3", 0) > 0, ran_on
     finally:
         m.run("rm", "-s", "-f", "developer-3", timeout=120, check=False)
-
-
-# casperd's pid in a casperd container: the child of the init (PID 1) whose command names casperd
-CASPERD_PID = (
-    "for d in /proc/[0-9]*; do "
-    "[ \"$(awk '/^PPid:/{print $2}' $d/status 2>/dev/null)\" = 1 ] && "
-    "tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q casperd && echo ${d#/proc/}; "
-    "done"
-)
-STATE_DIR = "/home/casper/.local/state/casper"
 
 
 def test_a_shell_task_runs_as_casper_task_and_cannot_read_any_secret(healthy_mesh: ComposeMesh) -> None:
