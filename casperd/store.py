@@ -12,6 +12,7 @@ import importlib.resources
 import json
 import logging
 import re
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -23,13 +24,20 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from casperd.errors import MigrationError, StorageError
 from casperd.groupcommit import GroupCommitWriter
-from casperd.lifecycle import TERMINAL, Status
+from casperd.lifecycle import QUEUED, TERMINAL, Status
 from casperd.messages import task_created_at
 from casperd.taskrecord import TaskRecord
 
 log = logging.getLogger("casperd.store")
 
 _OPEN_STATUSES = [s.value for s in Status if s not in TERMINAL]
+_QUEUED_STATUSES = [s.value for s in QUEUED]
+_ROW_BUT_INPUT = (
+    "t.id, t.created_at, t.parent_id, t.type, t.status, t.priority, t.requires, t.affinity, t.idempotency_key,"
+    " t.cache, t.attempts, t.max_attempts, t.timeout_s, t.assigned_to, t.lease_deadline, t.not_before,"
+    " t.submitted_by, t.assigned_at, t.started_at, t.validating_at, t.finished_at, t.updated_at, t.output, t.error"
+)
+"""Every column of ``tasks`` but ``input`` (a restart leaves large queued inputs in Postgres)."""
 
 
 Rows = list[dict[str, Any]]
@@ -114,11 +122,32 @@ class Store(GroupCommitWriter):
             return int(row[0]) if row else 0
 
     # --- queries ------------------------------------------------------------------------------
-    async def load_open(self) -> Rows:
-        """Every task not in a terminal state (the broker's restart query)."""
+    async def load_open(self, inline_input_bytes: int | None = None) -> Rows:
+        """Every task not in a terminal state (the broker's restart query). With
+        ``inline_input_bytes``, a queued task's input larger than that is left in Postgres (``input``
+        NULL, ``input_spilled`` true): it is loaded when the task is dispatched (:meth:`inputs`)."""
+        if inline_input_bytes is None:
+            return await self._fetch(
+                "SELECT * FROM tasks WHERE status = ANY(%s) ORDER BY priority DESC, created_at", (_OPEN_STATUSES,)
+            )
         return await self._fetch(
-            "SELECT * FROM tasks WHERE status = ANY(%s) ORDER BY priority DESC, created_at", (_OPEN_STATUSES,)
+            f"SELECT {_ROW_BUT_INPUT}, s.spilled AS input_spilled, CASE WHEN s.spilled THEN NULL ELSE t.input END"
+            " AS input FROM tasks t CROSS JOIN LATERAL (SELECT t.status = ANY(%s)"
+            " AND octet_length(t.input::text) > %s AS spilled) s"
+            " WHERE t.status = ANY(%s) ORDER BY t.priority DESC, t.created_at",
+            (_QUEUED_STATUSES, inline_input_bytes, _OPEN_STATUSES),
         )
+
+    async def inputs(self, task_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+        """The inputs (JSON text) of these tasks, for dispatching those whose input waited here."""
+        if not task_ids:
+            return {}
+        times = [datetime.fromtimestamp(task_created_at(t), UTC) for t in task_ids]  # prunes partitions
+        rows = await self._fetch(
+            "SELECT id, input::text AS input FROM tasks WHERE id = ANY(%s) AND created_at BETWEEN %s AND %s",
+            (task_ids, min(times), max(times)),
+        )
+        return {r["id"]: r["input"] for r in rows if r["input"] is not None}
 
     async def get(self, task_id: uuid.UUID) -> dict[str, Any] | None:
         if task_id.version != 7:  # not one of ours (any UUID may be asked for): no time to prune by
@@ -236,8 +265,8 @@ def record_from_row(row: dict[str, Any]) -> TaskRecord:
     return TaskRecord(
         id=row["id"],
         created_at=row["created_at"],
-        type=row["type"],
-        input_json=js(row["input"]) or "{}",
+        type=sys.intern(row["type"]),
+        input_json=None if row.get("input_spilled") else js(row["input"]) or "{}",
         status=Status(row["status"]),
         priority=row["priority"],
         requires=tuple(row["requires"] or ()),
@@ -251,7 +280,7 @@ def record_from_row(row: dict[str, Any]) -> TaskRecord:
         assigned_to=row["assigned_to"],
         lease_deadline=row["lease_deadline"],
         not_before=row["not_before"],
-        submitted_by=row["submitted_by"],
+        submitted_by=None if row["submitted_by"] is None else sys.intern(row["submitted_by"]),
         assigned_at=row["assigned_at"],
         started_at=row["started_at"],
         validating_at=row["validating_at"],
