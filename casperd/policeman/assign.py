@@ -82,8 +82,9 @@ class AssignRules(RegistryRules):
             if rec.input_loaded and peer is not None:
                 ready.append(rec)
                 continue
-            if peer is not None:
+            if peer is not None:  # not the peer's fault: no failure on its breaker, its probe slot freed
                 self.release(peer, rec)
+                peer.slot.breaker.release_probe()
             self.requeue(rec, now.wall, "its input could not be loaded from the task store", Trigger.UNDELIVERED)
         if ready and peer is not None:
             self._send_tasks(node, ready, now)
