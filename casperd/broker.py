@@ -114,12 +114,15 @@ class Broker:
     # --- events -----------------------------------------------------------------------------------
     async def recover(self) -> int:
         """Load every non-terminal task; queue pending ones; active ones wait for their holder."""
-        rows = await self.store.load_open(self.s.inline_input_bytes)
-        need = self.core.recover([record_from_row(r) for r in rows], now())
+        records: list[TaskRecord] = []
+        async for rows in self.store.load_open(self.s.inline_input_bytes):  # batches: a bounded peak
+            records.extend(record_from_row(r) for r in rows)
+            del rows
+        need = self.core.recover(records, now())
         if need and self.work is not None:
             self.core.attach(await self.work.load_attachments(need))
         self.run(self.core.take())
-        return len(rows)
+        return len(records)
 
     def on_mesh(self, route: bytes, frames: list[bytes], key: str | None = None) -> None:
         """One mesh message; ``key``: its connection's authenticated Curve key (ZAP User-Id), if known."""

@@ -15,6 +15,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +27,7 @@ from casperd.errors import MigrationError, StorageError
 from casperd.groupcommit import GroupCommitWriter
 from casperd.lifecycle import QUEUED, TERMINAL, Status
 from casperd.messages import task_created_at
-from casperd.taskrecord import TaskRecord
+from casperd.taskrecord import TaskRecord, shared_times
 
 log = logging.getLogger("casperd.store")
 
@@ -122,21 +123,42 @@ class Store(GroupCommitWriter):
             return int(row[0]) if row else 0
 
     # --- queries ------------------------------------------------------------------------------
-    async def load_open(self, inline_input_bytes: int | None = None) -> Rows:
-        """Every task not in a terminal state (the broker's restart query). With
-        ``inline_input_bytes``, a queued task's input larger than that is left in Postgres (``input``
-        NULL, ``input_spilled`` true): it is loaded when the task is dispatched (:meth:`inputs`)."""
-        if inline_input_bytes is None:
-            return await self._fetch(
-                "SELECT * FROM tasks WHERE status = ANY(%s) ORDER BY priority DESC, created_at", (_OPEN_STATUSES,)
-            )
-        return await self._fetch(
+    async def load_open(self, inline_input_bytes: int, batch: int = 5000) -> AsyncIterator[Rows]:
+        """Every task not in a terminal state (the broker's restart query), ``batch`` rows at a time
+        from a server-side cursor: the caller turns each batch into records before the next is
+        read, so a restart's memory peak is one batch of rows, not the whole queue's. A queued task's
+        input larger than ``inline_input_bytes`` is left in Postgres (``input`` NULL,
+        ``input_spilled`` true): it is read when the task is dispatched (:meth:`inputs`).
+
+        Raises:
+            StorageError: Postgres is unavailable or the query failed.
+        """
+        if not self.breaker.allow(time.monotonic()):
+            raise StorageError("the database is unavailable (circuit breaker open)", hint="retry in a few seconds")
+        sql = (
             f"SELECT {_ROW_BUT_INPUT}, s.spilled AS input_spilled, CASE WHEN s.spilled THEN NULL ELSE t.input END"
             " AS input FROM tasks t CROSS JOIN LATERAL (SELECT t.status = ANY(%s)"
             " AND octet_length(t.input::text) > %s AS spilled) s"
-            " WHERE t.status = ANY(%s) ORDER BY t.priority DESC, t.created_at",
-            (_QUEUED_STATUSES, inline_input_bytes, _OPEN_STATUSES),
+            " WHERE t.status = ANY(%s) ORDER BY t.priority DESC, t.created_at"
         )
+        try:
+            async with (
+                self.pool.connection(timeout=self.query_timeout_s) as conn,
+                conn.transaction(),
+                conn.cursor(name="casper_load_open", row_factory=dict_row) as cur,
+            ):
+                await cur.execute(sql, (_QUEUED_STATUSES, inline_input_bytes, _OPEN_STATUSES))
+                while rows := await cur.fetchmany(batch):
+                    yield rows
+        except psycopg.Error as exc:
+            self.breaker.record_failure(time.monotonic())
+            raise StorageError(f"query failed: {exc}", hint="is Postgres up? see caspectl health") from None
+        except PoolTimeout:
+            self.breaker.record_failure(time.monotonic())
+            raise StorageError(
+                f"no database connection within {self.query_timeout_s:g}s", hint="is Postgres up? see caspectl health"
+            ) from None
+        self.breaker.record_success()
 
     async def inputs(self, task_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
         """The inputs (JSON text) of these tasks, for dispatching those whose input waited here."""
@@ -262,9 +284,10 @@ def record_from_row(row: dict[str, Any]) -> TaskRecord:
     def js(v: Any) -> str | None:
         return None if v is None else json.dumps(v, separators=(",", ":"))
 
+    created, updated = shared_times(row["id"], row["created_at"], row["updated_at"])
     return TaskRecord(
         id=row["id"],
-        created_at=row["created_at"],
+        created_at=created,
         type=sys.intern(row["type"]),
         input_json=None if row.get("input_spilled") else js(row["input"]) or "{}",
         status=Status(row["status"]),
@@ -285,7 +308,7 @@ def record_from_row(row: dict[str, Any]) -> TaskRecord:
         started_at=row["started_at"],
         validating_at=row["validating_at"],
         finished_at=row["finished_at"],
-        updated_at=row["updated_at"],
+        updated_at=updated,
         output_json=js(row["output"]),
         error_json=js(row["error"]),
         persisted=True,

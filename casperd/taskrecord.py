@@ -55,6 +55,19 @@ def _created_at(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000.0, UTC)
 
 
+def shared_times(task_id: uuid.UUID, created: datetime, updated: datetime) -> tuple[datetime, datetime]:
+    """A stored row's ``created_at`` and ``updated_at`` as shared objects where they can be: the
+    id's creation time (one per millisecond), and ``updated_at`` the same object while equal (a
+    task never moved). A restart recovers queued tasks as compactly as they were made."""
+    try:
+        mine = _created_at(task_created_ms(task_id))
+    except (ValueError, OverflowError, OSError):
+        mine = created
+    if mine == created:
+        created = mine
+    return created, created if updated == created else updated
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
