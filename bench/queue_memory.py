@@ -18,6 +18,7 @@ Figures are noisy on a shared machine (RSS includes the allocator's slack): comp
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,8 +41,9 @@ def measure(
     """Queue ``tasks`` noop tasks on a fresh mesh; print and return the policeman's RSS per task.
     With ``restart``, the policeman is then restarted and its RSS read again once it has recovered
     the queue from Postgres (against the first process's baseline)."""
+    state = Path(tempfile.mkdtemp(prefix="casper-bench-queue-"))
     mesh = LocalMesh(
-        Path(tempfile.mkdtemp(prefix="casper-bench-queue-")),
+        state,
         developers=0,
         testers=0,
         port_base=free_port_base(),
@@ -77,6 +79,7 @@ def measure(
             recovered = rss(new.pid)
     finally:
         mesh.stop()
+        shutil.rmtree(state, ignore_errors=True)  # its embedded Postgres: ~160 MB a run
     per_task = (after - before) / tasks
     print(f"{label}: {tasks} queued tasks (queue: {queued}) in {wall:.1f}s")
     print(f"  policeman RSS: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
