@@ -4,9 +4,8 @@
 peer's credit and emits the TASK frames for after the commit; a task whose large input waits in
 Postgres asks the shell to load it first (``LoadInputs``, answered by :meth:`AssignRules.inputs_loaded`).
 A TASK the shell could not send comes back as :meth:`AssignRules.undelivered` (Trigger.UNDELIVERED:
-no attempt spent). ``tick`` expires
-leases, declares silent peers dead, moves due retries back to pending and returns the tasks of
-holders that never re-registered after a restart.
+no attempt spent). ``tick`` expires leases, declares silent peers dead, moves due retries back to
+pending and returns the tasks of holders that never re-registered after a restart.
 """
 
 from __future__ import annotations
