@@ -12,6 +12,7 @@ runner). ``shell``, ``code`` and ``job`` tasks come only from them.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 from casperd.enrollment import Entry
@@ -82,11 +83,17 @@ def may_create(creator: str | None, task_type: str) -> None:
         )
 
 
-def check_identity(entry: Entry | None, node_id: str, role: str) -> None:
-    """The identity a READY claims must be one its key is enrolled for."""
+def check_identity(entry: Entry | None, node_id: str, role: str, reserved: Collection[str] = ()) -> None:
+    """The identity a READY claims must be one its key is enrolled for; a pattern key never gets an
+    id in ``reserved`` (one another entry names exactly: a fixed node's)."""
     if entry is None:
         _refuse("this key is not enrolled (revoked?)", "enroll it with caspectl keys add")
-    elif not entry.admits(node_id, role):
+    elif not entry.admits(node_id, role, reserved):
+        if role == entry.role and not entry.exact and node_id in reserved:
+            raise IdentityError(
+                f"{node_id!r} is enrolled for another key; this key's pattern {entry.pattern!r} cannot claim it",
+                hint="a pattern-enrolled node takes an id no entry names exactly",
+            )
         raise IdentityError(
             f"this key is enrolled as {entry.pattern!r} ({entry.role}), not as {node_id!r} ({role})",
             hint="a node may only claim the id and role its key is enrolled with",
@@ -97,7 +104,9 @@ def _refuse(message: str, hint: str) -> None:
     raise ForbiddenError(message, hint=hint)
 
 
-def bind(msg: Any, *, entry: Entry | None, key: str | None, peer_key: str | None) -> None:
+def bind(
+    msg: Any, *, entry: Entry | None, key: str | None, peer_key: str | None, reserved: Collection[str] = ()
+) -> None:
     """With enrollment on: the frame's key (``entry``: its enrollment) may speak as this sender. A
     READY must claim an id and role the key is enrolled for; any other frame on a registered
     routing id must come from the key that registered it."""
@@ -105,7 +114,7 @@ def bind(msg: Any, *, entry: Entry | None, key: str | None, peer_key: str | None
         _refuse("this key is not enrolled (revoked?)", "enroll it with caspectl keys add")
     assert entry is not None
     if isinstance(msg, Ready):
-        check_identity(entry, msg.node_id, msg.role.value)
+        check_identity(entry, msg.node_id, msg.role.value, reserved)
     elif peer_key is not None and peer_key != key:
         raise IdentityError(
             "this frame comes from another key than the one that registered this routing id",
@@ -121,6 +130,7 @@ def admit(
     key: str | None,
     peer_role: str | None,
     peer_key: str | None,
+    reserved: Collection[str] = (),
 ) -> str | None:
     """Who sent ``msg`` and may they: the sender's role (None: an unregistered peer that must READY first).
 
@@ -129,7 +139,7 @@ def admit(
     on a registered route must come from the key that registered it. Then the command (and the
     service a REQUEST names) is checked against the table."""
     if enforced:
-        bind(msg, entry=entry, key=key, peer_key=peer_key)
+        bind(msg, entry=entry, key=key, peer_key=peer_key, reserved=reserved)
         assert entry is not None
         role: str | None = entry.role if (isinstance(msg, Ready) or peer_role is not None) else None
     else:

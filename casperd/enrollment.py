@@ -7,9 +7,12 @@ An ``authorized_keys``-style text file, one key a line::
     Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID   developer-*          developer
 
 The pattern is a shell-style pattern (``fnmatch``, case-sensitive) matched against the node id a
-peer claims; the role is the one role that key may register as. Lines starting with ``#`` whose
-first word is not a key are comments. The file holds public keys only, but it decides who may
-join, so it is written 0600. Pure apart from :meth:`Enrollment.load` / :meth:`Enrollment.save`.
+peer claims; the role is the one role that key may register as. A node id some entry names
+exactly (no wildcard) is *reserved* to that entry's key: no pattern admits it, so a key shared by
+a pool of replicas (``developer-pool-*``) can never claim a fixed node's id, whatever its pattern.
+Lines starting with ``#`` whose first word is not a key are comments. The file holds public keys
+only, but it decides who may join, so it is written 0600. Pure apart from
+:meth:`Enrollment.load` / :meth:`Enrollment.save`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import fnmatch
 import os
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from zmq.utils import z85
 from casperd.errors import ConfigError
 
 ROLES = ("policeman", "developer", "tester")
+_WILDCARDS = "*?["
 _PATTERN = re.compile(r"^[A-Za-z0-9*?\[\]!._-]{1,64}$")
 
 
@@ -36,9 +41,19 @@ class Entry:
     pattern: str
     role: str
 
-    def admits(self, node_id: str, role: str) -> bool:
-        """Whether this key may act as node ``node_id`` with role ``role``."""
-        return role == self.role and fnmatch.fnmatchcase(node_id, self.pattern)
+    @property
+    def exact(self) -> bool:
+        """A plain node id, no wildcard: it reserves that id (see the module docstring)."""
+        return not any(c in self.pattern for c in _WILDCARDS)
+
+    def admits(self, node_id: str, role: str, reserved: Collection[str] = ()) -> bool:
+        """Whether this key may act as node ``node_id`` with role ``role``; a pattern never admits
+        an id in ``reserved`` (the ids other entries name exactly: :attr:`Enrollment.reserved`)."""
+        if role != self.role:
+            return False
+        if self.exact:
+            return node_id == self.pattern
+        return node_id not in reserved and fnmatch.fnmatchcase(node_id, self.pattern)
 
     def line(self) -> str:
         return f"{self.key} {self.pattern} {self.role}"
@@ -94,6 +109,8 @@ class Enrollment:
         self.path = path
         self.entries: dict[str, Entry] = dict(entries or {})
         self._stamp: tuple[int, int, int] | None = None
+        self._reserved: frozenset[str] | None = None
+        """Cached :attr:`reserved`; every change of ``entries`` clears it."""
         self._checked = 0.0
         if path is not None:
             self.reload()
@@ -103,14 +120,14 @@ class Enrollment:
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            self.entries, self._stamp = {}, None
+            self.entries, self._stamp, self._reserved = {}, None, None
             return
         except OSError as exc:
             raise ConfigError(f"cannot read {self.path}: {exc.strerror}", hint="check the path and its mode") from None
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             self.entries = parse(self.path.read_text(), str(self.path))
-            self._stamp = stamp
+            self._stamp, self._reserved = stamp, None
 
     def refresh(self, now: float | None = None, *, force: bool = False) -> None:
         """Pick up an edited file (a `caspectl keys` change made on another node, an editor):
@@ -124,9 +141,22 @@ class Enrollment:
     def lookup(self, key: str | None) -> Entry | None:
         return self.entries.get(key) if key else None
 
+    @property
+    def reserved(self) -> frozenset[str]:
+        """The node ids entries name exactly: no pattern entry admits them."""
+        if self._reserved is None:
+            self._reserved = frozenset(e.pattern for e in self.entries.values() if e.exact)
+        return self._reserved
+
+    def admits(self, key: str | None, node_id: str, role: str) -> bool:
+        """Whether ``key`` may act as ``node_id`` with ``role`` (reserved ids honoured)."""
+        entry = self.lookup(key)
+        return entry is not None and entry.admits(node_id, role, self.reserved)
+
     def add(self, key: str, pattern: str, role: str) -> Entry:
         entry = make_entry(key, pattern, role)
         self.entries[entry.key] = entry
+        self._reserved = None
         self.save()
         return entry
 
@@ -135,6 +165,7 @@ class Enrollment:
         gone = [e for e in self.entries.values() if key_or_pattern in (e.key, e.pattern)]
         for e in gone:
             del self.entries[e.key]
+        self._reserved = None
         if gone:
             self.save()
         return gone

@@ -26,7 +26,7 @@ def admit(enrollment: Enrollment | None, metrics: Metrics, route: bytes, msg: Re
     entry = enrollment.lookup(user)
     sender = route.split(b"/", 1)[0].decode("utf-8", "replace")[:64]
     try:
-        authz.check_identity(entry, sender, "developer")
+        authz.check_identity(entry, sender, "developer", enrollment.reserved)
         authz.authorize("developer", msg.COMMAND, service="handoff")
         authz.may_create("developer", task_type)
     except ProtocolError:

@@ -148,7 +148,18 @@ def configure(settings: Any, environ: Any = None) -> Confinement:
         )
     else:
         log.info("task code runs as %s (uid %d)", run_as.name, run_as.uid)
+        unlistable(state_dir)
     return _POLICY.confinement
+
+
+def unlistable(path: Path) -> None:
+    """No read or write for group and others on the node's state directory (a fresh one is 0755
+    under the usual umask): task code, another user, may pass through it to its workspace
+    (``o+x``, :func:`make_traversable`) but not list it. Only when this user owns it."""
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        if st.st_uid == os.geteuid() and st.st_mode & 0o066:
+            path.chmod(stat.S_IMODE(st.st_mode) & ~0o066)
 
 
 def _policy() -> _Policy:

@@ -17,6 +17,9 @@
 #   NODE.key / NODE.pub     a CurveZMQ key pair for each of policeman, developer-1,
 #                           developer-2, tester and every EXTRA_NODE (z85 text files);
 #                           every node also gets policeman.pub (the broker's key)
+#   developer-pool.key/.pub the developer pool's key pair, shared by the developers nobody names
+#                           in advance: the docker spawner's containers (compose.spawner.yaml)
+#                           and the Swarm stack's developer replicas (compose.swarm.yaml)
 #   anthropic_api_key       the Claude API key: $ANTHROPIC_API_KEY if set when the file is
 #                           first made, else empty (nothing in the mesh needs it yet)
 #   redis_password          Redis' requirepass (read by the redis service at start and by
@@ -24,8 +27,11 @@
 #   cache_key               the mesh key that signs result-cache entries (CASPER_CACHE_KEY_FILE)
 #   authorized_keys         the enrollment: every NAME.pub in DIR with its node id (or pattern)
 #                           and role: policeman -> policeman; developer-N, tester-N -> their own
-#                           id; the Swarm service keys developer -> 'developer-*' and tester ->
-#                           'tester*'.  A node's line is replaced when its key changes (delete
+#                           id; the pool key developer-pool -> 'developer-pool-*'; the Swarm
+#                           tester service's key tester -> 'tester*' (and an older stack's
+#                           shared developer key, developer -> 'developer-*').  An id enrolled
+#                           exactly is reserved to its key: no pattern admits it (casperd's
+#                           rule), so the pool can never claim developer-1.  A node's line is replaced when its key changes (delete
 #                           NAME.key/NAME.pub and run again to rotate); lines added by hand
 #                           (caspectl keys add --file DIR/authorized_keys) are kept.  Rewritten in
 #                           place, so running containers that mount it see the change.
@@ -57,7 +63,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
 DIR="${1:-$HERE/secrets}"
 [ $# -gt 0 ] && shift
-NODES=(policeman developer-1 developer-2 tester "$@")
+NODES=(policeman developer-1 developer-2 tester developer-pool "$@")
 CASPER_UID=10001
 CASPER_GID=10001
 APP_IMAGE="${CASPER_IMAGE:-casper}:${VERSION:-latest}"
@@ -158,6 +164,7 @@ done
 enrollment_of() {  # NAME -> "PATTERN ROLE"
     case "$1" in
         policeman) echo "policeman policeman" ;;
+        developer-pool) echo "developer-pool-* developer" ;;
         developer) echo "developer-* developer" ;;
         tester) echo "tester* tester" ;;
         developer*) echo "$1 developer" ;;

@@ -112,7 +112,13 @@ class PolicemanCore(RecoveryRules):
         that registered it. (Then, for a known sender, the role table: ``authorize``.)"""
         book = self.enrollment
         if book is not None:
-            authz.bind(msg, entry=book.lookup(key), key=key, peer_key=peer.key if peer is not None else None)
+            authz.bind(
+                msg,
+                entry=book.lookup(key),
+                key=key,
+                peer_key=peer.key if peer is not None else None,
+                reserved=book.reserved,
+            )
 
     def refuse(self, route: bytes, peer: Peer | None, msg: Message, exc: CasperError) -> None:
         """A message that failed the trust check: counted; a registered peer's service call is

@@ -3,11 +3,15 @@
 The policeman reaches the Docker engine only through the socket proxy (``DOCKER_HOST``, see
 :mod:`casperd.spawners.proxy` and ``compose.spawner.yaml``). A spawned peer copies the *template*
 container (``spawner_template``, default ``developer-1`` of the policeman's own compose project):
-its image, settings, secrets (the same read-only files: like the swarm's replicas, spawned
-developers share the template's Curve key pair) and the ``repos`` volume; it gets its own node
-id, its own fixed address on ``claude-net`` (the next free one from .30 up, the seed's addresses
-below stay reserved), its own home volume (anonymous: removed with the container), and the
-labels ``casper.spawned=true`` and the project's. Retiring stops it (it drains: SIGTERM) and
+its image, settings, secrets (the same read-only files) and the ``repos`` volume, but not its key
+pair: spawned developers share the *developer pool* key pair (``developer-pool.key``/``.pub`` of
+make-secrets.sh, enrolled as ``developer-pool-*``; compose.spawner.yaml mounts it into the
+docker-proxy service, whose mounts tell where the files are on the host), as the swarm's replicas
+do, so each gets a node id ``developer-pool-<tag><n>`` (the autoscaler's ``developer-<tag><n>``
+renamed) that the pattern admits and no fixed node's id. It gets its own fixed address on
+``claude-net`` (the next free one from .30 up, the seed's addresses below stay reserved), its own
+home volume (anonymous: removed with the container), and the labels ``casper.spawned=true`` and
+the project's. Retiring stops it (it drains: SIGTERM) and
 removes it with its volume. Every engine call runs in a thread, never on the event loop.
 """
 
@@ -22,11 +26,22 @@ from urllib.parse import urlsplit
 from casperd.errors import SpawnError
 from casperd.settings import Settings
 from casperd.spawners.base import Spawner
-from casperd.spawners.proxy import PROJECT_LABEL, SERVICE_LABEL, SPAWNED_LABEL
+from casperd.spawners.proxy import (
+    NODE_KEY_FILES,
+    POOL_KEY,
+    POOL_PUB,
+    PROJECT_LABEL,
+    SERVICE_LABEL,
+    SPAWNED_LABEL,
+    TASK_USER_CAPS,
+)
 
 log = logging.getLogger("casperd.spawners.docker")
 FIRST_HOST = 30
 """Spawned containers take addresses from .30 up; the seed's plan uses .1-.29."""
+POOL_PREFIX = "developer-pool-"
+"""Spawned developers' ids: what make-secrets.sh enrolls the pool key for (``developer-pool-*``)."""
+PROXY_SERVICE = "docker-proxy"
 _OVERRIDDEN = ("CASPER_NODE_ID=", "CASPER_ADVERTISE=", "CASPER_CONTROL=", "CASPER_ROLE=", "CASPER_CAPABILITIES=")
 
 
@@ -94,6 +109,22 @@ class DockerSpawner(Spawner):
             )
         return found[0]
 
+    def _pool_key(self) -> dict[str, str]:
+        """Host paths of the pool key pair: where the docker-proxy service has them mounted.
+        Keyed by where a node reads its own pair (``/run/secrets/curve.key``, ``curve.pub``)."""
+        found = self._call(
+            "list containers",
+            self._docker().containers.list,
+            filters={"label": [f"{PROJECT_LABEL}={self.project}", f"{SERVICE_LABEL}={PROXY_SERVICE}"]},
+        )
+        mounts = {m.get("Destination"): m.get("Source") for c in found for m in c.attrs.get("Mounts") or []}
+        if not (mounts.get(POOL_KEY) and mounts.get(POOL_PUB)):
+            raise SpawnError(
+                "no developer pool key pair: spawned developers need one of their own",
+                hint="run containers/make-secrets.sh (it makes developer-pool.key) and start with compose.spawner.yaml",
+            )
+        return dict(zip(NODE_KEY_FILES, (mounts[POOL_KEY], mounts[POOL_PUB]), strict=True))
+
     def _free_ip(self, network: Any) -> str:
         subnet = ipaddress.ip_network(network.attrs["IPAM"]["Config"][0]["Subnet"])
         used = {
@@ -109,8 +140,14 @@ class DockerSpawner(Spawner):
     def _spawn(self, node_id: str, role: str, capabilities: list[str]) -> str:
         from docker.types import Mount
 
+        if role != "developer":
+            raise SpawnError(
+                f"the docker spawner starts developers, not {role}s", hint="only developers have a pool key"
+            )
+        node_id = POOL_PREFIX + node_id.removeprefix("developer-")
         client = self._docker()
         tpl = self._template()
+        pool = self._pool_key()
         net_name = f"{self.project}_claude-net"
         net = self._call("inspect the mesh network", client.networks.get, net_name)
         ip = self._free_ip(net)
@@ -128,7 +165,8 @@ class DockerSpawner(Spawner):
         binds = []
         for m in tpl.attrs.get("Mounts") or []:
             if m.get("Type") == "bind" and not m.get("RW", True):
-                binds.append(f"{m['Source']}:{m['Destination']}:ro")
+                source = pool.get(m["Destination"], m["Source"])  # the pool's key pair, not the template's
+                binds.append(f"{source}:{m['Destination']}:ro")
             elif m.get("Type") == "volume" and m.get("Name") == f"{self.project}_repos":
                 binds.append(f"{m['Name']}:{m['Destination']}:rw")
         api = client.api
@@ -142,6 +180,7 @@ class DockerSpawner(Spawner):
             read_only=True,
             tmpfs={"/tmp": "size=256m,mode=1777"},
             cap_drop=["ALL"],
+            cap_add=list(TASK_USER_CAPS),  # as compose.yaml: the entrypoint keeps them for casperd
             security_opt=["no-new-privileges:true"],
             mem_limit=host.get("Memory") or None,
             nano_cpus=host.get("NanoCpus") or None,
@@ -153,7 +192,7 @@ class DockerSpawner(Spawner):
             image=cfg["Image"],
             command=["--role", role],
             hostname=node_id,
-            user="10001:10001",
+            user="0:0",  # the image's entrypoint becomes casper at once (compose.yaml's x-casper)
             environment=env,
             labels={
                 SPAWNED_LABEL: "true",

@@ -8,10 +8,13 @@ socket and forwards a request only if :func:`check` allows it:
   ``/networks/ID`` (to find the template and free addresses);
 * ``POST /containers/create`` of the casper image only (``PROXY_IMAGE``), labelled
   ``casper.spawned=true`` and with the proxy's own compose project, attached only to that
-  project's ``claude-net`` / ``claude-internal``, as the non-root user 10001, with no extra
-  capabilities, no privileged mode, devices, host namespaces or security options beyond
-  ``no-new-privileges``, and bind mounts only of files the template container mounts read-only
-  (its secrets) plus the project's ``repos`` volume;
+  project's ``claude-net`` / ``claude-internal``, started as ``0:0`` with the image's own entrypoint
+  (which becomes casper at once), ``CapDrop: [ALL]`` and no capability added beyond SETUID,
+  SETGID, CHOWN and KILL (casperd's, to run task code as casper-task), ``no-new-privileges`` and
+  no other security option, no privileged mode, devices or host namespaces, and bind mounts only
+  of files the template container mounts read-only (its secrets, but not its own key pair) and of
+  the developer pool's key pair (which ``compose.spawner.yaml`` mounts into the proxy), plus the
+  project's ``repos`` volume;
 * ``POST /containers/ID/start``, ``/stop``, ``/wait`` and ``DELETE /containers/ID`` of a container
   labelled ``casper.spawned=true`` in the same project (looked up before the request goes on).
 
@@ -34,6 +37,7 @@ import re
 import sys
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from casperd.spawners.swarmproxy import STACK_LABEL, SwarmPolicy, check_swarm, query_of, scale, verify
@@ -51,6 +55,8 @@ _READ_ONLY = [
 _NETWORK = re.compile(rf"^/networks/({_ID})$")
 _LIFECYCLE = re.compile(rf"^/containers/({_ID})/(start|stop|wait)$")
 _REMOVE = re.compile(rf"^/containers/({_ID})$")
+TASK_USER_CAPS = ("SETUID", "SETGID", "CHOWN", "KILL")
+"""What the entrypoint keeps for casperd (containers/entrypoint.sh); a spawned container gets no more."""
 _ALLOWED_HOST_CONFIG = {
     "Binds",
     "Mounts",
@@ -60,6 +66,7 @@ _ALLOWED_HOST_CONFIG = {
     "Init",
     "ReadonlyRootfs",
     "Tmpfs",
+    "CapAdd",
     "CapDrop",
     "SecurityOpt",
     "Memory",
@@ -70,16 +77,38 @@ _ALLOWED_HOST_CONFIG = {
 }
 
 
+POOL_KEY = "/run/secrets/developer-pool.key"
+POOL_PUB = "/run/secrets/developer-pool.pub"
+"""Where compose.spawner.yaml mounts the developer pool's key pair into the proxy (which never reads
+them: they are casper's 0400 files): their host paths are the ones a spawned developer may get."""
+NODE_KEY_FILES = ("/run/secrets/curve.key", "/run/secrets/curve.pub")
+"""A node's own key pair in its container: the template's is developer-1's, never handed on."""
+
+
 @dataclass
 class Policy:
     image: str
     project: str
     template_binds: set[str] = field(default_factory=set)
-    """Host paths the template container bind-mounts read-only (its secrets)."""
+    """Host paths a spawned container may bind-mount read-only: the template's secrets (not its own
+    key pair) and the developer pool's key pair."""
 
     @property
     def networks(self) -> set[str]:
         return {f"{self.project}_claude-net", f"{self.project}_claude-internal"}
+
+
+def allowed_binds(template_mounts: list[dict[str, Any]], own_mounts: list[dict[str, Any]]) -> set[str]:
+    """The template's read-only bind mounts but its key pair, and the pool key pair mounted here."""
+    binds = {
+        m["Source"]
+        for m in template_mounts
+        if m.get("Type") == "bind" and not m.get("RW", True) and m.get("Destination") not in NODE_KEY_FILES
+    }
+    binds |= {
+        m["Source"] for m in own_mounts if m.get("Type") == "bind" and m.get("Destination") in (POOL_KEY, POOL_PUB)
+    }
+    return binds
 
 
 def route(path: str) -> str:
@@ -118,8 +147,8 @@ def check_create(body: bytes, policy: Policy) -> str | None:
     labels = spec.get("Labels") or {}
     if labels.get(SPAWNED_LABEL) != "true" or labels.get(PROJECT_LABEL) != policy.project:
         return f"a spawned container must carry {SPAWNED_LABEL}=true and {PROJECT_LABEL}={policy.project}"
-    if str(spec.get("User", "")) != "10001:10001":
-        return "a spawned container runs as 10001:10001 (casper), never root"
+    if str(spec.get("User", "")) != "0:0":
+        return "a spawned container starts as 0:0 and the image's entrypoint makes it casper; no other user"
     for key in ("Entrypoint", "Volumes", "ExposedPorts"):
         if spec.get(key):
             return f"{key} may not be set"
@@ -130,8 +159,13 @@ def check_create(body: bytes, policy: Policy) -> str | None:
         return f"HostConfig.{bad[0]} is not allowed"
     if host.get("NetworkMode") not in policy.networks:
         return f"network mode {host.get('NetworkMode')!r} is not this mesh's network"
-    if any(opt != "no-new-privileges:true" for opt in host.get("SecurityOpt") or []):
-        return "only the no-new-privileges security option is allowed"
+    if (host.get("SecurityOpt") or []) != ["no-new-privileges:true"]:
+        return "exactly the no-new-privileges security option is required"
+    if [str(c).upper().removeprefix("CAP_") for c in host.get("CapDrop") or []] != ["ALL"]:
+        return "a spawned container drops every capability (CapDrop: [ALL])"
+    added = {str(c).upper().removeprefix("CAP_") for c in host.get("CapAdd") or []}
+    if added - set(TASK_USER_CAPS):
+        return f"CapAdd {sorted(added - set(TASK_USER_CAPS))} is not allowed: only {', '.join(TASK_USER_CAPS)}"
     for bind in host.get("Binds") or []:
         parts = str(bind).split(":")
         source = parts[0]
@@ -187,16 +221,16 @@ class Proxy:
         self.policy: Policy | None = None
         self.swarm: SwarmPolicy | None = None
 
-    async def _own_labels(self) -> dict[str, str]:
+    async def _own(self) -> dict[str, Any]:
         hostname = os.uname().nodename
         status, body = await _docker(self.sock, "GET", f"/containers/{hostname}/json")
         if status != 200:
             raise RuntimeError(f"cannot inspect the proxy's own container {hostname}: HTTP {status}")
-        return dict(json.loads(body)["Config"]["Labels"] or {})
+        return dict(json.loads(body))
 
     async def load_swarm_policy(self) -> SwarmPolicy | None:
         """Swarm mode when the proxy's own container belongs to a stack."""
-        stack = (await self._own_labels()).get(STACK_LABEL, "")
+        stack = ((await self._own())["Config"]["Labels"] or {}).get(STACK_LABEL, "")
         if not stack:
             return None
         service = os.environ.get("PROXY_SERVICE") or f"{stack}_developer"
@@ -206,14 +240,13 @@ class Proxy:
 
     async def load_policy(self) -> Policy:
         """The proxy's own project (its container's label) and the template's secret mounts."""
-        project = (await self._own_labels()).get(PROJECT_LABEL, "")
+        me = await self._own()
+        project = (me["Config"]["Labels"] or {}).get(PROJECT_LABEL, "")
         flt = json.dumps({"label": [f"{PROJECT_LABEL}={project}", f"{SERVICE_LABEL}={self.template}"]})
         status, body = await _docker(self.sock, "GET", f"/containers/json?all=1&filters={quote(flt)}")
         binds: set[str] = set()
         for c in json.loads(body) if status == 200 else []:
-            for m in c.get("Mounts", []):
-                if m.get("Type") == "bind" and not m.get("RW", True):
-                    binds.add(m["Source"])
+            binds |= allowed_binds(c.get("Mounts", []), me.get("Mounts") or [])
         self.policy = Policy(self.image, project, binds)
         log.info("proxy for project %s: image %s, %d template secrets", project, self.image, len(binds))
         return self.policy

@@ -1,13 +1,14 @@
 """The ``swarm`` spawner: ``docker service scale`` of the stack's developer service.
 
-Replicas are named by their slot (``CASPER_NODE_ID=developer-{{.Task.Slot}}`` in
-compose.swarm.yaml; the spawner reads the prefix from the service's own ``CASPER_NODE_ID``). A
+Replicas are named by their slot (``CASPER_NODE_ID=developer-pool-{{.Task.Slot}}`` in
+compose.swarm.yaml: they share the developer pool's key, enrolled as ``developer-pool-*``; the
+spawner reads the prefix from the service's own ``CASPER_NODE_ID``). A
 scale from N to N+1 makes Swarm start a task in the lowest slot that has no runnable task, so the
 spawner reads the service's tasks, predicts that slot's name, scales, and waits (a few seconds)
 for the task to appear; spawns are serialised, so two never predict the same slot.
 
 Swarm picks which task a scale-down removes: one that is not running, if there is one. So retiring
-``developer-K`` (which the policeman drained already) stops that replica's container first (it
+``developer-pool-K`` (which the policeman drained already) stops that replica's container first (it
 exits on SIGTERM), waits until Swarm sees its slot not running (its restart is delayed by the
 stack's restart policy), then scales down by one: the stopped slot is the one removed.
 

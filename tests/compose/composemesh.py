@@ -64,6 +64,10 @@ ADDRESS = {
     "postgres": 21,
 }
 CASPER_UID = 10001
+#: casper-task: the user task code runs as in the casper image (casperd --task-user auto)
+TASK_UID = 10002
+#: services that are not casperd nodes (their own users; ``exec`` does not switch to casper)
+DATA_SERVICES = ("postgres", "redis", "docker-proxy")
 
 #: every project made by this process, for the session-end leak check
 CREATED: list[str] = []
@@ -303,7 +307,13 @@ class ComposeMesh:
         stdin: str | None = None,
         timeout: float = 60,
     ) -> subprocess.CompletedProcess[str]:
-        """``docker exec`` into the service's container (its environment: CASPER_CONTROL etc.)."""
+        """``docker exec`` into the service's container (its environment: CASPER_CONTROL etc.).
+
+        In a casperd container it runs as casper unless ``user`` says otherwise: the containers
+        start as root (the entrypoint then becomes casper), and that root cannot read casper's
+        files or reach the control socket."""
+        if user is None and service not in DATA_SERVICES:
+            user = "casper"
         args = ["docker", "exec"]
         if stdin is not None:
             args.append("-i")

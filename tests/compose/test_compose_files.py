@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.compose.composemesh import COMPOSE_FILE, REPO, clean_env, compose_command, unavailable
 
@@ -122,3 +123,43 @@ def test_swarm_spawner_override_adds_the_proxy_and_opts_the_policeman_in() -> No
     assert "docker.sock" in proxy and "spawner-net" in proxy and "claude-" not in proxy
     police = out.split("\n  policeman:\n", 1)[1].split("\n  postgres:\n", 1)[0]
     assert "spawner-net" in police and "claude-net" in police and "claude-internal" in police
+
+
+def test_casperd_starts_as_root_with_only_the_task_user_capabilities() -> None:
+    """Issue #9 point 5: every casperd container (compose, the spawner override, the swarm stack)
+    starts as root with cap_drop ALL and cap_add exactly SETUID, SETGID, CHOWN, KILL, for the
+    entrypoint to become casper and casperd to run task code as casper-task; the healthcheck
+    runs caspectl as casper through the entrypoint."""
+    spawner = REPO / "compose.spawner.yaml"
+    developer_3 = REPO / "tests" / "compose" / "compose.developer-3.yaml"
+    for files, nodes in (
+        ((COMPOSE_FILE,), NODES),
+        ((COMPOSE_FILE, developer_3), ("developer-3",)),
+        ((COMPOSE_FILE, spawner), NODES),
+        ((SWARM_FILE,), ("policeman", "developer", "tester")),
+    ):
+        services = yaml.safe_load(config(*files))["services"]
+        for name in nodes:
+            svc = services[name]
+            assert str(svc["user"]) == "0:0", (files, name)
+            assert svc["cap_drop"] == ["ALL"], (files, name)
+            assert sorted(svc["cap_add"]) == ["CHOWN", "KILL", "SETGID", "SETUID"], (files, name)
+            assert svc["healthcheck"]["test"][:3] == ["CMD", "casper-entrypoint", "caspectl"], (files, name)
+            if files != (SWARM_FILE,):
+                assert svc["security_opt"] == ["no-new-privileges:true"], (files, name)
+
+
+def test_pool_key_for_spawned_and_replica_developers() -> None:
+    """Spawned developers (compose.spawner.yaml) and swarm replicas share the developer pool's key
+    pair, with ids the pool's pattern (developer-pool-*) admits."""
+    spawner = yaml.safe_load(config(COMPOSE_FILE, REPO / "compose.spawner.yaml"))
+    proxy = {s["target"]: s["source"] for s in spawner["services"]["docker-proxy"]["secrets"]}
+    assert proxy == {"developer-pool.key": "developer_pool_curve_key", "developer-pool.pub": "developer_pool_curve_pub"}
+    assert spawner["secrets"]["developer_pool_curve_key"]["file"].endswith("/developer-pool.key")
+    assert not any("pool" in str(s) for s in spawner["services"]["policeman"]["secrets"])  # never the policeman
+    swarm = yaml.safe_load(config(SWARM_FILE))
+    dev = swarm["services"]["developer"]
+    assert dev["environment"]["CASPER_NODE_ID"] == "developer-pool-{{.Task.Slot}}"
+    keys = {s["target"]: s["source"] for s in dev["secrets"] if s.get("target") in ("curve.key", "curve.pub")}
+    assert keys == {"curve.key": "developer_pool_curve_key", "curve.pub": "developer_pool_curve_pub"}
+    assert swarm["secrets"]["developer_pool_curve_key"]["file"].endswith("/developer-pool.key")

@@ -1,5 +1,6 @@
-"""compose.yaml brought up for real: a healthy mesh that runs work into Postgres, runs as non-root
-with its secrets as files only, and takes a developer added next to the fixed ones.
+"""compose.yaml brought up for real: a healthy mesh that runs work into Postgres, runs casperd as
+casper (10001) and task code as casper-task (10002) with its secrets as files only that task code
+cannot read, and takes a developer added next to the fixed ones.
 
 One mesh for the module (see conftest.py); the tests leave it as they found it.
 """
@@ -17,6 +18,7 @@ from tests.compose.composemesh import (
     CASPER_UID,
     NODES,
     SERVICES,
+    TASK_UID,
     TIMINGS,
     WORKERS,
     ComposeMesh,
@@ -34,7 +36,7 @@ def test_mesh_is_healthy_and_runs_500_tasks_into_postgres(healthy_mesh: ComposeM
     assert {s: m.health(s) for s in SERVICES} == dict.fromkeys(SERVICES, "healthy")
     # caspectl in any node finds its own daemon through CASPER_CONTROL
     for node in NODES:
-        proc = m.run("exec", "-T", node, "caspectl", "health", "-o", "json", timeout=60)
+        proc = m.run("exec", "-T", "-u", "casper", node, "caspectl", "health", "-o", "json", timeout=60)
         health = json.loads(proc.stdout)
         assert health["node_id"] == node and health["healthy"], health
     peers = m.peers()
@@ -47,6 +49,8 @@ def test_mesh_is_healthy_and_runs_500_tasks_into_postgres(healthy_mesh: ComposeM
     proc = m.run(
         "exec",
         "-T",
+        "-u",
+        "casper",
         "policeman",
         "caspectl",
         "submit-bulk",
@@ -110,19 +114,54 @@ def _secret_values(m: ComposeMesh) -> dict[str, str]:
     return values
 
 
-def test_non_root_and_secrets_are_private_files(healthy_mesh: ComposeMesh) -> None:
+# casperd's pid in a casperd container: the child of the init (PID 1) whose command names casperd
+CASPERD_PID = (
+    "for d in /proc/[0-9]*; do "
+    "[ \"$(awk '/^PPid:/{print $2}' $d/status 2>/dev/null)\" = 1 ] && "
+    "tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q casperd && echo ${d#/proc/}; "
+    "done"
+)
+STATE_DIR = "/home/casper/.local/state/casper"
+HEALTHCHECKS = ("caspectl health", "redis-cli ping", "pg_isready")
+
+
+def _status(m: ComposeMesh, service: str, pid: str) -> dict[str, str]:
+    text = m.exec(service, ["cat", f"/proc/{pid}/status"]).stdout
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+def test_casperd_as_casper_with_four_capabilities_and_secrets_are_private_files(healthy_mesh: ComposeMesh) -> None:
     m = healthy_mesh
-    # every process of every container runs as a non-root user; casperd's as casper (10001)
+    # casperd runs as casper (10001); the containers start as root, and only the init (PID 1,
+    # docker-init) stays root; the data services run no root process at all
     for service in SERVICES:
         c = m.container(service)
         top = c.top(ps_args="-eo pid,uid,args")
-        uid_col = top["Titles"].index("UID")
-        uids = {row[uid_col] for row in top["Processes"]}
-        assert uids and "0" not in uids, (service, top["Processes"])
-        if service in NODES:
-            assert uids == {str(CASPER_UID)}, (service, top["Processes"])
-            assert c.attrs["Config"]["User"] == f"{CASPER_UID}:{CASPER_UID}"
-            assert m.exec(service, ["id", "-u"]).stdout.strip() == str(CASPER_UID)
+        uid_col, args_col = top["Titles"].index("UID"), top["Titles"].index("COMMAND")
+        # (a healthcheck in flight runs as the container's user: not part of the service)
+        procs = [(r[uid_col], r[args_col]) for r in top["Processes"] if not any(h in r[args_col] for h in HEALTHCHECKS)]
+        if service not in NODES:
+            assert procs and all(uid != "0" for uid, _ in procs), (service, procs)
+            continue
+        assert c.attrs["Config"]["User"] == "0:0"
+        assert c.attrs["HostConfig"]["CapDrop"] == ["ALL"]
+        assert sorted(c.attrs["HostConfig"]["CapAdd"]) == ["CHOWN", "KILL", "SETGID", "SETUID"]
+        root = [args for uid, args in procs if uid == "0"]
+        assert len(root) == 1 and "docker-init" in root[0], (service, procs)
+        assert {uid for uid, args in procs if "casperd" in args} == {str(CASPER_UID)}, (service, procs)
+        # inside: casperd is casper with exactly SETUID, SETGID, CHOWN, KILL (0xe1) as ambient
+        # capabilities and bounding set, under no-new-privileges
+        pids = m.exec(service, ["sh", "-c", CASPERD_PID]).stdout.split()
+        assert len(pids) == 1, (service, pids)
+        pid = pids[0]
+        st = _status(m, service, pid)
+        assert st["Uid"].split() == [str(CASPER_UID)] * 4, st
+        assert (st["CapAmb"], st["CapBnd"], st["CapEff"]) == ("00000000000000e1",) * 3, st
+        assert st["NoNewPrivs"] == "1", st
+        assert m.exec(service, ["id", "-u"]).stdout.strip() == str(CASPER_UID)  # exec as casper (composemesh)
+        # docker-compose exec's default user, root, holds no CAP_DAC_OVERRIDE: casper's key is closed to it
+        denied = m.exec(service, ["cat", "/run/secrets/curve.key"], user="0")
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr, (service, denied.returncode)
 
     # secret files: mode 0400, owned by the service's user; nobody else may read them
     for node in NODES:
@@ -136,8 +175,9 @@ def test_non_root_and_secrets_are_private_files(healthy_mesh: ComposeMesh) -> No
         assert set(files) == {f"/run/secrets/{name}" for name in expected}, files
         for name, (mode, uid) in files.items():
             assert (mode, uid) == ("400", str(CASPER_UID)), (node, name, mode, uid)
-        other = m.exec(node, ["cat", "/run/secrets/curve.key"], user="65534:65534")
-        assert other.returncode != 0 and "Permission denied" in other.stderr, (node, other.returncode)
+        for user in ("65534:65534", f"{TASK_UID}:{TASK_UID}"):
+            other = m.exec(node, ["cat", "/run/secrets/curve.key"], user=user)
+            assert other.returncode != 0 and "Permission denied" in other.stderr, (node, user, other.returncode)
     pg_uid = m.exec("postgres", ["id", "-u", "postgres"]).stdout.strip()
     assert m.exec("postgres", ["stat", "-c", "%a %u", "/run/secrets/postgres_password"]).stdout.split() == [
         "400",
@@ -204,3 +244,57 @@ def test_added_developer_receives_work(healthy_mesh: ComposeMesh) -> None:
         assert ran_on.get("developer-3", 0) > 0, ran_on
     finally:
         m.run("rm", "-s", "-f", "developer-3", timeout=120, check=False)
+
+
+def test_a_shell_task_runs_as_casper_task_and_cannot_read_any_secret(healthy_mesh: ComposeMesh) -> None:
+    """Issue #9 point 5 in containers: task code runs as casper-task (10002), which cannot read
+    /run/secrets/*, the node's key, its state directory or casperd's environment."""
+    m = healthy_mesh
+    secrets = {n: m.exec(n, ["sh", "-c", "ls /run/secrets"]).stdout.split() for n in ("developer-1", "developer-2")}
+    state_files = {
+        n: m.exec(n, ["find", STATE_DIR, "-path", f"{STATE_DIR}/workspaces", "-prune", "-o", "-print"]).stdout.split()
+        for n in ("developer-1", "developer-2")
+    }
+    assert all(secrets.values()) and all(state_files.values()), (secrets, state_files)
+    values = _secret_values(m)
+    # one task per developer (only developers offer llm); each tries every path, both nodes' lists
+    paths = sorted(
+        {f"/run/secrets/{f}" for fs in secrets.values() for f in fs} | {p for ps in state_files.values() for p in ps}
+    )
+    probe = (
+        "id -u; id -g; "
+        f"for p in {' '.join(paths)}; do "
+        '[ -e "$p" ] || continue; '
+        'if [ -d "$p" ]; then ls "$p" >/dev/null 2>&1 && echo "READ $p" || echo "DENIED $p"; '
+        'else cat "$p" 2>/dev/null && echo "READ $p" || echo "DENIED $p"; fi; done; '
+        f"for pid in $({CASPERD_PID}); do "
+        'cat /proc/$pid/environ 2>/dev/null && echo "READ environ" || echo "DENIED environ"; done; echo END'
+    )
+    tag = new_tag("isolation")
+    tasks = [
+        {"type": "shell", "input": {"cmd": probe}, "requires": ["llm"], "idempotency_key": f"{tag}-{i}"}
+        for i in range(6)
+    ]
+    ids = m.submit(tasks)
+    where = "id in (" + ",".join(f"'{i}'" for i in ids) + ")"
+    deadline = time.monotonic() + 120
+    rows: list[list[str]] = []
+    while time.monotonic() < deadline:
+        rows = m.psql(f"select assigned_to, output::text from tasks where {where} and status = 'complete'")
+        if len(rows) == len(ids):
+            break
+        time.sleep(0.5)
+    assert len(rows) == len(ids), m.psql(f"select status, error::text from tasks where {where}")
+    for node, output in rows:
+        assert node.startswith("developer-"), node
+        out = json.loads(output)
+        lines = out["stdout"].splitlines()
+        assert lines[:2] == [str(TASK_UID), str(TASK_UID)] and lines[-1] == "END", (node, out)
+        verdicts = [line for line in lines[2:-1] if line.startswith(("READ ", "DENIED "))]
+        assert not [v for v in verdicts if v.startswith("READ")], (node, verdicts)
+        denied = {v.split(" ", 1)[1] for v in verdicts}
+        assert {f"/run/secrets/{f}" for f in secrets[node]} <= denied, (node, verdicts)
+        assert "/run/secrets/curve.key" in denied and STATE_DIR in denied and "environ" in denied, (node, verdicts)
+        everything = out["stdout"] + out.get("stderr", "")
+        for what, value in values.items():
+            assert value not in everything, f"{what} reached task code on {node}"

@@ -1,16 +1,18 @@
-"""The docker spawner's socket proxy on a real compose mesh (compose.yaml + compose.spawner.yaml):
-it refuses what the spawner does not need.
+"""The docker spawner on a real compose mesh (compose.yaml + compose.spawner.yaml).
 
-(The spawned-developer test is withdrawn: spawned containers share developer-1's Curve key, which
-enrollment binds to the id developer-1, so a spawned developer-N is refused at READY. The spawner
-needs a key of its own, enrolled with an id pattern, before that test can come back.)
+The policeman's autoscaler sees a backlog on the two developers, starts a developer container
+through the socket proxy (with the developer pool's key pair and an id its pattern admits: it
+registers and takes work), and removes it once it has been idle, draining it first: no task lost
+or run twice. The proxy refuses what the spawner does not need.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +24,8 @@ from tests.compose.composemesh import (
     TIMINGS,
     ComposeMesh,
     compose_command,
+    new_tag,
+    poll,
     remove_project,
 )
 
@@ -60,6 +64,71 @@ def spawned_containers(m: ComposeMesh) -> list[Any]:
     return m.client.containers.list(
         all=True, filters={"label": [f"com.docker.compose.project={m.project}", "casper.spawned=true"]}
     )
+
+
+def test_docker_spawner_adds_a_developer_that_takes_work_and_removes_it_when_idle(
+    spawner_mesh: ComposeMesh, secrets_dir: Path
+) -> None:
+    m = spawner_mesh
+    assert m.caspectl("status")["autoscale"]["spawner"]["kind"] == "docker"
+    tag = new_tag("spawn")
+    # only developers may run these (requires llm): 8 slots on two developers, 4 s each: about a
+    # minute of work, so a container that takes half a minute to start still finds some
+    # (sleep's input is only seconds: each distinct by a microsecond; the tasks are found by id)
+    tasks = [
+        {"type": "sleep", "input": {"seconds": 4 + i * 1e-6}, "requires": ["llm"], "idempotency_key": f"{tag}-{i}"}
+        for i in range(128)
+    ]
+    t0 = time.monotonic()
+    ids = m.submit(tasks)
+    spawned = poll(
+        lambda: [p for p in m.peers().values() if p.get("spawned") and p["liveness"] == "alive"],
+        timeout=180,
+        what="a spawned developer registered",
+    )
+    up_s = time.monotonic() - t0
+    (peer,) = spawned
+    name = peer["node_id"]
+    # the pool's id and key: enrolled as developer-pool-*, never developer-1's key
+    assert name.startswith("developer-pool-") and "waiting" in (peer["spawn_reason"] or ""), peer
+    pool_pub = (secrets_dir / "developer-pool.pub").read_text().strip()
+    enrolled = {k["key"]: k for k in m.caspectl("keys", "list")["keys"]}
+    assert enrolled[pool_pub]["pattern"] == "developer-pool-*" and enrolled[pool_pub]["online"] == name, enrolled
+    (container,) = spawned_containers(m)
+    assert container.labels["casper.node-id"] == name
+    # started as compose.yaml starts casperd: root, cap_drop ALL + the four, the entrypoint drops
+    assert container.attrs["Config"]["User"] == "0:0"
+    assert container.attrs["HostConfig"]["CapDrop"] == ["ALL"]
+    assert sorted(container.attrs["HostConfig"]["CapAdd"]) == ["CHOWN", "KILL", "SETGID", "SETUID"]
+    mounts = {mt["Destination"]: mt["Source"] for mt in container.attrs["Mounts"]}
+    assert mounts["/run/secrets/curve.key"].endswith("/developer-pool.key"), mounts
+    assert mounts["/run/secrets/curve.pub"].endswith("/developer-pool.pub"), mounts
+    ip = peer["endpoint"].removeprefix("tcp://").rsplit(":", 1)[0]
+    assert ip.startswith(m.net + ".") and int(ip.rsplit(".", 1)[1]) >= 30
+    where = "id in (" + ",".join(f"'{i}'" for i in ids) + ")"
+    counts = poll(
+        lambda: (
+            (c := dict(m.psql(f"select status, count(*) from tasks where {where} group by 1")))
+            and (c.get("complete") == str(len(ids)) or c.get("dead"))
+            and c
+        ),
+        timeout=300,
+        what="the burst finished",
+    )
+    assert counts == {"complete": str(len(ids))}, counts
+    ran = {n: int(k) for n, k in m.psql(f"select assigned_to, count(*) from tasks where {where} group by 1")}
+    assert ran.get(name, 0) > 0, f"the spawned developer took no work: {ran}"
+    # idle: drained, then its container stopped and removed (with its volume)
+    t1 = time.monotonic()
+    poll(lambda: not spawned_containers(m), timeout=180, what="the spawned container removed")
+    gone_s = time.monotonic() - t1
+    assert name not in m.peers()
+    attempts = m.psql(f"select max(attempts) from tasks where {where}")
+    assert attempts == [["1"]], attempts  # none interrupted and run again
+    kinds = [d["kind"] for d in m.caspectl("status")["autoscale"]["decisions"]]
+    assert kinds.index("drain") < kinds.index("retire"), kinds
+    TIMINGS.append((f"docker spawner: submit -> spawned developer alive ({name})", up_s))
+    TIMINGS.append(("docker spawner: all done -> spawned container removed (idle 8 s)", gone_s))
 
 
 def test_the_proxy_refuses_what_the_spawner_does_not_need(spawner_mesh: ComposeMesh) -> None:

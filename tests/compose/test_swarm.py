@@ -98,7 +98,6 @@ def stack(
     sh(
         str(REPO / "containers" / "make-secrets.sh"),
         str(secrets_dir),
-        "developer",
         env={**os.environ, **compose_images, "ANTHROPIC_API_KEY": "placeholder-no-claude-work-in-this-test"},
         timeout=300,
     )
@@ -177,11 +176,11 @@ def wait_peers(client: Any, names: set[str], timeout: float) -> dict[str, Any]:
 
 
 def test_stack_deploys_and_scaled_developers_receive_work(docker_client: Any, stack: dict[str, Any]) -> None:
-    peers = wait_peers(docker_client, {"developer-1", "developer-2", "tester-1"}, timeout=240)
+    peers = wait_peers(docker_client, {"developer-pool-1", "developer-pool-2", "tester-1"}, timeout=240)
     up_s = time.monotonic() - stack["t0"]
     # no fixed addresses: every replica advertises its own address on the stack's overlay networks
     # (the one its route to the policeman takes), which every other peer can reach
-    for name in ("developer-1", "developer-2", "tester-1"):
+    for name in ("developer-pool-1", "developer-pool-2", "tester-1"):
         host = peers[name]["endpoint"].removeprefix("tcp://").rsplit(":", 1)[0]
         assert any(ipaddress.ip_address(host) in net for net in stack["subnets"]), (name, peers[name]["endpoint"])
     gen = 'for i in $(seq 1 60); do echo "{\\"type\\": \\"echo\\", \\"input\\": {\\"i\\": $i}}"; done'
@@ -190,15 +189,15 @@ def test_stack_deploys_and_scaled_developers_receive_work(docker_client: Any, st
     assert tasks["counts"].get("complete", 0) >= 60, tasks["counts"]
 
     sh("docker", "service", "scale", "--detach", f"{STACK}_developer=3", timeout=120)
-    wait_peers(docker_client, {"developer-1", "developer-2", "developer-3", "tester-1"}, timeout=180)
-    for old in ("developer-1", "developer-2", "tester-1"):  # only the new replica may take work now
+    wait_peers(docker_client, {"developer-pool-1", "developer-pool-2", "developer-pool-3", "tester-1"}, timeout=180)
+    for old in ("developer-pool-1", "developer-pool-2", "tester-1"):  # only the new replica may take work now
         caspectl(docker_client, "drain", old)
     gen = 'for i in $(seq 1 20); do echo "{\\"type\\": \\"echo\\", \\"input\\": {\\"n\\": $i}}"; done'
     caspectl(docker_client, "submit-bulk", "-", "--wait", stdin_cmd=gen, timeout=180)
     recent = caspectl(docker_client, "tasks", "--limit", "20")["tasks"]
-    assert {t["assigned_to"] for t in recent} == {"developer-3"}, recent
+    assert {t["assigned_to"] for t in recent} == {"developer-pool-3"}, recent
     assert all(t["status"] == "complete" for t in recent), recent
-    for old in ("developer-1", "developer-2", "tester-1"):
+    for old in ("developer-pool-1", "developer-pool-2", "tester-1"):
         caspectl(docker_client, "resume", old)
     print(f"swarm stack: deploy -> 3 peers alive in {up_s:.1f}s")
 
