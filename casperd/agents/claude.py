@@ -22,17 +22,17 @@ The API key is never logged, put in an exception or shown by ``repr``.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import anthropic
-
-from casperd.agents import apicall
 from casperd.agents.ratelimit import Limiter, estimate_tokens, parse_rate_headers
 from casperd.agents.usage import Usage, cost_of
 from casperd.breaker import BreakerState, CircuitBreaker
@@ -41,7 +41,14 @@ from casperd.errors import LlmError, LlmRequestError, MissingApiKeyError
 from casperd.retry import RetryPolicy
 from casperd.settings import ModelPrice, Settings
 
+if TYPE_CHECKING:  # loaded on a node's first model call (load_sdk): the SDK, httpx and anyio add ~40 MB RSS
+    import anthropic
+
+    from casperd.agents import apicall
+
 log = logging.getLogger("casperd.agents.claude")
+APICALL = "casperd.agents.apicall"
+"""The module that imports the SDK (see :func:`load_sdk`)."""
 
 MAX_RETRY_AFTER_S = 300.0
 """A longer ``retry-after`` is cut to this (the limiter still pauses the mesh for the full time)."""
@@ -87,6 +94,16 @@ class Reply:
             usage=Usage.from_dict(d.get("usage")),
             request_id=d.get("request_id"),
         )
+
+
+async def load_sdk() -> ModuleType:
+    """:mod:`casperd.agents.apicall` (and with it the ``anthropic`` SDK), imported on first use in a
+    thread: the import takes a second or more on a busy machine and the event loop keeps serving
+    meanwhile. A node that never calls the model never pays the SDK's memory."""
+    mod = sys.modules.get(APICALL)
+    if mod is None:
+        mod = await asyncio.to_thread(importlib.import_module, APICALL)
+    return mod
 
 
 def _block_dict(block: Any) -> dict[str, Any]:
@@ -179,6 +196,11 @@ class ClaudeClient:
             await client.close()
 
     def _sdk(self) -> anthropic.AsyncAnthropic:
+        """The SDK client (call after :func:`load_sdk`)."""
+        import anthropic
+
+        from casperd.agents import apicall
+
         if self._client is None:
             self._client = anthropic.AsyncAnthropic(
                 api_key=self._api_key,
@@ -219,6 +241,9 @@ class ClaudeClient:
             )
         if deterministic:
             temperature = 0.0
+        await load_sdk()
+        from casperd.agents import apicall
+
         params = apicall.build_params(
             model,
             system,
@@ -281,6 +306,11 @@ class ClaudeClient:
             self.on_call(took, outcome)
 
     async def _attempts(self, params: dict[str, Any], estimate: int) -> Reply:
+        await load_sdk()
+        import anthropic
+
+        from casperd.agents import apicall
+
         model = str(params["model"])
         sdk = self._sdk()
         attempt = 0
