@@ -41,6 +41,8 @@ from casperd.breaker import CircuitBreaker
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
+    from casperd.settings import Settings
+
 log = logging.getLogger("casperd.cache")
 _PREFIX = "casper:result:"
 _LOCK = "casper:lock:"
@@ -92,6 +94,19 @@ class ResultCache:
         self.breaker = CircuitBreaker(failure_threshold=2, recovery_s=5.0)
         self._local: dict[str, asyncio.Future[Any]] = {}
         self.hits = self.misses = self.bypassed = self.computed = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ResultCache:
+        from casperd.transport import read_secret_file
+
+        password = read_secret_file(settings.redis_password_file, "Redis password")
+        mesh_key = read_secret_file(settings.cache_key_file, "cache signing key")
+        return cls(
+            settings.redis_url,
+            ttl_s=settings.cache_ttl_s,
+            password=password,
+            sign_key=signing_key(mesh_key, password),
+        )
 
     @property
     def enabled(self) -> bool:

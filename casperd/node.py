@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 import zmq
 import zmq.asyncio
 
-from casperd import codec, handoff, taskenv
+from casperd import codec, handoff, memtrim, taskenv
 from casperd.agents.tasktypes import install as install_agent_types
-from casperd.cache import ResultCache, signing_key
+from casperd.cache import ResultCache
 from casperd.control import Control
 from casperd.enrollment import Enrollment
 from casperd.errors import CasperError, ProtocolError, UnsupportedError
@@ -75,7 +75,7 @@ class Node:
         self.elastic: Any = None  # casperd.elastic.Elastic on the policeman (the autoscaler)
         self.telemetry: Any = None  # casperd.telemetry.Telemetry on the policeman
         self.police: Any = None  # casperd.agents.police.PoliceService on the policeman
-        self.cache = self._make_cache(settings) if settings.redis_url else None
+        self.cache = ResultCache.from_settings(settings) if settings.redis_url else None
         self.control = Control(self)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -86,17 +86,7 @@ class Node:
         self._oneshots: set[asyncio.Task[None]] = set()
         self.enrollment: Enrollment | None = None
         self.zap: ZapHandler | None = None
-
-    @staticmethod
-    def _make_cache(settings: Settings) -> ResultCache:
-        password = read_secret_file(settings.redis_password_file, "Redis password")
-        mesh_key = read_secret_file(settings.cache_key_file, "cache signing key")
-        return ResultCache(
-            settings.redis_url,
-            ttl_s=settings.cache_ttl_s,
-            password=password,
-            sign_key=signing_key(mesh_key, password),
-        )
+        self.drain = memtrim.DrainWatch()
 
     @property
     def is_policeman(self) -> bool:
@@ -399,6 +389,8 @@ class Node:
             if self.broker is not None:
                 self.broker.tick()
                 self.broker.dispatch()
+                if self.drain.drained(len(self.broker.tasks)):  # a burst drained: its peak memory goes back
+                    await memtrim.trim()
                 if self.store is not None and time.monotonic() - last_partitions > 6 * 3600:
                     last_partitions = time.monotonic()
                     try:
