@@ -133,7 +133,7 @@ async def _status(node: Node, args: dict[str, Any]) -> Any:
         if node.police is not None:
             view["llm"] = {
                 "rate_limit": node.police.rate.snapshot(time.monotonic()),
-                "jobs_running": len(node.police.jobs.running),
+                "jobs_running": node.police.jobs_running,
                 "settings": llm_settings_view(node.s),
             }
         if node.elastic is not None:

@@ -28,7 +28,7 @@ import math
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -46,6 +46,9 @@ from casperd.lifecycle import ACTIVE, Status
 from casperd.messages import TaskSpec
 from casperd.settings import Settings
 from casperd.taskrecord import TaskRecord
+
+if TYPE_CHECKING:
+    from casperd.agents.jobs import JobRunner
 
 log = logging.getLogger("casperd.agents.police")
 Attachments = tuple[bytes, ...]
@@ -81,14 +84,12 @@ def _clamp_observation(obs: dict[str, Any]) -> dict[str, Any]:
 
 class PoliceService:
     def __init__(self, settings: Settings, broker: Broker, cache: ResultCache | None) -> None:
-        from casperd.agents.jobs import JobRunner
-
         self.s = settings
         self.broker = broker
         self.records = AgentRecords(broker.store)
         self.rate = MeshRateLimit(settings.llm_rpm, settings.llm_tpm)
         self.claude = ClaudeClient.from_settings(settings, LocalLimiter(state=self.rate), cache)
-        self.jobs = JobRunner(self)
+        self._jobs: JobRunner | None = None
         self._recording: set[asyncio.Task[None]] = set()
         broker.attach(self)
         catalog = broker.catalog
@@ -101,12 +102,26 @@ class PoliceService:
         catalog.add_service("handoff-record", self._handoff_record, roles=workers)
         catalog.add_validator("code", self.validate_code)
 
+    @property
+    def jobs(self) -> JobRunner:
+        """The job coordinator, loaded with the first job (most meshes never run one)."""
+        if self._jobs is None:
+            from casperd.agents.jobs import JobRunner
+
+            self._jobs = JobRunner(self)
+        return self._jobs
+
+    @property
+    def jobs_running(self) -> int:
+        return len(self._jobs.running) if self._jobs is not None else 0
+
     # --- the broker's local work (casperd.background.LocalWork) ----------------------------------------
     def run_local(self, rec: TaskRecord) -> None:
         self.jobs.start(rec)
 
     def on_finish(self, rec: TaskRecord) -> None:
-        self.jobs.on_finish(rec)
+        if self._jobs is not None:
+            self._jobs.on_finish(rec)
         if rec.type == "ask" and rec.status is Status.COMPLETE and rec.output_json:
             task = asyncio.get_running_loop().create_task(self._record_ask(rec))
             self._recording.add(task)
@@ -141,7 +156,8 @@ class PoliceService:
     async def close(self) -> None:
         if self._recording:
             await asyncio.gather(*self._recording, return_exceptions=True)
-        await self.jobs.close()
+        if self._jobs is not None:
+            await self._jobs.close()
         await self.claude.close()
 
     # --- who may touch what (the sender's enrolled identity is ``node``) ----------------------------------
