@@ -25,11 +25,11 @@ from casperd.messages import ErrorBody, Reply, Request
 from casperd.metrics import Metrics
 from casperd.settings import Settings
 from casperd.telemetry import api_check
-from casperd.worker import Worker
 
-if TYPE_CHECKING:  # the policeman's modules (and the Postgres driver) load only on the policeman
+if TYPE_CHECKING:  # the policeman's modules (and the Postgres driver) load only on the policeman, a worker's on workers
     from casperd.broker import Broker
     from casperd.store import Store
+    from casperd.worker import Worker
 
 
 class Node(Protocol):

@@ -43,12 +43,12 @@ from casperd.transport import (
     router,
     send_now,
 )
-from casperd.worker import Worker
 from casperd.zap import ZapHandler
 
 if TYPE_CHECKING:  # the policeman's modules (and the Postgres driver) load only on the policeman
     from casperd.broker import Broker
     from casperd.store import Store
+    from casperd.worker import Worker
 
 log = logging.getLogger("casperd.node")
 
@@ -151,9 +151,10 @@ class Node:
             self.broker.control = self.control_sock
             self._spawn(self._mesh_loop_broker(), "mesh")
         else:
-            self.worker = Worker(self.s, self.metrics, self.ctx, self.opts, self.cache, self.catalog)
             from casperd.agents.services import WorkerServices
+            from casperd.worker import Worker
 
+            self.worker = Worker(self.s, self.metrics, self.ctx, self.opts, self.cache, self.catalog)
             self.worker.services = WorkerServices(self.s, self.worker, self.cache)
             watch_api(self.worker.services.claude, self.metrics)
             self.worker.connect()
@@ -240,17 +241,18 @@ class Node:
             log.exception("%s: shutdown step %s failed; going on", self.s.node_id, step)
 
     # --- loops ------------------------------------------------------------------------------------
+    async def _recv_mesh(self) -> list[tuple[list[bytes], str | None]]:
+        """Every message ready on the mesh ROUTER, with the sender's ZAP User-Id when Curve is on."""
+        assert self.mesh_sock is not None
+        if self.s.curve:
+            return await recv_batch_users(self.mesh_sock)
+        return [(f, None) for f in await recv_batch(self.mesh_sock)]
+
     async def _mesh_loop_broker(self) -> None:
         assert self.broker is not None and self.mesh_sock is not None
         broker = self.broker
-        curve = self.s.curve
         while True:
-            batch = (
-                await recv_batch_users(self.mesh_sock)
-                if curve
-                else [(f, None) for f in await recv_batch(self.mesh_sock)]
-            )
-            for frames, user in batch:
+            for frames, user in await self._recv_mesh():
                 if len(frames) < 2:
                     continue
                 try:
@@ -264,14 +266,8 @@ class Node:
         """A worker's own ROUTER: answers HEARTBEAT pings and runs direct hand-offs (REQUEST
         ``handoff``, SPEC section 15); anything else is answered ERROR ``unsupported``."""
         assert self.mesh_sock is not None
-        curve = self.s.curve
         while True:
-            batch = (
-                await recv_batch_users(self.mesh_sock)
-                if curve
-                else [(f, None) for f in await recv_batch(self.mesh_sock)]
-            )
-            for frames, user in batch:
+            for frames, user in await self._recv_mesh():
                 if len(frames) < 2:
                     continue
                 route, body = frames[0], frames[1:]
