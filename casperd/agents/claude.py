@@ -22,16 +22,15 @@ The API key is never logged, put in an exception or shown by ``repr``.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from casperd.agents.lazysdk import load_sdk
 from casperd.agents.ratelimit import Limiter, estimate_tokens, parse_rate_headers
 from casperd.agents.usage import Usage, cost_of
 from casperd.breaker import BreakerState, CircuitBreaker
@@ -46,8 +45,6 @@ if TYPE_CHECKING:  # loaded on a node's first model call (load_sdk): the SDK, ht
     from casperd.agents import apicall
 
 log = logging.getLogger("casperd.agents.claude")
-APICALL = "casperd.agents.apicall"
-"""The module that imports the SDK (see :func:`load_sdk`)."""
 
 MAX_RETRY_AFTER_S = 300.0
 """A longer ``retry-after`` is cut to this (the limiter still pauses the mesh for the full time)."""
@@ -93,33 +90,6 @@ class Reply:
             usage=Usage.from_dict(d.get("usage")),
             request_id=d.get("request_id"),
         )
-
-
-_sdk: ModuleType | None = None
-_loading: asyncio.Future[ModuleType] | None = None
-
-
-async def load_sdk() -> ModuleType:
-    """:mod:`casperd.agents.apicall` (and with it the ``anthropic`` SDK), imported on first use in a
-    thread: the import takes a second or more on a busy machine and the event loop keeps serving
-    meanwhile. A node that never calls the model never pays the SDK's memory.
-
-    Concurrent first calls share the one import: a module still being imported is already in
-    ``sys.modules``, and touching it from the loop's thread would block the loop on its import
-    lock until the thread is done (long enough for the policeman to declare the node dead)."""
-    global _sdk, _loading
-    if _sdk is not None:
-        return _sdk
-    if _loading is None:
-        _loading = asyncio.ensure_future(asyncio.to_thread(importlib.import_module, APICALL))
-    loading = _loading
-    try:
-        _sdk = await asyncio.shield(loading)
-    except BaseException:
-        if loading.done() and (loading.cancelled() or loading.exception() is not None) and _loading is loading:
-            _loading = None  # a failed import is tried again by the next call
-        raise
-    return _sdk
 
 
 def _block_dict(block: Any) -> dict[str, Any]:
@@ -211,8 +181,7 @@ class ClaudeClient:
         if client is not None:
             await client.close()
 
-    def _sdk(self) -> anthropic.AsyncAnthropic:
-        """The SDK client (call after :func:`load_sdk`)."""
+    def _sdk(self) -> anthropic.AsyncAnthropic:  # after load_sdk()
         import anthropic
 
         from casperd.agents import apicall

@@ -355,4 +355,5 @@ async def run_ask(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
         "cached": reply.cached,
         "stop_reason": reply.stop_reason,
         "task_id": str(ctx.task_id),  # who made the call: another task's id on a result-cache hit
+        **({"job_id": str(data["job_id"])} if data.get("job_id") else {}),  # for the llm_calls row
     }

@@ -135,7 +135,7 @@ class PoliceService:
             usage = out.get("usage") if isinstance(out, dict) else None
             if not isinstance(usage, dict) or out.get("task_id") != str(rec.id):
                 return  # no call of its own: the output came from the result cache (cache: true)
-            job = rec.input.get("job_id")
+            job = out.get("job_id")  # from the output: a large input may be in the task store only
             call = {**usage, "model": out.get("model"), "cached": bool(out.get("cached"))}
             await self.records.add_calls(
                 [call],
@@ -144,7 +144,7 @@ class PoliceService:
                 node=rec.assigned_to or "?",
                 role="developer",
             )
-        except (CasperError, ValueError, TypeError) as exc:
+        except (CasperError, ValueError, TypeError, AttributeError) as exc:
             log.warning("the model call of ask task %s was not recorded in llm_calls: %s", rec.id, exc)
 
     async def save_attachments(self, task_id: uuid.UUID, kind: str, blobs: tuple[bytes, ...]) -> None:
@@ -171,7 +171,7 @@ class PoliceService:
         """turns-load: a task the sender holds, or the one a task it holds resumes from."""
         for rec in self.broker.tasks.values():
             if (rec.assigned_to == node and rec.status in ACTIVE) and (
-                rec.id == tid or (isinstance(rec.input, dict) and str(rec.input.get("resume_from")) == str(tid))
+                rec.id == tid or (rec.input_loaded and str(rec.input.get("resume_from")) == str(tid))
             ):
                 return
         raise ForbiddenError(
@@ -269,7 +269,13 @@ class PoliceService:
         submitter = f"{sender} (handed to {node})" if holder and sender != node else sender
         tid, existing = await self.broker.submit_local(spec, att, submitter=submitter, holder=holder)
         rec = self.broker.tasks.get(tid)
-        assigned = rec is not None and holder is not None and rec.assigned_to == holder and rec.status in ACTIVE
+        assigned = (
+            rec is not None
+            and holder is not None
+            and rec.assigned_to == holder
+            and rec.status in ACTIVE
+            and rec.input_loaded  # else its TASK is on the way (a spilled input being read back)
+        )
         out: dict[str, Any] = {"task_id": str(tid), "existing": existing, "assigned": assigned}
         if assigned and rec is not None:
             out.update(

@@ -1,4 +1,4 @@
-"""The model SDK's lazy import (casperd.agents.claude.load_sdk): concurrent first calls share one
+"""The model SDK's lazy import (casperd.agents.lazysdk.load_sdk): concurrent first calls share one
 import in a worker thread, and a failed import is tried again."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from casperd.agents import claude
+from casperd.agents import lazysdk as claude
 
 
 @pytest.fixture
