@@ -211,7 +211,9 @@ def test_casperd_up_grows_and_shrinks_under_a_burst_as_top_shows(tmp_path_factor
             top = json.loads(ctl(state, "top", "--once", "-o", "json").stdout)
             return sorted(p["node_id"] for p in top["peers"] if p["role"] == "developer")
 
-        lines = "".join(json.dumps({"type": "sleep", "input": {"seconds": 1}}) + "\n" for _ in range(40))
+        # 40 three-second tasks on 4 slots: 30 s of backlog, well past the autoscaler's 10 s start-up
+        # grace (a mesh that is up in 3 s and a 10 s burst could finish inside the grace: no spawn)
+        lines = "".join(json.dumps({"type": "sleep", "input": {"seconds": 3}}) + "\n" for _ in range(40))
         jobs = tmp_path_factory.mktemp("burst") / "burst.jsonl"
         jobs.write_text(lines)
         assert ctl(state, "submit-bulk", str(jobs)).returncode == 0
