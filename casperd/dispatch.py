@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +58,6 @@ class Dispatcher:
     def __init__(self) -> None:
         self._queues: dict[frozenset[str], list[_Entry]] = {}
         self._where: dict[Any, _Entry] = {}  # the live heap entry of each queued task
-        self._since: dict[frozenset[str], dict[Any, float]] = {}
-        """Per requirement set, the queued tasks in queueing order with the time each was queued."""
         self._affinity: dict[str, str] = {}
         self._seq = itertools.count()
 
@@ -76,9 +74,7 @@ class Dispatcher:
         requires: Iterable[str] = (),
         affinity: str | None = None,
         seq: int | None = None,
-        at: float = 0.0,
     ) -> None:
-        """Queue a task; ``at``: when (the caller's monotonic clock; only :meth:`waiting` reads it)."""
         req = frozenset(requires)
         if task_id in self._where:
             return
@@ -86,27 +82,11 @@ class Dispatcher:
         entry = _Entry((-priority, order), task_id, affinity, req)
         heapq.heappush(self._queues.setdefault(req, []), entry)
         self._where[task_id] = entry
-        since = self._since.get(req)
-        if since is None:
-            self._since[req] = {task_id: at}
-        else:
-            since[task_id] = at
 
     def remove(self, task_id: Any) -> bool:
         """Forget a queued task (lazily: its heap entry is skipped when reached, because it is no
         longer the live entry of that id, even if the id is pushed again later)."""
-        entry = self._where.pop(task_id, None)
-        if entry is None:
-            return False
-        self._since[entry.requires].pop(task_id, None)
-        return True
-
-    def waiting(self) -> Iterator[tuple[frozenset[str], int, float]]:
-        """Per requirement set with queued tasks: (set, how many, when the first of them was
-        queued). O(sets), not O(tasks): the autoscaler reads it on every period."""
-        for req, since in self._since.items():
-            if since:
-                yield req, len(since), next(iter(since.values()))
+        return self._where.pop(task_id, None) is not None
 
     def waiting_requirements(self) -> set[frozenset[str]]:
         return {req for req, heap in self._queues.items() if heap}
@@ -148,7 +128,6 @@ class Dispatcher:
                 deferred.append((best_req, best))
                 continue
             del self._where[best.task_id]
-            self._since[best_req].pop(best.task_id, None)
             peer.inflight += 1
             peer.breaker.allow(now)
             out.append((best.task_id, peer.node_id))

@@ -195,7 +195,7 @@ class TaskRules(CoreState):
         if self.is_local(rec.type):
             self.out.append(RunLocal(rec))
             return
-        self.dispatcher.push(rec.id, rec.priority, self.requirements(rec), rec.affinity, at=self.clock)
+        self.dispatcher.push(rec.id, rec.priority, self.requirements(rec), rec.affinity)
         self.dirty = True
 
 

@@ -599,19 +599,3 @@ def test_random_operations_keep_the_invariants(seed: int) -> None:
     trips = sum(p.breaker.trips for p in all_peers.values())
     assert assigned_total > 60  # the run did exercise assignment
     assert trips > 0  # and breakers did open
-
-
-# --- what the autoscaler reads ------------------------------------------------------------------
-def test_waiting_counts_each_requirement_set_and_its_oldest_queued_task() -> None:
-    d = Dispatcher()
-    d.push("a1", 5, {"a"}, at=10.0)
-    d.push("b1", 5, {"b"}, at=11.0)
-    d.push("a2", 9, {"a"}, at=12.0)
-    d.push("a3", 5, {"a"}, at=13.0)
-    assert sorted(d.waiting(), key=lambda w: sorted(w[0])) == [(frozenset({"a"}), 3, 10.0), (frozenset({"b"}), 1, 11.0)]
-    d.remove("a1")
-    assert d.assign(peers(slot("p", {"a"}, 1)), 0.0) == [("a2", "p")]  # the higher priority first
-    assert list(d.waiting()) == [(frozenset({"a"}), 1, 13.0), (frozenset({"b"}), 1, 11.0)]
-    d.remove("b1")
-    d.push("a1", 5, {"a"}, at=14.0)  # queued again: counted again, from its new time
-    assert list(d.waiting()) == [(frozenset({"a"}), 2, 13.0)]
