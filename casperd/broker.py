@@ -7,7 +7,8 @@ reads the clock once per event, feeds the core, and carries its actions out in o
 
     rows   -> store.stage(record, event)          (the group commit)
     frames -> send now, or store.after_commit(send) when they announce staged rows
-    work   -> a local job, an asynchronous validation, a mesh service, stored attachments
+    work   -> a local job, an asynchronous validation, a mesh service, stored attachments,
+              inputs that waited in Postgres (loaded for dispatch)
 
 so ACCEPTED, TASK, DONE and CANCEL leave only once the change they announce is committed. A TASK
 that cannot be sent goes back to the core (``undelivered``: no attempt spent). The policeman's
@@ -38,6 +39,7 @@ from casperd.policeman.actions import (
     Arm,
     DoneFromStore,
     Finished,
+    LoadInputs,
     RunLocal,
     SaveAttachments,
     Send,
@@ -112,12 +114,15 @@ class Broker:
     # --- events -----------------------------------------------------------------------------------
     async def recover(self) -> int:
         """Load every non-terminal task; queue pending ones; active ones wait for their holder."""
-        rows = await self.store.load_open()
-        need = self.core.recover([record_from_row(r) for r in rows], now())
+        records: list[TaskRecord] = []
+        async for rows in self.store.load_open(self.s.inline_input_bytes):  # batches: a bounded peak
+            records.extend(record_from_row(r) for r in rows)
+            del rows
+        need = self.core.recover(records, now())
         if need and self.work is not None:
             self.core.attach(await self.work.load_attachments(need))
         self.run(self.core.take())
-        return len(rows)
+        return len(records)
 
     def on_mesh(self, route: bytes, frames: list[bytes], key: str | None = None) -> None:
         """One mesh message; ``key``: its connection's authenticated Curve key (ZAP User-Id), if known."""
@@ -163,7 +168,7 @@ class Broker:
             if key is None or tid is None or key in named:
                 continue
             rec = self.core.tasks.get(tid)
-            if rec is not None:
+            if rec is not None and rec.input_loaded:
                 named[key] = (tid, rec.type, rec.input)
             elif (row := await self.store.get(tid)) is not None:
                 named[key] = (tid, row["type"], row["input"])
@@ -331,6 +336,21 @@ class Broker:
 
             self.store.after_commit(notify)
 
+    def _load_inputs(self, a: LoadInputs) -> None:
+        self._spawn(self._load_inputs_now(a))
+
+    async def _load_inputs_now(self, a: LoadInputs) -> None:
+        """Load the inputs that waited in Postgres for tasks just assigned, then let their TASK go."""
+        found: dict[uuid.UUID, str] | None
+        try:
+            found = await self.store.inputs(list(a.task_ids))
+        except CasperError as exc:
+            log.warning("could not load %d task inputs for %s (%s); they go back", len(a.task_ids), a.node, exc)
+            await asyncio.sleep(1.0)  # not a tight loop of dispatch and failed loads while Postgres is down
+            found = None
+        self.core.inputs_loaded(a.node, a.task_ids, found, now())
+        self.run(self.core.take())
+
     def _arm(self, a: Arm) -> None:
         if self._tick_armed is not None and self._tick_armed <= a.at:
             return
@@ -361,5 +381,6 @@ ACTIONS: dict[type, Callable[[Broker, Any], None]] = {
     SaveAttachments: background.save_attachments,
     DoneFromStore: background.done_from_store,
     Arm: Broker._arm,
+    LoadInputs: Broker._load_inputs,
 }
 """Action type -> how the shell carries it out."""

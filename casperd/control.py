@@ -174,6 +174,8 @@ async def _get(node: Node, args: dict[str, Any]) -> Any:
     if row is None and rec is None:
         raise TaskNotFoundError(f"no task {tid}", hint="caspectl tasks lists recent tasks")
     view = rec.summary() if rec is not None else _row_view(row or {})
+    if rec is not None and not rec.input_loaded and row is not None:
+        view["input"] = row["input"]  # a large input waits in Postgres while the task is queued
     view["events"] = [_row_view(e) for e in await node.store.events(tid)]
     return view
 

@@ -44,12 +44,13 @@ class PeerSlot:
         return (self.inflight / self.capacity if self.capacity else 1.0, self.inflight, self.node_id)
 
 
-@dataclass(order=True, slots=True)
-class _Entry:
-    sort_key: tuple[int, int]
-    task_id: Any = field(compare=False)
-    affinity: str | None = field(compare=False, default=None)
-    requires: frozenset[str] = field(compare=False, default=frozenset())
+_Entry = tuple[int, Any, "str | None"]
+"""A queued task, as small as a heap entry can be (issue #9: memory per queued task): its order
+key (priority, then submission order, in one int), its id, its affinity key. Tuples compare in C;
+the order key is unique, so ids and affinities are never compared."""
+
+_ORDER_BITS = 48
+"""Submission order takes the low bits of the order key, priority (negated) the bits above."""
 
 
 class Dispatcher:
@@ -57,7 +58,8 @@ class Dispatcher:
 
     def __init__(self) -> None:
         self._queues: dict[frozenset[str], list[_Entry]] = {}
-        self._where: dict[Any, _Entry] = {}  # the live heap entry of each queued task
+        self._where: dict[Any, int] = {}  # the order key of each queued task's live heap entry
+        self._reqs: dict[frozenset[str], frozenset[str]] = {}  # one shared frozenset per requirement set
         self._affinity: dict[str, str] = {}
         self._seq = itertools.count()
 
@@ -75,13 +77,14 @@ class Dispatcher:
         affinity: str | None = None,
         seq: int | None = None,
     ) -> None:
-        req = frozenset(requires)
         if task_id in self._where:
             return
+        req = frozenset(requires)
+        req = self._reqs.setdefault(req, req)
         order = next(self._seq) if seq is None else seq
-        entry = _Entry((-priority, order), task_id, affinity, req)
-        heapq.heappush(self._queues.setdefault(req, []), entry)
-        self._where[task_id] = entry
+        key = (-priority << _ORDER_BITS) + order
+        heapq.heappush(self._queues.setdefault(req, []), (key, task_id, affinity))
+        self._where[task_id] = key
 
     def remove(self, task_id: Any) -> bool:
         """Forget a queued task (lazily: its heap entry is skipped when reached, because it is no
@@ -114,7 +117,7 @@ class Dispatcher:
             best: _Entry | None = None
             for req, cands in capable.items():
                 heap = self._queues[req]
-                while heap and self._where.get(heap[0].task_id) is not heap[0]:
+                while heap and self._where.get(heap[0][1]) != heap[0][0]:
                     heapq.heappop(heap)  # lazily removed
                 if not heap or not any(p.can_take(now) for p in cands):
                     continue
@@ -127,17 +130,18 @@ class Dispatcher:
             if peer is None:
                 deferred.append((best_req, best))
                 continue
-            del self._where[best.task_id]
+            del self._where[best[1]]
             peer.inflight += 1
             peer.breaker.allow(now)
-            out.append((best.task_id, peer.node_id))
+            out.append((best[1], peer.node_id))
         for req, entry in deferred:
             heapq.heappush(self._queues[req], entry)
         return out
 
     def _choose(self, entry: _Entry, cands: list[PeerSlot], peers: dict[str, PeerSlot], now: float) -> PeerSlot | None:
-        if entry.affinity is not None:
-            bound = self._affinity.get(entry.affinity)
+        affinity = entry[2]
+        if affinity is not None:
+            bound = self._affinity.get(affinity)
             if bound is not None and bound in peers and peers[bound].alive:
                 slot = peers[bound]
                 return slot if slot.can_take(now) and slot in cands else None
@@ -145,6 +149,6 @@ class Dispatcher:
         if not ready:
             return None
         chosen = min(ready, key=PeerSlot.load_key)
-        if entry.affinity is not None:
-            self._affinity[entry.affinity] = chosen.node_id
+        if affinity is not None:
+            self._affinity[affinity] = chosen.node_id
         return chosen

@@ -2,7 +2,7 @@
 
 Called from the broker's tick (one hook). Every ``period`` it builds a
 :class:`~casperd.autoscale.MeshView` from the broker (queued tasks grouped by the capabilities
-they need, with the time each was first seen queued; the registered peers; which of them the
+they need, with how long the oldest of each group waits; the registered peers; which of them the
 spawner started), asks :class:`~casperd.autoscale.Autoscaler` what to do, and does it: a drain or a
 resume goes through the broker at once (so no task is dispatched to a peer being retired), a spawn
 or a retire goes to the spawner in a background task. Every decision is logged with its reason,
@@ -17,8 +17,8 @@ import logging
 import secrets
 import string
 import time
-import uuid
 from collections import deque
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from casperd import handlers
@@ -42,6 +42,7 @@ from casperd.liveness import Liveness
 from casperd.messages import Role
 from casperd.settings import ROLE_CAPABILITIES, Settings
 from casperd.spawners import Spawner
+from casperd.taskrecord import utcnow
 
 if TYPE_CHECKING:
     from casperd.broker import Broker
@@ -86,7 +87,6 @@ class Elastic:
         self.decisions: deque[dict[str, Any]] = deque(maxlen=50)
         self.reasons: dict[str, str] = {}
         """Why each peer the autoscaler spawned was spawned (shown by caspectl peers)."""
-        self._queued_since: dict[uuid.UUID, float] = {}
         self._next = 0.0
         self._next_refresh = 0.0
         self._background: set[asyncio.Task[Any]] = set()
@@ -110,18 +110,19 @@ class Elastic:
             self._apply(d)
 
     def view(self, now: float) -> MeshView:
-        groups: dict[frozenset[str], list[float]] = {}
-        seen: dict[uuid.UUID, float] = {}
+        # per group: how many wait and since when the oldest waits (its record's last status change,
+        # the move to pending): nothing kept per task (issue #9: memory per queued task)
+        groups: dict[frozenset[str], tuple[int, datetime]] = {}
         queued = self.broker.core.dispatcher
         for rec in self.broker.tasks.values():
             if rec.status is not Status.PENDING or rec.id not in queued:
                 continue
-            since = seen[rec.id] = self._queued_since.get(rec.id, now)
             ttype = handlers.REGISTRY.get(rec.type)
             req = frozenset(rec.requires) | frozenset(ttype.requires if ttype else ())
-            groups.setdefault(req, []).append(now - since)
-        self._queued_since = seen
-        waiting = tuple(WaitingGroup(req, len(ages), max(ages)) for req, ages in groups.items())
+            count, since = groups.get(req, (0, rec.updated_at))
+            groups[req] = (count + 1, min(since, rec.updated_at))
+        wall = utcnow()
+        waiting = tuple(WaitingGroup(req, n, _age(wall, since)) for req, (n, since) in groups.items())
         self.metrics.queue_depth.set(sum(g.count for g in waiting))
         self.metrics.queue_oldest.set(max((g.oldest_s for g in waiting), default=0.0))
         mine = self.spawner.spawned()
@@ -221,18 +222,17 @@ class Elastic:
         """Queued tasks by priority and the oldest wait (caspectl top)."""
         by_priority: dict[str, int] = {}
         queued = self.broker.core.dispatcher
-        oldest = None
+        oldest: datetime | None = None
         for rec in self.broker.tasks.values():
             if rec.status is Status.PENDING and rec.id in queued:
                 key = str(rec.priority)
                 by_priority[key] = by_priority.get(key, 0) + 1
-                since = self._queued_since.get(rec.id)
-                if since is not None and (oldest is None or since < oldest):
-                    oldest = since
+                if oldest is None or rec.updated_at < oldest:
+                    oldest = rec.updated_at
         return {
             "depth": sum(by_priority.values()),
             "by_priority": by_priority,
-            "oldest_s": None if oldest is None else round(now - oldest, 3),
+            "oldest_s": None if oldest is None else round(_age(utcnow(), oldest), 3),
         }
 
     # --- views --------------------------------------------------------------------------------------
@@ -265,3 +265,8 @@ def attach(broker: Broker, settings: Settings, metrics: Metrics) -> tuple[Elasti
     elastic = Elastic(broker, settings, make_spawner(settings), metrics)
     broker.on_tick = elastic.on_tick
     return elastic, Telemetry(broker, metrics)
+
+
+def _age(wall: datetime, since: datetime) -> float:
+    """Seconds a task has waited since it became pending (its record's ``updated_at``)."""
+    return max(0.0, (wall - since).total_seconds())

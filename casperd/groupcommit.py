@@ -294,4 +294,4 @@ class GroupCommitWriter:
         self.commits += 1
         self.rows_written += len(records)
         for rec in records:
-            rec.persisted = True
+            rec.mark_persisted()  # a queued spilled input now waits in Postgres only

@@ -52,6 +52,8 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
 TERMINAL: frozenset[Status] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 ACTIVE: frozenset[Status] = frozenset({S.ASSIGNED, S.PROCESSING, S.VALIDATING})
 """Statuses in which a peer holds the task."""
+QUEUED: frozenset[Status] = frozenset({S.PENDING, S.RETRY})
+"""Statuses in which a task waits for a holder (a spilled input stays in Postgres meanwhile)."""
 
 
 class Trigger(enum.StrEnum):

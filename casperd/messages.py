@@ -70,7 +70,12 @@ def new_task_id() -> uuid.UUID:
 
 def task_created_at(task_id: uuid.UUID) -> float:
     """The creation time (Unix seconds) encoded in a UUIDv7 task id."""
-    return (task_id.int >> 80) / 1000.0
+    return task_created_ms(task_id) / 1000.0
+
+
+def task_created_ms(task_id: uuid.UUID) -> int:
+    """The creation time (Unix milliseconds) encoded in a UUIDv7 task id."""
+    return task_id.int >> 80
 
 
 # --- shared parts -----------------------------------------------------------------------------

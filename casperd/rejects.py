@@ -58,7 +58,7 @@ def drop_refused(core: PolicemanCore, rec: TaskRecord, reason: str) -> None:
         core.release(holder, rec)
         frames = codec.encode(Cancel(task_ids=(rec.id,), reason="storage-rejected"))
         core.out.append(Send(Socket.MESH, holder.route, frames))
-    waiters, rec.waiters = rec.waiters, []
+    waiters = rec.take_waiters()
     core.out.extend(Send(Socket.CONTROL, route, _error_frames(rec)) for route in waiters)
     core.metrics.rejected.labels("storage-rejected").inc()
     log.error("task %s dropped: the task store refused it (%s)", rec.id, reason)
@@ -72,5 +72,5 @@ def announce(send: Callable[[Send], None], a: Send, tasks: Mapping[uuid.UUID, Ta
     bad = next((r for t in a.announces if (r := tasks.get(t)) is not None and r.rejected), None)
     if bad is None:
         send(a)
-    elif a.route not in bad.waiters:
+    elif a.route not in (bad.waiters or ()):
         send(Send(a.socket, a.route, _error_frames(bad)))

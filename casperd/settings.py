@@ -155,6 +155,11 @@ class Settings(BaseSettings):
     )
     max_turn_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="largest saved conversation turn, bytes")
     max_attachment_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="largest attachment, bytes")
+    inline_input_bytes: int = Field(
+        default=4096,
+        ge=0,
+        description="a queued task's input larger than this (JSON bytes) waits in Postgres, not in memory",
+    )
     cache_ttl_s: float = Field(default=3600.0, gt=0, description="result cache TTL, seconds")
     commit_batch_max: int = Field(default=2000, ge=1, description="most state changes per group commit")
     db_pool_size: int = Field(default=4, ge=1, le=100, description="Postgres connections")

@@ -12,8 +12,10 @@ import importlib.resources
 import json
 import logging
 import re
+import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,13 +25,20 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from casperd.errors import MigrationError, StorageError
 from casperd.groupcommit import GroupCommitWriter
-from casperd.lifecycle import TERMINAL, Status
+from casperd.lifecycle import QUEUED, TERMINAL, Status
 from casperd.messages import task_created_at
-from casperd.taskrecord import TaskRecord
+from casperd.taskrecord import TaskRecord, shared_times
 
 log = logging.getLogger("casperd.store")
 
 _OPEN_STATUSES = [s.value for s in Status if s not in TERMINAL]
+_QUEUED_STATUSES = [s.value for s in QUEUED]
+_ROW_BUT_INPUT = (
+    "t.id, t.created_at, t.parent_id, t.type, t.status, t.priority, t.requires, t.affinity, t.idempotency_key,"
+    " t.cache, t.attempts, t.max_attempts, t.timeout_s, t.assigned_to, t.lease_deadline, t.not_before,"
+    " t.submitted_by, t.assigned_at, t.started_at, t.validating_at, t.finished_at, t.updated_at, t.output, t.error"
+)
+"""Every column of ``tasks`` but ``input`` (a restart leaves large queued inputs in Postgres)."""
 
 
 Rows = list[dict[str, Any]]
@@ -114,11 +123,53 @@ class Store(GroupCommitWriter):
             return int(row[0]) if row else 0
 
     # --- queries ------------------------------------------------------------------------------
-    async def load_open(self) -> Rows:
-        """Every task not in a terminal state (the broker's restart query)."""
-        return await self._fetch(
-            "SELECT * FROM tasks WHERE status = ANY(%s) ORDER BY priority DESC, created_at", (_OPEN_STATUSES,)
+    async def load_open(self, inline_input_bytes: int, batch: int = 5000) -> AsyncIterator[Rows]:
+        """Every task not in a terminal state (the broker's restart query), ``batch`` rows at a time
+        from a server-side cursor: the caller turns each batch into records before the next is
+        read, so a restart's memory peak is one batch of rows, not the whole queue's. A queued task's
+        input larger than ``inline_input_bytes`` is left in Postgres (``input`` NULL,
+        ``input_spilled`` true): it is read when the task is dispatched (:meth:`inputs`).
+
+        Raises:
+            StorageError: Postgres is unavailable or the query failed.
+        """
+        if not self.breaker.allow(time.monotonic()):
+            raise StorageError("the database is unavailable (circuit breaker open)", hint="retry in a few seconds")
+        sql = (
+            f"SELECT {_ROW_BUT_INPUT}, s.spilled AS input_spilled, CASE WHEN s.spilled THEN NULL ELSE t.input END"
+            " AS input FROM tasks t CROSS JOIN LATERAL (SELECT t.status = ANY(%s)"
+            " AND octet_length(t.input::text) > %s AS spilled) s"
+            " WHERE t.status = ANY(%s) ORDER BY t.priority DESC, t.created_at"
         )
+        try:
+            async with (
+                self.pool.connection(timeout=self.query_timeout_s) as conn,
+                conn.transaction(),
+                conn.cursor(name="casper_load_open", row_factory=dict_row) as cur,
+            ):
+                await cur.execute(sql, (_QUEUED_STATUSES, inline_input_bytes, _OPEN_STATUSES))
+                while rows := await cur.fetchmany(batch):
+                    yield rows
+        except psycopg.Error as exc:
+            self.breaker.record_failure(time.monotonic())
+            raise StorageError(f"query failed: {exc}", hint="is Postgres up? see caspectl health") from None
+        except PoolTimeout:
+            self.breaker.record_failure(time.monotonic())
+            raise StorageError(
+                f"no database connection within {self.query_timeout_s:g}s", hint="is Postgres up? see caspectl health"
+            ) from None
+        self.breaker.record_success()
+
+    async def inputs(self, task_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+        """The inputs (JSON text) of these tasks, for dispatching those whose input waited here."""
+        if not task_ids:
+            return {}
+        times = [datetime.fromtimestamp(task_created_at(t), UTC) for t in task_ids]  # prunes partitions
+        rows = await self._fetch(
+            "SELECT id, input::text AS input FROM tasks WHERE id = ANY(%s) AND created_at BETWEEN %s AND %s",
+            (task_ids, min(times), max(times)),
+        )
+        return {r["id"]: r["input"] for r in rows if r["input"] is not None}
 
     async def get(self, task_id: uuid.UUID) -> dict[str, Any] | None:
         if task_id.version != 7:  # not one of ours (any UUID may be asked for): no time to prune by
@@ -233,11 +284,12 @@ def record_from_row(row: dict[str, Any]) -> TaskRecord:
     def js(v: Any) -> str | None:
         return None if v is None else json.dumps(v, separators=(",", ":"))
 
+    created, updated = shared_times(row["id"], row["created_at"], row["updated_at"])
     return TaskRecord(
         id=row["id"],
-        created_at=row["created_at"],
-        type=row["type"],
-        input_json=js(row["input"]) or "{}",
+        created_at=created,
+        type=sys.intern(row["type"]),
+        input_json=None if row.get("input_spilled") else js(row["input"]) or "{}",
         status=Status(row["status"]),
         priority=row["priority"],
         requires=tuple(row["requires"] or ()),
@@ -251,12 +303,12 @@ def record_from_row(row: dict[str, Any]) -> TaskRecord:
         assigned_to=row["assigned_to"],
         lease_deadline=row["lease_deadline"],
         not_before=row["not_before"],
-        submitted_by=row["submitted_by"],
+        submitted_by=None if row["submitted_by"] is None else sys.intern(row["submitted_by"]),
         assigned_at=row["assigned_at"],
         started_at=row["started_at"],
         validating_at=row["validating_at"],
         finished_at=row["finished_at"],
-        updated_at=row["updated_at"],
+        updated_at=updated,
         output_json=js(row["output"]),
         error_json=js(row["error"]),
         persisted=True,

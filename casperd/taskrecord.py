@@ -1,17 +1,28 @@
-"""The broker's in-memory record of one task, mirrored row for row in Postgres ``tasks``."""
+"""The broker's in-memory record of one task, mirrored row for row in Postgres ``tasks``.
+
+Memory per queued task is bounded (issue #9: at most 1 KB each, ``bench.queue_memory``): a record
+keeps its input once, as the JSON text its row was written from (decoded on demand, when it is
+dispatched), shares its type and submitter strings (interned), and makes its waiter list only when
+someone waits. A *spilled* record (``spill``: an input larger than ``inline_input_bytes``) drops
+even that text once its row is committed and while it is queued; the policeman loads it back from
+Postgres when it dispatches the task (the core's ``LoadInputs`` action, :mod:`casperd.policeman`).
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import sys
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from casperd import lifecycle
+from casperd.errors import StorageError
 from casperd.lifecycle import Status
-from casperd.messages import TaskSpec, task_created_at
+from casperd.messages import TaskSpec, task_created_ms
 
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -37,6 +48,26 @@ def to_json(value: Any) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=4)
+def _created_at(ms: int) -> datetime:
+    """The creation time of a task id's millisecond: one shared object for the tasks of a burst
+    (a SUBMIT of 500 is made in a few milliseconds)."""
+    return datetime.fromtimestamp(ms / 1000.0, UTC)
+
+
+def shared_times(task_id: uuid.UUID, created: datetime, updated: datetime) -> tuple[datetime, datetime]:
+    """A stored row's ``created_at`` and ``updated_at`` as shared objects where they can be: the
+    id's creation time (one per millisecond), and ``updated_at`` the same object while equal (a
+    task never moved). A restart recovers queued tasks as compactly as they were made."""
+    try:
+        mine = _created_at(task_created_ms(task_id))
+    except (ValueError, OverflowError, OSError):
+        mine = created
+    if mine == created:
+        created = mine
+    return created, created if updated == created else updated
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -46,7 +77,8 @@ class TaskRecord:
     id: uuid.UUID
     created_at: datetime
     type: str
-    input_json: str
+    input_json: str | None
+    """The input as JSON text (None: spilled, in Postgres only; see :meth:`drop_input`)."""
     status: Status = Status.PENDING
     priority: int = 5
     requires: tuple[str, ...] = ()
@@ -71,8 +103,12 @@ class TaskRecord:
     persisted: bool = False
     rejected: str | None = None  # why Postgres refused its rows (SQLSTATE, never the data); see groupcommit
     input_obj: dict[str, Any] | None = None
-    waiters: list[bytes] = field(default_factory=list)
+    """The decoded input, made on first use (dispatch, validation) and dropped when queued again."""
+    waiters: list[bytes] | None = None
+    """Control routes waiting for the task's DONE (made by the first :meth:`wait`)."""
     attachments: tuple[bytes, ...] = ()  # input attachments, sent with the TASK (kept in task_attachments)
+    spill: bool = False
+    """A large input: held in memory only until the row is committed and while the task is held."""
 
     @classmethod
     def from_spec(
@@ -85,11 +121,11 @@ class TaskRecord:
     ) -> TaskRecord:
         """``input_json``: the input already encoded by :func:`to_json` (a SUBMIT checks every input
         before it creates anything; encoding it once is a tenth of the policeman's CPU per task)."""
-        created = datetime.fromtimestamp(task_created_at(task_id), UTC)
+        created = _created_at(task_created_ms(task_id))
         return cls(
             id=task_id,
             created_at=created,
-            type=spec.type,
+            type=sys.intern(spec.type),
             input_json=to_json(spec.input) if input_json is None else input_json,
             priority=spec.priority,
             requires=tuple(sorted(set(spec.requires))),
@@ -99,9 +135,8 @@ class TaskRecord:
             max_attempts=spec.max_attempts or max_attempts,
             timeout_s=spec.timeout_s,
             parent_id=spec.parent_id,
-            submitted_by=submitted_by,
+            submitted_by=None if submitted_by is None else sys.intern(submitted_by),
             updated_at=created,
-            input_obj=spec.input,
         )
 
     def move(self, new: Status, now: datetime) -> Status:
@@ -124,9 +159,49 @@ class TaskRecord:
 
     @property
     def input(self) -> dict[str, Any]:
+        """The decoded input (cached until the task is queued again).
+
+        Raises:
+            StorageError: the input is spilled (in Postgres only) and was not loaded back.
+        """
         if self.input_obj is None:
+            if self.input_json is None:
+                raise StorageError(f"the input of task {self.id} is in the task store only", hint="a bug: report it")
             self.input_obj = json.loads(self.input_json)
         return self.input_obj
+
+    @property
+    def input_loaded(self) -> bool:
+        return self.input_json is not None
+
+    def wait(self, route: bytes) -> None:
+        """``route`` waits for the task's DONE."""
+        if self.waiters is None:
+            self.waiters = [route]
+        else:
+            self.waiters.append(route)
+
+    def take_waiters(self) -> list[bytes]:
+        waiters, self.waiters = self.waiters or [], None
+        return waiters
+
+    def drop_input(self) -> None:
+        """Forget what can be had again: the decoded input always; for a spilled record whose row is
+        committed, the input text too (loaded back from Postgres for dispatch)."""
+        self.input_obj = None
+        if self.spill and self.persisted:
+            self.input_json = None
+
+    def mark_persisted(self) -> None:
+        """The row is committed; a record that waits (pending, retry) lets go of what it can have
+        again: its decoded input, and a spilled input's text (in Postgres now)."""
+        self.persisted = True
+        if self.status in lifecycle.QUEUED:
+            self.drop_input()
+
+    def load_input(self, input_json: str) -> None:
+        """The input of a spilled record, loaded back from Postgres."""
+        self.input_json = input_json
 
     def summary(self) -> dict[str, Any]:
         """The public view of a task, as caspectl shows it."""
@@ -145,7 +220,7 @@ class TaskRecord:
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
-            "input": self.input,
+            "input": self.input if self.input_loaded else None,  # spilled: the caller reads the row
             "output": json.loads(self.output_json) if self.output_json else None,
             "error": json.loads(self.error_json) if self.error_json else None,
         }

@@ -67,7 +67,9 @@ class Worker:
         self.opts = opts
         self.cache = cache
         self.catalog = catalog if catalog is not None else Catalog()
-        self.epoch = f"{int(time.time() * 1000):x}.{os.urandom(3).hex()}"
+        # 128 random bits: the routing id NODE_ID/EPOCH cannot be guessed by another mesh peer, so
+        # ROUTER_HANDOVER only ever hands it back to this process (SPEC 14.1, "Routing ids")
+        self.epoch = f"{int(time.time() * 1000):x}.{os.urandom(16).hex()}"
         self.identity = f"{settings.node_id}/{self.epoch}".encode()
         public = opts.curve_public.decode() if settings.curve and opts.curve_public else None
         me = Identity(self.epoch, os.getpid(), _hostname(), __version__.replace("+", "."), public)

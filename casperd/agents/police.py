@@ -124,7 +124,7 @@ class PoliceService:
         """turns-load: a task the sender holds, or the one a task it holds resumes from."""
         for rec in self.broker.tasks.values():
             if (rec.assigned_to == node and rec.status in ACTIVE) and (
-                rec.id == tid or (isinstance(rec.input, dict) and str(rec.input.get("resume_from")) == str(tid))
+                rec.id == tid or (rec.input_loaded and str(rec.input.get("resume_from")) == str(tid))
             ):
                 return
         raise ForbiddenError(
@@ -222,7 +222,13 @@ class PoliceService:
         submitter = f"{sender} (handed to {node})" if holder and sender != node else sender
         tid, existing = await self.broker.submit_local(spec, att, submitter=submitter, holder=holder)
         rec = self.broker.tasks.get(tid)
-        assigned = rec is not None and holder is not None and rec.assigned_to == holder and rec.status in ACTIVE
+        assigned = (
+            rec is not None
+            and holder is not None
+            and rec.assigned_to == holder
+            and rec.status in ACTIVE
+            and rec.input_loaded  # else its TASK is on the way (a spilled input being read back)
+        )
         out: dict[str, Any] = {"task_id": str(tid), "existing": existing, "assigned": assigned}
         if assigned and rec is not None:
             out.update(

@@ -152,4 +152,25 @@ class SaveAttachments:
     attachments: tuple[bytes, ...]
 
 
-Action = Stage | StageKey | Send | RunLocal | Finished | Validate | Serve | DoneFromStore | Arm | SaveAttachments
+@dataclass(frozen=True, slots=True)
+class LoadInputs:
+    """Load the spilled inputs of tasks just assigned to ``node`` from the task store, then report
+    :meth:`~casperd.policeman.PolicemanCore.inputs_loaded` (their TASK leaves then)."""
+
+    node: str
+    task_ids: tuple[uuid.UUID, ...]
+
+
+Action = (
+    Stage
+    | StageKey
+    | Send
+    | RunLocal
+    | Finished
+    | Validate
+    | Serve
+    | DoneFromStore
+    | Arm
+    | SaveAttachments
+    | LoadInputs
+)

@@ -1,10 +1,11 @@
 """Dispatch, delivery and timers: who gets which task, leases, liveness, due retries.
 
 ``dispatch`` asks the pure :class:`~casperd.dispatch.Dispatcher` for (task, peer) pairs within each
-peer's credit and emits the TASK frames for after the commit. A TASK the shell could not send comes
-back as :meth:`AssignRules.undelivered` (Trigger.UNDELIVERED: no attempt spent). ``tick`` expires
-leases, declares silent peers dead, moves due retries back to pending and returns the tasks of
-holders that never re-registered after a restart.
+peer's credit and emits the TASK frames for after the commit; a task whose large input waits in
+Postgres asks the shell to load it first (``LoadInputs``, answered by :meth:`AssignRules.inputs_loaded`).
+A TASK the shell could not send comes back as :meth:`AssignRules.undelivered` (Trigger.UNDELIVERED:
+no attempt spent). ``tick`` expires leases, declares silent peers dead, moves due retries back to
+pending and returns the tasks of holders that never re-registered after a restart.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from casperd.errors import OutputTooLargeError
 from casperd.lifecycle import ACTIVE, Status, Trigger
 from casperd.liveness import Liveness
 from casperd.messages import Cancel, Command, Heartbeat, assignment_body
-from casperd.policeman.actions import Now, Send, Socket
+from casperd.policeman.actions import LoadInputs, Now, Send, Socket
 from casperd.policeman.registry import RegistryRules
 from casperd.policeman.state import log
+from casperd.taskrecord import TaskRecord
 
 
 class AssignRules(RegistryRules):
@@ -37,9 +39,9 @@ class AssignRules(RegistryRules):
             return 0
         stamp = now.wall
         lease = stamp + timedelta(seconds=self.s.lease_s)
-        lease_ms = int(self.s.lease_s * 1000)
         lease_until = now.mono + self.s.lease_s
-        per_peer: dict[str, list[dict[str, Any]]] = {}
+        per_peer: dict[str, list[TaskRecord]] = {}
+        to_load: dict[str, list[uuid.UUID]] = {}
         for tid, node in pairs:
             rec = self.tasks[tid]
             peer = self.peers[node]
@@ -50,19 +52,58 @@ class AssignRules(RegistryRules):
             self.change(rec, Trigger.DISPATCH, stamp, node)
             peer.held.add(tid)
             self.leases[tid] = lease_until
-            body = assignment_body(tid, rec.type, rec.input, rec.attempts, lease_ms, rec.timeout_s, rec.cache)
-            if rec.attachments:  # alone in its TASK message, the attachments as frames after the body
-                frames = codec.encode_raw(Command.TASK, {"tasks": [body]}, rec.attachments)
-                self.out.append(Send(Socket.MESH, peer.route, frames, True, (tid,), node))
-                continue
-            per_peer.setdefault(node, []).append(body)
-        for node, assignments in per_peer.items():
-            route = self.peers[node].route
-            for frames, chunk in self._task_frames(assignments, now):
-                self.out.append(Send(Socket.MESH, route, frames, True, tuple(a["task_id"] for a in chunk), node))
-            self.peers[node].clock.sent(now.mono)
+            if rec.input_loaded:
+                per_peer.setdefault(node, []).append(rec)
+            else:  # a spilled input is in Postgres only: its TASK leaves once the shell has loaded it
+                to_load.setdefault(node, []).append(tid)
+        for node, recs in per_peer.items():
+            self._send_tasks(node, recs, now)
+        self.out.extend(LoadInputs(node, tuple(tids)) for node, tids in to_load.items())
         self.metrics.dispatched.inc(len(pairs))
         return len(pairs)
+
+    def inputs_loaded(
+        self, node: str, task_ids: tuple[uuid.UUID, ...], found: dict[uuid.UUID, str] | None, now: Now
+    ) -> None:
+        """The shell loaded the spilled inputs of tasks assigned to ``node`` (``found``: id -> input
+        JSON; None: the store could not be read). Tasks still assigned to ``node`` get their TASK;
+        one whose input could not be had goes back to pending, no attempt spent."""
+        self.clock = now.mono
+        peer = self.peers.get(node)
+        ready: list[TaskRecord] = []
+        for tid in task_ids:
+            rec = self.tasks.get(tid)
+            if rec is None or rec.status is not Status.ASSIGNED or rec.assigned_to != node:
+                continue  # cancelled, expired or handed elsewhere meanwhile
+            text = found.get(tid) if found is not None else None
+            if text is not None and not rec.input_loaded:
+                rec.load_input(text)
+            if rec.input_loaded and peer is not None:
+                ready.append(rec)
+                continue
+            if peer is not None:  # not the peer's fault: no failure on its breaker, its probe slot freed
+                self.release(peer, rec)
+                peer.slot.breaker.release_probe()
+            self.requeue(rec, now.wall, "its input could not be loaded from the task store", Trigger.UNDELIVERED)
+        if ready and peer is not None:
+            self._send_tasks(node, ready, now)
+
+    def _send_tasks(self, node: str, recs: list[TaskRecord], now: Now) -> None:
+        """TASK messages for tasks just assigned to ``node`` (inputs in memory), after the commit."""
+        peer = self.peers[node]
+        lease_ms = int(self.s.lease_s * 1000)
+        bodies: list[dict[str, Any]] = []
+        for rec in recs:
+            body = assignment_body(rec.id, rec.type, rec.input, rec.attempts, lease_ms, rec.timeout_s, rec.cache)
+            if rec.attachments:  # alone in its TASK message, the attachments as frames after the body
+                frames = codec.encode_raw(Command.TASK, {"tasks": [body]}, rec.attachments)
+                self.out.append(Send(Socket.MESH, peer.route, frames, True, (rec.id,), node))
+                continue
+            bodies.append(body)
+        for frames, chunk in self._task_frames(bodies, now):
+            self.out.append(Send(Socket.MESH, peer.route, frames, True, tuple(a["task_id"] for a in chunk), node))
+        if bodies:
+            peer.clock.sent(now.mono)
 
     def _task_frames(self, assignments: list[dict[str, Any]], now: Now) -> list[tuple[list[bytes], list[Any]]]:
         """TASK messages of at most 1000 assignments and within the size limit."""

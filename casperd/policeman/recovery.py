@@ -25,6 +25,7 @@ class RecoveryRules(SubmissionRules):
         shell must load (and hand over with :meth:`attach`)."""
         self.clock = now.mono
         for rec in records:
+            self.size_input(rec)  # a queued large input was not loaded (Store.load_open)
             self.tasks[rec.id] = rec
             self.quotas.opened(rec.submitted_by or "")
             if rec.idempotency_key:

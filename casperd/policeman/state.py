@@ -207,7 +207,16 @@ class CoreState:
             self.keys.popitem(last=False)
 
     # --- outputs ----------------------------------------------------------------------------------
+    def size_input(self, rec: TaskRecord) -> None:
+        """Mark a record whose input waits in Postgres rather than in memory while it is queued:
+        larger than ``inline_input_bytes`` (the JSON text), and not a local task (a job reads its
+        input on the policeman)."""
+        rec.spill = not self.is_local(rec.type) and (
+            rec.input_json is None or len(rec.input_json) > self.s.inline_input_bytes
+        )
+
     def stage_new(self, rec: TaskRecord, stamp: datetime, by: str | None, detail: dict[str, Any] | None) -> None:
+        self.size_input(rec)
         self.tasks[rec.id] = rec
         self.quotas.opened(rec.submitted_by or "")
         event = TaskEvent(stamp, rec.id, None, Status.PENDING.value, by, 0, json.dumps(detail) if detail else None)

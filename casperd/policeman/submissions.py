@@ -61,13 +61,13 @@ class SubmissionRules(AssignRules):
                 if msg.wait:
                     rec = self.tasks.get(tid)
                     if rec is not None:
-                        rec.waiters.append(route)
+                        rec.wait(route)
                     else:
                         terminal_waits.append(tid)
                 continue
             rec = self.create(spec, submitter, now.wall, input_json=input_json)
             if msg.wait:
-                rec.waiters.append(route)
+                rec.wait(route)
             ids.append(rec.id)
             existing.append(False)
         frames = codec.encode(Accepted(req_id=msg.req_id, task_ids=tuple(ids), existing=tuple(existing)))

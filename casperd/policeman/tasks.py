@@ -143,7 +143,7 @@ class TaskRules(CoreState):
         self.dispatcher.remove(rec.id)
         self.out.append(Finished(rec))
         if rec.waiters:
-            waiters, rec.waiters = rec.waiters, []
+            waiters = rec.take_waiters()
             last = last_error(rec)
             item = done_item(
                 rec.id,
@@ -195,6 +195,7 @@ class TaskRules(CoreState):
         if self.is_local(rec.type):
             self.out.append(RunLocal(rec))
             return
+        rec.drop_input()  # while it waits: no decoded input; a spilled one only in Postgres
         self.dispatcher.push(rec.id, rec.priority, self.requirements(rec), rec.affinity)
         self.dirty = True
 

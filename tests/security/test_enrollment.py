@@ -69,6 +69,24 @@ def test_a_connection_cannot_speak_for_a_routing_id_another_key_registered(make_
     assert dev["draining"] is False
 
 
+def test_no_mesh_peer_learns_another_nodes_routing_id(make_mesh: Any, peers: list[Peer]) -> None:
+    """ROUTER_HANDOVER gives a routing id to whoever presents it: the id must stay unguessable."""
+    mesh = make_mesh(developers=1, testers=0)
+    epoch = fresh_epoch()
+    spy = policeman_peer(mesh, f"spy-1/{epoch}".encode(), enroll(mesh, "spy-*", "developer"))
+    peers.append(spy)
+    assert isinstance(spy.ready("spy-1", "developer", epoch=epoch), Heartbeat)
+    reply = spy.request("directory", {})
+    assert isinstance(reply, Reply) and reply.ok, reply
+    listed = {p["node_id"]: p for p in reply.data["peers"]}
+    assert "developer-1" in listed
+    with mesh.client() as c:
+        real = next(p["epoch"] for p in c.request("peers")["peers"] if p["node_id"] == "developer-1")
+    assert real not in repr(reply.data)  # the directory names nodes, never their epochs
+    millis, _, nonce = real.partition(".")
+    assert int(millis, 16) > 0 and len(nonce) == 32 and int(nonce, 16) >= 0  # 128 random bits
+
+
 def test_the_role_table_refuses_commands_and_services(make_mesh: Any, peers: list[Peer]) -> None:
     mesh = make_mesh(developers=0, testers=0)
     epoch = fresh_epoch()

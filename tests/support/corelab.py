@@ -26,6 +26,7 @@ from casperd.policeman.actions import (
     Arm,
     DoneFromStore,
     Finished,
+    LoadInputs,
     RunLocal,
     SaveAttachments,
     Send,
@@ -211,6 +212,9 @@ class Lab:
         self.local_runs: list[TaskRecord] = []
         self.finished: list[uuid.UUID] = []
         self.accepted: set[uuid.UUID] = set()
+        self.loads: list[LoadInputs] = []
+        self.store_down = False
+        """While True, loading spilled inputs fails (as the store's breaker would)."""
         self._epochs = 0
 
     def new_core(self, **kwargs: Any) -> PolicemanCore:
@@ -240,6 +244,8 @@ class Lab:
                 self.local_runs.append(a.rec)
             elif isinstance(a, SaveAttachments):
                 self.saves.append(a)
+            elif isinstance(a, LoadInputs):
+                self.loads.append(a)
             elif isinstance(a, StageKey | Arm | Serve):
                 pass
             else:
@@ -266,8 +272,10 @@ class Lab:
         staged, self.staged = self.staged, []
         for st in staged:
             row = self.db.setdefault(st.rec.id, Row({}))
-            row.rec = _snapshot(st.rec)
+            row.rec = _snapshot(st.rec, row.rec.get("input"))
             row.events.append(st.event)
+        for st in staged:
+            st.rec.mark_persisted()  # as the group-commit writer does (a queued spilled input lets go)
         after, self.after = self.after, []
         for a in after:
             if isinstance(a, Send):
@@ -276,6 +284,15 @@ class Lab:
                 self.finished.append(a.rec.id)
             elif isinstance(a, RunLocal):
                 self.local_runs.append(a.rec)
+
+    def load_inputs(self) -> None:
+        """Carry out the core's LoadInputs: the inputs from the committed rows (none while
+        ``store_down``)."""
+        loads, self.loads = self.loads, []
+        for a in loads:
+            found = None if self.store_down else {t: json.dumps(self.db[t].rec["input"]) for t in a.task_ids}
+            self.core.inputs_loaded(a.node, a.task_ids, found, self.now())
+            self.run(self.core.take())
 
     # --- driving -----------------------------------------------------------------------------------
     def add_worker(self, node_id: str, capacity: int = 2, caps: tuple[str, ...] = ()) -> LabWorker:
@@ -303,7 +320,8 @@ class Lab:
             self.core.dispatch(self.now())
             self.run(self.core.take())
             self.commit()
-            moved = bool(self.to_police)
+            moved = bool(self.to_police or self.loads)
+            self.load_inputs()
             while self.to_police:
                 route, frames = self.to_police.popleft()
                 self.core.on_mesh(route, frames, self.now())
@@ -312,7 +330,7 @@ class Lab:
                 if w.inbox:
                     moved = True
                     w.receive()
-            if not moved and not self.staged and not self.after and not self.to_police:
+            if not moved and not self.staged and not self.after and not self.to_police and not self.loads:
                 return
         raise AssertionError("the lab did not settle")
 
@@ -333,8 +351,8 @@ class Lab:
         self.after.clear()
         self.to_police.clear()
         self.core = self.new_core()
-        open_rows = [r.rec for r in self.db.values() if r.rec["status"] not in _TERMINAL]
-        self.core.recover([record_from_row(dict(r)) for r in open_rows], self.now())
+        open_rows = [_as_loaded(r.rec, self.s.inline_input_bytes) for r in self.db.values()]
+        self.core.recover([record_from_row(r) for r in open_rows if r["status"] not in _TERMINAL], self.now())
         self.run(self.core.take())
 
     def status(self, tid: uuid.UUID) -> Status:
@@ -347,13 +365,20 @@ class Lab:
 _TERMINAL = {"complete", "dead", "cancelled"}
 
 
-def _snapshot(rec: TaskRecord) -> dict[str, Any]:
-    """The row as the store would write it (the columns record_from_row reads back)."""
+def _as_loaded(row: dict[str, Any], inline_input_bytes: int) -> dict[str, Any]:
+    """The row as Store.load_open returns it: a queued task's large input left in the store."""
+    spilled = row["status"] in ("pending", "retry") and len(json.dumps(row["input"])) > inline_input_bytes
+    return {**row, "input": None if spilled else row["input"], "input_spilled": spilled}
+
+
+def _snapshot(rec: TaskRecord, stored_input: Any) -> dict[str, Any]:
+    """The row as the store would write it (the columns record_from_row reads back); an update
+    does not write the input (a spilled record has none in memory)."""
     return {
         "id": rec.id,
         "created_at": rec.created_at,
         "type": rec.type,
-        "input": rec.input,
+        "input": json.loads(rec.input_json) if rec.input_json is not None else stored_input,
         "status": rec.status.value,
         "priority": rec.priority,
         "requires": list(rec.requires),

@@ -162,3 +162,32 @@ Mesh.TestCase.settings = settings(
     derandomize=True,
 )
 TestCoresProperty = Mesh.TestCase
+
+
+class SpilledMesh(Mesh):
+    """The same machine with every input waiting in the store while its task is queued
+    (``inline_input_bytes`` 0): dispatch goes through LoadInputs every time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lab = Lab(lease_s=4.0, inline_input_bytes=0)
+
+    @invariant()
+    def inputs_reach_workers_whole_and_wait_in_the_store(self) -> None:
+        lab = self.lab
+        for w in lab.workers.values():
+            for tid, a in w.runs.items():
+                assert a.input == lab.db[tid].rec["input"], tid
+        for rec in lab.core.tasks.values():
+            if rec.persisted and rec.status in (Status.PENDING, Status.RETRY):
+                assert not rec.input_loaded, rec.id
+
+
+SpilledMesh.TestCase.settings = settings(
+    max_examples=30,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+)
+TestCoresPropertySpilled = SpilledMesh.TestCase
