@@ -50,10 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("casperd.autoscale")
 REFRESH_S = 5.0
+"""How often the spawner's inventory (which peers it started) is read again from the backend."""
 VIEW_SHARE = 50
 """The autoscaler's view of the queue runs at most once per ``VIEW_SHARE`` times its own duration
 (and at least ``period`` apart): a long queue is looked at less often, never at the cost of the loop."""
-"""How often the spawner's inventory (which peers it started) is read again from the backend."""
 
 
 def config_from(s: Settings) -> AutoscaleConfig:
