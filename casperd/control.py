@@ -11,13 +11,12 @@ import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
 from casperd import procstats
 from casperd.agents.effective import llm_settings_view
-from casperd.broker import Broker
 from casperd.cache import ResultCache
 from casperd.errors import CasperError, CommandError, TaskNotFoundError, UnsupportedError
 from casperd.lifecycle import Status
@@ -25,9 +24,12 @@ from casperd.meshcache import sum_counters
 from casperd.messages import ErrorBody, Reply, Request
 from casperd.metrics import Metrics
 from casperd.settings import Settings
-from casperd.store import Store
 from casperd.telemetry import api_check
-from casperd.worker import Worker
+
+if TYPE_CHECKING:  # the policeman's modules (and the Postgres driver) load only on the policeman, a worker's on workers
+    from casperd.broker import Broker
+    from casperd.store import Store
+    from casperd.worker import Worker
 
 
 class Node(Protocol):
@@ -131,7 +133,7 @@ async def _status(node: Node, args: dict[str, Any]) -> Any:
         if node.police is not None:
             view["llm"] = {
                 "rate_limit": node.police.rate.snapshot(time.monotonic()),
-                "jobs_running": len(node.police.jobs.running),
+                "jobs_running": node.police.jobs_running,
                 "settings": llm_settings_view(node.s),
             }
         if node.elastic is not None:
@@ -351,7 +353,10 @@ async def _keys_revoke(node: Node, args: dict[str, Any]) -> Any:
     return {"revoked": [e.key for e in gone], "dropped": dropped}
 
 
-# operations that live with their caspectl command (request and execution in one module)
-from casperd.ctl.top import top_op  # noqa: E402
+# operations that live with their caspectl command (request and execution in one module), imported
+# when first asked for: caspectl's modules load rich, which a daemon does not need otherwise
+@op("top")
+async def _top(node: Node, args: dict[str, Any]) -> Any:
+    from casperd.ctl.top import top_op
 
-op("top")(top_op)
+    return await top_op(node, args)

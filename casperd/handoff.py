@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import zmq.asyncio
 
 from casperd import authz, codec
@@ -11,7 +13,9 @@ from casperd.errors import CasperError, InvalidBodyError, ProtocolError
 from casperd.messages import ErrorBody, Reply, Request
 from casperd.metrics import Metrics
 from casperd.transport import send_now
-from casperd.worker import Worker
+
+if TYPE_CHECKING:
+    from casperd.worker import Worker
 
 
 def admit(enrollment: Enrollment | None, metrics: Metrics, route: bytes, msg: Request, user: str | None) -> None:

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 import zmq
 import zmq.asyncio
 
-from casperd import codec, handoff, taskenv
+from casperd import codec, handoff, memtrim, taskenv
 from casperd.agents.tasktypes import install as install_agent_types
-from casperd.cache import ResultCache, signing_key
+from casperd.cache import ResultCache
 from casperd.control import Control
 from casperd.enrollment import Enrollment
 from casperd.errors import CasperError, ProtocolError, UnsupportedError
+from casperd.eventloop import tune_gc
 from casperd.handlers import Catalog
 from casperd.messages import Error, Heartbeat, Request, Role, Submit
 from casperd.metrics import Metrics
@@ -43,12 +44,12 @@ from casperd.transport import (
     router,
     send_now,
 )
-from casperd.worker import Worker
 from casperd.zap import ZapHandler
 
 if TYPE_CHECKING:  # the policeman's modules (and the Postgres driver) load only on the policeman
     from casperd.broker import Broker
     from casperd.store import Store
+    from casperd.worker import Worker
 
 log = logging.getLogger("casperd.node")
 
@@ -75,7 +76,7 @@ class Node:
         self.elastic: Any = None  # casperd.elastic.Elastic on the policeman (the autoscaler)
         self.telemetry: Any = None  # casperd.telemetry.Telemetry on the policeman
         self.police: Any = None  # casperd.agents.police.PoliceService on the policeman
-        self.cache = self._make_cache(settings) if settings.redis_url else None
+        self.cache = ResultCache.from_settings(settings) if settings.redis_url else None
         self.control = Control(self)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -86,17 +87,7 @@ class Node:
         self._oneshots: set[asyncio.Task[None]] = set()
         self.enrollment: Enrollment | None = None
         self.zap: ZapHandler | None = None
-
-    @staticmethod
-    def _make_cache(settings: Settings) -> ResultCache:
-        password = read_secret_file(settings.redis_password_file, "Redis password")
-        mesh_key = read_secret_file(settings.cache_key_file, "cache signing key")
-        return ResultCache(
-            settings.redis_url,
-            ttl_s=settings.cache_ttl_s,
-            password=password,
-            sign_key=signing_key(mesh_key, password),
-        )
+        self.drain = memtrim.DrainWatch()
 
     @property
     def is_policeman(self) -> bool:
@@ -161,9 +152,10 @@ class Node:
             self.broker.control = self.control_sock
             self._spawn(self._mesh_loop_broker(), "mesh")
         else:
-            self.worker = Worker(self.s, self.metrics, self.ctx, self.opts, self.cache, self.catalog)
             from casperd.agents.services import WorkerServices
+            from casperd.worker import Worker
 
+            self.worker = Worker(self.s, self.metrics, self.ctx, self.opts, self.cache, self.catalog)
             self.worker.services = WorkerServices(self.s, self.worker, self.cache)
             watch_api(self.worker.services.claude, self.metrics)
             self.worker.connect()
@@ -180,6 +172,7 @@ class Node:
             self.s.control,
             f" broker={self.s.broker}" if not self.is_policeman else "",
         )
+        tune_gc()
 
     def _start_zap(self) -> None:
         """Enrollment on: the ZAP handler admits only enrolled keys on every mesh ROUTER of this node."""
@@ -250,17 +243,18 @@ class Node:
             log.exception("%s: shutdown step %s failed; going on", self.s.node_id, step)
 
     # --- loops ------------------------------------------------------------------------------------
+    async def _recv_mesh(self) -> list[tuple[list[bytes], str | None]]:
+        """Every message ready on the mesh ROUTER, with the sender's ZAP User-Id when Curve is on."""
+        assert self.mesh_sock is not None
+        if self.s.curve:
+            return await recv_batch_users(self.mesh_sock)
+        return [(f, None) for f in await recv_batch(self.mesh_sock)]
+
     async def _mesh_loop_broker(self) -> None:
         assert self.broker is not None and self.mesh_sock is not None
         broker = self.broker
-        curve = self.s.curve
         while True:
-            batch = (
-                await recv_batch_users(self.mesh_sock)
-                if curve
-                else [(f, None) for f in await recv_batch(self.mesh_sock)]
-            )
-            for frames, user in batch:
+            for frames, user in await self._recv_mesh():
                 if len(frames) < 2:
                     continue
                 try:
@@ -274,14 +268,8 @@ class Node:
         """A worker's own ROUTER: answers HEARTBEAT pings and runs direct hand-offs (REQUEST
         ``handoff``, SPEC section 15); anything else is answered ERROR ``unsupported``."""
         assert self.mesh_sock is not None
-        curve = self.s.curve
         while True:
-            batch = (
-                await recv_batch_users(self.mesh_sock)
-                if curve
-                else [(f, None) for f in await recv_batch(self.mesh_sock)]
-            )
-            for frames, user in batch:
+            for frames, user in await self._recv_mesh():
                 if len(frames) < 2:
                     continue
                 route, body = frames[0], frames[1:]
@@ -399,6 +387,8 @@ class Node:
             if self.broker is not None:
                 self.broker.tick()
                 self.broker.dispatch()
+                if self.drain.drained(len(self.broker.tasks)):  # a burst drained: its peak memory goes back
+                    await memtrim.trim()
                 if self.store is not None and time.monotonic() - last_partitions > 6 * 3600:
                     last_partitions = time.monotonic()
                     try:

@@ -2,7 +2,9 @@
 
 * :class:`Telemetry` listens to every task that finishes (the broker's finish listeners) and
   keeps the last minute of completions: tasks/s and p50/p99 of submit-to-finish time, per status,
-  and the ``casper_task_completion_seconds`` histogram.
+  and the ``casper_task_completion_seconds`` histogram. The minute is kept as one bucket per
+  second (a packed array of durations per status, 8 bytes a task): older buckets are dropped as
+  new ones start, so a burst's completions are gone a minute later, whether or not anyone looks.
 * :func:`watch_api` hooks a node's model client into ``casper_api_response_seconds`` and the
   ``casper_api_breaker_open`` gauge, and :func:`api_check` is the ``api`` health check: the
   client's breaker state and its last call's outcome, never a call made just to check.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from array import array
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -38,9 +41,13 @@ class Telemetry:
     def __init__(self, broker: Broker, metrics: Metrics, clock: Any = time.monotonic) -> None:
         self.metrics = metrics
         self.clock = clock
-        self.done: deque[tuple[float, float, str]] = deque(maxlen=200_000)
-        """(monotonic time of finish, seconds from submit to finish, final status)"""
+        self.buckets: deque[tuple[int, dict[str, array[float]]]] = deque()
+        """(whole second of the monotonic clock, final status -> seconds from submit to finish)"""
         broker.finish_listeners.append(self.on_finish)
+
+    def _prune(self, now: float) -> None:
+        while self.buckets and now - self.buckets[0][0] > WINDOW_S:
+            self.buckets.popleft()
 
     def on_finish(self, rec: TaskRecord) -> None:
         took = 0.0
@@ -48,17 +55,27 @@ class Telemetry:
             took = max(0.0, (rec.finished_at - rec.created_at).total_seconds())
         status = rec.status.value
         self.metrics.task_completion.labels(status).observe(took)
-        self.done.append((self.clock(), took, status))
+        now = self.clock()
+        second = int(now)
+        if not self.buckets or self.buckets[-1][0] != second:
+            self._prune(now)
+            self.buckets.append((second, {}))
+        by_status = self.buckets[-1][1]
+        durations = by_status.get(status)
+        if durations is None:
+            durations = by_status[status] = array("d")
+        durations.append(took)
 
     def window(self, now: float | None = None) -> dict[str, Any]:
         """The last minute: finished tasks per second, p50/p99 seconds, counts per status."""
         now = self.clock() if now is None else now
-        while self.done and now - self.done[0][0] > WINDOW_S:
-            self.done.popleft()
-        times = [t for _, t, _ in self.done]
+        self._prune(now)
+        times: list[float] = []
         by_status: dict[str, int] = {}
-        for _, _, status in self.done:
-            by_status[status] = by_status.get(status, 0) + 1
+        for _, statuses in self.buckets:
+            for status, durations in statuses.items():
+                times.extend(durations)
+                by_status[status] = by_status.get(status, 0) + len(durations)
         p50, p99 = percentile(times, 50), percentile(times, 99)
         return {
             "window_s": WINDOW_S,

@@ -28,11 +28,9 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
-
-from casperd.agents import apicall
+from casperd.agents.lazysdk import load_sdk
 from casperd.agents.ratelimit import Limiter, estimate_tokens, parse_rate_headers
 from casperd.agents.usage import Usage, cost_of
 from casperd.breaker import BreakerState, CircuitBreaker
@@ -40,6 +38,11 @@ from casperd.cache import ResultCache, cache_key
 from casperd.errors import LlmError, LlmRequestError, MissingApiKeyError
 from casperd.retry import RetryPolicy
 from casperd.settings import ModelPrice, Settings
+
+if TYPE_CHECKING:  # loaded on a node's first model call (load_sdk): the SDK, httpx and anyio add ~40 MB RSS
+    import anthropic
+
+    from casperd.agents import apicall
 
 log = logging.getLogger("casperd.agents.claude")
 
@@ -178,7 +181,11 @@ class ClaudeClient:
         if client is not None:
             await client.close()
 
-    def _sdk(self) -> anthropic.AsyncAnthropic:
+    def _sdk(self) -> anthropic.AsyncAnthropic:  # after load_sdk()
+        import anthropic
+
+        from casperd.agents import apicall
+
         if self._client is None:
             self._client = anthropic.AsyncAnthropic(
                 api_key=self._api_key,
@@ -219,6 +226,9 @@ class ClaudeClient:
             )
         if deterministic:
             temperature = 0.0
+        await load_sdk()
+        from casperd.agents import apicall
+
         params = apicall.build_params(
             model,
             system,
@@ -281,6 +291,11 @@ class ClaudeClient:
             self.on_call(took, outcome)
 
     async def _attempts(self, params: dict[str, Any], estimate: int) -> Reply:
+        await load_sdk()
+        import anthropic
+
+        from casperd.agents import apicall
+
         model = str(params["model"])
         sdk = self._sdk()
         attempt = 0

@@ -345,10 +345,8 @@ async def run_ask(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
         max_tokens=max_tokens,
         deterministic=bool(data.get("deterministic")),
     )
-    assert ctx.task_id is not None
-    await svc.record_calls(
-        ctx.task_id, [{"model": reply.model, **reply.usage.to_dict(), "cached": reply.cached}], data.get("job_id")
-    )
+    # no calls-save round trip: the output carries model and usage, committed with the result, and
+    # the policeman writes the llm_calls row from it after that commit (casperd.agents.police)
     text = "".join(b.get("text", "") for b in reply.content if b.get("type") == "text")
     return {
         "text": text,
@@ -356,4 +354,6 @@ async def run_ask(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
         "usage": reply.usage.to_dict(),
         "cached": reply.cached,
         "stop_reason": reply.stop_reason,
+        "task_id": str(ctx.task_id),  # who made the call: another task's id on a result-cache hit
+        **({"job_id": str(data["job_id"])} if data.get("job_id") else {}),  # for the llm_calls row
     }

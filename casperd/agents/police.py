@@ -8,7 +8,10 @@ Mesh services (REQUEST ops on the broker's ROUTER, answered with REPLY):
   rows are ``[estimated input, actual input, output tokens]`` of finished calls.
 * ``turns-save`` / ``turns-load`` — a code task's conversation and work in progress (attachment 0).
   ``turns-load`` adds ``feedback``: why the policeman sent the task's last result back, if it did.
-* ``calls-save`` — per-call usage of one-shot calls (``ask``).
+* ``calls-save`` — per-call usage of calls a worker made outside a saved turn (a code task's calls
+  when its loop fails). An ``ask`` task's call is not sent separately: its output carries the
+  model and usage, committed with the result, and the policeman writes the ``llm_calls`` row from
+  it right after that commit (:meth:`PoliceService.on_finish`): no round trip on the task's path.
 
 It plugs into the broker through typed interfaces only: its services and the ``code`` validator
 go into the node's :class:`~casperd.handlers.Catalog` (with the roles that may call each service),
@@ -18,13 +21,14 @@ and it is the broker's :class:`~casperd.background.LocalWork` (attachments in ``
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -37,11 +41,14 @@ from casperd.agents.validation import PatchLimits, validate_patch
 from casperd.broker import Broker
 from casperd.cache import ResultCache
 from casperd.codec import describe_validation
-from casperd.errors import ForbiddenError, InvalidBodyError, ValidationFailedError
-from casperd.lifecycle import ACTIVE
+from casperd.errors import CasperError, ForbiddenError, InvalidBodyError, ValidationFailedError
+from casperd.lifecycle import ACTIVE, Status
 from casperd.messages import TaskSpec
 from casperd.settings import Settings
 from casperd.taskrecord import TaskRecord
+
+if TYPE_CHECKING:
+    from casperd.agents.jobs import JobRunner
 
 log = logging.getLogger("casperd.agents.police")
 Attachments = tuple[bytes, ...]
@@ -77,14 +84,13 @@ def _clamp_observation(obs: dict[str, Any]) -> dict[str, Any]:
 
 class PoliceService:
     def __init__(self, settings: Settings, broker: Broker, cache: ResultCache | None) -> None:
-        from casperd.agents.jobs import JobRunner
-
         self.s = settings
         self.broker = broker
         self.records = AgentRecords(broker.store)
         self.rate = MeshRateLimit(settings.llm_rpm, settings.llm_tpm)
         self.claude = ClaudeClient.from_settings(settings, LocalLimiter(state=self.rate), cache)
-        self.jobs = JobRunner(self)
+        self._jobs: JobRunner | None = None
+        self._recording: set[asyncio.Task[None]] = set()
         broker.attach(self)
         catalog = broker.catalog
         workers = frozenset({"developer", "tester"})
@@ -96,12 +102,50 @@ class PoliceService:
         catalog.add_service("handoff-record", self._handoff_record, roles=workers)
         catalog.add_validator("code", self.validate_code)
 
+    @property
+    def jobs(self) -> JobRunner:
+        """The job coordinator, loaded with the first job (most meshes never run one)."""
+        if self._jobs is None:
+            from casperd.agents.jobs import JobRunner
+
+            self._jobs = JobRunner(self)
+        return self._jobs
+
+    @property
+    def jobs_running(self) -> int:
+        return len(self._jobs.running) if self._jobs is not None else 0
+
     # --- the broker's local work (casperd.background.LocalWork) ----------------------------------------
     def run_local(self, rec: TaskRecord) -> None:
         self.jobs.start(rec)
 
     def on_finish(self, rec: TaskRecord) -> None:
-        self.jobs.on_finish(rec)
+        if self._jobs is not None:
+            self._jobs.on_finish(rec)
+        if rec.type == "ask" and rec.status is Status.COMPLETE and rec.output_json:
+            task = asyncio.get_running_loop().create_task(self._record_ask(rec))
+            self._recording.add(task)
+            task.add_done_callback(self._recording.discard)
+
+    async def _record_ask(self, rec: TaskRecord) -> None:
+        """The ``llm_calls`` row of a finished ``ask`` task, from its committed output (called after
+        the result's commit, so the usage is durable in the task row even if this insert is lost)."""
+        try:
+            out = json.loads(rec.output_json or "{}")
+            usage = out.get("usage") if isinstance(out, dict) else None
+            if not isinstance(usage, dict) or out.get("task_id") != str(rec.id):
+                return  # no call of its own: the output came from the result cache (cache: true)
+            job = out.get("job_id")  # from the output: a large input may be in the task store only
+            call = {**usage, "model": out.get("model"), "cached": bool(out.get("cached"))}
+            await self.records.add_calls(
+                [call],
+                task_id=rec.id,
+                job_id=uuid.UUID(str(job)) if job else None,
+                node=rec.assigned_to or "?",
+                role="developer",
+            )
+        except (CasperError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("the model call of ask task %s was not recorded in llm_calls: %s", rec.id, exc)
 
     async def save_attachments(self, task_id: uuid.UUID, kind: str, blobs: tuple[bytes, ...]) -> None:
         await self.records.put_attachments(task_id, kind, blobs)
@@ -110,7 +154,10 @@ class PoliceService:
         return await self.records.attachments(task_ids, "input")
 
     async def close(self) -> None:
-        await self.jobs.close()
+        if self._recording:
+            await asyncio.gather(*self._recording, return_exceptions=True)
+        if self._jobs is not None:
+            await self._jobs.close()
         await self.claude.close()
 
     # --- who may touch what (the sender's enrolled identity is ``node``) ----------------------------------

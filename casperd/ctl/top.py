@@ -49,7 +49,7 @@ async def top_op(node: Any, args: dict[str, Any]) -> dict[str, Any]:
         "throughput": node.telemetry.window() if node.telemetry else None,
         "cache": await _cache(node),
         "llm": await _llm(node),
-        "jobs_running": len(node.police.jobs.running) if node.police else 0,
+        "jobs_running": node.police.jobs_running if node.police else 0,
         "autoscale": elastic.status_view() if elastic else None,
     }
     return snap

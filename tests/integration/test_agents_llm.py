@@ -19,7 +19,7 @@ from casperd.ctl.client import ControlClient
 from casperd.localmesh import LocalMesh
 from casperd.messages import TaskSpec
 from tests.integration.agentkit import agent_env, make_repo, run_job
-from tests.integration.conftest import db_rows
+from tests.integration.conftest import db_rows, wait_for
 from tests.support.brains import ScriptedTeam, fix
 from tests.support.fakeclaude import (
     FakeClaude,
@@ -114,7 +114,9 @@ def test_deterministic_ask_is_paid_once_across_developers(make_mesh: MeshFactory
     paid = next(o for o in outs if not o["cached"])
     assert hit["usage"]["input_tokens"] == 0 and hit["usage"]["cost_usd"] == 0, hit
     assert paid["usage"]["input_tokens"] > 0 and paid["usage"]["cost_usd"] > 0, paid
-    rows = db_rows(database_url, "SELECT cached, input_tokens, cost_usd FROM llm_calls ORDER BY cached")
+    # the policeman writes an ask's llm_calls row from its committed output, right after the commit
+    sql = "SELECT cached, input_tokens, cost_usd FROM llm_calls ORDER BY cached"
+    rows = wait_for(lambda: len(db_rows(database_url, sql)) >= 2 and db_rows(database_url, sql), 10, "2 llm_calls rows")
     assert [r[0] for r in rows] == [False, True], rows
     assert rows[1][1] == 0 and float(rows[1][2]) == 0.0, rows
 
@@ -216,7 +218,10 @@ def test_overloaded_is_retried_inside_the_client(make_mesh: MeshFactory, databas
     assert view["attempts"] == 1, view  # the mesh never saw a failure
     assert view["output"]["text"] == "fine now" and view["output"]["cached"] is False
     assert got == [529, 529, 200], got
-    rows = db_rows(database_url, "SELECT task_id::text, cached FROM llm_calls")
+    sql = "SELECT task_id::text, cached FROM llm_calls"
+    rows = wait_for(lambda: db_rows(database_url, sql), 10, "the llm_calls row")
+    time.sleep(0.2)  # and no second row for the failed attempts
+    rows = db_rows(database_url, sql)
     assert rows == [(view["id"], False)], rows  # failed attempts are not billed calls
 
 

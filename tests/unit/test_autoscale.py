@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from casperd.autoscale import (
     DRAIN,
     RESUME,
@@ -224,3 +226,25 @@ def test_no_decision_during_the_startup_grace() -> None:
     b = Autoscaler(config(roles={"developer": RoleBounds(1, 3, DEV)}, grace_s=6.0))
     b.decide(MeshView((), ()), 100.0)
     assert b.decide(MeshView((), (peer("developer-1"),)), 107.0) == []
+
+
+def test_the_autoscalers_view_of_a_long_queue_is_taken_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from casperd import elastic
+
+    clock = [0.0]
+    monkeypatch.setattr(elastic, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    e = object.__new__(elastic.Elastic)
+    e.period, e._next, e._next_refresh = 0.5, 0.0, 1e9
+    views: list[float] = []
+
+    def view(now: float) -> None:
+        views.append(now)
+        clock[0] += 0.1  # a view that takes 100 ms: the next no sooner than 100 ms x VIEW_SHARE later
+
+    e.view = view  # type: ignore[method-assign,assignment]
+    e.policy = SimpleNamespace(decide=lambda v, now: [])  # type: ignore[assignment]
+    for now in (0.0, 1.0, 4.9, 5.0, 9.9, 10.1):
+        e.on_tick(now)
+    assert elastic.VIEW_SHARE * 0.1 == 5.0 and views == [0.0, 5.0, 10.1]

@@ -118,3 +118,60 @@ def test_the_sans_io_cores_import_no_clock_socket_or_event_loop() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 names.add(node.module.split(".")[0])
         assert not names & banned, f"{path.name} imports {sorted(names & banned)}"
+
+
+# --- what a running node loads (issue #13: idle memory <= 60 MB per casperd) ----------------------
+_NODE_PROBE = """
+import json, sys, tempfile
+from casperd.cache import ResultCache
+from casperd.node import Node
+from casperd.settings import load_settings
+
+state = tempfile.mkdtemp()
+s = load_settings({"role": ROLE, "state_dir": state, "curve": False, "redis_url": "redis://127.0.0.1:1/0"})
+node = Node(s)
+node.cache = ResultCache(s.redis_url, password="pw")  # a cache configured, never used
+if ROLE != "policeman":
+    from casperd.agents.services import WorkerServices
+
+    WorkerServices(s, None, node.cache)  # what start() builds for a worker: the model client too
+else:
+    import casperd.agents.police, casperd.broker, casperd.elastic, casperd.store  # noqa: F401
+HEAVY = ("anthropic", "httpx", "psycopg", "psycopg_pool", "rich", "opentelemetry", "redis")
+print(json.dumps(sorted(m for m in HEAVY if m in sys.modules)))
+"""
+
+
+def _heavy_after_start(role: str) -> list[str]:
+    import json
+    import subprocess
+    import sys
+
+    code = _NODE_PROBE.replace("ROLE", repr(role))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return list(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_a_worker_node_loads_no_model_sdk_driver_cache_client_or_ui_before_its_first_use() -> None:
+    """The anthropic SDK (~45 MB RSS) loads on the first model call, redis-py (~9 MB) on the first
+    cache operation, psycopg only on the policeman, rich only in caspectl."""
+    for role in ("developer", "tester"):
+        assert _heavy_after_start(role) == [], role
+
+
+def test_the_policeman_loads_its_postgres_driver_but_no_model_sdk_cache_client_or_ui() -> None:
+    assert _heavy_after_start("policeman") == ["psycopg", "psycopg_pool"]
+
+
+def test_the_probe_sees_a_heavy_import() -> None:
+    """The probe can fail: a role that imports the SDK at start is seen."""
+    import subprocess
+    import sys
+
+    code = _NODE_PROBE.replace("ROLE", repr("developer")).replace(
+        "HEAVY = (", "import casperd.agents.apicall  # noqa: F401\nHEAVY = ("
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "anthropic" in out.stdout

@@ -118,6 +118,22 @@ def test_telemetry_window_counts_the_last_minute_only() -> None:
     assert tel.window()["finished"] == 0
 
 
+def test_telemetry_forgets_a_burst_a_minute_later_even_if_nobody_looks() -> None:
+    """Issue #13: the completions of a burst stayed in the policeman until someone asked for top."""
+    now = [1000.0]
+    metrics = Metrics()
+    tel = Telemetry(SimpleNamespace(finish_listeners=[]), metrics, clock=lambda: now[0])  # type: ignore[arg-type]
+    t = utcnow()
+    rec = SimpleNamespace(created_at=t - timedelta(seconds=1), finished_at=t, status=Status("complete"))
+    for i in range(5000):
+        now[0] = 1000.0 + i / 100  # 50 seconds of completions
+        tel.on_finish(rec)  # type: ignore[arg-type]
+    assert sum(len(d) for _, b in tel.buckets for d in b.values()) == 5000
+    now[0] = 1200.0
+    tel.on_finish(rec)  # type: ignore[arg-type]
+    assert len(tel.buckets) == 1 and tel.window()["finished"] == 1
+
+
 def test_api_check_reports_breaker_and_last_call_without_calling() -> None:
     client = SimpleNamespace(breaker=CircuitBreaker(failure_threshold=1, recovery_s=60), last_call=None)
     check = api_check(client, has_key=False)
