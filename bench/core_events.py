@@ -3,18 +3,22 @@
 Registers 4 in-memory peers (capacity 250 each), submits N echo tasks in SUBMITs of 500, then runs
 dispatch → TASK frames → RESULT frames (batches as a worker sends them) → complete until every task
 is complete, decoding and encoding real frames on the way. Prints tasks/s and µs per task for the
-whole lifecycle (submit, dispatch, start, complete; 4 staged rows each). Bounded: N tasks, one run.
+whole lifecycle (submit, dispatch, start, complete; 4 staged rows each), and the time the cyclic
+garbage collector took (per generation): with ``gc`` the collector as CPython sets it, with
+``tuned`` as a started node sets it (``casperd.eventloop.tune_gc``). Bounded: N tasks, one run.
 
-    .venv/bin/python -m bench.core_events [N]
+    .venv/bin/python -m bench.core_events [N] [tuned|gc]
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from datetime import UTC, datetime
 
 from casperd import codec
+from casperd.eventloop import tune_gc
 from casperd.handlers import Catalog
 from casperd.messages import Progress, Ready, ResultBatch, Role, Submit, TaskBatch, TaskSpec, outcome_body
 from casperd.metrics import Metrics
@@ -23,7 +27,7 @@ from casperd.policeman.actions import Send
 from casperd.settings import load_settings
 
 
-def main(n: int) -> None:
+def main(n: int, tuned: bool = False) -> None:
     s = load_settings({"role": "policeman", "node_id": "policeman", "lease_s": 600, "heartbeat_s": 600})
     core = PolicemanCore(s, Catalog(), Metrics(), time.monotonic())
 
@@ -40,6 +44,18 @@ def main(n: int) -> None:
         routes.append(route)
         core.on_mesh(route, codec.encode(ready), now())
     core.take()
+    if tuned:
+        tune_gc()
+    gc_s = [0.0, 0.0, 0.0]
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            gc_s[info["generation"]] += time.perf_counter() - started.pop()
+
+    gc.callbacks.append(on_gc)
     t0 = time.perf_counter()
     for start in range(0, n, 500):
         specs = tuple(TaskSpec(type="echo", input={"i": i}) for i in range(start, min(n, start + 500)))
@@ -63,8 +79,11 @@ def main(n: int) -> None:
         rows += len(core.take())
     dt = time.perf_counter() - t0
     assert not core.tasks, f"{len(core.tasks)} tasks not complete"
+    gc.callbacks.remove(on_gc)
     print(f"tasks: {n}  seconds: {dt:.3f}  tasks/s: {n / dt:,.0f}  us/task: {dt / n * 1e6:.1f}  actions: {rows}")
+    gcs = " / ".join(f"{x:.3f}" for x in gc_s)
+    print(f"garbage collector ({'tuned' if tuned else 'default'}): {sum(gc_s):.3f} s of it (generations 0/1/2: {gcs})")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20_000)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20_000, len(sys.argv) > 2 and sys.argv[2] == "tuned")

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from casperd import codec
 from casperd.errors import CasperError, ForbiddenError, UnsupportedError
 from casperd.handlers import Catalog
-from casperd.messages import Done, ErrorBody, Reply
+from casperd.messages import Done, DoneBatch, ErrorBody, Reply
 from casperd.metrics import Metrics
 from casperd.policeman import Now, PolicemanCore
 from casperd.policeman.actions import DoneFromStore, SaveAttachments, Send, Serve, Socket, Validate
@@ -134,6 +134,6 @@ def done_from_store(b: Shell, a: DoneFromStore) -> None:
             return
         rec = record_from_row(row)
         done = Done(task_id=a.task_id, status=rec.status.value, output=row["output"], error=last_error(rec))
-        b._send(Send(Socket.CONTROL, a.route, codec.encode(done)))
+        b._send(Send(Socket.CONTROL, a.route, codec.encode(DoneBatch(done=(done,)))))
 
     b._spawn(run())

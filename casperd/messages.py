@@ -241,17 +241,24 @@ class Reply(_Body):
     error: ErrorBody | None = None
 
 
-class Done(_Body):
-    COMMAND = Command.DONE
+class Done(BaseModel):
+    """One waited-on task's outcome, an item of DONE."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
     task_id: uuid.UUID
     status: Name
     output: Any = None
     error: ErrorBody | None = None
 
 
+class DoneBatch(_Body):
+    COMMAND = Command.DONE
+    done: tuple[Done, ...] = Field(min_length=1, max_length=10_000)
+
+
 # --- trusted fast paths ------------------------------------------------------------------------
-# The broker and workers build the bodies of their busiest messages (TASK, RESULT, DONE) as plain
-# dicts from values they already validated, skipping model construction. Keys are in model field
+# The broker and workers build the bodies of their busiest messages (TASK, RESULT, DONE) and their
+# items as plain dicts from values they already validated, skipping model construction. Keys are in model field
 # order, so codec.encode_raw gives the same bytes as codec.encode of the model (unit-tested).
 def assignment_body(
     task_id: uuid.UUID,
@@ -277,7 +284,8 @@ def outcome_body(task_id: uuid.UUID, attempt: int, output: Any, duration_ms: flo
     return {"task_id": task_id, "attempt": attempt, "output": output, "duration_ms": duration_ms}
 
 
-def done_body(task_id: uuid.UUID, status: str, output: Any, error: dict[str, Any] | None) -> dict[str, Any]:
+def done_item(task_id: uuid.UUID, status: str, output: Any, error: dict[str, Any] | None) -> dict[str, Any]:
+    """One item of a DONE (a :class:`Done`), in field order."""
     return {"task_id": task_id, "status": status, "output": output, "error": error}
 
 
@@ -297,7 +305,7 @@ MODELS: dict[Command, type[_Body]] = {
         Error,
         Request,
         Reply,
-        Done,
+        DoneBatch,
     )
 }
 

@@ -28,6 +28,7 @@ from casperd.cache import ResultCache
 from casperd.control import Control
 from casperd.enrollment import Enrollment
 from casperd.errors import CasperError, ProtocolError, UnsupportedError
+from casperd.eventloop import tune_gc
 from casperd.handlers import Catalog
 from casperd.messages import Error, Heartbeat, Request, Role, Submit
 from casperd.metrics import Metrics
@@ -171,6 +172,7 @@ class Node:
             self.s.control,
             f" broker={self.s.broker}" if not self.is_policeman else "",
         )
+        tune_gc()
 
     def _start_zap(self) -> None:
         """Enrollment on: the ZAP handler admits only enrolled keys on every mesh ROUTER of this node."""

@@ -50,6 +50,7 @@ from casperd.messages import (  # noqa: E402
     Command,
     Disconnect,
     Done,
+    DoneBatch,
     Error,
     ErrorBody,
     FailedBatch,
@@ -400,15 +401,22 @@ def _canonical() -> list[tuple[str, str, Message, tuple[bytes, ...], int]]:
         ),
         (
             "14_done",
-            "A waited-on task completed.",
-            Done(task_id=T1, status="complete", output=shell_output),
+            "A waited-on task completed (one DONE carries every waited-on task a commit ended).",
+            DoneBatch(done=(Done(task_id=T1, status="complete", output=shell_output),)),
             (),
             DEFAULT_MAX,
         ),
         (
             "14_done_dead",
             "A waited-on task is dead: its last error travels with it.",
-            Done(task_id=T2, status="dead", error=ErrorBody(code="timeout", message="task timed out after 120s")),
+            DoneBatch(
+                done=(
+                    Done(
+                        task_id=T2, status="dead", error=ErrorBody(code="timeout", message="task timed out after 120s")
+                    ),
+                    Done(task_id=T3, status="cancelled"),
+                )
+            ),
             (),
             DEFAULT_MAX,
         ),

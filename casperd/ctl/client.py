@@ -6,6 +6,7 @@ command is one process doing one thing, with a deadline on every wait.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -27,7 +28,7 @@ from casperd.errors import (
     StorageError,
     from_wire,
 )
-from casperd.messages import Accepted, Done, Error, Reply, Request, Submit, TaskSpec
+from casperd.messages import Accepted, Done, DoneBatch, Error, Reply, Request, Submit, TaskSpec
 from casperd.quotas import retry_after
 from casperd.settings import DEFAULT_STATE_DIR
 
@@ -78,7 +79,7 @@ class ControlClient:
                 hint="e.g. ipc:///path/to/node.ctl or tcp://127.0.0.1:5556",
             ) from None
         self._ids = itertools.count(1)
-        self.early: list[Done] = []
+        self.early: collections.deque[Done] = collections.deque()
 
     def close(self) -> None:
         self.sock.close(0)
@@ -113,8 +114,8 @@ class ControlClient:
                 if not msg.ok:
                     raise from_wire(msg.error.model_dump() if msg.error else {})
                 return msg.data
-            if isinstance(msg, Done):
-                self.early.append(msg)
+            if isinstance(msg, DoneBatch):
+                self.early.extend(msg.done)
 
     def submit(self, specs: Sequence[TaskSpec], *, wait: bool = False) -> Accepted:
         req_id = next(self._ids)
@@ -131,8 +132,8 @@ class ControlClient:
             msg = self._recv(deadline)
             if isinstance(msg, Accepted) and msg.req_id == req_id:
                 return msg
-            if isinstance(msg, Done):
-                self.early.append(msg)
+            if isinstance(msg, DoneBatch):
+                self.early.extend(msg.done)
 
     def submit_until_accepted(
         self, specs: Sequence[TaskSpec], *, wait: bool = False, tries: int = 3, pause_s: float = 0.5
@@ -175,19 +176,18 @@ class ControlClient:
         return sock
 
     def done_events(self, timeout_s: float) -> Iterator[Done]:
-        """DONE messages for waited-on tasks, until ``timeout_s`` passes with nothing new."""
+        """One Done per waited-on task (a DONE carries many), until ``timeout_s`` passes with nothing new."""
         deadline = time.monotonic() + timeout_s
         while True:
             while self.early:  # DONEs that arrived while we waited for another reply
-                yield self.early.pop(0)
+                yield self.early.popleft()
                 deadline = time.monotonic() + timeout_s
             try:
                 msg = self._recv(deadline)
             except RequestTimeoutError:
                 return
-            if isinstance(msg, Done):
-                yield msg
-                deadline = time.monotonic() + timeout_s
+            if isinstance(msg, DoneBatch):  # one DONE carries every task of a commit that ended
+                self.early.extend(msg.done)
 
 
 def parse_id(text: str) -> uuid.UUID:

@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from casperd import codec
 from casperd.breaker import CircuitBreaker
 from casperd.dispatch import Dispatcher, PeerSlot
 from casperd.enrollment import Enrollment
+from casperd.errors import OutputTooLargeError
 from casperd.handlers import Catalog
 from casperd.lifecycle import Status, Trigger
 from casperd.liveness import PeerClock
-from casperd.messages import new_task_id
+from casperd.messages import Command, new_task_id
 from casperd.metrics import Metrics
 from casperd.policeman.actions import Action, Arm, Send, Socket, Stage, StageKey
 from casperd.quotas import Limits, Quotas
@@ -121,6 +123,8 @@ class CoreState:
         self.dirty = False
         """Something changed that may allow new assignments (dispatch has work to do)."""
         self.out: list[Action] = []
+        self.done_out: dict[bytes, list[dict[str, Any]]] = {}
+        """DONE items per waiting submitter, sent as one DONE per submitter by :meth:`take`."""
         self.enrollment: Enrollment | None = None
         """With Curve and enrollment on: who may join and as whom (casperd.enrollment)."""
         self.quotas = Quotas(
@@ -136,9 +140,32 @@ class CoreState:
         """Open tasks per submitter, tasks per peer per second, bytes per turn and attachment."""
 
     def take(self) -> list[Action]:
-        """The actions produced since the last call, in order."""
+        """The actions produced since the last call, in order; the DONEs of the event last, one
+        message per waiting submitter (split only by the message size limit)."""
+        if self.done_out:
+            self._flush_done()
         out, self.out = self.out, []
         return out
+
+    def done_to(self, route: bytes, item: dict[str, Any]) -> None:
+        """Tell a waiting submitter that a task ended (after the commit, in the event's DONE)."""
+        items = self.done_out.get(route)
+        if items is None:
+            self.done_out[route] = [item]
+        else:
+            items.append(item)
+
+    def _flush_done(self) -> None:
+        pending, self.done_out = self.done_out, {}
+        for route, items in pending.items():
+            messages, too_big = codec.encode_batches(Command.DONE, "done", items, self.s.max_message_bytes)
+            for item in too_big:  # its output alone fills a message: the submitter reads it with `get`
+                message = f"the output does not fit in a DONE of {self.s.max_message_bytes} bytes; read it with get"
+                error = {"code": OutputTooLargeError.code, "message": message, "hint": None}
+                alone = {**item, "output": None, "error": error}
+                messages.append((codec.encode_raw(Command.DONE, {"done": [alone]}), []))
+            for frames, _ in messages:
+                self.out.append(Send(Socket.CONTROL, route, frames, after_commit=True))
 
     # --- policies ---------------------------------------------------------------------------------
     def policy_for(self, task_type: str) -> RetryPolicy:

@@ -13,11 +13,10 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from casperd import codec
 from casperd.errors import DrainingError, HandedBackError, HolderLostError, InvalidOutputError, ValidationFailedError
 from casperd.lifecycle import ACTIVE, Status, Trigger
-from casperd.messages import RENEW, Command, ErrorBody, FailedBatch, Progress, ResultBatch, done_body
-from casperd.policeman.actions import Finished, Now, RunLocal, Send, Socket, Validate
+from casperd.messages import RENEW, ErrorBody, FailedBatch, Progress, ResultBatch, done_item
+from casperd.policeman.actions import Finished, Now, RunLocal, Validate
 from casperd.policeman.state import CoreState, Peer, log
 from casperd.taskrecord import TaskRecord, to_json
 
@@ -146,17 +145,14 @@ class TaskRules(CoreState):
         if rec.waiters:
             waiters = rec.take_waiters()
             last = last_error(rec)
-            frames = codec.encode_raw(
-                Command.DONE,
-                done_body(
-                    rec.id,
-                    rec.status.value,
-                    json.loads(rec.output_json) if rec.output_json else None,
-                    last.model_dump() if last else None,
-                ),
+            item = done_item(
+                rec.id,
+                rec.status.value,
+                json.loads(rec.output_json) if rec.output_json else None,
+                last.model_dump() if last else None,
             )
             for w in waiters:
-                self.out.append(Send(Socket.CONTROL, w, frames, after_commit=True))
+                self.done_to(w, item)
 
     def fail(
         self, rec: TaskRecord, stamp: datetime, peer: str | None, code: str, message: str, retryable: bool

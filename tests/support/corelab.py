@@ -19,7 +19,7 @@ from typing import Any
 from casperd import codec
 from casperd.handlers import Catalog
 from casperd.lifecycle import Status
-from casperd.messages import Assignment, Heartbeat, Message, Submit, TaskSpec
+from casperd.messages import Assignment, Done, DoneBatch, Heartbeat, Message, Submit, TaskSpec
 from casperd.metrics import Metrics
 from casperd.policeman import Now, PolicemanCore, Sender
 from casperd.policeman.actions import (
@@ -204,7 +204,9 @@ class Lab:
         self.after: list[Any] = []
         self.to_police: deque[tuple[bytes, list[bytes]]] = deque()
         self.workers: dict[str, LabWorker] = {}
-        self.control: dict[bytes, list[Message]] = defaultdict(list)
+        self.control: dict[bytes, list[Message | Done]] = defaultdict(list)
+        self.control_messages: dict[bytes, int] = defaultdict(int)
+        """Messages sent to each control route (a DONE with many items counts once)."""
         self.validations: list[Validate] = []
         self.saves: list[SaveAttachments] = []
         self.local_runs: list[TaskRecord] = []
@@ -251,7 +253,12 @@ class Lab:
 
     def deliver(self, send: Send) -> None:
         if send.socket is Socket.CONTROL:
-            self.control[send.route].append(codec.decode(send.frames).message)
+            msg = codec.decode(send.frames).message
+            self.control_messages[send.route] += 1
+            if isinstance(msg, DoneBatch):  # as the client does: one Done per task
+                self.control[send.route].extend(msg.done)
+            else:
+                self.control[send.route].append(msg)
             return
         worker = next((w for w in self.workers.values() if w.route == send.route), None)
         if worker is None or not worker.up:

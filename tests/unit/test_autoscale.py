@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from casperd.autoscale import (
     DRAIN,
     RESUME,
@@ -252,3 +254,25 @@ def test_the_waiting_report_says_what_the_autoscaler_does_about_a_missing_capabi
     fixed = why_waiting(test_task, devs, Autoscaler(config(roles={})).outlook("none"))
     assert fixed and "fixed size (spawner none)" in fixed
     assert "no peer is registered" in (why_waiting(gpu_task, [], outlook) or "")
+
+
+def test_the_autoscalers_view_of_a_long_queue_is_taken_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from casperd import elastic
+
+    clock = [0.0]
+    monkeypatch.setattr(elastic, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    e = object.__new__(elastic.Elastic)
+    e.period, e._next, e._next_refresh = 0.5, 0.0, 1e9
+    views: list[float] = []
+
+    def view(now: float) -> None:
+        views.append(now)
+        clock[0] += 0.1  # a view that takes 100 ms: the next no sooner than 100 ms x VIEW_SHARE later
+
+    e.view = view  # type: ignore[method-assign,assignment]
+    e.policy = SimpleNamespace(decide=lambda v, now: [])  # type: ignore[assignment]
+    for now in (0.0, 1.0, 4.9, 5.0, 9.9, 10.1):
+        e.on_tick(now)
+    assert elastic.VIEW_SHARE * 0.1 == 5.0 and views == [0.0, 5.0, 10.1]

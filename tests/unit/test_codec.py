@@ -34,6 +34,7 @@ from casperd.messages import (
     Command,
     Disconnect,
     Done,
+    DoneBatch,
     Error,
     ErrorBody,
     FailedBatch,
@@ -147,9 +148,13 @@ def samples() -> list[Any]:
         Request(req_id=2**63, op="get", args={"id": str(U1), "n": 5, "flag": True, "l": [1, {"x": None}]}),
         Reply(req_id=1, ok=True, data={"peers": [{"id": "a"}], "count": 1}),
         Reply(req_id=2, ok=False, error=ErrorBody(code="not-found", message="no such task", hint="check the id")),
-        Done(task_id=U1, status="complete", output={"k": "v"}),
-        Done(task_id=U2, status="dead", error=ErrorBody(code="timeout", message="m")),
-        Done(task_id=U3, status="cancelled"),
+        DoneBatch(done=(Done(task_id=U1, status="complete", output={"k": "v"}),)),
+        DoneBatch(
+            done=(
+                Done(task_id=U2, status="dead", error=ErrorBody(code="timeout", message="m")),
+                Done(task_id=U3, status="cancelled"),
+            )
+        ),
     ]
 
 
@@ -487,7 +492,7 @@ SECRET_BODIES = [
         },
     ),
     (Command.SUBMIT, {"req_id": 1, "tasks": [{"type": "echo", "priority": SECRET, "affinity": SECRET * 20}]}),
-    (Command.DONE, {"task_id": SECRET, "status": "complete"}),
+    (Command.DONE, {"done": [{"task_id": SECRET, "status": "complete"}]}),
 ]
 
 
@@ -715,8 +720,8 @@ def test_fast_path_bodies_encode_like_their_models() -> None:
         m.ResultBatch(results=(m.Outcome(**o),))
     )
     err = {"code": "validation", "message": "exit code 1, expected 0", "hint": None}
-    assert _codec.encode_raw(m.Command.DONE, m.done_body(tid, "dead", None, err)) == _codec.encode(
-        m.Done(task_id=tid, status="dead", output=None, error=m.ErrorBody(**err))
+    assert _codec.encode_raw(m.Command.DONE, {"done": [m.done_item(tid, "dead", None, err)]}) == _codec.encode(
+        m.DoneBatch(done=(m.Done(task_id=tid, status="dead", output=None, error=m.ErrorBody(**err)),))
     )
     # and they decode back to the validated models
     assert _codec.decode(

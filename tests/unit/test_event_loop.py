@@ -34,3 +34,18 @@ def test_with_uvloop_installed_the_node_runs_on_it(choice: str) -> None:
 
 async def _loop_type() -> type:
     return type(asyncio.get_running_loop())
+
+
+def test_tune_gc_freezes_the_started_heap_and_spaces_young_collections() -> None:
+    import gc
+
+    from casperd.eventloop import GC_YOUNG, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG, before[1], before[2])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
+from casperd import codec
 from casperd.errors import CasperError, IllegalTransitionError
 from casperd.lifecycle import STEPS, Status, Trigger, replay
-from casperd.messages import Cancel, Command, Done, TaskSpec
-from casperd.policeman.actions import Validate
+from casperd.messages import Cancel, Command, Done, TaskSpec, done_item
+from casperd.policeman.actions import Send, Validate
 from casperd.workercore import Run
 from tests.support.corelab import Lab
 
@@ -64,6 +65,38 @@ def test_submit_run_complete_sends_one_done_after_the_commit() -> None:
     done = [m for m in lab.control[b"ctl"] if isinstance(m, Done)]
     assert len(done) == 1 and done[0].status == "complete" and done[0].output == {"x": 1}
     assert tid not in lab.core.tasks and lab.finished == [tid]
+
+
+def test_tasks_that_end_together_reach_each_submitter_in_one_done() -> None:
+    lab = Lab()
+    w = lab.add_worker("developer-1", capacity=4)
+    mine = lab.submit(*[TaskSpec(type="echo", input={"n": n}) for n in range(3)], wait=True)
+    (theirs,) = lab.submit(TaskSpec(type="echo", input={"n": 3}), wait=True, route=b"other")
+    lab.pump()
+    assert sorted(w.runs) == sorted([*mine, theirs])
+    before = dict(lab.control_messages)
+    for tid in [*mine, theirs]:  # four results in one RESULT message
+        w.core.succeeded(w.runs.pop(tid), {"ok": True}, 1.0, None)
+        w.core.ended(tid)
+    w.carry_out()
+    lab.pump()
+    assert lab.control_messages[b"ctl"] - before[b"ctl"] == 1
+    assert lab.control_messages[b"other"] - before[b"other"] == 1
+    assert sorted(m.task_id for m in lab.control[b"ctl"] if isinstance(m, Done)) == sorted(mine)
+    assert [m.task_id for m in lab.control[b"other"] if isinstance(m, Done)] == [theirs]
+
+
+def test_an_output_too_large_for_a_done_is_reported_without_it() -> None:
+    # a RESULT that fits always makes a Done that fits; a local task's output need not
+    lab = Lab(max_message_bytes=2048)
+    small, big = uuid.uuid4(), uuid.uuid4()
+    lab.core.done_to(b"ctl", done_item(small, "complete", {"n": 1}, None))
+    lab.core.done_to(b"ctl", done_item(big, "complete", {"big": "x" * 3000}, None))
+    sends = [a for a in lab.core.take() if isinstance(a, Send)]
+    assert all(a.after_commit for a in sends)
+    done = {d.task_id: d for a in sends for d in codec.decode(a.frames, max_bytes=2048).message.done}
+    assert done[small].output == {"n": 1} and done[small].error is None
+    assert done[big].output is None and done[big].error is not None and done[big].error.code == "too-large"
 
 
 def test_credit_is_never_exceeded_and_the_queue_drains() -> None:
