@@ -342,13 +342,16 @@ class Broker:
     async def _load_inputs_now(self, a: LoadInputs) -> None:
         """Load the inputs that waited in Postgres for tasks just assigned, then let their TASK go."""
         found: dict[uuid.UUID, str] | None
+        blobs: dict[uuid.UUID, list[bytes]] = {}
         try:
             found = await self.store.inputs(list(a.task_ids))
+            if a.attachments and self.work is not None:
+                blobs = await self.work.load_attachments(list(a.attachments))
         except CasperError as exc:
             log.warning("could not load %d task inputs for %s (%s); they go back", len(a.task_ids), a.node, exc)
             await asyncio.sleep(1.0)  # not a tight loop of dispatch and failed loads while Postgres is down
             found = None
-        self.core.inputs_loaded(a.node, a.task_ids, found, now())
+        self.core.inputs_loaded(a.node, a.task_ids, found, now(), blobs)
         self.run(self.core.take())
 
     def _arm(self, a: Arm) -> None:

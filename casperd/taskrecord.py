@@ -106,9 +106,12 @@ class TaskRecord:
     """The decoded input, made on first use (dispatch, validation) and dropped when queued again."""
     waiters: list[bytes] | None = None
     """Control routes waiting for the task's DONE (made by the first :meth:`wait`)."""
-    attachments: tuple[bytes, ...] = ()  # input attachments, sent with the TASK (kept in task_attachments)
+    attachments: tuple[bytes, ...] | None = ()
+    """Input attachments, sent with the TASK (kept in ``task_attachments``); None: spilled with the
+    input, in Postgres only until the task is dispatched."""
     spill: bool = False
-    """A large input: held in memory only until the row is committed and while the task is held."""
+    """A large input (its JSON text and attachments together): held in memory only until the row is
+    committed and while the task is held."""
 
     @classmethod
     def from_spec(
@@ -174,6 +177,11 @@ class TaskRecord:
     def input_loaded(self) -> bool:
         return self.input_json is not None
 
+    @property
+    def sendable(self) -> bool:
+        """Its input and its attachments are in memory: a TASK can be built from it."""
+        return self.input_json is not None and self.attachments is not None
+
     def wait(self, route: bytes) -> None:
         """``route`` waits for the task's DONE."""
         if self.waiters is None:
@@ -191,6 +199,8 @@ class TaskRecord:
         self.input_obj = None
         if self.spill and self.persisted:
             self.input_json = None
+            if self.attachments:
+                self.attachments = None
 
     def mark_persisted(self) -> None:
         """The row is committed; a record that waits (pending, retry) lets go of what it can have
@@ -202,6 +212,10 @@ class TaskRecord:
     def load_input(self, input_json: str) -> None:
         """The input of a spilled record, loaded back from Postgres."""
         self.input_json = input_json
+
+    def load_attachments(self, blobs: list[bytes]) -> None:
+        """The input attachments of a spilled record, loaded back from Postgres."""
+        self.attachments = tuple(blobs)
 
     def summary(self) -> dict[str, Any]:
         """The public view of a task, as caspectl shows it."""

@@ -159,6 +159,8 @@ class LoadInputs:
 
     node: str
     task_ids: tuple[uuid.UUID, ...]
+    attachments: tuple[uuid.UUID, ...] = ()
+    """Those of ``task_ids`` whose input attachments are to be loaded too."""
 
 
 Action = (

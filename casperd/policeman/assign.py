@@ -52,22 +52,30 @@ class AssignRules(RegistryRules):
             self.change(rec, Trigger.DISPATCH, stamp, node)
             peer.held.add(tid)
             self.leases[tid] = lease_until
-            if rec.input_loaded:
+            if rec.sendable:
                 per_peer.setdefault(node, []).append(rec)
             else:  # a spilled input is in Postgres only: its TASK leaves once the shell has loaded it
                 to_load.setdefault(node, []).append(tid)
         for node, recs in per_peer.items():
             self._send_tasks(node, recs, now)
-        self.out.extend(LoadInputs(node, tuple(tids)) for node, tids in to_load.items())
+        for node, tids in to_load.items():
+            blobs = tuple(t for t in tids if self.tasks[t].attachments is None)
+            self.out.append(LoadInputs(node, tuple(tids), blobs))
         self.metrics.dispatched.inc(len(pairs))
         return len(pairs)
 
     def inputs_loaded(
-        self, node: str, task_ids: tuple[uuid.UUID, ...], found: dict[uuid.UUID, str] | None, now: Now
+        self,
+        node: str,
+        task_ids: tuple[uuid.UUID, ...],
+        found: dict[uuid.UUID, str] | None,
+        now: Now,
+        blobs: dict[uuid.UUID, list[bytes]] | None = None,
     ) -> None:
         """The shell loaded the spilled inputs of tasks assigned to ``node`` (``found``: id -> input
-        JSON; None: the store could not be read). Tasks still assigned to ``node`` get their TASK;
-        one whose input could not be had goes back to pending, no attempt spent."""
+        JSON; None: the store could not be read; ``blobs``: id -> input attachments, for those the
+        ``LoadInputs`` named). Tasks still assigned to ``node`` get their TASK; one whose input
+        could not be had goes back to pending, no attempt spent."""
         self.clock = now.mono
         peer = self.peers.get(node)
         ready: list[TaskRecord] = []
@@ -78,7 +86,9 @@ class AssignRules(RegistryRules):
             text = found.get(tid) if found is not None else None
             if text is not None and not rec.input_loaded:
                 rec.load_input(text)
-            if rec.input_loaded and peer is not None:
+            if rec.attachments is None and found is not None and blobs and tid in blobs:
+                rec.load_attachments(blobs[tid])
+            if rec.sendable and peer is not None:
                 ready.append(rec)
                 continue
             if peer is not None:  # not the peer's fault: no failure on its breaker, its probe slot freed

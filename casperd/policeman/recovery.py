@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from casperd.lifecycle import ACTIVE, Status
+from casperd.lifecycle import ACTIVE, QUEUED, Status
 from casperd.policeman.actions import Now, RunLocal
 from casperd.policeman.state import log
 from casperd.policeman.submissions import SubmissionRules
@@ -48,10 +48,15 @@ class RecoveryRules(SubmissionRules):
         return [tid for tid, rec in self.tasks.items() if self._needs_attachments(rec)]
 
     def attach(self, found: dict[uuid.UUID, list[bytes]]) -> None:
+        """Recovered tasks' input attachments; a queued one whose input and attachments together
+        are large lets them go again (they are loaded back when it is dispatched)."""
         for tid, blobs in found.items():
             rec = self.tasks.get(tid)
             if rec is not None:
                 rec.attachments = tuple(blobs)
+                self.size_input(rec)
+                if rec.status in QUEUED:
+                    rec.drop_input()
 
     def _needs_attachments(self, rec: TaskRecord) -> bool:
         ttype = self.catalog.find(rec.type)

@@ -209,11 +209,10 @@ class CoreState:
     # --- outputs ----------------------------------------------------------------------------------
     def size_input(self, rec: TaskRecord) -> None:
         """Mark a record whose input waits in Postgres rather than in memory while it is queued:
-        larger than ``inline_input_bytes`` (the JSON text), and not a local task (a job reads its
-        input on the policeman)."""
-        rec.spill = not self.is_local(rec.type) and (
-            rec.input_json is None or len(rec.input_json) > self.s.inline_input_bytes
-        )
+        larger than ``inline_input_bytes`` (the JSON text and the input attachments together), and
+        not a local task (a job reads its input on the policeman)."""
+        held = len(rec.input_json) + sum(map(len, rec.attachments or ())) if rec.input_json is not None else None
+        rec.spill = not self.is_local(rec.type) and (held is None or held > self.s.inline_input_bytes)
 
     def stage_new(self, rec: TaskRecord, stamp: datetime, by: str | None, detail: dict[str, Any] | None) -> None:
         self.size_input(rec)

@@ -96,6 +96,7 @@ class LabWorker:
             self.settings, Identity(epoch, 1, "lab", "0.1.0", None), Metrics(), lab.rng.random, lab.mono
         )
         self.runs: dict[uuid.UUID, Assignment] = {}
+        self.blobs: dict[uuid.UUID, tuple[bytes, ...]] = {}  # the input attachments each TASK carried
         self.waiting: list[tuple[Assignment, tuple[bytes, ...]]] = []  # new attempts behind a cancelled run
         self.inbox: deque[list[bytes]] = deque()
         self.up = True
@@ -121,6 +122,7 @@ class LabWorker:
                     self.waiting.append((a.assignment, a.attachments))
                 else:
                     self.runs[a.assignment.task_id] = a.assignment
+                    self.blobs[a.assignment.task_id] = a.attachments
                     if self.auto_slot:
                         self.core.in_slot(a.assignment.task_id)
             elif isinstance(a, AbortRun):
@@ -213,6 +215,8 @@ class Lab:
         self.finished: list[uuid.UUID] = []
         self.accepted: set[uuid.UUID] = set()
         self.loads: list[LoadInputs] = []
+        self.blobs: dict[uuid.UUID, list[bytes]] = {}
+        """The store's ``task_attachments`` (kind ``input``): what a test saved for a task."""
         self.store_down = False
         """While True, loading spilled inputs fails (as the store's breaker would)."""
         self._epochs = 0
@@ -291,7 +295,8 @@ class Lab:
         loads, self.loads = self.loads, []
         for a in loads:
             found = None if self.store_down else {t: json.dumps(self.db[t].rec["input"]) for t in a.task_ids}
-            self.core.inputs_loaded(a.node, a.task_ids, found, self.now())
+            blobs = {t: self.blobs[t] for t in a.attachments if t in self.blobs}
+            self.core.inputs_loaded(a.node, a.task_ids, found, self.now(), blobs)
             self.run(self.core.take())
 
     # --- driving -----------------------------------------------------------------------------------

@@ -208,6 +208,55 @@ def test_a_retried_large_task_lets_its_input_go_and_runs_again_intact() -> None:
     assert w.runs[tid].input == BIG and w.runs[tid].attempt == 2
 
 
+def test_a_queued_tasks_large_attachments_wait_in_the_store_and_travel_with_its_task() -> None:
+    """A hand-off's patch (input attachments) counts toward the input's size: queued, it is in
+    Postgres only; dispatched, it is loaded back with the input and sent with the TASK."""
+    lab = Lab(inline_input_bytes=1024)
+    patch = b"diff --git " + b"p" * 4000
+    rec = lab.core.new_local(TaskSpec(type="echo", input={"a": 1}), "developer-9")
+    rec.attachments = (patch,)
+    lab.blobs[rec.id] = [patch]  # the broker stores them before it stages the task
+    lab.core.add_local(rec, None, lab.now())
+    lab.run(lab.core.take())
+    assert rec.spill and rec.sendable, "kept until its row is durable"
+    lab.pump()
+    assert rec.attachments is None and not rec.sendable
+    w = join(lab, "developer-1")
+    lab.core.dispatch(lab.now())
+    actions = lab.core.take()
+    assert [a for a in actions if isinstance(a, LoadInputs)] == [LoadInputs("developer-1", (rec.id,), (rec.id,))]
+    lab.run(actions)
+    lab.pump()
+    assert w.runs[rec.id].input == {"a": 1} and w.blobs[rec.id] == (patch,)
+
+
+def test_recovered_large_attachments_wait_in_the_store() -> None:
+    lab = Lab(inline_input_bytes=1024)
+    patch = b"p" * 4000
+    rec = lab.core.new_local(TaskSpec(type="echo", input={"a": 1}), "developer-9")
+    rec.attachments = (patch,)
+    lab.core.add_local(rec, None, lab.now())
+    lab.run(lab.core.take())
+    lab.pump()
+    lab.restart_policeman()
+    lab.core.attach({rec.id: [patch]})  # what the broker loads for types with input attachments
+    again = lab.core.tasks[rec.id]
+    assert again.spill and again.attachments is None
+
+
+def test_small_attachments_stay_in_memory_and_need_no_load() -> None:
+    lab = Lab(inline_input_bytes=1024)
+    rec = lab.core.new_local(TaskSpec(type="echo", input={"a": 1}), "developer-9")
+    rec.attachments = (b"small",)
+    lab.core.add_local(rec, None, lab.now())
+    lab.run(lab.core.take())
+    lab.pump()
+    assert not rec.spill and rec.attachments == (b"small",)
+    w = join(lab, "developer-1")
+    lab.pump()
+    assert w.blobs[rec.id] == (b"small",) and not lab.loads
+
+
 def test_a_large_queued_input_stays_in_the_store_across_a_policeman_restart() -> None:
     lab = Lab(inline_input_bytes=1024)
     tid = one(lab, BIG)
