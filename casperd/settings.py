@@ -158,7 +158,7 @@ class Settings(BaseSettings):
     inline_input_bytes: int = Field(
         default=4096,
         ge=0,
-        description="a queued task's input larger than this (JSON plus attachments, bytes) waits in Postgres, not in memory",
+        description="a queued task's input larger than this (JSON plus attachments, bytes) waits in Postgres",
     )
     cache_ttl_s: float = Field(default=3600.0, gt=0, description="result cache TTL, seconds")
     commit_batch_max: int = Field(default=2000, ge=1, description="most state changes per group commit")
