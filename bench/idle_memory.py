@@ -34,6 +34,7 @@ from typing import Any
 
 import psutil
 
+from bench.common import drain
 from casperd.localmesh import LocalMesh, free_port_base
 from casperd.messages import TaskSpec
 from tests.support.fakeclaude import FakeClaude
@@ -58,15 +59,6 @@ def _mem(p: psutil.Process) -> tuple[float, float]:
     return info.rss / 2**20, info.uss / 2**20
 
 
-def _drain(c: Any, n: int) -> None:
-    got = 0
-    for _ in c.done_events(timeout_s=120):
-        got += 1
-        if got >= n:
-            return
-    raise RuntimeError(f"only {got} of {n} results arrived")
-
-
 def run(developers: int, tasks: int, idle_s: float, settle_s: float) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="casper-bench-idlemem-"))
     fake = FakeClaude().start()
@@ -88,12 +80,12 @@ def run(developers: int, tasks: int, idle_s: float, settle_s: float) -> dict[str
             specs = [TaskSpec(type="noop", input={"i": i, "pad": "x" * 64}) for i in range(tasks)]
             for i in range(0, tasks, 500):
                 c.submit(specs[i : i + 500], wait=True)
-            _drain(c, tasks)
+            drain(c, tasks)
             phases["peak"] = {"policeman": _mem(procs["policeman"])}
             time.sleep(settle_s)
             phases["burst"] = {nid: _mem(p) for nid, p in procs.items()}
             c.submit([TaskSpec(type="ask", input={"prompt": "Name one prime", "max_tokens": 16})], wait=True)
-            _drain(c, 1)
+            drain(c, 1)
             time.sleep(1.0)
             phases["ask"] = {nid: _mem(p) for nid, p in procs.items()}
         return {"phases": phases, "roles": {nid: nd.role for nid, nd in mesh.nodes.items()}, "calls": len(fake.calls())}

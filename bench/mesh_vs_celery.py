@@ -29,6 +29,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import drain
 from casperd.localmesh import LocalMesh
 from casperd.messages import TaskSpec
 
@@ -56,18 +57,18 @@ def run_casper(n_tasks: int, slots: int, nodes: int, prefetch: int, samples: int
             specs = [TaskSpec(type="noop", input={"i": i, "pad": "x" * 64}) for i in range(n_tasks)]
             # warm up (connections, prepared statements)
             c.submit(specs[:200], wait=True)
-            _drain(c, 200)
+            drain(c, 200, 60.0)
             t0 = time.perf_counter()
             for i in range(0, n_tasks, 500):
                 c.submit(specs[i : i + 500], wait=True)
-            _drain(c, n_tasks)
+            drain(c, n_tasks, 60.0)
             wall = time.perf_counter() - t0
             lat: list[float] = []
             one = [TaskSpec(type="noop", input={"pad": "x" * 64})]
             for i in range(samples + 50):
                 s = time.perf_counter()
                 c.submit(one, wait=True)
-                _drain(c, 1)
+                drain(c, 1, 60.0)
                 if i >= 50:
                     lat.append((time.perf_counter() - s) * 1000)
             store = c.request("status")["store"]
@@ -83,15 +84,6 @@ def run_casper(n_tasks: int, slots: int, nodes: int, prefetch: int, samples: int
         }
     finally:
         mesh.stop()
-
-
-def _drain(c: Any, n: int) -> None:
-    got = 0
-    for _ in c.done_events(timeout_s=60):
-        got += 1
-        if got >= n:
-            return
-    raise RuntimeError(f"only {got} of {n} results arrived")
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import psutil
 
 from bench import floors
+from bench.common import drain
 from casperd.localmesh import LocalMesh, free_port_base
 from casperd.messages import TaskSpec
 
@@ -61,15 +62,6 @@ def _delta(a: dict[str, float], b: dict[str, float], per: int, scale: float) -> 
     return {k: (b[k] - a[k]) / per * scale for k in a}
 
 
-def _drain(c: Any, n: int) -> None:
-    got = 0
-    for _ in c.done_events(timeout_s=120):
-        got += 1
-        if got >= n:
-            return
-    raise RuntimeError(f"only {got} of {n} results arrived")
-
-
 def _round_trips(c: Any, samples: int, accepted: list[float] | None = None) -> list[float]:
     """Round trips in ms; with ``accepted``, also the submit -> ACCEPTED part of each."""
     one = [TaskSpec(type="noop", input={"pad": "x" * 64})]
@@ -78,7 +70,7 @@ def _round_trips(c: Any, samples: int, accepted: list[float] | None = None) -> l
         s = time.perf_counter()
         c.submit(one, wait=True)
         a = time.perf_counter()
-        _drain(c, 1)
+        drain(c, 1)
         lat.append((time.perf_counter() - s) * 1000)
         if accepted is not None:
             accepted.append((a - s) * 1000)
@@ -121,7 +113,7 @@ def run_casper(n: int, slots: int, nodes: int, prefetch: int, samples: int) -> d
         out["rss_mb"] = rss
         with mesh.client(timeout_s=120) as c:
             c.submit([TaskSpec(type="noop", input={"i": i}) for i in range(200)], wait=True)
-            _drain(c, 200)
+            drain(c, 200)
             _round_trips(c, 50)
             a = _cpu(procs())
             out["acc_fresh"] = []
@@ -132,7 +124,7 @@ def run_casper(n: int, slots: int, nodes: int, prefetch: int, samples: int) -> d
             t0 = time.perf_counter()
             for i in range(0, n, 500):
                 c.submit(specs[i : i + 500], wait=True)
-            _drain(c, n)
+            drain(c, n)
             out["throughput_tps"] = n / (time.perf_counter() - t0)
             out["cpu_task_us"] = _delta(a, _cpu(procs()), n, 1e6)
             out["rss_police_after_mb"] = node_procs["policeman"].memory_info().rss / 2**20

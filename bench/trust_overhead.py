@@ -20,7 +20,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.mesh_vs_celery import _drain, _pct
+from bench.common import drain
+from bench.mesh_vs_celery import _pct
 from casperd import authz
 from casperd.enrollment import Entry
 from casperd.localmesh import LocalMesh, free_port_base
@@ -48,18 +49,18 @@ def run(enrollment: bool, n_tasks: int, samples: int) -> dict[str, Any]:
         with mesh.client(timeout_s=120) as c:
             specs = [TaskSpec(type="noop", input={"i": i, "pad": "x" * 64}) for i in range(n_tasks)]
             c.submit(specs[:200], wait=True)
-            _drain(c, 200)
+            drain(c, 200, 60.0)
             t0 = time.perf_counter()
             for i in range(0, n_tasks, 500):
                 c.submit(specs[i : i + 500], wait=True)
-            _drain(c, n_tasks)
+            drain(c, n_tasks, 60.0)
             wall = time.perf_counter() - t0
             lat: list[float] = []
             one = [TaskSpec(type="noop", input={"pad": "x" * 64})]
             for i in range(samples + 20):
                 s = time.perf_counter()
                 c.submit(one, wait=True)
-                _drain(c, 1)
+                drain(c, 1, 60.0)
                 if i >= 20:
                     lat.append((time.perf_counter() - s) * 1000)
             trust = c.request("status")["trust"]
