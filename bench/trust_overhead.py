@@ -2,8 +2,9 @@
 identity bound to the key) against the same mesh with ``curve_enrollment`` off (Curve still on).
 
 Both runs apply the role table (casperd/authz.py) — it is not switchable; its own cost per message
-is measured separately here (a pure function call, microseconds). Runs alternate (on, off, on,
-off, ...) so drift on a shared machine hits both sides; each figure is the median over the rounds.
+is measured separately here (a pure function call, microseconds). Runs alternate in ABBA order
+(on, off, off, on, ...) so drift on a shared machine hits both sides; each figure is the median
+over the rounds.
 
     python -m bench.trust_overhead --tasks 5000 --rounds 2
 """
@@ -88,7 +89,7 @@ def main() -> None:
     a = ap.parse_args()
     results: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
     for r in range(a.rounds):
-        for side in (True, False):
+        for side in (True, False) if r % 2 == 0 else (False, True):  # ABBA: drift hits both sides
             console.print(f"round {r + 1}: enrollment {'on' if side else 'off'} ...")
             results[side].append(run(side, a.tasks, a.samples))
     med = {
