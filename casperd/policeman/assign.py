@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from casperd import codec
-from casperd.errors import OutputTooLargeError
+from casperd.errors import OutputTooLargeError, StorageError
 from casperd.lifecycle import ACTIVE, Status, Trigger
 from casperd.liveness import Liveness
 from casperd.messages import Cancel, Command, Heartbeat, assignment_body
@@ -75,7 +75,8 @@ class AssignRules(RegistryRules):
         """The shell loaded the spilled inputs of tasks assigned to ``node`` (``found``: id -> input
         JSON; None: the store could not be read; ``blobs``: id -> input attachments, for those the
         ``LoadInputs`` named). Tasks still assigned to ``node`` get their TASK; one whose input
-        could not be had goes back to pending, no attempt spent."""
+        could not be had goes back to pending, no attempt spent; one the store answered for
+        without its input or attachments fails (``storage``, not retried)."""
         self.clock = now.mono
         peer = self.peers.get(node)
         ready: list[TaskRecord] = []
@@ -94,6 +95,11 @@ class AssignRules(RegistryRules):
             if peer is not None:  # not the peer's fault: no failure on its breaker, its probe slot freed
                 self.release(peer, rec)
                 peer.slot.breaker.release_probe()
+            if found is not None:  # the store answered without it: retrying would loop, not heal
+                missing = "its input or input attachments are missing from the task store"
+                log.error("task %s: %s; it fails", tid, missing)
+                self.fail(rec, now.wall, None, StorageError.code, missing, False)
+                continue
             self.requeue(rec, now.wall, "its input could not be loaded from the task store", Trigger.UNDELIVERED)
         if ready and peer is not None:
             self._send_tasks(node, ready, now)

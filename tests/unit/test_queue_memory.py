@@ -230,6 +230,20 @@ def test_a_queued_tasks_large_attachments_wait_in_the_store_and_travel_with_its_
     assert w.runs[rec.id].input == {"a": 1} and w.blobs[rec.id] == (patch,)
 
 
+def test_a_spilled_task_whose_attachments_the_store_lacks_fails_instead_of_looping() -> None:
+    lab = Lab(inline_input_bytes=1024)
+    rec = lab.core.new_local(TaskSpec(type="echo", input={"a": 1}), "developer-9")
+    rec.attachments = (b"p" * 4000,)  # never saved in the lab's store
+    lab.core.add_local(rec, None, lab.now())
+    lab.run(lab.core.take())
+    lab.pump()
+    w = join(lab, "developer-1")
+    lab.pump()
+    assert lab.status(rec.id) is Status.DEAD and not w.runs  # not retried: it would only loop
+    assert "missing from the task store" in (rec.error_json or "")
+    assert lab.core.peers["developer-1"].slot.inflight == 0
+
+
 def test_recovered_large_attachments_wait_in_the_store() -> None:
     lab = Lab(inline_input_bytes=1024)
     patch = b"p" * 4000
