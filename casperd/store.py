@@ -15,7 +15,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -133,15 +133,13 @@ class Store(GroupCommitWriter):
         Raises:
             StorageError: Postgres is unavailable or the query failed.
         """
-        if not self.breaker.allow(time.monotonic()):
-            raise StorageError("the database is unavailable (circuit breaker open)", hint="retry in a few seconds")
         sql = (
             f"SELECT {_ROW_BUT_INPUT}, s.spilled AS input_spilled, CASE WHEN s.spilled THEN NULL ELSE t.input END"
             " AS input FROM tasks t CROSS JOIN LATERAL (SELECT t.status = ANY(%s)"
             " AND octet_length(t.input::text) > %s AS spilled) s"
             " WHERE t.status = ANY(%s) ORDER BY t.priority DESC, t.created_at"
         )
-        try:
+        with self._guarded("query"):
             async with (
                 self.pool.connection(timeout=self.query_timeout_s) as conn,
                 conn.transaction(),
@@ -150,15 +148,6 @@ class Store(GroupCommitWriter):
                 await cur.execute(sql, (_QUEUED_STATUSES, inline_input_bytes, _OPEN_STATUSES))
                 while rows := await cur.fetchmany(batch):
                     yield rows
-        except psycopg.Error as exc:
-            self.breaker.record_failure(time.monotonic())
-            raise StorageError(f"query failed: {exc}", hint="is Postgres up? see caspectl health") from None
-        except PoolTimeout:
-            self.breaker.record_failure(time.monotonic())
-            raise StorageError(
-                f"no database connection within {self.query_timeout_s:g}s", hint="is Postgres up? see caspectl health"
-            ) from None
-        self.breaker.record_success()
 
     async def inputs(self, task_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
         """The inputs (JSON text) of these tasks, for dispatching those whose input waited here."""
@@ -206,33 +195,45 @@ class Store(GroupCommitWriter):
         await self._fetch("SELECT 1 AS one", ())
         return time.perf_counter() - t0
 
-    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> Rows:
-        """A read query, guarded by the store's circuit breaker: while Postgres keeps failing,
-        queries fail at once (no pile-up of waiting requests) until a half-open probe succeeds."""
-        now = time.monotonic()
-        if not self.breaker.allow(now):
+    @contextlib.contextmanager
+    def _guarded(self, what: str) -> Iterator[None]:
+        """Postgres work behind the store's circuit breaker: while Postgres keeps failing, it fails
+        at once (no pile-up of waiting requests) until a half-open probe succeeds; psycopg's
+        failures become :class:`StorageError` and count against the breaker."""
+        if not self.breaker.allow(time.monotonic()):
             raise StorageError(
                 "the database is unavailable (circuit breaker open after repeated failures)",
                 hint=f"retry in a few seconds; last error: {self.last_error}",
             )
+        hint = "is Postgres up? see caspectl health"
         try:
-            rows = await self._query(sql, params)
-        except StorageError as exc:
-            self.breaker.record_failure(time.monotonic())
-            self.last_error = exc.message
-            raise
-        self.breaker.record_success()
+            yield
+        except psycopg.Error as exc:
+            err = StorageError(f"{what} failed: {exc}", hint=hint)
+        except PoolTimeout:
+            # a short wait for a connection: with Postgres down, answer "unavailable" in seconds,
+            # not after the pool's 30 s default (the control loop waits for this answer)
+            err = StorageError(f"no database connection within {self.query_timeout_s:g}s", hint=hint)
+        else:
+            self.breaker.record_success()
+            return
+        self.breaker.record_failure(time.monotonic())
+        self.last_error = err.message
+        raise err from None
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> Rows:
+        """A read query, guarded by the store's circuit breaker (:meth:`_guarded`)."""
+        with self._guarded("query"):
+            async with self.pool.connection(timeout=self.query_timeout_s) as conn:
+                async with conn.cursor(row_factory=dict_row) as cur:
+                    await cur.execute(sql, params)
+                    rows = await cur.fetchall()
+                await conn.rollback()
         return rows
 
     async def execute(self, sql: str, params: tuple[Any, ...] | list[tuple[Any, ...]], *, many: bool = False) -> None:
         """A write outside the group commit (agent records), committed before it returns."""
-        now = time.monotonic()
-        if not self.breaker.allow(now):
-            raise StorageError(
-                "the database is unavailable (circuit breaker open after repeated failures)",
-                hint=f"retry in a few seconds; last error: {self.last_error}",
-            )
-        try:
+        with self._guarded("write"):
             async with self.pool.connection(timeout=self.query_timeout_s) as conn:
                 async with conn.cursor() as cur:
                     if many:
@@ -240,37 +241,10 @@ class Store(GroupCommitWriter):
                     else:
                         await cur.execute(sql, params)  # type: ignore[arg-type]
                 await conn.commit()
-        except psycopg.Error as exc:
-            self.breaker.record_failure(time.monotonic())
-            self.last_error = str(exc)
-            raise StorageError(f"write failed: {exc}", hint="is Postgres up? see caspectl health") from None
-        except PoolTimeout:
-            self.breaker.record_failure(time.monotonic())
-            raise StorageError(
-                f"no database connection within {self.query_timeout_s:g}s", hint="is Postgres up? see caspectl health"
-            ) from None
-        self.breaker.record_success()
 
     async def fetch(self, sql: str, params: tuple[Any, ...]) -> Rows:
         """A read query for other modules (the agents' records), behind the same breaker."""
         return await self._fetch(sql, params)
-
-    async def _query(self, sql: str, params: tuple[Any, ...]) -> Rows:
-        try:
-            # a short wait for a connection: with Postgres down, answer "unavailable" in seconds,
-            # not after the pool's 30 s default (the control loop waits for this answer)
-            async with self.pool.connection(timeout=self.query_timeout_s) as conn:
-                async with conn.cursor(row_factory=dict_row) as cur:
-                    await cur.execute(sql, params)
-                    rows = await cur.fetchall()
-                await conn.rollback()
-                return rows
-        except psycopg.Error as exc:
-            raise StorageError(f"query failed: {exc}", hint="is Postgres up? see caspectl health") from None
-        except PoolTimeout:
-            raise StorageError(
-                f"no database connection within {self.query_timeout_s:g}s", hint="is Postgres up? see caspectl health"
-            ) from None
 
 
 def redact_url(url: str) -> str:

@@ -7,9 +7,14 @@ pyproject.toml), so ``-m unit`` and friends select by layer. Fixtures belong in 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from casperd.embedded import EmbeddedRedis, free_port
 
 TESTS_DIR = Path(__file__).resolve().parent
 LAYERS = ("unit", "integration", "faults", "compose", "security")
@@ -30,3 +35,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         layer = layer_of(item.path)
         if layer is not None:
             item.add_marker(getattr(pytest.mark, layer))
+
+
+@pytest.fixture
+def embedded_redis() -> Iterator[EmbeddedRedis]:
+    """A real Redis of the project's own (password on), started for one test and removed after."""
+    root = Path(tempfile.mkdtemp(prefix="casper-test-redis-"))
+    server = EmbeddedRedis(root / "redis", free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -3,12 +3,8 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -16,18 +12,6 @@ from casperd.cache import ResultCache, resp_ping, signing_key
 from casperd.embedded import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def embedded_redis() -> Iterator[EmbeddedRedis]:
-    root = Path(tempfile.mkdtemp(prefix="casper-lazy-redis-"))
-    server = EmbeddedRedis(root / "redis", free_port())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_the_raw_ping_authenticates_and_tells_up_from_down(embedded_redis: EmbeddedRedis) -> None:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import stat
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +13,6 @@ from casperd.cache import ResultCache, signing_key
 from casperd.ctl.main import main as caspectl
 from casperd.embedded import EmbeddedRedis, free_port
 from casperd.logsetup import redact
-
-
-@pytest.fixture
-def embedded_redis() -> Iterator[EmbeddedRedis]:
-    root = Path(tempfile.mkdtemp(prefix="casper-sec-redis-"))
-    server = EmbeddedRedis(root / "redis", free_port())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_embedded_redis_wants_its_password(embedded_redis: EmbeddedRedis) -> None:
