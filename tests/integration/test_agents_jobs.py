@@ -16,9 +16,9 @@ import pytest
 
 from casperd.ctl.client import ControlClient
 from tests.integration.agentkit import FIXED, TEST_CMD, agent_env, checkout_and_test, git, make_repo, run_job
-from tests.integration.conftest import wait_for
 from tests.support.brains import ScriptedTeam, fix
 from tests.support.fakeclaude import FakeClaude, Response, reply, text
+from tests.support.mesh import wait_for
 
 pytestmark = pytest.mark.integration
 

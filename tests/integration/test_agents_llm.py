@@ -19,7 +19,6 @@ from casperd.ctl.client import ControlClient
 from casperd.localmesh import LocalMesh
 from casperd.messages import TaskSpec
 from tests.integration.agentkit import agent_env, make_repo, run_job
-from tests.integration.conftest import db_rows, wait_for
 from tests.support.brains import ScriptedTeam, fix
 from tests.support.fakeclaude import (
     FakeClaude,
@@ -31,6 +30,7 @@ from tests.support.fakeclaude import (
     reply,
     text,
 )
+from tests.support.mesh import db_rows, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -21,8 +21,8 @@ import pytest
 from casperd.localmesh import LocalMesh
 from casperd.messages import TaskSpec
 from casperd.spawners.local import LocalSupervisor
-from tests.integration.conftest import db_rows, free_port_base, server_dir, wait_for
 from tests.integration.test_mesh import submit_and_wait
+from tests.support.mesh import db_rows, free_port_base, server_dir, wait_for
 
 pytestmark = pytest.mark.integration
 

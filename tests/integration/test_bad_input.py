@@ -42,7 +42,7 @@ from casperd.messages import (
     TaskBatch,
     TaskSpec,
 )
-from tests.integration.conftest import db_rows, wait_for
+from tests.support.mesh import db_rows, wait_for
 
 MAX_BYTES = 64 * 1024  # the mesh under test runs with CASPER_MAX_MESSAGE_BYTES=65536
 ZMQ_LIMIT = MAX_BYTES + 64 * 1024  # transport.py sets MAXMSGSIZE to max_message_bytes + 64 KiB

@@ -22,7 +22,7 @@ from typing import Any
 from casperd.ctl.client import ControlClient
 from casperd.exitcodes import ExitCode
 from casperd.localmesh import LocalMesh
-from tests.integration.conftest import db_rows, wait_for
+from tests.support.mesh import db_rows, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from casperd.messages import TaskSpec
-from tests.integration.conftest import db_rows, wait_for
+from tests.support.mesh import db_rows, wait_for
 
 
 def test_large_inputs_queued_then_dispatched_run_with_their_full_input(make_mesh: Any, database_url: str) -> None:

@@ -8,8 +8,8 @@ import zmq
 
 from casperd import codec
 from casperd.messages import Cancel, Heartbeat, Progress, Ready, TaskBatch, TaskSpec
-from tests.integration.conftest import db_rows, wait_for
 from tests.integration.test_bad_input import FakeWorker, key
+from tests.support.mesh import db_rows, wait_for
 
 
 def test_silent_holder_loses_its_lease_and_the_task_completes_elsewhere(make_mesh: Any, database_url: str) -> None:

@@ -15,7 +15,7 @@ from casperd.ctl.client import ControlClient
 from casperd.lifecycle import ACTIVE, TRANSITIONS, Status
 from casperd.localmesh import LocalMesh
 from casperd.messages import TaskSpec
-from tests.integration.conftest import db_rows, wait_for
+from tests.support.mesh import db_rows, wait_for
 
 
 def mixed_specs(n: int) -> list[TaskSpec]:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.integration.conftest import free_port_base, wait_for
+from tests.support.mesh import free_port_base, wait_for
 
 CASPERD = str(Path(sys.executable).parent / "casperd")
 

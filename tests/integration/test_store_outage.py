@@ -13,7 +13,7 @@ from casperd.ctl.client import ControlClient
 from casperd.errors import StorageError
 from casperd.localmesh import LocalMesh
 from casperd.messages import TaskSpec
-from tests.integration.conftest import free_port_base, server_dir, wait_for
+from tests.support.mesh import free_port_base, server_dir, wait_for
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from casperd.lifecycle import Status
 from casperd.messages import TaskSpec, new_task_id
 from casperd.store import Store
 from casperd.taskrecord import TaskEvent, TaskRecord, utcnow
-from tests.integration.conftest import db_rows, wait_for
+from tests.support.mesh import db_rows, wait_for
 
 SECRET = "s3cr3t-row-data"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port_base, server_dir, wait_for
+from tests.support.mesh import free_port_base, server_dir, wait_for
 
 
 @pytest.fixture

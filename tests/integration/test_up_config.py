@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port_base, server_dir, wait_for
+from tests.support.mesh import free_port_base, server_dir, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -1,8 +1,9 @@
 """The security tier: every attack of issue #9 replayed against a real local mesh (Curve and
 enrollment on), asserting it now fails, plus the defences that already held.
 
-The mesh fixtures are the integration tier's (embedded Postgres, a LocalMesh per test), imported
-rather than copied; tests/conftest.py marks every test here ``security``.
+The mesh fixtures (embedded Postgres, a LocalMesh per test) come from the suite-wide plugin
+tests/support/mesh.py, so this tier shares the integration tier's session Postgres;
+tests/conftest.py marks every test here ``security``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Any
 import pytest
 
 from casperd.localmesh import LocalMesh
-from tests.integration.conftest import database_url, free_port_base, make_mesh, postgres, wait_for
 from tests.security.peer import Peer, key_of
+from tests.support.mesh import free_port_base, wait_for
 
-__all__ = ["database_url", "free_port_base", "make_mesh", "postgres", "wait_for"]
+__all__ = ["free_port_base", "wait_for"]
 
 
 def policeman_peer(mesh: LocalMesh, routing_id: bytes, keypair: tuple[bytes, bytes] | None = None) -> Peer:

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from casperd.messages import Error, Heartbeat, TaskSpec
-from tests.integration.conftest import db_rows
 from tests.security.conftest import enroll, policeman_peer
 from tests.security.peer import Peer, fresh_epoch
+from tests.support.mesh import db_rows
 
 
 def mode(path: Any) -> int:

@@ -13,9 +13,9 @@ from casperd.ctl.client import ControlClient
 from casperd.errors import InvalidBodyError, OverloadedError
 from casperd.messages import Error, Heartbeat, Reply, TaskBatch, TaskSpec
 from casperd.quotas import retry_after
-from tests.integration.conftest import db_rows
 from tests.security.conftest import enroll, policeman_peer
 from tests.security.peer import Peer, fresh_epoch, key_of
+from tests.support.mesh import db_rows
 
 
 def registered(mesh: Any, peers: list[Peer], node_id: str, role: str, pattern: str | None = None, **kw: Any) -> Peer:

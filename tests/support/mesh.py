@@ -1,6 +1,7 @@
-"""Fixtures for the integration tier: real embedded Postgres and Redis, real casperd processes.
+"""Mesh fixtures for the integration and security tiers: real embedded Postgres, real casperd processes.
 
-One embedded Postgres serves the whole session; every test gets its own database, its own Redis
+A pytest plugin (tests/conftest.py loads it), so both tiers share one session Postgres rather than
+each starting its own. One embedded Postgres serves the whole session; every test gets its own database, its own Redis
 and its own mesh (ports from a free range), and everything is stopped even when the test fails.
 """
 
@@ -10,6 +11,7 @@ import contextlib
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -21,6 +23,7 @@ import psycopg
 import pytest
 
 from casperd.embedded import EmbeddedPostgres
+from casperd.errors import EmbeddedServiceError
 from casperd.localmesh import LocalMesh
 from tests.support.isolation import mesh_task_user
 
@@ -63,11 +66,28 @@ def server_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 
 
+def start_session_postgres(attempts: int = 2) -> tuple[EmbeddedPostgres, Path]:
+    """Start the session's Postgres; a start that fails (a port taken between the check and the
+    bind, a slow machine) is reported on stderr and retried once on a fresh port and directory,
+    since every test of two tiers hangs on it."""
+    for attempt in range(1, attempts + 1):
+        root = server_dir("casper-test-pg-")
+        pg = EmbeddedPostgres(root / "postgres", free_port_base() + 100)
+        try:
+            pg.start()
+            return pg, root
+        except EmbeddedServiceError as exc:
+            pg.stop()
+            print(f"session Postgres, attempt {attempt}: {exc}", file=sys.stderr)
+            if attempt == attempts:
+                raise
+            shutil.rmtree(root, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[EmbeddedPostgres]:
-    root = server_dir("casper-test-pg-")
-    pg = EmbeddedPostgres(root / "postgres", free_port_base() + 100)
-    pg.start()
+    pg, root = start_session_postgres()
     os.environ.update(pg.env())  # PGPASSFILE for this process and the nodes it starts
     try:
         yield pg
