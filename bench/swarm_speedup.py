@@ -13,11 +13,20 @@ first connection are excluded), and then ``--tasks`` distinct ``ask`` tasks (dis
 ``deterministic: false``, so the result cache never answers) are submitted in one batch. Measured:
 the wall time from the submit to the last DONE.
 
-    python -m bench.swarm_speedup [--tasks 30] [--agents 15] [--latency 1.0] [--json]
+    python -m bench.swarm_speedup [--tasks 30] [--agents 15] [--latency 1.0] [--permit-lease-s S]
+                                  [--prefetch N] [--json]
 
 The mesh-wide model rate limiter is opened wide (``CASPER_LLM_RPM=100000``,
 ``CASPER_LLM_TPM=100000000``): the permits are still requested from the policeman for every call,
 but never make one wait. With the defaults (50 rpm) the limiter, not the mesh, would set the pace.
+
+Where the time goes: every node runs with ``CASPERD_CALL_TRACE`` (``casperd.calltrace``), so the
+workers mark each task's steps (TASK received, handler start, permit asked/answered or a permit
+held ahead used, HTTP send, the SDK's final message, RESULT sent) and the policeman marks serving
+each permit; with the task events, the fake server's arrival of each call and the client's DONEs
+(one wall clock: every process is on this machine) the benchmark prints the median of every step
+of one ``ask``'s path. ``--permit-lease-s 0`` turns the permits ahead off (one ``llm-permit``
+round trip before every call, the behaviour before them).
 
 Ideal: W = ceil(tasks / agents) waves of ``latency`` each, so the ideal speedup is
 (tasks * latency) / (W * latency) (15 for 30 tasks on 15 agents). The benchmark fails (exit 1)
@@ -45,6 +54,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from casperd import calltrace
 from casperd.localmesh import LocalMesh, free_port_base
 from casperd.messages import TaskSpec
 from tests.support.fakeclaude import FakeClaude, Recorded
@@ -112,9 +122,10 @@ def _user_text(rec: Recorded) -> str:
 
 
 def _run_batch(
-    mesh: LocalMesh, specs: list[TaskSpec], timeout_s: float
+    mesh: LocalMesh, specs: list[TaskSpec], timeout_s: float, done_at: dict[uuid.UUID, float] | None = None
 ) -> tuple[float, float, list[uuid.UUID], dict[uuid.UUID, str]]:
-    """Submit ``specs`` in one batch; (monotonic submit time, wall seconds to the last DONE, ids, statuses)."""
+    """Submit ``specs`` in one batch; (monotonic submit time, wall seconds to the last DONE, ids,
+    statuses). ``done_at`` gets the wall time each DONE arrived."""
     statuses: dict[uuid.UUID, str] = {}
     with mesh.client(timeout_s=30) as c:
         t0 = time.monotonic()
@@ -123,6 +134,8 @@ def _run_batch(
         for done in c.done_events(timeout_s=timeout_s):
             if done.task_id in want:
                 statuses[done.task_id] = done.status
+                if done_at is not None:
+                    done_at[done.task_id] = time.time()
                 if len(statuses) == len(want):
                     break
         wall = time.monotonic() - t0
@@ -138,15 +151,70 @@ def _at(ev: dict[str, Any]) -> float:
     return float(at.timestamp())
 
 
+def _read_trace(path: Path) -> tuple[dict[str, dict[str, float]], list[float]]:
+    """The worker-side marks of ``CASPER_CALL_TRACE`` (casperd.calltrace): task id -> mark -> first
+    wall time; and the policeman's ``permit served`` times (they name no task)."""
+    marks: dict[str, dict[str, float]] = {}
+    served: list[float] = []
+    if not path.exists():
+        return marks, served
+    for line in path.read_text().splitlines():
+        try:
+            at, name, tid, _pid = json.loads(line)
+        except ValueError:
+            continue
+        if tid is None:
+            if name == "permit served":
+                served.append(float(at))
+            continue
+        marks.setdefault(str(tid), {}).setdefault(str(name), float(at))
+    return marks, sorted(served)
+
+
+PATH = (
+    "assigned",
+    "dev: task received",
+    "dev: handler start",
+    "dev: create",
+    "dev: permit held",
+    "dev: permit asked",
+    "pol: permit served",
+    "dev: permit answered",
+    "dev: http start",
+    "model call sent",
+    "model reply due",
+    "dev: sdk reply",
+    "dev: handler returned",
+    "dev: result sent",
+    "complete",
+    "client has DONE",
+)
+"""One ``ask``'s path, in order: task events (broker clock), the worker's marks (``dev:``, from
+``casperd.calltrace``), the policeman serving the permit (``pol:``), the fake server's arrival of
+the call and that plus its latency, and the benchmark's client receiving DONE. Every clock is
+this machine's wall clock."""
+SIDE = (("dev: processing sent", "processing"), ("complete", "next assigned"))
+"""Steps off the path above: the worker's ``processing`` report reaching the policeman, and (with
+one developer of capacity 1) the gap from one task's RESULT to the next task's assignment."""
+
+
 def _phases(
-    mesh: LocalMesh, ids: list[uuid.UUID], call_at: dict[uuid.UUID, float] | None = None, latency_s: float = 0.0
+    mesh: LocalMesh,
+    ids: list[uuid.UUID],
+    call_at: dict[uuid.UUID, float] | None = None,
+    latency_s: float = 0.0,
+    trace: Path | None = None,
+    done_at: dict[uuid.UUID, float] | None = None,
 ) -> tuple[dict[str, float], dict[str, int], dict[str, str]]:
-    """Median per-task durations between lifecycle events, tasks per developer, final statuses.
-    ``call_at``: the wall time the fake server received each task's model call; it splits
-    ``processing -> complete`` into before the call, the call (``latency_s``) and after it."""
+    """Median per-task durations between consecutive milestones of :data:`PATH` (a milestone a
+    task lacks is skipped), the :data:`SIDE` steps, tasks per developer, final statuses.
+    ``call_at``: the wall time the fake server received each task's model call; ``trace``: the
+    ``CASPERD_CALL_TRACE`` file; ``done_at``: the wall time the client had each DONE."""
     steps: dict[str, list[float]] = {}
     per_node: dict[str, int] = {}
     final: dict[str, str] = {}
+    traced, served = _read_trace(trace) if trace is not None else ({}, [])
+    everyone: list[dict[str, float]] = []
     with mesh.client(timeout_s=30) as c:
         for tid in ids:
             view = c.request("get", id=str(tid))
@@ -158,22 +226,56 @@ def _phases(
                 first.setdefault(str(ev.get("to_status")), _at(ev))
             if call_at is not None and tid in call_at:
                 first["model call sent"] = call_at[tid]
-                first["model reply (sent + latency)"] = call_at[tid] + latency_s
-            marks = sorted(first.items(), key=lambda st: st[1])
-            for (a, ta), (b, tb) in itertools.pairwise(marks):
+                first["model reply due"] = call_at[tid] + latency_s
+            own = traced.get(str(tid), {})
+            first.update({f"dev: {k}": v for k, v in own.items()})
+            asked, answered = own.get("permit asked"), own.get("permit answered")
+            if asked is not None and answered is not None:
+                inside = [t for t in served if asked <= t <= answered]
+                if len(inside) == 1:  # the policeman served this task's permit (unambiguous)
+                    first["pol: permit served"] = inside[0]
+            if done_at is not None and tid in done_at:
+                first["client has DONE"] = done_at[tid]
+            if "pending" in first and "assigned" in first:
+                steps.setdefault("pending -> assigned", []).append(first["assigned"] - first["pending"])
+            on_path = [(m, first[m]) for m in PATH if m in first]
+            for (a, ta), (b, tb) in itertools.pairwise(on_path):
                 steps.setdefault(f"{a} -> {b}", []).append(tb - ta)
+            everyone.append(first)
+    if len(per_node) == 1:  # one developer: each task's RESULT frees the slot for the next
+        chain = sorted((f for f in everyone if "assigned" in f and "complete" in f), key=lambda f: f["assigned"])
+        for prev, nxt in itertools.pairwise(chain):
+            prev["next assigned"] = nxt["assigned"]
+    for a, b in SIDE:
+        got = [f[b] - f[a] for f in everyone if a in f and b in f]
+        if got:
+            steps[f"{a} -> {b}"] = got
+    if "assigned" in PATH and everyone:
+        got = [f["client has DONE"] - f["assigned"] for f in everyone if "client has DONE" in f and "assigned" in f]
+        if got:
+            steps["assigned -> client has DONE (whole path)"] = got
     return {k: statistics.median(v) for k, v in steps.items()}, per_node, final
 
 
-def run_mesh(fake: FakeClaude, agents: int, n_tasks: int, warmup_per_dev: int, keep: bool) -> Run:
+def run_mesh(
+    fake: FakeClaude,
+    agents: int,
+    n_tasks: int,
+    warmup_per_dev: int,
+    keep: bool,
+    lease_s: float | None = None,
+    prefetch: int = 0,
+) -> Run:
     run = Run(agents=agents, tasks=n_tasks, latency_s=fake.latency_s)
     state = Path(tempfile.mkdtemp(prefix=f"casper-bench-swarm{agents}-"))
     env = {
         "CASPER_CAPACITY": "1",
-        "CASPER_PREFETCH": "0",
+        "CASPER_PREFETCH": str(prefetch),
+        **({"CASPER_LLM_PERMIT_LEASE_S": f"{lease_s:g}"} if lease_s is not None else {}),
         **LIMITER_ENV,
         "ANTHROPIC_API_KEY": "sk-bench-not-a-real-key",
         "ANTHROPIC_BASE_URL": fake.url,
+        calltrace.ENV: str(state / "calltrace.jsonl"),
     }
     mesh = LocalMesh(
         state, developers=agents, testers=0, port_base=free_port_base(40), log_level="WARNING", extra_env=env
@@ -210,8 +312,9 @@ def run_mesh(fake: FakeClaude, agents: int, n_tasks: int, warmup_per_dev: int, k
         tag = f"run{agents}-{uuid.uuid4().hex[:6]}"
         prompts = [_prompt(tag, i) for i in range(n_tasks)]
         before = len(fake.calls())
+        done_at: dict[uuid.UUID, float] = {}
         t0, run.wall_s, ids, statuses = _run_batch(
-            mesh, [_ask(p) for p in prompts], timeout_s=max(60.0, 4 * n_tasks * fake.latency_s)
+            mesh, [_ask(p) for p in prompts], max(60.0, 4 * n_tasks * fake.latency_s), done_at
         )
         calls = fake.calls()[before:]
         run.calls = len(calls)
@@ -230,7 +333,9 @@ def run_mesh(fake: FakeClaude, agents: int, n_tasks: int, warmup_per_dev: int, k
         by_prompt = {p: tid for p, tid in zip(prompts, ids, strict=True)}
         to_wall = time.time() - time.monotonic()  # the fake records arrivals on the monotonic clock
         call_at = {by_prompt[_user_text(r)]: r.t + to_wall for r in calls}
-        run.phases, run.per_node, final = _phases(mesh, ids, call_at, fake.latency_s)
+        run.phases, run.per_node, final = _phases(
+            mesh, ids, call_at, fake.latency_s, state / "calltrace.jsonl", done_at
+        )
         not_complete = {tid: s for tid, s in final.items() if s != "complete"}
         if run.statuses != {"complete": n_tasks} or not_complete:
             raise BenchFailure(
@@ -252,6 +357,13 @@ def main() -> int:
     ap.add_argument("--agents", type=int, default=15, help="developers of the big mesh (default 15)")
     ap.add_argument("--latency", type=float, default=1.0, help="the fake model's latency per call, s (default 1.0)")
     ap.add_argument("--warmup", type=int, default=1, help="uncounted warm-up tasks per developer (default 1)")
+    ap.add_argument(
+        "--permit-lease-s",
+        type=float,
+        default=None,
+        help="the nodes' llm_permit_lease_s (default: the setting's default; 0: one permit round trip per call)",
+    )
+    ap.add_argument("--prefetch", type=int, default=0, help="the developers' prefetch (default 0)")
     ap.add_argument("--json", action="store_true", help="also print a one-line JSON summary")
     ap.add_argument("--keep", action="store_true", help="keep the state directories (logs) afterwards")
     a = ap.parse_args()
@@ -267,7 +379,7 @@ def main() -> int:
                 f"mesh of {agents} developer(s) x capacity 1: {a.tasks} ask tasks, "
                 f"model latency {a.latency:g}s (fake server {fake.url}) ..."
             )
-            r = run_mesh(fake, agents, a.tasks, a.warmup, a.keep)
+            r = run_mesh(fake, agents, a.tasks, a.warmup, a.keep, a.permit_lease_s, a.prefetch)
             console.print(
                 f"  started in {r.startup_s:.1f}s, warm-up {r.warmup_calls} calls in {r.warmup_s:.1f}s, "
                 f"measured wall {r.wall_s:.2f}s"
@@ -327,13 +439,17 @@ def main() -> int:
         "(1st / last call: seconds from the submit to the fake server receiving the batch's first / last model call)"
     )
 
-    p = Table(title="median per-task lifecycle step, s (task events, broker clock)", title_justify="left")
+    p = Table(
+        title="median per-task step along one ask's path, ms (task events, the workers' CASPERD_CALL_TRACE marks, "
+        "the fake server's arrivals, the client's DONEs; one wall clock)",
+        title_justify="left",
+    )
     p.add_column("step")
     for r in runs:
         p.add_column(f"{r.agents} dev", justify="right")
     steps = list(dict.fromkeys(k for r in runs for k in r.phases))  # lifecycle order, as first seen
     for k in steps:
-        p.add_row(k, *(f"{r.phases[k]:.3f}" if k in r.phases else "" for r in runs))
+        p.add_row(k, *(f"{1000 * r.phases[k]:.1f}" if k in r.phases else "" for r in runs))
     console.print(p)
 
     s = Table(title="speedup", title_justify="left", show_header=False)
@@ -376,6 +492,9 @@ def main() -> int:
                     "llm_rpm": int(LIMITER_ENV["CASPER_LLM_RPM"]),
                     "llm_tpm": int(LIMITER_ENV["CASPER_LLM_TPM"]),
                     "total_s": round(total_s, 1),
+                    "permit_lease_s": a.permit_lease_s,
+                    "prefetch": a.prefetch,
+                    "steps_ms": {str(r.agents): {k: round(1000 * v, 2) for k, v in r.phases.items()} for r in runs},
                 },
                 separators=(",", ":"),
             )

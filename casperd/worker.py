@@ -27,7 +27,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from casperd import __version__, codec, procstats
+from casperd import __version__, calltrace, codec, procstats
 from casperd.cache import ResultCache, cache_key
 from casperd.errors import CasperError, RequestTimeoutError, TaskCrashError, UnknownTaskTypeError, from_wire
 from casperd.handlers import Attached, Catalog, RunContext
@@ -245,6 +245,8 @@ class Worker:
             async with self._slots:
                 t0 = time.monotonic()  # run time, not time spent waiting for a slot
                 core.in_slot(a.task_id)
+                calltrace.running(a.task_id)
+                calltrace.mark("handler start")
                 self._carry_out()
                 ttype = self.catalog.get(a.type)
                 ctx = RunContext(
@@ -270,6 +272,7 @@ class Worker:
                 else:
                     output = await compute()
             ms = (time.monotonic() - t0) * 1000
+            calltrace.mark("handler returned")
             if isinstance(output, Attached):  # alone in its RESULT message, attachments as frames
                 ok = core.succeeded(a, output.output, ms, output.attachments)
             else:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from casperd import codec
+from casperd import calltrace, codec
 from casperd.errors import DrainingError, HandedBackError, OutputTooLargeError, ProtocolError
 from casperd.hints import silent_broker_hint
 from casperd.liveness import PeerClock
@@ -254,6 +254,7 @@ class WorkerCore:
             self.flush_needed = True
             return
         self.running[a.task_id] = Run(a.attempt, now)
+        calltrace.mark("task received", a.task_id)
         self.out.append(StartRun(a, attachments))
         self.flush_needed = True
 
@@ -310,6 +311,9 @@ class WorkerCore:
             messages, too_big = codec.encode_batches(Command.RESULT, "results", batch, self.s.max_message_bytes)
             for frames, _ in messages:
                 self._send(frames, now)
+            if calltrace.enabled():
+                for body in batch:
+                    calltrace.mark("result sent", body["task_id"])
             for out in too_big:
                 message = f"the output does not fit in {self.s.max_message_bytes} bytes"
                 error = ErrorBody(code=OutputTooLargeError.code, message=message)
@@ -323,6 +327,7 @@ class WorkerCore:
         started = [tid for tid, r in self.running.items() if r.in_slot and not r.reported_start]
         for tid in started:
             self.running[tid].reported_start = True
+            calltrace.mark("processing sent", tid)
         for i in range(0, len(started), 1000):
             self._send(codec.encode(Progress(task_ids=tuple(started[i : i + 1000]))), now)
 

@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from casperd import calltrace
 from casperd.agents.lazysdk import load_sdk
 from casperd.agents.ratelimit import Limiter, estimate_tokens, parse_rate_headers
 from casperd.agents.usage import Usage, cost_of
@@ -224,6 +225,7 @@ class ClaudeClient:
                 "(or 'casperd up') and restart it, or set anthropic_api_key_file (--anthropic-api-key-file / "
                 "CASPER_ANTHROPIC_API_KEY_FILE) to a file holding the key",
             )
+        calltrace.mark("create")
         if deterministic:
             temperature = 0.0
         await load_sdk()
@@ -302,6 +304,7 @@ class ClaudeClient:
         while True:
             attempt += 1
             await self.limiter.acquire(estimate)
+            calltrace.mark("http start")
             t0 = time.monotonic()
             retry_after: float | None = None
             try:
@@ -342,6 +345,7 @@ class ClaudeClient:
                 self.limiter.settle(estimate, 0, 0)
                 reason = "malformed response"
             else:
+                calltrace.mark("sdk reply")
                 self._observed(t0, "ok", 200)
                 return self._reply(answer, model, estimate, t0, attempt)
             if attempt > self.retries:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from casperd import authz
+from casperd import authz, calltrace
 from casperd.agents import gitwork
 from casperd.agents.claude import ClaudeClient
 from casperd.agents.ratelimit import LocalLimiter, MeshRateLimit, RateObservation
@@ -60,6 +60,15 @@ def _uuid(args: dict[str, Any], key: str) -> uuid.UUID:
         return uuid.UUID(str(args.get(key)))
     except ValueError:
         raise InvalidBodyError(f"{key} must be a task id", hint="send the task's UUID") from None
+
+
+LEASE_MAX_PER_NODE = 64
+"""The most permits one node may hold ahead (a worker asks for one per execution slot)."""
+
+
+def _count(value: Any) -> int:
+    """A non-negative int from a peer's argument (anything else: 0)."""
+    return max(0, value) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _clamp_observation(obs: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +100,8 @@ class PoliceService:
         self.claude = ClaudeClient.from_settings(settings, LocalLimiter(state=self.rate), cache)
         self._jobs: JobRunner | None = None
         self._recording: set[asyncio.Task[None]] = set()
+        self.leases: dict[str, int] = {}
+        """Permits granted ahead and not yet used or given back, per node (``llm-permit``)."""
         broker.attach(self)
         catalog = broker.catalog
         workers = frozenset({"developer", "tester"})
@@ -180,6 +191,7 @@ class PoliceService:
 
     # --- mesh services ------------------------------------------------------------------------------
     async def _permit(self, node: str, args: dict[str, Any], _att: Attachments) -> OpResult:
+        calltrace.mark("permit served")
         now = time.monotonic()
         for row in args.get("settle") or []:  # [estimated input, actual input, output tokens]
             if isinstance(row, list | tuple) and len(row) in (2, 3):
@@ -192,9 +204,28 @@ class PoliceService:
                     raise InvalidBodyError(
                         "observe entries must be rate observations", hint="see casperd.agents.ratelimit.RateObservation"
                     ) from None
+        held = self.leases.get(node, 0)
+        held -= min(held, _count(args.get("used")))  # leased permits its calls used (settled as calls)
+        for tokens in args.get("release") or []:  # leased permits it gives back unused
+            if held > 0 and isinstance(tokens, int) and not isinstance(tokens, bool):
+                held -= 1
+                self.rate.release(tokens, now)
         tokens = int(args.get("tokens") or 0)
         wait = self.rate.reserve(tokens, now) if tokens > 0 else 0.0
-        return {"wait_s": round(wait, 3)}, ()
+        out: dict[str, Any] = {"wait_s": round(wait, 3)}
+        lease = args.get("lease")
+        if wait <= 0 and self.s.llm_permit_lease_s > 0 and isinstance(lease, list | tuple) and len(lease) == 2:
+            # at most LEASE_MAX_PER_NODE held per node; only from the top half of the buckets
+            want = min(_count(lease[0]), max(0, LEASE_MAX_PER_NODE - held))
+            granted = self.rate.lease(want, _count(lease[1]), now) if want else 0
+            held += granted
+            out["leased"] = granted
+            out["lease_s"] = self.s.llm_permit_lease_s
+        if held:
+            self.leases[node] = held
+        else:
+            self.leases.pop(node, None)
+        return out, ()
 
     async def _turns_save(self, node: str, args: dict[str, Any], att: Attachments) -> OpResult:
         tid = _uuid(args, "task_id")

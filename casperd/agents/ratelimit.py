@@ -18,6 +18,10 @@ continuously up to the limit; separate limits for requests, input tokens and out
   and a reported remaining count lower than a bucket's level lowers it (another client of the same
   key, or calls the mesh has not settled yet); an empty bucket refills at the limit's rate
   (``*-reset`` is when it is full again, not when the next call may go);
+* **permits ahead** (:meth:`MeshRateLimit.lease`): a worker may hold a few permits for its next
+  calls (one round trip fewer per call); they are granted only while the request and input-token
+  buckets stay above :data:`LEASE_FLOOR` of their capacity and no pause is on, each charged like a
+  call, and an unused one is given back (:meth:`MeshRateLimit.release`);
 * **429/529**: every grant pauses until ``retry-after``; a 429 empties the buckets its headers
   report exhausted (all of them if it carries none), which then refill at the full rate. The limits
   are never halved: the mesh goes on at the account's pace as soon as the buckets refill.
@@ -41,6 +45,9 @@ from typing import Any, Protocol
 
 WINDOW_S = 60.0
 _EPS = 1e-9
+LEASE_FLOOR = 0.5
+"""Permits granted ahead (:meth:`MeshRateLimit.lease`) come only from above this share of the
+request and input-token buckets: near the limit every call asks for its own permit."""
 
 
 @dataclass
@@ -176,6 +183,8 @@ class MeshRateLimit:
         self.waits = 0
         self.tokens_granted = 0
         self.output_tokens = 0
+        self.leased = 0
+        self.released = 0
         self._last: float | None = None
 
     @property
@@ -226,6 +235,45 @@ class MeshRateLimit:
         self.inflight += 1
         self.tokens_granted += tokens
         return 0.0
+
+    def lease(self, n: int, tokens: int, now: float) -> int:
+        """Grant up to ``n`` permits ahead, each charged like a call of ``tokens`` estimated input
+        tokens, only while both buckets stay above :data:`LEASE_FLOOR` of their capacity, the
+        output bucket is not in debt and no pause is on; the number granted. A leased permit is
+        settled like any grant once its call ends, or given back with :meth:`release`."""
+        self._advance(now)
+        tokens = max(0, int(tokens))
+        granted = 0
+        while (
+            granted < n
+            and now >= self.paused_until
+            and self.out_level >= 0
+            and self.req_level - 1.0 >= self.burst * LEASE_FLOOR - _EPS
+            and self.in_level - tokens >= self.itpm_limit * LEASE_FLOOR - _EPS
+        ):
+            self.req_level -= 1.0
+            self.in_level -= tokens
+            self.window.append(now)
+            self.grants += 1
+            self.inflight += 1
+            self.tokens_granted += tokens
+            granted += 1
+        self.leased += granted
+        return granted
+
+    def release(self, tokens: int, now: float) -> None:
+        """A leased permit of ``tokens`` input tokens was not used: its request and its input
+        charge go back to the buckets."""
+        self._advance(now)
+        tokens = max(0, int(tokens))
+        self.req_level = min(float(self.burst), self.req_level + 1.0)
+        self.in_level = min(self.itpm_limit, self.in_level + tokens)
+        if self.window:
+            self.window.pop()
+        self.inflight = max(0, self.inflight - 1)
+        self.grants = max(0, self.grants - 1)
+        self.tokens_granted -= tokens
+        self.released += 1
 
     def settle(self, estimated: int, actual: int, now: float, output: int = 0) -> None:
         """A granted call ended: correct its input charge of ``estimated`` to ``actual`` tokens and
@@ -281,6 +329,8 @@ class MeshRateLimit:
             "grants": self.grants,
             "waits": self.waits,
             "in_flight": self.inflight,
+            "leased": self.leased,
+            "released": self.released,
             "tokens_granted": self.tokens_granted,
             "output_tokens": self.output_tokens,
             "requests_in_window": len(self.window),

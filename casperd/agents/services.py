@@ -16,10 +16,11 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from casperd import codec
+from casperd import calltrace, codec
 from casperd.agents import gitwork
 from casperd.agents.claude import ClaudeClient
 from casperd.agents.ratelimit import LocalLimiter, RateObservation
@@ -32,8 +33,28 @@ from casperd.transport import dealer
 log = logging.getLogger("casperd.agents")
 
 
+@dataclass(frozen=True, slots=True)
+class Spare:
+    """A permit the policeman granted ahead of a call: usable until ``until`` (monotonic)."""
+
+    tokens: int
+    until: float
+
+
+SPARE_MARGIN_S = 0.25
+"""A spare permit is used only this long before the policeman's ``lease_s`` runs out (the lease
+is counted from when the request was sent, so the two clocks never disagree in our favour)."""
+
+
 class MeshLimiter:
     """The rate limiter of a worker: the policeman holds the mesh-wide buckets and grants permits.
+
+    Permits ahead (``llm_permit_lease_s`` > 0): when a call ends, its settle report goes to the
+    policeman at once, in the background, asking for a permit for this slot's next call
+    (``lease``); the next call takes it without a round trip. A permit ahead is used only within
+    its lease, only for a call of about its size, and never after this node saw a 429/529; one not
+    used in time is given back (``release``). The policeman grants none while a pause is on or its
+    buckets are less than half full: near the limit every call asks, as without leases.
 
     If the policeman cannot be reached, the node falls back to a local limiter at the configured
     rate (logged once), so a policeman outage never hangs a running agent."""
@@ -45,20 +66,109 @@ class MeshLimiter:
         self._fallback = LocalLimiter(settings.llm_rpm, settings.llm_tpm)
         self._warned = False
         self._reports: set[asyncio.Task[None]] = set()
+        self.lease_s = settings.llm_permit_lease_s
+        self.slots = max(1, settings.capacity) if self.lease_s > 0 else 0
+        self.spares: list[Spare] = []
+        self._used = 0
+        self._releases: list[int] = []
+        self._delta = 0  # input charged for permits ahead beyond the estimates of the calls that used them
+        self._topup: asyncio.Task[None] | None = None
+        self._topup_tokens = 0
+        self._expiry: asyncio.TimerHandle | None = None
 
+    # --- permits ahead
+    def _take_spare(self, tokens: int) -> bool:
+        self._expire(time.monotonic())
+        for i, spare in enumerate(self.spares):
+            if tokens <= 2 * spare.tokens + 1024:  # about its size: the settle corrects the charge
+                del self.spares[i]
+                self._used += 1
+                self._delta += spare.tokens - tokens
+                return True
+        return False
+
+    def _expire(self, now: float) -> None:
+        if any(sp.until <= now for sp in self.spares):
+            self._releases.extend(sp.tokens for sp in self.spares if sp.until <= now)
+            self.spares = [sp for sp in self.spares if sp.until > now]
+
+    def _args(self, tokens: int) -> dict[str, Any]:
+        args: dict[str, Any] = {"tokens": int(tokens)}
+        if self._settles:
+            args["settle"], self._settles = self._settles, []
+        if self._observed:
+            args["observe"], self._observed = self._observed, []
+        if self._used:
+            args["used"], self._used = self._used, 0
+        if self._releases:
+            args["release"], self._releases = self._releases, []
+        return args
+
+    def _keep(self, data: Any, tokens: int, sent: float) -> None:
+        if not isinstance(data, dict):
+            return
+        n, lease_s = data.get("leased"), data.get("lease_s")
+        if isinstance(n, int) and n > 0 and isinstance(lease_s, int | float) and lease_s > SPARE_MARGIN_S:
+            until = sent + float(lease_s) - SPARE_MARGIN_S
+            self.spares.extend(Spare(tokens, until) for _ in range(n))
+            if self._expiry is None:
+                self._arm_expiry(until)
+
+    def _arm_expiry(self, until: float) -> None:
+        delay = max(0.0, until - time.monotonic()) + 0.01
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        self._expire(time.monotonic())
+        if self.spares:
+            self._arm_expiry(min(sp.until for sp in self.spares))
+        if self._releases:
+            self._background(self._report())
+
+    def _background(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+        return task
+
+    async def _top_up(self) -> None:
+        """Report the settled calls and ask for this node's permits ahead (one per slot)."""
+        try:
+            while self._settles or self._releases or self._used:
+                args = self._args(0)
+                want = self.slots - len(self.spares)
+                tokens = self._topup_tokens
+                if want > 0:
+                    args["lease"] = [want, tokens]
+                sent = time.monotonic()
+                try:
+                    data, _ = await self.worker.request("llm-permit", args, timeout_s=5.0)
+                except CasperError:
+                    return
+                self._keep(data, tokens, sent)
+        finally:
+            self._topup = None
+
+    # --- the Limiter protocol
     async def acquire(self, tokens: int) -> None:
+        topup = self._topup
+        if topup is not None:  # its answer may hold this call's permit: no second round trip
+            await asyncio.shield(topup)
+        if self.slots and self._take_spare(tokens):
+            calltrace.mark("permit held")
+            return
         while True:
-            args: dict[str, Any] = {"tokens": int(tokens)}
-            if self._settles:
-                args["settle"], self._settles = self._settles, []
-            if self._observed:
-                args["observe"], self._observed = self._observed, []
+            args = self._args(tokens)
             try:
+                calltrace.mark("permit asked")
                 data, _ = await self.worker.request("llm-permit", args, timeout_s=5.0)
+                calltrace.mark("permit answered")
             except (RequestTimeoutError, CasperError) as exc:
                 if not self._warned:
                     self._warned = True
                     log.warning("rate-limit permits unavailable from the policeman (%s); limiting locally", exc)
+                self.spares = []  # never use a permit the policeman may have lost track of
                 await self._fallback.acquire(tokens)
                 return
             wait = float(data.get("wait_s", 0.0)) if isinstance(data, dict) else 0.0
@@ -67,23 +177,27 @@ class MeshLimiter:
             await asyncio.sleep(min(wait, 60.0))
 
     def settle(self, estimated: int, actual: int, output: int = 0) -> None:
-        self._settles.append([int(estimated), int(actual), int(output)])
+        # a call that used a permit ahead was charged the permit's tokens, not its own estimate
+        charged, self._delta = int(estimated) + self._delta, 0
+        self._settles.append([charged, int(actual), int(output)])
         self._fallback.settle(estimated, actual, output)
+        if self.slots and self._topup is None:  # the report goes now, off the next call's path
+            self._topup_tokens = max(0, int(estimated))
+            self._topup = self._background(self._top_up())
 
     def observe(self, obs: RateObservation) -> None:
         self._observed.append(dataclasses.asdict(obs))
         self._fallback.observe(obs)
-        if obs.status in (429, 529):  # tell the mesh now, not with the next permit
-            task = asyncio.get_running_loop().create_task(self._report())
-            self._reports.add(task)
-            task.add_done_callback(self._reports.discard)
+        if obs.status in (429, 529):  # tell the mesh now, not with the next permit; hold nothing ahead
+            self._releases.extend(sp.tokens for sp in self.spares)
+            self.spares = []
+            self._background(self._report())
 
     async def _report(self) -> None:
-        if not self._observed:
+        if not (self._observed or self._releases):
             return
-        observed, self._observed = self._observed, []
         with contextlib.suppress(CasperError):
-            await self.worker.request("llm-permit", {"tokens": 0, "observe": observed}, timeout_s=5.0)
+            await self.worker.request("llm-permit", self._args(0), timeout_s=5.0)
 
 
 def api_key_configured(settings: Settings) -> bool:

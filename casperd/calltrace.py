@@ -1,0 +1,38 @@
+"""Timestamps along one task's path on a worker, for ``bench.swarm_speedup`` (off by default).
+
+With ``CASPERD_CALL_TRACE=FILE`` in a node's environment, every :func:`mark` appends one JSON line
+``[wall time, mark, task id, pid]`` to ``FILE`` (a benchmark's scratch file); without it
+:func:`mark` returns at once. The task id is the one the worker's run of the task set
+(:func:`running`), so the agents code marks its steps without passing the id around.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from contextvars import ContextVar
+
+ENV = "CASPERD_CALL_TRACE"
+_path = os.environ.get(ENV) or None
+_task: ContextVar[str | None] = ContextVar("casper_trace_task", default=None)
+
+
+def enabled() -> bool:
+    return _path is not None
+
+
+def running(task_id: uuid.UUID) -> None:
+    """The current asyncio task runs ``task_id`` (marks without an explicit id name it)."""
+    if _path is not None:
+        _task.set(str(task_id))
+
+
+def mark(name: str, task_id: uuid.UUID | str | None = None) -> None:
+    if _path is None:
+        return
+    tid = str(task_id) if task_id is not None else _task.get()
+    line = json.dumps([time.time(), name, tid, os.getpid()]) + "\n"
+    with open(_path, "a", encoding="utf-8") as f:  # a bench-only scratch file: a few lines per task
+        f.write(line)
