@@ -286,9 +286,10 @@ def run_mesh(
         run.startup_s = time.monotonic() - t
         peers = [p for p in mesh.wait_peers(agents, timeout=60) if p["liveness"] == "alive"]
         caps = sorted({int(p["capacity"]) for p in peers})
-        if len(peers) != agents or caps != [1]:
+        if len(peers) != agents or caps != [1 + prefetch]:  # a peer's credit: capacity + prefetch
             raise BenchFailure(
-                f"expected {agents} alive developers of capacity 1, got {len(peers)} with capacities {caps}"
+                f"expected {agents} alive developers of capacity 1 + prefetch {prefetch}, "
+                f"got {len(peers)} with credits {caps}"
             )
 
         # warm-up: every developer imports the agents code, creates its SDK client and connects
@@ -313,6 +314,7 @@ def run_mesh(
         prompts = [_prompt(tag, i) for i in range(n_tasks)]
         before = len(fake.calls())
         done_at: dict[uuid.UUID, float] = {}
+        wall_at_start = time.time() - time.monotonic()
         t0, run.wall_s, ids, statuses = _run_batch(
             mesh, [_ask(p) for p in prompts], max(60.0, 4 * n_tasks * fake.latency_s), done_at
         )
@@ -331,7 +333,7 @@ def run_mesh(
             arrivals = sorted(r.t for r in calls)
             run.first_call_s, run.last_call_s = arrivals[0] - t0, arrivals[-1] - t0
         by_prompt = {p: tid for p, tid in zip(prompts, ids, strict=True)}
-        to_wall = time.time() - time.monotonic()  # the fake records arrivals on the monotonic clock
+        to_wall = wall_at_start  # the fake records arrivals on the monotonic clock
         call_at = {by_prompt[_user_text(r)]: r.t + to_wall for r in calls}
         run.phases, run.per_node, final = _phases(
             mesh, ids, call_at, fake.latency_s, state / "calltrace.jsonl", done_at

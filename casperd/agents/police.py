@@ -100,8 +100,9 @@ class PoliceService:
         self.claude = ClaudeClient.from_settings(settings, LocalLimiter(state=self.rate), cache)
         self._jobs: JobRunner | None = None
         self._recording: set[asyncio.Task[None]] = set()
-        self.leases: dict[str, int] = {}
-        """Permits granted ahead and not yet used or given back, per node (``llm-permit``)."""
+        self.leases: dict[str, list[int]] = {}
+        """The input charges of the permits granted ahead and not yet used or given back, per node
+        (``llm-permit``): a node can only give back what it was charged."""
         broker.attach(self)
         catalog = broker.catalog
         workers = frozenset({"developer", "tester"})
@@ -204,27 +205,26 @@ class PoliceService:
                     raise InvalidBodyError(
                         "observe entries must be rate observations", hint="see casperd.agents.ratelimit.RateObservation"
                     ) from None
-        held = self.leases.get(node, 0)
-        held -= min(held, _count(args.get("used")))  # leased permits its calls used (settled as calls)
-        for tokens in args.get("release") or []:  # leased permits it gives back unused
-            if held > 0 and isinstance(tokens, int) and not isinstance(tokens, bool):
-                held -= 1
-                self.rate.release(tokens, now)
+        held = self.leases.pop(node, [])  # the charges of the permits ahead this node holds
+        del held[: _count(args.get("used"))]  # used by its calls (settled as calls)
+        for tokens in args.get("release") or []:  # given back unused: refund what was charged
+            if held:
+                charge = tokens if tokens in held else held[0]
+                held.remove(charge)
+                self.rate.release(charge, now)
         tokens = int(args.get("tokens") or 0)
         wait = self.rate.reserve(tokens, now) if tokens > 0 else 0.0
         out: dict[str, Any] = {"wait_s": round(wait, 3)}
         lease = args.get("lease")
         if wait <= 0 and self.s.llm_permit_lease_s > 0 and isinstance(lease, list | tuple) and len(lease) == 2:
-            # at most LEASE_MAX_PER_NODE held per node; only from the top half of the buckets
-            want = min(_count(lease[0]), max(0, LEASE_MAX_PER_NODE - held))
-            granted = self.rate.lease(want, _count(lease[1]), now) if want else 0
-            held += granted
+            want = min(_count(lease[0]), LEASE_MAX_PER_NODE - len(held))
+            charge = _count(lease[1])
+            granted = self.rate.lease(want, charge, now) if want > 0 else 0
+            held.extend([charge] * granted)
             out["leased"] = granted
             out["lease_s"] = self.s.llm_permit_lease_s
         if held:
             self.leases[node] = held
-        else:
-            self.leases.pop(node, None)
         return out, ()
 
     async def _turns_save(self, node: str, args: dict[str, Any], att: Attachments) -> OpResult:

@@ -135,6 +135,9 @@ class MeshLimiter:
     async def _top_up(self) -> None:
         """Report the settled calls and ask for this node's permits ahead (one per slot)."""
         try:
+            # started from settle(), in the same loop step as the handler's return: yield once so
+            # the RESULT (flushed on the next loop turn) leaves before this request
+            await asyncio.sleep(0)
             while self._settles or self._releases or self._used:
                 args = self._args(0)
                 want = self.slots - len(self.spares)

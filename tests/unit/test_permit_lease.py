@@ -97,13 +97,13 @@ async def test_the_next_call_takes_the_permit_granted_when_the_last_one_ended() 
     await settled()
     assert len(mesh.requests) == 2  # the settle went at once, asking for the next call's permit
     assert mesh.requests[1]["settle"] == [[100, 90, 10]] and mesh.requests[1]["lease"] == [1, 100]
-    assert len(lim.spares) == 1 and mesh.police.leases == {"developer-1": 1}
+    assert len(lim.spares) == 1 and mesh.police.leases == {"developer-1": [100]}
     await lim.acquire(120)
     assert len(mesh.requests) == 2  # no round trip before this call
     lim.settle(120, 110, 5)
     await settled()
     assert mesh.requests[2]["used"] == 1 and mesh.requests[2]["settle"] == [[100, 110, 5]]  # charged 100, not 120
-    assert mesh.police.leases == {"developer-1": 1}  # the used one, and the next one ahead
+    assert mesh.police.leases == {"developer-1": [120]}  # the used one gone, the next one ahead
     # the one held ahead is charged like the last call (120)
     assert mesh.rate.inflight == 1 and mesh.rate.tokens_granted == 90 + 110 + 120
 
@@ -191,6 +191,15 @@ async def test_a_release_the_node_was_never_granted_is_ignored() -> None:
         await mesh.request("llm-permit", {"tokens": 1})
     await mesh.request("llm-permit", {"tokens": 0, "release": [1, 1, 1], "used": 5})
     assert mesh.rate.released == 0 and mesh.rate.reserve(1, mesh.rate._last or 0.0) > 0
+
+
+async def test_a_node_gets_back_only_what_its_permits_ahead_were_charged() -> None:
+    mesh = Mesh(rpm=1000, tpm=10_000)
+    await mesh.request("llm-permit", {"tokens": 0, "lease": [1, 100]})
+    assert mesh.police.leases == {"developer-1": [100]}
+    await mesh.request("llm-permit", {"tokens": 0, "release": [10**9, 5]})
+    snap = mesh.rate.snapshot(mesh.rate._last)
+    assert mesh.police.leases == {} and snap["released"] == 1 and snap["tokens_granted"] == 0
 
 
 # --- the benchmark's trace ------------------------------------------------------------------------------
