@@ -109,7 +109,7 @@ class MeshLimiter:
             return
         n, lease_s = data.get("leased"), data.get("lease_s")
         if isinstance(n, int) and n > 0 and isinstance(lease_s, int | float) and lease_s > SPARE_MARGIN_S:
-            until = sent + float(lease_s) - SPARE_MARGIN_S
+            until = sent + min(float(lease_s), self.lease_s) - SPARE_MARGIN_S
             self.spares.extend(Spare(tokens, until) for _ in range(n))
             if self._expiry is None:
                 self._arm_expiry(until)

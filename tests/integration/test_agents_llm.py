@@ -158,6 +158,40 @@ def test_rate_limit_holds_for_the_whole_mesh(make_mesh: MeshFactory) -> None:
     assert len(senders) > 1 and all(s and s.startswith("developer") for s in senders), senders
 
 
+# --- permits ahead: the next call goes without a permit round trip ------------------------------------
+@pytest.mark.parametrize("lease_s", ["1", "0"])
+def test_sequential_calls_use_permits_granted_ahead(make_mesh: MeshFactory, lease_s: str) -> None:
+    # one developer, one slot: each call's settle report asks for the next call's permit, and the
+    # next call uses it; with the lease off (0) every call asks and nothing is held ahead
+    with FakeClaude(latency_s=0.05) as fake:
+        # a starting token limit above the fake's: the learned limit leaves the bucket full (one
+        # below it starts as low as the setting and refills at the learned rate, holding none ahead)
+        env = agent_env(
+            fake.url,
+            CASPER_CAPACITY="1",
+            CASPER_PREFETCH="0",
+            CASPER_LLM_PERMIT_LEASE_S=lease_s,
+            CASPER_LLM_TPM="10000000",
+        )
+        mesh = make_mesh(developers=1, testers=0, extra_env=env)
+        views = run_asks(mesh, [ask(f"one after another {i}") for i in range(4)], timeout=60)
+        assert all(v["status"] == "complete" for v in views), [(v["status"], v["error"]) for v in views]
+        assert len(fake.calls()) == 4
+        with ControlClient(mesh.policeman.control, timeout_s=20) as c:
+
+            def settled() -> dict[str, Any] | None:  # every permit settled or given back
+                rate = c.request("status")["llm"]["rate_limit"]
+                # without permits ahead the last call's settle waits for the next permit request
+                return rate if rate["in_flight"] == (0 if lease_s != "0" else 1) else None
+
+            rate = wait_for(settled, 20, "every permit settled or given back")
+    used_ahead = rate["leased"] - rate["released"]
+    if lease_s == "0":
+        assert rate["leased"] == 0 and rate["grants"] == 4, str(rate)
+    else:
+        assert used_ahead >= 1 and rate["grants"] == 4, str(rate)  # the permits ahead that calls used
+
+
 # --- 4. a 429 pauses every developer until retry-after ---------------------------------------------------
 def _first_k_rate_limited(k: int, retry_after_s: float, delay_s: float) -> Callable[[dict[str, Any]], Response]:
     lock = threading.Lock()
