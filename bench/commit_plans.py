@@ -106,7 +106,7 @@ async def _run(url: str, mode: str, burst: int, samples: int, cpu: PgCpu) -> Non
     backend = int(row[0])
     plain = COMMIT_ALL
     for i in range(1, COMMIT_ALL.count("%s") + 1):
-        plain = plain.replace("%s", f"${i}", 1)
+        plain = plain.replace("%s::json", f"${i}::json", 1)
     cur = await conn.execute("EXPLAIN (GENERIC_PLAN) " + plain)
     plan = [r[0] for r in await cur.fetchall()]
     upd = plan.index(next(line for line in plan if "CTE upd" in line))

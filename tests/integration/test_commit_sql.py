@@ -144,37 +144,3 @@ async def test_tasks_has_no_unique_index_but_its_primary_key(database_url: str) 
     )
     assert unique and all(index == f"{table}_pkey" for table, index in unique)
     assert "INSERT INTO tasks" in COMMIT_ALL and "ON CONFLICT DO NOTHING" in COMMIT_ALL
-
-
-async def test_update_reaches_an_old_partition_and_skips_the_others(database_url: str) -> None:
-    """The partitions are monthly and kept: a commit must probe only the ones its changed tasks live
-    in (pruned when the execution starts, from the created_at bounds), whatever their age."""
-    await _migrated(database_url)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        for m in range(1, 13):
-            conn.execute(
-                f"CREATE TABLE tasks_2024_{m:02d} PARTITION OF tasks"
-                f" FOR VALUES FROM ('2024-{m:02d}-01') TO ('{2024 + m // 12}-{m % 12 + 1:02d}-01')"
-            )
-    old, now = _record(), utcnow()
-    old.created_at = now.replace(year=2024, month=3, day=15)
-    _commit(database_url, [old], [], [])
-    old.persisted = True
-    old.move(Status.CANCELLED, now)
-    _commit(database_url, [old], [TaskEvent(now, old.id, "pending", "cancelled", None, 0)], [], times=2)
-    assert db_rows(database_url, "SELECT tableoid::regclass::text, status FROM tasks") == [
-        ("tasks_2024_03", "cancelled")
-    ]
-
-    params = commit_params([old], [], [])
-    plain = COMMIT_ALL
-    for i in range(1, len(params) + 1):
-        plain = plain.replace("%s", f"${i}", 1)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        for setting in WRITER_SETTINGS:
-            conn.execute(setting)
-        conn.execute(f"PREPARE commit_all AS {plain}")
-        args = ", ".join("'" + p.replace("'", "''") + "'" for p in params)
-        plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE commit_all({args})"))
-    partitions = db_rows(database_url, "SELECT count(*) FROM pg_inherits WHERE inhparent = 'tasks'::regclass")[0][0]
-    assert f"Subplans Removed: {partitions - 1}" in plan, plan

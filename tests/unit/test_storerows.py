@@ -27,9 +27,7 @@ def test_rows_parse_back_with_awkward_text_and_repeated_values() -> None:
         TaskEvent(NOW, odd.id, "pending", "assigned", 'dev"1', 1, '{"k":1}'),
     ]
     for _ in range(2):  # the second time from the encoders' caches
-        new, upd, lo, hi, keys, ev = commit_params([plain, odd], events, [("k\u00fc", plain.id, NOW)])
-        assert lo == hi == odd.created_at.isoformat()  # the changed tasks' created_at range
-        new, upd, keys, ev = (json.loads(p) for p in (new, upd, keys, ev))
+        new, upd, keys, ev = (json.loads(p) for p in commit_params([plain, odd], events, [("k\u00fc", plain.id, NOW)]))
         assert [r["id"] for r in new] == [str(plain.id)] and new[0]["type"] == "noop"
         assert new[0]["submitted_by"] is None and new[0]["timeout_s"] is None and new[0]["requires"] == []
         assert [r["id"] for r in upd] == [str(odd.id)] and upd[0]["assigned_to"] == 'dev"1'
@@ -55,7 +53,7 @@ def test_statement_reads_every_field_the_encoders_write() -> None:
     rec = TaskRecord.from_spec(new_task_id(), TaskSpec(type="noop"), 3, None)
     done = TaskRecord.from_spec(new_task_id(), TaskSpec(type="noop"), 3, None)
     done.persisted = True
-    new, upd, _, _, keys, ev = commit_params(
+    new, upd, keys, ev = commit_params(
         [rec, done], [TaskEvent(NOW, rec.id, None, "pending", None, 0)], [("k", rec.id, NOW)]
     )
     assert _keys(new) == sorted(storerows.TASK_COLS) == sorted(c for c, _ in storerows._TASK)
@@ -69,20 +67,7 @@ def test_statement_reads_every_field_the_encoders_write() -> None:
         (storerows._INSERT_EVENTS, storerows.EVENT_COLS),
     ):
         assert ", ".join(f"{c} {t}" for c, t in cols) in part and part in storerows.COMMIT_ALL
-    # one positional parameter per json array and two for the UPDATE's created_at bounds, in
-    # commit_params' order
-    assert storerows.COMMIT_ALL.count("%s") == 6
-    marks = ("AS r(", "AS u(", "BETWEEN %s", "AND %s::timestamptz", "AS k(", "AS e(")
-    order = [storerows.COMMIT_ALL.index(p) for p in marks]
+    # one positional parameter per json array, in commit_params' order
+    assert storerows.COMMIT_ALL.count("%s") == 4
+    order = [storerows.COMMIT_ALL.index(p) for p in ("AS r(", "AS u(", "AS k(", "AS e(")]
     assert order == sorted(order)
-
-
-def test_created_at_bounds_span_exactly_the_changed_tasks() -> None:
-    """The UPDATE's bounds only let Postgres skip partitions: they must hold every changed task's
-    created_at (never a new task's: those are inserted, and are newer) and be empty when none is."""
-    older, newer, fresh = (TaskRecord.from_spec(new_task_id(), TaskSpec(type="noop"), 3, None) for _ in range(3))
-    older.created_at, newer.created_at = datetime(2025, 1, 31, 23, 59, 59, 999999, tzinfo=UTC), NOW
-    older.persisted = newer.persisted = True
-    _, _, lo, hi, _, _ = commit_params([newer, fresh, older], [], [])
-    assert (lo, hi) == (older.created_at.isoformat(), NOW.isoformat())
-    assert commit_params([fresh], [], [])[2:4] == ("infinity", "-infinity")
