@@ -144,3 +144,52 @@ async def test_tasks_has_no_unique_index_but_its_primary_key(database_url: str) 
     )
     assert unique and all(index == f"{table}_pkey" for table, index in unique)
     assert "INSERT INTO tasks" in COMMIT_ALL and "ON CONFLICT DO NOTHING" in COMMIT_ALL
+
+
+def _upd_plan(url: str) -> list[str]:
+    plain = COMMIT_ALL
+    for i in range(1, COMMIT_ALL.count("%s") + 1):
+        plain = plain.replace("%s", f"${i}", 1)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for setting in WRITER_SETTINGS:
+            conn.execute(setting)
+        plan = [r[0] for r in conn.execute(f"EXPLAIN (GENERIC_PLAN, COSTS OFF) {plain}")]
+    start = next(i for i, line in enumerate(plan) if "CTE upd" in line)
+    end = next(i for i, line in enumerate(plan) if "CTE keys" in line)
+    return plan[start:end]
+
+
+async def test_update_probes_tasks_by_primary_key_whatever_the_statistics(database_url: str) -> None:
+    """The writer keeps one generic plan per connection, made with whatever statistics there are. Its
+    UPDATE must look each changed task up by primary key (a nested loop over the json rows), never
+    scan a partition: a plan made on an empty partition that scans it (a range condition on
+    created_at made one, with a Materialize) costs O(partition) per commit once the month fills."""
+    await _migrated(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:  # an old month, and history analyzed
+        conn.execute("CREATE TABLE tasks_2024_03 PARTITION OF tasks FOR VALUES FROM ('2024-03-01') TO ('2024-04-01')")
+    empty = _upd_plan(database_url)
+    _commit(database_url, [_record() for _ in range(300)], [], [])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("ANALYZE tasks")
+    for plan in (empty, _upd_plan(database_url)):
+        text = "\n".join(plan)
+        assert "Nested Loop" in text and "Function Scan on json_to_recordset u" in text, text
+        assert "Materialize" not in text and "Join Filter" not in text and "Seq Scan" not in text, text
+        # every partition is probed by the json row's id (on an empty partition analyzed as such, the
+        # planner may probe it through tasks_status_idx rather than the primary key: same result)
+        scans = [line for line in plan if "Scan using" in line]
+        assert scans and all("Index Scan using tasks_" in line for line in scans), text
+        conds = [line.strip() for line in plan if "Index Cond" in line]
+        assert len(conds) == len(scans) and all(
+            c.startswith(("Index Cond: ((id = u.id)", "Index Cond: (id = u.id)")) for c in conds
+        ), text
+
+    old, now = _record(), utcnow()  # and a task of an old month is found and updated there
+    old.created_at = now.replace(year=2024, month=3, day=15)
+    _commit(database_url, [old], [], [])
+    old.persisted = True
+    old.move(Status.CANCELLED, now)
+    _commit(database_url, [old], [TaskEvent(now, old.id, "pending", "cancelled", None, 0)], [], times=2)
+    assert db_rows(database_url, "SELECT tableoid::regclass::text, status FROM tasks WHERE id = %s", (old.id,)) == [
+        ("tasks_2024_03", "cancelled")
+    ]
