@@ -6,7 +6,8 @@ Theory of operation: the broker changes a :class:`TaskRecord` in memory, then *s
 writer coroutine takes everything staged so far — however many changes from however many peers —
 and writes it as ONE statement (data-modifying CTEs: insert new task rows, update changed ones,
 insert idempotency keys and events, each from one json parameter; see :mod:`casperd.storerows`),
-committed in autocommit mode, and only then runs the callbacks. So every state change is committed
+committed in autocommit mode (prepared once per connection and run on libpq directly, casperd.pgraw),
+and only then runs the callbacks. So every state change is committed
 before it is acted on, and a thousand changes cost one fsync. There is no fixed wait: a batch is
 written as soon as the previous commit returns (no added latency at low load, large batches under
 load).
@@ -26,6 +27,7 @@ Failures are of two kinds:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -37,6 +39,7 @@ import psycopg
 from psycopg import errors as pgerr
 
 from casperd.breaker import CircuitBreaker
+from casperd.pgraw import PreparedStatement
 from casperd.storerows import COMMIT_ALL, WRITER_SETTINGS, commit_params
 from casperd.taskrecord import TaskEvent, TaskRecord
 
@@ -132,6 +135,7 @@ class GroupCommitWriter:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._wconn: psycopg.AsyncConnection[Any] | None = None
+        self._stmt: PreparedStatement | None = None
         self.commits = 0
         self.rows_written = 0
         self.commit_failures = 0
@@ -184,8 +188,7 @@ class GroupCommitWriter:
             except (TimeoutError, asyncio.CancelledError):
                 self._writer.cancel()
                 log.warning("store: %d staged changes were not written before shutdown", len(self._batch.dirty))
-        if self._wconn is not None:
-            await self._wconn.close()
+        await self._drop_writer_conn()
 
     async def _write_loop(self) -> None:
         delay = 0.05
@@ -277,20 +280,35 @@ class GroupCommitWriter:
             rec.rejected = reason
             batch.refused.append(rec)
 
-    async def _writer_conn(self) -> psycopg.AsyncConnection[Any]:
-        """The writer's own connection (no pool round trips on the hot path); remade after a failure."""
-        if self._wconn is None or self._wconn.closed or self._wconn.broken:
+    async def _writer_stmt(self) -> PreparedStatement:
+        """The group commit prepared on the writer's own connection (no pool round trips on the hot
+        path, no psycopg cursor per commit: casperd.pgraw); remade after a failure."""
+        stmt = self._stmt
+        if stmt is None or stmt.broken or stmt.conn.closed or stmt.conn.broken:
+            await self._drop_writer_conn()
             # autocommit: each group commit is one statement, hence one transaction and one round trip
-            self._wconn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, **self._conn_kwargs)
+            conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, **self._conn_kwargs)
+            self._wconn = conn
             for setting in WRITER_SETTINGS:
-                await self._wconn.execute(setting)
-        return self._wconn
+                await conn.execute(setting)
+            stmt = self._stmt = await PreparedStatement.prepare(conn, "casper_commit_all", COMMIT_ALL)
+        return stmt
+
+    async def _drop_writer_conn(self) -> None:
+        conn, self._wconn, self._stmt = self._wconn, None, None
+        if conn is not None and not conn.closed:
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     async def _write(self, batch: Batch) -> None:
         records = list(batch.dirty.values())
         params = commit_params(records, batch.events, batch.keys)
-        conn = await self._writer_conn()
-        await conn.execute(COMMIT_ALL, params, prepare=True)
+        stmt = await self._writer_stmt()
+        try:
+            await stmt.run(params)
+        finally:
+            if stmt.broken:  # its protocol state is unknown: the next commit gets a new connection
+                await self._drop_writer_conn()
         self.commits += 1
         self.rows_written += len(records)
         for rec in records:
