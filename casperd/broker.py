@@ -25,13 +25,12 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import zmq.asyncio
-
 from casperd import admission, background
 from casperd.background import LocalWork, now
 from casperd.enrollment import Enrollment
 from casperd.errors import CasperError, StorageError, UnsupportedError
 from casperd.handlers import Catalog
+from casperd.loopsock import Sock
 from casperd.messages import Submit, TaskSpec
 from casperd.metrics import Metrics
 from casperd.policeman import PolicemanCore, Sender, SenderKind
@@ -67,8 +66,8 @@ class Broker:
         self.metrics = metrics
         self.catalog = catalog if catalog is not None else Catalog()
         self.core = PolicemanCore(settings, self.catalog, metrics, time.monotonic())
-        self.mesh: zmq.asyncio.Socket | None = None
-        self.control: zmq.asyncio.Socket | None = None
+        self.mesh: Sock | None = None  # driven by casperd.loopsock
+        self.control: Sock | None = None
         self.work: LocalWork | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._tick_armed: float | None = None
@@ -289,8 +288,8 @@ class Broker:
     def _send_action(self, a: Send) -> None:
         if a.announces:
             self.store.after_commit(lambda: announce(self._send, a, self.core.tasks))
-        elif a.after_commit:
-            self.store.after_commit(lambda: self._send(a))
+        elif a.after_commit:  # a worker's TASK goes before the submitters' ACCEPTED: the work starts sooner
+            self.store.after_commit(lambda: self._send(a), first=a.socket is Socket.MESH)
         else:
             self._send(a)
 

@@ -81,13 +81,16 @@ class Batch:
     dirty: dict[uuid.UUID, TaskRecord] = field(default_factory=dict)
     events: list[TaskEvent] = field(default_factory=list)
     keys: list[tuple[str, uuid.UUID, Any]] = field(default_factory=list)
+    first: list[Callable[[], None]] = field(default_factory=list)
+    """Callbacks that run before ``after`` once the batch commits (TASKs to workers: the work starts
+    before the submitters hear ACCEPTED)."""
     after: list[Callable[[], None]] = field(default_factory=list)
     refused: list[TaskRecord] = field(default_factory=list)
     """Records whose rows Postgres refused while writing this batch (handed to ``on_reject``
     once the rest of the batch is committed and its callbacks have run)."""
 
     def __bool__(self) -> bool:
-        return bool(self.dirty or self.events or self.keys or self.after or self.refused)
+        return bool(self.dirty or self.events or self.keys or self.first or self.after or self.refused)
 
     def task_ids(self) -> list[uuid.UUID]:
         """Every task this batch writes a row for, in first-staged order."""
@@ -110,6 +113,7 @@ class Batch:
         self.dirty.update(newer.dirty)
         self.events.extend(newer.events)
         self.keys.extend(newer.keys)
+        self.first.extend(newer.first)
         self.after.extend(newer.after)
         self.refused.extend(newer.refused)
 
@@ -156,8 +160,10 @@ class GroupCommitWriter:
     def stage_key(self, key: str, task_id: uuid.UUID, created_at: Any) -> None:
         self._batch.keys.append((key, task_id, created_at))
 
-    def after_commit(self, fn: Callable[[], None]) -> None:
-        self._batch.after.append(fn)
+    def after_commit(self, fn: Callable[[], None], *, first: bool = False) -> None:
+        """Run ``fn`` once everything staged so far is committed; ``first`` callbacks run before
+        the others of the same commit (each kind in the order registered)."""
+        (self._batch.first if first else self._batch.after).append(fn)
         self._wake.set()
 
     async def committed(self) -> None:
@@ -214,7 +220,7 @@ class GroupCommitWriter:
             self.breaker.record_success()
             if self.on_commit is not None:
                 self.on_commit(time.perf_counter() - t0)
-            for fn in batch.after:
+            for fn in (*batch.first, *batch.after):
                 try:
                     fn()
                 except Exception:
@@ -265,7 +271,7 @@ class GroupCommitWriter:
             except Exception as exc:
                 if is_retryable(exc):
                     rest = batch.subset([t for chunk in (*todo, part) for t in chunk])
-                    rest.after, rest.refused = batch.after, batch.refused
+                    rest.first, rest.after, rest.refused = batch.first, batch.after, batch.refused
                     raise PendingRetry(exc, rest) from exc
                 if len(part) > 1:
                     todo += [part[len(part) // 2 :], part[: len(part) // 2]]

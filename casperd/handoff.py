@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import zmq.asyncio
-
 from casperd import authz, codec
 from casperd.enrollment import Enrollment
 from casperd.errors import CasperError, InvalidBodyError, ProtocolError
+from casperd.loopsock import Sock
 from casperd.messages import ErrorBody, Reply, Request
 from casperd.metrics import Metrics
 from casperd.transport import send_now
@@ -39,7 +38,7 @@ def admit(enrollment: Enrollment | None, metrics: Metrics, route: bytes, msg: Re
 
 
 async def answer(
-    worker: Worker | None, sock: zmq.asyncio.Socket | None, route: bytes, msg: Request, attachments: tuple[bytes, ...]
+    worker: Worker | None, sock: Sock | None, route: bytes, msg: Request, attachments: tuple[bytes, ...]
 ) -> None:
     """Direct hand-off: a peer's REQUEST ``handoff`` on this worker's own ROUTER."""
     assert worker is not None and sock is not None

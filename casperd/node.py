@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 import zmq.asyncio
 
-from casperd import codec, handoff, memtrim, taskenv
+from casperd import codec, handoff, loopsock, memtrim, taskenv
 from casperd.agents.tasktypes import install as install_agent_types
 from casperd.cache import ResultCache
 from casperd.control import Control
@@ -30,6 +30,7 @@ from casperd.enrollment import Enrollment
 from casperd.errors import CasperError, ProtocolError, UnsupportedError
 from casperd.eventloop import tune_gc
 from casperd.handlers import Catalog
+from casperd.loopsock import Sock
 from casperd.messages import Error, Heartbeat, Request, Role, Submit
 from casperd.metrics import Metrics
 from casperd.settings import Settings
@@ -38,6 +39,7 @@ from casperd.transport import (
     SocketOptions,
     advertised,
     load_key,
+    plain_context,
     read_secret_file,
     recv_batch,
     recv_batch_users,
@@ -80,8 +82,8 @@ class Node:
         self.control = Control(self)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.mesh_sock: zmq.asyncio.Socket | None = None
-        self.control_sock: zmq.asyncio.Socket | None = None
+        self.mesh_sock: Sock | None = None  # driven by casperd.loopsock
+        self.control_sock: Sock | None = None
         self.started = time.monotonic()
         self._logged: set[tuple[str, bytes, str]] = set()
         self._oneshots: set[asyncio.Task[None]] = set()
@@ -144,8 +146,9 @@ class Node:
             await self.broker.recover()
         if self.s.curve and self.s.curve_enrollment:
             self._start_zap()
-        self.mesh_sock = router(self.ctx, self.s.bind, self.opts, curve=self.s.curve)
-        self.control_sock = router(self.ctx, self.s.control, self.opts, curve=False)
+        plain = plain_context(self.ctx)
+        self.mesh_sock = router(plain, self.s.bind, self.opts, curve=self.s.curve)
+        self.control_sock = router(plain, self.s.control, self.opts, curve=False)
         if self.broker is not None:
             self.broker.enrollment = self.enrollment
             self.broker.mesh = self.mesh_sock
@@ -226,7 +229,7 @@ class Node:
             await self.cache.close()
         for sock in (self.mesh_sock, self.control_sock):
             if sock is not None:
-                sock.close(linger=self.s.linger_ms)
+                loopsock.close(sock, linger=self.s.linger_ms)
         if self.s.control.startswith("ipc://"):  # no stale socket file left for caspectl to find
             await asyncio.to_thread(Path(self.s.control[len("ipc://") :]).unlink, missing_ok=True)
         if self.zap is not None:

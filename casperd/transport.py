@@ -16,13 +16,17 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import zmq
-import zmq.asyncio
 
+from casperd import loopsock
 from casperd.errors import ConfigError
+from casperd.loopsock import Sock
 
 log = logging.getLogger("casperd.secrets")
+
+_S = TypeVar("_S", bound=zmq.Socket)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +50,7 @@ def _common(sock: zmq.Socket, opts: SocketOptions) -> None:
     sock.setsockopt(zmq.HEARTBEAT_TTL, opts.heartbeat_ms * 3)
 
 
-def router(ctx: zmq.asyncio.Context, endpoint: str, opts: SocketOptions, *, curve: bool) -> zmq.asyncio.Socket:
+def router(ctx: zmq.Context[_S], endpoint: str, opts: SocketOptions, *, curve: bool) -> _S:
     """A bound ROUTER; an ipc endpoint's file is made private to this user (0600)."""
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, opts)
@@ -83,9 +87,7 @@ def router(ctx: zmq.asyncio.Context, endpoint: str, opts: SocketOptions, *, curv
     return sock
 
 
-def dealer(
-    ctx: zmq.asyncio.Context, endpoint: str, identity: bytes, opts: SocketOptions, *, curve: bool
-) -> zmq.asyncio.Socket:
+def dealer(ctx: zmq.Context[_S], endpoint: str, identity: bytes, opts: SocketOptions, *, curve: bool) -> _S:
     """A DEALER with a stable routing id, connected to ``endpoint``."""
     sock = ctx.socket(zmq.DEALER)
     _common(sock, opts)
@@ -134,29 +136,15 @@ def advertised(bind: str, advertise: str, broker: str) -> str:
     return f"tcp://{ip}:{port}" if ip else bind
 
 
-def send_now(sock: zmq.asyncio.Socket, frames: Sequence[bytes]) -> str | None:
+def send_now(sock: Sock, frames: Sequence[bytes]) -> str | None:
     """Send without ever blocking the loop; returns None, or why the frames were not sent
     (``"unroutable"``: no such peer connected; ``"full"``: high-water mark reached)."""
-    fut = sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=True)
-    exc = fut.exception() if fut.done() else None
-    if exc is None:
-        return None
-    if isinstance(exc, zmq.Again):
-        return "full"
-    if isinstance(exc, zmq.ZMQError) and exc.errno == zmq.EHOSTUNREACH:
-        return "unroutable"
-    return f"error: {exc}"
+    return loopsock.send(sock, frames)
 
 
-async def recv_batch(sock: zmq.asyncio.Socket, limit: int = 512) -> list[list[bytes]]:
+async def recv_batch(sock: Sock, limit: int = 512) -> list[list[bytes]]:
     """Wait for one message, then take every message already queued (up to ``limit``)."""
-    batch = [await sock.recv_multipart()]
-    while len(batch) < limit:
-        fut = sock.recv_multipart(flags=zmq.DONTWAIT)
-        if fut.exception() is not None:
-            break
-        batch.append(fut.result())
-    return batch
+    return cast("list[list[bytes]]", await loopsock.recv_batch(sock, limit))
 
 
 def _with_user(frames: list[zmq.Frame]) -> tuple[list[bytes], str | None]:
@@ -168,16 +156,18 @@ def _with_user(frames: list[zmq.Frame]) -> tuple[list[bytes], str | None]:
     return [f.bytes for f in frames], user or None
 
 
-async def recv_batch_users(sock: zmq.asyncio.Socket, limit: int = 512) -> list[tuple[list[bytes], str | None]]:
+async def recv_batch_users(sock: Sock, limit: int = 512) -> list[tuple[list[bytes], str | None]]:
     """Like :func:`recv_batch`, each message with the ZAP User-Id of its connection (the enrolled
     public key on a Curve socket; None without ZAP)."""
-    batch = [_with_user(await sock.recv_multipart(copy=False))]
-    while len(batch) < limit:
-        fut = sock.recv_multipart(flags=zmq.DONTWAIT, copy=False)
-        if fut.exception() is not None:
-            break
-        batch.append(_with_user(fut.result()))
-    return batch
+    batch = cast("list[list[zmq.Frame]]", await loopsock.recv_batch(sock, limit, copy=False))
+    return [_with_user(frames) for frames in batch]
+
+
+def plain_context(ctx: zmq.Context[Any]) -> zmq.Context[Sock]:
+    """A synchronous handle on ``ctx`` (the same ZeroMQ context: inproc endpoints and the ZAP
+    handler are shared; terminating ``ctx`` still ends it) for sockets that :mod:`casperd.loopsock`
+    drives."""
+    return zmq.Context.shadow(ctx.underlying)
 
 
 def read_secret_file(path: Path | None, what: str, *, secret: bool = True) -> str | None:

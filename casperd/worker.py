@@ -22,20 +22,21 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from casperd import __version__, codec, procstats
+from casperd import __version__, codec, loopsock, procstats
 from casperd.cache import ResultCache, cache_key
 from casperd.errors import CasperError, RequestTimeoutError, TaskCrashError, UnknownTaskTypeError, from_wire
 from casperd.handlers import Attached, Catalog, RunContext
+from casperd.loopsock import Sock
 from casperd.meshcache import cache_counters
 from casperd.messages import Assignment, Request
 from casperd.metrics import Metrics
 from casperd.settings import Settings
-from casperd.transport import SocketOptions, dealer, send_now
+from casperd.transport import SocketOptions, dealer, plain_context, send_now
 from casperd.workercore import (
     AbortRun,
     Identity,
@@ -75,7 +76,7 @@ class Worker:
         me = Identity(self.epoch, os.getpid(), _hostname(), __version__.replace("+", "."), public)
         self.core = WorkerCore(settings, me, metrics, random.random, time.monotonic())
         self.core.stats = procstats.shared().sample
-        self.sock: zmq.asyncio.Socket | None = None
+        self.sock: Sock | None = None  # driven by casperd.loopsock
         self.tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._flush_scheduled = False
         self._slots = asyncio.Semaphore(max(1, settings.capacity))
@@ -101,7 +102,7 @@ class Worker:
         return self.core.draining
 
     # --- connection -----------------------------------------------------------------------------
-    def connect(self) -> zmq.asyncio.Socket:
+    def connect(self) -> Sock:
         self._reconnect()
         self.core.connected(time.monotonic())
         self._carry_out()
@@ -110,8 +111,8 @@ class Worker:
 
     def _reconnect(self, _a: Any = None) -> None:
         if self.sock is not None:
-            self.sock.close(linger=0)
-        self.sock = dealer(self.ctx, self.s.broker, self.identity, self.opts, curve=self.s.curve)
+            loopsock.close(self.sock, linger=0)
+        self.sock = dealer(plain_context(self.ctx), self.s.broker, self.identity, self.opts, curve=self.s.curve)
 
     def send_ready(self) -> None:
         self.core.send_ready(time.monotonic())
@@ -132,8 +133,7 @@ class Worker:
         self._carry_out()
 
     def tick(self) -> None:
-        events = cast(int, self.sock.getsockopt(zmq.EVENTS)) if self.sock is not None else 0
-        waiting = bool(events & zmq.POLLIN)
+        waiting = loopsock.pending_input(self.sock) if self.sock is not None else False
         if self.cache is not None:
             self.core.cache_counters = cache_counters(self.cache.stats())
         self.core.tick(time.monotonic(), waiting)
@@ -345,7 +345,7 @@ class Worker:
 
     async def close(self) -> None:
         if self.sock is not None:
-            self.sock.close(linger=self.s.linger_ms)
+            loopsock.close(self.sock, linger=self.s.linger_ms)
             self.sock = None
         for task in list(self.tasks.values()):
             task.cancel()
