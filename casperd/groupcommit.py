@@ -40,7 +40,7 @@ from psycopg import errors as pgerr
 
 from casperd.breaker import CircuitBreaker
 from casperd.pgraw import PreparedStatement
-from casperd.storerows import COMMIT_ALL, WRITER_SETTINGS, commit_params
+from casperd.storerows import WRITER_SETTINGS, commit_params, commit_sql
 from casperd.taskrecord import TaskEvent, TaskRecord
 
 log = logging.getLogger("casperd.store")
@@ -139,7 +139,7 @@ class GroupCommitWriter:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._wconn: psycopg.AsyncConnection[Any] | None = None
-        self._stmt: PreparedStatement | None = None
+        self._stmts: dict[tuple[bool, bool, bool, bool], PreparedStatement] = {}
         self.commits = 0
         self.rows_written = 0
         self.commit_failures = 0
@@ -286,22 +286,25 @@ class GroupCommitWriter:
             rec.rejected = reason
             batch.refused.append(rec)
 
-    async def _writer_stmt(self) -> PreparedStatement:
-        """The group commit prepared on the writer's own connection (no pool round trips on the hot
-        path, no psycopg cursor per commit: casperd.pgraw); remade after a failure."""
-        stmt = self._stmt
-        if stmt is None or stmt.broken or stmt.conn.closed or stmt.conn.broken:
+    async def _writer_stmt(self, parts: tuple[bool, bool, bool, bool]) -> PreparedStatement:
+        """The group commit with these parts (storerows.commit_sql), prepared on the writer's own
+        connection (no pool round trips on the hot path, no psycopg cursor per commit:
+        casperd.pgraw) on its first use; the connection is remade after a failure."""
+        conn = self._wconn
+        if conn is None or conn.closed or conn.broken or any(s.broken for s in self._stmts.values()):
             await self._drop_writer_conn()
             # autocommit: each group commit is one statement, hence one transaction and one round trip
-            conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, **self._conn_kwargs)
-            self._wconn = conn
+            conn = self._wconn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, **self._conn_kwargs)
             for setting in WRITER_SETTINGS:
                 await conn.execute(setting)
-            stmt = self._stmt = await PreparedStatement.prepare(conn, "casper_commit_all", COMMIT_ALL)
+        stmt = self._stmts.get(parts)
+        if stmt is None:
+            name = "casper_commit_" + "".join("1" if p else "0" for p in parts)
+            stmt = self._stmts[parts] = await PreparedStatement.prepare(conn, name, commit_sql(parts))
         return stmt
 
     async def _drop_writer_conn(self) -> None:
-        conn, self._wconn, self._stmt = self._wconn, None, None
+        conn, self._wconn, self._stmts = self._wconn, None, {}
         if conn is not None and not conn.closed:
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -309,9 +312,12 @@ class GroupCommitWriter:
     async def _write(self, batch: Batch) -> None:
         records = list(batch.dirty.values())
         params = commit_params(records, batch.events, batch.keys)
-        stmt = await self._writer_stmt()
+        parts = (params[0] != "[]", params[1] != "[]", params[2] != "[]", params[3] != "[]")
+        if not any(parts):
+            return  # only callbacks (``committed()``): everything before them is already durable
+        stmt = await self._writer_stmt(parts)
         try:
-            await stmt.run(params)
+            await stmt.run([p for p, on in zip(params, parts, strict=True) if on])
         finally:
             if stmt.broken:  # its protocol state is unknown: the next commit gets a new connection
                 await self._drop_writer_conn()

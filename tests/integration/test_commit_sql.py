@@ -16,7 +16,7 @@ import pytest
 from casperd.lifecycle import Status
 from casperd.messages import TaskSpec, new_task_id
 from casperd.store import Store
-from casperd.storerows import COMMIT_ALL, WRITER_SETTINGS, commit_params
+from casperd.storerows import COMMIT_ALL, WRITER_SETTINGS, commit_params, commit_sql
 from casperd.taskrecord import TaskEvent, TaskRecord, utcnow
 from tests.support.mesh import db_rows
 
@@ -146,16 +146,16 @@ async def test_tasks_has_no_unique_index_but_its_primary_key(database_url: str) 
     assert "INSERT INTO tasks" in COMMIT_ALL and "ON CONFLICT DO NOTHING" in COMMIT_ALL
 
 
-def _upd_plan(url: str) -> list[str]:
-    plain = COMMIT_ALL
-    for i in range(1, COMMIT_ALL.count("%s") + 1):
+def _upd_plan(url: str, statement: str = COMMIT_ALL) -> list[str]:
+    plain = statement
+    for i in range(1, statement.count("%s") + 1):
         plain = plain.replace("%s", f"${i}", 1)
     with psycopg.connect(url, autocommit=True) as conn:
         for setting in WRITER_SETTINGS:
             conn.execute(setting)
         plan = [r[0] for r in conn.execute(f"EXPLAIN (GENERIC_PLAN, COSTS OFF) {plain}")]
     start = next(i for i, line in enumerate(plan) if "CTE upd" in line)
-    end = next(i for i, line in enumerate(plan) if "CTE keys" in line)
+    end = next((i for i, line in enumerate(plan) if "CTE keys" in line), len(plan))
     return plan[start:end]
 
 
@@ -167,11 +167,12 @@ async def test_update_probes_tasks_by_primary_key_whatever_the_statistics(databa
     await _migrated(database_url)
     with psycopg.connect(database_url, autocommit=True) as conn:  # an old month, and history analyzed
         conn.execute("CREATE TABLE tasks_2024_03 PARTITION OF tasks FOR VALUES FROM ('2024-03-01') TO ('2024-04-01')")
-    empty = _upd_plan(database_url)
+    update_only = commit_sql((False, True, False, True))  # what the writer runs for a batch of updates
+    empty = [_upd_plan(database_url), _upd_plan(database_url, update_only)]
     _commit(database_url, [_record() for _ in range(300)], [], [])
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("ANALYZE tasks")
-    for plan in (empty, _upd_plan(database_url)):
+    for plan in (*empty, _upd_plan(database_url), _upd_plan(database_url, update_only)):
         text = "\n".join(plan)
         assert "Nested Loop" in text and "Function Scan on json_to_recordset u" in text, text
         assert "Materialize" not in text and "Join Filter" not in text and "Seq Scan" not in text, text

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import pytest
+
 from casperd import storerows
 from casperd.messages import TaskSpec, new_task_id
 from casperd.storerows import commit_params
@@ -71,3 +73,18 @@ def test_statement_reads_every_field_the_encoders_write() -> None:
     assert storerows.COMMIT_ALL.count("%s") == 4
     order = [storerows.COMMIT_ALL.index(p) for p in ("AS r(", "AS u(", "AS k(", "AS e(")]
     assert order == sorted(order)
+
+
+def test_commit_sql_has_only_the_parts_asked_for_with_their_parameters_in_order() -> None:
+    from casperd.storerows import COMMIT_ALL, commit_sql
+
+    assert commit_sql((True, True, True, True)) == COMMIT_ALL
+    only_events = commit_sql((False, False, False, True))
+    assert only_events.startswith("INSERT INTO task_events") and only_events.count("%s") == 1
+    update = commit_sql((False, True, False, True))
+    assert update.startswith("WITH upd AS (UPDATE tasks") and "INSERT INTO tasks" not in update
+    assert update.count("%s") == 2 and update.index("UPDATE") < update.index("INSERT INTO task_events")
+    keys_only = commit_sql((False, False, True, False))
+    assert keys_only.startswith("INSERT INTO task_idempotency") and "WITH" not in keys_only
+    with pytest.raises(ValueError):
+        commit_sql((False, False, False, False))
