@@ -288,8 +288,8 @@ class Broker:
     def _send_action(self, a: Send) -> None:
         if a.announces:
             self.store.after_commit(lambda: announce(self._send, a, self.core.tasks))
-        elif a.after_commit:
-            self.store.after_commit(lambda: self._send(a))
+        elif a.after_commit:  # a worker's TASK goes before the submitters' ACCEPTED: the work starts sooner
+            self.store.after_commit(lambda: self._send(a), first=a.socket is Socket.MESH)
         else:
             self._send(a)
 

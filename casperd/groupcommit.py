@@ -40,7 +40,7 @@ from psycopg import errors as pgerr
 
 from casperd.breaker import CircuitBreaker
 from casperd.pgraw import PreparedStatement
-from casperd.storerows import COMMIT_ALL, WRITER_SETTINGS, commit_params
+from casperd.storerows import WRITER_SETTINGS, commit_params, commit_sql
 from casperd.taskrecord import TaskEvent, TaskRecord
 
 log = logging.getLogger("casperd.store")
@@ -81,13 +81,16 @@ class Batch:
     dirty: dict[uuid.UUID, TaskRecord] = field(default_factory=dict)
     events: list[TaskEvent] = field(default_factory=list)
     keys: list[tuple[str, uuid.UUID, Any]] = field(default_factory=list)
+    first: list[Callable[[], None]] = field(default_factory=list)
+    """Callbacks that run before ``after`` once the batch commits (TASKs to workers: the work starts
+    before the submitters hear ACCEPTED)."""
     after: list[Callable[[], None]] = field(default_factory=list)
     refused: list[TaskRecord] = field(default_factory=list)
     """Records whose rows Postgres refused while writing this batch (handed to ``on_reject``
     once the rest of the batch is committed and its callbacks have run)."""
 
     def __bool__(self) -> bool:
-        return bool(self.dirty or self.events or self.keys or self.after or self.refused)
+        return bool(self.dirty or self.events or self.keys or self.first or self.after or self.refused)
 
     def task_ids(self) -> list[uuid.UUID]:
         """Every task this batch writes a row for, in first-staged order."""
@@ -110,6 +113,7 @@ class Batch:
         self.dirty.update(newer.dirty)
         self.events.extend(newer.events)
         self.keys.extend(newer.keys)
+        self.first.extend(newer.first)
         self.after.extend(newer.after)
         self.refused.extend(newer.refused)
 
@@ -135,7 +139,7 @@ class GroupCommitWriter:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._wconn: psycopg.AsyncConnection[Any] | None = None
-        self._stmt: PreparedStatement | None = None
+        self._stmts: dict[tuple[bool, bool, bool, bool], PreparedStatement] = {}
         self.commits = 0
         self.rows_written = 0
         self.commit_failures = 0
@@ -156,8 +160,10 @@ class GroupCommitWriter:
     def stage_key(self, key: str, task_id: uuid.UUID, created_at: Any) -> None:
         self._batch.keys.append((key, task_id, created_at))
 
-    def after_commit(self, fn: Callable[[], None]) -> None:
-        self._batch.after.append(fn)
+    def after_commit(self, fn: Callable[[], None], *, first: bool = False) -> None:
+        """Run ``fn`` once everything staged so far is committed; ``first`` callbacks run before
+        the others of the same commit (each kind in the order registered)."""
+        (self._batch.first if first else self._batch.after).append(fn)
         self._wake.set()
 
     async def committed(self) -> None:
@@ -214,7 +220,7 @@ class GroupCommitWriter:
             self.breaker.record_success()
             if self.on_commit is not None:
                 self.on_commit(time.perf_counter() - t0)
-            for fn in batch.after:
+            for fn in (*batch.first, *batch.after):
                 try:
                     fn()
                 except Exception:
@@ -265,7 +271,7 @@ class GroupCommitWriter:
             except Exception as exc:
                 if is_retryable(exc):
                     rest = batch.subset([t for chunk in (*todo, part) for t in chunk])
-                    rest.after, rest.refused = batch.after, batch.refused
+                    rest.first, rest.after, rest.refused = batch.first, batch.after, batch.refused
                     raise PendingRetry(exc, rest) from exc
                 if len(part) > 1:
                     todo += [part[len(part) // 2 :], part[: len(part) // 2]]
@@ -280,22 +286,25 @@ class GroupCommitWriter:
             rec.rejected = reason
             batch.refused.append(rec)
 
-    async def _writer_stmt(self) -> PreparedStatement:
-        """The group commit prepared on the writer's own connection (no pool round trips on the hot
-        path, no psycopg cursor per commit: casperd.pgraw); remade after a failure."""
-        stmt = self._stmt
-        if stmt is None or stmt.broken or stmt.conn.closed or stmt.conn.broken:
+    async def _writer_stmt(self, parts: tuple[bool, bool, bool, bool]) -> PreparedStatement:
+        """The group commit with these parts (storerows.commit_sql), prepared on the writer's own
+        connection (no pool round trips on the hot path, no psycopg cursor per commit:
+        casperd.pgraw) on its first use; the connection is remade after a failure."""
+        conn = self._wconn
+        if conn is None or conn.closed or conn.broken or any(s.broken for s in self._stmts.values()):
             await self._drop_writer_conn()
             # autocommit: each group commit is one statement, hence one transaction and one round trip
-            conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, **self._conn_kwargs)
-            self._wconn = conn
+            conn = self._wconn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, **self._conn_kwargs)
             for setting in WRITER_SETTINGS:
                 await conn.execute(setting)
-            stmt = self._stmt = await PreparedStatement.prepare(conn, "casper_commit_all", COMMIT_ALL)
+        stmt = self._stmts.get(parts)
+        if stmt is None:
+            name = "casper_commit_" + "".join("1" if p else "0" for p in parts)
+            stmt = self._stmts[parts] = await PreparedStatement.prepare(conn, name, commit_sql(parts))
         return stmt
 
     async def _drop_writer_conn(self) -> None:
-        conn, self._wconn, self._stmt = self._wconn, None, None
+        conn, self._wconn, self._stmts = self._wconn, None, {}
         if conn is not None and not conn.closed:
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -303,9 +312,12 @@ class GroupCommitWriter:
     async def _write(self, batch: Batch) -> None:
         records = list(batch.dirty.values())
         params = commit_params(records, batch.events, batch.keys)
-        stmt = await self._writer_stmt()
+        parts = (params[0] != "[]", params[1] != "[]", params[2] != "[]", params[3] != "[]")
+        if not any(parts):
+            return  # only callbacks (``committed()``): everything before them is already durable
+        stmt = await self._writer_stmt(parts)
         try:
-            await stmt.run(params)
+            await stmt.run([p for p, on in zip(params, parts, strict=True) if on])
         finally:
             if stmt.broken:  # its protocol state is unknown: the next commit gets a new connection
                 await self._drop_writer_conn()

@@ -27,10 +27,13 @@ import zmq
 Sock: TypeAlias = "zmq.Socket[Any]"
 """A plain (synchronous) ZeroMQ socket, driven by this module."""
 
+# plain ints: pyzmq's multipart helpers combine enum flags per frame, which costs more than the send
 _POLLIN = int(zmq.POLLIN)
-_EVENTS = zmq.EVENTS
+_EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
 _AGAIN = zmq.Again
-_DONTWAIT = zmq.DONTWAIT
+_DONTWAIT = int(zmq.DONTWAIT)
+_DONTWAIT_MORE = int(zmq.DONTWAIT) | int(zmq.SNDMORE)
 
 
 class _Driver:
@@ -86,7 +89,11 @@ def send(sock: Sock, frames: Sequence[bytes]) -> str | None:
     ``"unroutable"``: no such peer on a ROUTER_MANDATORY socket; ``"error: ..."``)."""
     why: str | None = None
     try:
-        sock.send_multipart(frames, _DONTWAIT)
+        send_frame = sock.send
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            # a multipart message is queued whole or not at all: only its first frame can be refused
+            send_frame(frame, _DONTWAIT_MORE if i < last else _DONTWAIT)
     except _AGAIN:
         why = "full"
     except zmq.ZMQError as exc:
@@ -99,15 +106,24 @@ async def recv_batch(sock: Sock, limit: int = 512, *, copy: bool = True) -> list
     """Wait for one message, then take every message already queued (up to ``limit``)."""
     d = _driver(sock)
     while True:
-        batch: list[Any] = []
-        while len(batch) < limit:
-            try:
-                batch.append(sock.recv_multipart(_DONTWAIT, copy=copy))
-            except _AGAIN:
-                break
-        if batch:
-            return batch
-        await d.readable()
+        try:
+            batch: list[Any] = [_recv_message(sock, copy)]
+        except _AGAIN:
+            await d.readable()
+            continue
+        # then ask EVENTS rather than trying until EAGAIN: an exception per batch costs more
+        while len(batch) < limit and cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
+            batch.append(_recv_message(sock, copy))
+        return batch
+
+
+def _recv_message(sock: Sock, copy: bool) -> list[Any]:
+    """One whole message (its later frames are already there once the first one is)."""
+    recv, more = sock.recv, sock.getsockopt
+    parts = [recv(_DONTWAIT, copy=copy)]
+    while more(_RCVMORE):
+        parts.append(recv(_DONTWAIT, copy=copy))
+    return parts
 
 
 def pending_input(sock: Sock) -> bool:

@@ -7,16 +7,38 @@ Label values are bounded sets (commands, statuses, error codes): never ids, neve
 from __future__ import annotations
 
 import time
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from casperd import procstats
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Labelled(Generic[M]):
+    """The ``labels(...)`` children of one metric, each made once: ``labels()`` takes a lock and
+    builds a key on every call, which the hot paths (one per message, one per task) paid each
+    time. Only for label values from small fixed sets (commands, statuses, outcomes, task types)."""
+
+    __slots__ = ("children", "metric")
+
+    def __init__(self, metric: M) -> None:
+        self.metric: M = metric
+        self.children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = self.metric.labels(*values)
+        return child
 
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.messages = Counter("casper_messages_total", "Protocol messages", ["command", "direction"], registry=r)
+        self.messages_by = Labelled(self.messages)
         self.rejected = Counter(
             "casper_rejected_frames_total", "Frames answered with ERROR or dropped", ["code"], registry=r
         )
@@ -42,6 +64,7 @@ class Metrics:
             "casper_stale_reports_total", "Results from peers no longer holding the task", registry=r
         )
         self.executed = Counter("casper_tasks_executed_total", "Tasks run on this node", ["outcome"], registry=r)
+        self.executed_by = Labelled(self.executed)
         self.cache = Counter("casper_cache_total", "Result cache lookups", ["result"], registry=r)
         self.task_seconds = Histogram(
             "casper_task_seconds",
@@ -50,6 +73,7 @@ class Metrics:
             registry=r,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800),
         )
+        self.task_seconds_by = Labelled(self.task_seconds)
         self.commit_seconds = Histogram(
             "casper_commit_seconds",
             "Group commit latency",
@@ -77,6 +101,7 @@ class Metrics:
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200),
         )
+        self.task_completion_by = Labelled(self.task_completion)
         self.api_response = Histogram(
             "casper_api_response_seconds",
             "Model API calls (one HTTP request each), per outcome",

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError, TomlConfigSettingsSource
 
 from casperd.errors import ConfigError
 from casperd.messages import Role
@@ -387,6 +388,14 @@ def load_settings(overrides: dict[str, Any] | None = None, config_file: Path | s
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(
             f"config file {toml} is not valid TOML: {exc}", hint="fix the file or drop --config"
+        ) from None
+    except SettingsError as exc:  # a table or list variable (CASPER_MODELS, ...) that is not JSON
+        field = re.search(r'field "([a-z_]+)"', str(exc))
+        name = field.group(1) if field else "?"
+        raise ConfigError(
+            f"invalid settings: {name} (--{name.replace('_', '-')} / CASPER_{name.upper()}): "
+            "the variable must hold JSON (an object or a list)",
+            hint=f"fix CASPER_{name.upper()} (for example '{{}}') or unset it",
         ) from None
     except ValidationError as exc:
         problems = []

@@ -54,7 +54,7 @@ class Telemetry:
         if rec.finished_at is not None and rec.created_at is not None:
             took = max(0.0, (rec.finished_at - rec.created_at).total_seconds())
         status = rec.status.value
-        self.metrics.task_completion.labels(status).observe(took)
+        self.metrics.task_completion_by(status).observe(took)
         now = self.clock()
         second = int(now)
         if not self.buckets or self.buckets[-1][0] != second:

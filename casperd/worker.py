@@ -65,6 +65,7 @@ class Worker:
         self.s = settings
         self.metrics = metrics
         self.ctx = ctx
+        self._workspace = settings.workspace  # a path built once, not for every task
         self.opts = opts
         self.cache = cache
         self.catalog = catalog if catalog is not None else Catalog()
@@ -251,7 +252,7 @@ class Worker:
                 ttype = self.catalog.get(a.type)
                 ctx = RunContext(
                     self.s.node_id,
-                    self.s.workspace,
+                    self._workspace,
                     self.s.shell_timeout_s,
                     self.s.shell_output_cap,
                     a.timeout_s,
@@ -298,8 +299,8 @@ class Worker:
             core.ended(a.task_id)
             if self.tasks.get(a.task_id) is asyncio.current_task():
                 del self.tasks[a.task_id]
-            self.metrics.executed.labels(outcome).inc()
-            self.metrics.task_seconds.labels(a.type).observe(time.monotonic() - t0)
+            self.metrics.executed_by(outcome).inc()
+            self.metrics.task_seconds_by(a.type).observe(time.monotonic() - t0)
             self._carry_out()
 
     # --- operator and shutdown -----------------------------------------------------------------------

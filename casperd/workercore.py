@@ -193,7 +193,7 @@ class WorkerCore:
             log.warning("dropped a bad frame from the broker: %s", exc.message)
             return
         msg = decoded.message
-        self.metrics.messages.labels(msg.COMMAND.name, "in").inc()
+        self.metrics.messages_by(msg.COMMAND.name, "in").inc()
         handler = HANDLERS.get(type(msg))
         if handler is not None:
             handler(self, msg, decoded.attachments, now)

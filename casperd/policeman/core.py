@@ -68,7 +68,7 @@ class PolicemanCore(RecoveryRules):
             self.reject(route, exc, frames[1][0] if len(frames) > 1 and len(frames[1]) == 1 else None)
             return
         msg = decoded.message
-        self.metrics.messages.labels(msg.COMMAND.name, "in").inc()
+        self.metrics.messages_by(msg.COMMAND.name, "in").inc()
         try:
             self.check_key(msg, peer, key)
         except CasperError as exc:

@@ -43,7 +43,7 @@ EXPECTED_EDGES = {
 }
 LEGAL = sorted(EXPECTED_EDGES)
 ILLEGAL = sorted(set(ALL_PAIRS) - EXPECTED_EDGES)
-SQL_FILE = Path(__file__).resolve().parents[2] / "sql" / "001_tasks.sql"
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 
 
 def _pair_id(pair: tuple[Status, Status]) -> str:
@@ -196,10 +196,16 @@ def test_record_from_spec_fields() -> None:
 
 # --- the SQL schema -----------------------------------------------------------------------------
 def _sql_status_values() -> list[str]:
-    text = SQL_FILE.read_text()
-    m = re.search(r"CONSTRAINT\s+tasks_status_check\s+CHECK\s*\(\s*status\s+IN\s*\((.*?)\)\s*\)", text, re.S | re.I)
-    assert m, "tasks_status_check not found in sql/001_tasks.sql"
-    return re.findall(r"'([^']*)'", m.group(1))
+    """The statuses the newest migration that states the rule allows: the table's CHECK in 001, the
+    domain's constraint since 003."""
+    rule = re.compile(
+        r"CONSTRAINT\s+(?:tasks_status_check\s+CHECK\s*\(\s*status|casper_task_status_check\s+CHECK\s*\(\s*VALUE)"
+        r"\s+IN\s*\((.*?)\)\s*\)",
+        re.S | re.I,
+    )
+    found = [m.group(1) for p in sorted(SQL_DIR.glob("[0-9][0-9][0-9]_*.sql")) for m in rule.finditer(p.read_text())]
+    assert found, "the status rule was not found in sql/*.sql"
+    return re.findall(r"'([^']*)'", found[-1])
 
 
 def test_sql_status_check_lists_exactly_the_statuses() -> None:

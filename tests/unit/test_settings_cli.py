@@ -212,6 +212,14 @@ def test_invalid_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -
         load_settings()
 
 
+@pytest.mark.parametrize("value", ["{bad", ""])
+def test_a_table_variable_that_is_not_json_is_a_config_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("CASPER_MODELS", value)
+    with pytest.raises(ConfigError, match=r"--models / CASPER_MODELS.*JSON") as info:
+        load_settings()
+    assert "CASPER_MODELS" in str(info.value.hint)
+
+
 def test_every_problem_is_reported() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings({"capacity": -1, "hwm": 0})

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import pytest
+
+from casperd import storerows
 from casperd.messages import TaskSpec, new_task_id
 from casperd.storerows import commit_params
 from casperd.taskrecord import TaskEvent, TaskRecord
@@ -39,3 +42,49 @@ def test_rows_parse_back_with_awkward_text_and_repeated_values() -> None:
     spec_rec = TaskRecord.from_spec(new_task_id(), TaskSpec(type="shell", requires=("y", "x"), timeout_s=2), 3, "s")
     (row,) = json.loads(commit_params([spec_rec], [], [])[0])
     assert row["requires"] == ["x", "y"] and row["timeout_s"] == 2.0 and row["submitted_by"] == "s"
+
+
+def _keys(text: str) -> list[str]:
+    (row,) = json.loads(text)
+    return sorted(row)
+
+
+def test_statement_reads_every_field_the_encoders_write() -> None:
+    """``json_to_recordset`` drops a key its column list does not name, silently: a field added to an
+    encoder but not to COMMIT_ALL's column lists (or the reverse) would never reach the table."""
+    rec = TaskRecord.from_spec(new_task_id(), TaskSpec(type="noop"), 3, None)
+    done = TaskRecord.from_spec(new_task_id(), TaskSpec(type="noop"), 3, None)
+    done.persisted = True
+    new, upd, keys, ev = commit_params(
+        [rec, done], [TaskEvent(NOW, rec.id, None, "pending", None, 0)], [("k", rec.id, NOW)]
+    )
+    assert _keys(new) == sorted(storerows.TASK_COLS) == sorted(c for c, _ in storerows._TASK)
+    assert _keys(upd) == sorted(["id", "created_at", *storerows.MUTABLE]) == sorted(c for c, _ in storerows._CHANGE)
+    assert _keys(keys) == sorted(c for c, _ in storerows.KEY_COLS)
+    assert _keys(ev) == sorted(c for c, _ in storerows.EVENT_COLS)
+    for part, cols in (
+        (storerows._INSERT_NEW, storerows._TASK),
+        (storerows._UPDATE_OLD, storerows._CHANGE),
+        (storerows._INSERT_KEYS, storerows.KEY_COLS),
+        (storerows._INSERT_EVENTS, storerows.EVENT_COLS),
+    ):
+        assert ", ".join(f"{c} {t}" for c, t in cols) in part and part in storerows.COMMIT_ALL
+    # one positional parameter per json array, in commit_params' order
+    assert storerows.COMMIT_ALL.count("%s") == 4
+    order = [storerows.COMMIT_ALL.index(p) for p in ("AS r(", "AS u(", "AS k(", "AS e(")]
+    assert order == sorted(order)
+
+
+def test_commit_sql_has_only_the_parts_asked_for_with_their_parameters_in_order() -> None:
+    from casperd.storerows import COMMIT_ALL, commit_sql
+
+    assert commit_sql((True, True, True, True)) == COMMIT_ALL
+    only_events = commit_sql((False, False, False, True))
+    assert only_events.startswith("INSERT INTO task_events") and only_events.count("%s") == 1
+    update = commit_sql((False, True, False, True))
+    assert update.startswith("WITH upd AS (UPDATE tasks") and "INSERT INTO tasks" not in update
+    assert update.count("%s") == 2 and update.index("UPDATE") < update.index("INSERT INTO task_events")
+    keys_only = commit_sql((False, False, True, False))
+    assert keys_only.startswith("INSERT INTO task_idempotency") and "WITH" not in keys_only
+    with pytest.raises(ValueError):
+        commit_sql((False, False, False, False))

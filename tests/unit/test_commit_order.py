@@ -1,0 +1,46 @@
+"""After a group commit, messages to mesh peers (TASK, CANCEL) go before those to control clients,
+each group in the order registered (SPEC 11), also when a failed batch is retried."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+
+from casperd.groupcommit import Batch, GroupCommitWriter
+
+
+def test_first_callbacks_run_before_the_others_each_in_order() -> None:
+    ran: list[str] = []
+    failures = [psycopg.OperationalError("connection lost")]
+
+    async def fake_write(self: GroupCommitWriter, batch: Batch) -> None:
+        if failures:
+            raise failures.pop()  # retryable: the batch waits and is written again, callbacks kept
+
+    async def go() -> None:
+        w = GroupCommitWriter("postgresql://unused", {})
+        w._write = fake_write.__get__(w)  # type: ignore[method-assign]
+        w.start_writer()
+        w.after_commit(lambda: ran.append("ACCEPTED a"))
+        w.after_commit(lambda: ran.append("TASK a"), first=True)
+        w.after_commit(lambda: ran.append("DONE x"))
+        w.after_commit(lambda: ran.append("TASK b"), first=True)
+        await asyncio.wait_for(w.committed(), 5)
+        await w.stop_writer(5)
+
+    asyncio.run(go())
+    assert ran == ["TASK a", "TASK b", "ACCEPTED a", "DONE x"]
+
+
+def test_a_batch_absorbs_both_kinds_of_callbacks() -> None:
+    older, newer = Batch(), Batch()
+    calls: list[Any] = [lambda: 1, lambda: 2, lambda: 3, lambda: 4]
+    older.first.append(calls[0])
+    older.after.append(calls[1])
+    newer.first.append(calls[2])
+    newer.after.append(calls[3])
+    older.absorb(newer)
+    assert older.first == [calls[0], calls[2]] and older.after == [calls[1], calls[3]]
+    assert Batch(first=[calls[0]])
