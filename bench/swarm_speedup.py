@@ -25,8 +25,8 @@ workers mark each task's steps (TASK received, handler start, permit asked/answe
 held ahead used, HTTP send, the SDK's final message, RESULT sent) and the policeman marks serving
 each permit; with the task events, the fake server's arrival of each call and the client's DONEs
 (one wall clock: every process is on this machine) the benchmark prints the median of every step
-of one ``ask``'s path. ``--permit-lease-s 0`` turns the permits ahead off (one ``llm-permit``
-round trip before every call, the behaviour before them).
+of one ``ask``'s path. ``--permit-lease-s S`` sets the nodes' ``llm_permit_lease_s`` (permits
+ahead, off by default: one ``llm-permit`` round trip before every call).
 
 Ideal: W = ceil(tasks / agents) waves of ``latency`` each, so the ideal speedup is
 (tasks * latency) / (W * latency) (15 for 30 tasks on 15 agents). The benchmark fails (exit 1)

@@ -258,12 +258,12 @@ class Settings(BaseSettings):
         "otherwise",
     )
     llm_permit_lease_s: float = Field(
-        default=1.0,
+        default=0.0,
         ge=0,
         le=10,
-        description="how long a worker may hold a model-call permit granted ahead (asked when one of its calls "
-        "ends, one per execution slot, only while the mesh's rate-limit buckets are over half full and no 429 "
-        "pause is on); 0: one llm-permit round trip before every call",
+        description="permits ahead: how long a worker may hold a model-call permit granted before its call "
+        "(asked when one of its calls ends, one per execution slot, only while the mesh's rate-limit buckets are "
+        "over half full and no 429 pause is on), e.g. 1; 0 (default): one llm-permit round trip before every call",
     )
     llm_max_tokens: int = Field(
         default=0,
