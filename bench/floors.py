@@ -4,7 +4,11 @@
   synchronous_commit on), p50 over ``samples`` — a durable round trip needs two (accept, result);
 * ``copy_rows_s``: rows per second of one batched COPY into an ordinary (logged, durable) table;
 * ``zmq_rtt_ms``: a raw pyzmq DEALER -> ROUTER -> DEALER round trip over loopback TCP between two
-  processes (no CurveZMQ, no decoding), p50 — a CASPER round trip has four hops (two round trips).
+  processes (no CurveZMQ, no decoding), p50 — a CASPER round trip has four hops (two round trips);
+* ``commit_cold_ms`` and ``zmq_rtt_cold_ms``: the same, each sample after ``COLD_GAP_S`` (1 ms) of
+  idleness. Back to back, the processes never sleep; at one task in flight every hop wakes a
+  process that has been idle for a millisecond or more, and on this VM a wake-up from idle costs
+  tens of microseconds more per hop (the "cold" floor is the one a one-in-flight round trip meets).
 
     python -m bench.floors
 """
@@ -27,17 +31,22 @@ import zmq
 from casperd.embedded import EmbeddedPostgres
 from casperd.localmesh import free_port_base
 
+COLD_GAP_S = 0.001
+
 
 def postgres_floors(url: str, samples: int = 500, copy_rows: int = 100_000) -> dict[str, float]:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS floor_t")
         conn.execute("CREATE TABLE floor_t (id bigint PRIMARY KEY, at timestamptz NOT NULL, body jsonb)")
-        lat = []
-        for i in range(samples + 20):
+        lat: list[float] = []
+        cold: list[float] = []
+        for i in range(2 * samples + 20):
+            if i >= samples + 20:
+                time.sleep(COLD_GAP_S)
             t = time.perf_counter()
             conn.execute("INSERT INTO floor_t VALUES (%s, now(), '{\"pad\": 1}')", (i,), prepare=True)
             if i >= 20:
-                lat.append((time.perf_counter() - t) * 1000)
+                (lat if i < samples + 20 else cold).append((time.perf_counter() - t) * 1000)
         buf = io.StringIO()
         for i in range(copy_rows):
             buf.write(f'{10_000_000 + i}\t2026-01-01 00:00:00+00\t{{"i": {i}}}\n')
@@ -47,7 +56,11 @@ def postgres_floors(url: str, samples: int = 500, copy_rows: int = 100_000) -> d
             cp.write(data)
         copy_s = time.perf_counter() - t
         conn.execute("DROP TABLE floor_t")
-    return {"commit_ms": statistics.median(lat), "copy_rows_s": copy_rows / copy_s}
+    return {
+        "commit_ms": statistics.median(lat),
+        "commit_cold_ms": statistics.median(cold),
+        "copy_rows_s": copy_rows / copy_s,
+    }
 
 
 def _echo(endpoint: str, n: int) -> None:
@@ -60,7 +73,7 @@ def _echo(endpoint: str, n: int) -> None:
     ctx.term()
 
 
-def zmq_floor(samples: int = 2000) -> float:
+def zmq_floor(samples: int = 2000, gap_s: float = 0.0) -> float:
     port = free_port_base(2)
     endpoint = f"tcp://127.0.0.1:{port}"
     proc = multiprocessing.get_context("spawn").Process(target=_echo, args=(endpoint, samples + 100), daemon=True)
@@ -71,6 +84,8 @@ def zmq_floor(samples: int = 2000) -> float:
     lat = []
     try:
         for i in range(samples + 100):
+            if gap_s:
+                time.sleep(gap_s)
             t = time.perf_counter()
             d.send_multipart([b"\x01", b"x" * 100])
             if not d.poll(10_000):
@@ -89,7 +104,7 @@ def zmq_floor(samples: int = 2000) -> float:
 
 def measure(pg_url: str | None = None) -> dict[str, Any]:
     """Every floor; with no URL, on an embedded Postgres of its own."""
-    out: dict[str, Any] = {"zmq_rtt_ms": zmq_floor()}
+    out: dict[str, Any] = {"zmq_rtt_ms": zmq_floor(), "zmq_rtt_cold_ms": zmq_floor(500, COLD_GAP_S)}
     if pg_url is not None:
         out.update(postgres_floors(pg_url))
         return out
@@ -105,8 +120,10 @@ def measure(pg_url: str | None = None) -> dict[str, Any]:
     return out
 
 
-def durable_floor_ms(f: dict[str, Any]) -> float:
-    """Two commits plus four hops (two zmq round trips)."""
+def durable_floor_ms(f: dict[str, Any], *, cold: bool = False) -> float:
+    """Two commits plus four hops (two zmq round trips); ``cold``: each after a millisecond idle."""
+    if cold:
+        return 2 * f["commit_cold_ms"] + 2 * f["zmq_rtt_cold_ms"]
     return 2 * f["commit_ms"] + 2 * f["zmq_rtt_ms"]
 
 
@@ -114,5 +131,7 @@ if __name__ == "__main__":
     f = measure()
     print(
         f"single-row commit p50 {f['commit_ms']:.2f} ms; COPY {f['copy_rows_s']:,.0f} rows/s; "
-        f"raw zmq round trip p50 {f['zmq_rtt_ms']:.3f} ms; durable round-trip floor {durable_floor_ms(f):.2f} ms"
+        f"raw zmq round trip p50 {f['zmq_rtt_ms']:.3f} ms; durable round-trip floor {durable_floor_ms(f):.2f} ms\n"
+        f"after 1 ms idle (as at one task in flight): commit {f['commit_cold_ms']:.2f} ms, zmq round trip "
+        f"{f['zmq_rtt_cold_ms']:.3f} ms; durable round-trip floor {durable_floor_ms(f, cold=True):.2f} ms"
     )

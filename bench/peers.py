@@ -217,7 +217,10 @@ def _report(rows: list[dict[str, Any]], casper: dict[str, Any] | None, fl: dict[
         print(
             f"\nfloors: single-row commit p50 {fl['commit_ms']:.2f} ms; COPY {fl['copy_rows_s']:,.0f} rows/s; "
             f"raw zmq round trip p50 {fl['zmq_rtt_ms']:.3f} ms; durable round trip (2 commits + 4 hops) "
-            f"{floor:.2f} ms"
+            f"{floor:.2f} ms\n"
+            f"floors after 1 ms idle (each hop wakes an idle process, as at one task in flight): commit "
+            f"{fl['commit_cold_ms']:.2f} ms, zmq round trip {fl['zmq_rtt_cold_ms']:.3f} ms; durable round trip "
+            f"{floors.durable_floor_ms(fl, cold=True):.2f} ms"
         )
     if not casper:
         return
@@ -237,7 +240,10 @@ def _report(rows: list[dict[str, Any]], casper: dict[str, Any] | None, fl: dict[
         rest = [x - a for x, a in zip(xs, acc, strict=True)]
         print(f"    p50 submit -> ACCEPTED {_pct(acc, 50):.2f} ms, ACCEPTED -> DONE {_pct(rest, 50):.2f} ms")
         if fl:
-            print(f"    distance to the durable floor: {_pct(xs, 50) - floors.durable_floor_ms(fl):+.2f} ms")
+            print(
+                f"    distance to the durable floor: {_pct(xs, 50) - floors.durable_floor_ms(fl):+.2f} ms "
+                f"(to the floor after 1 ms idle: {_pct(xs, 50) - floors.durable_floor_ms(fl, cold=True):+.2f} ms)"
+            )
     cpu = casper["cpu_task_us"]
     print(
         f"  throughput {casper['throughput_tps']:,.0f} tasks/s (target {t['tps']:,}); CPU per task under load: "
