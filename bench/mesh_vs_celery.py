@@ -20,6 +20,7 @@ machine; it prints a table with each system and the ratios.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -84,6 +85,7 @@ def run_casper(n_tasks: int, slots: int, nodes: int, prefetch: int, samples: int
         }
     finally:
         mesh.stop()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def main() -> None:

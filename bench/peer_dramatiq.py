@@ -5,6 +5,7 @@ Throughput: ``n`` messages sent, then every result awaited; latency: send one, b
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,13 @@ from bench.celery_side import REPO_ROOT, _redis_server
 
 def run(n: int, slots: int, samples: int) -> dict[str, Any]:
     wd = Path(tempfile.mkdtemp(prefix="casper-bench-dramatiq-"))
+    try:
+        return _run(wd, n, slots, samples)
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+
+
+def _run(wd: Path, n: int, slots: int, samples: int) -> dict[str, Any]:
     with _redis_server(wd) as (port, _):
         url = f"redis://127.0.0.1:{port}/0"
         os.environ["CASPER_BENCH_REDIS_URL"] = url

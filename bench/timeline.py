@@ -111,15 +111,15 @@ def run(samples: int) -> None:
                 a = clock()
                 drain(c, 1)
                 trips.append((s, a, clock()))
+        events: list[tuple[int, str]] = []
+        for f in glob.glob(trace + ".*"):
+            who = names.get(int(f.rsplit(".", 1)[1]), "?")
+            for line in Path(f).read_text().splitlines():
+                t, what = line.split(" ", 1)
+                events.append((int(t), f"{who}: {what}"))
     finally:
         mesh.stop()
-    events: list[tuple[int, str]] = []
-    for f in glob.glob(trace + ".*"):
-        who = names.get(int(f.rsplit(".", 1)[1]), "?")
-        for line in Path(f).read_text().splitlines():
-            t, what = line.split(" ", 1)
-            events.append((int(t), f"{who}: {what}"))
-    shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     events.sort()
     stamps = [t for t, _ in events]
     offsets: dict[str, list[float]] = defaultdict(list)

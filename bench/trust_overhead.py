@@ -12,6 +12,7 @@ over the rounds.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -69,6 +70,7 @@ def run(enrollment: bool, n_tasks: int, samples: int) -> dict[str, Any]:
         return {"tps": n_tasks / wall, "p50": _pct(lat, 50), "p99": _pct(lat, 99)}
     finally:
         mesh.stop()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def authz_cost_us(n: int = 200_000) -> float:
