@@ -228,13 +228,17 @@ class MeshRateLimit:
         if wait > 0:
             self.waits += 1
             return max(wait, 0.001)
+        self._charge(tokens, now)
+        return 0.0
+
+    def _charge(self, tokens: int, now: float) -> None:
+        """One permit out of the buckets: a call now, or one leased ahead."""
         self.req_level -= 1.0
         self.in_level -= tokens
         self.window.append(now)
         self.grants += 1
         self.inflight += 1
         self.tokens_granted += tokens
-        return 0.0
 
     def lease(self, n: int, tokens: int, now: float) -> int:
         """Grant up to ``n`` permits ahead, each charged like a call of ``tokens`` estimated input
@@ -251,12 +255,7 @@ class MeshRateLimit:
             and self.req_level - 1.0 >= self.burst * LEASE_FLOOR - _EPS
             and self.in_level - tokens >= self.itpm_limit * LEASE_FLOOR - _EPS
         ):
-            self.req_level -= 1.0
-            self.in_level -= tokens
-            self.window.append(now)
-            self.grants += 1
-            self.inflight += 1
-            self.tokens_granted += tokens
+            self._charge(tokens, now)
             granted += 1
         self.leased += granted
         return granted
