@@ -58,14 +58,41 @@ class _Body(BaseModel):
     COMMAND: ClassVar[Command]
 
 
+_RANDOM_IDS: list[int] = []
+"""The random parts (80 bits) of the next task ids, drawn 400 at a time: one ``os.urandom`` call
+per 400 ids rather than one each. ``list.pop`` is atomic, so no two callers get the same one."""
+_ID_RANDOM_BYTES = 10
+_ID_BATCH = 400
+_ID_CLEAR = ((1 << 128) - 1) ^ (0xF << 76 | 0x3 << 62)
+_ID_SET = 0x7 << 76 | 0x2 << 62  # version 7, RFC 4122 variant
+_ID_MS = (1 << 48) - 1
+_new_object = object.__new__
+_set_attr = object.__setattr__
+_SAFE_UNKNOWN = uuid.SafeUUID.unknown
+os.register_at_fork(after_in_child=_RANDOM_IDS.clear)  # a forked child never reuses its parent's
+
+
+def _draw_random_ids() -> None:
+    n = _ID_RANDOM_BYTES
+    pool = os.urandom(n * _ID_BATCH)
+    _RANDOM_IDS.extend([int.from_bytes(pool[i : i + n], "big") for i in range(0, len(pool), n)])
+
+
 def new_task_id() -> uuid.UUID:
-    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then random bits, so ids sort by time."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80 | rand & ((1 << 80) - 1)
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
-    return uuid.UUID(int=value)
+    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then random bits, so ids sort by time.
+
+    Equal to ``uuid.UUID(int=value)``, made without its checks (the value is in range by
+    construction), as CPython 3.14's ``UUID._from_int`` does: a tenth of the cost."""
+    try:
+        rand = _RANDOM_IDS.pop()
+    except IndexError:
+        _draw_random_ids()
+        rand = _RANDOM_IDS.pop()
+    value = ((time.time_ns() // 1_000_000 & _ID_MS) << 80 | rand) & _ID_CLEAR | _ID_SET
+    u = _new_object(uuid.UUID)
+    _set_attr(u, "int", value)
+    _set_attr(u, "is_safe", _SAFE_UNKNOWN)
+    return u
 
 
 def task_created_at(task_id: uuid.UUID) -> float:

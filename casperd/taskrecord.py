@@ -2,7 +2,7 @@
 
 Memory per queued task is bounded (issue #9: at most 1 KB each, ``bench.queue_memory``): a record
 keeps its input once, as the JSON text its row was written from (decoded on demand, when it is
-dispatched), shares its type and submitter strings (interned), and makes its waiter list only when
+dispatched; a SUBMIT's decoded input is kept only until its row is committed), shares its type and submitter strings (interned), and makes its waiter list only when
 someone waits. A *spilled* record (``spill``: an input larger than ``inline_input_bytes``) drops
 even that text once its row is committed and while it is queued; the policeman loads it back from
 Postgres when it dispatches the task (the core's ``LoadInputs`` action, :mod:`casperd.policeman`).
@@ -25,6 +25,8 @@ from casperd.lifecycle import Status
 from casperd.messages import TaskSpec, task_created_ms
 
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+"""One encoder for every call: ``json.dumps`` with non-default options builds a new one each time."""
 
 
 def to_json(value: Any) -> str:
@@ -34,7 +36,7 @@ def to_json(value: Any) -> str:
         ValueError: the value cannot be stored (the message says why; it never contains the value).
     """
     try:
-        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        text = _encode(value)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except (TypeError, ValueError) as exc:
@@ -103,7 +105,8 @@ class TaskRecord:
     persisted: bool = False
     rejected: str | None = None  # why Postgres refused its rows (SQLSTATE, never the data); see groupcommit
     input_obj: dict[str, Any] | None = None
-    """The decoded input, made on first use (dispatch, validation) and dropped when queued again."""
+    """The decoded input: a SUBMIT's from creation until its row is committed, else made on first
+    use (dispatch, validation); dropped while the task waits once its row is committed."""
     waiters: list[bytes] | None = None
     """Control routes waiting for the task's DONE (made by the first :meth:`wait`)."""
     attachments: tuple[bytes, ...] | None = ()

@@ -65,7 +65,7 @@ class SubmissionRules(AssignRules):
                     else:
                         terminal_waits.append(tid)
                 continue
-            rec = self.create(spec, submitter, now.wall, input_json=input_json)
+            rec = self.create(spec, submitter, now.wall, input_json=input_json, input_obj=spec.input)
             if msg.wait:
                 rec.wait(route)
             ids.append(rec.id)
@@ -84,8 +84,13 @@ class SubmissionRules(AssignRules):
         stamp: datetime,
         detail: dict[str, Any] | None = None,
         input_json: str | None = None,
+        input_obj: dict[str, Any] | None = None,
     ) -> TaskRecord:
+        """``input_obj``: the decoded input ``input_json`` was made from, if JSON gives it back
+        unchanged (a SUBMIT's, decoded from msgpack): kept until the row is committed, so a task
+        dispatched before then does not decode its input again (:meth:`TaskRecord.mark_persisted`)."""
         rec = TaskRecord.from_spec(self.new_id(), spec, self.policy_for(spec.type).max_attempts, submitter, input_json)
+        rec.input_obj = input_obj
         own = self.s.task_policies.get(spec.type)
         if rec.timeout_s is None and own is not None and own.timeout_s is not None:
             rec.timeout_s = own.timeout_s  # the type's default timeout

@@ -22,6 +22,7 @@ from casperd.taskrecord import TaskRecord, to_json
 
 HANDED_BACK = frozenset({HandedBackError.code, DrainingError.code})
 """Failure codes that mean "given back unrun": no attempt spent (Trigger.HAND_BACK)."""
+_UNDECODED: Any = object()
 
 
 class TaskRules(CoreState):
@@ -65,7 +66,7 @@ class TaskRules(CoreState):
                 self.validating.add(rec.id)
                 self.out.append(Validate(rec, peer.node_id, out.output, attachments))
                 continue
-            if ttype is not None and ttype.needs_validation(rec.input):
+            if ttype is not None and ttype.validate is not None and ttype.needs_validation(rec.input):
                 self.change(rec, Trigger.VALIDATE, stamp, peer.node_id)
                 rec.validating_at = stamp
                 assert ttype.validate is not None
@@ -73,7 +74,7 @@ class TaskRules(CoreState):
                 if problem is not None:
                     self.fail(rec, stamp, peer.node_id, ValidationFailedError.code, problem, True)
                     continue
-            self.finish(rec, Trigger.COMPLETE, stamp, peer.node_id)
+            self.finish(rec, Trigger.COMPLETE, stamp, peer.node_id, output=out.output)
 
     def validated(self, tid: uuid.UUID, peer: str, problem: str | None, now: Now) -> None:
         """The asynchronous validation of a result ended (``problem`` None: it passed)."""
@@ -132,8 +133,17 @@ class TaskRules(CoreState):
 
     # --- state changes --------------------------------------------------------------------------
     def finish(
-        self, rec: TaskRecord, trigger: Trigger, stamp: datetime, peer: str | None, detail: dict[str, Any] | None = None
+        self,
+        rec: TaskRecord,
+        trigger: Trigger,
+        stamp: datetime,
+        peer: str | None,
+        detail: dict[str, Any] | None = None,
+        output: Any = _UNDECODED,
     ) -> None:
+        """``output``: the decoded output ``rec.output_json`` was just made from (a result's, which
+        JSON gives back unchanged once :func:`to_json` took it), so a waiter's DONE need not decode
+        it again; by default it is decoded from ``rec.output_json``."""
         self.change(rec, trigger, stamp, peer, detail)
         rec.finished_at = stamp
         if self.tasks.pop(rec.id, None) is not None:
@@ -148,7 +158,9 @@ class TaskRules(CoreState):
             item = done_item(
                 rec.id,
                 rec.status.value,
-                json.loads(rec.output_json) if rec.output_json else None,
+                output
+                if output is not _UNDECODED
+                else (json.loads(rec.output_json) if rec.output_json else None),
                 last.model_dump() if last else None,
             )
             for w in waiters:
@@ -195,7 +207,8 @@ class TaskRules(CoreState):
         if self.is_local(rec.type):
             self.out.append(RunLocal(rec))
             return
-        rec.drop_input()  # while it waits: no decoded input; a spilled one only in Postgres
+        if rec.persisted:  # while it waits: no decoded input; a spilled one only in Postgres
+            rec.drop_input()  # (a new row's decoded input stays until the commit, when it is dispatched at once)
         self.dispatcher.push(rec.id, rec.priority, self.requirements(rec), rec.affinity)
         self.dirty = True
 
