@@ -158,9 +158,7 @@ class TaskRules(CoreState):
             item = done_item(
                 rec.id,
                 rec.status.value,
-                output
-                if output is not _UNDECODED
-                else (json.loads(rec.output_json) if rec.output_json else None),
+                output if output is not _UNDECODED else (json.loads(rec.output_json) if rec.output_json else None),
                 last.model_dump() if last else None,
             )
             for w in waiters:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+import os
+import pickle
 import random
 import time
 import uuid
@@ -667,6 +670,32 @@ def test_new_task_id_is_a_uuid7() -> None:
         assert (u.int >> 76) & 0xF == 7
         assert (u.int >> 62) & 0x3 == 0b10
         assert str(u)[14] == "7"
+
+
+def test_new_task_id_is_an_ordinary_uuid() -> None:
+    """Made without uuid.UUID's constructor: equal to what it makes, in every respect."""
+    for _ in range(1000):  # more than one batch of buffered randomness
+        u = new_task_id()
+        v = uuid.UUID(int=u.int)
+        assert type(u) is uuid.UUID and u == v and hash(u) == hash(v) and str(u) == str(v)
+        assert u.is_safe is v.is_safe and u.version == 7 and u.variant == uuid.RFC_4122
+        assert pickle.loads(pickle.dumps(u)) == u and copy.copy(u) == u
+        assert abs(task_created_at(u) - time.time()) < 5
+
+
+def test_a_forked_child_draws_its_own_task_id_randomness() -> None:
+    new_task_id()  # the parent has buffered randomness left
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id's random bits, to the parent
+        os.write(write, new_task_id().bytes)
+        os._exit(0)
+    os.close(write)
+    child = uuid.UUID(bytes=os.read(read, 16))
+    os.close(read)
+    os.waitpid(pid, 0)
+    mine = new_task_id()
+    assert child.int & ((1 << 74) - 1) != mine.int & ((1 << 74) - 1)
 
 
 def test_new_task_ids_are_unique_and_random() -> None:

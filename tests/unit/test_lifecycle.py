@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from casperd.errors import IllegalTransitionError, TaskError
-from casperd.lifecycle import ACTIVE, TERMINAL, TRANSITIONS, Status, can, check
+from casperd.lifecycle import ACTIVE, STEPS, TERMINAL, TRANSITIONS, Status, Trigger, can, check
 from casperd.messages import TaskSpec, new_task_id
 from casperd.taskrecord import TaskRecord
 
@@ -156,6 +156,29 @@ def test_record_move_applies_or_refuses(pair: tuple[Status, Status]) -> None:
         # refused: nothing changed
         assert rec.status is current
         assert rec.updated_at == before
+
+
+def test_every_trigger_row_is_a_legal_transition() -> None:
+    """TaskRecord.apply takes a row of STEPS without checking TRANSITIONS again."""
+    assert all((current, new) in EXPECTED_EDGES for (current, _), (new, _) in STEPS.items())
+
+
+@pytest.mark.parametrize("current", list(Status), ids=str)
+@pytest.mark.parametrize("trigger", list(Trigger), ids=str)
+def test_record_apply_follows_the_trigger_table_or_refuses(current: Status, trigger: Trigger) -> None:
+    rec = _record(current)
+    rec.attempts = 1
+    before = rec.updated_at
+    later = before + timedelta(seconds=5)
+    row = STEPS.get((current, trigger))
+    if row is not None:
+        assert rec.apply(trigger, later) is current
+        assert (rec.status, rec.attempts, rec.updated_at) == (row[0], 1 + row[1], later)
+    else:
+        with pytest.raises(IllegalTransitionError) as info:
+            rec.apply(trigger, later)
+        assert str(rec.id) in info.value.message and trigger.value in info.value.message
+        assert (rec.status, rec.attempts, rec.updated_at) == (current, 1, before)
 
 
 def test_record_walks_the_happy_path_and_the_retry_loop() -> None:

@@ -5,6 +5,8 @@ renewals, hand-backs, refunds, stale results, re-registration and recovery after
 from __future__ import annotations
 
 import itertools
+import json
+import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -65,6 +67,57 @@ def test_submit_run_complete_sends_one_done_after_the_commit() -> None:
     done = [m for m in lab.control[b"ctl"] if isinstance(m, Done)]
     assert len(done) == 1 and done[0].status == "complete" and done[0].output == {"x": 1}
     assert tid not in lab.core.tasks and lab.finished == [tid]
+
+
+def test_a_results_output_reaches_its_done_without_a_second_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DONE carries the output the RESULT brought (decoded from msgpack), not the stored JSON
+    text decoded again; a submitted input reaches its TASK without being decoded either."""
+    lab = Lab()
+    w = lab.add_worker("developer-1")
+    lab.pump()  # its READY is taken: the task is dispatched in the turn it is submitted
+    spec = TaskSpec(type="echo", input={"in": [1, 2]})
+    (tid,) = lab.submit(spec, wait=True)
+    rec = lab.core.tasks[tid]
+    assert rec.input_obj is spec.input, "the SUBMIT's decoded input, kept until the commit"
+    decoded: list[str] = []
+    real = json.loads
+
+    def loads(text: str, *args: Any, **kwargs: Any) -> Any:
+        if sys._getframe(1).f_globals["__name__"].startswith("casperd."):  # not the lab's store
+            decoded.append(text)
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(json, "loads", loads)
+    lab.pump()
+    assert w.runs[tid].input == {"in": [1, 2]}
+    output = {"out": [1.5, None, "é"], "n": {"k": -0.0}}
+    w.finish(tid, output)
+    lab.pump()
+    done = [m for m in lab.control[b"ctl"] if isinstance(m, Done)]
+    assert len(done) == 1 and done[0].status == "complete" and done[0].output == output
+    assert rec.output_json is not None and real(rec.output_json) == output
+    assert decoded == [], "neither the input nor the output was decoded from JSON"
+
+
+def test_transitions_are_counted_once_the_event_is_taken() -> None:
+    lab = Lab()
+    w = lab.add_worker("developer-1")
+    lab.pump()
+    ids = lab.submit(*[TaskSpec(type="echo", input={"n": n}) for n in range(2)])
+    lab.pump()
+    for tid in ids:
+        w.finish(tid, None)
+    lab.pump()
+
+    def counted(status: str) -> float | None:
+        return lab.core.metrics.registry.get_sample_value("casper_task_transitions_total", {"to": status})
+
+    assert [counted(s) for s in ("assigned", "processing", "complete")] == [2, 2, 2]
+    assert counted("pending") == 0, "a new task's row is not a transition"
+    lab.core.cancel(lab.submit(TaskSpec(type="echo"))[0], lab.now())
+    assert counted("cancelled") == 0, "counted when the event's actions are taken"
+    lab.run(lab.core.take())
+    assert counted("cancelled") == 1
 
 
 def test_tasks_that_end_together_reach_each_submitter_in_one_done() -> None:
