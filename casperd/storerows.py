@@ -9,10 +9,11 @@ the CTEs never touch the same row (they all see the same snapshot).
 
 from __future__ import annotations
 
-import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
+from casperd.lifecycle import Status
 from casperd.taskrecord import TaskEvent, TaskRecord
 
 TASK_COLS = (
@@ -164,75 +165,101 @@ WRITER_SETTINGS = (
 )
 
 _dumps = json.dumps
+_STATUS = {s: s.value for s in Status}
+"""Each status's text (``Enum.value`` is a Python property: a dict lookup is a sixth of its cost)."""
 
 
 def _s(v: Any) -> str:
     return "null" if v is None else _dumps(v)
 
 
-@functools.lru_cache(maxsize=4096, typed=True)
-def _q(v: Any) -> str:
-    """:func:`_s` of a value from a small set (a type, a status, a node id, a submitter): the
-    encoder runs once per value, not once per row (json.dumps was a tenth of a commit's encoding)."""
-    return _s(v)
+class _Memo(dict[Any, str]):
+    """A value's JSON text, made once per value: a batch's rows share a few timestamps, types,
+    statuses, node ids and submitters, and a task's rows and events share its id. A hit is a plain
+    dict lookup (an ``lru_cache`` hit costs five times as much: its order list, its key tuple); when
+    full it starts again empty."""
+
+    __slots__ = ("limit", "make")
+
+    def __init__(self, make: Callable[[Any], str], limit: int) -> None:
+        super().__init__()
+        self.make = make
+        self.limit = limit
+
+    def __missing__(self, key: Any) -> str:
+        if len(self) >= self.limit:
+            self.clear()
+        text = self[key] = self.make(key)
+        return text
 
 
-_id = functools.lru_cache(maxsize=8192)(str)
-"""A task id's text: a task's rows and events in a batch, and its next commits, share it."""
+def _id_of(v: int) -> str:
+    """A task id's text (``str(uuid)``) from its integer: keyed by the int, whose hash is C code
+    (a UUID's is Python)."""
+    h = f"{v:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-@functools.lru_cache(maxsize=1024)
-def _req(v: tuple[str, ...]) -> str:
-    return _dumps(list(v))
+def _time_of(v: Any) -> str:
+    return "null" if v is None else f'"{v.isoformat()}"'
 
 
-@functools.lru_cache(maxsize=8192)
-def _iso(v: Any) -> str:
-    return f'"{v.isoformat()}"'  # a batch shares a few timestamps: formatted once each
-
-
-def _t(v: Any) -> str:
-    return "null" if v is None else _iso(v)
+_q = _Memo(_s, 4096).__getitem__
+""":func:`_s` of a value from a small set (a type, a status, a node id, a submitter, a timeout)."""
+_t = _Memo(_time_of, 8192).__getitem__
+"""A timestamp's JSON text (``null`` for None)."""
+_id_text = _Memo(_id_of, 8192).__getitem__
+"""A task id's text, by ``uuid.int``."""
+_req = _Memo(lambda v: _dumps(list(v)), 1024).__getitem__
+"""A requirement tuple's JSON array."""
 
 
 def _u(v: Any) -> str:
     return "null" if v is None else f'"{v}"'
 
 
-def new_json(r: TaskRecord) -> str:
+def _event_tail_of(key: tuple[str | None, str, str | None, int, str | None]) -> str:
+    from_status, to_status, peer, attempt, detail = key
     return (
-        f'{{"id":"{_id(r.id)}","created_at":{_t(r.created_at)},"parent_id":{_u(r.parent_id)},"type":{_q(r.type)},'
-        f'"status":"{r.status.value}","priority":{r.priority},"requires":{_req(r.requires)},'
-        f'"affinity":{_s(r.affinity)},"idempotency_key":{_s(r.idempotency_key)},'
-        f'"cache":{"true" if r.cache else "false"},"attempts":{r.attempts},"max_attempts":{r.max_attempts},'
-        f'"timeout_s":{_q(r.timeout_s)},"submitted_by":{_q(r.submitted_by)},"input":{r.input_json},'
-        + _mutable_json(r)
-        + "}"
+        f'"from_status":{_q(from_status)},"to_status":"{to_status}","peer":{_q(peer)},"attempt":{attempt},'
+        f'"detail":{detail or "null"}}}'
     )
 
 
-def _mutable_json(r: TaskRecord) -> str:
+_event_tail = _Memo(_event_tail_of, 4096).__getitem__
+"""An event's fields after its task id, by (from, to, peer, attempt, detail): a few hundred
+combinations between them, each formatted once."""
+
+
+def new_json(r: TaskRecord) -> str:
     return (
+        f'{{"id":"{_id_text(r.id.int)}","created_at":{_t(r.created_at)},'
+        f'"parent_id":{"null" if r.parent_id is None else _u(r.parent_id)},"type":{_q(r.type)},'
+        f'"status":"{_STATUS[r.status]}","priority":{r.priority},"requires":{_req(r.requires)},'
+        f'"affinity":{"null" if r.affinity is None else _dumps(r.affinity)},'
+        f'"idempotency_key":{"null" if r.idempotency_key is None else _dumps(r.idempotency_key)},'
+        f'"cache":{"true" if r.cache else "false"},"attempts":{r.attempts},"max_attempts":{r.max_attempts},'
+        f'"timeout_s":{_q(r.timeout_s)},"submitted_by":{_q(r.submitted_by)},"input":{r.input_json},'
         f'"assigned_to":{_q(r.assigned_to)},"lease_deadline":{_t(r.lease_deadline)},'
         f'"not_before":{_t(r.not_before)},"assigned_at":{_t(r.assigned_at)},"started_at":{_t(r.started_at)},'
         f'"validating_at":{_t(r.validating_at)},"finished_at":{_t(r.finished_at)},"updated_at":{_t(r.updated_at)},'
-        f'"output":{r.output_json or "null"},"error":{r.error_json or "null"}'
+        f'"output":{r.output_json or "null"},"error":{r.error_json or "null"}}}'
     )
 
 
 def update_json(r: TaskRecord) -> str:
     return (
-        f'{{"id":"{_id(r.id)}","created_at":{_t(r.created_at)},"status":"{r.status.value}",'
-        f'"attempts":{r.attempts},' + _mutable_json(r) + "}"
+        f'{{"id":"{_id_text(r.id.int)}","created_at":{_t(r.created_at)},"status":"{_STATUS[r.status]}",'
+        f'"attempts":{r.attempts},'
+        f'"assigned_to":{_q(r.assigned_to)},"lease_deadline":{_t(r.lease_deadline)},'
+        f'"not_before":{_t(r.not_before)},"assigned_at":{_t(r.assigned_at)},"started_at":{_t(r.started_at)},'
+        f'"validating_at":{_t(r.validating_at)},"finished_at":{_t(r.finished_at)},"updated_at":{_t(r.updated_at)},'
+        f'"output":{r.output_json or "null"},"error":{r.error_json or "null"}}}'
     )
 
 
 def event_json(e: TaskEvent) -> str:
-    return (
-        f'{{"at":{_t(e.at)},"task_id":"{_id(e.task_id)}","from_status":{_q(e.from_status)},'
-        f'"to_status":"{e.to_status}","peer":{_q(e.peer)},"attempt":{e.attempt},'
-        f'"detail":{e.detail_json or "null"}}}'
-    )
+    return f'{{"at":{_t(e[0])},"task_id":"{_id_text(e[1].int)}",' + _event_tail(e[2:])
 
 
 def key_json(key: str, task_id: Any, created_at: Any) -> str:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from casperd import storerows
+from casperd.lifecycle import Status
 from casperd.messages import TaskSpec, new_task_id
 from casperd.storerows import commit_params
 from casperd.taskrecord import TaskEvent, TaskRecord
@@ -42,6 +45,79 @@ def test_rows_parse_back_with_awkward_text_and_repeated_values() -> None:
     spec_rec = TaskRecord.from_spec(new_task_id(), TaskSpec(type="shell", requires=("y", "x"), timeout_s=2), 3, "s")
     (row,) = json.loads(commit_params([spec_rec], [], [])[0])
     assert row["requires"] == ["x", "y"] and row["timeout_s"] == 2.0 and row["submitted_by"] == "s"
+
+
+def _expected(r: TaskRecord, new: bool) -> dict[str, Any]:
+    def t(v: datetime | None) -> str | None:
+        return None if v is None else v.isoformat()
+
+    row: dict[str, Any] = {"id": str(r.id), "created_at": t(r.created_at)}
+    if new:
+        row |= {
+            "parent_id": None if r.parent_id is None else str(r.parent_id),
+            "type": r.type,
+            "priority": r.priority,
+            "requires": list(r.requires),
+            "affinity": r.affinity,
+            "idempotency_key": r.idempotency_key,
+            "cache": r.cache,
+            "max_attempts": r.max_attempts,
+            "timeout_s": r.timeout_s,
+            "submitted_by": r.submitted_by,
+            "input": json.loads(r.input_json or "null"),
+        }
+    return row | {
+        "status": r.status.value,
+        "attempts": r.attempts,
+        "assigned_to": r.assigned_to,
+        **{c: t(getattr(r, c)) for c in storerows.MUTABLE if c.endswith(("_at", "_deadline", "_before"))},
+        "output": json.loads(r.output_json or "null"),
+        "error": json.loads(r.error_json or "null"),
+    }
+
+
+@pytest.mark.parametrize("status", list(Status))
+def test_every_field_of_a_row_and_an_event_parses_back_to_the_records_value(status: Status) -> None:
+    later = NOW + timedelta(seconds=1, microseconds=7)
+    parent = uuid.UUID(int=(1 << 127) | 0xABC)
+    spec = TaskSpec(
+        type="shell",
+        input={"q": 'é\\u0000"\\', "n": [1.5, -0.0]},
+        requires=("b", "a"),
+        affinity="affü",
+        idempotency_key='k"\u2028',
+        timeout_s=2.5,
+        parent_id=parent,
+        cache=True,
+        max_attempts=7,
+    )
+    r = TaskRecord.from_spec(uuid.UUID(int=0x0123456789ABCDEF0123456789ABCDEF), spec, 3, "subé")
+    r.status, r.attempts, r.assigned_to = status, 2, "developer-1"
+    r.lease_deadline, r.not_before, r.assigned_at, r.started_at = later, NOW, NOW, later
+    r.validating_at, r.finished_at, r.updated_at = later, later, later
+    r.output_json, r.error_json = '{"o":"\u00e9"}', '[{"code":"x"}]'
+    plain = TaskRecord.from_spec(new_task_id(), TaskSpec(type="noop"), 3, None)
+    plain.status = status
+    events = [
+        TaskEvent(later, r.id, "assigned", status.value, "developer-1", 2, '{"backoff_s":1.5}'),
+        TaskEvent(NOW, plain.id, None, "pending", None, 0),
+    ]
+    for _ in range(2):  # the second time from the encoders' caches
+        (new,) = json.loads(commit_params([r], [], [])[0])
+        assert new == _expected(r, True)
+        (plain_row,) = json.loads(commit_params([plain], [], [])[0])
+        assert plain_row == _expected(plain, True)
+        r.persisted = True
+        (upd,) = json.loads(commit_params([r], [], [])[1])
+        assert upd == _expected(r, False)
+        r.persisted = False
+        ev = json.loads(commit_params([], events, [])[3])
+        assert ev == [
+            {"at": later.isoformat(), "task_id": str(r.id), "from_status": "assigned", "to_status": status.value}
+            | {"peer": "developer-1", "attempt": 2, "detail": {"backoff_s": 1.5}},
+            {"at": NOW.isoformat(), "task_id": str(plain.id), "from_status": None, "to_status": "pending"}
+            | {"peer": None, "attempt": 0, "detail": None},
+        ]
 
 
 def _keys(text: str) -> list[str]:
