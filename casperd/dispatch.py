@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +90,14 @@ class Dispatcher:
         """Forget a queued task (lazily: its heap entry is skipped when reached, because it is no
         longer the live entry of that id, even if the id is pushed again later)."""
         return self._where.pop(task_id, None) is not None
+
+    def waiting(self) -> Iterator[tuple[frozenset[str], list[Any]]]:
+        """Each requirement set with queued tasks, and their ids (in no particular order)."""
+        where = self._where
+        for req, heap in self._queues.items():
+            ids = [tid for key, tid, _ in heap if where.get(tid) == key]
+            if ids:
+                yield req, ids
 
     def waiting_requirements(self) -> set[frozenset[str]]:
         return {req for req, heap in self._queues.items() if heap}

@@ -21,7 +21,6 @@ from collections import deque
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from casperd import handlers
 from casperd.autoscale import (
     DRAIN,
     RESUME,
@@ -110,19 +109,16 @@ class Elastic:
             self._apply(d)
 
     def view(self, now: float) -> MeshView:
-        # per group: how many wait and since when the oldest waits (its record's last status change,
-        # the move to pending): nothing kept per task (issue #9: memory per queued task)
-        groups: dict[frozenset[str], tuple[int, datetime]] = {}
-        queued = self.broker.core.dispatcher
-        for rec in self.broker.tasks.values():
-            if rec.status is not Status.PENDING or rec.id not in queued:
-                continue
-            ttype = handlers.REGISTRY.get(rec.type)
-            req = frozenset(rec.requires) | frozenset(ttype.requires if ttype else ())
-            count, since = groups.get(req, (0, rec.updated_at))
-            groups[req] = (count + 1, min(since, rec.updated_at))
+        # per group (the requirement set dispatch matches peers against): how many wait and since
+        # when the oldest waits (its record's last status change, the move to pending), from the
+        # dispatcher's queues: queued tasks only, nothing kept per task (issue #9)
+        tasks = self.broker.tasks
         wall = utcnow()
-        waiting = tuple(WaitingGroup(req, n, _age(wall, since)) for req, (n, since) in groups.items())
+        waiting: list[WaitingGroup] = []
+        for req, ids in self.broker.core.dispatcher.waiting():
+            stamps = [rec.updated_at for rec in map(tasks.get, ids) if rec is not None and rec.status is Status.PENDING]
+            if stamps:
+                waiting.append(WaitingGroup(req, len(stamps), _age(wall, min(stamps))))
         self.metrics.queue_depth.set(sum(g.count for g in waiting))
         self.metrics.queue_oldest.set(max((g.oldest_s for g in waiting), default=0.0))
         mine = self.spawner.spawned()
@@ -147,7 +143,7 @@ class Elastic:
             )
             for p in self.broker.core.peers.values()
         )
-        return MeshView(waiting, peers)
+        return MeshView(tuple(waiting), peers)
 
     # --- effects ----------------------------------------------------------------------------------
     def _apply(self, d: Decision) -> None:

@@ -276,3 +276,40 @@ def test_the_autoscalers_view_of_a_long_queue_is_taken_less_often(monkeypatch: p
     for now in (0.0, 1.0, 4.9, 5.0, 9.9, 10.1):
         e.on_tick(now)
     assert elastic.VIEW_SHARE * 0.1 == 5.0 and views == [0.0, 5.0, 10.1]
+
+
+def test_the_autoscalers_view_counts_the_queued_tasks_per_requirement_set() -> None:
+    """Queued tasks only (not held, not cancelled), grouped by the requirement set dispatch matches
+    (the task's and its type's), with the oldest one's wait."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from casperd import elastic
+    from casperd.messages import TaskSpec
+    from casperd.metrics import Metrics
+    from casperd.taskrecord import utcnow
+    from tests.support.corelab import Lab
+
+    lab = Lab()
+    lab.add_worker("developer-1", capacity=1)
+    lab.pump()
+    held, plain = lab.submit(TaskSpec(type="echo"), TaskSpec(type="echo"))
+    gpu = lab.submit(*[TaskSpec(type="echo", requires=("gpu",)) for _ in range(3)])
+    (gone,) = lab.submit(TaskSpec(type="echo", requires=("gpu",)))
+    lab.pump()
+    lab.core.cancel(gone, lab.now())
+    lab.run(lab.core.take())
+    assert lab.core.tasks[held].assigned_to == "developer-1"
+    old = lab.core.tasks[gpu[1]]
+    old.updated_at -= timedelta(seconds=30)
+    e = object.__new__(elastic.Elastic)
+    e.broker = SimpleNamespace(tasks=lab.core.tasks, core=lab.core)  # type: ignore[assignment]
+    e.metrics = Metrics()
+    e.spawner = SimpleNamespace(spawned=lambda: set())  # type: ignore[assignment]
+    view = e.view(lab.mono)
+    groups = {g.requires: g for g in view.waiting}
+    assert set(groups) == {frozenset(), frozenset({"gpu"})}
+    assert groups[frozenset()].count == 1 and groups[frozenset({"gpu"})].count == 3
+    assert abs(groups[frozenset({"gpu"})].oldest_s - (utcnow() - old.updated_at).total_seconds()) < 5
+    assert e.metrics.registry.get_sample_value("casper_queue_depth") == 4
+    assert plain in lab.core.dispatcher
