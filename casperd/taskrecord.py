@@ -136,7 +136,7 @@ class TaskRecord:
             type=sys.intern(spec.type),
             input_json=to_json(spec.input) if input_json is None else input_json,
             priority=spec.priority,
-            requires=tuple(sorted(set(spec.requires))),
+            requires=tuple(sorted(set(spec.requires))) if spec.requires else (),
             affinity=spec.affinity,
             idempotency_key=spec.idempotency_key,
             cache=spec.cache,

@@ -19,6 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from casperd.breaker import BreakerState
+from casperd.lifecycle import Status
 
 if TYPE_CHECKING:
     from casperd.broker import Broker
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from casperd.taskrecord import TaskRecord
 
 WINDOW_S = 60.0
+_VALUE = {s: s.value for s in Status}
+"""Each status's text (``Enum.value`` is a Python property)."""
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -53,14 +56,14 @@ class Telemetry:
         took = 0.0
         if rec.finished_at is not None and rec.created_at is not None:
             took = max(0.0, (rec.finished_at - rec.created_at).total_seconds())
-        status = rec.status.value
+        status = _VALUE[rec.status]
         self.metrics.task_completion_by(status).observe(took)
         now = self.clock()
-        second = int(now)
-        if not self.buckets or self.buckets[-1][0] != second:
+        buckets = self.buckets
+        if not buckets or buckets[-1][0] != int(now):
             self._prune(now)
-            self.buckets.append((second, {}))
-        by_status = self.buckets[-1][1]
+            buckets.append((int(now), {}))
+        by_status = buckets[-1][1]
         durations = by_status.get(status)
         if durations is None:
             durations = by_status[status] = array("d")

@@ -9,6 +9,7 @@ import json
 import sys
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -599,3 +600,18 @@ def test_the_authorization_hook_runs_before_any_handler() -> None:
     assert ("control", Command.SUBMIT, "shell") in calls
     assert not lab.staged, "nothing was created"
     _ = Cancel
+
+
+def test_a_result_without_progress_dates_the_start_back_by_its_duration() -> None:
+    lab = Lab()
+    w = lab.add_worker("developer-1")
+    w.auto_slot = False  # no PROGRESS: the RESULT finds the task assigned
+    lab.pump()
+    (tid,) = lab.submit(TaskSpec(type="echo"))
+    lab.pump()
+    rec = lab.core.tasks[tid]
+    assert rec.status is S.ASSIGNED
+    w.finish(tid, {"ok": True})
+    lab.pump()
+    assert rec.status is S.COMPLETE and rec.started_at is not None and rec.finished_at is not None
+    assert rec.finished_at - rec.started_at == timedelta(milliseconds=1.0)  # the lab worker's duration
