@@ -273,9 +273,9 @@ def test_the_autoscalers_view_of_a_long_queue_is_taken_less_often(monkeypatch: p
 
     e.view = view  # type: ignore[method-assign,assignment]
     e.policy = SimpleNamespace(decide=lambda v, now: [])  # type: ignore[assignment]
-    for now in (0.0, 1.0, 4.9, 5.0, 9.9, 10.1):
+    for now in (0.0, 1.0, 4.9, 5.0, 9.9, 10.1, 20.0, 20.2):
         e.on_tick(now)
-    assert elastic.VIEW_SHARE * 0.1 == 5.0 and views == [0.0, 5.0, 10.1]
+    assert elastic.VIEW_SHARE * 0.1 == 10.0 and views == [0.0, 10.1, 20.2]
 
 
 def test_the_autoscalers_view_counts_the_queued_tasks_per_requirement_set() -> None:
