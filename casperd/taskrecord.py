@@ -27,8 +27,18 @@ from casperd.messages import TaskSpec, task_created_ms
 
 _STEPS = lifecycle.STEPS
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_encode = _ENCODER.encode
 """One encoder for every call: ``json.dumps`` with non-default options builds a new one each time."""
+_make_c = getattr(json.encoder, "c_make_encoder", None)  # None: CPython without its _json module
+_fast: Any = (
+    None
+    if _make_c is None
+    else _make_c(None, _ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False)
+)
+"""The C encoder ``_encode`` makes on every call, made once, without the circular-reference check
+(half of to_json's cost): a value it cannot encode is encoded again by ``_encode``, whose error
+(a cycle, too deep, not JSON) is the one reported."""
 
 
 def to_json(value: Any) -> str:
@@ -38,7 +48,11 @@ def to_json(value: Any) -> str:
         ValueError: the value cannot be stored (the message says why; it never contains the value).
     """
     try:
-        text = _encode(value)
+        text = "".join(_fast(value, 0)) if _fast is not None else _encode(value)
+    except (RecursionError, TypeError, ValueError):
+        text = None
+    try:
+        text = _encode(value) if text is None else text
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except (TypeError, ValueError) as exc:

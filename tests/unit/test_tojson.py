@@ -8,12 +8,32 @@ from typing import Any
 
 import pytest
 
+from casperd import taskrecord
 from casperd.taskrecord import to_json
+
+
+@pytest.fixture(params=["c-encoder", "json-encoder"], autouse=True)
+def encoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test with the prebuilt C encoder and without it (a CPython without ``_json``)."""
+    if request.param == "json-encoder":
+        monkeypatch.setattr(taskrecord, "_fast", None)
+    else:
+        assert taskrecord._fast is not None
 
 
 @pytest.mark.parametrize(
     "value",
-    [{}, {"a": 1, "b": [1.5, None, True]}, {"é": "ü\u2028", "n": -0.0, "big": 2**70}, [], "x", None, (1, 2)],
+    [
+        {},
+        {"a": 1, "b": [1.5, None, True]},
+        {"é": "ü\u2028", "n": -0.0, "big": 2**70, "f": 1e300, "t": 0.1},
+        [],
+        'x\u00e9"',
+        None,
+        (1, 2),
+        1.5,
+        {"deep": [[{"x": [1, {"y": None}]}]], "k\n": "\t"},
+    ],
 )
 def test_compact_json_as_json_dumps_makes_it(value: Any) -> None:
     assert to_json(value) == json.dumps(value, separators=(",", ":"), allow_nan=False)
