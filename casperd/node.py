@@ -321,8 +321,7 @@ class Node:
             except zmq.ZMQError:
                 await asyncio.sleep(0.01)
                 continue
-            for frames in batch:
-                worker.on_broker(frames)
+            worker.on_batch(batch)
 
     async def _control_loop(self) -> None:
         assert self.control_sock is not None

@@ -135,8 +135,18 @@ class Worker:
 
     # --- events -----------------------------------------------------------------------------------
     def on_broker(self, frames: list[bytes]) -> None:
-        self.core.on_frames(frames, time.monotonic())
-        self._carry_out()
+        self.on_batch([frames])
+
+    def on_batch(self, batch: list[list[bytes]]) -> None:
+        """The messages one receive got from the policeman: what they cause is reported in one
+        flush at the batch's end (the no-op tasks it carried ran in place), not a loop turn later."""
+        core = self.core
+        now = time.monotonic()
+        for frames in batch:
+            core.on_frames(frames, now)
+            self._take_actions()
+        if core.flush_needed:
+            self.flush()
 
     def tick(self) -> None:
         waiting = loopsock.pending_input(self.sock) if self.sock is not None else False
@@ -150,11 +160,15 @@ class Worker:
         self.core.flush(time.monotonic())
         self._carry_out()
 
-    def _carry_out(self) -> None:
+    def _take_actions(self) -> None:
         core = self.core
         while core.out:  # an action may queue more (a run done in place reports at once)
             for action in core.take():
                 ACTIONS[type(action)](self, action)
+
+    def _carry_out(self) -> None:
+        self._take_actions()
+        core = self.core
         if core.flush_needed and not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)

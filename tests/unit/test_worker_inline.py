@@ -91,8 +91,7 @@ async def test_noop_and_echo_run_in_place_and_report_in_one_result(zctx: zmq.asy
     assert w.tasks == {}
     assert w.running == {}
     assert w.core.completed == 2
-    await asyncio.sleep(0)  # the flush
-    (msg,) = sock.messages()
+    (msg,) = sock.messages()  # sent at the batch's end, not a loop turn later
     assert isinstance(msg, ResultBatch)
     assert [(r.task_id, r.attempt, r.output) for r in msg.results] == [
         (a.task_id, 1, None),
@@ -118,7 +117,6 @@ async def test_an_inline_handler_that_raises_is_reported_failed(zctx: zmq.asynci
     a, b = assignment("refuse"), assignment("crash")
     w.on_broker(tasks(a, b))
     assert w.tasks == {} and w.running == {}
-    await asyncio.sleep(0)
     (msg,) = sock.messages()
     assert isinstance(msg, FailedBatch)
     assert [(f.task_id, f.error.code, f.retryable) for f in msg.failures] == [
@@ -126,6 +124,16 @@ async def test_an_inline_handler_that_raises_is_reported_failed(zctx: zmq.asynci
         (b.task_id, "crash", True),
     ]
     assert w.core.failed == 2
+
+
+async def test_one_receive_is_reported_in_one_flush(zctx: zmq.asyncio.Context, tmp_path: Path) -> None:
+    w, sock = make_worker(zctx, tmp_path)
+    batch = [tasks(assignment("noop")) for _ in range(5)]
+    w.on_batch(batch)
+    (msg,) = sock.messages()
+    assert isinstance(msg, ResultBatch) and len(msg.results) == 5
+    await asyncio.sleep(0)
+    assert len(sock.sent) == 1  # nothing left for a later flush
 
 
 async def test_busy_slots_make_a_noop_wait_its_turn(zctx: zmq.asyncio.Context, tmp_path: Path) -> None:
