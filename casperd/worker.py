@@ -85,6 +85,7 @@ class Worker:
         self._flush_scheduled = False
         self._slots = asyncio.Semaphore(max(1, settings.capacity))
         self._queued: set[asyncio.Task[None]] = set()
+        self._finished: list[tuple[str, str, float]] = []  # runs done in place: (outcome, type, seconds)
         """Runs not yet in a slot: a run in place never overtakes them."""
         self._req_id = 0
         self._requests: dict[int, asyncio.Future[tuple[Any, tuple[bytes, ...]]]] = {}
@@ -147,6 +148,8 @@ class Worker:
             self._take_actions()
         if core.flush_needed:
             self.flush()
+        if self._finished:
+            self._count_finished()
 
     def tick(self) -> None:
         waiting = loopsock.pending_input(self.sock) if self.sock is not None else False
@@ -172,6 +175,8 @@ class Worker:
         if core.flush_needed and not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
+        if self._finished:
+            self._count_finished()
 
     # --- actions ----------------------------------------------------------------------------------
     def _do_send(self, a: SendFrames) -> None:
@@ -300,7 +305,9 @@ class Worker:
             outcome = self._failed(a, exc)
         else:
             outcome = self._succeeded(a, output, t0)
-        self._ended(a, outcome, t0)
+        self.core.ended(a.task_id)
+        # counted once its report is sent (_count_finished): the metrics are off the round trip
+        self._finished.append((outcome, a.type, time.monotonic() - t0))
 
     async def _run(self, a: Assignment, attachments: tuple[bytes, ...] = ()) -> None:
         t0 = time.monotonic()
@@ -361,6 +368,12 @@ class Worker:
             message = str(CasperError(f"handler crashed: {type(exc).__name__}: {exc}"[:2000]))
             core.failed_run(a, TaskCrashError.code, message, True)
         return "failed"
+
+    def _count_finished(self) -> None:
+        finished, self._finished = self._finished, []
+        for outcome, ttype, seconds in finished:
+            self.metrics.executed_by(outcome).inc()
+            self.metrics.task_seconds_by(ttype).observe(seconds)
 
     def _ended(self, a: Assignment, outcome: str, t0: float) -> None:
         self.core.ended(a.task_id)

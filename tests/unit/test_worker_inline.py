@@ -136,6 +136,22 @@ async def test_one_receive_is_reported_in_one_flush(zctx: zmq.asyncio.Context, t
     assert len(sock.sent) == 1  # nothing left for a later flush
 
 
+async def test_runs_in_place_are_counted_after_their_report_is_sent(zctx: zmq.asyncio.Context, tmp_path: Path) -> None:
+    w, sock = make_worker(zctx, tmp_path)
+    counted_at_send: list[float | None] = []
+    send = sock.send
+
+    def watching(frame: bytes, flags: int = 0) -> None:
+        counted_at_send.append(w.metrics.registry.get_sample_value("casper_tasks_executed_total", {"outcome": "ok"}))
+        send(frame, flags)
+
+    sock.send = watching  # type: ignore[method-assign]
+    w.on_batch([tasks(assignment("noop"), assignment("echo"))])
+    assert counted_at_send and counted_at_send[0] is None  # the RESULT went out first
+    assert w.metrics.registry.get_sample_value("casper_tasks_executed_total", {"outcome": "ok"}) == 2
+    assert w.metrics.registry.get_sample_value("casper_task_seconds_count", {"type": "noop"}) == 1
+
+
 async def test_busy_slots_make_a_noop_wait_its_turn(zctx: zmq.asyncio.Context, tmp_path: Path) -> None:
     w, sock = make_worker(zctx, tmp_path, capacity=1)
     slow, quick = assignment("sleep", {"seconds": 0.05}), assignment("noop")
