@@ -163,6 +163,12 @@ class Settings(BaseSettings):
     )
     cache_ttl_s: float = Field(default=3600.0, gt=0, description="result cache TTL, seconds")
     commit_batch_max: int = Field(default=2000, ge=1, description="most state changes per group commit")
+    dispatch_before_commit: bool = Field(
+        default=True,
+        description="send a TASK while the commit of its assignment (and of a new task's row) is still in flight, "
+        "so the work overlaps the commit; its RESULT counts once that commit is done (SPEC 11). false: a TASK "
+        "leaves only after the commit (a broker crash then never leaves a run the store does not know of)",
+    )
     db_pool_size: int = Field(default=4, ge=1, le=100, description="Postgres connections")
     shell_timeout_s: float = Field(default=60.0, gt=0, description="default timeout of shell tasks")
     shell_output_cap: int = Field(default=64 * 1024, ge=256, description="bytes of stdout/stderr kept")
