@@ -39,6 +39,7 @@ from casperd.policeman.actions import (
     DoneFromStore,
     Finished,
     LoadInputs,
+    Replay,
     RunLocal,
     SaveAttachments,
     Send,
@@ -71,6 +72,9 @@ class Broker:
         self.work: LocalWork | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._tick_armed: float | None = None
+        self._dispatch_soon = False
+        self._held: dict[bytes, int] = {}
+        """Mesh routing id -> its messages waiting for a commit (later ones to it wait behind them)."""
         self.on_tick: Callable[[float], None] | None = None
         """Called after every tick with the monotonic time (the autoscaler, casperd.elastic)."""
         self.finish_listeners: list[Callable[[TaskRecord], None]] = []
@@ -288,10 +292,22 @@ class Broker:
     def _send_action(self, a: Send) -> None:
         if a.announces:
             self.store.after_commit(lambda: announce(self._send, a, self.core.tasks))
-        elif a.after_commit:  # a worker's TASK goes before the submitters' ACCEPTED: the work starts sooner
-            self.store.after_commit(lambda: self._send(a), first=a.socket is Socket.MESH)
+        elif a.socket is Socket.MESH and (a.after_commit or a.route in self._held):
+            # after the commit, a worker's messages go before the submitters' ACCEPTED (the work
+            # starts sooner); a TASK that may leave at once still waits behind an earlier message
+            # to the same worker that waits for a commit (a CANCEL of the same task's last run)
+            self._held[a.route] = self._held.get(a.route, 0) + 1
+            self.store.after_commit(lambda: self._send_held(a), first=True)
+        elif a.after_commit:
+            self.store.after_commit(lambda: self._send(a))
         else:
             self._send(a)
+
+    def _send_held(self, a: Send) -> None:
+        left = self._held.pop(a.route, 1) - 1
+        if left > 0:
+            self._held[a.route] = left
+        self._send(a)
 
     def _send(self, a: Send) -> None:
         sock = self.mesh if a.socket is Socket.MESH else self.control
@@ -310,6 +326,20 @@ class Broker:
         if a.tasks:
             self.core.undelivered(a.node, a.tasks, now())
             self.run(self.core.take())
+
+    def _replay(self, a: Replay) -> None:
+        self.store.after_commit(lambda: self._replayed(a))
+
+    def _replayed(self, a: Replay) -> None:
+        self.core.replay(a.node_id, a.epoch, a.report, a.attachments, now())
+        self.run(self.core.take())
+        if not self._dispatch_soon:  # the reports freed slots: one dispatch pass for all of a commit's
+            self._dispatch_soon = True
+            asyncio.get_running_loop().call_soon(self._dispatch_now)
+
+    def _dispatch_now(self) -> None:
+        self._dispatch_soon = False
+        self.dispatch()
 
     def _run_local(self, a: RunLocal) -> None:
         work = self.work
@@ -383,6 +413,7 @@ ACTIONS: dict[type, Callable[[Broker, Any], None]] = {
     SaveAttachments: background.save_attachments,
     DoneFromStore: background.done_from_store,
     Arm: Broker._arm,
+    Replay: Broker._replay,
     LoadInputs: Broker._load_inputs,
 }
 """Action type -> how the shell carries it out."""

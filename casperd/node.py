@@ -142,7 +142,7 @@ class Node:
             from casperd.elastic import attach
 
             self.elastic, self.telemetry = attach(self.broker, self.s, self.metrics)
-            watch_api(self.police.claude, self.metrics)
+            self.police.on_client = lambda client: watch_api(client, self.metrics)  # built on first use
             await self.broker.recover()
         if self.s.curve and self.s.curve_enrollment:
             self._start_zap()

@@ -163,6 +163,12 @@ class Settings(BaseSettings):
     )
     cache_ttl_s: float = Field(default=3600.0, gt=0, description="result cache TTL, seconds")
     commit_batch_max: int = Field(default=2000, ge=1, description="most state changes per group commit")
+    dispatch_before_commit: bool = Field(
+        default=True,
+        description="send a TASK while the commit of its assignment (and of a new task's row) is still in flight, "
+        "so the work overlaps the commit; its RESULT counts once that commit is done (SPEC 11). false: a TASK "
+        "leaves only after the commit (a broker crash then never leaves a run the store does not know of)",
+    )
     db_pool_size: int = Field(default=4, ge=1, le=100, description="Postgres connections")
     shell_timeout_s: float = Field(default=60.0, gt=0, description="default timeout of shell tasks")
     shell_output_cap: int = Field(default=64 * 1024, ge=256, description="bytes of stdout/stderr kept")
@@ -263,7 +269,12 @@ class Settings(BaseSettings):
         le=10,
         description="permits ahead: how long a worker may hold a model-call permit granted before its call "
         "(asked when one of its calls ends, one per execution slot, only while the mesh's rate-limit buckets are "
-        "over half full and no 429 pause is on), e.g. 1; 0 (default): one llm-permit round trip before every call",
+        "over half full and no 429 pause is on), e.g. 1; 0 (default): one llm-permit round trip before every call. "
+        "It saves that round trip (~1.5 ms on loopback) when the policeman is remote or busy; on a small machine the "
+        "report that asks for the next permit reaches the policeman with the result and delays its commit and DONE "
+        "by about as much (bench.swarm_speedup measured no gain on 2 cores). Risks: a permit held ahead is not "
+        "stopped by a 429 that another node sees (at most one call per slot within the lease may meet the same "
+        "429 and be retried), and a node that dies holding permits leaves them charged until the buckets refill",
     )
     llm_max_tokens: int = Field(
         default=0,

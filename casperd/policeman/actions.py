@@ -143,6 +143,18 @@ class Arm:
 
 
 @dataclass(frozen=True, slots=True)
+class Replay:
+    """Feed a worker's report back to :meth:`~casperd.policeman.PolicemanCore.replay` once
+    everything staged so far is committed: it is about tasks whose rows are still being committed
+    (their TASK left before the commit, SPEC 11)."""
+
+    node_id: str
+    epoch: str
+    report: Any  # casperd.messages.ResultBatch or FailedBatch: the outcomes that wait
+    attachments: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SaveAttachments:
     """Store the attachments of an attached RESULT, then report
     :meth:`~casperd.policeman.PolicemanCore.attachments_saved`."""
@@ -175,4 +187,5 @@ Action = (
     | Arm
     | SaveAttachments
     | LoadInputs
+    | Replay
 )

@@ -105,19 +105,23 @@ class AssignRules(RegistryRules):
             self._send_tasks(node, ready, now)
 
     def _send_tasks(self, node: str, recs: list[TaskRecord], now: Now) -> None:
-        """TASK messages for tasks just assigned to ``node`` (inputs in memory), after the commit."""
+        """TASK messages for tasks just assigned to ``node`` (inputs in memory): at once, while the
+        commit of the assignment is in flight (``dispatch_before_commit``, SPEC 11: the report of
+        such a run waits for that commit, :meth:`~casperd.policeman.core.PolicemanCore.unsettled`),
+        or after the commit."""
         peer = self.peers[node]
+        after = not self.s.dispatch_before_commit
         lease_ms = int(self.s.lease_s * 1000)
         bodies: list[dict[str, Any]] = []
         for rec in recs:
             body = assignment_body(rec.id, rec.type, rec.input, rec.attempts, lease_ms, rec.timeout_s, rec.cache)
             if rec.attachments:  # alone in its TASK message, the attachments as frames after the body
                 frames = codec.encode_raw(Command.TASK, {"tasks": [body]}, rec.attachments)
-                self.out.append(Send(Socket.MESH, peer.route, frames, True, (rec.id,), node))
+                self.out.append(Send(Socket.MESH, peer.route, frames, after, (rec.id,), node))
                 continue
             bodies.append(body)
         for frames, chunk in self._task_frames(bodies, now):
-            self.out.append(Send(Socket.MESH, peer.route, frames, True, tuple(a["task_id"] for a in chunk), node))
+            self.out.append(Send(Socket.MESH, peer.route, frames, after, tuple(a["task_id"] for a in chunk), node))
         if bodies:
             peer.clock.sent(now.mono)
 

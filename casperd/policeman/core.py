@@ -34,7 +34,7 @@ from casperd.messages import (
     new_task_id,
 )
 from casperd.metrics import Metrics
-from casperd.policeman.actions import Now, SaveAttachments, Sender, SenderKind, Serve
+from casperd.policeman.actions import Now, Replay, SaveAttachments, Sender, SenderKind, Serve
 from casperd.policeman.gate import Authorizer
 from casperd.policeman.recovery import RecoveryRules
 from casperd.policeman.state import Peer, log
@@ -149,7 +149,59 @@ class PolicemanCore(RecoveryRules):
     def _progress(self, peer: Peer, sender: Sender, msg: Progress, att: tuple[bytes, ...], now: Now) -> None:
         self.on_progress(peer, msg, now)
 
+    # --- reports of runs whose TASK left before the commit (SPEC 11) -----------------------------
+    def unsettled(self, peer: Peer, msg: ResultBatch | FailedBatch, att: tuple[bytes, ...]) -> Any:
+        """The part of a report that applies now. An outcome for a task whose row is not committed
+        yet (a new task whose TASK left before its commit) waits: it is replayed once everything
+        staged so far is committed (:class:`Replay`), so a task's creation and its outcome never
+        share a commit, and a task Postgres refuses never reports DONE. None: nothing applies now."""
+        items: tuple[Any, ...] = msg.results if isinstance(msg, ResultBatch) else msg.failures
+        tasks = self.tasks
+        if all((r := tasks.get(o.task_id)) is None or r.persisted for o in items):
+            return msg  # the common case: every row is committed
+        now_part: list[Any] = []
+        later: list[Any] = []
+        for o in items:
+            r = tasks.get(o.task_id)
+            if r is None or r.persisted:
+                now_part.append(o)
+            elif r.rejected:  # its rows were refused: the task is being dropped (casperd.rejects)
+                self.metrics.duplicates.inc()
+            else:
+                later.append(o)
+        field = "results" if isinstance(msg, ResultBatch) else "failures"
+        if later:
+            self.out.append(Replay(peer.node_id, peer.epoch, msg.model_copy(update={field: tuple(later)}), att))
+        return msg.model_copy(update={field: tuple(now_part)}) if now_part else None
+
+    def replay(
+        self, node_id: str, epoch: str, report: ResultBatch | FailedBatch, att: tuple[bytes, ...], now: Now
+    ) -> None:
+        """A report that waited for the commit of its tasks' rows (:meth:`unsettled`), applied now
+        unless its sender is gone or restarted (then its runs are stale)."""
+        self.clock = now.mono
+        peer = self.peers.get(node_id)
+        if peer is None or peer.epoch != epoch:
+            self.metrics.duplicates.inc()
+            return
+        items: tuple[Any, ...] = report.results if isinstance(report, ResultBatch) else report.failures
+        if any((r := self.tasks.get(o.task_id)) is not None and r.rejected for o in items):
+            field = "results" if isinstance(report, ResultBatch) else "failures"
+            keep = tuple(o for o in items if (r := self.tasks.get(o.task_id)) is None or not r.rejected)
+            if not keep:
+                return
+            report = report.model_copy(update={field: keep})
+        if isinstance(report, ResultBatch):
+            self._apply_results(peer, report, att, now)
+        else:
+            self.on_failures(peer, report, now)
+
     def _results(self, peer: Peer, sender: Sender, msg: ResultBatch, att: tuple[bytes, ...], now: Now) -> None:
+        settled = self.unsettled(peer, msg, att)
+        if settled is not None:
+            self._apply_results(peer, settled, att, now)
+
+    def _apply_results(self, peer: Peer, msg: ResultBatch, att: tuple[bytes, ...], now: Now) -> None:
         if not att:
             self.on_results(peer, msg, now)
             return
@@ -182,7 +234,9 @@ class PolicemanCore(RecoveryRules):
             self.on_results(peer, msg, now, att)  # still ours unless the lease was lost meanwhile
 
     def _failures(self, peer: Peer, sender: Sender, msg: FailedBatch, att: tuple[bytes, ...], now: Now) -> None:
-        self.on_failures(peer, msg, now)
+        settled = self.unsettled(peer, msg, att)
+        if settled is not None:
+            self.on_failures(peer, settled, now)
 
     def _disconnect(self, peer: Peer, sender: Sender, msg: Disconnect, att: tuple[bytes, ...], now: Now) -> None:
         self.on_disconnect(peer, msg, now)

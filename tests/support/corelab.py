@@ -27,6 +27,7 @@ from casperd.policeman.actions import (
     DoneFromStore,
     Finished,
     LoadInputs,
+    Replay,
     RunLocal,
     SaveAttachments,
     Send,
@@ -238,8 +239,14 @@ class Lab:
         for a in actions:
             if isinstance(a, Stage):
                 self.staged.append(a)
-            elif isinstance(a, Send | RunLocal | Finished | DoneFromStore) and getattr(a, "after_commit", True):
+            elif isinstance(a, Send | RunLocal | Finished | DoneFromStore | Replay) and getattr(
+                a, "after_commit", True
+            ):
                 self.after.append(a)
+            elif isinstance(a, Send) and any(
+                isinstance(b, Send) and b.route == a.route and b.socket is a.socket for b in self.after
+            ):
+                self.after.append(a)  # behind an earlier message to the same worker that waits (SPEC 11)
             elif isinstance(a, Send):
                 self.deliver(a)
             elif isinstance(a, Validate):
@@ -288,6 +295,9 @@ class Lab:
                 self.finished.append(a.rec.id)
             elif isinstance(a, RunLocal):
                 self.local_runs.append(a.rec)
+            elif isinstance(a, Replay):  # a report that waited for this commit (SPEC 11)
+                self.core.replay(a.node_id, a.epoch, a.report, a.attachments, self.now())
+                self.run(self.core.take())
 
     def load_inputs(self) -> None:
         """Carry out the core's LoadInputs: the inputs from the committed rows (none while
