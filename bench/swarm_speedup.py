@@ -28,6 +28,13 @@ each permit; with the task events, the fake server's arrival of each call and th
 of one ``ask``'s path. ``--permit-lease-s S`` sets the nodes' ``llm_permit_lease_s`` (permits
 ahead, off by default: one ``llm-permit`` round trip before every call).
 
+CPU per call: every process group's CPU (the scheduler's count of every thread,
+``/proc/PID/task/*/schedstat``; psutil's where there is none) over the measured batch divided by
+the calls (each developer makes one call at a time, so the developers' figure is also one
+developer's CPU per call), beside the same groups' idle CPU per second over 2 s before the batch
+(heartbeats, ticks) and the developers' per-call CPU beyond that idle rate. On a 2-core machine the
+fifteen-developer wave is CPU-bound: these, not the wall times, are what an A/B compares.
+
 Ideal: W = ceil(tasks / agents) waves of ``latency`` each, so the ideal speedup is
 (tasks * latency) / (W * latency) (15 for 30 tasks on 15 agents). The benchmark fails (exit 1)
 unless every task ended ``complete`` and the fake server answered exactly one call per task
@@ -37,9 +44,11 @@ unless every task ended ``complete`` and the fake server answered exactly one ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -51,6 +60,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -87,6 +97,9 @@ class Run:
     """Submit -> the fake server's last request of the measured batch."""
     phases: dict[str, float] = field(default_factory=dict)
     """Median seconds per task of each lifecycle step (from the task events, broker clock)."""
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+    """CPU per measured call (schedstat), by process group: the developers together
+    (and per developer), the policeman, Postgres; and each group's idle CPU per second."""
 
     @property
     def waves(self) -> int:
@@ -257,6 +270,49 @@ def _phases(
     return {k: statistics.median(v) for k, v in steps.items()}, per_node, final
 
 
+def _groups(mesh: LocalMesh) -> dict[str, list[psutil.Process]]:
+    """The mesh's processes by group: the developers, the policeman, Postgres (its postmaster and
+    every backend and helper under it), and the benchmark's own process (the fake model server's
+    threads and the client)."""
+    out: dict[str, list[psutil.Process]] = {"developers": [], "policeman": [], "postgres": []}
+    for node in mesh.nodes.values():
+        if node.proc is not None:
+            out["policeman" if node.role == "policeman" else "developers"].append(psutil.Process(node.proc.pid))
+    pg = mesh.postgres.proc if mesh.postgres is not None else None
+    if pg is not None:
+        root = psutil.Process(pg.pid)
+        out["postgres"] = [root, *root.children(recursive=True)]
+    out["bench (fake server, client)"] = [psutil.Process()]
+    return out
+
+
+def _cpu_s(p: psutil.Process) -> float:
+    """CPU seconds of ``p``'s threads so far: the scheduler's nanosecond counts on Linux
+    (``/proc/PID/task/*/schedstat``; ``psutil.cpu_times`` counts 10 ms ticks, too coarse for a few
+    ms per call; a thread that ended meanwhile drops out, none does here), else psutil's."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{p.pid}/task"):
+            with open(f"/proc/{p.pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        t = p.cpu_times()
+        return float(t.user + t.system)
+
+
+def _cpu(groups: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """CPU seconds of each group so far (threads included); a process gone meanwhile counts 0."""
+    out: dict[str, float] = {}
+    for name, procs in groups.items():
+        total = 0.0
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                total += _cpu_s(p)
+        out[name] = total
+    return out
+
+
 def run_mesh(
     fake: FakeClaude,
     agents: int,
@@ -309,6 +365,12 @@ def run_mesh(
         if run.warmup_calls != n_warm:
             raise BenchFailure(f"warm-up: the fake server answered {run.warmup_calls} calls for {n_warm} tasks")
 
+        # idle CPU (heartbeats, ticks), then the measured batch's CPU per call by process group
+        groups = _groups(mesh)
+        idle_s = 2.0
+        c0 = _cpu(groups)
+        time.sleep(idle_s)
+        c1 = _cpu(groups)
         # the measured batch
         tag = f"run{agents}-{uuid.uuid4().hex[:6]}"
         prompts = [_prompt(tag, i) for i in range(n_tasks)]
@@ -318,8 +380,16 @@ def run_mesh(
         t0, run.wall_s, ids, statuses = _run_batch(
             mesh, [_ask(p) for p in prompts], max(60.0, 4 * n_tasks * fake.latency_s), done_at
         )
+        c2 = _cpu(groups)
         calls = fake.calls()[before:]
         run.calls = len(calls)
+        for name in groups:
+            busy, idle = c2[name] - c1[name], c1[name] - c0[name]
+            run.cpu_ms[f"{name}, per call"] = 1000 * busy / max(1, len(calls))
+            run.cpu_ms[f"{name}, idle per s"] = 1000 * idle / idle_s
+        run.cpu_ms["developers, per call beyond idle"] = (
+            1000 * (c2["developers"] - c1["developers"] - (c1["developers"] - c0["developers"]) * run.wall_s / idle_s)
+        ) / max(1, len(calls))
         for s in statuses.values():
             run.statuses[s] = run.statuses.get(s, 0) + 1
         seen = [_user_text(r) for r in calls]
@@ -454,6 +524,17 @@ def main() -> int:
         p.add_row(k, *(f"{1000 * r.phases[k]:.1f}" if k in r.phases else "" for r in runs))
     console.print(p)
 
+    c = Table(
+        title="CPU (schedstat) per measured call, ms, by process group; idle: per second before the batch",
+        title_justify="left",
+    )
+    c.add_column("CPU")
+    for r in runs:
+        c.add_column(f"{r.agents} dev", justify="right")
+    for k in dict.fromkeys(k for r in runs for k in r.cpu_ms):
+        c.add_row(k, *(f"{r.cpu_ms[k]:.2f}" if k in r.cpu_ms else "" for r in runs))
+    console.print(c)
+
     s = Table(title="speedup", title_justify="left", show_header=False)
     s.add_column("what")
     s.add_column("value", justify="right")
@@ -496,6 +577,7 @@ def main() -> int:
                     "total_s": round(total_s, 1),
                     "permit_lease_s": a.permit_lease_s,
                     "prefetch": a.prefetch,
+                    "cpu_ms": {str(r.agents): {k: round(v, 3) for k, v in r.cpu_ms.items()} for r in runs},
                     "steps_ms": {str(r.agents): {k: round(1000 * v, 2) for k, v in r.phases.items()} for r in runs},
                 },
                 separators=(",", ":"),

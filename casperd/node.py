@@ -142,7 +142,7 @@ class Node:
             from casperd.elastic import attach
 
             self.elastic, self.telemetry = attach(self.broker, self.s, self.metrics)
-            watch_api(self.police.claude, self.metrics)
+            self.police.on_client = lambda client: watch_api(client, self.metrics)  # built on first use
             await self.broker.recover()
         if self.s.curve and self.s.curve_enrollment:
             self._start_zap()
@@ -321,8 +321,7 @@ class Node:
             except zmq.ZMQError:
                 await asyncio.sleep(0.01)
                 continue
-            for frames in batch:
-                worker.on_broker(frames)
+            worker.on_batch(batch)
 
     async def _control_loop(self) -> None:
         assert self.control_sock is not None

@@ -2,7 +2,9 @@
 
 Theory of operation. The core holds every rule (what to run, what to report, when to renew,
 reconnect or register again); this module owns the DEALER (routing id ``node_id/epoch``), the
-asyncio task of each run, the requests waiting for a REPLY, and the clock. After every event it
+asyncio task of each run, the requests waiting for a REPLY, and the clock. A synchronous handler
+(``TaskType.run_inline``: noop, echo) runs in place, without a task, when a slot is free, no
+earlier run waits for one and no cache is asked for; it reports like any other. After every event it
 carries the core's actions out (``ACTIONS``, a table from action type to method) and schedules one
 flush per loop turn, so a burst of quick tasks costs a few frames, not one per task. Handlers
 never block the loop (subprocesses and awaits only), so heartbeats are never starved by work.
@@ -30,7 +32,7 @@ import zmq.asyncio
 from casperd import __version__, calltrace, codec, loopsock, procstats
 from casperd.cache import ResultCache, cache_key
 from casperd.errors import CasperError, RequestTimeoutError, TaskCrashError, UnknownTaskTypeError, from_wire
-from casperd.handlers import Attached, Catalog, RunContext
+from casperd.handlers import Attached, Catalog, InlineRunner, RunContext
 from casperd.loopsock import Sock
 from casperd.meshcache import cache_counters
 from casperd.messages import Assignment, Request
@@ -77,10 +79,14 @@ class Worker:
         me = Identity(self.epoch, os.getpid(), _hostname(), __version__.replace("+", "."), public)
         self.core = WorkerCore(settings, me, metrics, random.random, time.monotonic())
         self.core.stats = procstats.shared().sample
+        self.metrics.inflight.set_function(lambda: len(self.core.running))  # read when scraped
         self.sock: Sock | None = None  # driven by casperd.loopsock
         self.tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._flush_scheduled = False
         self._slots = asyncio.Semaphore(max(1, settings.capacity))
+        self._queued: set[asyncio.Task[None]] = set()
+        self._finished: list[tuple[str, str, float]] = []  # runs done in place: (outcome, type, seconds)
+        """Runs not yet in a slot: a run in place never overtakes them."""
         self._req_id = 0
         self._requests: dict[int, asyncio.Future[tuple[Any, tuple[bytes, ...]]]] = {}
         self.services: Any = None  # casperd.agents.services.WorkerServices, set by the node
@@ -130,8 +136,20 @@ class Worker:
 
     # --- events -----------------------------------------------------------------------------------
     def on_broker(self, frames: list[bytes]) -> None:
-        self.core.on_frames(frames, time.monotonic())
-        self._carry_out()
+        self.on_batch([frames])
+
+    def on_batch(self, batch: list[list[bytes]]) -> None:
+        """The messages one receive got from the policeman: what they cause is reported in one
+        flush at the batch's end (the no-op tasks it carried ran in place), not a loop turn later."""
+        core = self.core
+        now = time.monotonic()
+        for frames in batch:
+            core.on_frames(frames, now)
+            self._take_actions()
+        if core.flush_needed:
+            self.flush()
+        if self._finished:
+            self._count_finished()
 
     def tick(self) -> None:
         waiting = loopsock.pending_input(self.sock) if self.sock is not None else False
@@ -145,13 +163,20 @@ class Worker:
         self.core.flush(time.monotonic())
         self._carry_out()
 
+    def _take_actions(self) -> None:
+        core = self.core
+        while core.out:  # an action may queue more (a run done in place reports at once)
+            for action in core.take():
+                ACTIONS[type(action)](self, action)
+
     def _carry_out(self) -> None:
-        for action in self.core.take():
-            ACTIONS[type(action)](self, action)
-        self.metrics.inflight.set(len(self.core.running))
-        if self.core.flush_needed and not self._flush_scheduled:
+        self._take_actions()
+        core = self.core
+        if core.flush_needed and not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
+        if self._finished:
+            self._count_finished()
 
     # --- actions ----------------------------------------------------------------------------------
     def _do_send(self, a: SendFrames) -> None:
@@ -163,10 +188,23 @@ class Worker:
             if old is not None:
                 old.add_done_callback(lambda _t: self.assign(a.assignment, a.attachments))
             return
-        tid = a.assignment.task_id
-        self.tasks[tid] = asyncio.get_running_loop().create_task(
-            self._run(a.assignment, a.attachments), name=f"task-{tid}"
+        assignment = a.assignment
+        ttype = self.catalog.find(assignment.type)
+        if (
+            ttype is not None
+            and ttype.run_inline is not None
+            and not self._queued
+            and not self._slots.locked()
+            and not self._cached(assignment)
+        ):
+            self._run_inline(assignment, a.attachments, ttype.run_inline)
+            return
+        tid = assignment.task_id
+        task = self.tasks[tid] = asyncio.get_running_loop().create_task(
+            self._run(assignment, a.attachments), name=f"task-{tid}"
         )
+        self._queued.add(task)
+        task.add_done_callback(self._queued.discard)  # also when cancelled before it ever ran
 
     def _do_abort(self, a: AbortRun) -> None:
         task = self.tasks.get(a.task_id)
@@ -238,29 +276,52 @@ class Worker:
             "existing": data.get("existing", False),
         }
 
+    def _cached(self, a: Assignment) -> bool:
+        return a.cache and self.cache is not None and self.cache.enabled
+
+    def _context(self, a: Assignment, attachments: tuple[bytes, ...]) -> RunContext:
+        return RunContext(
+            self.s.node_id,
+            self._workspace,
+            self.s.shell_timeout_s,
+            self.s.shell_output_cap,
+            a.timeout_s,
+            a.task_id,
+            a.attempt,
+            attachments,
+            self.services,
+        )
+
+    def _run_inline(self, a: Assignment, attachments: tuple[bytes, ...], run: InlineRunner) -> None:
+        """Run a synchronous handler in place, in a free slot: what :meth:`_run` does, without an
+        asyncio task (nothing could interrupt it between its start and its end). Called while
+        :meth:`_carry_out` takes actions: the reports it queues go out with the next flush."""
+        t0 = time.monotonic()
+        self.core.in_slot(a.task_id)
+        calltrace.mark("handler start", a.task_id)
+        try:
+            output = run(self._context(a, attachments), a.input)
+        except (asyncio.CancelledError, Exception) as exc:
+            outcome = self._failed(a, exc)
+        else:
+            outcome = self._succeeded(a, output, t0)
+        self.core.ended(a.task_id)
+        # counted once its report is sent (_count_finished): the metrics are off the round trip
+        self._finished.append((outcome, a.type, time.monotonic() - t0))
+
     async def _run(self, a: Assignment, attachments: tuple[bytes, ...] = ()) -> None:
         t0 = time.monotonic()
         outcome = "ok"
-        core = self.core
         try:
             async with self._slots:
+                self._queued.discard(asyncio.current_task())
                 t0 = time.monotonic()  # run time, not time spent waiting for a slot
-                core.in_slot(a.task_id)
+                self.core.in_slot(a.task_id)
                 calltrace.running(a.task_id)
                 calltrace.mark("handler start")
                 self._carry_out()
                 ttype = self.catalog.get(a.type)
-                ctx = RunContext(
-                    self.s.node_id,
-                    self._workspace,
-                    self.s.shell_timeout_s,
-                    self.s.shell_output_cap,
-                    a.timeout_s,
-                    a.task_id,
-                    a.attempt,
-                    attachments,
-                    self.services,
-                )
+                ctx = self._context(a, attachments)
 
                 async def compute() -> Any:
                     if a.timeout_s:
@@ -268,40 +329,56 @@ class Worker:
                             return await ttype.run(ctx, a.input)
                     return await ttype.run(ctx, a.input)
 
-                if a.cache and self.cache is not None and self.cache.enabled:
+                if self._cached(a):
+                    assert self.cache is not None
                     output = await self.cache.get_or_compute(cache_key(a.type, a.input), compute)
                 else:
                     output = await compute()
-            ms = (time.monotonic() - t0) * 1000
-            calltrace.mark("handler returned")
-            if isinstance(output, Attached):  # alone in its RESULT message, attachments as frames
-                ok = core.succeeded(a, output.output, ms, output.attachments)
-            else:
-                ok = core.succeeded(a, output, ms, None)
-            outcome = "ok" if ok else "failed"
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            core.interrupted(a)
-        except TimeoutError:
-            outcome = "failed"
-            timed_out = CasperError(f"task timed out after {a.timeout_s:g}s", hint="raise timeout_s")
-            core.failed_run(a, "timeout", str(timed_out), True)
-        except CasperError as exc:
-            outcome = "failed"
-            core.failed_run(a, exc.code, str(exc), exc.retryable and not isinstance(exc, UnknownTaskTypeError))
-        except Exception as exc:
-            outcome = "failed"
-            log.exception("handler for %s task %s crashed", a.type, a.task_id)
-            core.failed_run(
-                a, TaskCrashError.code, str(CasperError(f"handler crashed: {type(exc).__name__}: {exc}"[:2000])), True
-            )
+            outcome = self._succeeded(a, output, t0)
+        except (asyncio.CancelledError, Exception) as exc:
+            outcome = self._failed(a, exc)
         finally:
-            core.ended(a.task_id)
             if self.tasks.get(a.task_id) is asyncio.current_task():
                 del self.tasks[a.task_id]
-            self.metrics.executed_by(outcome).inc()
-            self.metrics.task_seconds_by(a.type).observe(time.monotonic() - t0)
+            self._ended(a, outcome, t0)
             self._carry_out()
+
+    def _succeeded(self, a: Assignment, output: Any, t0: float) -> str:
+        ms = (time.monotonic() - t0) * 1000
+        calltrace.mark("handler returned", a.task_id)
+        if isinstance(output, Attached):  # alone in its RESULT message, attachments as frames
+            ok = self.core.succeeded(a, output.output, ms, output.attachments)
+        else:
+            ok = self.core.succeeded(a, output, ms, None)
+        return "ok" if ok else "failed"
+
+    def _failed(self, a: Assignment, exc: BaseException) -> str:
+        """Report a run that raised ``exc``; its outcome for the metrics."""
+        core = self.core
+        if isinstance(exc, asyncio.CancelledError):
+            core.interrupted(a)
+            return "cancelled"
+        if isinstance(exc, TimeoutError):
+            timed_out = CasperError(f"task timed out after {a.timeout_s:g}s", hint="raise timeout_s")
+            core.failed_run(a, "timeout", str(timed_out), True)
+        elif isinstance(exc, CasperError):
+            core.failed_run(a, exc.code, str(exc), exc.retryable and not isinstance(exc, UnknownTaskTypeError))
+        else:
+            log.exception("handler for %s task %s crashed", a.type, a.task_id, exc_info=exc)
+            message = str(CasperError(f"handler crashed: {type(exc).__name__}: {exc}"[:2000]))
+            core.failed_run(a, TaskCrashError.code, message, True)
+        return "failed"
+
+    def _count_finished(self) -> None:
+        finished, self._finished = self._finished, []
+        for outcome, ttype, seconds in finished:
+            self.metrics.executed_by(outcome).inc()
+            self.metrics.task_seconds_by(ttype).observe(seconds)
+
+    def _ended(self, a: Assignment, outcome: str, t0: float) -> None:
+        self.core.ended(a.task_id)
+        self.metrics.executed_by(outcome).inc()
+        self.metrics.task_seconds_by(a.type).observe(time.monotonic() - t0)
 
     # --- operator and shutdown -----------------------------------------------------------------------
     async def drain(self, timeout: float) -> None:

@@ -27,17 +27,14 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from casperd import authz, calltrace
-from casperd.agents import gitwork
-from casperd.agents.claude import ClaudeClient
 from casperd.agents.ratelimit import LocalLimiter, MeshRateLimit, RateObservation
 from casperd.agents.records import AgentRecords
-from casperd.agents.validation import PatchLimits, validate_patch
 from casperd.broker import Broker
 from casperd.cache import ResultCache
 from casperd.codec import describe_validation
@@ -47,7 +44,8 @@ from casperd.messages import TaskSpec
 from casperd.settings import Settings
 from casperd.taskrecord import TaskRecord
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # loaded where used: a policeman that never plans a job or validates a patch never loads them
+    from casperd.agents.claude import ClaudeClient
     from casperd.agents.jobs import JobRunner
 
 log = logging.getLogger("casperd.agents.police")
@@ -97,7 +95,10 @@ class PoliceService:
         self.broker = broker
         self.records = AgentRecords(broker.store)
         self.rate = MeshRateLimit(settings.llm_rpm, settings.llm_tpm)
-        self.claude = ClaudeClient.from_settings(settings, LocalLimiter(state=self.rate), cache)
+        self._cache = cache
+        self._claude: ClaudeClient | None = None
+        self.on_client: Callable[[ClaudeClient], None] | None = None
+        """Called with the model client when it is built (the node's API metrics)."""
         self._jobs: JobRunner | None = None
         self._recording: set[asyncio.Task[None]] = set()
         self.leases: dict[str, list[int]] = {}
@@ -113,6 +114,18 @@ class PoliceService:
         catalog.add_service("directory", self._directory, roles=workers)
         catalog.add_service("handoff-record", self._handoff_record, roles=workers)
         catalog.add_validator("code", self.validate_code)
+
+    @property
+    def claude(self) -> ClaudeClient:
+        """The policeman's own model client (a job's planning and review), built on first use: most
+        meshes never run a job, and its module is one fewer at start (issue #13, idle memory)."""
+        if self._claude is None:
+            from casperd.agents.claude import ClaudeClient
+
+            self._claude = ClaudeClient.from_settings(self.s, LocalLimiter(state=self.rate), self._cache)
+            if self.on_client is not None:
+                self.on_client(self._claude)
+        return self._claude
 
     @property
     def jobs(self) -> JobRunner:
@@ -170,7 +183,8 @@ class PoliceService:
             await asyncio.gather(*self._recording, return_exceptions=True)
         if self._jobs is not None:
             await self._jobs.close()
-        await self.claude.close()
+        if self._claude is not None:
+            await self._claude.close()
 
     # --- who may touch what (the sender's enrolled identity is ``node``) ----------------------------------
     def _require_holder(self, node: str, tid: uuid.UUID, op: str) -> None:
@@ -322,6 +336,9 @@ class PoliceService:
     async def validate_code(
         self, tid: uuid.UUID, task_input: dict[str, Any], output: Any, attachments: tuple[bytes, ...]
     ) -> str | None:
+        from casperd.agents import gitwork  # the first code result loads git and patch handling
+        from casperd.agents.validation import PatchLimits, validate_patch
+
         patch = attachments[0] if attachments else b""
         problems = await validate_patch(
             patch,

@@ -24,6 +24,7 @@ from casperd.handlers import basic, shell
 from casperd.handlers.types import (
     AsyncValidator,
     Attached,
+    InlineRunner,
     MeshOp,
     MeshService,
     RunContext,
@@ -38,6 +39,7 @@ __all__ = [
     "AsyncValidator",
     "Attached",
     "Catalog",
+    "InlineRunner",
     "MeshOp",
     "MeshService",
     "RunContext",

@@ -25,12 +25,20 @@ class SleepInput(BaseModel):
     fail: Any = None
 
 
-async def _noop(ctx: RunContext, data: dict[str, Any]) -> None:
+def _noop_now(ctx: RunContext, data: dict[str, Any]) -> None:
     return None
 
 
-async def _echo(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
+def _echo_now(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
     return data
+
+
+async def _noop(ctx: RunContext, data: dict[str, Any]) -> None:
+    return _noop_now(ctx, data)
+
+
+async def _echo(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
+    return _echo_now(ctx, data)
 
 
 async def _sleep(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
@@ -45,8 +53,8 @@ async def _sleep(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
 
 
 TYPES: tuple[TaskType, ...] = (
-    TaskType("noop", _noop, description="does nothing; for health checks and benchmarks"),
-    TaskType("echo", _echo, description="returns its input"),
+    TaskType("noop", _noop, description="does nothing; for health checks and benchmarks", run_inline=_noop_now),
+    TaskType("echo", _echo, description="returns its input", run_inline=_echo_now),
     TaskType(
         "sleep",
         _sleep,

@@ -40,6 +40,8 @@ class Attached:
 
 
 Runner = Callable[[RunContext, dict[str, Any]], Awaitable[Any]]
+InlineRunner = Callable[[RunContext, dict[str, Any]], Any]
+"""A synchronous handler that returns at once (no I/O, no waiting): see ``TaskType.run_inline``."""
 Validator = Callable[[dict[str, Any], Any], str | None]
 """Returns None when the output is acceptable, else the reason it is not."""
 AsyncValidator = Callable[[uuid.UUID, dict[str, Any], Any, tuple[bytes, ...]], Awaitable[str | None]]
@@ -58,6 +60,10 @@ class TaskType:
     validate_when: Callable[[dict[str, Any]], bool] | None = None
     """Whether a task's input asks for ``validate`` (None: always, when there is a validator)."""
     input_model: type[BaseModel] | None = None  # the input's schema, checked at SUBMIT
+    run_inline: InlineRunner | None = None
+    """The same work as ``run``, done synchronously and at once. A worker with a free slot calls it
+    in place (no asyncio task: a timeout or a cancellation could not interrupt it at any await
+    anyway); it waits for a slot, or consults the result cache, through ``run``."""
 
     def needs_validation(self, task_input: dict[str, Any]) -> bool:
         if self.validate is None:

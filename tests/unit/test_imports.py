@@ -138,7 +138,9 @@ if ROLE != "policeman":
 else:
     import casperd.agents.police, casperd.broker, casperd.elastic, casperd.store  # noqa: F401
 HEAVY = ("anthropic", "httpx", "psycopg", "psycopg_pool", "rich", "opentelemetry", "redis")
-print(json.dumps(sorted(m for m in HEAVY if m in sys.modules)))
+LATER = ("casperd.agents.claude", "casperd.agents.gitwork", "casperd.agents.validation", "casperd.agents.jobs",
+         "casperd.agents.planner")
+print(json.dumps(sorted(m for m in HEAVY + (LATER if ROLE == "policeman" else ()) if m in sys.modules)))
 """
 
 
@@ -161,7 +163,21 @@ def test_a_worker_node_loads_no_model_sdk_driver_cache_client_or_ui_before_its_f
 
 
 def test_the_policeman_loads_its_postgres_driver_but_no_model_sdk_cache_client_or_ui() -> None:
+    """Nor its own model client, the job coordinator and planner, or git and patch validation: they
+    load with the first job, model call or code result."""
     assert _heavy_after_start("policeman") == ["psycopg", "psycopg_pool"]
+
+
+def test_the_policeman_probe_sees_an_agents_module_loaded_at_start() -> None:
+    import subprocess
+    import sys
+
+    code = _NODE_PROBE.replace("ROLE", repr("policeman")).replace(
+        "HEAVY = (", "import casperd.agents.gitwork  # noqa: F401\nHEAVY = ("
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "casperd.agents.gitwork" in out.stdout
 
 
 def test_the_probe_sees_a_heavy_import() -> None:

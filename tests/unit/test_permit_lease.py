@@ -210,11 +210,20 @@ def test_call_trace_marks_only_when_enabled(tmp_path: Any, monkeypatch: pytest.M
     from casperd import calltrace
 
     monkeypatch.setattr(calltrace, "_path", None)
+    monkeypatch.setattr(calltrace, "_file", None)
     calltrace.mark("nothing")
     assert not calltrace.enabled()
     path = tmp_path / "trace.jsonl"
     monkeypatch.setattr(calltrace, "_path", str(path))
     tid = uuid.uuid4()
+    opened: list[str] = []
+    real_open = open
+
+    def counting_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
 
     async def run() -> None:
         calltrace.running(tid)
@@ -223,6 +232,11 @@ def test_call_trace_marks_only_when_enabled(tmp_path: Any, monkeypatch: pytest.M
     asyncio.run(run())
     calltrace.mark("result sent", tid)
     calltrace.mark("permit served")
+    assert opened == [str(path)]  # opened once, not once per mark (the marks time sub-millisecond steps)
+    trace_file = calltrace._file
+    assert trace_file is not None
+    monkeypatch.undo()  # the module's file back to what it was (None outside the benchmark)
+    trace_file.close()
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r[1], r[2]) for r in rows] == [
         ("handler start", str(tid)),
