@@ -353,17 +353,25 @@ class Broker:
             work.run_local(a.rec)
 
     def _finished(self, a: Finished) -> None:
+        if self.work is not None or self.finish_listeners:
+            self.store.after_commit_each("finished", a.rec, self._notify_finished)
+
+    def _notify_finished(self, recs: list[TaskRecord]) -> None:
+        """The tasks one commit finished, to the local work (jobs, usage records) and the finish
+        listeners (telemetry): one callback per commit, each listener's failure logged alone."""
         work = self.work
-        if work is not None:
-            self.store.after_commit(lambda: work.on_finish(a.rec))
-        if self.finish_listeners:
-            listeners = list(self.finish_listeners)
-
-            def notify() -> None:
-                for fn in listeners:
-                    fn(a.rec)
-
-            self.store.after_commit(notify)
+        listeners = list(self.finish_listeners)
+        for rec in recs:
+            if work is not None:
+                try:
+                    work.on_finish(rec)
+                except Exception:
+                    log.exception("finish handling of task %s failed", rec.id)
+            for fn in listeners:
+                try:
+                    fn(rec)
+                except Exception:
+                    log.exception("a finish listener failed for task %s", rec.id)
 
     def _load_inputs(self, a: LoadInputs) -> None:
         self._spawn(self._load_inputs_now(a))

@@ -88,9 +88,12 @@ class Batch:
     refused: list[TaskRecord] = field(default_factory=list)
     """Records whose rows Postgres refused while writing this batch (handed to ``on_reject``
     once the rest of the batch is committed and its callbacks have run)."""
+    groups: dict[str, tuple[Callable[[list[Any]], None], list[Any]]] = field(default_factory=dict)
+    """key -> (callback, items): one call per batch with every item given under the key, after
+    ``after`` (e.g. the tasks a batch finished, for the finish listeners)."""
 
     def __bool__(self) -> bool:
-        return bool(self.dirty or self.events or self.keys or self.first or self.after or self.refused)
+        return bool(self.dirty or self.events or self.keys or self.first or self.after or self.refused or self.groups)
 
     def task_ids(self) -> list[uuid.UUID]:
         """Every task this batch writes a row for, in first-staged order."""
@@ -116,6 +119,11 @@ class Batch:
         self.first.extend(newer.first)
         self.after.extend(newer.after)
         self.refused.extend(newer.refused)
+        for key, (fn, items) in newer.groups.items():
+            if key in self.groups:
+                self.groups[key][1].extend(items)
+            else:
+                self.groups[key] = (fn, items)
 
 
 class PendingRetry(Exception):
@@ -165,6 +173,17 @@ class GroupCommitWriter:
         the others of the same commit (each kind in the order registered)."""
         (self._batch.first if first else self._batch.after).append(fn)
         self._wake.set()
+
+    def after_commit_each(self, key: str, item: Any, fn: Callable[[list[Any]], None]) -> None:
+        """Once everything staged so far is committed, call ``fn`` once with every item given under
+        ``key`` for the same commit (after the ``after_commit`` callbacks): one callback per commit,
+        not one closure per item."""
+        group = self._batch.groups.get(key)
+        if group is None:
+            self._batch.groups[key] = (fn, [item])
+            self._wake.set()
+        else:
+            group[1].append(item)
 
     async def committed(self) -> None:
         """Wait until everything staged so far is committed (or refused)."""
@@ -225,6 +244,11 @@ class GroupCommitWriter:
                     fn()
                 except Exception:
                     log.exception("store: after-commit action failed")
+            for each, items in batch.groups.values():
+                try:
+                    each(items)
+                except Exception:
+                    log.exception("store: after-commit action failed")
             for rec in batch.refused:
                 if self.on_reject is not None:
                     try:
@@ -272,6 +296,7 @@ class GroupCommitWriter:
                 if is_retryable(exc):
                     rest = batch.subset([t for chunk in (*todo, part) for t in chunk])
                     rest.first, rest.after, rest.refused = batch.first, batch.after, batch.refused
+                    rest.groups = batch.groups
                     raise PendingRetry(exc, rest) from exc
                 if len(part) > 1:
                     todo += [part[len(part) // 2 :], part[: len(part) // 2]]

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import psycopg
+import pytest
 
 from casperd.groupcommit import Batch, GroupCommitWriter
 
@@ -44,3 +45,48 @@ def test_a_batch_absorbs_both_kinds_of_callbacks() -> None:
     older.absorb(newer)
     assert older.first == [calls[0], calls[2]] and older.after == [calls[1], calls[3]]
     assert Batch(first=[calls[0]])
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_grouped_callbacks_run_once_per_commit_after_the_others(fail: bool) -> None:
+    """``after_commit_each``: one call per commit with every item of that commit, after the other
+    callbacks; items given while a commit is in flight go to the next one, unless that commit fails:
+    the failed batch is retried with the newer changes, and its items with theirs."""
+    calls: list[Any] = []
+    failures = [psycopg.OperationalError("connection lost")] if fail else []
+    gate = asyncio.Event()
+
+    async def fake_write(self: GroupCommitWriter, batch: Batch) -> None:
+        await gate.wait()
+        if failures:
+            raise failures.pop()
+
+    async def go() -> None:
+        w = GroupCommitWriter("postgresql://unused", {})
+        w._write = fake_write.__get__(w)  # type: ignore[method-assign]
+        w.start_writer()
+        w.after_commit_each("finished", "a", lambda items: calls.append(("finished", list(items))))
+        w.after_commit(lambda: calls.append("DONE a"))
+        w.after_commit_each("finished", "b", lambda items: calls.append(("never called", items)))
+        await asyncio.sleep(0)  # the writer takes the batch (a, b) and waits in its write
+        w.after_commit_each("finished", "c", lambda items: calls.append(("finished", list(items))))
+        gate.set()
+        await asyncio.wait_for(w.committed(), 5)
+        await w.stop_writer(5)
+
+    asyncio.run(go())
+    if fail:
+        assert calls == ["DONE a", ("finished", ["a", "b", "c"])]
+    else:
+        assert calls == ["DONE a", ("finished", ["a", "b"]), ("finished", ["c"])]
+
+
+def test_a_batch_absorbs_grouped_items() -> None:
+    older, newer = Batch(), Batch()
+    fn = print
+    older.groups["finished"] = (fn, [1])
+    newer.groups["finished"] = (fn, [2])
+    newer.groups["other"] = (fn, [3])
+    older.absorb(newer)
+    assert older.groups == {"finished": (fn, [1, 2]), "other": (fn, [3])}
+    assert Batch(groups={"k": (fn, [])})

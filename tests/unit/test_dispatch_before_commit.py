@@ -6,13 +6,14 @@ run the store does not know of (the worker's run is cancelled when it registers 
 from __future__ import annotations
 
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 from casperd.broker import Broker
 from casperd.lifecycle import Status
 from casperd.messages import Command, Done, FailedBatch, ResultBatch, TaskSpec
 from casperd.metrics import Metrics
-from casperd.policeman.actions import Replay, Send, Socket
+from casperd.policeman.actions import Finished, Replay, Send, Socket
 from casperd.settings import load_settings
 from tests.support.corelab import Lab, LabWorker
 
@@ -160,13 +161,21 @@ class _Store:
         self.after: list[Any] = []
         self.on_reject: Any = None
 
+        self.groups: dict[str, tuple[Any, list[Any]]] = {}
+
     def after_commit(self, fn: Any, *, first: bool = False) -> None:
         (self.first if first else self.after).append(fn)
 
+    def after_commit_each(self, key: str, item: Any, fn: Any) -> None:
+        self.groups.setdefault(key, (fn, []))[1].append(item)
+
     def commit(self) -> None:
         fns, self.first, self.after = [*self.first, *self.after], [], []
+        groups, self.groups = self.groups, {}
         for fn in fns:
             fn()
+        for each, items in groups.values():
+            each(items)
 
 
 def test_the_shell_keeps_a_workers_messages_in_order() -> None:
@@ -184,3 +193,19 @@ def test_the_shell_keeps_a_workers_messages_in_order() -> None:
     assert sent == [b"TASK other", b"CANCEL run 1", b"TASK run 2"]
     broker._send_action(Send(Socket.MESH, w1, [b"TASK run 3"], False, (tid,), "developer-1"))
     assert sent[-1] == b"TASK run 3" and not broker._held, "nothing waits any more"
+
+
+def test_the_shell_tells_the_finish_listeners_once_per_commit_each_failure_alone() -> None:
+    store = _Store()
+    broker = Broker(load_settings({"role": "policeman", "node_id": "policeman"}), store, Metrics())  # type: ignore[arg-type]
+    seen: list[str] = []
+
+    def broken(rec: Any) -> None:
+        raise RuntimeError("a listener's bug")
+
+    broker.finish_listeners += [broken, lambda rec: seen.append(rec.id)]
+    for name in ("t1", "t2"):
+        broker._finished(Finished(SimpleNamespace(id=name)))  # type: ignore[arg-type]
+    assert seen == [] and len(store.groups["finished"][1]) == 2, "nothing before the commit, one group"
+    store.commit()
+    assert seen == ["t1", "t2"]
