@@ -154,8 +154,10 @@ class PolicemanCore(RecoveryRules):
         """The part of a report that applies now. An outcome for a task whose row is not committed
         yet (a new task whose TASK left before its commit) waits: it is replayed once everything
         staged so far is committed (:class:`Replay`), so a task's creation and its outcome never
-        share a commit, and a task Postgres refuses never reports DONE. None: nothing applies now."""
-        items: tuple[Any, ...] = msg.results if isinstance(msg, ResultBatch) else msg.failures
+        share a commit, and a task Postgres refuses never reports DONE (its outcome is dropped).
+        None: nothing applies now."""
+        field = "results" if isinstance(msg, ResultBatch) else "failures"
+        items: tuple[Any, ...] = getattr(msg, field)
         tasks = self.tasks
         if all((r := tasks.get(o.task_id)) is None or r.persisted for o in items):
             return msg  # the common case: every row is committed
@@ -169,7 +171,6 @@ class PolicemanCore(RecoveryRules):
                 self.metrics.duplicates.inc()
             else:
                 later.append(o)
-        field = "results" if isinstance(msg, ResultBatch) else "failures"
         if later:
             self.out.append(Replay(peer.node_id, peer.epoch, msg.model_copy(update={field: tuple(later)}), att))
         return msg.model_copy(update={field: tuple(now_part)}) if now_part else None
@@ -184,22 +185,19 @@ class PolicemanCore(RecoveryRules):
         if peer is None or peer.epoch != epoch:
             self.metrics.duplicates.inc()
             return
-        items: tuple[Any, ...] = report.results if isinstance(report, ResultBatch) else report.failures
-        if any((r := self.tasks.get(o.task_id)) is not None and r.rejected for o in items):
-            field = "results" if isinstance(report, ResultBatch) else "failures"
-            keep = tuple(o for o in items if (r := self.tasks.get(o.task_id)) is None or not r.rejected)
-            if not keep:
-                return
-            report = report.model_copy(update={field: keep})
-        if isinstance(report, ResultBatch):
-            self._apply_results(peer, report, att, now)
+        self._report(peer, report, att, now)
+
+    def _report(self, peer: Peer, msg: ResultBatch | FailedBatch, att: tuple[bytes, ...], now: Now) -> None:
+        settled = self.unsettled(peer, msg, att)
+        if settled is None:
+            return
+        if isinstance(settled, ResultBatch):
+            self._apply_results(peer, settled, att, now)
         else:
-            self.on_failures(peer, report, now)
+            self.on_failures(peer, settled, now)
 
     def _results(self, peer: Peer, sender: Sender, msg: ResultBatch, att: tuple[bytes, ...], now: Now) -> None:
-        settled = self.unsettled(peer, msg, att)
-        if settled is not None:
-            self._apply_results(peer, settled, att, now)
+        self._report(peer, msg, att, now)
 
     def _apply_results(self, peer: Peer, msg: ResultBatch, att: tuple[bytes, ...], now: Now) -> None:
         if not att:
@@ -234,9 +232,7 @@ class PolicemanCore(RecoveryRules):
             self.on_results(peer, msg, now, att)  # still ours unless the lease was lost meanwhile
 
     def _failures(self, peer: Peer, sender: Sender, msg: FailedBatch, att: tuple[bytes, ...], now: Now) -> None:
-        settled = self.unsettled(peer, msg, att)
-        if settled is not None:
-            self.on_failures(peer, settled, now)
+        self._report(peer, msg, att, now)
 
     def _disconnect(self, peer: Peer, sender: Sender, msg: Disconnect, att: tuple[bytes, ...], now: Now) -> None:
         self.on_disconnect(peer, msg, now)

@@ -168,26 +168,21 @@ def test_the_policeman_loads_its_postgres_driver_but_no_model_sdk_cache_client_o
     assert _heavy_after_start("policeman") == ["psycopg", "psycopg_pool"]
 
 
-def test_the_policeman_probe_sees_an_agents_module_loaded_at_start() -> None:
+def _probe_with(role: str, extra: str) -> str:
+    """The node probe's output for ``role`` after it also imports the module ``extra``."""
     import subprocess
     import sys
 
-    code = _NODE_PROBE.replace("ROLE", repr("policeman")).replace(
-        "HEAVY = (", "import casperd.agents.gitwork  # noqa: F401\nHEAVY = ("
-    )
+    code = _NODE_PROBE.replace("ROLE", repr(role)).replace("HEAVY = (", f"import {extra}  # noqa: F401\nHEAVY = (")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "casperd.agents.gitwork" in out.stdout
+    return out.stdout
+
+
+def test_the_policeman_probe_sees_an_agents_module_loaded_at_start() -> None:
+    assert "casperd.agents.gitwork" in _probe_with("policeman", "casperd.agents.gitwork")
 
 
 def test_the_probe_sees_a_heavy_import() -> None:
     """The probe can fail: a role that imports the SDK at start is seen."""
-    import subprocess
-    import sys
-
-    code = _NODE_PROBE.replace("ROLE", repr("developer")).replace(
-        "HEAVY = (", "import casperd.agents.apicall  # noqa: F401\nHEAVY = ("
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "anthropic" in out.stdout
+    assert "anthropic" in _probe_with("developer", "casperd.agents.apicall")
