@@ -55,6 +55,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -64,6 +65,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from bench import sdk_baseline
 from casperd import calltrace
 from casperd.localmesh import LocalMesh, free_port_base
 from casperd.messages import TaskSpec
@@ -71,6 +73,9 @@ from tests.support.fakeclaude import FakeClaude, Recorded
 
 console = Console(width=shutil.get_terminal_size((120, 24)).columns, stderr=False)
 TARGET_SPEEDUP = 13.0
+TARGET_MESH_ADDS_MS = 10.0
+"""Issue #13: what the mesh adds to each model call (1 developer), beyond the direct SDK call."""
+ASK_MAX_TOKENS = 64
 CLAIMED_SPEEDUP = 3.7
 LIMITER_ENV = {"CASPER_LLM_RPM": "100000", "CASPER_LLM_TPM": "100000000"}
 
@@ -100,6 +105,8 @@ class Run:
     cpu_ms: dict[str, float] = field(default_factory=dict)
     """CPU per measured call (schedstat), by process group: the developers together
     (and per developer), the policeman, Postgres; and each group's idle CPU per second."""
+    shapes: list[str] = field(default_factory=list)
+    """The measured calls as the server saw them (:func:`bench.sdk_baseline.request_shape`)."""
 
     @property
     def waves(self) -> int:
@@ -115,12 +122,11 @@ class Run:
         return (self.wall_s - self.ideal_wall_s) / self.waves
 
 
-def _prompt(tag: str, i: int) -> str:
-    return f"[{tag} #{i}] Name one prime number greater than {1000 + i}. ({uuid.uuid4().hex[:8]})"
+_prompt = sdk_baseline.prompt
 
 
 def _ask(prompt: str) -> TaskSpec:
-    return TaskSpec(type="ask", input={"prompt": prompt, "max_tokens": 64, "deterministic": False})
+    return TaskSpec(type="ask", input={"prompt": prompt, "max_tokens": ASK_MAX_TOKENS, "deterministic": False})
 
 
 def _user_text(rec: Recorded) -> str:
@@ -321,7 +327,10 @@ def run_mesh(
     keep: bool,
     lease_s: float | None = None,
     prefetch: int = 0,
+    after_batch: Callable[[], None] | None = None,
 ) -> Run:
+    """One mesh of ``agents`` developers: start, warm up, the measured batch; then ``after_batch``
+    (the mesh still up and idle, as during the batch but for the calls), then stop."""
     run = Run(agents=agents, tasks=n_tasks, latency_s=fake.latency_s)
     state = Path(tempfile.mkdtemp(prefix=f"casper-bench-swarm{agents}-"))
     env = {
@@ -399,6 +408,7 @@ def run_mesh(
                 f"the fake server answered {run.calls} calls for {n_tasks} tasks "
                 f"({len(missing)} prompts never seen, {len(seen) - len(set(seen))} repeated)"
             )
+        run.shapes = sorted(sdk_baseline.request_shape(r.body, r.headers) for r in calls)
         if calls:
             arrivals = sorted(r.t for r in calls)
             run.first_call_s, run.last_call_s = arrivals[0] - t0, arrivals[-1] - t0
@@ -414,6 +424,8 @@ def run_mesh(
                 f"not every task ended complete: DONE statuses {run.statuses}, "
                 f"stored {sorted(set(not_complete.values()))} (see {state / 'logs'})"
             )
+        if after_batch is not None:
+            after_batch()
         return run
     finally:
         mesh.stop()
@@ -421,6 +433,28 @@ def run_mesh(
             console.print(f"  state kept in {state}")
         else:
             shutil.rmtree(state, ignore_errors=True)
+
+
+def run_direct(fake: FakeClaude, n_tasks: int, warmup: int) -> sdk_baseline.Direct:
+    """The baseline: ``n_tasks`` direct SDK calls, sequential, after ``warmup`` (see
+    :mod:`bench.sdk_baseline`), with their two halves from the server's arrivals (one monotonic
+    clock: ``CLOCK_MONOTONIC`` is the machine's) and their shapes for the comparison."""
+    before = len(fake.calls())
+    tag = f"sdk1-{uuid.uuid4().hex[:6]}"  # as long as the 1-developer mesh's "run1-" tag: same prompt sizes
+    try:
+        d = sdk_baseline.measure(fake.url, fake.latency_s, tag, n_tasks, warmup, ASK_MAX_TOKENS)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise BenchFailure(str(exc)) from exc
+    calls = fake.calls()[before:]
+    by_text = {_user_text(r): r for r in calls}
+    if len(calls) != n_tasks + warmup or any(p not in by_text for p, _, _ in d.calls):
+        raise BenchFailure(f"direct calls: the fake server answered {len(calls)} for {n_tasks} + {warmup} warm-up")
+    sent = [by_text[p].t - t0 for p, t0, _ in d.calls]
+    back = [t1 - (by_text[p].t + fake.latency_s) for p, _, t1 in d.calls]
+    d.steps_s = {"dev: http start -> model call sent": statistics.median(sent)}
+    d.steps_s["model reply due -> dev: sdk reply"] = statistics.median(back)
+    d.shapes = sorted(sdk_baseline.request_shape(by_text[p].body, by_text[p].headers) for p, _, _ in d.calls)
+    return d
 
 
 def main() -> int:
@@ -445,13 +479,20 @@ def main() -> int:
     t_start = time.monotonic()
     fake = FakeClaude(latency_s=a.latency).start()
     runs: list[Run] = []
+    direct: list[sdk_baseline.Direct] = []
+
+    def baseline() -> None:  # after the 1-developer batch, that mesh still up
+        console.print(f"  direct SDK calls, no mesh: {a.tasks} sequential + {a.warmup} warm-up, one process ...")
+        direct.append(run_direct(fake, a.tasks, a.warmup))
+
     try:
         for agents in (1, a.agents):
             console.print(
                 f"mesh of {agents} developer(s) x capacity 1: {a.tasks} ask tasks, "
                 f"model latency {a.latency:g}s (fake server {fake.url}) ..."
             )
-            r = run_mesh(fake, agents, a.tasks, a.warmup, a.keep, a.permit_lease_s, a.prefetch)
+            after = baseline if not runs else None
+            r = run_mesh(fake, agents, a.tasks, a.warmup, a.keep, a.permit_lease_s, a.prefetch, after)
             console.print(
                 f"  started in {r.startup_s:.1f}s, warm-up {r.warmup_calls} calls in {r.warmup_s:.1f}s, "
                 f"measured wall {r.wall_s:.2f}s"
@@ -463,12 +504,18 @@ def main() -> int:
     finally:
         total_calls = len(fake.calls())
         fake.stop()
-    expected_calls = sum(r.calls + r.warmup_calls for r in runs)
+    base = direct[0]
+    expected_calls = sum(r.calls + r.warmup_calls for r in runs) + len(base.calls) + base.warmup
     if total_calls != expected_calls:
         console.print(f"[bold red]FAILED:[/] the fake server answered {total_calls} calls, expected {expected_calls}")
         return 1
 
     one, many = runs
+    if base.shapes != one.shapes:  # the baseline must make the developer's call, byte for byte but the prompt
+        diff = sorted(set(base.shapes) ^ set(one.shapes))[:2]
+        console.print(f"[bold red]FAILED:[/] the direct calls' requests differ from the developer's: {diff}")
+        return 1
+    mesh_adds_ms = 1000 * one.overhead_per_call_s - base.mean_ms
     speedup = one.wall_s / many.wall_s
     ideal = (a.tasks * a.latency) / many.ideal_wall_s
     ideal_one = one.ideal_wall_s
@@ -513,15 +560,17 @@ def main() -> int:
 
     p = Table(
         title="median per-task step along one ask's path, ms (task events, the workers' CASPERD_CALL_TRACE marks, "
-        "the fake server's arrivals, the client's DONEs; one wall clock)",
+        "the fake server's arrivals, the client's DONEs; one wall clock); direct: the same SDK call, no mesh",
         title_justify="left",
     )
     p.add_column("step")
     for r in runs:
         p.add_column(f"{r.agents} dev", justify="right")
+    p.add_column("direct", justify="right")
     steps = list(dict.fromkeys(k for r in runs for k in r.phases))  # lifecycle order, as first seen
     for k in steps:
-        p.add_row(k, *(f"{1000 * r.phases[k]:.1f}" if k in r.phases else "" for r in runs))
+        cells = [f"{1000 * r.phases[k]:.1f}" if k in r.phases else "" for r in runs]
+        p.add_row(k, *cells, f"{1000 * base.steps_s[k]:.1f}" if k in base.steps_s else "")
     console.print(p)
 
     c = Table(
@@ -542,7 +591,19 @@ def main() -> int:
     s.add_row(f"ideal speedup = ({a.tasks} x {a.latency:g}s) / ({many.waves} waves x {a.latency:g}s)", f"{ideal:.2f}x")
     s.add_row("speedup / ideal", f"{speedup / ideal:.1%}")
     s.add_row(f"1 developer: wall / (tasks x latency) = {one.wall_s:.2f} / {ideal_one:.2f}", f"{per_call_factor:.3f}")
-    s.add_row("1 developer: overhead per call (beyond the model's latency)", f"{1000 * one.overhead_per_call_s:.0f} ms")
+    s.add_row(
+        "1 developer: overhead per call, raw (wall per call beyond the model's latency)",
+        f"{1000 * one.overhead_per_call_s:.1f} ms",
+    )
+    s.add_row(
+        f"direct SDK call, no mesh: beyond the model's latency, median / mean of {len(base.calls)}",
+        f"{base.median_ms:.1f} / {base.mean_ms:.1f} ms",
+    )
+    s.add_row("the mesh adds per call = raw overhead - direct (mean)", f"{mesh_adds_ms:.1f} ms")
+    s.add_row(
+        f"mesh target (issue #13): <= {TARGET_MESH_ADDS_MS:g} ms",
+        "met" if mesh_adds_ms <= TARGET_MESH_ADDS_MS else "NOT met",
+    )
     s.add_row(f"{a.agents} developers: overhead per wave", f"{1000 * many.overhead_per_call_s:.0f} ms")
     s.add_row("original design's claim / target", f"{CLAIMED_SPEEDUP}x / >= {TARGET_SPEEDUP:g}x")
     s.add_row("target met", "yes" if speedup >= TARGET_SPEEDUP else "NO")
@@ -551,7 +612,8 @@ def main() -> int:
         f"rate limiter opened wide for the benchmark: CASPER_LLM_RPM={LIMITER_ENV['CASPER_LLM_RPM']}, "
         f"CASPER_LLM_TPM={LIMITER_ENV['CASPER_LLM_TPM']} (permits still requested per call, never waited "
         f"on); every task complete, the fake server answered exactly {total_calls} calls "
-        f"({sum(r.calls for r in runs)} measured + {sum(r.warmup_calls for r in runs)} warm-up)."
+        f"({sum(r.calls for r in runs)} measured + {sum(r.warmup_calls for r in runs)} warm-up on the meshes, "
+        f"{len(base.calls)} + {base.warmup} direct)."
     )
     if a.json:
         print(
@@ -567,6 +629,17 @@ def main() -> int:
                     "speedup_over_ideal": round(speedup / ideal, 4),
                     "wall1_per_call_factor": round(per_call_factor, 4),
                     "overhead_per_call_1_ms": round(1000 * one.overhead_per_call_s, 1),
+                    "direct_sdk_ms": {
+                        "median": round(base.median_ms, 2),
+                        "mean": round(base.mean_ms, 2),
+                        "calls": len(base.calls),
+                        "warmup": base.warmup,
+                        "event_loop": base.event_loop,
+                        "steps": {k: round(1000 * v, 2) for k, v in base.steps_s.items()},
+                    },
+                    "mesh_adds_per_call_ms": round(mesh_adds_ms, 1),
+                    "target_mesh_adds_ms": TARGET_MESH_ADDS_MS,
+                    "mesh_adds_target_met": mesh_adds_ms <= TARGET_MESH_ADDS_MS,
                     "overhead_per_wave_n_ms": round(1000 * many.overhead_per_call_s, 1),
                     "calls": total_calls,
                     "all_complete": True,
