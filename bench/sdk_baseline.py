@@ -73,6 +73,8 @@ class Direct:
     calls: list[tuple[str, float, float]] = field(default_factory=list)
     warmup: int = 0
     event_loop: str = ""
+    cpu_ms_per_call: float = 0.0
+    """The client process's CPU (every thread) over the measured calls, per call."""
     steps_s: dict[str, float] = field(default_factory=dict)
     """Median seconds of the call's two halves, from the server's arrivals (filled by the caller)."""
     shapes: list[str] = field(default_factory=list)
@@ -93,7 +95,7 @@ class Direct:
 
 async def _calls(
     url: str, tag: str, n: int, warmup: int, max_tokens: int, model: str, timeout_s: float
-) -> list[tuple[str, float, float]]:
+) -> tuple[list[tuple[str, float, float]], float]:
     from casperd.eventloop import tune_gc
 
     tune_gc()  # as a node does once it has started, before its first model call loads the SDK
@@ -105,8 +107,11 @@ async def _calls(
         api_key=API_KEY, base_url=url, timeout=apicall.idle_timeout(timeout_s), max_retries=0
     )
     out: list[tuple[str, float, float]] = []
+    cpu0 = 0.0
     try:
         for i in range(-warmup, n):
+            if i == 0:
+                cpu0 = time.process_time()
             text = prompt(tag, i) if i >= 0 else prompt(f"{tag[:-1]}w", warmup + i)
             t0 = time.monotonic()
             async with sdk.messages.stream(
@@ -126,9 +131,10 @@ async def _calls(
                 raise RuntimeError("the server answered an empty message")
             if i >= 0:
                 out.append((text, t0, t1))
+        cpu_ms = 1000 * (time.process_time() - cpu0) / max(1, n)
     finally:
         await sdk.close()
-    return out
+    return out, cpu_ms
 
 
 def main() -> int:
@@ -145,8 +151,8 @@ def main() -> int:
     s = load_settings()  # the developer's model, idle timeout and event loop, as a node resolves them
     model = s.models.get("developer") or "claude-sonnet-4-6"
     with asyncio.Runner(loop_factory=loop_factory(s.event_loop)) as runner:
-        calls = runner.run(_calls(a.url, a.tag, a.calls, a.warmup, a.max_tokens, model, s.llm_timeout_s))
-    print(json.dumps({"calls": calls, "event_loop": s.event_loop}))
+        calls, cpu_ms = runner.run(_calls(a.url, a.tag, a.calls, a.warmup, a.max_tokens, model, s.llm_timeout_s))
+    print(json.dumps({"calls": calls, "event_loop": s.event_loop, "cpu_ms_per_call": cpu_ms}))
     return 0
 
 
@@ -164,7 +170,13 @@ def measure(url: str, latency_s: float, tag: str, n: int, warmup: int, max_token
         raise RuntimeError(f"the direct SDK calls failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
     got = json.loads(done.stdout.strip().splitlines()[-1])
     calls = [(str(p), float(t0), float(t1)) for p, t0, t1 in got["calls"]]
-    return Direct(latency_s=latency_s, calls=calls, warmup=warmup, event_loop=str(got["event_loop"]))
+    return Direct(
+        latency_s=latency_s,
+        calls=calls,
+        warmup=warmup,
+        event_loop=str(got["event_loop"]),
+        cpu_ms_per_call=float(got["cpu_ms_per_call"]),
+    )
 
 
 if __name__ == "__main__":

@@ -582,6 +582,11 @@ def main() -> int:
         c.add_column(f"{r.agents} dev", justify="right")
     for k in dict.fromkeys(k for r in runs for k in r.cpu_ms):
         c.add_row(k, *(f"{r.cpu_ms[k]:.2f}" if k in r.cpu_ms else "" for r in runs))
+    c.add_row("direct SDK client (no mesh), per call", *(f"{base.cpu_ms_per_call:.2f}" for _ in runs[:1]))
+    c.add_row(
+        "developers beyond idle - direct client: the mesh's CPU per call on a developer",
+        *(f"{r.cpu_ms['developers, per call beyond idle'] - base.cpu_ms_per_call:.2f}" for r in runs[:1]),
+    )
     console.print(c)
 
     s = Table(title="speedup", title_justify="left", show_header=False)
@@ -635,6 +640,7 @@ def main() -> int:
                         "calls": len(base.calls),
                         "warmup": base.warmup,
                         "event_loop": base.event_loop,
+                        "cpu_per_call": round(base.cpu_ms_per_call, 3),
                         "steps": {k: round(1000 * v, 2) for k, v in base.steps_s.items()},
                     },
                     "mesh_adds_per_call_ms": round(mesh_adds_ms, 1),
