@@ -13,6 +13,20 @@ first connection are excluded), and then ``--tasks`` distinct ``ask`` tasks (dis
 ``deterministic: false``, so the result cache never answers) are submitted in one batch. Measured:
 the wall time from the submit to the last DONE.
 
+What the mesh adds to each model call (issue #13: at most 10 ms). The raw figure, the one
+developer's *overhead per call* (wall time per call beyond the model's latency), also holds what
+any client of the model pays without a mesh: the SDK building the request, HTTP, parsing the
+streamed reply into the final message, and the fake server's own serving. So the same run also
+makes ``--tasks`` direct calls (``bench.sdk_baseline``): the developer's ``ask`` request (model, no
+system prompt, the prompt-cache breakpoint, ``max_tokens``, streamed) through the real
+``anthropic.AsyncAnthropic``, built once, sequential after ``--warmup`` uncounted calls, from a fresh
+process (the fake server's threads share the benchmark's GIL; a developer node does not), against
+the same server and latency, while the one-developer mesh is still up and idle after its batch.
+The benchmark fails unless the server saw the same requests (but for the prompts' text, of equal
+lengths) from both sides. Reported: the direct call's time beyond the latency (median, mean), and
+*the mesh adds* = raw overhead - direct mean, beside the raw overhead; and the direct client's
+CPU per call beside the developer's.
+
     python -m bench.swarm_speedup [--tasks 30] [--agents 15] [--latency 1.0] [--permit-lease-s S]
                                   [--prefetch N] [--json]
 
