@@ -54,6 +54,7 @@ from casperd.quotas import Quotas
 from casperd.rejects import announce, drop_refused, rejected_error
 from casperd.settings import Settings
 from casperd.store import Store, record_from_row
+from casperd.storerows import forget_memos
 from casperd.taskrecord import TaskRecord
 from casperd.transport import send_now
 
@@ -84,6 +85,13 @@ class Broker:
     def attach(self, work: LocalWork) -> None:
         """Plug the policeman's local work in (jobs, finish notifications, attachment storage)."""
         self.work = work
+
+    def compact(self) -> None:
+        """After a burst drained (before the memory trim): drop what the burst left behind that would
+        keep its memory — the row encoder's memos, the tables of the per-task dicts grown to the
+        burst's peak (a dict never shrinks on its own)."""
+        forget_memos()
+        self.core.compact()
 
     # --- what other modules read ----------------------------------------------------------------
     @property

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import psutil
 
 from casperd import procstats
-from casperd.agents.effective import llm_settings_view
+from casperd.agents.effective import api_key_configured, llm_settings_view
 from casperd.cache import ResultCache
 from casperd.errors import CasperError, CommandError, TaskNotFoundError, UnsupportedError
 from casperd.lifecycle import Status
@@ -275,23 +275,18 @@ async def _health(node: Node, args: dict[str, Any]) -> Any:
         "process_rss_bytes": rss,
         "process_cpu_pct": cpu,
     }
-    client = _model_client(node)
-    if client is not None:
-        checks["api"] = api_check(client, bool(getattr(client, "has_key", False)))
+    if node.police is not None:  # its client is built with the first job, not by a health check
+        built = node.police.built_claude
+        checks["api"] = api_check(built, built.has_key if built else api_key_configured(node.s))
+    elif node.worker is not None and node.worker.services is not None:
+        client = node.worker.services.claude
+        checks["api"] = api_check(client, client.has_key)
     return {
         "node_id": node.s.node_id,
         "role": node.s.role.value,
         "healthy": all(c["ok"] for c in checks.values()),
         "checks": checks,
     }
-
-
-def _model_client(node: Node) -> Any:
-    if node.police is not None:
-        return node.police.claude
-    if node.worker is not None and node.worker.services is not None:
-        return node.worker.services.claude
-    return None
 
 
 @op("job-submit")

@@ -53,6 +53,14 @@ _ORDER_BITS = 48
 """Submission order takes the low bits of the order key, priority (negated) the bits above."""
 
 
+def shrink(table: dict[Any, Any] | set[Any]) -> None:
+    """Rebuild ``table`` in place at the size of what it holds: a dict or set keeps the hash table
+    of its largest size after entries are removed (issue #13: the policeman's memory after a burst)."""
+    kept = table.copy()
+    table.clear()
+    table.update(kept)
+
+
 class Dispatcher:
     """Pending tasks grouped by requirement set, each group a priority heap."""
 
@@ -90,6 +98,19 @@ class Dispatcher:
         """Forget a queued task (lazily: its heap entry is skipped when reached, because it is no
         longer the live entry of that id, even if the id is pushed again later)."""
         return self._where.pop(task_id, None) is not None
+
+    def compact(self) -> None:
+        """Drop the heap entries of removed tasks and give back the tables a burst grew (call when
+        the queue has drained: the work is linear in what is left)."""
+        where = self._where
+        for req in list(self._queues):
+            live = [e for e in self._queues[req] if where.get(e[1]) == e[0]]
+            if live:
+                heapq.heapify(live)
+                self._queues[req] = live
+            else:
+                del self._queues[req]
+        shrink(where)
 
     def waiting(self) -> Iterator[tuple[frozenset[str], list[Any]]]:
         """Each requirement set with queued tasks, and their ids (in no particular order)."""

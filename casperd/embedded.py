@@ -6,9 +6,13 @@ them ourselves, in the foreground as supervised children listening on 127.0.0.1,
 controls their lifetime and data lives in the state directory (it survives restarts).
 
 Postgres refuses to run as root; when we are root, the server runs as a system user
-``casper-pg`` (created if missing) that owns the data directory. Postgres uses password (SCRAM)
-auth with a generated password kept in a 0600 file and handed to clients through PGPASSFILE,
-never on a command line or in a URL.
+``casper-pg`` (created if missing) that owns the data directory. Over TCP, Postgres uses password
+(SCRAM) auth with a generated password kept in a 0600 file and handed to clients through
+PGPASSFILE, never on a command line or in a URL. The mesh's own nodes connect through a Unix socket
+in a 0700 directory of the server user's with ``peer`` auth, which admits only the OS user that
+started the mesh (issue #13: a SCRAM handshake starts OpenSSL's random generator in libpq's
+libcrypto, 2.6 MB of every connecting process's memory, and a password adds nothing when the
+kernel already says who connects); where the socket path would be too long, they use TCP too.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from casperd.errors import EmbeddedServiceError
 
 PG_USER = "casper"
 PG_DB = "casper"
 PG_SYSTEM_USER = "casper-pg"
+_SOCKET_PATH_MAX = 107
+"""sun_path holds 108 bytes with its NUL: a longer socket path cannot be bound."""
 
 
 def _need(module: str, extra: str = "embedded") -> Path:
@@ -136,10 +143,20 @@ class EmbeddedPostgres:
         self.proc: subprocess.Popen[bytes] | None = None
         self.passfile = data_dir.parent / "secrets" / "pgpass"
         self.log_path = data_dir.parent / "logs" / "postgres.log"
+        self.socket_dir: Path | None = data_dir.parent / "run" / "pg"
+        if len(str(self.socket_dir / f".s.PGSQL.{port}").encode()) > _SOCKET_PATH_MAX:
+            self.socket_dir = None  # TCP only
 
     @property
     def url(self) -> str:
-        return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{PG_DB}"
+        """What the mesh's nodes use: the Unix socket (peer auth) where there is one, else TCP."""
+        return self.url_for(PG_DB)
+
+    def url_for(self, dbname: str) -> str:
+        """:attr:`url` for another database of this server."""
+        if self.socket_dir is None:
+            return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{dbname}"
+        return f"postgresql://{PG_USER}@/{dbname}?host={quote(str(self.socket_dir), safe='/')}&port={self.port}"
 
     def env(self) -> dict[str, str]:
         """Environment a client needs (the password comes from the 0600 passfile)."""
@@ -168,6 +185,7 @@ class EmbeddedPostgres:
         if user:
             _make_traversable(bindir.parent)
             _make_traversable(self.data_dir.parent)
+        self._make_socket_dir(user)
         if not (self.data_dir / "pgdata" / "PG_VERSION").exists():
             self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             pwfile = self.data_dir / ".initdb_pw"  # readable by the server user, removed right after
@@ -204,9 +222,40 @@ class EmbeddedPostgres:
                     hint=f"remove {self.data_dir} if it is a broken half-made cluster",
                 )
             self._create_db(bindir, run_as, password)
+        self._write_hba(user)
         self._spawn(bindir, run_as)
         wait_port(self.port, timeout, self.proc, "embedded Postgres", self.log_path)
         self._wait_ready(bindir, timeout)
+
+    def _write_hba(self, server_user: pwd.struct_passwd | None) -> None:
+        """Who may connect, written at every start (a cluster made by an older casperd gets it too):
+        on the socket, only the OS user starting the mesh (``peer``, mapped to the ``casper`` role);
+        over loopback TCP, anyone with the password; nothing else."""
+        pgdata = self.data_dir / "pgdata"
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        files = {
+            "pg_hba.conf": "# written by casperd at every start (casperd/embedded.py)\n"
+            + (f"local all {PG_USER} peer map=casper\n" if self.socket_dir is not None else "")
+            + "host all all 127.0.0.1/32 scram-sha-256\n",
+            "pg_ident.conf": f"# written by casperd at every start\ncasper {me} {PG_USER}\n",
+        }
+        for name, text in files.items():
+            fd = os.open(pgdata / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            if server_user:
+                os.chown(pgdata / name, server_user.pw_uid, server_user.pw_gid)
+
+    def _make_socket_dir(self, server_user: pwd.struct_passwd | None) -> None:
+        """The socket's directory: 0700, the server user's (the mesh's user reaches it as its owner
+        or as root; task code, run as another user, cannot)."""
+        if self.socket_dir is None:
+            return
+        self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.socket_dir.chmod(0o700)
+        if server_user:
+            _make_traversable(self.socket_dir.parent)
+            os.chown(self.socket_dir, server_user.pw_uid, server_user.pw_gid)
 
     def _wait_ready(self, bindir: Path, timeout: float) -> None:
         """The port opens before the server accepts connections: wait for pg_isready."""
@@ -254,7 +303,7 @@ class EmbeddedPostgres:
                 "-c",
                 "listen_addresses=127.0.0.1",
                 "-c",
-                "unix_socket_directories=",
+                f"unix_socket_directories={self.socket_dir or ''}",
                 "-c",
                 "max_connections=200",
                 "-c",

@@ -327,36 +327,40 @@ class Node:
         assert self.control_sock is not None
         while True:
             for frames in await recv_batch(self.control_sock, limit=64):
-                if len(frames) < 2:
-                    continue
-                route, body = frames[0], frames[1:]
-                try:
-                    msg = codec.decode(body, max_bytes=self.s.max_message_bytes).message
-                except ProtocolError as exc:
-                    self._count_rejection("control", route, exc)
-                    self._control_error(route, exc, body[1][0] if len(body) > 1 and len(body[1]) == 1 else None)
-                    continue
-                try:
-                    if isinstance(msg, Submit):
-                        if self.broker is None:
-                            raise UnsupportedError(
-                                "this node does not take submissions", hint="submit to the policeman's control socket"
-                            )
-                        await self.broker.submit(route, msg, "caspectl")
-                    else:
-                        reply = await self.control.handle(msg)
-                        send_now(self.control_sock, [route, *codec.encode(reply)])
-                except CasperError as exc:
-                    self._control_error(route, exc, msg.COMMAND.value)
-                except Exception as exc:  # a bug must cost one request, never the node
-                    log.exception("internal error handling a control request")
-                    self._control_error(
-                        route,
-                        CasperError(f"internal error: {type(exc).__name__}", hint="see the daemon's log"),
-                        msg.COMMAND.value,
-                    )
+                if len(frames) >= 2:
+                    await self._on_control(frames[0], frames[1:])
             if self.broker is not None:
                 self.broker.dispatch()
+
+    async def _on_control(self, route: bytes, body: list[bytes]) -> None:
+        """One control request. A method of its own so that nothing of it (a SUBMIT's thousands of
+        specs) stays referenced while the loop waits for the next one (issue #13: memory after a burst)."""
+        assert self.control_sock is not None
+        try:
+            msg = codec.decode(body, max_bytes=self.s.max_message_bytes).message
+        except ProtocolError as exc:
+            self._count_rejection("control", route, exc)
+            self._control_error(route, exc, body[1][0] if len(body) > 1 and len(body[1]) == 1 else None)
+            return
+        try:
+            if isinstance(msg, Submit):
+                if self.broker is None:
+                    raise UnsupportedError(
+                        "this node does not take submissions", hint="submit to the policeman's control socket"
+                    )
+                await self.broker.submit(route, msg, "caspectl")
+            else:
+                reply = await self.control.handle(msg)
+                send_now(self.control_sock, [route, *codec.encode(reply)])
+        except CasperError as exc:
+            self._control_error(route, exc, msg.COMMAND.value)
+        except Exception as exc:  # a bug must cost one request, never the node
+            log.exception("internal error handling a control request")
+            self._control_error(
+                route,
+                CasperError(f"internal error: {type(exc).__name__}", hint="see the daemon's log"),
+                msg.COMMAND.value,
+            )
 
     def _count_rejection(self, socket_name: str, route: bytes, exc: CasperError) -> None:
         """Count every rejected frame; log once per sender and cause, not once per frame."""
@@ -390,6 +394,7 @@ class Node:
                 self.broker.tick()
                 self.broker.dispatch()
                 if self.drain.drained(len(self.broker.tasks)):  # a burst drained: its peak memory goes back
+                    self.broker.compact()
                     await memtrim.trim()
                 if self.store is not None and time.monotonic() - last_partitions > 6 * 3600:
                     last_partitions = time.monotonic()

@@ -204,13 +204,30 @@ def _time_of(v: Any) -> str:
     return "null" if v is None else f'"{v.isoformat()}"'
 
 
-_q = _Memo(_s, 4096).__getitem__
+_MEMOS: list[_Memo] = []
+
+
+def _memo(make: Callable[[Any], str], limit: int) -> Callable[[Any], str]:
+    m = _Memo(make, limit)
+    _MEMOS.append(m)
+    return m.__getitem__
+
+
+def forget_memos() -> None:
+    """Empty every memo (when a burst has drained): their entries, made during the burst, are
+    scattered over the allocator's arenas and would keep each arena's memory from going back to the
+    OS (issue #13: idle RSS after a burst). Under load they fill again within a few commits."""
+    for m in _MEMOS:
+        m.clear()
+
+
+_q = _memo(_s, 4096)
 """:func:`_s` of a value from a small set (a type, a status, a node id, a submitter, a timeout)."""
-_t = _Memo(_time_of, 8192).__getitem__
+_t = _memo(_time_of, 8192)
 """A timestamp's JSON text (``null`` for None)."""
-_id_text = _Memo(_id_of, 8192).__getitem__
+_id_text = _memo(_id_of, 8192)
 """A task id's text, by ``uuid.int``."""
-_req = _Memo(lambda v: _dumps(list(v)), 1024).__getitem__
+_req = _memo(lambda v: _dumps(list(v)), 1024)
 """A requirement tuple's JSON array."""
 
 
@@ -226,7 +243,7 @@ def _event_tail_of(key: tuple[str | None, str, str | None, int, str | None]) -> 
     )
 
 
-_event_tail = _Memo(_event_tail_of, 4096).__getitem__
+_event_tail = _memo(_event_tail_of, 4096)
 """An event's fields after its task id, by (from, to, peer, attempt, detail): a few hundred
 combinations between them, each formatted once."""
 

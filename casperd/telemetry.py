@@ -96,10 +96,11 @@ def watch_api(client: Any, metrics: Metrics) -> None:
     metrics.api_breaker_open.set_function(lambda: 1.0 if client.breaker.state is BreakerState.OPEN else 0.0)
 
 
-def api_check(client: Any, has_key: bool) -> dict[str, Any]:
-    """The ``api`` health check from what the client already knows (no paid call)."""
-    state = client.breaker.state
-    last = client.last_call
+def api_check(client: Any | None, has_key: bool) -> dict[str, Any]:
+    """The ``api`` health check from what the client already knows (no paid call). ``None``: the
+    client is not built yet (the policeman builds its own on the first job): no call, breaker closed."""
+    state = BreakerState.CLOSED if client is None else client.breaker.state
+    last = None if client is None else client.last_call
     if last is None:
         detail = "no call yet"
     else:

@@ -7,6 +7,7 @@ secret: whether a key is configured is a yes/no.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from casperd.agents.turns import ROLE_MAX_TOKENS
@@ -30,3 +31,14 @@ def llm_settings_view(s: Settings) -> dict[str, Any]:
         "anthropic_base_url": s.anthropic_base_url or "(ANTHROPIC_BASE_URL or Anthropic's)",
         "model_prices": {name: p.model_dump() for name, p in s.model_prices.items()},
     }
+
+
+def api_key_configured(settings: Settings) -> bool:
+    """Whether an API key is configured (its value is never looked at beyond being non-empty)."""
+    path = settings.anthropic_api_key_file
+    if path is not None:
+        try:
+            return bool(path.read_text().strip())
+        except OSError:
+            return False
+    return bool(os.environ.get("ANTHROPIC_API_KEY", "").strip())

@@ -116,6 +116,11 @@ class PoliceService:
         catalog.add_validator("code", self.validate_code)
 
     @property
+    def built_claude(self) -> ClaudeClient | None:
+        """The model client if a job has built it, else None (a health check does not build it)."""
+        return self._claude
+
+    @property
     def claude(self) -> ClaudeClient:
         """The policeman's own model client (a job's planning and review), built on first use: most
         meshes never run a job, and its module is one fewer at start (issue #13, idle memory)."""

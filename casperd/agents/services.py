@@ -23,6 +23,7 @@ from typing import Any
 from casperd import calltrace, codec
 from casperd.agents import gitwork
 from casperd.agents.claude import ClaudeClient
+from casperd.agents.effective import api_key_configured
 from casperd.agents.ratelimit import LocalLimiter, RateObservation
 from casperd.cache import ResultCache
 from casperd.errors import CasperError, RequestTimeoutError, from_wire
@@ -201,17 +202,6 @@ class MeshLimiter:
             return
         with contextlib.suppress(CasperError):
             await self.worker.request("llm-permit", self._args(0), timeout_s=5.0)
-
-
-def api_key_configured(settings: Settings) -> bool:
-    """Whether an API key is configured (its value is never looked at beyond being non-empty)."""
-    path = settings.anthropic_api_key_file
-    if path is not None:
-        try:
-            return bool(path.read_text().strip())
-        except OSError:
-            return False
-    return bool(os.environ.get("ANTHROPIC_API_KEY", "").strip())
 
 
 class WorkerServices:

@@ -20,7 +20,7 @@ from typing import Any
 
 from casperd import codec
 from casperd.breaker import CircuitBreaker
-from casperd.dispatch import Dispatcher, PeerSlot
+from casperd.dispatch import Dispatcher, PeerSlot, shrink
 from casperd.enrollment import Enrollment
 from casperd.errors import OutputTooLargeError
 from casperd.handlers import Catalog
@@ -160,6 +160,13 @@ class CoreState:
                 self._transition_counter[status].inc(n)
         out, self.out = self.out, []
         return out
+
+    def compact(self) -> None:
+        """Give back the tables a burst grew (the shell calls it when the open tasks have drained)."""
+        tables: list[dict[Any, Any] | set[Any]] = [self.tasks, self.leases, self.validating, self.done_out]
+        for table in [*tables, *(p.held for p in self.peers.values())]:
+            shrink(table)
+        self.dispatcher.compact()
 
     def done_to(self, route: bytes, item: dict[str, Any]) -> None:
         """Tell a waiting submitter that a task ended (after the commit, in the event's DONE)."""

@@ -103,7 +103,7 @@ def database_url(postgres: EmbeddedPostgres) -> Iterator[str]:
     admin = postgres.url
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
-    url = admin.rsplit("/", 1)[0] + "/" + name
+    url = postgres.url_for(name)
     try:
         yield url
     finally:
