@@ -256,7 +256,7 @@ def _report(rows: list[dict[str, Any]], casper: dict[str, Any] | None, fl: dict[
         print(f"    Postgres COPY floor for one row per task: {fl['copy_rows_s']:,.0f} tasks/s")
     print(
         "  idle RSS per casperd: "
-        + ", ".join(f"{k} {v:.0f} MB" for k, v in casper["rss_mb"].items())
+        + ", ".join(f"{k} {v:.1f} MB" for k, v in casper["rss_mb"].items())
         + f" (target {t['rss_mb']} MB); policeman after the burst {casper['rss_police_after_mb']:.0f} MB"
     )
     print(f"  group commits: {casper['commits']}")
