@@ -6,10 +6,11 @@ Label values are bounded sets (commands, statuses, error codes): never ids, neve
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from casperd import procstats
 
@@ -118,6 +119,10 @@ class Metrics:
             "casper_autoscale_decisions_total", "Autoscaler decisions, by kind and reason", ["kind", "why"], registry=r
         )
 
-    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        if port:
-            start_http_server(port, addr=addr, registry=self.registry)
+    async def serve(self, port: int, addr: str = "127.0.0.1") -> asyncio.Server | None:
+        """Serve ``/metrics`` on the running loop (``casperd.metricsweb``); None when ``port`` is 0."""
+        if not port:
+            return None
+        from casperd.metricsweb import serve
+
+        return await serve(self.registry, addr, port)

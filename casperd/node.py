@@ -78,6 +78,7 @@ class Node:
         self.elastic: Any = None  # casperd.elastic.Elastic on the policeman (the autoscaler)
         self.telemetry: Any = None  # casperd.telemetry.Telemetry on the policeman
         self.police: Any = None  # casperd.agents.police.PoliceService on the policeman
+        self.metrics_server: asyncio.Server | None = None  # /metrics (casperd.metricsweb), with --metrics-port
         self.cache = ResultCache.from_settings(settings) if settings.redis_url else None
         self.control = Control(self)
         self._stop = asyncio.Event()
@@ -166,7 +167,7 @@ class Node:
             self._spawn(self._mesh_loop_peer(), "mesh")
         self._spawn(self._control_loop(), "control")
         self._spawn(self._timer_loop(), "timer")
-        self.metrics.serve(self.s.metrics_port, "0.0.0.0" if self.s.metrics_port else "127.0.0.1")
+        self.metrics_server = await self.metrics.serve(self.s.metrics_port, "0.0.0.0")
         log.info(
             "%s up: role=%s mesh=%s control=%s%s",
             self.s.node_id,
@@ -234,6 +235,8 @@ class Node:
             await asyncio.to_thread(Path(self.s.control[len("ipc://") :]).unlink, missing_ok=True)
         if self.zap is not None:
             await self.zap.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.ctx.term()
         log.info("%s stopped cleanly in %.2fs", self.s.node_id, time.monotonic() - t0)
 

@@ -14,8 +14,6 @@ import pytest
 from casperd.control import OPS
 from casperd.settings import load_settings
 
-pytestmark = pytest.mark.unit
-
 
 class _PoliceWithoutClient:
     built_claude = None
