@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+from casperd.enrollment import write_private
 from casperd.errors import EmbeddedServiceError
 
 PG_USER = "casper"
@@ -168,18 +169,14 @@ class EmbeddedPostgres:
             return pw_file.read_text().strip()
         self.passfile.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         pw = secrets.token_urlsafe(24)
-        fd = os.open(pw_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(pw + "\n")
+        write_private(pw_file, pw + "\n")
         return pw
 
     def start(self, timeout: float = 60.0) -> None:
         bindir = postgres_bin()
         user = _system_user()
         password = self._password()
-        fd = os.open(self.passfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"127.0.0.1:{self.port}:*:{PG_USER}:{password}\n")
+        write_private(self.passfile, f"127.0.0.1:{self.port}:*:{PG_USER}:{password}\n")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         run_as = {"user": user.pw_uid, "group": user.pw_gid} if user else {}
         if user:
@@ -189,9 +186,7 @@ class EmbeddedPostgres:
         if not (self.data_dir / "pgdata" / "PG_VERSION").exists():
             self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             pwfile = self.data_dir / ".initdb_pw"  # readable by the server user, removed right after
-            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(password + "\n")
+            write_private(pwfile, password + "\n")
             if user:
                 os.chown(self.data_dir, user.pw_uid, user.pw_gid)
                 os.chown(pwfile, user.pw_uid, user.pw_gid)
@@ -240,9 +235,7 @@ class EmbeddedPostgres:
             "pg_ident.conf": f"# written by casperd at every start\ncasper {me} {PG_USER}\n",
         }
         for name, text in files.items():
-            fd = os.open(pgdata / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
+            write_private(pgdata / name, text)
             if server_user:
                 os.chown(pgdata / name, server_user.pw_uid, server_user.pw_gid)
 
@@ -387,7 +380,6 @@ class EmbeddedRedis:
         check_port_free(self.port, "embedded Redis")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        from casperd.enrollment import write_private
 
         if not self.password_file.exists():
             write_private(self.password_file, secrets.token_urlsafe(24) + "\n")
