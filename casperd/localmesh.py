@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from casperd.ctl.client import MESH_FILE, ControlClient
-from casperd.embedded import EmbeddedPostgres, EmbeddedRedis
+from casperd.embedded import EmbeddedPostgres
+from casperd.embedded_redis import EmbeddedRedis
 from casperd.enrollment import enroll, write_private
 from casperd.errors import CasperError, EmbeddedServiceError
 from casperd.logsetup import redact

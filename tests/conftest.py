@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from casperd.embedded import EmbeddedRedis, free_port
+from casperd.childserver import free_port
+from casperd.embedded_redis import EmbeddedRedis
 
 pytest_plugins = ["tests.support.mesh"]
 

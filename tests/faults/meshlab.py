@@ -36,7 +36,9 @@ from typing import Any
 import psycopg
 import redis
 
-from casperd.embedded import PG_DB, PG_SYSTEM_USER, PG_USER, EmbeddedPostgres, free_port, postgres_bin, redis_server_bin
+from casperd.childserver import free_port
+from casperd.embedded import PG_DB, PG_SYSTEM_USER, PG_USER, EmbeddedPostgres, postgres_bin
+from casperd.embedded_redis import redis_server_bin
 from casperd.localmesh import LocalMesh
 from tests.faults.netns import NetnsLab
 

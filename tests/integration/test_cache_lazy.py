@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from casperd.cache import ResultCache, resp_ping, signing_key
-from casperd.embedded import EmbeddedRedis, free_port
+from casperd.childserver import free_port
+from casperd.embedded_redis import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
 

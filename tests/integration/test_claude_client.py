@@ -18,7 +18,8 @@ from casperd.agents.ratelimit import LocalLimiter, NoLimiter
 from casperd.agents.usage import cost_of
 from casperd.breaker import CircuitBreaker
 from casperd.cache import ResultCache
-from casperd.embedded import EmbeddedRedis, free_port
+from casperd.childserver import free_port
+from casperd.embedded_redis import EmbeddedRedis
 from casperd.errors import LlmError, LlmRequestError, MissingApiKeyError
 from casperd.retry import RetryPolicy
 from casperd.settings import DEFAULT_PRICES, Settings

@@ -11,7 +11,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from casperd.embedded import EmbeddedPostgres, EmbeddedRedis, log_tail, postgres_bin
+from casperd.childserver import log_tail
+from casperd.embedded import EmbeddedPostgres, postgres_bin
+from casperd.embedded_redis import EmbeddedRedis
 from casperd.errors import EmbeddedServiceError
 from tests.support.mesh import server_dir
 

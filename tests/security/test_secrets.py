@@ -10,8 +10,9 @@ import pytest
 import redis
 
 from casperd.cache import ResultCache, signing_key
+from casperd.childserver import free_port
 from casperd.ctl.main import main as caspectl
-from casperd.embedded import EmbeddedRedis, free_port
+from casperd.embedded_redis import EmbeddedRedis
 from casperd.logsetup import redact
 
 
