@@ -91,6 +91,9 @@ class Batch:
     groups: dict[str, tuple[Callable[[list[Any]], None], list[Any]]] = field(default_factory=dict)
     """key -> (callback, items): one call per batch with every item given under the key, after
     ``after`` (e.g. the tasks a batch finished, for the finish listeners)."""
+    resent: bool = False
+    """Re-sent after a failure that may have hidden a commit: its new tasks' rows may exist already,
+    and are written as upserts (storerows.commit_sql)."""
 
     def __bool__(self) -> bool:
         return bool(self.dirty or self.events or self.keys or self.first or self.after or self.refused or self.groups)
@@ -109,6 +112,7 @@ class Batch:
             {t: r for t, r in self.dirty.items() if t in want},
             [e for e in self.events if e.task_id in want],
             [k for k in self.keys if k[1] in want],
+            resent=self.resent,
         )
 
     def absorb(self, newer: Batch) -> None:
@@ -147,7 +151,7 @@ class GroupCommitWriter:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._wconn: psycopg.AsyncConnection[Any] | None = None
-        self._stmts: dict[tuple[bool, bool, bool, bool], PreparedStatement] = {}
+        self._stmts: dict[tuple[bool, bool, bool, bool, bool], PreparedStatement] = {}
         self.commits = 0
         self.rows_written = 0
         self.commit_failures = 0
@@ -265,6 +269,7 @@ class GroupCommitWriter:
         self.last_error = describe(cause)
         log.error("store: commit of %d changes failed (%s); retrying in %.2fs", len(rest.dirty), self.last_error, delay)
         rest.absorb(self._batch)
+        rest.resent = True  # the failed commit may have been made: its reply is what was lost
         self._batch = rest
 
     async def _commit(self, batch: Batch) -> None:
@@ -311,7 +316,7 @@ class GroupCommitWriter:
             rec.rejected = reason
             batch.refused.append(rec)
 
-    async def _writer_stmt(self, parts: tuple[bool, bool, bool, bool]) -> PreparedStatement:
+    async def _writer_stmt(self, parts: tuple[bool, bool, bool, bool], resent: bool = False) -> PreparedStatement:
         """The group commit with these parts (storerows.commit_sql), prepared on the writer's own
         connection (no pool round trips on the hot path, no psycopg cursor per commit:
         casperd.pgraw) on its first use; the connection is remade after a failure."""
@@ -322,10 +327,11 @@ class GroupCommitWriter:
             conn = self._wconn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, **self._conn_kwargs)
             for setting in WRITER_SETTINGS:
                 await conn.execute(setting)
-        stmt = self._stmts.get(parts)
+        key = (*parts, resent)
+        stmt = self._stmts.get(key)
         if stmt is None:
-            name = "casper_commit_" + "".join("1" if p else "0" for p in parts)
-            stmt = self._stmts[parts] = await PreparedStatement.prepare(conn, name, commit_sql(parts))
+            name = "casper_commit_" + "".join("1" if p else "0" for p in parts) + ("_resent" if resent else "")
+            stmt = self._stmts[key] = await PreparedStatement.prepare(conn, name, commit_sql(parts, resent=resent))
         return stmt
 
     async def _drop_writer_conn(self) -> None:
@@ -340,7 +346,7 @@ class GroupCommitWriter:
         parts = (params[0] != "[]", params[1] != "[]", params[2] != "[]", params[3] != "[]")
         if not any(parts):
             return  # only callbacks (``committed()``): everything before them is already durable
-        stmt = await self._writer_stmt(parts)
+        stmt = await self._writer_stmt(parts, batch.resent)
         try:
             await stmt.run([p for p, on in zip(params, parts, strict=True) if on])
         finally:

@@ -113,10 +113,18 @@ _CHANGE = tuple((c, COL_TYPES[c]) for c in ("id", "created_at", *MUTABLE))
 # No conflict target: the conflict is then checked against every unique index of the partition
 # routed to, which for ``tasks`` is its primary key alone (tests/integration/test_commit_sql.py
 # checks that). Naming the target made Postgres map it to each partition's indexes through
-# pg_inherits at every execution. A row is inserted twice only when a commit whose outcome was
-# lost is retried: the second insert must be a no-op.
+# pg_inherits at every execution. A first send never meets an existing row (a batch re-sent after a
+# failed commit uses _UPSERT_NEW below); DO NOTHING keeps a stray duplicate from failing the batch.
 _INSERT_NEW = (
     f"INSERT INTO tasks ({_names(_TASK)}) SELECT {_names(_TASK)} FROM {_recordset('r', _TASK)} ON CONFLICT DO NOTHING"
+)
+# A batch re-sent after a failure that may have hidden a commit (the connection dropped after COMMIT
+# but before its reply) holds tasks whose rows may already exist, some changed since: their latest
+# state must replace the row the lost commit made, not be skipped. Only re-sent batches pay for the
+# conflict target.
+_UPSERT_NEW = (
+    f"INSERT INTO tasks ({_names(_TASK)}) SELECT {_names(_TASK)} FROM {_recordset('r', _TASK)} "
+    "ON CONFLICT (id, created_at) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in MUTABLE)
 )
 _UPDATE_OLD = (
     "UPDATE tasks t SET "
@@ -136,12 +144,14 @@ _INSERT_EVENTS = (
 _PARTS = (("new", _INSERT_NEW), ("upd", _UPDATE_OLD), ("keys", _INSERT_KEYS), ("ev", _INSERT_EVENTS))
 
 
-def commit_sql(parts: tuple[bool, bool, bool, bool]) -> str:
+def commit_sql(parts: tuple[bool, bool, bool, bool], *, resent: bool = False) -> str:
     """The group commit with only the parts a batch has (new tasks, updates, keys, events; their
     parameters in that order): Postgres starts every part of a statement whether or not its
     recordset is empty, 12-20% of a small commit's CPU for the two or three parts one task's
-    commit leaves empty."""
-    chosen = [(name, sql) for (name, sql), on in zip(_PARTS, parts, strict=True) if on]
+    commit leaves empty. ``resent``: the batch follows a commit whose outcome is unknown, so its new
+    tasks' rows may exist already and are overwritten with their latest state."""
+    named = (("new", _UPSERT_NEW), *_PARTS[1:]) if resent else _PARTS
+    chosen = [(name, sql) for (name, sql), on in zip(named, parts, strict=True) if on]
     if not chosen:
         raise ValueError("a group commit needs at least one part")
     *ctes, (_, main) = chosen

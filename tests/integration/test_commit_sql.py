@@ -131,6 +131,25 @@ async def test_rows_round_trip_and_a_resent_batch_is_a_no_op(database_url: str) 
     assert [e[1] for e in events] == ["pending", "assigned", "complete"]
 
 
+async def test_a_resent_batch_writes_the_latest_state_over_the_row_a_lost_commit_made(database_url: str) -> None:
+    """The statement for a batch re-sent after a failed commit (commit_sql(resent=True)): a task
+    the lost commit did insert gets its latest state; one it did not is inserted."""
+    await _migrated(database_url)
+    made, missed, now = _record(), _record(), utcnow()
+    _commit(database_url, [made], [], [])  # the commit whose reply was lost
+    made.move(Status.CANCELLED, now)  # changed before the retry
+    resent = commit_sql((True, False, False, True), resent=True)
+    event = TaskEvent(now, made.id, "pending", "cancelled", "operator", 0)
+    params = commit_params([made, missed], [event], [])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for setting in WRITER_SETTINGS:
+            conn.execute(setting)
+        for _ in range(2):  # the generic plan too
+            conn.execute(resent, (params[0], params[3]), prepare=True)
+    rows = dict(db_rows(database_url, "SELECT id, status FROM tasks"))
+    assert rows == {made.id: "cancelled", missed.id: "pending"}
+
+
 async def test_tasks_has_no_unique_index_but_its_primary_key(database_url: str) -> None:
     """COMMIT_ALL's INSERT INTO tasks says ON CONFLICT DO NOTHING without a target, which skips a row
     that conflicts with ANY unique index: a second unique index on tasks would make it drop rows

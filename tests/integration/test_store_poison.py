@@ -165,3 +165,40 @@ def test_mesh_refuses_the_poisoned_task_and_runs_the_rest(make_mesh: Any, databa
         assert status["store"]["healthy"] is True
     assert db_rows(database_url, "SELECT count(*) FROM tasks WHERE input->>'poison' IS NOT NULL") == [(0,)]
     assert db_rows(database_url, "SELECT count(*) FROM task_idempotency WHERE key = 'poisoned'") == [(0,)]
+
+
+async def test_a_lost_commit_reply_keeps_the_changes_made_before_the_retry(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit reached Postgres but its reply was lost (the connection dropped after COMMIT), and
+    the task changed again before the writer's retry (an operator's cancel): the retry re-sends the
+    task as new, and must write its latest state over the row the lost commit made, not leave it."""
+    from casperd.pgraw import PreparedStatement
+
+    store = Store(database_url)
+    await store.open()
+    try:
+        await store.migrate()
+        rec = _record()
+        real_run = PreparedStatement.run
+        lost: list[int] = []
+
+        async def reply_lost(stmt: PreparedStatement, params: Any) -> Any:
+            result = await real_run(stmt, params)  # committed on the server
+            if not lost:
+                lost.append(1)
+                old = rec.move(Status.CANCELLED, utcnow())
+                store.stage(rec, TaskEvent(utcnow(), rec.id, old.value, Status.CANCELLED.value, "operator", 0, None))
+                stmt.broken = True
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+            return result
+
+        monkeypatch.setattr(PreparedStatement, "run", reply_lost)
+        _stage(store, rec)
+        await store.committed()
+        assert lost == [1] and store.commit_failures == 1 and store.healthy
+        assert db_rows(database_url, "SELECT status FROM tasks WHERE id = %s", (rec.id,)) == [("cancelled",)]
+        # the next change of the task is an UPDATE of that row, as for any committed task
+        assert rec.persisted
+    finally:
+        await store.close()

@@ -164,3 +164,13 @@ def test_commit_sql_has_only_the_parts_asked_for_with_their_parameters_in_order(
     assert keys_only.startswith("INSERT INTO task_idempotency") and "WITH" not in keys_only
     with pytest.raises(ValueError):
         commit_sql((False, False, False, False))
+
+
+def test_only_a_resent_batch_overwrites_existing_rows() -> None:
+    from casperd.storerows import COMMIT_ALL, MUTABLE, commit_sql
+
+    resent = commit_sql((True, True, True, True), resent=True)
+    assert "ON CONFLICT (id, created_at) DO UPDATE SET" in resent and "ON CONFLICT (id, created_at)" not in COMMIT_ALL
+    assert all(f"{c} = EXCLUDED.{c}" in resent for c in MUTABLE)
+    assert resent.count("%s") == COMMIT_ALL.count("%s") == 4
+    assert commit_sql((False, True, False, True), resent=True) == commit_sql((False, True, False, True))
