@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from casperd import codec
@@ -63,7 +64,7 @@ def main(n: int, tuned: bool = False) -> None:
         core.submit_from(Sender.control(), b"ctl", Submit(req_id=1, tasks=specs), {}, now())
     rows = 0
 
-    def commit(actions: list[object]) -> int:
+    def commit(actions: Sequence[object]) -> int:
         """What the group commit does for the core: staged rows become persisted; a report that
         waited for them (a TASK leaves before its commit, SPEC 11) is replayed. Returns the count."""
         for a in actions:

@@ -123,8 +123,8 @@ def measure(pg_url: str | None = None) -> dict[str, Any]:
 def durable_floor_ms(f: dict[str, Any], *, cold: bool = False) -> float:
     """Two commits plus four hops (two zmq round trips); ``cold``: each after a millisecond idle."""
     if cold:
-        return 2 * f["commit_cold_ms"] + 2 * f["zmq_rtt_cold_ms"]
-    return 2 * f["commit_ms"] + 2 * f["zmq_rtt_ms"]
+        return 2 * float(f["commit_cold_ms"]) + 2 * float(f["zmq_rtt_cold_ms"])
+    return 2 * float(f["commit_ms"]) + 2 * float(f["zmq_rtt_ms"])
 
 
 if __name__ == "__main__":

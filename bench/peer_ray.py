@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -11,7 +12,7 @@ from typing import Any
 def run(n: int, slots: int, samples: int) -> dict[str, Any]:
     import ray
 
-    ray.init(num_cpus=slots, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(num_cpus=slots, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
 
         @ray.remote

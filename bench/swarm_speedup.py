@@ -364,7 +364,7 @@ def run_mesh(
         mesh.start()  # waits for every developer registered and alive (the "peers" op)
         run.startup_s = time.monotonic() - t
         peers = [p for p in mesh.wait_peers(agents, timeout=60) if p["liveness"] == "alive"]
-        caps = sorted({int(p["capacity"]) for p in peers})
+        caps = sorted({int(str(p["capacity"])) for p in peers})
         if len(peers) != agents or caps != [1 + prefetch]:  # a peer's credit: capacity + prefetch
             raise BenchFailure(
                 f"expected {agents} alive developers of capacity 1 + prefetch {prefetch}, "

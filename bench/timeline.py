@@ -115,8 +115,8 @@ def run(samples: int) -> None:
         for f in glob.glob(trace + ".*"):
             who = names.get(int(f.rsplit(".", 1)[1]), "?")
             for line in Path(f).read_text().splitlines():
-                t, what = line.split(" ", 1)
-                events.append((int(t), f"{who}: {what}"))
+                stamp, what = line.split(" ", 1)
+                events.append((int(stamp), f"{who}: {what}"))
     finally:
         mesh.stop()
         shutil.rmtree(work, ignore_errors=True)
