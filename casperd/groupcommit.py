@@ -273,20 +273,37 @@ class GroupCommitWriter:
         self._batch = rest
 
     async def _commit(self, batch: Batch) -> None:
-        """Write ``batch``; the records Postgres refused go to ``batch.refused`` (their rows left out).
+        """Write ``batch``, in statements of at most ``batch_max`` tasks' rows each (a backlog left
+        by a store outage is not one huge statement); the records Postgres refused go to
+        ``batch.refused`` (their rows left out). Its callbacks run only once every part is written.
 
         Raises:
             PendingRetry: a retryable failure; ``rest`` holds every row not yet committed, with
                 the batch's callbacks.
         """
+        if len(batch.dirty) <= self.batch_max:
+            await self._commit_rows(batch, batch)
+            return
+        ids = batch.task_ids()
+        for start in range(0, len(ids), self.batch_max):
+            try:
+                await self._commit_rows(batch.subset(ids[start : start + self.batch_max]), batch)
+            except PendingRetry as exc:  # this part's uncommitted rows, and every later part's
+                exc.rest.absorb(batch.subset(ids[start + self.batch_max :]))
+                raise
+
+    async def _commit_rows(self, rows: Batch, batch: Batch) -> None:
+        """Write ``rows`` (``batch`` or a part of it), isolating any row Postgres refuses; refused
+        records go to ``batch.refused``. A retryable failure raises :class:`PendingRetry` whose
+        ``rest`` holds the rows of ``rows`` not committed and ``batch``'s callbacks."""
         try:
-            await self._write(batch)
+            await self._write(rows)
             return
         except Exception as exc:
             if is_retryable(exc):
-                raise PendingRetry(exc, batch) from exc
+                raise PendingRetry(exc, self._with_callbacks(rows, batch)) from exc
             first = describe(exc)
-        ids = batch.task_ids()
+        ids = rows.task_ids()
         log.warning("store: a group commit of %d tasks was refused (%s); isolating the row", len(ids), first)
         todo = [ids[len(ids) // 2 :], ids[: len(ids) // 2]] if len(ids) > 1 else []
         if len(ids) == 1:
@@ -296,17 +313,22 @@ class GroupCommitWriter:
             if not part:
                 continue
             try:
-                await self._write(batch.subset(part))
+                await self._write(rows.subset(part))
             except Exception as exc:
                 if is_retryable(exc):
-                    rest = batch.subset([t for chunk in (*todo, part) for t in chunk])
-                    rest.first, rest.after, rest.refused = batch.first, batch.after, batch.refused
-                    rest.groups = batch.groups
-                    raise PendingRetry(exc, rest) from exc
+                    rest = rows.subset([t for chunk in (*todo, part) for t in chunk])
+                    raise PendingRetry(exc, self._with_callbacks(rest, batch)) from exc
                 if len(part) > 1:
                     todo += [part[len(part) // 2 :], part[: len(part) // 2]]
                 else:
                     self._refuse(batch, part[0], describe(exc))
+
+    @staticmethod
+    def _with_callbacks(rest: Batch, batch: Batch) -> Batch:
+        """``rest`` (rows of ``batch`` not committed) carrying ``batch``'s callbacks and refusals."""
+        if rest is not batch:
+            rest.first, rest.after, rest.refused, rest.groups = batch.first, batch.after, batch.refused, batch.groups
+        return rest
 
     def _refuse(self, batch: Batch, task_id: uuid.UUID, reason: str) -> None:
         self.rejected += 1
