@@ -138,6 +138,14 @@ _INSERT_KEYS = (
 _INSERT_EVENTS = (
     f"INSERT INTO task_events ({_names(EVENT_COLS)}) SELECT {_names(EVENT_COLS)} FROM {_recordset('e', EVENT_COLS)}"
 )
+# A re-sent batch's events may be in the table already (written by the commit whose reply was
+# lost): each is written only if its task has no event of the same time and transition (a probe of
+# task_events_task_idx per event, paid by re-sent batches only).
+_INSERT_EVENTS_ONCE = (
+    f"INSERT INTO task_events ({_names(EVENT_COLS)}) SELECT {_names(EVENT_COLS)} FROM {_recordset('e', EVENT_COLS)} "
+    "WHERE NOT EXISTS (SELECT 1 FROM task_events o WHERE o.task_id = e.task_id AND o.at = e.at "
+    "AND o.to_status = e.to_status AND o.from_status IS NOT DISTINCT FROM e.from_status AND o.attempt = e.attempt)"
+)
 # The data-modifying CTEs run to completion whether or not anything reads them, so the statement
 # returns no row: counting each part's rows (RETURNING into count(*) subqueries) cost an eighth of
 # a small commit's CPU in Postgres.
@@ -149,8 +157,9 @@ def commit_sql(parts: tuple[bool, bool, bool, bool], *, resent: bool = False) ->
     parameters in that order): Postgres starts every part of a statement whether or not its
     recordset is empty, 12-20% of a small commit's CPU for the two or three parts one task's
     commit leaves empty. ``resent``: the batch follows a commit whose outcome is unknown, so its new
-    tasks' rows may exist already and are overwritten with their latest state."""
-    named = (("new", _UPSERT_NEW), *_PARTS[1:]) if resent else _PARTS
+    tasks' rows may exist already and are overwritten with their latest state, and an event already
+    written is not written again."""
+    named = (("new", _UPSERT_NEW), *_PARTS[1:3], ("ev", _INSERT_EVENTS_ONCE)) if resent else _PARTS
     chosen = [(name, sql) for (name, sql), on in zip(named, parts, strict=True) if on]
     if not chosen:
         raise ValueError("a group commit needs at least one part")

@@ -16,7 +16,7 @@ import pytest
 from casperd.lifecycle import Status
 from casperd.messages import TaskSpec, new_task_id
 from casperd.store import Store
-from casperd.storerows import COMMIT_ALL, WRITER_SETTINGS, commit_params, commit_sql
+from casperd.storerows import COMMIT_ALL, WRITER_SETTINGS, commit_params, commit_sql, event_json
 from casperd.taskrecord import TaskEvent, TaskRecord, utcnow
 from tests.support.mesh import db_rows
 
@@ -148,6 +148,13 @@ async def test_a_resent_batch_writes_the_latest_state_over_the_row_a_lost_commit
             conn.execute(resent, (params[0], params[3]), prepare=True)
     rows = dict(db_rows(database_url, "SELECT id, status FROM tasks"))
     assert rows == {made.id: "cancelled", missed.id: "pending"}
+    # the event the lost commit wrote is not written again; a new one is written once
+    lost_event = TaskEvent(now, made.id, None, "pending", "c", 0)
+    _commit(database_url, [], [lost_event], [])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(commit_sql((False, False, False, True), resent=True), ("[" + event_json(lost_event) + "]",))
+    transitions = db_rows(database_url, "SELECT from_status, to_status FROM task_events WHERE task_id = %s", (made.id,))
+    assert sorted(transitions, key=str) == sorted([(None, "pending"), ("pending", "cancelled")], key=str)
 
 
 async def test_tasks_has_no_unique_index_but_its_primary_key(database_url: str) -> None:

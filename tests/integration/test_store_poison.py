@@ -198,6 +198,8 @@ async def test_a_lost_commit_reply_keeps_the_changes_made_before_the_retry(
         await store.committed()
         assert lost == [1] and store.commit_failures == 1 and store.healthy
         assert db_rows(database_url, "SELECT status FROM tasks WHERE id = %s", (rec.id,)) == [("cancelled",)]
+        events = db_rows(database_url, "SELECT to_status FROM task_events WHERE task_id = %s ORDER BY id", (rec.id,))
+        assert events == [("pending",), ("cancelled",)]  # the lost commit's event is not written twice
         # the next change of the task is an UPDATE of that row, as for any committed task
         assert rec.persisted
     finally:

@@ -173,4 +173,5 @@ def test_only_a_resent_batch_overwrites_existing_rows() -> None:
     assert "ON CONFLICT (id, created_at) DO UPDATE SET" in resent and "ON CONFLICT (id, created_at)" not in COMMIT_ALL
     assert all(f"{c} = EXCLUDED.{c}" in resent for c in MUTABLE)
     assert resent.count("%s") == COMMIT_ALL.count("%s") == 4
-    assert commit_sql((False, True, False, True), resent=True) == commit_sql((False, True, False, True))
+    assert "NOT EXISTS" in commit_sql((False, False, False, True), resent=True) and "NOT EXISTS" not in COMMIT_ALL
+    assert commit_sql((False, True, True, False), resent=True) == commit_sql((False, True, True, False))
