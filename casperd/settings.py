@@ -162,12 +162,7 @@ class Settings(BaseSettings):
         description="a queued task's input larger than this (JSON plus attachments, bytes) waits in Postgres",
     )
     cache_ttl_s: float = Field(default=3600.0, gt=0, description="result cache TTL, seconds")
-    commit_batch_max: int = Field(
-        default=2000,
-        ge=1,
-        description="most tasks written by one group-commit statement (a larger backlog takes several, "
-        "and what waits on it runs after the last)",
-    )
+    commit_batch_max: int = Field(default=2000, ge=1, description="most tasks per group-commit statement")
     dispatch_before_commit: bool = Field(
         default=True,
         description="send a TASK while the commit of its assignment (and of a new task's row) is still in flight, "

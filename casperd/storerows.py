@@ -115,16 +115,14 @@ _CHANGE = tuple((c, COL_TYPES[c]) for c in ("id", "created_at", *MUTABLE))
 # checks that). Naming the target made Postgres map it to each partition's indexes through
 # pg_inherits at every execution. A first send never meets an existing row (a batch re-sent after a
 # failed commit uses _UPSERT_NEW below); DO NOTHING keeps a stray duplicate from failing the batch.
-_INSERT_NEW = (
-    f"INSERT INTO tasks ({_names(_TASK)}) SELECT {_names(_TASK)} FROM {_recordset('r', _TASK)} ON CONFLICT DO NOTHING"
-)
+_NEW_ROWS = f"INSERT INTO tasks ({_names(_TASK)}) SELECT {_names(_TASK)} FROM {_recordset('r', _TASK)}"
+_INSERT_NEW = _NEW_ROWS + " ON CONFLICT DO NOTHING"
 # A batch re-sent after a failure that may have hidden a commit (the connection dropped after COMMIT
 # but before its reply) holds tasks whose rows may already exist, some changed since: their latest
 # state must replace the row the lost commit made, not be skipped. Only re-sent batches pay for the
 # conflict target.
 _UPSERT_NEW = (
-    f"INSERT INTO tasks ({_names(_TASK)}) SELECT {_names(_TASK)} FROM {_recordset('r', _TASK)} "
-    "ON CONFLICT (id, created_at) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in MUTABLE)
+    _NEW_ROWS + " ON CONFLICT (id, created_at) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in MUTABLE)
 )
 _UPDATE_OLD = (
     "UPDATE tasks t SET "
@@ -142,8 +140,7 @@ _INSERT_EVENTS = (
 # lost): each is written only if its task has no event of the same time and transition (a probe of
 # task_events_task_idx per event, paid by re-sent batches only).
 _INSERT_EVENTS_ONCE = (
-    f"INSERT INTO task_events ({_names(EVENT_COLS)}) SELECT {_names(EVENT_COLS)} FROM {_recordset('e', EVENT_COLS)} "
-    "WHERE NOT EXISTS (SELECT 1 FROM task_events o WHERE o.task_id = e.task_id AND o.at = e.at "
+    _INSERT_EVENTS + " WHERE NOT EXISTS (SELECT 1 FROM task_events o WHERE o.task_id = e.task_id AND o.at = e.at "
     "AND o.to_status = e.to_status AND o.from_status IS NOT DISTINCT FROM e.from_status AND o.attempt = e.attempt)"
 )
 # The data-modifying CTEs run to completion whether or not anything reads them, so the statement
