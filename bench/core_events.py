@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from casperd import codec
 from casperd.eventloop import tune_gc
@@ -29,7 +30,9 @@ from casperd.policeman.actions import Replay, Send, Stage
 from casperd.settings import load_settings
 
 
-def main(n: int, tuned: bool = False) -> None:
+def measure(n: int, tuned: bool = False) -> dict[str, Any]:
+    """Run ``n`` tasks through a PolicemanCore; their cost: ``us_per_task``, ``tasks_s``,
+    ``actions``, ``gc_s`` (seconds in each generation's collections)."""
     s = load_settings({"role": "policeman", "node_id": "policeman", "lease_s": 600, "heartbeat_s": 600})
     core = PolicemanCore(s, Catalog(), Metrics(), time.monotonic())
 
@@ -97,7 +100,16 @@ def main(n: int, tuned: bool = False) -> None:
     dt = time.perf_counter() - t0
     assert not core.tasks, f"{len(core.tasks)} tasks not complete"
     gc.callbacks.remove(on_gc)
-    print(f"tasks: {n}  seconds: {dt:.3f}  tasks/s: {n / dt:,.0f}  us/task: {dt / n * 1e6:.1f}  actions: {rows}")
+    return {"seconds": dt, "tasks_s": n / dt, "us_per_task": dt / n * 1e6, "actions": rows, "gc_s": gc_s}
+
+
+def main(n: int, tuned: bool = False) -> None:
+    r = measure(n, tuned)
+    print(
+        f"tasks: {n}  seconds: {r['seconds']:.3f}  tasks/s: {r['tasks_s']:,.0f}  us/task: {r['us_per_task']:.1f}  "
+        f"actions: {r['actions']}"
+    )
+    gc_s = r["gc_s"]
     gcs = " / ".join(f"{x:.3f}" for x in gc_s)
     print(f"garbage collector ({'tuned' if tuned else 'default'}): {sum(gc_s):.3f} s of it (generations 0/1/2: {gcs})")
 

@@ -8,7 +8,14 @@
 * ``commit_cold_ms`` and ``zmq_rtt_cold_ms``: the same, each sample after ``COLD_GAP_S`` (1 ms) of
   idleness. Back to back, the processes never sleep; at one task in flight every hop wakes a
   process that has been idle for a millisecond or more, and on this VM a wake-up from idle costs
-  tens of microseconds more per hop (the "cold" floor is the one a one-in-flight round trip meets).
+  tens of microseconds more per hop (the "cold" floor is the one a one-in-flight round trip meets);
+* ``core_us``: not a floor but the machine's scale for CASPER's own CPU figures: the policeman's
+  rules alone (``bench.core_events``: PolicemanCore with no I/O, 5,000 tasks, the node's collector
+  settings), µs per task, best of three in a fresh interpreter. The policeman, developers and
+  client are CPython: the same tree's policeman CPU per task has differed 3x between the 2-core
+  VMs of this workplace, and a tight interpreter loop is no guide to it (44-68 ns per iteration
+  on the VM where the policeman took 150 µs per task). Divide the mesh's policeman CPU per task
+  by this to compare machines.
 
     python -m bench.floors
 """
@@ -102,9 +109,23 @@ def zmq_floor(samples: int = 2000, gap_s: float = 0.0) -> float:
     return statistics.median(lat)
 
 
+def core_scale(tasks: int = 5000, runs: int = 3) -> float:
+    """µs per task of the policeman's rules alone (bench.core_events), the best of ``runs`` in a
+    fresh interpreter (a run takes well under a second: the best one is the least disturbed)."""
+    from bench import core_events
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return min(float(pool.apply(core_events.measure, (tasks, True))["us_per_task"]) for _ in range(runs))
+
+
+def describe_scale(f: dict[str, Any]) -> str:
+    return f"CPU scale: the policeman's rules alone (bench.core_events, no I/O) {f['core_us']:.0f} µs per task"
+
+
 def measure(pg_url: str | None = None) -> dict[str, Any]:
     """Every floor; with no URL, on an embedded Postgres of its own."""
     out: dict[str, Any] = {"zmq_rtt_ms": zmq_floor(), "zmq_rtt_cold_ms": zmq_floor(500, COLD_GAP_S)}
+    out["core_us"] = core_scale()
     if pg_url is not None:
         out.update(postgres_floors(pg_url))
         return out
@@ -133,5 +154,6 @@ if __name__ == "__main__":
         f"single-row commit p50 {f['commit_ms']:.2f} ms; COPY {f['copy_rows_s']:,.0f} rows/s; "
         f"raw zmq round trip p50 {f['zmq_rtt_ms']:.3f} ms; durable round-trip floor {durable_floor_ms(f):.2f} ms\n"
         f"after 1 ms idle (as at one task in flight): commit {f['commit_cold_ms']:.2f} ms, zmq round trip "
-        f"{f['zmq_rtt_cold_ms']:.3f} ms; durable round-trip floor {durable_floor_ms(f, cold=True):.2f} ms"
+        f"{f['zmq_rtt_cold_ms']:.3f} ms; durable round-trip floor {durable_floor_ms(f, cold=True):.2f} ms\n"
+        f"{describe_scale(f)}"
     )

@@ -13,8 +13,10 @@ local mesh (embedded Postgres with fsync and synchronous_commit on, CurveZMQ, a 
 * throughput (target >= 5,000 tasks/s) and the policeman's CPU per task under it (target <= 100 µs).
 
 The floors (bench/floors.py) are measured on the same machine in the same run: a single-row commit,
-a batched COPY, a raw zmq round trip; CASPER's distance to them is printed. Figures move ±25%
-between runs on a shared machine: compare ratios within one run.
+a batched COPY, a raw zmq round trip; CASPER's distance to them is printed, and so is the machine's
+CPU scale (the policeman's rules alone, ``bench.core_events``), which every CPU figure of CASPER's
+Python processes moves with. Figures move ±25% between runs on a shared machine: compare
+ratios within one run.
 
     python -m bench.peers --tasks 20000 --samples 500            # everything
     python -m bench.peers --only casper,floors --tasks 5000      # a quick look
@@ -222,7 +224,8 @@ def _report(rows: list[dict[str, Any]], casper: dict[str, Any] | None, fl: dict[
             f"{floor:.2f} ms\n"
             f"floors after 1 ms idle (each hop wakes an idle process, as at one task in flight): commit "
             f"{fl['commit_cold_ms']:.2f} ms, zmq round trip {fl['zmq_rtt_cold_ms']:.3f} ms; durable round trip "
-            f"{floors.durable_floor_ms(fl, cold=True):.2f} ms"
+            f"{floors.durable_floor_ms(fl, cold=True):.2f} ms\n"
+            f"{floors.describe_scale(fl)}"
         )
     if not casper:
         return
@@ -254,6 +257,7 @@ def _report(rows: list[dict[str, Any]], casper: dict[str, Any] | None, fl: dict[
     )
     if fl:
         print(f"    Postgres COPY floor for one row per task: {fl['copy_rows_s']:,.0f} tasks/s")
+        print(f"    the policeman in the mesh: {cpu['policeman'] / fl['core_us']:.1f}x the CPU of its rules alone")
     print(
         "  idle RSS per casperd: "
         + ", ".join(f"{k} {v:.1f} MB" for k, v in casper["rss_mb"].items())
