@@ -33,7 +33,8 @@ from casperd.agents import developer, gitwork
 from casperd.agents.claude import ClaudeClient
 from casperd.agents.ratelimit import NoLimiter
 from casperd.handlers import RunContext
-from casperd.settings import DEFAULT_PRICES, Settings
+from casperd.settings import Settings
+from casperd.settingtables import DEFAULT_PRICES
 from tests.support.devnode import Services
 from tests.support.fakeclaude import FakeClaude, Response, reply, tool_use
 

@@ -16,63 +16,18 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError, TomlConfigSettingsSource
 
 from casperd.errors import ConfigError
 from casperd.messages import Role
+from casperd.settingtables import DEFAULT_MODELS, DEFAULT_PRICES, AutoscaleRole, ModelPrice, TaskPolicy
 
 DEFAULT_STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "casper"
 ROLE_CAPABILITIES: dict[Role, tuple[str, ...]] = {
     Role.POLICEMAN: ("plan", "validate"),
     Role.DEVELOPER: ("code", "llm", "shell"),
     Role.TESTER: ("test", "shell"),
-}
-
-
-class TaskPolicy(BaseModel):
-    """Retry and timeout policy of one task type; unset fields fall back to the mesh defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-    max_attempts: int | None = Field(default=None, ge=1, le=100)
-    backoff_base_s: float | None = Field(default=None, ge=0)
-    backoff_factor: float | None = Field(default=None, ge=1)
-    backoff_cap_s: float | None = Field(default=None, ge=0)
-    timeout_s: float | None = Field(default=None, gt=0, le=86400)
-
-
-class AutoscaleRole(BaseModel):
-    """Bounds of one role under the autoscaler, and extra capabilities a spawned peer gets."""
-
-    model_config = ConfigDict(extra="forbid")
-    min: int = Field(default=0, ge=0, le=1000)
-    max: int = Field(default=0, ge=0, le=1000)
-    capabilities: list[str] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> AutoscaleRole:
-        if self.max < self.min:
-            raise ValueError(f"max ({self.max}) is below min ({self.min})")
-        return self
-
-
-class ModelPrice(BaseModel):
-    """US dollars per million tokens of one model (see anthropic.com/pricing)."""
-
-    model_config = ConfigDict(extra="forbid")
-    input: float = Field(ge=0)
-    output: float = Field(ge=0)
-    cache_write: float = Field(ge=0)
-    cache_read: float = Field(ge=0)
-
-
-DEFAULT_MODELS = {"policeman": "claude-sonnet-4-6", "developer": "claude-sonnet-4-6", "tester": "claude-haiku-4-5"}
-DEFAULT_PRICES = {
-    "claude-opus-4-1": ModelPrice(input=15.0, output=75.0, cache_write=18.75, cache_read=1.5),
-    "claude-opus-4-5": ModelPrice(input=5.0, output=25.0, cache_write=6.25, cache_read=0.5),
-    "claude-sonnet-4-6": ModelPrice(input=3.0, output=15.0, cache_write=3.75, cache_read=0.3),
-    "claude-sonnet-4-5": ModelPrice(input=3.0, output=15.0, cache_write=3.75, cache_read=0.3),
-    "claude-haiku-4-5": ModelPrice(input=1.0, output=5.0, cache_write=1.25, cache_read=0.1),
 }
 
 

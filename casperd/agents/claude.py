@@ -38,7 +38,8 @@ from casperd.breaker import BreakerState, CircuitBreaker
 from casperd.cache import ResultCache, cache_key
 from casperd.errors import LlmError, LlmRequestError, MissingApiKeyError
 from casperd.retry import RetryPolicy
-from casperd.settings import ModelPrice, Settings
+from casperd.settings import Settings
+from casperd.settingtables import ModelPrice
 
 if TYPE_CHECKING:  # loaded on a node's first model call (load_sdk): the SDK, httpx and anyio add ~40 MB RSS
     import anthropic

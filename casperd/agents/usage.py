@@ -1,7 +1,7 @@
 """Token usage and cost accounting of model calls.
 
 Prices come from the ``model_prices`` setting (USD per million tokens, see
-:class:`casperd.settings.ModelPrice`). Model ids may carry a date suffix
+:class:`casperd.settingtables.ModelPrice`). Model ids may carry a date suffix
 (``claude-sonnet-4-5-20250929``): the longest configured price key that is a prefix of the id
 applies. An unknown model costs 0.0 and is warned about once per process.
 """
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from casperd.settings import ModelPrice
+from casperd.settingtables import ModelPrice
 
 log = logging.getLogger("casperd.agents.usage")
 _warned: set[str] = set()

@@ -21,7 +21,8 @@ from casperd.agents.usage import Usage
 from casperd.errors import AgentError
 from casperd.handlers import RunContext
 from casperd.retry import RetryPolicy
-from casperd.settings import DEFAULT_PRICES, Settings
+from casperd.settings import Settings
+from casperd.settingtables import DEFAULT_PRICES
 from tests.integration.agentkit import git, make_repo
 from tests.support.devnode import Services
 from tests.support.fakeclaude import FakeClaude, Response, http_error, reply, text, tool_use

@@ -22,7 +22,8 @@ from casperd.childserver import free_port
 from casperd.embedded_redis import EmbeddedRedis
 from casperd.errors import LlmError, LlmRequestError, MissingApiKeyError
 from casperd.retry import RetryPolicy
-from casperd.settings import DEFAULT_PRICES, Settings
+from casperd.settings import Settings
+from casperd.settingtables import DEFAULT_PRICES
 from tests.support.fakeclaude import FakeClaude, http_error, overloaded, rate_limited, reply, text, tool_use
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

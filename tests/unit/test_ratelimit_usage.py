@@ -18,7 +18,7 @@ from casperd.agents.ratelimit import (
     parse_rate_headers,
 )
 from casperd.agents.usage import Usage, cost_of, price_for
-from casperd.settings import DEFAULT_PRICES, ModelPrice
+from casperd.settingtables import DEFAULT_PRICES, ModelPrice
 
 pytestmark = pytest.mark.unit
 
