@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from casperd.agents.claude import ClaudeClient, Reply
+from casperd.agents.claude import ClaudeClient
+from casperd.agents.modelreply import Reply
 from casperd.agents.ratelimit import LocalLimiter, NoLimiter
 from casperd.agents.usage import cost_of
 from casperd.breaker import CircuitBreaker
