@@ -20,6 +20,7 @@ ratios within one run.
 
     python -m bench.peers --tasks 20000 --samples 500            # everything
     python -m bench.peers --only casper,floors --tasks 5000      # a quick look
+    python -m bench.peers --only casper,celery --rounds 3        # one ratio, three times in turn
 """
 
 from __future__ import annotations
@@ -158,7 +159,35 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, default=32)
     ap.add_argument("--samples", type=int, default=500)
     ap.add_argument("--only", default="floors,casper,ray,dramatiq,pgqueuer,celery")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run everything this many times in turn, a report per round, then CASPER's throughput ratio "
+        "to each peer round by round and its median (on a shared machine one round's ratio moves by a tenth)",
+    )
     a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    ratios: dict[str, list[float]] = {}
+    for round_no in range(1, a.rounds + 1):
+        if a.rounds > 1:
+            print(f"\n=== round {round_no} of {a.rounds}", flush=True)
+        rows, casper = _one_round(a)
+        if casper is None:
+            continue
+        for r in rows:
+            if r is not casper and r["throughput_tps"] > 0:
+                ratios.setdefault(r["system"], []).append(casper["throughput_tps"] / r["throughput_tps"])
+    if a.rounds > 1 and ratios:
+        print(f"\nCASPER tasks/s ÷ each peer's, round by round ({a.rounds} rounds), and the median:")
+        for system, xs in ratios.items():
+            each = " / ".join(f"{x:.1f}x" for x in xs)
+            print(f"  {system}: {each}; median {statistics.median(xs):.1f}x")
+
+
+def _one_round(a: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Floors, CASPER and each peer asked for, once, with the report; the rows and CASPER's."""
     want = set(a.only.split(","))
     rows: list[dict[str, Any]] = []
     fl: dict[str, Any] | None = None
@@ -184,6 +213,7 @@ def main() -> None:
             except Exception as exc:  # a peer that fails is reported, the run goes on
                 print(f"  {name} failed: {type(exc).__name__}: {exc}")
     _report(rows, casper, fl, a)
+    return rows, casper
 
 
 def _pgqueuer(n: int, slots: int, samples: int) -> dict[str, Any]:
