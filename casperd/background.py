@@ -101,7 +101,7 @@ async def _serve_request(b: Shell, a: Serve) -> None:
     except CasperError as exc:
         if exc.code == "forbidden":
             b.metrics.forbidden.labels(msg.op[:64]).inc()
-        error = ErrorBody(code=exc.code, message=exc.message[:4000], hint=exc.hint)
+        error = ErrorBody.of(exc)
         frames = codec.encode(Reply(req_id=msg.req_id, ok=False, error=error))
     except Exception as exc:  # a bug in a service: answer, log, keep serving
         log.exception("mesh service %s failed", msg.op)

@@ -84,9 +84,7 @@ class Control:
             data = await fn(self.node, req.args)
             return Reply(req_id=req.req_id, ok=True, data=data)
         except CasperError as exc:
-            return Reply(
-                req_id=req.req_id, ok=False, error=ErrorBody(code=exc.code, message=exc.message[:4000], hint=exc.hint)
-            )
+            return Reply(req_id=req.req_id, ok=False, error=ErrorBody.of(exc))
 
 
 def _task_id(args: dict[str, Any]) -> uuid.UUID:

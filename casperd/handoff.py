@@ -49,7 +49,5 @@ async def answer(
         sender = route.split(b"/", 1)[0].decode("utf-8", "replace")[:64]
         reply = Reply(req_id=msg.req_id, ok=True, data=await worker.accept_handoff(spec, attachments, sender))
     except CasperError as exc:
-        reply = Reply(
-            req_id=msg.req_id, ok=False, error=ErrorBody(code=exc.code, message=exc.message[:4000], hint=exc.hint)
-        )
+        reply = Reply(req_id=msg.req_id, ok=False, error=ErrorBody.of(exc))
     send_now(sock, [route, *codec.encode(reply)])

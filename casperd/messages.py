@@ -11,9 +11,12 @@ import enum
 import os
 import time
 import uuid
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StringConstraints, model_serializer
+
+if TYPE_CHECKING:
+    from casperd.errors import CasperError
 
 PROTOCOL_VERSION = 1
 SIGNATURE = b"CASP"
@@ -23,6 +26,8 @@ STORABLE = r"^[^\x00]*$"
 """Text Postgres can store: no NUL (msgpack's UTF-8 decoding already refuses invalid UTF-8 and
 surrogates). Every free-text field of every message carries it, so a NUL is refused at the codec."""
 Text = Annotated[str, StringConstraints(max_length=4096, pattern=STORABLE)]
+WIRE_MESSAGE_MAX = 4000
+"""An error's message is cut to this before it is sent (a ``Text`` holds 4,096)."""
 Key = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=STORABLE)]
 Endpoint = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=STORABLE)]
 CurveKey = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")]
@@ -111,6 +116,11 @@ class ErrorBody(BaseModel):
     code: Name
     message: Text
     hint: Text | None = None
+
+    @classmethod
+    def of(cls, exc: CasperError) -> ErrorBody:
+        """``exc`` as sent on the wire: its code, its message cut to :data:`WIRE_MESSAGE_MAX`, its hint."""
+        return cls(code=exc.code, message=exc.message[:WIRE_MESSAGE_MAX], hint=exc.hint)
 
 
 class TaskSpec(BaseModel):
@@ -251,6 +261,11 @@ class Error(_Body):
     message: Text
     hint: Text | None = None
     ref: int | None = Field(default=None, ge=0, le=255)
+
+    @classmethod
+    def of(cls, exc: CasperError, ref: int | None = None) -> Error:
+        """ERROR for ``exc`` (about the command ``ref``), as :meth:`ErrorBody.of` words it."""
+        return cls(code=exc.code, message=exc.message[:WIRE_MESSAGE_MAX], hint=exc.hint, ref=ref)
 
 
 class Request(_Body):

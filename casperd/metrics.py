@@ -7,14 +7,19 @@ Label values are bounded sets (commands, statuses, error codes): never ids, neve
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from casperd import procstats
 
+if TYPE_CHECKING:
+    from casperd.errors import CasperError
+
 M = TypeVar("M", Counter, Gauge, Histogram)
+log = logging.getLogger("casperd.rejects")
 
 
 class Labelled(Generic[M]):
@@ -35,6 +40,28 @@ class Labelled(Generic[M]):
         return child
 
 
+class Rejections:
+    """Frames refused with an error: each one counted (``casper_rejected_frames_total``), each
+    socket, sender and cause logged once, not once per frame (a flood of garbage is one line)."""
+
+    __slots__ = ("counter", "logged")
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self.logged: set[tuple[str, bytes, str]] = set()
+
+    def record(self, socket_name: str, route: bytes, exc: CasperError) -> None:
+        self.counter.labels(exc.code).inc()
+        key = (socket_name, route[:64], exc.code)
+        if key not in self.logged:
+            if len(self.logged) > 10_000:
+                self.logged.clear()
+            self.logged.add(key)
+            log.warning(
+                "rejected a frame from %r on the %s socket: [%s] %s", route[:64], socket_name, exc.code, exc.message
+            )
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -43,6 +70,7 @@ class Metrics:
         self.rejected = Counter(
             "casper_rejected_frames_total", "Frames answered with ERROR or dropped", ["code"], registry=r
         )
+        self.rejections = Rejections(self.rejected)
         self.handshakes_refused = Counter(
             "casper_handshakes_refused_total",
             "Curve handshakes refused by the ZAP handler (key not enrolled)",

@@ -86,7 +86,6 @@ class Node:
         self.mesh_sock: Sock | None = None  # driven by casperd.loopsock
         self.control_sock: Sock | None = None
         self.started = time.monotonic()
-        self._logged: set[tuple[str, bytes, str]] = set()
         self._oneshots: set[asyncio.Task[None]] = set()
         self.enrollment: Enrollment | None = None
         self.zap: ZapHandler | None = None
@@ -297,8 +296,8 @@ class Node:
                         )
                     )
                 except ProtocolError as exc:
-                    self._count_rejection("mesh", route, exc)
-                    reply = Error(code=exc.code, message=exc.message[:4000], hint=exc.hint)
+                    self.metrics.rejections.record("mesh", route, exc)
+                    reply = Error.of(exc)
                 send_now(self.mesh_sock, [route, *codec.encode(reply)])
 
     def _spawn_once(self, coro: Any) -> None:
@@ -342,7 +341,7 @@ class Node:
         try:
             msg = codec.decode(body, max_bytes=self.s.max_message_bytes).message
         except ProtocolError as exc:
-            self._count_rejection("control", route, exc)
+            self.metrics.rejections.record("control", route, exc)
             self._control_error(route, exc, body[1][0] if len(body) > 1 and len(body[1]) == 1 else None)
             return
         try:
@@ -365,22 +364,9 @@ class Node:
                 msg.COMMAND.value,
             )
 
-    def _count_rejection(self, socket_name: str, route: bytes, exc: CasperError) -> None:
-        """Count every rejected frame; log once per sender and cause, not once per frame."""
-        self.metrics.rejected.labels(exc.code).inc()
-        key = (socket_name, route[:64], exc.code)
-        if key not in self._logged:
-            if len(self._logged) > 10_000:
-                self._logged.clear()
-            self._logged.add(key)
-            log.warning(
-                "rejected a frame on the %s socket from %r: [%s] %s", socket_name, route[:64], exc.code, exc.message
-            )
-
     def _control_error(self, route: bytes, exc: CasperError, ref: int | None) -> None:
         assert self.control_sock is not None
-        err = Error(code=exc.code, message=exc.message[:4000], hint=exc.hint, ref=ref)
-        send_now(self.control_sock, [route, *codec.encode(err)])
+        send_now(self.control_sock, [route, *codec.encode(Error.of(exc, ref))])
 
     async def _timer_loop(self) -> None:
         period = max(0.01, self.s.heartbeat_s / 4)

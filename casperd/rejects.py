@@ -40,7 +40,7 @@ def rejected_error(rec: TaskRecord) -> StorageRejectedError:
 
 def _error_frames(rec: TaskRecord) -> list[bytes]:
     exc = rejected_error(rec)
-    return codec.encode(ErrorMsg(code=exc.code, message=exc.message, hint=exc.hint, ref=Command.SUBMIT.value))
+    return codec.encode(ErrorMsg.of(exc, Command.SUBMIT.value))
 
 
 def drop_refused(core: PolicemanCore, rec: TaskRecord, reason: str) -> None:

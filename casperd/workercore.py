@@ -28,6 +28,7 @@ from casperd.hints import silent_broker_hint
 from casperd.liveness import PeerClock
 from casperd.messages import (
     RENEW,
+    WIRE_MESSAGE_MAX,
     Assignment,
     Cancel,
     Command,
@@ -287,7 +288,7 @@ class WorkerCore:
 
     def failed_run(self, a: Assignment, code: str, message: str, retryable: bool) -> None:
         self.failed += 1
-        error = ErrorBody(code=code, message=message[:4000])
+        error = ErrorBody(code=code, message=message[:WIRE_MESSAGE_MAX])
         self._failures.append(Failure(task_id=a.task_id, attempt=self.attempt_of(a), retryable=retryable, error=error))
         self.flush_needed = True
 

@@ -55,7 +55,6 @@ class PolicemanCore(RecoveryRules):
     ) -> None:
         super().__init__(settings, catalog, metrics, started, new_id)
         self.authorize = authorize
-        self._logged_errors = set()
 
     # --- the mesh entry point ---------------------------------------------------------------------
     def on_mesh(self, route: bytes, frames: list[bytes], now: Now, key: str | None = None) -> None:
@@ -127,8 +126,7 @@ class PolicemanCore(RecoveryRules):
         self.metrics.forbidden.labels(what).inc()
         if isinstance(msg, Request) and peer is not None:
             self.metrics.rejected.labels(exc.code).inc()
-            err = ErrorBody(code=exc.code, message=exc.message[:4000], hint=exc.hint)
-            self.send_mesh(route, codec.encode(Reply(req_id=msg.req_id, ok=False, error=err)))
+            self.send_mesh(route, codec.encode(Reply(req_id=msg.req_id, ok=False, error=ErrorBody.of(exc))))
         else:
             self.reject(route, exc, msg.COMMAND.value)
 

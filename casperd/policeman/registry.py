@@ -24,19 +24,10 @@ from casperd.policeman.tasks import TaskRules
 
 
 class RegistryRules(TaskRules):
-    _logged_errors: set[tuple[bytes, str]]
-
     def reject(self, route: bytes, exc: CasperError, ref: int | None) -> None:
         """Answer a frame with ERROR (counted every time, logged once per sender and cause)."""
-        code = exc.code
-        self.metrics.rejected.labels(code).inc()
-        key = (route[:64], code)
-        if key not in self._logged_errors:
-            if len(self._logged_errors) > 10_000:
-                self._logged_errors.clear()
-            self._logged_errors.add(key)
-            log.warning("rejected a frame from %r: [%s] %s", route[:64], code, exc.message)
-        self.send_mesh(route, codec.encode(ErrorMsg(code=code, message=exc.message[:4000], hint=exc.hint, ref=ref)))
+        self.metrics.rejections.record("mesh", route, exc)
+        self.send_mesh(route, codec.encode(ErrorMsg.of(exc, ref)))
 
     def on_ready(self, route: bytes, msg: Ready, now: Now) -> None:
         expected = f"{msg.node_id}/{msg.epoch}".encode()

@@ -15,7 +15,7 @@ from typing import Any
 
 from casperd.errors import DrainingError, HandedBackError, HolderLostError, InvalidOutputError, ValidationFailedError
 from casperd.lifecycle import ACTIVE, Status, Trigger
-from casperd.messages import RENEW, ErrorBody, FailedBatch, Progress, ResultBatch, done_item
+from casperd.messages import RENEW, WIRE_MESSAGE_MAX, ErrorBody, FailedBatch, Progress, ResultBatch, done_item
 from casperd.policeman.actions import Finished, Now, RunLocal, Validate
 from casperd.policeman.state import CoreState, Peer, log
 from casperd.taskrecord import TaskRecord, to_json
@@ -219,4 +219,4 @@ def last_error(rec: TaskRecord) -> ErrorBody | None:
     if not history:
         return None
     last = history[-1]
-    return ErrorBody(code=str(last.get("code") or "task")[:64], message=str(last.get("message", ""))[:4000])
+    return ErrorBody(code=str(last.get("code") or "task")[:64], message=str(last.get("message", ""))[:WIRE_MESSAGE_MAX])
