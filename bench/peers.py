@@ -81,6 +81,21 @@ def _round_trips(c: Any, samples: int, accepted: list[float] | None = None) -> l
     return lat
 
 
+def _writer_share(w0: dict[str, Any], w1: dict[str, Any], n: int, wall: float) -> dict[str, float]:
+    """What the single group-commit writer did during a burst of ``n`` tasks over ``wall`` seconds
+    (from two ``status`` snapshots): its chain (commit in flight, then the after-commit actions)
+    is serial, so ``n`` over the chain's time is the most one writer carries at this pace."""
+    busy, after = w1["busy_s"] - w0["busy_s"], w1["after_s"] - w0["after_s"]
+    return {
+        "busy_pct": 100 * busy / wall,
+        "tasks_per_commit": n / max(1, w1["commits"] - w0["commits"]),
+        "busy_us": 1e6 * busy / n,
+        "encode_us": 1e6 * (w1["encode_s"] - w0["encode_s"]) / n,
+        "after_us": 1e6 * after / n,
+        "ceiling_tps": n / max(busy + after, 1e-9),
+    }
+
+
 def run_casper(n: int, slots: int, nodes: int, prefetch: int, samples: int) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="casper-bench-peers-"))
     per_node = max(1, slots // nodes)
@@ -125,11 +140,14 @@ def run_casper(n: int, slots: int, nodes: int, prefetch: int, samples: int) -> d
             out["cpu_fresh_ms"] = _delta(a, _cpu(procs()), samples, 1000)
             specs = [TaskSpec(type="noop", input={"i": i, "pad": "x" * 64}) for i in range(n)]
             a = _cpu(procs())
+            w0 = c.request("status")["store"]
             t0 = time.perf_counter()
             for i in range(0, n, 500):
                 c.submit(specs[i : i + 500], wait=True)
             drain(c, n)
-            out["throughput_tps"] = n / (time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            out["throughput_tps"] = n / wall
+            out["writer"] = _writer_share(w0, c.request("status")["store"], n, wall)
             out["cpu_task_us"] = _delta(a, _cpu(procs()), n, 1e6)
             out["rss_police_after_mb"] = node_procs["policeman"].memory_info().rss / 2**20
             a = _cpu(procs())
@@ -294,6 +312,13 @@ def _report(rows: list[dict[str, Any]], casper: dict[str, Any] | None, fl: dict[
         + f" (target {t['rss_mb']} MB); policeman after the burst {casper['rss_police_after_mb']:.0f} MB"
     )
     print(f"  group commits: {casper['commits']}")
+    w = casper["writer"]
+    print(
+        f"  the group-commit writer during the burst: a commit in flight {w['busy_pct']:.0f}% of the time, "
+        f"{w['tasks_per_commit']:.0f} tasks per commit; per task {w['busy_us']:.0f} µs in flight (encoding "
+        f"{w['encode_us']:.0f}) + {w['after_us']:.0f} µs of after-commit actions: one writer at this pace "
+        f"carries at most {w['ceiling_tps']:,.0f} tasks/s"
+    )
 
 
 if __name__ == "__main__":

@@ -272,6 +272,10 @@ class Broker:
             "store": {
                 "healthy": self.store.healthy,
                 "commits": self.store.commits,
+                "rows_written": self.store.rows_written,
+                "busy_s": round(self.store.busy_s, 6),
+                "encode_s": round(self.store.encode_s, 6),
+                "after_s": round(self.store.after_s, 6),
                 "staged": self.store.staged,
                 "commit_failures": self.store.commit_failures,
                 "last_error": self.store.last_error,

@@ -38,6 +38,9 @@ async def test_a_backlog_is_written_in_statements_of_batch_max_tasks(database_ur
         await store.committed()
         assert store.commits == 4  # 3 + 3 + 3 + 1
         assert ran == [10]  # the callback ran once, after the last part
+        assert store.rows_written == 10
+        # the writer's time (status -> store, bench.peers): encoding is part of a commit in flight
+        assert 0 < store.encode_s < store.busy_s and store.after_s > 0
         assert _count(database_url, "task_events") == 10 and all(r.persisted for r in recs)
     finally:
         await store.close()
