@@ -83,8 +83,9 @@ def _round_trips(c: Any, samples: int, accepted: list[float] | None = None) -> l
 
 def _writer_share(w0: dict[str, Any], w1: dict[str, Any], n: int, wall: float) -> dict[str, float]:
     """What the single group-commit writer did during a burst of ``n`` tasks over ``wall`` seconds
-    (from two ``status`` snapshots): its chain (commit in flight, then the after-commit actions)
-    is serial, so ``n`` over the chain's time is the most one writer carries at this pace."""
+    (from two ``status`` snapshots): its commits are serial (the after-commit actions run while the
+    next commit is in flight), so ``n`` over the time in flight is the most one writer carries at
+    this pace."""
     busy, after = w1["busy_s"] - w0["busy_s"], w1["after_s"] - w0["after_s"]
     return {
         "busy_pct": 100 * busy / wall,
@@ -92,7 +93,7 @@ def _writer_share(w0: dict[str, Any], w1: dict[str, Any], n: int, wall: float) -
         "busy_us": 1e6 * busy / n,
         "encode_us": 1e6 * (w1["encode_s"] - w0["encode_s"]) / n,
         "after_us": 1e6 * after / n,
-        "ceiling_tps": n / max(busy + after, 1e-9),
+        "ceiling_tps": n / max(busy, 1e-9),
     }
 
 
@@ -316,7 +317,7 @@ def _report(rows: list[dict[str, Any]], casper: dict[str, Any] | None, fl: dict[
     print(
         f"  the group-commit writer during the burst: a commit in flight {w['busy_pct']:.0f}% of the time, "
         f"{w['tasks_per_commit']:.0f} tasks per commit; per task {w['busy_us']:.0f} µs in flight (encoding "
-        f"{w['encode_us']:.0f}) + {w['after_us']:.0f} µs of after-commit actions: one writer at this pace "
+        f"{w['encode_us']:.0f}), {w['after_us']:.0f} µs of after-commit actions beside it: one writer at this pace "
         f"carries at most {w['ceiling_tps']:,.0f} tasks/s"
     )
 

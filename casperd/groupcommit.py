@@ -225,18 +225,31 @@ class GroupCommitWriter:
         await self._drop_writer_conn()
 
     async def _write_loop(self) -> None:
+        """Commit what is staged as soon as the previous commit returns. The actions of a commit
+        run once the next commit's statement is sent (or at once, when nothing new is staged): the
+        writer's chain is serial, so Postgres executes the next batch while they run."""
         delay = 0.05
+        done: Batch | None = None  # committed; its actions not run yet
         while True:
-            await self._wake.wait()
+            if done is None:
+                await self._wake.wait()
             self._wake.clear()
             if not self._batch:
-                if self._closing:
+                if done is not None:
+                    self._run_actions(done)  # what they stage sets the wake event again
+                    done = None
+                if self._closing and not self._batch:
                     return
                 continue
             batch, self._batch = self._batch, Batch()
             t0 = time.perf_counter()
+            commit = asyncio.ensure_future(self._commit(batch))
+            if done is not None:
+                await asyncio.sleep(0)  # the commit encodes and sends its statement first
+                self._run_actions(done)
+                done = None
             try:
-                await self._commit(batch)
+                await commit
             except PendingRetry as exc:
                 self._failed(exc.rest, exc.cause, delay)
                 await asyncio.sleep(delay)
@@ -250,25 +263,28 @@ class GroupCommitWriter:
             self.busy_s += t1 - t0
             if self.on_commit is not None:
                 self.on_commit(t1 - t0)
-            for fn in (*batch.first, *batch.after):
+            done = batch
+
+    def _run_actions(self, batch: Batch) -> None:
+        """What waited for ``batch``'s commit, in order (SPEC 11), then its refused tasks."""
+        t0 = time.perf_counter()
+        for fn in (*batch.first, *batch.after):
+            try:
+                fn()
+            except Exception:
+                log.exception("store: after-commit action failed")
+        for each, items in batch.groups.values():
+            try:
+                each(items)
+            except Exception:
+                log.exception("store: after-commit action failed")
+        for rec in batch.refused:
+            if self.on_reject is not None:
                 try:
-                    fn()
+                    self.on_reject(rec, rec.rejected or "refused")
                 except Exception:
-                    log.exception("store: after-commit action failed")
-            for each, items in batch.groups.values():
-                try:
-                    each(items)
-                except Exception:
-                    log.exception("store: after-commit action failed")
-            for rec in batch.refused:
-                if self.on_reject is not None:
-                    try:
-                        self.on_reject(rec, rec.rejected or "refused")
-                    except Exception:
-                        log.exception("store: handling a refused task failed")
-            self.after_s += time.perf_counter() - t1
-            if self._closing and not self._batch:
-                return
+                    log.exception("store: handling a refused task failed")
+        self.after_s += time.perf_counter() - t0
 
     def _failed(self, rest: Batch, cause: BaseException, delay: float) -> None:
         self.commit_failures += 1

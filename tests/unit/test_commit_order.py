@@ -90,3 +90,36 @@ def test_a_batch_absorbs_grouped_items() -> None:
     older.absorb(newer)
     assert older.groups == {"finished": (fn, [1, 2]), "other": (fn, [3])}
     assert Batch(groups={"k": (fn, [])})
+
+
+def test_a_commits_actions_run_once_the_next_commit_is_sent() -> None:
+    """The writer's chain is serial: while one commit's actions run, Postgres already executes the
+    next batch (staged meanwhile); with nothing staged, the actions run at once. Either way they
+    run after their own commit and before the next commit's actions."""
+    log: list[str] = []
+    gate = asyncio.Event()
+
+    async def fake_write(self: GroupCommitWriter, batch: Batch) -> None:
+        name = ",".join(str(r) for r in batch.keys)
+        log.append(f"send {name}")
+        if name == "a":
+            await gate.wait()
+        else:
+            await asyncio.sleep(0.01)
+        log.append(f"done {name}")
+
+    async def go() -> None:
+        w = GroupCommitWriter("postgresql://unused", {})
+        w._write = fake_write.__get__(w)  # type: ignore[method-assign]
+        w.start_writer()
+        w._batch.keys.append("a")  # type: ignore[arg-type]
+        w.after_commit(lambda: log.append("ACCEPTED a"))
+        await asyncio.sleep(0)  # the writer sends a and waits for it
+        w._batch.keys.append("b")  # type: ignore[arg-type]
+        w.after_commit(lambda: log.append("ACCEPTED b"))
+        gate.set()
+        await asyncio.wait_for(w.committed(), 5)
+        await w.stop_writer(5)
+
+    asyncio.run(go())
+    assert log == ["send a", "done a", "send b", "ACCEPTED a", "done b", "ACCEPTED b"]
