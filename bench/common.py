@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
+
+from casperd.localmesh import LocalMesh, free_port_base
 
 
 def drain(c: Any, n: int, timeout_s: float = 120.0) -> None:
@@ -13,3 +17,17 @@ def drain(c: Any, n: int, timeout_s: float = 120.0) -> None:
         if got >= n:
             return
     raise RuntimeError(f"only {got} of {n} results arrived")
+
+
+def burst_mesh(prefix: str, **env: str) -> LocalMesh:
+    """The benchmarks' burst mesh, not started: a policeman and 2 developers with 2 slots and
+    prefetch 32 each, in a fresh state directory (``mesh.state_dir``, the caller removes it);
+    ``env`` adds or overrides ``CASPER_*`` settings."""
+    return LocalMesh(
+        Path(tempfile.mkdtemp(prefix=prefix)),
+        developers=2,
+        testers=0,
+        port_base=free_port_base(),
+        log_level="WARNING",
+        extra_env={"CASPER_CAPACITY": "2", "CASPER_PREFETCH": "32", **env},
+    )

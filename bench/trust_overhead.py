@@ -14,38 +14,23 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import drain
+from bench.common import burst_mesh, drain
 from bench.mesh_vs_celery import _pct
 from casperd import authz
 from casperd.enrollment import Entry
-from casperd.localmesh import LocalMesh, free_port_base
 from casperd.messages import Heartbeat, TaskSpec
 
 console = Console()
 
 
 def run(enrollment: bool, n_tasks: int, samples: int) -> dict[str, Any]:
-    state = Path(tempfile.mkdtemp(prefix="casper-bench-trust-"))
-    mesh = LocalMesh(
-        state,
-        developers=2,
-        testers=0,
-        port_base=free_port_base(),
-        log_level="WARNING",
-        extra_env={
-            "CASPER_CAPACITY": "2",
-            "CASPER_PREFETCH": "32",
-            "CASPER_CURVE_ENROLLMENT": "true" if enrollment else "false",
-        },
-    )
+    mesh = burst_mesh("casper-bench-trust-", CASPER_CURVE_ENROLLMENT="true" if enrollment else "false")
     try:
         mesh.start()
         with mesh.client(timeout_s=120) as c:
@@ -70,7 +55,7 @@ def run(enrollment: bool, n_tasks: int, samples: int) -> dict[str, Any]:
         return {"tps": n_tasks / wall, "p50": _pct(lat, 50), "p99": _pct(lat, 99)}
     finally:
         mesh.stop()
-        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(mesh.state_dir, ignore_errors=True)
 
 
 def authz_cost_us(n: int = 200_000) -> float:
