@@ -9,7 +9,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from casperd.groupcommit import Batch, GroupCommitWriter
+from casperd.commitbatch import Batch
+from casperd.groupcommit import GroupCommitWriter
 
 
 def test_first_callbacks_run_before_the_others_each_in_order() -> None:
