@@ -9,8 +9,8 @@ bounds the throughput. This splits that time, on a fresh local mesh (the workloa
 * encoding the rows (``store.encode_s``);
 * Postgres executing the statements (``log_min_duration_statement = 0`` on the embedded server,
   the ``execute casper_commit_*`` durations summed);
-* the rest: the WAL flush at commit, the wake-ups, and the policeman's loop busy elsewhere when
-  the reply arrives.
+* the rest: the commit itself (its WAL flush), the wake-ups, and the policeman's loop busy
+  elsewhere when the reply arrives.
 
     python -m bench.writer_chain --tasks 20000 --rounds 2
 """
@@ -82,7 +82,7 @@ def main() -> None:
             f"round {r + 1}: {m['tps']:,.0f} tasks/s, a commit in flight {m['busy_pct']:.0f}% of the burst, "
             f"{m['per_commit']:.0f} tasks per commit; per task in flight {m['flight_us']:.1f} µs = "
             f"Postgres executing {m['pg_us']:.1f} + encoding {m['encode_us']:.1f} + the rest {m['rest_us']:.1f} "
-            f"({m['rest_ms_per_commit']:.2f} ms per commit: WAL flush, wake-ups, the loop busy elsewhere)"
+            f"({m['rest_ms_per_commit']:.2f} ms per commit: the commit, wake-ups, the loop busy elsewhere)"
         )
 
 
