@@ -205,10 +205,14 @@ class Heartbeat(_Body):
         return body
 
 
+SUBMIT_MAX_TASKS = 10_000
+"""The most tasks one SUBMIT carries (SPEC 6.4)."""
+
+
 class Submit(_Body):
     COMMAND = Command.SUBMIT
     req_id: int = Field(ge=0)
-    tasks: tuple[TaskSpec, ...] = Field(min_length=1, max_length=10_000)
+    tasks: tuple[TaskSpec, ...] = Field(min_length=1, max_length=SUBMIT_MAX_TASKS)
     wait: bool = False
 
 

@@ -28,7 +28,7 @@ from casperd.errors import (
     StorageError,
     from_wire,
 )
-from casperd.messages import Accepted, Done, DoneBatch, Error, Reply, Request, Submit, TaskSpec
+from casperd.messages import SUBMIT_MAX_TASKS, Accepted, Done, DoneBatch, Error, Reply, Request, Submit, TaskSpec
 from casperd.quotas import retry_after
 from casperd.settings import DEFAULT_STATE_DIR
 
@@ -118,6 +118,11 @@ class ControlClient:
                 self.early.extend(msg.done)
 
     def submit(self, specs: Sequence[TaskSpec], *, wait: bool = False) -> Accepted:
+        if not 1 <= len(specs) <= SUBMIT_MAX_TASKS:
+            raise CommandError(
+                f"one SUBMIT carries 1 to {SUBMIT_MAX_TASKS:,} tasks, not {len(specs):,}",
+                hint=f"submit them in parts of at most {SUBMIT_MAX_TASKS:,} (caspectl submit-bulk --batch N does)",
+            )
         req_id = next(self._ids)
         try:
             frames = codec.encode(Submit(req_id=req_id, tasks=tuple(specs), wait=wait))

@@ -22,7 +22,7 @@ from casperd.ctl.jobs import key_not_passed_note
 from casperd.ctl.output import emit, err, kv, out, plural, warn
 from casperd.errors import CasperError, CommandError, RequestTimeoutError
 from casperd.exitcodes import ExitCode
-from casperd.messages import TaskSpec
+from casperd.messages import SUBMIT_MAX_TASKS, TaskSpec
 from casperd.waiting import why_waiting
 
 
@@ -188,8 +188,11 @@ def read_specs(a: argparse.Namespace) -> list[TaskSpec]:
 
 
 def cmd_submit_bulk(c: ControlClient, a: argparse.Namespace) -> int:
-    if a.batch < 1:
-        raise CommandError("--batch must be at least 1")
+    if not 1 <= a.batch <= SUBMIT_MAX_TASKS:
+        raise CommandError(
+            f"--batch must be 1 to {SUBMIT_MAX_TASKS:,} (tasks per SUBMIT message), not {a.batch:,}",
+            hint="e.g. --batch 500 (the default)",
+        )
     specs = read_specs(a)
     ids: list[str] = []
     fresh = 0
@@ -232,7 +235,9 @@ def add_parsers(add: Callable[[str, Any, str], argparse.ArgumentParser], seconds
             )
         else:
             sp.add_argument("file", help='JSON-lines file, or - for stdin (a line may set "cache": true)')
-            sp.add_argument("--batch", type=int, default=500, help="tasks per SUBMIT message (default 500)")
+            sp.add_argument(
+                "--batch", type=int, default=500, help="tasks per SUBMIT message, 1 to 10,000 (default 500)"
+            )
         sp.add_argument(
             "--wait", action="store_true", help="print the id(s), wait for the result(s); exit 5 if any ends badly"
         )

@@ -138,6 +138,8 @@ def test_errors_without_a_daemon_and_keygen(tmp_path: Path) -> None:
     assert "line 2" in run.err
     expect(ExitCode.USAGE, "--control", tcp, "submit-bulk", "-", stdin="\n\n")
     expect(ExitCode.USAGE, "--control", tcp, "submit-bulk", "-", "--batch", "0", stdin='{"type": "noop"}\n')
+    run = expect(ExitCode.USAGE, "--control", tcp, "submit-bulk", "-", "--batch", "20000", stdin='{"type": "noop"}\n')
+    assert "--batch must be 1 to 10,000" in run.err
     # a task id that is not a UUID: refused without a traceback (see the xfail below for the exit code)
     run = caspectl("--control", tcp, "--timeout", "1", "get", "not-a-uuid")
     assert run.code in (ExitCode.FAILURE, ExitCode.USAGE) and "not a task id" in run.err
