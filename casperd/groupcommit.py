@@ -190,12 +190,15 @@ class GroupCommitWriter:
             batch, self._batch = self._batch, Batch()
             t0 = time.perf_counter()
             commit = asyncio.ensure_future(self._commit(batch))
-            if done is not None:
-                await asyncio.sleep(0)  # the commit encodes and sends its statement first
-                self._run_actions(done)
-                done = None
             try:
+                if done is not None:
+                    await asyncio.sleep(0)  # the commit encodes and sends its statement first
+                    self._run_actions(done)
+                    done = None
                 await commit
+            except asyncio.CancelledError:
+                commit.cancel()  # stop_writer gave up: the commit goes with the writer
+                raise
             except PendingRetry as exc:
                 self._failed(exc.rest, exc.cause, delay)
                 await asyncio.sleep(delay)

@@ -124,3 +124,37 @@ def test_a_commits_actions_run_once_the_next_commit_is_sent() -> None:
 
     asyncio.run(go())
     assert log == ["send a", "done a", "send b", "ACCEPTED a", "done b", "ACCEPTED b"]
+
+
+def test_a_cancelled_writer_takes_its_commit_in_flight_with_it() -> None:
+    """stop_writer gives up by cancelling the writer; a commit it had just started (while it yields
+    for that commit to send its statement) is cancelled too, never left running on its own."""
+    log: list[str] = []
+
+    async def fake_write(self: GroupCommitWriter, batch: Batch) -> None:
+        name = ",".join(str(r) for r in batch.keys)
+        log.append(f"send {name}")
+        if name == "b":
+            assert self._writer is not None
+            self._writer.cancel()  # the writer is in its yield right after starting this commit
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            log.append(f"cancelled {name}")
+            raise
+        log.append(f"done {name}")
+
+    async def go() -> None:
+        w = GroupCommitWriter("postgresql://unused", {})
+        w._write = fake_write.__get__(w)  # type: ignore[method-assign]
+        w.start_writer()
+        w._batch.keys.append("a")  # type: ignore[arg-type]
+        w.after_commit(lambda: log.append("ACCEPTED a"))
+        await asyncio.sleep(0)  # the writer sends a and waits for it
+        w._batch.keys.append("b")  # type: ignore[arg-type]
+        w.after_commit(lambda: log.append("ACCEPTED b"))
+        await asyncio.sleep(0.1)
+        assert w._writer is not None and w._writer.cancelled()
+
+    asyncio.run(go())
+    assert log == ["send a", "done a", "send b", "cancelled b"]
