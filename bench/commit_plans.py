@@ -37,6 +37,7 @@ from typing import Any
 import psutil
 import psycopg
 
+from bench.common import exit_on_sigterm
 from casperd.embedded import EmbeddedPostgres
 from casperd.lifecycle import Status
 from casperd.localmesh import free_port_base
@@ -188,4 +189,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

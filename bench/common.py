@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from casperd.localmesh import LocalMesh, free_port_base
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, ``timeout``) end a benchmark as Ctrl-C does: through its ``finally``
+    blocks, which stop the meshes and servers it started (else they outlive it)."""
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(128 + signal.SIGTERM))
 
 
 def drain(c: Any, n: int, timeout_s: float = 120.0) -> None:

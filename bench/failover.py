@@ -41,6 +41,7 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import exit_on_sigterm
 from casperd.ctl.client import ControlClient
 from casperd.errors import CasperError
 from casperd.localmesh import LocalMesh, free_port_base
@@ -288,4 +289,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

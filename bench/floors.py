@@ -35,6 +35,7 @@ from typing import Any
 import psycopg
 import zmq
 
+from bench.common import exit_on_sigterm
 from casperd.embedded import EmbeddedPostgres
 from casperd.localmesh import free_port_base
 
@@ -149,6 +150,7 @@ def durable_floor_ms(f: dict[str, Any], *, cold: bool = False) -> float:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     f = measure()
     print(
         f"single-row commit p50 {f['commit_ms']:.2f} ms; COPY {f['copy_rows_s']:,.0f} rows/s; "

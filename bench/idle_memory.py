@@ -35,7 +35,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import drain
+from bench.common import drain, exit_on_sigterm
 from casperd.localmesh import LocalMesh, free_port_base
 from casperd.messages import TaskSpec
 from tests.support.fakeclaude import FakeClaude
@@ -140,4 +140,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

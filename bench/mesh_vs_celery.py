@@ -30,7 +30,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import drain
+from bench.common import drain, exit_on_sigterm
 from casperd.localmesh import LocalMesh
 from casperd.messages import TaskSpec
 
@@ -131,4 +131,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

@@ -37,7 +37,7 @@ from typing import Any
 import psutil
 
 from bench import floors
-from bench.common import drain
+from bench.common import drain, exit_on_sigterm
 from casperd.localmesh import LocalMesh, free_port_base
 from casperd.messages import TaskSpec
 
@@ -323,4 +323,5 @@ def _report(rows: list[dict[str, Any]], casper: dict[str, Any] | None, fl: dict[
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

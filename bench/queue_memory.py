@@ -27,6 +27,7 @@ from typing import Any
 
 import psutil
 
+from bench.common import exit_on_sigterm
 from casperd.localmesh import LocalMesh, free_port_base
 from casperd.messages import TaskSpec
 
@@ -110,4 +111,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

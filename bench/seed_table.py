@@ -39,6 +39,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import exit_on_sigterm
 from casperd.agents import gitwork
 from casperd.localmesh import LocalMesh, free_port_base
 from casperd.messages import TaskSpec
@@ -238,4 +239,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

@@ -80,6 +80,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import sdk_baseline
+from bench.common import exit_on_sigterm
 from casperd import calltrace
 from casperd.localmesh import LocalMesh, free_port_base
 from casperd.messages import TaskSpec
@@ -680,4 +681,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

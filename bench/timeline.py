@@ -25,7 +25,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench.common import drain
+from bench.common import drain, exit_on_sigterm
 from casperd.localmesh import LocalMesh, free_port_base
 from casperd.messages import TaskSpec
 
@@ -145,4 +145,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

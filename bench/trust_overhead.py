@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import burst_mesh, drain
+from bench.common import burst_mesh, drain, exit_on_sigterm
 from bench.mesh_vs_celery import _pct
 from casperd import authz
 from casperd.enrollment import Entry
@@ -105,4 +105,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

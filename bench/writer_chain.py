@@ -24,7 +24,7 @@ import time
 
 import psycopg
 
-from bench.common import burst_mesh, drain
+from bench.common import burst_mesh, drain, exit_on_sigterm
 from casperd.messages import TaskSpec
 
 _EXECUTE = re.compile(r"duration: ([0-9.]+) ms\s+execute casper_commit")
@@ -87,4 +87,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()
