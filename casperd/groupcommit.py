@@ -188,6 +188,16 @@ class GroupCommitWriter:
                     return
                 continue
             batch, self._batch = self._batch, Batch()
+            if not (batch.dirty or batch.events or batch.keys):
+                # only actions (a report that waited for a commit, ``committed()``): what was staged
+                # before them is committed now, so they run at once, after the previous commit's
+                if done is not None:
+                    self._run_actions(done)
+                    done = None
+                self._run_actions(batch)
+                if self._closing and not self._batch:
+                    return
+                continue
             t0 = time.perf_counter()
             commit = asyncio.ensure_future(self._commit(batch))
             try:

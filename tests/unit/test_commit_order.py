@@ -25,6 +25,7 @@ def test_first_callbacks_run_before_the_others_each_in_order() -> None:
         w = GroupCommitWriter("postgresql://unused", {})
         w._write = fake_write.__get__(w)  # type: ignore[method-assign]
         w.start_writer()
+        w._batch.keys.append("a row")  # type: ignore[arg-type]  # a batch with rows: it is written
         w.after_commit(lambda: ran.append("ACCEPTED a"))
         w.after_commit(lambda: ran.append("TASK a"), first=True)
         w.after_commit(lambda: ran.append("DONE x"))
@@ -66,10 +67,12 @@ def test_grouped_callbacks_run_once_per_commit_after_the_others(fail: bool) -> N
         w = GroupCommitWriter("postgresql://unused", {})
         w._write = fake_write.__get__(w)  # type: ignore[method-assign]
         w.start_writer()
+        w._batch.keys.append("a row")  # type: ignore[arg-type]  # a batch with rows: it is written
         w.after_commit_each("finished", "a", lambda items: calls.append(("finished", list(items))))
         w.after_commit(lambda: calls.append("DONE a"))
         w.after_commit_each("finished", "b", lambda items: calls.append(("never called", items)))
         await asyncio.sleep(0)  # the writer takes the batch (a, b) and waits in its write
+        w._batch.keys.append("another row")  # type: ignore[arg-type]
         w.after_commit_each("finished", "c", lambda items: calls.append(("finished", list(items))))
         gate.set()
         await asyncio.wait_for(w.committed(), 5)
@@ -158,3 +161,33 @@ def test_a_cancelled_writer_takes_its_commit_in_flight_with_it() -> None:
 
     asyncio.run(go())
     assert log == ["send a", "done a", "send b", "cancelled b"]
+
+
+def test_a_batch_of_actions_only_runs_at_once_without_a_commit() -> None:
+    """A batch with no rows (a report that waited for the commit in flight, ``committed()``) is not
+    written: its actions run as soon as the commit before it returns, right after that commit's
+    actions, and it adds no commit to the metrics."""
+    log: list[str] = []
+    durations: list[float] = []
+    gate = asyncio.Event()
+
+    async def fake_write(self: GroupCommitWriter, batch: Batch) -> None:
+        log.append(f"write {len(batch.keys)}")
+        await gate.wait()
+
+    async def go() -> None:
+        w = GroupCommitWriter("postgresql://unused", {})
+        w._write = fake_write.__get__(w)  # type: ignore[method-assign]
+        w.on_commit = durations.append
+        w.start_writer()
+        w._batch.keys.append("a")  # type: ignore[arg-type]
+        w.after_commit(lambda: log.append("ACCEPTED a"))
+        await asyncio.sleep(0)  # the writer writes a and waits
+        w.after_commit(lambda: log.append("replay RESULT a"))  # actions only
+        gate.set()
+        await asyncio.wait_for(w.committed(), 5)
+        await w.stop_writer(5)
+
+    asyncio.run(go())
+    assert log == ["write 1", "ACCEPTED a", "replay RESULT a"]
+    assert len(durations) == 1
