@@ -33,7 +33,11 @@ class Batch:
     and are written as upserts (storerows.commit_sql)."""
 
     def __bool__(self) -> bool:
-        return bool(self.dirty or self.events or self.keys or self.first or self.after or self.refused or self.groups)
+        return bool(self.has_rows() or self.first or self.after or self.refused or self.groups)
+
+    def has_rows(self) -> bool:
+        """Whether it writes anything (else it holds only what waits for the commits before it)."""
+        return bool(self.dirty or self.events or self.keys)
 
     def task_ids(self) -> list[uuid.UUID]:
         """Every task this batch writes a row for, in first-staged order."""

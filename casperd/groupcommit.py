@@ -101,7 +101,7 @@ class GroupCommitWriter:
         self.commits = 0
         self.rows_written = 0
         # the writer's time, cumulative seconds: a commit in flight (its rows' encoding included),
-        # the encoding alone, and the after-commit actions (run before the next commit starts)
+        # the encoding alone, and the after-commit actions (run while the next commit is in flight)
         self.busy_s = 0.0
         self.encode_s = 0.0
         self.after_s = 0.0
@@ -180,17 +180,11 @@ class GroupCommitWriter:
             if done is None:
                 await self._wake.wait()
             self._wake.clear()
-            if not self._batch:
-                if done is not None:
-                    self._run_actions(done)  # what they stage sets the wake event again
-                    done = None
-                if self._closing and not self._batch:
-                    return
-                continue
             batch, self._batch = self._batch, Batch()
-            if not (batch.dirty or batch.events or batch.keys):
-                # only actions (a report that waited for a commit, ``committed()``): what was staged
-                # before them is committed now, so they run at once, after the previous commit's
+            if not batch.has_rows():
+                # nothing to write, at most actions (a report that waited for a commit,
+                # ``committed()``): what was staged before them is committed, so they run now,
+                # after the previous commit's; what they stage sets the wake event again
                 if done is not None:
                     self._run_actions(done)
                     done = None
@@ -352,7 +346,7 @@ class GroupCommitWriter:
         self.encode_s += time.perf_counter() - t0
         parts = (params[0] != "[]", params[1] != "[]", params[2] != "[]", params[3] != "[]")
         if not any(parts):
-            return  # only callbacks (``committed()``): everything before them is already durable
+            return  # nothing to write (the write loop runs such a batch's actions without a commit)
         stmt = await self._writer_stmt(parts, batch.resent)
         try:
             await stmt.run([p for p, on in zip(params, parts, strict=True) if on])

@@ -96,6 +96,20 @@ def test_a_batch_absorbs_grouped_items() -> None:
     assert Batch(groups={"k": (fn, [])})
 
 
+def _started(fake_write: Any) -> GroupCommitWriter:
+    """A writer whose ``_write`` is ``fake_write``, its loop started."""
+    w = GroupCommitWriter("postgresql://unused", {})
+    w._write = fake_write.__get__(w)  # type: ignore[method-assign]
+    w.start_writer()
+    return w
+
+
+def _stage_row(w: GroupCommitWriter, name: str, log: list[str]) -> None:
+    """A row to write (an idempotency key named ``name``) and the ACCEPTED that waits for it."""
+    w._batch.keys.append(name)  # type: ignore[arg-type]
+    w.after_commit(lambda: log.append(f"ACCEPTED {name}"))
+
+
 def test_a_commits_actions_run_once_the_next_commit_is_sent() -> None:
     """The writer's chain is serial: while one commit's actions run, Postgres already executes the
     next batch (staged meanwhile); with nothing staged, the actions run at once. Either way they
@@ -113,14 +127,10 @@ def test_a_commits_actions_run_once_the_next_commit_is_sent() -> None:
         log.append(f"done {name}")
 
     async def go() -> None:
-        w = GroupCommitWriter("postgresql://unused", {})
-        w._write = fake_write.__get__(w)  # type: ignore[method-assign]
-        w.start_writer()
-        w._batch.keys.append("a")  # type: ignore[arg-type]
-        w.after_commit(lambda: log.append("ACCEPTED a"))
+        w = _started(fake_write)
+        _stage_row(w, "a", log)
         await asyncio.sleep(0)  # the writer sends a and waits for it
-        w._batch.keys.append("b")  # type: ignore[arg-type]
-        w.after_commit(lambda: log.append("ACCEPTED b"))
+        _stage_row(w, "b", log)
         gate.set()
         await asyncio.wait_for(w.committed(), 5)
         await w.stop_writer(5)
@@ -148,14 +158,10 @@ def test_a_cancelled_writer_takes_its_commit_in_flight_with_it() -> None:
         log.append(f"done {name}")
 
     async def go() -> None:
-        w = GroupCommitWriter("postgresql://unused", {})
-        w._write = fake_write.__get__(w)  # type: ignore[method-assign]
-        w.start_writer()
-        w._batch.keys.append("a")  # type: ignore[arg-type]
-        w.after_commit(lambda: log.append("ACCEPTED a"))
+        w = _started(fake_write)
+        _stage_row(w, "a", log)
         await asyncio.sleep(0)  # the writer sends a and waits for it
-        w._batch.keys.append("b")  # type: ignore[arg-type]
-        w.after_commit(lambda: log.append("ACCEPTED b"))
+        _stage_row(w, "b", log)
         await asyncio.sleep(0.1)
         assert w._writer is not None and w._writer.cancelled()
 
@@ -176,12 +182,9 @@ def test_a_batch_of_actions_only_runs_at_once_without_a_commit() -> None:
         await gate.wait()
 
     async def go() -> None:
-        w = GroupCommitWriter("postgresql://unused", {})
-        w._write = fake_write.__get__(w)  # type: ignore[method-assign]
+        w = _started(fake_write)
         w.on_commit = durations.append
-        w.start_writer()
-        w._batch.keys.append("a")  # type: ignore[arg-type]
-        w.after_commit(lambda: log.append("ACCEPTED a"))
+        _stage_row(w, "a", log)
         await asyncio.sleep(0)  # the writer writes a and waits
         w.after_commit(lambda: log.append("replay RESULT a"))  # actions only
         gate.set()
